@@ -1,0 +1,12 @@
+"""AttnSeg networks behind one registry.
+
+>>> from AttnSegLib import models
+>>> models.names()
+>>> net = models.build("rsanet", in_channels=4, num_classes=3, placement="101")
+"""
+from . import unet  # noqa: F401  (each import registers its architecture)
+from .base import SegmentationNetwork, SegOutput
+from .registry import UnknownArchitectureError, build, names, register_model
+
+__all__ = ["SegOutput", "SegmentationNetwork", "UnknownArchitectureError", "build", "names",
+           "register_model"]

@@ -1,0 +1,47 @@
+"""The contract every AttnSeg network follows.
+
+``forward(x: (N, M, D, H, W)) -> SegOutput(logits, maps, aux)``
+
+* ``logits``: (N, C, D, H, W), C classes including background, same spatial size as ``x``.
+* ``maps``: name -> (N, K, d, h, w) at any resolution, values already in a readable range
+  (e.g. sigmoid/softmax outputs in [0, 1]). These are what a clinician may view; the predictor
+  resamples them to the patch, blends them across windows and brings them to the image grid.
+* ``aux``: tensors only the training losses need (deep-supervision logits, attention predictions to
+  supervise, class prototypes). Empty in ``eval()`` mode.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class SegOutput(NamedTuple):
+    logits: torch.Tensor
+    maps: dict[str, torch.Tensor]
+    aux: dict[str, torch.Tensor]
+
+
+class SegmentationNetwork(nn.Module):
+    """Base class: subclasses set ``divisor`` and describe their maps.
+
+    ``divisor``: every spatial size of the input must be a multiple of it (the product of the
+    down-sampling strides). ``map_descriptions()``: map name -> what it means and how to read it;
+    the names are exactly the keys of ``SegOutput.maps``.
+    """
+
+    divisor: int = 1
+
+    def map_descriptions(self) -> dict[str, str]:
+        return {}
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 5:
+            raise ValueError(f"expected a (N, M, D, H, W) tensor, got shape {tuple(x.shape)}")
+        bad = [s for s in x.shape[2:] if s % self.divisor]
+        if bad:
+            raise ValueError(
+                f"spatial size {tuple(x.shape[2:])} must be divisible by {self.divisor} for "
+                f"{type(self).__name__}; pad or choose a patch size that is a multiple of {self.divisor}"
+            )

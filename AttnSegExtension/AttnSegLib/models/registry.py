@@ -1,0 +1,49 @@
+"""Model registry (timm style): architectures are registered by name and built with keyword args.
+
+The same kwargs are stored in a model package's card, so a package rebuilds its network exactly.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from .base import SegmentationNetwork
+
+_REGISTRY: dict[str, Callable[..., SegmentationNetwork]] = {}
+
+
+class UnknownArchitectureError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+def register_model(name: str):
+    """Class decorator: ``@register_model("unet")``."""
+
+    def wrap(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"architecture {name!r} is registered twice")
+        _REGISTRY[name] = cls
+        cls.architecture_name = name
+        return cls
+
+    return wrap
+
+
+def names() -> list[str]:
+    """All registered architecture names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def build(name: str, in_channels: int, num_classes: int, **kwargs) -> SegmentationNetwork:
+    """Build architecture ``name`` for ``in_channels`` modalities and ``num_classes`` classes
+    (background included)."""
+    if name not in _REGISTRY:
+        raise UnknownArchitectureError(
+            f"unknown architecture {name!r}; known architectures: {', '.join(names())}"
+        )
+    if in_channels < 1 or num_classes < 2:
+        raise ValueError(
+            f"need at least 1 input channel and 2 classes, got in_channels={in_channels}, "
+            f"num_classes={num_classes}"
+        )
+    return _REGISTRY[name](in_channels=in_channels, num_classes=num_classes, **kwargs)
