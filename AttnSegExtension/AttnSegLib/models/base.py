@@ -28,10 +28,12 @@ class SegmentationNetwork(nn.Module):
 
     ``divisor``: every spatial size of the input must be a multiple of it (the product of the
     down-sampling strides). ``map_descriptions()``: map name -> what it means and how to read it;
-    the names are exactly the keys of ``SegOutput.maps``.
+    the names are exactly the keys of ``SegOutput.maps``. ``class_channel_maps``: names of maps
+    with one channel per class (e.g. a category attention map), so viewers can label them by class.
     """
 
     divisor: int = 1
+    class_channel_maps: tuple[str, ...] = ()  # maps whose K channels are the C classes, in order
 
     def map_descriptions(self) -> dict[str, str]:
         return {}

@@ -1,0 +1,263 @@
+"""The Predictor: one model package in, a label map and readable maps on the input grid out.
+
+Sliding-window inference with Gaussian blending (MONAI ``sliding_window_inference``) over the case in
+the model frame; each window yields softmax probabilities and the network's own maps, all blended
+with the same weights. Optional flip test-time augmentation (per window, all 8 axis flips), device
+``auto|cpu|cuda|mps``, float16 autocast on CUDA, a progress callback (fraction, ETA, stage), a cancel
+flag checked between window batches, and an out-of-memory fallback (halve the window batch, then the
+CPU). Deterministic on the same device: no random ops, cuDNN autotuning off.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Callable, Protocol
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.inferers import sliding_window_inference
+
+from . import __version__
+from .image import Image
+from .maps import normalized_entropy, resize_map, split_channels, volume_name
+from .package import ModelPackage
+from .preprocess import to_model_frame
+
+ProgressCallback = Callable[[float, "float | None", str], None]
+_FLIPS = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
+
+
+class Cancelled(Exception):
+    """The user cancelled; nothing was produced."""
+
+
+class CancelFlag(Protocol):
+    def is_set(self) -> bool: ...
+
+
+@dataclass
+class Result:
+    """Everything a front end shows, on the input grid.
+
+    ``labels``: (D, H, W) uint8. ``probabilities``: (C, D, H, W) float32. ``maps``: name -> (D, H, W)
+    float32 ("uncertainty" always; the model's own maps unless disabled). ``difficulty_name``: the map
+    doubtful regions are ranked by ("difficulty" when the model learns one, else "uncertainty").
+    """
+
+    labels: Image
+    probabilities: Image
+    maps: dict[str, Image]
+    difficulty_name: str
+    timings: dict[str, float]
+    provenance: dict
+    notices: list[str] = field(default_factory=list)
+
+    def class_volumes_ml(self, class_names: list[str]) -> dict[str, float]:
+        counts = np.bincount(self.labels.array.ravel(), minlength=len(class_names))
+        voxel = self.labels.geometry.voxel_volume_ml
+        return {name: round(float(counts[i]) * voxel, 4) for i, name in enumerate(class_names) if i > 0}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then the CPU; an explicit unavailable device is an error."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("device 'mps' was asked for but Apple MPS is not available; use --device cpu or auto")
+    if device not in ("cpu", "mps") and not device.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r}; choose auto, cpu, cuda or mps")
+    return torch.device(device)
+
+
+def count_windows(image_size, roi_size, overlap: float) -> int:
+    """Number of windows MONAI's sliding window visits (its scan-interval rule)."""
+    total = 1
+    for size, roi in zip(image_size, roi_size):
+        size = max(size, roi)
+        interval = roi if roi == size else max(int(roi * (1 - overlap)), 1)
+        total *= math.ceil((size - roi) / interval) + 1
+    return total
+
+
+def versions() -> dict[str, str]:
+    out = {"attnseg": __version__, "torch": torch.__version__, "SimpleITK": sitk.Version_VersionString()}
+    for pkg in ("monai", "numpy", "safetensors"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class _WindowRunner:
+    """MONAI predictor callable: (B, M, d, h, w) window batch -> dict of (B, K, d, h, w) tensors.
+
+    Counts windows for progress, checks the cancel flag, applies flip TTA per window.
+    """
+
+    def __init__(self, network, class_count, tta, with_maps, autocast_dtype, total, progress, cancel):
+        self.network, self.class_count = network, class_count
+        self.flips = _FLIPS if tta else [()]
+        self.with_maps, self.autocast_dtype = with_maps, autocast_dtype
+        self.total, self.done, self.started = total, 0, time.perf_counter()
+        self.progress, self.cancel = progress, cancel
+
+    def _forward(self, x):
+        device_type = x.device.type
+        with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            out = self.network(x)
+        result = {"probabilities": torch.softmax(out.logits.float(), dim=1)}
+        if self.with_maps:
+            for name, value in out.maps.items():
+                result[f"map:{name}"] = resize_map(value.float(), x.shape[2:])
+        return result
+
+    def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled()
+        summed: dict[str, torch.Tensor] = {}
+        for dims in self.flips:
+            out = self._forward(torch.flip(batch, dims) if dims else batch)
+            for key, value in out.items():
+                value = torch.flip(value, dims) if dims else value
+                summed[key] = summed[key] + value if key in summed else value
+        self.done += batch.shape[0]
+        if self.progress is not None:
+            elapsed = time.perf_counter() - self.started
+            fraction = min(self.done / self.total, 1.0)
+            eta = elapsed * (1 - fraction) / fraction if fraction > 0 else None
+            self.progress(fraction, eta, "predict")
+        return {k: v / len(self.flips) for k, v in summed.items()}
+
+
+class Predictor:
+    """``Predictor(package)`` or ``Predictor(network, card=card)``; then :meth:`predict`.
+
+    ``overlap`` and ``batch_size`` default to the card's ``inference`` section (0.5 and 2).
+    """
+
+    def __init__(self, model: ModelPackage | torch.nn.Module, card: dict | None = None,
+                 device: str = "auto", tta: bool = False, with_maps: bool = True,
+                 overlap: float | None = None, batch_size: int | None = None, half: bool | None = None):
+        if isinstance(model, ModelPackage):
+            self.package, self.card, network = model, model.card, model.build_network()
+        else:
+            if card is None:
+                raise ValueError("Predictor(network) needs the model card (card=...)")
+            self.package, self.card, network = None, card, model
+        settings = self.card.get("inference", {})
+        self.device = resolve_device(device)
+        self.network = network.eval().to(self.device)
+        self.tta, self.with_maps = tta, with_maps
+        self.overlap = float(overlap if overlap is not None else settings.get("overlap", 0.5))
+        self.batch_size = int(batch_size or settings.get("batch_size", 2))
+        self.half = (self.device.type == "cuda") if half is None else half
+        self.patch_size = tuple(self.card["patch_size_dhw"])
+        self.class_names = [c["name"] for c in self.card["classes"]]
+        self.notices: list[str] = []
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+
+    # -- model frame -------------------------------------------------------------------------
+    def _sliding_window(self, x: torch.Tensor, progress, cancel) -> dict[str, torch.Tensor]:
+        while True:
+            runner = _WindowRunner(
+                self.network, len(self.class_names), self.tta, self.with_maps,
+                torch.float16 if (self.half and self.device.type == "cuda") else None,
+                count_windows(x.shape[2:], self.patch_size, self.overlap), progress, cancel)
+            try:
+                with torch.inference_mode():
+                    return sliding_window_inference(
+                        x.to(self.device), self.patch_size, self.batch_size, runner, self.overlap,
+                        mode="gaussian", padding_mode="constant", cval=float(x.min()),
+                        device=torch.device("cpu"))
+            except torch.OutOfMemoryError:
+                self._fall_back()
+
+    def _fall_back(self) -> None:
+        """Out of memory: halve the window batch; at a batch of one, move to the CPU."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.batch_size > 1:
+            self.batch_size //= 2
+            self.notices.append(f"out of memory on {self.device}; retrying with {self.batch_size} window(s) per batch")
+        elif self.device.type != "cpu":
+            self.notices.append(f"out of memory on {self.device} with one window; falling back to the CPU")
+            self.device, self.half = torch.device("cpu"), False
+            self.network = self.network.to(self.device)
+        else:
+            raise MemoryError("out of memory on the CPU with one window at a time; close other programs or "
+                              "use a smaller volume")
+
+    def predict_array(self, x: np.ndarray, progress: ProgressCallback | None = None,
+                      cancel: CancelFlag | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(M, D, H, W) normalised, in the model frame -> ((C, D, H, W) probabilities, name -> (K, D, H, W))."""
+        tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
+        out = self._sliding_window(tensor, progress, cancel)
+        probabilities = out.pop("probabilities")[0].numpy()
+        maps = {key.removeprefix("map:"): value[0].numpy() for key, value in out.items()}
+        return probabilities, maps
+
+    # -- images in, results on the input grid ------------------------------------------------
+    def predict(self, images: list[Image], progress: ProgressCallback | None = None,
+                cancel: CancelFlag | None = None) -> Result:
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        prepared = to_model_frame(images, self.card["modalities"], self.card.get("spacing_xyz_mm"),
+                                  self.card.get("orientation"), self.card.get("crop_to_nonzero", False))
+        timings["preprocess"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        probabilities, raw_maps = self.predict_array(prepared.array, progress, cancel)
+        timings["predict"] = time.perf_counter() - t0
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+
+        t0 = time.perf_counter()
+        if progress is not None:
+            progress(1.0, 0.0, "postprocess")
+        background = np.zeros(len(self.class_names), dtype=np.float32)
+        background[0] = 1.0
+        probs_grid = prepared.to_input_grid(probabilities, fill=background)
+        labels = np.argmax(probs_grid, axis=0).astype(np.uint8)
+        geometry = prepared.input_geometry
+        maps = {"uncertainty": Image(normalized_entropy(probs_grid), geometry)}
+        class_channel = set(getattr(self.network, "class_channel_maps", ()))
+        tokens = [volume_name(n) for n in self.class_names]
+        for name, value in raw_maps.items():
+            on_grid = prepared.to_input_grid(value, fill=0.0)
+            for key, arr in split_channels(name, on_grid, tokens if name in class_channel else None).items():
+                maps[key] = Image(arr.astype(np.float32, copy=False), geometry)
+        timings["postprocess"] = time.perf_counter() - t0
+        return Result(
+            labels=Image(labels, geometry),
+            probabilities=Image(probs_grid.astype(np.float32, copy=False), geometry),
+            maps=maps,
+            difficulty_name="difficulty" if "difficulty" in maps else "uncertainty",
+            timings=timings,
+            provenance=self.provenance(),
+            notices=prepared.notices + self.notices,
+        )
+
+    def provenance(self) -> dict:
+        return {
+            "model": self.card["name"],
+            "architecture": self.card["architecture"]["name"],
+            "weights_sha256": self.card.get("weights_sha256"),
+            "package_path": str(self.package.path) if self.package else None,
+            "device": str(self.device),
+            "half_precision": bool(self.half and self.device.type == "cuda"),
+            "tta": self.tta, "overlap": self.overlap, "window_batch": self.batch_size,
+            "patch_size_dhw": list(self.patch_size),
+            "versions": versions(),
+        }

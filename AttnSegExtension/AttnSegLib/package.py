@@ -1,0 +1,251 @@
+"""Model packages: a folder (or one .zip of it) holding ``model.json`` (the card) and
+``weights.safetensors``.
+
+Loading validates everything before a network is built: schema version, required keys, the
+architecture name, the weights' sha256 against the card, and that every tensor fits the rebuilt
+network. Weights are read with safetensors only; nothing is ever unpickled.
+
+Packages are found by name in, in order: ``$ATTNSEG_MODELS`` (paths separated by ``os.pathsep``),
+``~/.attnseg/models``, and the shipped ``Resources/Models``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+
+from . import models
+
+SCHEMA_VERSION = 1
+CARD_FILE = "model.json"
+WEIGHTS_FILE = "weights.safetensors"
+REQUIRED_KEYS = ("schema_version", "name", "architecture", "modalities", "classes", "patch_size_dhw",
+                 "weights_sha256")
+MAX_ZIP_BYTES = 512 * 1024 * 1024
+DEFAULT_FILE = "default.txt"
+
+
+class PackageError(ValueError):
+    """A model package cannot be used; the message says which and why."""
+
+
+def _shipped_models_dirs() -> list[Path]:
+    here = Path(__file__).resolve().parent
+    # Repository layout (AttnSegExtension/AttnSegLib -> ../../Resources) and an installed Slicer
+    # module (<module dir>/AttnSegLib -> <module dir>/Resources).
+    candidates = [here.parents[1] / "Resources" / "Models", here.parent / "Resources" / "Models"]
+    return [p for p in candidates if p.is_dir()]
+
+
+def search_dirs() -> list[Path]:
+    env = [Path(p) for p in os.environ.get("ATTNSEG_MODELS", "").split(os.pathsep) if p]
+    return [*env, Path.home() / ".attnseg" / "models", *_shipped_models_dirs()]
+
+
+@dataclass
+class ModelPackage:
+    """A validated package. ``card``: the parsed model.json; ``weights``: name -> tensor (CPU)."""
+
+    path: Path
+    card: dict
+    weights: dict[str, torch.Tensor]
+
+    @property
+    def name(self) -> str:
+        return self.card["name"]
+
+    @property
+    def sha256(self) -> str:
+        return self.card["weights_sha256"]
+
+    @property
+    def classes(self) -> list[dict]:
+        return self.card["classes"]
+
+    @property
+    def modalities(self) -> list[dict]:
+        return self.card["modalities"]
+
+    @property
+    def maps(self) -> dict[str, dict]:
+        return self.card.get("maps", {})
+
+    def build_network(self) -> torch.nn.Module:
+        """The architecture rebuilt from the card, weights loaded, in eval mode, on the CPU."""
+        network = build_from_card(self.card, str(self.path))
+        _load_state(network, self.weights, str(self.path))
+        return network.eval()
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name, "path": str(self.path), "architecture": self.card["architecture"]["name"],
+            "description": self.card.get("description", ""),
+            "modalities": [m["name"] for m in self.modalities],
+            "classes": [c["name"] for c in self.classes],
+            "maps": sorted(self.maps), "metrics": self.card.get("metrics", {}), "sha256": self.sha256,
+        }
+
+
+def build_from_card(card: dict, where: str = "model card") -> torch.nn.Module:
+    arch = card["architecture"]
+    try:
+        return models.build(arch["name"], in_channels=len(card["modalities"]),
+                            num_classes=len(card["classes"]), **arch.get("kwargs", {}))
+    except models.UnknownArchitectureError as err:
+        raise PackageError(f"{where}: {err}; update AttnSeg or use a package built for this version") from None
+    except TypeError as err:
+        raise PackageError(f"{where}: architecture {arch['name']!r} does not accept the card's kwargs ({err})") from None
+
+
+def _load_state(network: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    own = network.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    mismatched = [f"{k} {tuple(weights[k].shape)} != {tuple(own[k].shape)}"
+                  for k in sorted(set(own) & set(weights)) if weights[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if items:
+                parts.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
+        raise PackageError(f"{where}: the weights do not fit architecture "
+                           f"{network.architecture_name!r}: {'; '.join(parts)}")
+    network.load_state_dict(weights, strict=True)
+
+
+def validate_card(card: dict, where: str) -> None:
+    if not isinstance(card, dict):
+        raise PackageError(f"{where}: {CARD_FILE} must hold a JSON object")
+    missing = [k for k in REQUIRED_KEYS if k not in card]
+    if missing:
+        raise PackageError(f"{where}: {CARD_FILE} lacks required key(s) {', '.join(missing)}")
+    if card["schema_version"] != SCHEMA_VERSION:
+        raise PackageError(f"{where}: schema version {card['schema_version']!r} is not supported "
+                           f"(this AttnSeg reads version {SCHEMA_VERSION}); re-export the package")
+    if not isinstance(card["architecture"], dict) or "name" not in card["architecture"]:
+        raise PackageError(f"{where}: 'architecture' must be an object with a 'name'")
+    if not card["modalities"] or not all(isinstance(m, dict) and "name" in m for m in card["modalities"]):
+        raise PackageError(f"{where}: 'modalities' must be a non-empty list of objects with a 'name'")
+    values = [c.get("value") for c in card["classes"] if isinstance(c, dict)]
+    if len(values) != len(card["classes"]) or values != list(range(len(values))) or len(values) < 2:
+        raise PackageError(f"{where}: 'classes' must list objects with values 0..C-1 in order (background first)")
+    patch = card["patch_size_dhw"]
+    if not (isinstance(patch, list) and len(patch) == 3 and all(isinstance(p, int) and p > 0 for p in patch)):
+        raise PackageError(f"{where}: 'patch_size_dhw' must be three positive integers")
+
+
+def _read_zip(path: Path) -> tuple[bytes, bytes]:
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise PackageError(f"{path}: not a valid zip archive") from None
+    with archive:
+        entries = {}
+        for info in archive.infolist():
+            parts = PurePosixPath(info.filename.replace("\\", "/")).parts
+            if info.filename.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+                raise PackageError(f"{path}: refused, entry {info.filename!r} points outside the package "
+                                   "(path traversal)")
+            if not info.is_dir():
+                entries[parts[-1]] = info
+        total = sum(i.file_size for i in entries.values())
+        if total > MAX_ZIP_BYTES:
+            raise PackageError(f"{path}: refused, it unpacks to {total} bytes (limit {MAX_ZIP_BYTES})")
+        for needed in (CARD_FILE, WEIGHTS_FILE):
+            if needed not in entries:
+                raise PackageError(f"{path}: the archive has no {needed}")
+        return archive.read(entries[CARD_FILE]), archive.read(entries[WEIGHTS_FILE])
+
+
+def _read_folder(path: Path) -> tuple[bytes, bytes]:
+    for needed in (CARD_FILE, WEIGHTS_FILE):
+        if not (path / needed).is_file():
+            raise PackageError(f"{path}: the package folder has no {needed}")
+    return (path / CARD_FILE).read_bytes(), (path / WEIGHTS_FILE).read_bytes()
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """A package path from a path or a name found in :func:`search_dirs`."""
+    candidate = Path(name_or_path)
+    if candidate.exists():
+        return candidate
+    for folder in search_dirs():
+        for option in (folder / str(name_or_path), folder / f"{name_or_path}.zip"):
+            if option.exists():
+                return option
+    known = ", ".join(p.name for p in available_packages()) or "none"
+    raise PackageError(f"no model package {str(name_or_path)!r}; installed packages: {known} "
+                       "(give a package name or the path of a package folder/.zip)")
+
+
+def load_package(name_or_path: str | os.PathLike) -> ModelPackage:
+    path = resolve(name_or_path)
+    card_bytes, weight_bytes = _read_zip(path) if path.is_file() else _read_folder(path)
+    try:
+        card = json.loads(card_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PackageError(f"{path}: {CARD_FILE} is not valid JSON ({err})") from None
+    validate_card(card, str(path))
+    digest = hashlib.sha256(weight_bytes).hexdigest()
+    if digest != card["weights_sha256"]:
+        raise PackageError(f"{path}: weights sha256 {digest[:12]}... does not match the card's "
+                           f"{str(card['weights_sha256'])[:12]}...; the file was altered or damaged")
+    try:
+        weights = load_safetensors(weight_bytes)
+    except (SafetensorError, ValueError) as err:
+        raise PackageError(f"{path}: {WEIGHTS_FILE} is not a valid safetensors file ({err})") from None
+    package = ModelPackage(path, card, weights)
+    _load_state(build_from_card(card, str(path)), weights, str(path))
+    return package
+
+
+def save_package(out_dir: str | os.PathLike, card: dict, state_dict: dict[str, torch.Tensor]) -> ModelPackage:
+    """Write ``card`` (completed with schema version and weights hash) and the weights; reload to check."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in state_dict.items()}
+    weights_path = out / WEIGHTS_FILE
+    save_file(tensors, str(weights_path), metadata={"format": "pt", "name": card.get("name", "")})
+    card = {**card, "schema_version": SCHEMA_VERSION,
+            "weights_sha256": hashlib.sha256(weights_path.read_bytes()).hexdigest()}
+    (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    return load_package(out)
+
+
+def available_packages() -> list[Path]:
+    """Every package folder or .zip in the search directories (first of each name wins)."""
+    found: dict[str, Path] = {}
+    for folder in search_dirs():
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            is_pkg = (entry.is_dir() and (entry / CARD_FILE).is_file()) or entry.suffix == ".zip"
+            name = entry.stem if entry.suffix == ".zip" else entry.name
+            if is_pkg and name not in found:
+                found[name] = entry
+    return list(found.values())
+
+
+def default_package_name() -> str:
+    env = os.environ.get("ATTNSEG_DEFAULT_MODEL")
+    if env:
+        return env
+    for folder in _shipped_models_dirs():
+        marker = folder / DEFAULT_FILE
+        if marker.is_file():
+            return marker.read_text().strip()
+    raise PackageError("no default model is configured: pass --model NAME_OR_PATH "
+                       "(see `attnseg info` for installed packages)")
+
+
+def default_package() -> ModelPackage:
+    return load_package(default_package_name())
