@@ -1,0 +1,118 @@
+"""The Predictor on a real hippocampus case: grid, progress, cancel, determinism, maps, TTA."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from AttnSegLib import models
+from AttnSegLib.image import read_image
+from AttnSegLib.inference import Cancelled, Predictor, count_windows, resolve_device
+from AttnSegLib.maps import normalized_entropy
+
+CLASSES = [{"value": 0, "name": "background"}, {"value": 1, "name": "Anterior"},
+           {"value": 2, "name": "Posterior"}]
+
+
+def card_for(name: str, **kwargs) -> dict:
+    return {"name": f"test_{name}", "architecture": {"name": name, "kwargs": kwargs},
+            "modalities": [{"name": "T1", "normalization": "zscore"}], "classes": CLASSES,
+            "patch_size_dhw": [16, 32, 16], "spacing_xyz_mm": [1.0, 1.0, 1.0], "orientation": "RAS",
+            "inference": {"overlap": 0.5, "batch_size": 2}}
+
+
+@pytest.fixture(scope="module")
+def unet_predictor():
+    torch.manual_seed(0)
+    return Predictor(models.build("unet", 1, 3, features=[4, 8]), card=card_for("unet", features=[4, 8]),
+                     device="cpu")
+
+
+def test_result_is_on_the_input_grid(unet_predictor, hippocampus_case):
+    image = read_image(hippocampus_case[0])
+    result = unet_predictor.predict([image])
+    assert result.labels.geometry == image.geometry
+    assert result.labels.array.shape == image.array.shape and result.labels.array.dtype == np.uint8
+    assert result.probabilities.array.shape == (3, *image.array.shape)
+    np.testing.assert_allclose(result.probabilities.array.sum(0), 1.0, atol=1e-4)
+    np.testing.assert_array_equal(result.labels.array, result.probabilities.array.argmax(0))
+    assert set(result.maps) == {"uncertainty"} and result.difficulty_name == "uncertainty"
+    assert result.provenance["device"] == "cpu" and result.provenance["versions"]["torch"]
+
+
+def test_progress_reaches_one_with_an_eta(unet_predictor, hippocampus_case):
+    calls = []
+    unet_predictor.predict([read_image(hippocampus_case[0])], progress=lambda f, eta, stage: calls.append((f, eta, stage)))
+    predict = [c for c in calls if c[2] == "predict"]
+    windows = count_windows((35, 51, 35)[::-1], (16, 32, 16), 0.5)
+    assert len(predict) == -(-windows // 2)  # one call per batch of two windows
+    fractions = [c[0] for c in predict]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert all(eta is not None and eta >= 0 for _, eta, _ in predict)
+
+
+def test_cancel_stops_between_windows(unet_predictor, hippocampus_case):
+    cancel = threading.Event()
+    seen = []
+
+    def progress(fraction, eta, stage):
+        seen.append(fraction)
+        if len(seen) == 2:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        unet_predictor.predict([read_image(hippocampus_case[0])], progress=progress, cancel=cancel)
+    assert len(seen) == 2 and seen[-1] < 1.0
+
+
+def test_deterministic_on_the_same_device(unet_predictor, hippocampus_case):
+    image = read_image(hippocampus_case[0])
+    a = unet_predictor.predict([image]).probabilities.array
+    b = unet_predictor.predict([image]).probabilities.array
+    np.testing.assert_array_equal(a, b)
+
+
+def test_flip_tta_averages_eight_passes(hippocampus_case):
+    torch.manual_seed(0)
+    net = models.build("unet", 1, 3, features=[4, 8])
+    image = read_image(hippocampus_case[0])
+    plain = Predictor(net, card=card_for("unet", features=[4, 8]), device="cpu").predict([image])
+    tta = Predictor(net, card=card_for("unet", features=[4, 8]), device="cpu", tta=True).predict([image])
+    assert tta.provenance["tta"] is True
+    assert not np.allclose(plain.probabilities.array, tta.probabilities.array)
+    np.testing.assert_allclose(tta.probabilities.array.sum(0), 1.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_every_architecture_gives_its_maps_on_the_input_grid(name, hippocampus_case):
+    torch.manual_seed(0)
+    net = models.build(name, 1, 3)
+    card = card_for(name)
+    card["patch_size_dhw"] = [max(16, net.divisor)] * 3
+    image = read_image(hippocampus_case[0])
+    result = Predictor(net, card=card, device="cpu").predict([image])
+    described = set(net.map_descriptions())
+    produced = {key.split(".")[0] for key in result.maps} - {"uncertainty"}
+    assert produced == described, f"{name}: maps {produced} != described {described}"
+    for key, volume in result.maps.items():
+        assert volume.geometry == image.geometry, key
+        assert np.isfinite(volume.array).all(), key
+    no_maps = Predictor(net, card=card, device="cpu", with_maps=False).predict([image])
+    assert set(no_maps.maps) == {"uncertainty"}
+
+
+def test_normalized_entropy_by_hand():
+    p = np.array([[1.0, 0.5, 1 / 3], [0.0, 0.5, 1 / 3], [0.0, 0.0, 1 / 3]], dtype=np.float32)[..., None, None]
+    h = normalized_entropy(p)[:, 0, 0]
+    np.testing.assert_allclose(h, [0.0, np.log(2) / np.log(3), 1.0], atol=1e-5)
+
+
+def test_unavailable_devices_are_explained():
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu")

@@ -1,0 +1,68 @@
+"""Metrics against cases worked out by hand, and doubtful-region ranking."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from AttnSegLib.image import Geometry, Image
+from AttnSegLib.metrics import evaluate_labels
+from AttnSegLib.review import doubtful_regions
+
+
+def _cube(shape, start, stop, value=1):
+    a = np.zeros(shape, dtype=np.uint8)
+    a[tuple(slice(s, e) for s, e in zip(start, stop))] = value
+    return a
+
+
+def test_dice_by_hand():
+    ref = _cube((10, 10, 10), (2, 2, 2), (6, 6, 6))          # 64 voxels
+    pred = _cube((10, 10, 10), (2, 2, 2), (6, 6, 4))         # 32 voxels, all inside
+    m = evaluate_labels(pred, ref, spacing=(1, 1, 1), labels=[1])["1"]
+    assert m["dice"] == pytest.approx(2 * 32 / (64 + 32))
+    assert m["reference_ml"] == pytest.approx(0.064) and m["prediction_ml"] == pytest.approx(0.032)
+
+
+def test_shifted_cube_distances_in_millimetres():
+    """A cube shifted by 2 voxels along one axis: every surface point of the faces perpendicular
+    to that axis is 2 voxels away; with 3 mm spacing along the shift that is 6 mm."""
+    ref = _cube((20, 20, 20), (5, 5, 5), (10, 10, 10))
+    pred = _cube((20, 20, 20), (7, 5, 5), (12, 10, 10))      # shifted along numpy axis 0 = z
+    m = evaluate_labels(pred, ref, spacing=(1.0, 1.0, 3.0), labels=[1])["1"]
+    assert m["dice"] == pytest.approx(2 * 75 / 250)
+    assert m["hd95_mm"] == pytest.approx(6.0)
+    iso = evaluate_labels(pred, ref, spacing=(1.0, 1.0, 1.0), labels=[1])["1"]
+    assert iso["hd95_mm"] == pytest.approx(2.0)
+    assert 0 < iso["asd_mm"] < 2.0
+
+
+def test_identical_and_empty_structures():
+    ref = _cube((8, 8, 8), (2, 2, 2), (5, 5, 5))
+    same = evaluate_labels(ref, ref, spacing=(1, 1, 1), labels=[1, 2])
+    assert same["1"] == {"reference_ml": 0.027, "prediction_ml": 0.027, "dice": 1.0, "asd_mm": 0.0, "hd95_mm": 0.0}
+    assert same["2"]["dice"] == 1.0  # absent in both: agreement
+    missed = evaluate_labels(np.zeros_like(ref), ref, spacing=(1, 1, 1), labels=[1])["1"]
+    assert missed["dice"] == 0.0 and missed["hd95_mm"] is None
+
+
+def test_grids_must_match():
+    with pytest.raises(ValueError, match="not on the same grid"):
+        evaluate_labels(np.zeros((4, 4, 4)), np.zeros((4, 4, 5)), spacing=(1, 1, 1))
+
+
+def test_doubtful_regions_are_ranked_by_doubt_mass():
+    difficulty = np.zeros((20, 20, 20), dtype=np.float32)
+    difficulty[2:4, 2:4, 2:4] = 0.9       # 8 voxels, very doubtful: mass 7.2 voxel units
+    difficulty[10:16, 10:16, 10:16] = 0.6  # 216 voxels, doubtful: mass 129.6
+    difficulty[18, 18, 18] = 0.4          # below threshold
+    geometry = Geometry((20, 20, 20), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    regions = doubtful_regions(Image(difficulty, geometry), threshold=0.5)
+    assert len(regions) == 2
+    big, small = regions
+    assert big.rank == 0 and big.volume_ml == pytest.approx(216 * 8 / 1000)
+    assert big.mean_difficulty == pytest.approx(0.6)
+    assert big.centroid_lps == pytest.approx((25.0, 25.0, 25.0))  # voxel 12.5 * 2 mm
+    assert big.centroid_ras == pytest.approx((-25.0, -25.0, 25.0))
+    assert big.bbox_ijk == ((10, 16), (10, 16), (10, 16))
+    assert small.max_difficulty == pytest.approx(0.9)
+    assert doubtful_regions(Image(difficulty, geometry), threshold=0.95) == []
