@@ -21,7 +21,7 @@ from pathlib import Path
 from .image import ImageError, case_name, list_images, read_image, write_image
 from .package import PackageError, available_packages, default_package_name, load_package
 
-OUTPUT_FILES = ("labels.nii.gz", "probabilities.nii.gz", "report.json", "maps")
+OUTPUT_FILES = ("labels.nii.gz", "probabilities.nii.gz", "report.json", "maps", "preview.png")
 _MODALITY_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<index>\d{4})$")
 
 
@@ -79,8 +79,12 @@ def _check_output_dir(out: Path, overwrite: bool) -> None:
         raise UsageError(f"cannot write to {out} ({err.strerror}); choose a writable --output") from None
 
 
-def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inputs: list[Path]) -> None:
-    """Write everything into a hidden staging folder, then move each output into ``out``."""
+def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inputs: list[Path],
+                preview_image=None) -> None:
+    """Write everything into a hidden staging folder, then move each output into ``out``.
+
+    ``preview_image``: the first modality, to draw ``preview.png`` over (``--preview``).
+    """
     staging = Path(tempfile.mkdtemp(prefix=".attnseg-", dir=out))
     try:
         t0 = time.perf_counter()
@@ -88,6 +92,11 @@ def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inpu
         write_image(result.probabilities, staging / "probabilities.nii.gz")
         for name, image in result.maps.items():
             write_image(image, staging / "maps" / f"{name}.nii.gz")
+        if preview_image is not None:
+            from .preview import render_preview
+
+            render_preview(preview_image, result, staging / "preview.png", title=f"{package.name}: {inputs[0].name}",
+                           class_colors=[tuple(c.get("color", (255, 255, 0))) for c in package.classes])
         timings["write"] = time.perf_counter() - t0
         class_names = [c["name"] for c in package.classes]
         report = {
@@ -105,6 +114,8 @@ def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inpu
         }
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         for name in OUTPUT_FILES:
+            if not (staging / name).exists():
+                continue
             target = out / name
             if target.exists():
                 if not overwrite:  # appeared while we worked
@@ -157,7 +168,8 @@ def cmd_segment(args) -> int:
             finally:
                 bar.close()
             timings.update(result.timings)
-            _write_case(result, package, targets[case], args.overwrite, timings, paths)
+            _write_case(result, package, targets[case], args.overwrite, timings, paths,
+                        images[0] if args.preview else None)
         except ImageError as err:
             if not batch:
                 raise
@@ -289,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default: the model card's)")
     seg.add_argument("--batch-size", type=int, help="windows per forward pass (default: the model card's)")
     seg.add_argument("--overwrite", action="store_true", help="replace existing results in --output")
+    seg.add_argument("--preview", action="store_true",
+                     help="also write preview.png: a slice with the segmentation and every map (needs matplotlib)")
     seg.set_defaults(func=cmd_segment)
 
     ev = sub.add_parser("evaluate", help="Dice, ASD and HD95 per class of predictions against references")
