@@ -5,6 +5,8 @@
 >>> net = models.build("rsanet", in_channels=4, num_classes=3, placement="101")
 """
 from . import unet  # noqa: F401  (each import registers its architecture)
+from . import difficulty_aware  # noqa: F401
+from . import mda_unet  # noqa: F401
 from .base import SegmentationNetwork, SegOutput
 from .registry import UnknownArchitectureError, build, names, register_model
 

@@ -5,6 +5,7 @@ docstring names its equation and gives tensor shapes.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 NORMS = ("instance", "batch", "group")
@@ -96,3 +97,171 @@ class UpConv(nn.Sequential):
 def segmentation_head(in_ch: int, num_classes: int) -> nn.Conv3d:
     """1x1x1 conv to class logits: (N, in_ch, S) -> (N, num_classes, S)."""
     return nn.Conv3d(in_ch, num_classes, 1)
+
+
+class SqueezeExcitation(nn.Module):
+    """Channel attention by squeeze-and-excitation (Hu et al., CVPR 2018).
+
+    ``s = sigmoid(W2 relu(W1 mean_S(x)))``, ``y = x * s`` with W1: C -> C/r, W2: C/r -> C
+    (1x1x1 convs). (N, C, D, H, W) -> (N, C, D, H, W); ``channel_weights(x)`` gives s as (N, C).
+    The hidden width is ``max(C // reduction, min_hidden)`` so narrow layers keep a usable bottleneck.
+    """
+
+    def __init__(self, channels: int, reduction: int = 4, min_hidden: int = 4):
+        super().__init__()
+        hidden = max(channels // reduction, min_hidden)
+        self.squeeze = nn.AdaptiveAvgPool3d(1)
+        self.excite = nn.Sequential(
+            nn.Conv3d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv3d(hidden, channels, 1), nn.Sigmoid()
+        )
+
+    def channel_weights(self, x: torch.Tensor) -> torch.Tensor:
+        return self.excite(self.squeeze(x)).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.excite(self.squeeze(x))
+
+
+class DensePositionAttention(nn.Module):
+    """Dense spatial position attention, DSPA (MDA-U-Net, Wang et al., Eq. 9-11), in 3D.
+
+    With the input reshaped to M (C x S), S = D*H*W voxels:
+
+    * dense features D (C x K) = M softmax_S(conv(M))^T: a dilated 3x3x3 conv gives K assignment
+      maps; each is normalised over the S voxels and pools M into one C-vector D_k;
+    * a_{j,k} = exp(D_k . M_j) / sum_k' exp(D_k' . M_j)  (Eq. 10), the attention of voxel j on dense
+      feature k;
+    * O_j = sum_k a_{j,k} D_k + M_j  (Eq. 11).
+
+    ``forward``: (N, C, D, H, W) -> (O (N, C, D, H, W), A (N, K, D, H, W)); A is in [0, 1] and sums
+    to 1 over K at every voxel. Cost is O(S K C), linear in S, against O(S^2 C) for a non-local block.
+
+    Choices where the paper is open: how "a dilated convolution block" turns M (C x S) into D (C x K)
+    is not given; a conv to K softmax-over-space maps that pool M is the reading that yields C x K
+    features lying in M's own feature space (needed for the dot products of Eq. 10) for any input size.
+    Eq. 10 writes the normalising sum over N positions, but A is S x K, so the softmax runs over the
+    K dense features, as in the index of a_{j,i}. Dot products are unscaled, as in Eq. 10.
+    """
+
+    def __init__(self, channels: int, dense_features: int = 10, dilation: int = 2):
+        super().__init__()
+        if dense_features < 1:
+            raise ValueError(f"dense_features (K) must be at least 1, got {dense_features}")
+        self.assign = nn.Conv3d(channels, dense_features, 3, padding=dilation, dilation=dilation)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = x.flatten(2)                                                    # (N, C, S)
+        assignment = torch.softmax(self.assign(x).flatten(2), dim=2)        # (N, K, S)
+        dense = m @ assignment.transpose(1, 2)                              # (N, C, K)
+        attention = torch.softmax(dense.transpose(1, 2) @ m, dim=1)         # (N, K, S)
+        out = dense @ attention + m                                         # (N, C, S)
+        return out.view_as(x), attention.view(x.shape[0], -1, *x.shape[2:])
+
+
+class ChannelSelfAttention(nn.Module):
+    """Channel self-attention (DANet's channel attention; MDA-U-Net, Eq. 12-13), no parameters.
+
+    With the input reshaped to M' (C x S): a'_{j,i} = softmax_i(M'_j . M'_i / S) (C x C),
+    O'_j = sum_i a'_{j,i} M'_i + M'_j. ``forward``: (N, C, D, H, W) -> (O' (N, C, D, H, W),
+    A' (N, C, C), rows summing to 1).
+
+    Choice: the channel Gram matrix is divided by S (a mean over voxels instead of a sum). With a sum,
+    3D patches (S ~ 10^5) saturate the softmax into a one-hot that passes no gradient, and its
+    sharpness would change with the patch size used at inference.
+    """
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = x.flatten(2)                                                    # (N, C, S)
+        attention = torch.softmax(m @ m.transpose(1, 2) / m.shape[2], dim=2)  # (N, C, C)
+        return (attention @ m + m).view_as(x), attention
+
+
+class FactorisedSpatialAttention(nn.Module):
+    """Spatial attention from three pairs of factorised convs (DAM-AL, Hoang et al. 2022, Eq. 1).
+
+    ``F_1 = conv2(conv1(F))``, ``F_2 = conv4(conv3(F))``, ``F_3 = conv6(conv5(F))``,
+    ``F_sa = sigmoid(F_1 + F_2 + F_3)``, ``F_L = F_sa * F`` with the kernels, in the paper's order,
+    1xKxK then Kx1x1, Kx1xK then 1xKx1, KxKx1 then 1x1xK: each pair spans a KxKxK neighbourhood with
+    ~3K^2 instead of K^3 weights per channel pair, and the three pairs cover the three planes.
+
+    ``forward``: (N, C, D, H, W) -> (F_L (N, C, D, H, W), F_sa (N, 1, D, H, W) in (0, 1)).
+
+    Choices where the paper is open (the authors' code settles the first two): the first conv of each
+    pair maps C -> C/2 channels and is followed by norm and activation, the second maps to 1 channel;
+    K = 9. The second conv has no norm or activation: the authors' code puts a ReLU there, which
+    holds every map above sigmoid(0) = 0.5, so no voxel could ever be suppressed.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 9, norm: str = "instance", act: str = "leaky_relu"):
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size (K) must be a positive odd number, got {kernel_size}")
+        k = kernel_size
+        pairs = (((1, k, k), (k, 1, 1)), ((k, 1, k), (1, k, 1)), ((k, k, 1), (1, 1, k)))
+        hidden = max(channels // 2, 1)
+        self.branches = nn.ModuleList(
+            nn.Sequential(
+                ConvNormAct(channels, hidden, first, norm=norm, act=act),
+                nn.Conv3d(hidden, 1, second, padding=tuple(s // 2 for s in second)),
+            )
+            for first, second in pairs
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attention = torch.sigmoid(sum(branch(x) for branch in self.branches))
+        return x * attention, attention
+
+
+def slice_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dim: int):
+    """Attention between the slices of a volume along spatial ``dim`` (RSANet, Eq. 1 and the product
+    of Eq. 2), without the residual sum.
+
+    ``query``, ``key``, ``value``: (N, C, D, H, W); with S the size of ``dim`` and each slice
+    flattened to a C*(other two sizes) vector: A = softmax_j(Q_i . K_j) (N, S, S), rows summing to 1,
+    A[n, i, j] the weight slice j carries in the new slice i; out = RT(A V), (N, C, D, H, W).
+    Dot products are unscaled, as in Eq. 1.
+    """
+    if dim not in (2, 3, 4):
+        raise ValueError(f"dim must be a spatial axis of (N, C, D, H, W), 2, 3 or 4; got {dim}")
+    n, slices = value.shape[0], value.shape[dim]
+
+    def as_slices(t: torch.Tensor) -> torch.Tensor:  # (N, S, C * rest)
+        return t.movedim(dim, 1).reshape(n, slices, -1)
+
+    attention = torch.softmax(as_slices(query) @ as_slices(key).transpose(1, 2), dim=2)
+    moved = value.movedim(dim, 1)
+    out = (attention @ as_slices(value)).view(moved.shape).movedim(1, dim)
+    return out, attention
+
+
+class RecurrentSliceAttention(nn.Module):
+    """Recurrent slice-wise attention, RSA block (RSANet, Zhang et al. MICCAI 2019, Eq. 1-2, Fig. 3).
+
+    Three SA blocks in a chain, sagittal -> coronal -> axial: ``M' = alpha_s RT(A M_3) + M`` along the
+    sagittal axis, then the same on M' coronally and on M'' axially, giving E. The three SA blocks
+    share the 1x1x1 convs that form M_2 (query), M_1 (key) and M_3 (value) from their input (C -> C,
+    so the dot products run over C*H*W as in Eq. 1); each axis has its own learnable alpha, starting
+    at 0 so the block starts as the identity.
+
+    Axes of (N, C, D, H, W) in the model frame (i, j, k = W, H, D after reorientation): sagittal
+    slices are indexed by W, coronal by H, axial by D.
+
+    ``forward``: (N, C, D, H, W) -> (E (N, C, D, H, W), {"sagittal": A (N, W, W), "coronal":
+    A (N, H, H), "axial": A (N, D, D)}), each A with rows summing to 1.
+    """
+
+    AXES = (("sagittal", 4), ("coronal", 3), ("axial", 2))
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.query = nn.Conv3d(channels, channels, 1)
+        self.key = nn.Conv3d(channels, channels, 1)
+        self.value = nn.Conv3d(channels, channels, 1)
+        self.alpha = nn.Parameter(torch.zeros(len(self.AXES)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        attentions = {}
+        for alpha, (name, dim) in zip(self.alpha, self.AXES):
+            out, attentions[name] = slice_attention(self.query(x), self.key(x), self.value(x), dim)
+            x = alpha * out + x
+        return x, attentions
