@@ -3,3 +3,5 @@
 Every loss is ``loss(output: SegOutput, target: LongTensor (N, D, H, W), **state) -> (total, parts)``
 where ``parts`` is a dict of named scalar tensors for logging.
 """
+from .difficulty_aware import AlternatingLoss, build_difficulty_aware_loss  # noqa: F401
+from .mda_unet import build_mda_unet_loss  # noqa: F401
