@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from monai.losses import GeneralizedDiceLoss
 from real_patch import labelled_patch
 

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from real_patch import labelled_patch
 
 from AttnSegLib import models
@@ -38,6 +39,21 @@ def test_dense_position_attention_against_a_loop_over_eq_10_11():
             expected = sum(a[i] * dense[i] for i in range(k)) + m[:, j]  # Eq. 11
             torch.testing.assert_close(out[n].reshape(channels, -1)[:, j], expected, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(attention[n].reshape(k, -1)[:, j], torch.tensor(a), atol=1e-6, rtol=1e-5)
+
+
+def test_dense_position_attention_cost_is_linear_in_the_voxels():
+    # the paper's point against non-local attention (O(S^2)): doubling the voxels doubles the FLOPs
+    with torch.device("meta"):
+        block = DensePositionAttention(16, dense_features=10)
+        flops = []
+        for depth in (16, 32):
+            counter = FlopCounterMode(display=False)
+            with counter:
+                block(torch.empty(1, 16, depth, 16, 16))
+            flops.append(counter.get_total_flops())
+    voxels = 16 * 16 * 16
+    conv, products = 2 * 16 * 10 * 27 * voxels, 3 * 2 * 16 * 10 * voxels   # dilated conv; D, A, O products
+    assert flops == [conv + products, 2 * (conv + products)]
 
 
 def test_channel_self_attention_against_a_loop_over_eq_12_13():

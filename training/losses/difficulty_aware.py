@@ -148,7 +148,8 @@ def segmenter_loss(output: SegOutput, target: torch.Tensor, *, gamma: float = 2.
 
     ``output``: the model's train-mode output (needs ``aux`` confidence_logits and the two
     deep-supervision logits, and the ``difficulty`` map); ``target`` (N, D, H, W) labels.
-    ``difficulty_aware=False`` uses L_Hyb (Eq. 3) instead of L_DamHyb: the paper's enUNet ablation.
+    ``difficulty_aware=False`` uses L_Hyb (Eq. 3) instead of L_DamHyb; with ``lambda_adv=0`` as well
+    it is the paper's "enUNet + Hybrid" ablation (Table 3).
     ``class_dice`` (C,): dsc_c of Eq. 7, else measured on the batch.
     """
     missing = {"confidence_logits", "deep_supervision.1", "deep_supervision.2"} - output.aux.keys()
