@@ -70,6 +70,22 @@ def test_channel_self_attention_against_a_loop_over_eq_12_13():
         torch.testing.assert_close(out[0].reshape(4, -1)[j], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_attention_products_run_in_float32_under_float16_autocast():
+    # The predictor runs CUDA in float16: a channel Gram matrix over S voxels overflows it (diagonal
+    # ~ S * 16 here, max 65504) and softmax weights ~1/S fall below its normal range.
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 30, 32, 32) * 4
+    position = DensePositionAttention(8).requires_grad_(False)
+    torch.nn.init.zeros_(position.assign.weight)                         # uniform weights 1/S, exact in any dtype
+    for block in (ChannelSelfAttention(), position):
+        expected, expected_attention = block(x)
+        with torch.autocast("cpu", dtype=torch.float16):
+            out, attention = block(x)
+        assert out.dtype == x.dtype
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(attention, expected_attention, atol=1e-6, rtol=1e-5)
+
+
 def test_mdsa_is_position_then_channel_attention():
     torch.manual_seed(0)
     block = MultiDimensionalSelfAttention(6, dense_features=3)

@@ -35,6 +35,7 @@ Choices where the paper is open:
 * the confidence target follows Eq. 4 literally: 1 at every voxel for the manual label, 0 at every
   voxel for the prediction (not a voxel-wise agreement map); L_ADV (Eq. 6) asks D for 1 on the
   prediction;
+* the losses are computed in float32 whatever the autocast dtype of the forward pass;
 * F = (1 - M)^beta comes from the model's ``difficulty`` map (beta is a model kwarg, so the map a
   clinician sees is the weight the training used), detached: it weights the loss, it is not learned
   through. Deep supervision weights 1, 1/2, 1/4 (not given in the paper).
@@ -84,7 +85,7 @@ def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
                            voxel_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy (Eq. 2), or with ``voxel_weights`` F (N, 1, D, H, W) the difficulty-aware one
     (Eq. 8): mean over voxels of -F log P_hat[y]. logits (N, C, D, H, W), target (N, D, H, W)."""
-    voxel_loss = F.cross_entropy(logits, target.long(), reduction="none")     # (N, D, H, W)
+    voxel_loss = F.cross_entropy(logits.float(), target.long(), reduction="none")  # (N, D, H, W)
     if voxel_weights is not None:
         voxel_loss = voxel_loss * voxel_weights[:, 0]
     return voxel_loss.mean()
@@ -92,7 +93,7 @@ def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
 
 def hybrid_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """L_Hyb = L_Dice + L_CE (Eq. 3). logits (N, C, D, H, W), target (N, D, H, W)."""
-    probabilities = torch.softmax(logits, dim=1)
+    probabilities = torch.softmax(logits.float(), dim=1)
     return (generalized_dice_loss(probabilities, one_hot(target, logits.shape[1]))
             + weighted_cross_entropy(logits, target))
 
@@ -120,7 +121,7 @@ def difficulty_aware_hybrid_loss(logits: torch.Tensor, target: torch.Tensor, dif
                                  organ_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_FDice, L_FCE) of Eq. 7 and 8. logits (N, C, D, H, W), target (N, D, H, W), difficulty F
     (N, 1, D, H, W), organ_weights (1 - dsc_c)^gamma (C,)."""
-    probabilities = torch.softmax(logits, dim=1)
+    probabilities = torch.softmax(logits.float(), dim=1)
     fdice = generalized_dice_loss(probabilities, one_hot(target, logits.shape[1]), organ_weights)
     return fdice, weighted_cross_entropy(logits, target, difficulty)
 
@@ -163,8 +164,8 @@ def segmenter_loss(output: SegOutput, target: torch.Tensor, *, gamma: float = 2.
     total = output.logits.new_zeros(())
     if difficulty_aware:
         dice = class_dice if class_dice is not None else batch_class_dice(output.logits, target)
-        organ_weights = organ_difficulty_weights(dice.to(output.logits), gamma)
-        difficulty = output.maps["difficulty"].detach()
+        organ_weights = organ_difficulty_weights(dice.float().to(output.logits.device), gamma)
+        difficulty = output.maps["difficulty"].detach().float()
         for scale, (weight, logits) in enumerate(zip(deep_supervision_weights, scales)):
             fdice, fce = difficulty_aware_hybrid_loss(logits, target, difficulty, organ_weights)
             parts[f"fdice.{scale}"], parts[f"fce.{scale}"] = fdice.detach(), fce.detach()

@@ -27,9 +27,10 @@ from .difficulty_aware import one_hot
 
 def softmax_binary_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over classes and voxels of -[y log p + (1 - y) log(1 - p)], p = softmax(logits).
-    logits (N, C, D, H, W), target (N, D, H, W) integer labels."""
+    logits (N, C, D, H, W), target (N, D, H, W) integer labels. Computed in float32."""
+    logits = logits.float()
     num_classes = logits.shape[1]
-    mask = one_hot(target, num_classes).to(logits)
+    mask = one_hot(target, num_classes)
     log_total = torch.logsumexp(logits, dim=1, keepdim=True)
     log_p = logits - log_total
     log_rest = torch.stack([torch.logsumexp(torch.cat([logits[:, :c], logits[:, c + 1:]], dim=1), dim=1)

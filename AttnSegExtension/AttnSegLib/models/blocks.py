@@ -122,6 +122,13 @@ class SqueezeExcitation(nn.Module):
         return x * self.excite(self.squeeze(x))
 
 
+def full_precision(device: torch.device):
+    """Context with autocast off on ``device``, for attention products that sum over all voxels:
+    in float16 a channel Gram matrix overflows and softmax weights ~1/S underflow. (Meta tensors,
+    used to count FLOPs, have no autocast of their own.)"""
+    return torch.autocast("cpu" if device.type == "meta" else device.type, enabled=False)
+
+
 class DensePositionAttention(nn.Module):
     """Dense spatial position attention, DSPA (MDA-U-Net, Wang et al., Eq. 9-11), in 3D.
 
@@ -140,7 +147,8 @@ class DensePositionAttention(nn.Module):
     is not given; a conv to K softmax-over-space maps that pool M is the reading that yields C x K
     features lying in M's own feature space (needed for the dot products of Eq. 10) for any input size.
     Eq. 10 writes the normalising sum over N positions, but A is S x K, so the softmax runs over the
-    K dense features, as in the index of a_{j,i}. Dot products are unscaled, as in Eq. 10.
+    K dense features, as in the index of a_{j,i}. Dot products are unscaled, as in Eq. 10. The
+    products run in float32 even under autocast (see ``full_precision``); O has the input's dtype.
     """
 
     def __init__(self, channels: int, dense_features: int = 10, dilation: int = 2):
@@ -150,12 +158,14 @@ class DensePositionAttention(nn.Module):
         self.assign = nn.Conv3d(channels, dense_features, 3, padding=dilation, dilation=dilation)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m = x.flatten(2)                                                    # (N, C, S)
-        assignment = torch.softmax(self.assign(x).flatten(2), dim=2)        # (N, K, S)
-        dense = m @ assignment.transpose(1, 2)                              # (N, C, K)
-        attention = torch.softmax(dense.transpose(1, 2) @ m, dim=1)         # (N, K, S)
-        out = dense @ attention + m                                         # (N, C, S)
-        return out.view_as(x), attention.view(x.shape[0], -1, *x.shape[2:])
+        logits = self.assign(x)
+        with full_precision(x.device):
+            m = x.flatten(2).float()                                            # (N, C, S)
+            assignment = torch.softmax(logits.flatten(2).float(), dim=2)        # (N, K, S)
+            dense = m @ assignment.transpose(1, 2)                              # (N, C, K)
+            attention = torch.softmax(dense.transpose(1, 2) @ m, dim=1)         # (N, K, S)
+            out = dense @ attention + m                                         # (N, C, S)
+        return out.view(x.shape).to(x.dtype), attention.view(x.shape[0], -1, *x.shape[2:])
 
 
 class ChannelSelfAttention(nn.Module):
@@ -167,13 +177,16 @@ class ChannelSelfAttention(nn.Module):
 
     Choice: the channel Gram matrix is divided by S (a mean over voxels instead of a sum). With a sum,
     3D patches (S ~ 10^5) saturate the softmax into a one-hot that passes no gradient, and its
-    sharpness would change with the patch size used at inference.
+    sharpness would change with the patch size used at inference. The products run in float32 even
+    under autocast (see ``full_precision``); O' has the input's dtype.
     """
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m = x.flatten(2)                                                    # (N, C, S)
-        attention = torch.softmax(m @ m.transpose(1, 2) / m.shape[2], dim=2)  # (N, C, C)
-        return (attention @ m + m).view_as(x), attention
+        with full_precision(x.device):
+            m = x.flatten(2).float()                                            # (N, C, S)
+            attention = torch.softmax(m @ m.transpose(1, 2) / m.shape[2], dim=2)  # (N, C, C)
+            out = attention @ m + m
+        return out.view(x.shape).to(x.dtype), attention
 
 
 class FactorisedSpatialAttention(nn.Module):
