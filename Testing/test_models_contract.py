@@ -26,7 +26,7 @@ def test_shapes_for_modalities_and_classes(name, modalities, classes):
     torch.manual_seed(0)
     net = models.build(name, modalities, classes).eval()
     d = net.divisor
-    size = (d * 1, d * 3, d * 2) if d >= 16 else (d * 3, d * 5, d * 2)  # odd multiples, anisotropic
+    size = (d * 2, d * 3, d * 2) if d >= 16 else (d * 3, d * 5, d * 2)  # odd multiples, anisotropic
     with torch.no_grad():
         out = net(torch.randn(1, modalities, *size))
     assert isinstance(out, SegOutput)
