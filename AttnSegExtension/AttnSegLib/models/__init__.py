@@ -7,6 +7,9 @@
 from . import unet  # noqa: F401  (each import registers its architecture)
 from . import difficulty_aware  # noqa: F401
 from . import mda_unet  # noqa: F401
+from . import dam_al  # noqa: F401
+from . import cga_unet  # noqa: F401
+from . import rsanet  # noqa: F401
 from .base import SegmentationNetwork, SegOutput
 from .registry import UnknownArchitectureError, build, names, register_model
 
