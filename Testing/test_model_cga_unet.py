@@ -32,6 +32,16 @@ def test_prototypes_are_masked_averages_by_hand():
     torch.testing.assert_close(regenerated.reshape(2, 4), torch.tensor([[1.5, 1.5, 0.0, 4.0], [15.0, 15.0, 0.0, 40.0]]))
 
 
+def test_prototypes_stay_in_float32_under_float16_autocast():
+    """A masked sum of 32^3 voxels of value 4 is 131,072, beyond float16's 65,504."""
+    features = torch.full((1, 2, 32, 32, 32), 4.0, dtype=torch.float16)
+    masks = torch.ones(1, 1, 32, 32, 32, dtype=torch.float16)
+    with torch.autocast("cpu", dtype=torch.float16):
+        prototypes, sums = class_prototypes(features, masks)
+    torch.testing.assert_close(prototypes, torch.full((1, 1, 2), 4.0))
+    assert sums.item() == 32 ** 3
+
+
 def test_intra_class_update_adds_the_prototype_of_the_argmax_class():
     torch.manual_seed(0)
     sam = SupervisedAttentionModule(in_channels=1, num_classes=3, downsampling=2, features=4)

@@ -45,6 +45,15 @@ def test_slice_attention_matches_a_brute_force_loop(dim, scaled):
     torch.testing.assert_close(attention.sum(2), torch.ones(2, q.shape[dim]))
 
 
+def test_slice_products_stay_in_float32_under_float16_autocast():
+    """q . k over L = 8 * 32 * 32 elements of 3 * 3 is 73,728, beyond float16's 65,504."""
+    q = torch.full((1, 8, 4, 32, 32), 3.0)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out, attention = slice_attention(q, q, q, dim=2)
+    torch.testing.assert_close(attention, torch.full((1, 4, 4), 0.25))
+    assert out.dtype == torch.float32 and torch.equal(out, q)
+
+
 def test_rsa_chains_sagittal_coronal_axial_with_shared_convs_and_own_alphas():
     torch.manual_seed(0)
     block = RecurrentSliceAttention(3)

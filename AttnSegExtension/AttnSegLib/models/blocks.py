@@ -238,7 +238,8 @@ def slice_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     thousands); unscaled, the softmax is one-hot from the first step (normalised row entropy
     0.01-0.34 at initialisation on a hippocampus patch, against 0.98-1.0 scaled), which passes no
     gradient to the query and key convs. Dividing by sqrt(L) is the scaled dot-product attention of
-    Vaswani et al., the self-attention RSANet builds on.
+    Vaswani et al., the self-attention RSANet builds on. The products run in float32 even under
+    autocast (``full_precision``: sums over C*H*W overflow float16); out has the value's dtype.
     """
     if dim not in (2, 3, 4):
         raise ValueError(f"dim must be a spatial axis of (N, C, D, H, W), 2, 3 or 4; got {dim}")
@@ -247,12 +248,13 @@ def slice_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     def as_slices(t: torch.Tensor) -> torch.Tensor:  # (N, S, L)
         return t.movedim(dim, 1).reshape(n, slices, -1)
 
-    q, k = as_slices(query), as_slices(key)
-    logits = q @ k.transpose(1, 2)
-    attention = torch.softmax(logits / q.shape[2] ** 0.5 if scaled else logits, dim=2)
+    with full_precision(value.device):
+        q, k = as_slices(query).float(), as_slices(key).float()
+        logits = q @ k.transpose(1, 2)
+        attention = torch.softmax(logits / q.shape[2] ** 0.5 if scaled else logits, dim=2)
+        out = attention @ as_slices(value).float()
     moved = value.movedim(dim, 1)
-    out = (attention @ as_slices(value)).view(moved.shape).movedim(1, dim)
-    return out, attention
+    return out.view(moved.shape).movedim(1, dim).to(value.dtype), attention
 
 
 class RecurrentSliceAttention(nn.Module):

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import SegmentationNetwork, SegOutput
-from .blocks import activation, norm_layer
+from .blocks import activation, full_precision, norm_layer
 from .registry import register_model
 
 PAPER_CONFIGURATION = dict(in_channels=4, num_classes=4, base_features=16, blocks=(1, 2, 2, 4),
@@ -107,17 +107,20 @@ def class_prototypes(features: torch.Tensor, masks: torch.Tensor) -> tuple[torch
     """Masked average pooling, Eq. 7: p_k = sum_i w_i x_i / sum_i w_i.
 
     features (N, F, D, H, W), masks (N, K, D, H, W) of weights w >= 0. Returns (prototypes (N, K, F),
-    weight sums (N, K)); a class with zero weight gets a zero prototype.
+    weight sums (N, K)), float32 even under autocast (a sum over all voxels overflows float16); a
+    class with zero weight gets a zero prototype.
     """
-    sums = masks.flatten(2).sum(2)                                             # (N, K)
-    weighted = masks.flatten(2) @ features.flatten(2).transpose(1, 2)          # (N, K, F)
-    return weighted / sums.clamp_min(torch.finfo(sums.dtype).eps)[..., None], sums
+    with full_precision(features.device):
+        weights = masks.flatten(2).float()
+        sums = weights.sum(2)                                                  # (N, K)
+        weighted = weights @ features.flatten(2).float().transpose(1, 2)       # (N, K, F)
+        return weighted / sums.clamp_min(torch.finfo(sums.dtype).eps)[..., None], sums
 
 
 def regenerate_from_prototypes(prototypes: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Eq. 8 summed over classes: y_i = sum_k M_k,i p_k. prototypes (N, K, F), masks (N, K, D, H, W)
     -> (N, F, D, H, W)."""
-    return torch.einsum("nkf,nkdhw->nfdhw", prototypes, masks)
+    return torch.einsum("nkf,nkdhw->nfdhw", prototypes.to(masks.dtype), masks)
 
 
 class SupervisedAttentionModule(nn.Module):
