@@ -30,10 +30,10 @@ Parameter counts (``count_parameters``): ``PAPER_CONFIGURATION`` (4 modalities, 
 ``base_features=16, blocks=(1, 2, 2, 4), attention_features=16, downsampling=8``) has 4,768,616
 parameters (paper: 4.77 M; the authors' code has 4,768,617, one unused scalar more) and costs
 151.6 GMAC on a 4 x 128^3 input (paper: 151.12 GFLOPs, counted as multiply-adds), of which the SAM
-path has 10,404 parameters (0.0104 M) and 0.687 GMAC. The paper's Table 3 gives 0.095 M for SAM at r = 8, which its own
-Table 1 and 4.77 M total contradict: Table 1's path (16, 16, C_l channels, three strided 3x3x3 convs)
-is the 10,404 parameters and 0.687 GMAC above (Table 3: 0.675 GFLOPs), and 4,758,212 + 95,000
-would be 4.85 M. Table 3's 0.095 M needs ``attention_features=55`` (93,669). The defaults here
+path has 10,404 parameters (0.0104 M) and 0.687 GMAC. The paper's Table 3 gives 0.095 M for SAM
+at r = 8, which its own Table 1 and 4.77 M total contradict: Table 1's path (16, 16, C_l channels,
+three strided 3x3x3 convs) is the 10,404 parameters and 0.687 GMAC above (Table 3: 0.675 GFLOPs),
+and 4,758,212 + 95,000 would be 4.85 M. Table 3's 0.095 M needs ``attention_features=55`` (93,669). The defaults here
 (``base_features=8, blocks=(1, 2, 2, 2)``: half the widths, two bottleneck blocks instead of four)
 have 756,278 parameters (3.0 MB) at 1 modality / 3 classes, 758,664 at 4 / 4.
 
