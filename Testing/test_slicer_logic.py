@@ -1,0 +1,562 @@
+"""The Qt-free Slicer logic on real MRML (slicer-core, and trame-slicer's scene) with real volumes.
+
+These tests use small untrained networks saved as real packages: their outputs are arbitrary but
+deterministic, which is what geometry, references, review and export need.
+"""
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicer
+import torch
+from vtkmodules.util import numpy_support
+from vtkmodules.vtkCommonMath import vtkMatrix4x4
+
+from AttnSegLib import models
+from AttnSegLib.image import Geometry, Image, ImageError, read_image
+from AttnSegLib.inference import Predictor
+from AttnSegLib.package import save_package
+from AttnSegLib.slicer_logic import (ATTRIBUTE, REF_DIFFICULTY, REF_INPUT, REF_MAP, REF_SEGMENTATION,
+                                     AttnSegLogic, Cancelled, CorrectionError, SegmentationTask, colorScale,
+                                     imageFromVolumeNode, newScene, volumeNodeFromImage)
+from conftest import REPO
+
+SAMPLE_IMAGE = REPO / "Resources" / "SampleData" / "hippocampus_001_image.nii.gz"
+SAMPLE_LABEL = REPO / "Resources" / "SampleData" / "hippocampus_001_label.nii.gz"
+HIPPOCAMPUS_CLASSES = [
+    {"value": 0, "name": "background", "color": [0, 0, 0]},
+    {"value": 1, "name": "Anterior", "color": [230, 159, 0],
+     "terminology": {"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "5366008", "Hippocampus"]}},
+    {"value": 2, "name": "Posterior", "color": [86, 180, 233]},
+]
+BRATS_CLASSES = [{"value": 0, "name": "background"}, {"value": 1, "name": "Necrosis"}, {"value": 2, "name": "Edema"},
+                 {"value": 3, "name": "Non-enhancing"}, {"value": 4, "name": "Enhancing"}]
+
+
+def _untrained_package(folder, architecture, kwargs, modalities, classes, name):
+    torch.manual_seed(0)
+    network = models.build(architecture, len(modalities), len(classes), **kwargs)
+    card = {"name": name, "description": "untrained, for plumbing tests",
+            "architecture": {"name": architecture, "kwargs": kwargs}, "modalities": modalities,
+            "classes": classes, "patch_size_dhw": [16, 32, 16], "spacing_xyz_mm": [1.0, 1.0, 1.0],
+            "orientation": "RAS", "inference": {"overlap": 0.25, "batch_size": 2},
+            "maps": {k: {"meaning": v} for k, v in network.map_descriptions().items()}}
+    return save_package(folder, card, network.state_dict())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """These networks are tiny: one intra-op thread is fastest, and a second one stalls on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def plumbing_package(tmp_path_factory):
+    """Untrained difficulty-aware network (learned difficulty and confidence maps), one T1 input."""
+    return _untrained_package(tmp_path_factory.mktemp("packages") / "plumbing", "difficulty_aware",
+                              {"base_features": 4, "depth": 3},
+                              [{"name": "T1", "contrast": "T1-weighted MRI", "normalization": "zscore"}],
+                              HIPPOCAMPUS_CLASSES, "plumbing")
+
+
+@pytest.fixture(scope="session")
+def two_modality_package(tmp_path_factory):
+    return _untrained_package(tmp_path_factory.mktemp("packages") / "brats", "unet", {"features": [4, 8]},
+                              [{"name": "Flair", "normalization": "zscore"}, {"name": "T1c", "normalization": "zscore"}],
+                              BRATS_CLASSES, "plumbing_brats")
+
+
+@pytest.fixture(scope="session")
+def engine_result(plumbing_package):
+    """The engine's own prediction on the sample, which the MRML path must reproduce."""
+    return Predictor(plumbing_package, device="cpu").predict([read_image(SAMPLE_IMAGE)])
+
+
+@pytest.fixture()
+def scene():
+    return newScene()
+
+
+@pytest.fixture()
+def logic(scene):
+    return AttnSegLogic(scene)
+
+
+@pytest.fixture()
+def segmented(logic, plumbing_package):
+    volume = logic.loadVolume(SAMPLE_IMAGE)
+    return volume, logic.segment([volume], plumbing_package, device="cpu")
+
+
+def _ijk_to_ras(node) -> np.ndarray:
+    matrix = vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _matrix(array: np.ndarray) -> vtkMatrix4x4:
+    matrix = vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def _on_grid(labels: Image, grid: Image) -> np.ndarray:
+    """``labels`` resampled (nearest neighbour, through physical space) onto ``grid``'s voxels."""
+    moved = sitk.Resample(labels.to_sitk(), grid.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return sitk.GetArrayFromImage(moved)
+
+
+def _oriented(image: Image, mask: np.ndarray):
+    oriented = slicer.vtkOrientedImageData()
+    oriented.SetDimensions(*image.geometry.size)
+    oriented.SetImageToWorldMatrix(_matrix(image.geometry.ijk_to_ras()))
+    oriented.GetPointData().SetScalars(numpy_support.numpy_to_vtk(mask.astype(np.uint8).ravel(), deep=True))
+    return oriented
+
+
+def _paint(scene, segmentation, segment_id, mask_image: Image, source, remove=False, editor=None):
+    """Change a segment as the Segment Editor does (vtkSlicerSegmentEditorLogic), masking included."""
+    if editor is None:
+        editor = slicer.vtkMRMLSegmentEditorNode()
+        scene.AddNode(editor)
+        editor.SetAndObserveSegmentationNode(segmentation)
+        editor.SetAndObserveSourceVolumeNode(source)
+    editor_logic = slicer.vtkSlicerSegmentEditorLogic()
+    editor_logic.SetMRMLScene(scene)
+    editor_logic.SetSegmentEditorNode(editor)
+    editor.SetSelectedSegmentID(segment_id)
+    mode = editor_logic.ModificationModeRemove if remove else editor_logic.ModificationModeAdd
+    editor_logic.ModifySegmentByLabelmap(segmentation, segment_id, _oriented(mask_image, mask_image.array),
+                                         mode, [0, -1, 0, -1, 0, -1], False, False)
+
+
+def _box(shape, start, stop) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    mask[tuple(slice(a, b) for a, b in zip(start, stop))] = True
+    return mask
+
+
+# -- volume nodes and geometry ---------------------------------------------------------------------
+def test_loaded_volume_matches_the_file_voxel_for_voxel(logic):
+    node = logic.loadVolume(SAMPLE_IMAGE)
+    on_disk = read_image(SAMPLE_IMAGE)
+    image = imageFromVolumeNode(node)
+    np.testing.assert_array_equal(image.array, on_disk.array)
+    assert image.geometry.same_grid(on_disk.geometry, tolerance=1e-9)
+    np.testing.assert_allclose(_ijk_to_ras(node), on_disk.geometry.ijk_to_ras(), atol=1e-9)
+    assert node.GetName() == "hippocampus_001_image" and node.GetDisplayNode() is not None
+
+
+def test_oblique_anisotropic_geometry_round_trips_through_a_node(scene):
+    angle = np.deg2rad(25)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    direction = rotation @ np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]])  # also permuted and flipped
+    geometry = Geometry((7, 5, 3), (0.7, 1.3, 2.9), (12.5, -40.0, 7.25), tuple(direction.ravel()))
+    image = Image(np.arange(105, dtype=np.int16).reshape(3, 5, 7), geometry)
+    back = imageFromVolumeNode(volumeNodeFromImage(image, scene, "oblique"))
+    np.testing.assert_array_equal(back.array, image.array)
+    assert back.array.dtype == np.int16
+    np.testing.assert_allclose(back.geometry.spacing, geometry.spacing, atol=1e-12)
+    np.testing.assert_allclose(back.geometry.origin, geometry.origin, atol=1e-12)
+    np.testing.assert_allclose(back.geometry.direction, geometry.direction, atol=1e-12)
+
+
+def test_a_linear_parent_transform_moves_the_input_into_world_coordinates(logic, scene):
+    node = logic.loadVolume(SAMPLE_IMAGE)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = vtkMatrix4x4()
+    shift.SetElement(0, 3, 10.0)  # 10 mm to the right
+    transform.SetMatrixTransformToParent(shift)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    local = read_image(SAMPLE_IMAGE).geometry
+    world = imageFromVolumeNode(node).geometry
+    np.testing.assert_allclose(np.subtract(world.origin, local.origin), [-10.0, 0.0, 0.0], atol=1e-9)  # LPS x = -R
+
+
+def test_a_volume_without_image_data_is_refused_with_a_clear_message(scene):
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(ImageError, match="'empty' holds no image data"):
+        imageFromVolumeNode(empty)
+
+
+def test_default_scene_is_slicer_mrml_scene(monkeypatch, plumbing_package):
+    monkeypatch.delattr(slicer, "mrmlScene", raising=False)
+    with pytest.raises(RuntimeError, match="no MRML scene"):
+        AttnSegLogic().scene
+    scene = newScene()
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    logic = AttnSegLogic()
+    volume = logic.loadVolume(SAMPLE_IMAGE)
+    assert volume.GetScene() is scene
+    assert logic.segment([volume], plumbing_package, device="cpu").segmentationNode.GetScene() is scene
+
+
+# -- the segmentation node --------------------------------------------------------------------------
+def test_segments_are_named_coloured_coded_and_match_the_engine(segmented, engine_result):
+    volume, result = segmented
+    segmentation = result.segmentationNode.GetSegmentation()
+    segments = [segmentation.GetNthSegment(i) for i in range(segmentation.GetNumberOfSegments())]
+    assert [s.GetName() for s in segments] == ["Anterior", "Posterior"]
+    np.testing.assert_allclose(segments[0].GetColor(), np.array([230, 159, 0]) / 255)
+    entry = slicer.vtkSlicerTerminologyEntry()
+    assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(segments[0].GetTerminology(), entry)
+    assert (entry.GetCategoryObject().GetCodeValue(), entry.GetTypeObject().GetCodeValue()) == ("123037004", "5366008")
+    assert entry.GetTypeObject().GetCodingSchemeDesignator() == "SCT"
+    assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(segments[1].GetTerminology(), entry)
+    assert entry.GetTypeObject().GetCodeMeaning() == "Tissue"  # no code in the card: Slicer's generic entry
+
+    logic_labels = AttnSegLogic(volume.GetScene()).correctedLabels(result.segmentationNode)
+    np.testing.assert_array_equal(logic_labels.array, engine_result.labels.array)
+    assert logic_labels.geometry.same_grid(read_image(SAMPLE_IMAGE).geometry)
+
+
+def test_provenance_is_stored_on_the_segmentation_node(segmented, plumbing_package):
+    _, result = segmented
+    node = result.segmentationNode
+    assert node.GetAttribute(ATTRIBUTE + "Model") == "plumbing"
+    assert node.GetAttribute(ATTRIBUTE + "ModelSha256") == plumbing_package.sha256
+    assert node.GetAttribute(ATTRIBUTE + "Architecture") == "difficulty_aware"
+    assert node.GetAttribute(ATTRIBUTE + "Device") == "cpu"
+    versions = json.loads(node.GetAttribute(ATTRIBUTE + "Versions"))
+    assert versions["torch"] == torch.__version__ and versions["attnseg"]
+    assert json.loads(node.GetAttribute(ATTRIBUTE + "Provenance"))["weights_sha256"] == plumbing_package.sha256
+
+
+def test_map_nodes_have_references_colours_ranges_and_the_engine_values(segmented, engine_result, scene):
+    volume, result = segmented
+    seg = result.segmentationNode
+    assert list(result.mapNodes) == ["probability.anterior", "probability.posterior", "uncertainty", "confidence",
+                                     "difficulty"]
+    assert result.difficultyName == "difficulty"
+    assert seg.GetNodeReference(REF_DIFFICULTY) is result.mapNodes["difficulty"]
+    assert [seg.GetNthNodeReference(REF_MAP, i) for i in range(seg.GetNumberOfNodeReferences(REF_MAP))] == \
+        list(result.mapNodes.values())
+    assert seg.GetNodeReference(REF_INPUT) is volume
+    engine = engine_result
+    color_tables = set()
+    for name, node in result.mapNodes.items():
+        assert node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode")
+        assert node.GetNodeReference(REF_SEGMENTATION) is seg
+        np.testing.assert_allclose(_ijk_to_ras(node), _ijk_to_ras(volume), atol=1e-9)
+        display = node.GetDisplayNode()
+        color_tables.add(display.GetColorNodeID())
+        values = imageFromVolumeNode(node).array
+        if name.startswith("probability."):
+            np.testing.assert_allclose(values, engine.probabilities.array[1 if name.endswith("anterior") else 2],
+                                       atol=1e-6)
+        else:
+            np.testing.assert_allclose(values, engine.maps[name].array, atol=1e-6)
+        if name in ("probability.anterior", "uncertainty", "difficulty"):
+            assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (0.0, 1.0)
+        assert node.GetAttribute(ATTRIBUTE + "MapMeaning")
+    assert len(color_tables) == 1
+    table = scene.GetNodeByID(color_tables.pop())
+    assert table.GetNumberOfColors() == 256 and table.GetName() == "AttnSeg inferno"
+
+
+def test_colour_scale_is_matplotlibs_inferno():
+    from matplotlib import colormaps
+
+    reference = colormaps["inferno"](np.linspace(0, 1, 256))[:, :3]
+    assert np.abs(colorScale(256) - reference).max() < 0.03
+
+
+# -- orientations, spacings, modalities -----------------------------------------------------------
+@pytest.mark.parametrize("orientation", ["LPS", "PIR", "SAL"])
+def test_a_reoriented_copy_gives_the_same_segmentation_in_physical_space(logic, scene, plumbing_package,
+                                                                         engine_result, orientation):
+    original = read_image(SAMPLE_IMAGE)
+    reoriented = Image.from_sitk(sitk.DICOMOrient(original.to_sitk(), orientation))
+    assert not reoriented.geometry.same_grid(original.geometry)
+    result = logic.segment([volumeNodeFromImage(reoriented, scene, f"copy {orientation}")], plumbing_package,
+                           device="cpu")
+    labels = logic.correctedLabels(result.segmentationNode)
+    assert labels.geometry.same_grid(reoriented.geometry)  # results live on the input's own grid
+    np.testing.assert_array_equal(_on_grid(labels, engine_result.labels), engine_result.labels.array)
+    difficulty = imageFromVolumeNode(result.difficultyNode).to_sitk()
+    expected = engine_result.maps["difficulty"]
+    resampled = sitk.Resample(difficulty, expected.to_sitk(), sitk.Transform(), sitk.sitkLinear)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(resampled), expected.array, atol=1e-5)
+
+
+def test_an_anisotropic_oblique_input_gets_results_on_its_own_grid(logic, scene, plumbing_package):
+    image = read_image(SAMPLE_IMAGE)
+    rotation = sitk.Euler3DTransform((0, 0, 0), 0.0, 0.0, np.deg2rad(15))
+    reference = sitk.Image([35, 51, 18], sitk.sitkUInt8)
+    reference.SetSpacing((1.0, 1.0, 2.0))
+    reference.SetDirection(tuple(np.asarray(rotation.GetMatrix())))
+    centre = image.geometry.ijk_to_lps() @ np.array([17, 25, 17, 1.0])
+    reference.SetOrigin(tuple(centre[:3] - np.asarray(rotation.GetMatrix()).reshape(3, 3) @ [17, 25, 17]))
+    oblique = Image.from_sitk(sitk.Resample(image.to_sitk(), reference, sitk.Transform(), sitk.sitkLinear, 0))
+    node = volumeNodeFromImage(oblique, scene, "oblique")
+    result = logic.segment([node], plumbing_package, device="cpu")
+    labels = logic.correctedLabels(result.segmentationNode)
+    assert labels.geometry.same_grid(oblique.geometry)
+    for map_node in result.mapNodes.values():
+        np.testing.assert_allclose(_ijk_to_ras(map_node), _ijk_to_ras(node), atol=1e-9)
+    assert any("resampled" in n for n in result.notices)
+
+
+def _brats_crop(path, start=(90, 90, 50), size=(48, 48, 48)) -> Image:
+    return Image.from_sitk(sitk.RegionOfInterest(read_image(path).to_sitk(), list(size), list(start)))
+
+
+def test_multimodal_input_one_node_per_modality(logic, scene, two_modality_package, data_dir):
+    case = data_dir / "brats_sample" / "brats_2013_pat0003_1"
+    t1c = volumeNodeFromImage(_brats_crop(case / "T1c_subtrMeanDivStd.nii.gz"), scene, "pat0003 T1c")
+    flair = volumeNodeFromImage(_brats_crop(case / "Flair_subtrMeanDivStd.nii.gz"), scene, "pat0003 Flair")
+    assert logic.guessInputVolumes(two_modality_package) == [flair, t1c]
+    with pytest.raises(ValueError, match=r"needs 2 input volume\(s\), one per modality \(Flair, T1c\); got 1"):
+        logic.segment([flair], two_modality_package, device="cpu")
+    result = logic.segment([flair, t1c], two_modality_package, device="cpu")
+    seg = result.segmentationNode
+    assert [seg.GetNthNodeReference(REF_INPUT, i) for i in range(2)] == [flair, t1c]
+    segmentation = seg.GetSegmentation()
+    assert [segmentation.GetNthSegment(i).GetName() for i in range(4)] == \
+        ["Necrosis", "Edema", "Non-enhancing", "Enhancing"]
+    assert {n for n in result.mapNodes if n.startswith("probability.")} == \
+        {"probability.necrosis", "probability.edema", "probability.non_enhancing", "probability.enhancing"}
+    engine = Predictor(two_modality_package, device="cpu").predict([imageFromVolumeNode(flair),
+                                                                     imageFromVolumeNode(t1c)])
+    np.testing.assert_array_equal(logic.correctedLabels(seg).array, engine.labels.array)
+    swapped = Predictor(two_modality_package, device="cpu").predict([imageFromVolumeNode(t1c),
+                                                                      imageFromVolumeNode(flair)])
+    assert not np.array_equal(swapped.probabilities.array, engine.probabilities.array)  # order matters
+
+
+# -- runs never overwrite, and can be cancelled --------------------------------------------------
+def test_every_run_makes_a_new_node_and_an_edited_segmentation_is_left_alone(logic, scene, segmented,
+                                                                              plumbing_package):
+    volume, first = segmented
+    before = logic.correctedLabels(first.segmentationNode)
+    block = _box(before.array.shape, (10, 20, 10), (20, 30, 20))
+    _paint(scene, first.segmentationNode, "posterior", before.with_array(block), volume)
+    edited = logic.correctedLabels(first.segmentationNode).array
+    assert (edited[block] == 2).all() and not np.array_equal(edited, before.array)
+    second = logic.segment([volume], plumbing_package, device="cpu")
+    assert second.segmentationNode is not first.segmentationNode
+    assert second.segmentationNode.GetName() != first.segmentationNode.GetName()
+    np.testing.assert_array_equal(logic.correctedLabels(first.segmentationNode).array, edited)
+    np.testing.assert_array_equal(logic.correctedLabels(second.segmentationNode).array, before.array)
+    assert logic.activeSegmentationNode is second.segmentationNode
+
+
+def test_a_cancelled_run_adds_nothing_to_the_scene(logic, scene, plumbing_package):
+    volume = logic.loadVolume(SAMPLE_IMAGE)
+    nodes = scene.GetNumberOfNodes()
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):
+        logic.segment([volume], plumbing_package, device="cpu", progress=lambda *_: cancel.set(), cancel=cancel)
+    assert scene.GetNumberOfNodes() == nodes
+
+
+def test_a_task_runs_on_a_worker_thread_and_reports_progress(logic, scene, plumbing_package):
+    volume = logic.loadVolume(SAMPLE_IMAGE)
+    job = logic.prepare([volume], plumbing_package, device="cpu")
+    seen, main = [], threading.get_ident()
+    task = SegmentationTask(job)
+    job_run = job.run
+    job.run = lambda **kw: (seen.append(threading.get_ident()), job_run(**kw))[1]
+    task.start()
+    assert task.wait(120)
+    assert seen and seen[0] != main
+    assert task.progress == (1.0, 0.0, "done")
+    result = logic.addResult(job, task.result())
+    assert result.segmentationNode.GetScene() is scene
+
+
+def test_a_cancelled_task_raises_cancelled_and_can_be_dropped(logic, scene, plumbing_package):
+    volume = logic.loadVolume(SAMPLE_IMAGE)
+    nodes = scene.GetNumberOfNodes()
+    task = SegmentationTask(logic.prepare([volume], plumbing_package, device="cpu"))
+    task.cancel()
+    task.start()
+    assert task.wait(120) and task.cancelRequested
+    with pytest.raises(Cancelled):
+        task.result()
+    assert scene.GetNumberOfNodes() == nodes
+
+
+# -- review -----------------------------------------------------------------------------------------
+def test_doubtful_regions_are_ranked_and_stepped_through(logic, scene, segmented):
+    volume, result = segmented
+    seg = result.segmentationNode
+    threshold = 0.5
+    regions = logic.doubtfulRegions(seg, threshold)
+    assert len(regions) >= 3
+    masses = [r.doubt_mass for r in regions]
+    assert masses == sorted(masses, reverse=True)
+    difficulty = imageFromVolumeNode(result.difficultyNode)
+    ijk_to_ras = _ijk_to_ras(volume)
+    stops = [logic.nextDoubtfulRegion(seg, threshold) for _ in range(3)]
+    assert [s.index for s in stops] == [0, 1, 2] and all(s.count == len(regions) for s in stops)
+    assert logic.previousDoubtfulRegion(seg, threshold).index == 1
+    for stop in stops:
+        i, j, k = stop.region.centroid_ijk
+        np.testing.assert_allclose(stop.centroidRAS, (ijk_to_ras @ [*stop.region.centroid_ijk, 1.0])[:3], atol=1.0)
+        (i0, i1), (j0, j1), (k0, k1) = stop.region.bbox_ijk
+        assert (difficulty.array[k0:k1, j0:j1, i0:i1] >= threshold).any()
+    assert seg.GetAttribute(ATTRIBUTE + "ReviewIndex") == "1"
+    assert logic.previousDoubtfulRegion(seg, 0.6).index == len(logic.doubtfulRegions(seg, 0.6)) - 1  # new threshold
+    assert logic.nextDoubtfulRegion(seg, 1.01) is None
+
+
+def test_centring_moves_every_slice_view_to_the_region(logic, scene, segmented):
+    _, result = segmented
+    views = []
+    for name in ("Red", "Green"):
+        view = slicer.vtkMRMLSliceNode()
+        view.SetLayoutName(name)
+        views.append(scene.AddNode(view))
+    stop = logic.nextDoubtfulRegion(result.segmentationNode)
+    logic.centerSliceViews(stop.centroidRAS)
+    for view in views:
+        matrix = view.GetSliceToRAS()
+        np.testing.assert_allclose([matrix.GetElement(r, 3) for r in range(3)], stop.centroidRAS, atol=1e-6)
+
+
+def test_show_map_sets_the_foreground_layer_of_every_slice_view(logic, scene, segmented):
+    volume, result = segmented
+    composites = [scene.AddNode(slicer.vtkMRMLSliceCompositeNode()) for _ in range(3)]
+    uncertainty = result.mapNodes["uncertainty"]
+    logic.showMap(uncertainty, opacity=0.4)
+    for composite in composites:
+        assert composite.GetForegroundVolumeID() == uncertainty.GetID()
+        assert composite.GetBackgroundVolumeID() == volume.GetID()
+        assert composite.GetForegroundOpacity() == pytest.approx(0.4)
+    logic.showMap(None)
+    assert all(c.GetForegroundVolumeID() is None for c in composites)
+    legend = logic.mapLegend(uncertainty)
+    assert (legend.name, legend.minimum, legend.maximum) == ("uncertainty", 0.0, 1.0)
+    assert "entropy" in legend.meaning and legend.stops[0] == (0.0, (0, 0, 4))
+    assert legend.stops[-1] == (1.0, (252, 255, 164))
+
+
+def test_edit_only_doubtful_voxels_limits_painting_to_the_difficulty_threshold(logic, scene, segmented):
+    volume, result = segmented
+    seg = result.segmentationNode
+    threshold = 0.55
+    editor = slicer.vtkMRMLSegmentEditorNode()
+    scene.AddNode(editor)
+    logic.restrictEditingToDoubtfulVoxels(seg, threshold, segmentEditorNode=editor)
+    assert editor.GetSourceVolumeNode() is result.difficultyNode and editor.GetSourceVolumeIntensityMask()
+    before = logic.correctedLabels(seg)
+    everything = before.with_array(np.ones_like(before.array, dtype=bool))
+    _paint(scene, seg, "anterior", everything, None, editor=editor)
+    after = logic.correctedLabels(seg).array
+    doubtful = imageFromVolumeNode(result.difficultyNode).array >= threshold
+    assert 0 < doubtful.sum() < doubtful.size
+    np.testing.assert_array_equal(after[doubtful], 1)
+    np.testing.assert_array_equal(after[~doubtful], before.array[~doubtful])
+    logic.allowEditingEverywhere(seg, segmentEditorNode=editor)
+    assert not editor.GetSourceVolumeIntensityMask() and editor.GetSourceVolumeNode() is volume
+
+
+def test_the_segment_editor_node_is_the_segment_editor_modules_singleton(logic, scene):
+    node = logic.segmentEditorNode()
+    assert node.GetSingletonTag() == "SegmentEditor" and logic.segmentEditorNode() is node
+
+
+# -- export for training ----------------------------------------------------------------------------
+def test_exported_correction_is_readable_by_training(logic, scene, segmented, tmp_path):
+    volume, result = segmented
+    seg = result.segmentationNode
+    model = logic.correctedLabels(seg)
+    block = _box(model.array.shape, (5, 10, 5), (15, 25, 15))
+    _paint(scene, seg, "anterior", model.with_array(block), volume, remove=True)
+    _paint(scene, seg, "posterior", model.with_array(_box(model.array.shape, (20, 5, 20), (30, 12, 30))), volume)
+    corrected = logic.correctedLabels(seg)
+    case_dir = logic.exportCorrection(seg, tmp_path)
+    assert case_dir == tmp_path / "hippocampus_001_image"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hippocampus_001_image"]  # no staging left behind
+    assert sorted(p.name for p in case_dir.iterdir()) == ["case.json", "difference.nii.gz", "difficulty.nii.gz",
+                                                          "image_0000.nii.gz", "label.nii.gz", "model_label.nii.gz"]
+    files = {p.name.split(".")[0]: read_image(p) for p in case_dir.glob("*.nii.gz")}
+    original = read_image(SAMPLE_IMAGE)
+    for image in files.values():
+        assert image.geometry.same_grid(original.geometry)
+    np.testing.assert_array_equal(files["image_0000"].array, original.array)
+    np.testing.assert_array_equal(files["label"].array, corrected.array)
+    np.testing.assert_array_equal(files["model_label"].array, model.array)
+    np.testing.assert_array_equal(files["difference"].array, corrected.array != model.array)
+    assert files["difference"].array.sum() > 0
+    np.testing.assert_allclose(files["difficulty"].array, imageFromVolumeNode(result.difficultyNode).array)
+    record = json.loads((case_dir / "case.json").read_text())
+    assert record["model_name"] == "plumbing" and record["model_sha256"] == seg.GetAttribute(ATTRIBUTE + "ModelSha256")
+    assert record["class_names"] == ["background", "Anterior", "Posterior"]
+    assert record["changed_voxels"] == int((corrected.array != model.array).sum())
+
+    from training.data import find_cases, load_case
+
+    data = {"layout": "corrected", "modalities": [{"name": "T1", "normalization": "zscore"}],
+            "classes": HIPPOCAMPUS_CLASSES, "spacing_xyz_mm": [1.0, 1.0, 1.0], "orientation": "RAS"}
+    cases = find_cases(data, tmp_path)
+    assert [c.name for c in cases] == ["hippocampus_001_image"]
+    loaded = load_case(cases[0], data)
+    assert loaded.image.shape == (1, *original.array.shape)
+    np.testing.assert_array_equal(loaded.label, corrected.array)  # the sample is already RAS at 1 mm
+
+
+def test_export_never_overwrites_unless_asked(logic, segmented, tmp_path):
+    _, result = segmented
+    first = logic.exportCorrection(result.segmentationNode, tmp_path, caseName="case 7/a")
+    assert first.name == "case_7_a"
+    marker = first / "case.json"
+    marker.write_text("{}")
+    with pytest.raises(FileExistsError, match="already holds a case"):
+        logic.exportCorrection(result.segmentationNode, tmp_path, caseName="case 7/a")
+    assert marker.read_text() == "{}"
+    logic.exportCorrection(result.segmentationNode, tmp_path, caseName="case 7/a", overwrite=True)
+    assert json.loads(marker.read_text())["case"] == "case_7_a"
+
+
+def test_segments_must_be_model_classes_to_export(logic, scene, segmented, tmp_path):
+    volume, result = segmented
+    seg = result.segmentationNode
+    segmentation = seg.GetSegmentation()
+    segmentation.RemoveSegment("posterior")
+    segmentation.AddEmptySegment("mine", "posterior", [0.0, 1.0, 0.0])  # named like a class: counts as one
+    labels = logic.correctedLabels(seg).array
+    assert set(np.unique(labels)) <= {0, 1}
+    grid = imageFromVolumeNode(result.modelLabelNode)
+    _paint(scene, seg, "mine", grid.with_array(_box(grid.array.shape, (0, 0, 0), (4, 4, 4))), volume)
+    assert (logic.correctedLabels(seg).array[:4, :4, :4] == 2).all()
+    segmentation.AddEmptySegment("tumour", "Tumour", [1.0, 0.0, 0.0])
+    with pytest.raises(CorrectionError, match="segment 'Tumour' is not one of the model's classes"):
+        logic.exportCorrection(seg, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_helper_nodes_of_the_export_are_removed(logic, scene, segmented):
+    _, result = segmented
+    ids = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    logic.correctedLabels(result.segmentationNode)
+    assert {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())} == ids
+
+
+# -- trame-slicer ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trame_app():
+    from trame_slicer.core import SlicerApp
+
+    return SlicerApp()
+
+
+def test_runs_in_trame_slicers_scene_on_a_volume_slicer_itself_read(trame_app, plumbing_package, engine_result,
+                                                                     tmp_path):
+    node = trame_app.io_manager.load_volumes(str(SAMPLE_IMAGE))[0]  # Slicer's own reader, not ours
+    logic = AttnSegLogic(trame_app.scene)
+    result = logic.segment([node], plumbing_package, device="cpu")
+    labels = logic.correctedLabels(result.segmentationNode)
+    assert labels.geometry.same_grid(engine_result.labels.geometry)
+    np.testing.assert_array_equal(labels.array, engine_result.labels.array)
+    assert (logic.exportCorrection(result.segmentationNode, tmp_path) / "label.nii.gz").is_file()
