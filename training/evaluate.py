@@ -1,0 +1,152 @@
+"""Evaluate a model package on labelled cases: per-case Dice, ASD and HD95 per class (CSV), a
+summary (JSON) and a box plot (PNG).
+
+    python -m training.evaluate --model Resources/Models/hippocampus_unet \\
+        --data ../shared/data/hippocampus --split validation --output runs/eval_hippocampus
+
+Each case runs through the product path (``Predictor.predict`` on the original images: preprocessing,
+sliding window, back to the input grid) and is scored on the input grid in mm with
+``AttnSegLib.metrics.evaluate_labels``. ``--data`` is a dataset folder (layout from ``--layout`` or
+detected) or a training config; the dataset description (modalities, classes, label values) otherwise
+comes from the config stored in the package's card. ``--split validation`` scores the cases the card
+lists as held out, ``train`` the others, ``all`` every case.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from AttnSegLib.image import ImageError, read_image
+from AttnSegLib.inference import Predictor
+from AttnSegLib.metrics import evaluate_labels
+from AttnSegLib.package import PackageError, load_package
+
+from .config import ConfigError, load_config, resolve_path
+from .data import (CaseFiles, DatasetError, check_label_values, detect_layout, find_cases, label_lookup,
+                   label_on_grid)
+from .plots import box_plot
+
+SPLITS = ("validation", "train", "all")
+METRICS = {"dice": "Dice", "asd_mm": "ASD (mm)", "hd95_mm": "HD95 (mm)"}
+
+
+def dataset_description(card: dict, data_arg: str | None, layout: str | None) -> tuple[dict, Path]:
+    """(data section, root): from a config file, or the card's training config with another root."""
+    if data_arg and data_arg.endswith((".yaml", ".yml")):
+        data = load_config(data_arg)["data"]
+        return data, resolve_path(data["root"])
+    stored = (card.get("training") or {}).get("config")
+    if stored is None:
+        raise ConfigError("the package's card holds no training config; pass --data CONFIG.yaml to describe the dataset")
+    data = dict(stored["data"])
+    root = resolve_path(data_arg) if data_arg else resolve_path(data["root"])
+    data["layout"] = layout or (detect_layout(root) if data_arg else data["layout"])
+    return data, root
+
+
+def select_split(cases: list[CaseFiles], card: dict, split: str) -> list[CaseFiles]:
+    if split == "all":
+        return cases
+    held_out = set((card.get("training") or {}).get("validation_cases") or [])
+    if not held_out:
+        raise ConfigError("the package's card lists no validation cases; use --split all")
+    chosen = [c for c in cases if (c.name in held_out) == (split == "validation")]
+    if not chosen:
+        raise DatasetError(f"none of the {split} cases of this package is in the dataset")
+    return chosen
+
+
+def evaluate_case(predictor: Predictor, case: CaseFiles, data: dict) -> dict[str, dict]:
+    """Predict one case from its files and score it on its own grid: class name -> metrics."""
+    result = predictor.predict([read_image(p) for p in case.images])
+    label = read_image(case.label)
+    reference = label.with_array(check_label_values(label.array, label_lookup(data["classes"]), str(case.label)))
+    reference = label_on_grid(reference, result.labels.geometry)
+    names = {c["value"]: c["name"] for c in data["classes"] if c["value"] != 0}
+    return evaluate_labels(result.labels, reference, result.labels.geometry.spacing, names)
+
+
+def evaluate_cases(predictor: Predictor, cases: list[CaseFiles], data: dict,
+                   progress: bool = True) -> dict[str, dict[str, dict]]:
+    """case name -> class name -> {"dice", "asd_mm", "hd95_mm", "reference_ml", "prediction_ml"}."""
+    return {case.name: evaluate_case(predictor, case, data)
+            for case in tqdm(cases, desc="evaluate", disable=not progress)}
+
+
+def summarize(per_case: dict[str, dict[str, dict]], split: str) -> dict:
+    """Mean (and standard deviation) of each metric per class over the cases, plus the mean
+    foreground Dice. Undefined distances (one mask empty) are left out of their means and counted."""
+    class_names = list(next(iter(per_case.values())))
+    summary: dict = {"split": split, "cases": len(per_case), "space": "input grid, mm"}
+    for metric in METRICS:
+        summary[metric] = {}
+        for name in class_names:
+            values = [m[name][metric] for m in per_case.values() if m[name][metric] is not None]
+            summary[metric][name] = round(float(np.mean(values)), 4) if values else None
+        summary[f"{metric}_std"] = {
+            name: round(float(np.std([m[name][metric] for m in per_case.values() if m[name][metric] is not None])), 4)
+            for name in class_names if summary[metric][name] is not None}
+    summary["mean_dice"] = round(float(np.mean([summary["dice"][n] for n in class_names])), 4)
+    summary["undefined_distances"] = sum(m[n]["asd_mm"] is None for m in per_case.values() for n in class_names)
+    return summary
+
+
+def write_csv(per_case: dict[str, dict[str, dict]], path: Path) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["case", "class", *METRICS, "reference_ml", "prediction_ml"])
+        for case, classes in per_case.items():
+            for name, m in classes.items():
+                writer.writerow([case, name, *("" if m[k] is None else f"{m[k]:.4f}" for k in METRICS),
+                                 m["reference_ml"], m["prediction_ml"]])
+    return path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model package (folder, .zip or installed name)")
+    parser.add_argument("--data", help="dataset folder or training config (default: the card's dataset)")
+    parser.add_argument("--layout", choices=("msd", "iseg", "brats", "folder", "corrected"),
+                        help="layout of --data (default: detected)")
+    parser.add_argument("--split", choices=SPLITS, default="validation")
+    parser.add_argument("--output", required=True, help="folder for metrics.csv, summary.json, boxplot.png")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        package = load_package(args.model)
+        data, root = dataset_description(package.card, args.data, args.layout)
+        cases = select_split(find_cases(data, root), package.card, args.split)
+        predictor = Predictor(package, device=args.device, tta=args.tta, with_maps=False)
+        per_case = evaluate_cases(predictor, cases, data)
+    except (PackageError, ConfigError, DatasetError, ImageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = resolve_path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(per_case, args.split)
+    write_csv(per_case, out / "metrics.csv")
+    (out / "summary.json").write_text(json.dumps({"model": package.name, "sha256": package.sha256, **summary},
+                                                 indent=1) + "\n")
+    box_plot(per_case, METRICS, out / "boxplot.png", f"{package.name}: {args.split} ({len(per_case)} cases)")
+    print(f"{len(per_case)} {args.split} cases, mean foreground Dice {summary['mean_dice']:.4f}")
+    for name in summary["dice"]:
+        print(f"  {name}: Dice {summary['dice'][name]:.4f}, ASD {summary['asd_mm'][name]} mm, "
+              f"HD95 {summary['hd95_mm'][name]} mm")
+    print(f"results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
