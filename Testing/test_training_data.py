@@ -140,6 +140,7 @@ def test_corrected_cases_exported_from_the_module(tmp_path, hippocampus_dir, hip
         _write(np.zeros_like(label_array), label, folder / "model_label.nii.gz")
         _write(np.full(array.shape, 0.5, np.float32), image, folder / "difficulty.nii.gz")
         (folder / "case.json").write_text(json.dumps({"model": "hippocampus_unet"}))
+    (tmp_path / f".{HIPPOCAMPUS_CASES[0]}.x1y2").mkdir()  # an export's staging folder, left by a crash
     assert detect_layout(tmp_path) == "corrected"
     data = {**hippocampus_data, "layout": "corrected"}
     cases = find_cases(data, tmp_path)

@@ -70,6 +70,12 @@ class Case:
 
 
 # -- finding cases -------------------------------------------------------------------------------
+def _case_folders(root: Path) -> list[Path]:
+    """Sub-folders holding cases, sorted; hidden ones (e.g. an exporter's unfinished staging
+    folder ``.<case>.xyz``) are not cases."""
+    return [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+
+
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(_READABLE)
 
@@ -157,7 +163,7 @@ def _match_one(folder: Path, patterns: list[str], what: str) -> Path:
 
 def brats_cases(root: Path, modalities: list[dict], label_pattern: str | None) -> list[CaseFiles]:
     """BraTS: one folder per case, one file per modality (matched by pattern), one label file."""
-    folders = [p for p in sorted(root.iterdir()) if p.is_dir()]
+    folders = _case_folders(root)
     if not folders:
         raise DatasetError(f"{root}: no case folders; the BraTS layout has one folder per case")
     label_patterns = [label_pattern] if label_pattern else list(_BRATS_LABEL_PATTERNS)
@@ -186,7 +192,7 @@ def folder_cases(root: Path, modality_count: int) -> list[CaseFiles]:
 def corrected_cases(root: Path, modality_count: int) -> list[CaseFiles]:
     """Cases exported from the Slicer module: ``<case>/image_0000.nii.gz``... and ``<case>/label.nii.gz``."""
     cases = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in _case_folders(root):
         label = folder / "label.nii.gz"
         if not label.is_file():
             raise DatasetError(f"{folder}: no label.nii.gz; export the corrected segmentation from the AttnSeg module")
@@ -206,7 +212,7 @@ def detect_layout(root: Path) -> str:
         return "folder"
     if any(re.match(r"subject-\d+-", p.name, re.IGNORECASE) for p in root.iterdir()):
         return "iseg"
-    folders = [p for p in root.iterdir() if p.is_dir()]
+    folders = _case_folders(root)
     if folders and all((p / "label.nii.gz").is_file() for p in folders):
         return "corrected"
     if folders:
