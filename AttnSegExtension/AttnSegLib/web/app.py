@@ -1,0 +1,53 @@
+"""``attnseg serve``: AttnSeg in the browser, on trame-slicer.
+
+:func:`serve` checks that VTK can render offscreen, then runs the gateway (:mod:`.gateway`), which
+gives every browser visit its own session process (:mod:`.session`, :mod:`.webapp`): its own scene,
+uploads and results, invisible to any other visitor. It listens on loopback unless told otherwise.
+
+Limits come from the environment: ``ATTNSEG_WEB_MAX_SESSIONS`` (default 4 sessions at once) and
+``ATTNSEG_WEB_MAX_UPLOAD_MB`` (default 512 MiB per uploaded volume).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .gateway import GatewayConfig, run_gateway
+from .rendering import check_offscreen_rendering
+
+
+def default_data_dir() -> Path:
+    """The shipped sample folder: ``Resources/SampleData`` of the repository or of the installed module."""
+    here = Path(__file__).resolve().parent.parent  # AttnSegLib
+    for candidate in (here.parents[1] / "Resources" / "SampleData", here.parent / "Resources" / "SampleData"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("the shipped sample data (Resources/SampleData) is missing; pass --data FOLDER")
+
+
+def _positive_int_from_env(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"${name}={raw!r}: expected a whole number of at least 1")
+    return int(raw)
+
+
+def serve(host: str = "127.0.0.1", port: int = 8080, data_dir: str | os.PathLike | None = None) -> None:
+    """Serve the AttnSeg web app on ``host:port`` until interrupted.
+
+    ``data_dir``: folder whose volumes the page offers (default: the shipped sample). Raises
+    ``ValueError`` for a missing folder or bad limits and ``RenderingUnavailable`` when VTK cannot draw
+    offscreen (the message names the Debian packages to install).
+    """
+    folder = Path(data_dir).expanduser().resolve() if data_dir else default_data_dir()
+    if not folder.is_dir():
+        raise ValueError(f"--data {data_dir}: no such folder; give a folder of volumes (.nii.gz, .nrrd, ...)")
+    config = GatewayConfig(
+        data_dir=folder,
+        max_sessions=_positive_int_from_env("ATTNSEG_WEB_MAX_SESSIONS", GatewayConfig.max_sessions),
+        upload_limit_bytes=_positive_int_from_env("ATTNSEG_WEB_MAX_UPLOAD_MB", 512) * 2**20,
+    )
+    check_offscreen_rendering()
+    run_gateway(host, port, config)

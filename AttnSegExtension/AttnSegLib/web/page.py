@@ -1,0 +1,201 @@
+"""The page of a session: a side panel with four steps (Segment, Review, Correct, Export) beside
+the slice and 3D views.
+
+Widgets only draw and call the web app (:class:`~AttnSegLib.web.webapp.AttnSegWebApp`); what they show
+comes from the typed state (:mod:`.state`). Elements a person or a test looks for carry an ``id``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trame.ui.vuetify3 import VAppLayout
+from trame.widgets import client, html
+from trame.widgets import vuetify3 as v3
+from trame_server import Server
+from trame_server.utils.typed_state import TypedState
+from trame_slicer.app.ui import (FlexContainer, SegmentEditorUI, SegmentEditorUndoRedoUI,
+                                 create_vertical_slice_view_gutter_ui)
+from trame_slicer.core import LayoutManager
+
+from .state import AttnSegState
+
+PANEL_WIDTH = 400
+TABS = (("segment", "Segment"), ("review", "Review"), ("correct", "Correct"), ("export", "Export"))
+CSS = """
+html { overflow-y: hidden; }
+.attnseg-panel .v-window { height: calc(100vh - 112px); overflow-y: auto; }
+.attnseg-legend { height: 14px; border-radius: 3px; border: 1px solid rgba(255,255,255,0.3); }
+.attnseg-hint { font-size: 0.8rem; opacity: 0.75; line-height: 1.25; }
+.attnseg-editor { height: calc(100vh - 210px); }
+"""
+
+
+VIEW_COLOURS = {"Axial": "#F34A33", "Coronal": "#6DAD4A", "Sagittal": "#EFD64D"}  # Slicer's red, green, yellow
+
+
+def slice_view_overlay(server: Server, view_id: str, view) -> None:
+    """trame-slicer's slice view controls (reset, show in 3D, slice slider) and the view's name,
+    in Slicer's colour for it, in the top right corner."""
+    create_vertical_slice_view_gutter_ui(server, view_id, view)
+    orientation = view.get_orientation()
+    html.Div(orientation, classes="text-caption px-2",
+             style=f"position: absolute; top: 4px; right: 6px; border-left: 3px solid "
+                   f"{VIEW_COLOURS.get(orientation, '#aaa')}; background: rgba(0,0,0,0.45); pointer-events: none;")
+
+
+@dataclass
+class Page:
+    layout: VAppLayout
+    segment_editor: SegmentEditorUI
+
+
+def _section(title: str) -> None:
+    html.Div(title, classes="text-overline mt-3 mb-1")
+
+
+def _alert(message_name: str, alert_type: str = "error", element_id: str | None = None) -> None:
+    v3.VAlert(v_if=(message_name,), text=(f"{message_name}",), type=alert_type, density="compact",
+              variant="tonal", classes="my-2", id=element_id)
+
+
+def build_page(server: Server, app, typed_state: TypedState[AttnSegState], layout_manager: LayoutManager) -> Page:
+    """Build the page of one session; ``app`` is the session's ``AttnSegWebApp``."""
+    n = typed_state.name
+    tab = "attnseg_tab"
+    server.state.setdefault(tab, "segment")
+    with VAppLayout(server, theme="dark") as layout:
+        client.Style(CSS)
+        with v3.VAppBar(density="compact", elevation=0, border="b"):
+            html.Div("AttnSeg", classes="text-h6 ml-4 mr-4")
+            html.Span("attention-based 3D segmentation · where the network looked, and where it is unsure",
+                      classes="text-caption text-medium-emphasis d-none d-md-inline")
+            v3.VSpacer()
+            v3.VChip(v_if=(n.volume.loaded,), text=(n.volume.loaded,), prepend_icon="mdi-cube-outline",
+                     size="small", classes="mr-2", id="attnseg-loaded-volume")
+            v3.VChip("Research use · not for diagnosis", size="small", color="warning", variant="outlined",
+                     classes="mr-2")
+
+        with v3.VNavigationDrawer(permanent=True, width=PANEL_WIDTH, classes="attnseg-panel"):
+            with v3.VTabs(v_model=(tab,), grow=True, density="compact",
+                          update_modelValue=(app.stop_editing, "[]")):
+                for value, title in TABS:
+                    v3.VTab(text=title, value=value, id=f"attnseg-tab-{value}", min_width=0, classes="px-2",
+                            disabled=(f"!{n.has_result}",) if value != "segment" else False)
+            with v3.VWindow(v_model=(tab,), classes="px-4"):
+                with v3.VWindowItem(value="segment"):
+                    _segment_step(server, app, n)
+                with v3.VWindowItem(value="review"):
+                    _review_step(app, n)
+                with v3.VWindowItem(value="correct"):
+                    segment_editor = _correct_step()
+                with v3.VWindowItem(value="export"):
+                    _export_step(server, app, n)
+
+        with v3.VMain(), FlexContainer(row=True, fill_height=True, style="height: calc(100vh - 48px);"):
+            layout_manager.initialize_layout_grid(layout)
+    return Page(layout, segment_editor)
+
+
+def _segment_step(server: Server, app, n) -> None:
+    _section("1 · Volume")
+    with html.Div(classes="d-flex align-center"):
+        v3.VSelect(v_model=(n.volume.selected,), items=(n.volume.choices,), label="Volume on the server",
+                   density="compact", hide_details=True, id="attnseg-volume-select", classes="mr-2")
+        v3.VBtn("Open", click=app.open_selected_volume, disabled=(f"!{n.volume.selected} || {n.volume.busy}",),
+                variant="tonal", id="attnseg-open")
+    check = server.trigger_name(app.upload_problem)
+    send = server.trigger_name(app.receive_upload)
+    v3.VFileInput(
+        label=(f"'Or upload one (.nii.gz, .nii, .nrrd, .mha; at most ' + {n.upload_limit_mb} + ' MiB)'",),
+        density="compact", hide_details=True, prepend_icon="mdi-upload", classes="mt-3", show_size=True,
+        loading=(n.volume.busy,), disabled=(n.volume.busy,), id="attnseg-upload",
+        change=(f"const file = $event.target.files && $event.target.files[0];"
+                f"if (file) {{"
+                f"  {n.volume.busy} = true;"
+                f"  trigger('{check}', [file.name, file.size])"
+                f"    .then((problem) => problem ? null : trigger('{send}', [[file]]))"
+                f"    .finally(() => {{ {n.volume.busy} = false; }});"
+                f"}}"),
+    )
+    _alert(n.volume.error, element_id="attnseg-volume-error")
+
+    _section("2 · Model")
+    v3.VSelect(v_model=(n.model.selected,), items=(n.model.choices,), label="Model package", density="compact",
+               hide_details=True, id="attnseg-model-select")
+    html.Div(f"{{{{ {n.model.description} }}}}", v_if=(n.model.description,), classes="attnseg-hint mt-2")
+    _alert(n.model.error)
+
+    _section("3 · Segment")
+    with html.Div(classes="d-flex"):
+        v3.VBtn("Segment", click=app.segment, color="primary", prepend_icon="mdi-play", id="attnseg-segment",
+                disabled=(f"!{n.volume.loaded} || !{n.model.selected} || {n.segment.running}",),
+                classes="mr-2")
+        v3.VBtn("Cancel", click=app.cancel_segmentation, v_if=(n.segment.running,), prepend_icon="mdi-stop",
+                variant="tonal", color="error", disabled=(n.segment.cancelling,), id="attnseg-cancel")
+    with html.Div(v_if=(n.segment.running,), classes="mt-3", id="attnseg-progress"):
+        v3.VProgressLinear(model_value=(n.segment.percent,), height=8, rounded=True, color="primary")
+        html.Div(f"{{{{ {n.segment.cancelling} ? 'cancelling…' : {n.segment.stage} }}}} · "
+                 f"{{{{ Math.round({n.segment.percent}) }}}} % {{{{ {n.segment.eta} }}}}", classes="attnseg-hint mt-1")
+    _alert(n.segment.error, element_id="attnseg-segment-error")
+    with html.Div(v_if=(n.segment.summary,), classes="mt-3", id="attnseg-summary"):
+        v3.VAlert(text=(n.segment.summary,), type="success", density="compact", variant="tonal",
+                  title="Segmented")
+        html.Div("{{ notice }}", v_for=f"notice in {n.segment.notices}", classes="attnseg-hint mt-1")
+        html.Div("Next: Review the maps and the doubtful regions, correct, then export.", classes="attnseg-hint mt-2")
+
+
+def _review_step(app, n) -> None:
+    _section("Map over the slices")
+    v3.VSelect(v_model=(n.maps.selected,), items=(n.maps.choices,), label="Map", density="compact",
+               hide_details=True, id="attnseg-map-select")
+    v3.VSlider(v_model=(n.maps.opacity,), min=0, max=1, step=0.05, label="Opacity", density="compact",
+               hide_details=True, classes="mt-2", disabled=(f"!{n.maps.selected}",), id="attnseg-map-opacity")
+    with html.Div(v_if=(n.maps.legend_gradient,), classes="mt-2", id="attnseg-legend"):
+        html.Div(classes="attnseg-legend", style=(f"{{ background: {n.maps.legend_gradient} }}",))
+        with html.Div(classes="d-flex attnseg-hint"):
+            html.Span(f"{{{{ {n.maps.legend_low} }}}}")
+            v3.VSpacer()
+            html.Span(f"{{{{ {n.maps.legend_high} }}}}")
+        html.Div(f"{{{{ {n.maps.meaning} }}}}", classes="attnseg-hint mt-1")
+        html.Div(f"{{{{ {n.maps.how_to_read} }}}}", v_if=(n.maps.how_to_read,), classes="attnseg-hint mt-1")
+
+    _section("Doubtful regions")
+    html.Div(f"{{{{ {n.review.description} }}}}", classes="attnseg-hint mb-2", id="attnseg-review-text")
+    with html.Div(classes="d-flex"):
+        v3.VBtn("Previous", click=app.previous_region, prepend_icon="mdi-chevron-left", variant="tonal",
+                disabled=(f"!{n.review.count}",), classes="mr-2", id="attnseg-previous-region")
+        v3.VBtn("Next", click=app.next_region, append_icon="mdi-chevron-right", variant="tonal",
+                disabled=(f"!{n.review.count}",), id="attnseg-next-region")
+
+
+def _correct_step() -> SegmentEditorUI:
+    html.Div("Pick a segment, then Paint or Erase in a slice view. Undo and redo are below the list.",
+             classes="attnseg-hint mt-3")
+    with html.Div(classes="attnseg-editor d-flex flex-column"):
+        editor = SegmentEditorUI()
+        with FlexContainer(row=True, justify="center"):
+            SegmentEditorUndoRedoUI(editor_ui=editor, row=True)
+    return editor
+
+
+def _export_step(server: Server, app, n) -> None:
+    _section("Corrected segmentation")
+    html.Div("Class values on the input volume's grid, as the model's card numbers them.", classes="attnseg-hint mb-2")
+    download = server.trigger_name(app.download_segmentation)
+    case = server.trigger_name(app.download_training_case)
+    save = "(file) => file && utils.download(file.name, file.content, 'application/octet-stream')"
+    with html.Div(classes="d-flex"):
+        for fmt, title in (("nifti", "NIfTI (.nii.gz)"), ("nrrd", "NRRD (.nrrd)")):
+            v3.VBtn(title, prepend_icon="mdi-download", variant="tonal", classes="mr-2", id=f"attnseg-download-{fmt}",
+                    disabled=(n.export.busy,),
+                    click=(f"{n.export.busy} = true; trigger('{download}', ['{fmt}']).then({save})"
+                           f".finally(() => {{ {n.export.busy} = false; }})"))
+    _section("Training case")
+    html.Div("The image, the corrected label, the model's own label, their difference and the difficulty map, "
+             "zipped in the folder layout training/ reads.", classes="attnseg-hint mb-2")
+    v3.VBtn("Export as training case", prepend_icon="mdi-folder-zip-outline", variant="tonal",
+            id="attnseg-export-case", disabled=(n.export.busy,),
+            click=(f"{n.export.busy} = true; trigger('{case}', []).then({save})"
+                   f".finally(() => {{ {n.export.busy} = false; }})"))
+    _alert(n.export.message, "success", "attnseg-export-message")
+    _alert(n.export.error, element_id="attnseg-export-error")

@@ -1,0 +1,47 @@
+"""A session process: ``python -m AttnSegLib.web.session --port P --data DIR``.
+
+Started by the gateway (:mod:`.gateway`), one per browser visit. It serves one trame page on a
+loopback port, keeps uploads and exports in a private temporary folder that is deleted when it ends,
+and exits by itself once no browser has been connected for ``--idle-timeout`` seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from .rendering import prefer_offscreen_window
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m AttnSegLib.web.session", description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True, help="loopback port to listen on")
+    parser.add_argument("--data", type=Path, required=True, help="folder of volumes offered for opening")
+    parser.add_argument("--upload-limit-bytes", type=int, default=512 * 2**20)
+    parser.add_argument("--idle-timeout", type=int, default=60,
+                        help="seconds without a connected browser before the session ends")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    # trame reads sys.argv itself; the session's options are not its own.
+    sys.argv = sys.argv[:1]
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s session %(name)s %(levelname)s %(message)s")
+    prefer_offscreen_window()
+
+    from trame.app import get_server
+
+    from .webapp import AttnSegWebApp
+
+    with tempfile.TemporaryDirectory(prefix="attnseg-session-") as work_dir:
+        server = get_server(client_type="vue3")
+        AttnSegWebApp(server, args.data.resolve(), Path(work_dir), args.upload_limit_bytes)
+        server.start(host="127.0.0.1", port=args.port, open_browser=False, show_connection_info=False,
+                     timeout=args.idle_timeout)
+
+
+if __name__ == "__main__":
+    main()

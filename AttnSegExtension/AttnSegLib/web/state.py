@@ -1,0 +1,75 @@
+"""What the page shows, as typed trame state (one instance per session, namespace ``attnseg``).
+
+The panels bind to these fields by name (``typed_state.name.<field>``); the web app writes them.
+Lists of choices are ``{"title": shown text, "value": key}`` dicts, the shape Vuetify selects take.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class VolumePanel:
+    choices: list[dict] = field(default_factory=list)  # volumes in the server's --data folder
+    selected: str | None = None
+    loaded: str = ""  # name of the volume on screen
+    busy: bool = False
+    error: str = ""
+
+
+@dataclass
+class ModelPanel:
+    choices: list[dict] = field(default_factory=list)
+    selected: str | None = None
+    description: str = ""
+    error: str = ""
+
+
+@dataclass
+class SegmentPanel:
+    running: bool = False
+    cancelling: bool = False
+    percent: float = 0.0
+    stage: str = ""
+    eta: str = ""
+    summary: str = ""  # class volumes and timing of the last result
+    notices: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass
+class MapPanel:
+    choices: list[dict] = field(default_factory=list)
+    selected: str | None = None
+    opacity: float = 0.5
+    meaning: str = ""
+    how_to_read: str = ""
+    legend_gradient: str = ""  # CSS linear-gradient of the map's colour table
+    legend_low: str = ""
+    legend_high: str = ""
+
+
+@dataclass
+class ReviewPanel:
+    count: int = 0
+    index: int = -1  # region on screen, -1 before the first "next"
+    description: str = ""
+
+
+@dataclass
+class ExportPanel:
+    busy: bool = False
+    message: str = ""
+    error: str = ""
+
+
+@dataclass
+class AttnSegState:
+    volume: VolumePanel = field(default_factory=VolumePanel)
+    model: ModelPanel = field(default_factory=ModelPanel)
+    segment: SegmentPanel = field(default_factory=SegmentPanel)
+    maps: MapPanel = field(default_factory=MapPanel)
+    review: ReviewPanel = field(default_factory=ReviewPanel)
+    export: ExportPanel = field(default_factory=ExportPanel)
+    has_result: bool = False
+    upload_limit_mb: int = 512

@@ -1,0 +1,395 @@
+"""One browser session of AttnSeg: a trame-slicer scene driven by :class:`AttnSegLogic`.
+
+The page (built by :mod:`.page`) calls the methods here; they read and write the scene only through
+the same :class:`~AttnSegLib.slicer_logic.AttnSegLogic` the Slicer module uses, and report back through
+the typed state (:mod:`.state`). The network runs on a worker thread
+(:class:`~AttnSegLib.slicer_logic.SegmentationTask`) that the server loop polls, so the views stay
+interactive and the progress bar moves while a volume is segmented; its result is added to the scene
+on the server loop, the scene's only thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+from trame_server import Server
+from trame_server.utils.asynchronous import create_task
+from trame_server.utils.typed_state import TypedState
+from trame_slicer import module as trame_slicer_module
+from trame_slicer.app.logic import SegmentEditorLogic
+from trame_slicer.app.ui import PaintEffectState, SegmentEditorState
+from trame_slicer.core import LayoutManager, SlicerApp
+from trame_slicer.rca_view import register_rca_factories
+from trame_slicer.segmentation import SegmentationOpacityEnum
+from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
+
+from ..image import IMAGE_SUFFIXES, ImageError, case_name, list_images, write_image
+from ..package import PackageError
+from ..slicer_logic import AttnSegLogic, Cancelled, CorrectionError, SegmentationTask, imageFromVolumeNode
+from .page import build_page, slice_view_overlay
+from .state import AttnSegState
+from .uploads import UploadError, check_upload, save_upload
+
+log = logging.getLogger(__name__)
+
+LAYOUT_ID = "AttnSeg"
+POLL_INTERVAL_S = 0.25
+DOWNLOAD_FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
+
+
+def attnseg_layout() -> Layout:
+    """Axial view large on the left; 3D, coronal and sagittal stacked on the right."""
+    return Layout(LayoutDirection.Horizontal, [
+        ViewLayoutDefinition.axial_view(),
+        Layout(LayoutDirection.Vertical, [ViewLayoutDefinition.threed_view(), ViewLayoutDefinition.coronal_view(),
+                                          ViewLayoutDefinition.sagittal_view()]),
+    ])
+
+
+def map_title(name: str) -> str:
+    """``spatial_attention.level1`` -> ``Spatial attention · level1``; ``probability.anterior`` ->
+    ``Probability · anterior``."""
+    head, _, tail = name.partition(".")
+    title = head.replace("_", " ").capitalize()
+    return f"{title} · {tail.replace('_', ' ')}" if tail else title
+
+
+def format_value(value: float) -> str:
+    return f"{value:.2f}" if abs(value) >= 0.01 or value == 0 else f"{value:.1e}"
+
+
+def legend_gradient(stops) -> str:
+    """A CSS ``linear-gradient`` from a :class:`~AttnSegLib.slicer_logic.MapLegend`'s colour stops."""
+    parts = ", ".join(f"rgb({r}, {g}, {b}) {100 * position:.1f}%" for position, (r, g, b) in stops)
+    return f"linear-gradient(to right, {parts})"
+
+
+class AttnSegWebApp:
+    """The scene, the views, the logic and the page of one session.
+
+    ``data_dir``: the folder of volumes offered for opening; ``work_dir``: this session's own
+    folder (uploads, exports), removed with the session.
+    """
+
+    def __init__(self, server: Server, data_dir: Path, work_dir: Path, upload_limit_bytes: int):
+        self.server = server
+        self.data_dir = Path(data_dir)
+        self.work_dir = Path(work_dir)
+        self.upload_limit_bytes = upload_limit_bytes
+        server.enable_module(trame_slicer_module)
+
+        self.slicer_app = SlicerApp()
+        self.logic = AttnSegLogic(self.slicer_app.scene)
+        register_rca_factories(self.slicer_app.view_manager, server, slice_view_ui_f=slice_view_overlay)
+        self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, server)
+        self.layout_manager.register_layout(LAYOUT_ID, attnseg_layout())
+        self.layout_manager.set_layout(LAYOUT_ID)
+        self.segment_editor = SegmentEditorLogic(server, self.slicer_app)
+
+        self.typed_state = TypedState(server.state, AttnSegState, namespace="attnseg")
+        self.data = self.typed_state.data
+        self.data.upload_limit_mb = round(upload_limit_bytes / 2**20)
+        self.page = build_page(server, self, self.typed_state, self.layout_manager)
+        self.segment_editor.set_ui(self.page.segment_editor)
+        # Corrections are drawn slice by slice: a 2D brush, not trame-slicer's default sphere.
+        TypedState(server.state, PaintEffectState).data.use_sphere_brush = False
+        self._segment_display = TypedState(server.state, SegmentEditorState).data.segment_display
+
+        self._volume_nodes: dict[str, object] = {}  # volume name -> node
+        self._task: SegmentationTask | None = None
+        self._result = None  # SegmentationResult on screen
+        self.typed_state.bind_changes({
+            self.typed_state.name.model.selected: self._on_model_selected,
+            self.typed_state.name.maps.selected: self._on_map_changed,
+            self.typed_state.name.maps.opacity: self._on_map_changed,
+        })
+        server.state["trame__title"] = "AttnSeg"
+        self._offer_volumes()
+        self._offer_models()
+
+    @property
+    def scene(self):
+        return self.slicer_app.scene
+
+    @property
+    def editor(self):
+        return self.slicer_app.segmentation_editor
+
+    # -- volumes --------------------------------------------------------------------------------
+    def _offer_volumes(self) -> None:
+        files = list_images(self.data_dir) if self.data_dir.is_dir() else []
+        self.data.volume.choices = [{"title": f.name, "value": f.name} for f in files]
+        self.data.volume.selected = files[0].name if files else None
+        if not files:
+            self.data.volume.error = (f"no volumes ({', '.join(IMAGE_SUFFIXES)}) in {self.data_dir}; "
+                                      "upload one, or start the server with --data FOLDER")
+
+    def open_selected_volume(self) -> None:
+        name = self.data.volume.selected
+        path = (self.data_dir / name) if name else None
+        if path is None or path.parent != self.data_dir or not path.is_file():
+            self.data.volume.error = "choose a volume from the list first"
+            return
+        self._open_volume(path)
+
+    def upload_problem(self, name: str, size: int) -> str:
+        """Checked before the browser sends a file: the reason to refuse it, or ``""``."""
+        try:
+            check_upload(str(name), int(size), self.upload_limit_bytes)
+        except UploadError as err:
+            self.data.volume.error = str(err)
+            return str(err)
+        return ""
+
+    def receive_upload(self, files: list[dict]) -> None:
+        """Validate and open one uploaded volume (a dict as the trame client sends a ``File``)."""
+        self.data.volume.error = ""
+        if not files:
+            return
+        upload = files[0]
+        try:
+            if upload.get("error"):
+                raise UploadError(f"{upload.get('name')}: the browser could not read the file ({upload['error']})")
+            content = upload.get("content") or b""
+            if isinstance(content, list):
+                content = b"".join(content)
+            path = save_upload(str(upload.get("name", "")), bytes(content), self.work_dir / "uploads",
+                               self.upload_limit_bytes)
+        except UploadError as err:
+            log.info("refused upload: %s", err)
+            self.data.volume.error = str(err)
+            return
+        self._open_volume(path)
+
+    def _open_volume(self, path: Path) -> None:
+        self.data.volume.error = ""
+        name = case_name(path)
+        node = self._volume_nodes.get(name)
+        if node is None or self.scene.GetNodeByID(node.GetID()) is None:
+            try:
+                node = self.logic.loadVolume(path, name=name)
+            except (ImageError, OSError) as err:
+                self.data.volume.error = str(err)
+                return
+            self._volume_nodes[name] = node
+        self._show_volume(node)
+        self.data.volume.loaded = name
+
+    def _show_volume(self, node) -> None:
+        display = self.slicer_app.display_manager
+        display.show_volume_in_slice_background(node)
+        display.show_volume_in_slice_foreground(None)
+        for view in self.slicer_app.view_manager.get_slice_views():
+            view.set_visible_in_3d(True)
+        display.reset_views()
+
+    # -- models ---------------------------------------------------------------------------------
+    def _offer_models(self) -> None:
+        names = AttnSegLogic.availableModels()
+        self.data.model.choices = [{"title": n, "value": n} for n in names]
+        if not names:
+            self.data.model.error = ("no model package installed: put one in ~/.attnseg/models or a folder "
+                                     "named in $ATTNSEG_MODELS, then reload")
+            return
+        try:
+            default = AttnSegLogic.defaultModelName()
+        except PackageError:
+            default = names[0]
+        self.data.model.selected = default if default in names else names[0]
+
+    def _on_model_selected(self, name: str | None) -> None:
+        self.data.model.error = ""
+        self.data.model.description = ""
+        if not name:
+            return
+        try:
+            package = self.logic.loadModel(name)
+        except PackageError as err:
+            self.data.model.error = str(err)
+            return
+        card = package.card
+        maps = ", ".join(package.maps) or "uncertainty only"
+        classes = ", ".join(c["name"] for c in package.classes[1:])
+        dice = card.get("metrics", {}).get("validation", {}).get("mean_foreground_dice")
+        parts = [card.get("description", "").strip(), f"{card['architecture']['name']} · classes: {classes} · "
+                 f"inputs: {', '.join(m['name'] for m in package.modalities)} · maps: {maps}"]
+        if dice is not None:
+            parts.append(f"validation Dice {dice:.3f}")
+        self.data.model.description = " — ".join(p for p in parts if p)
+
+    def _input_volumes(self, package) -> list:
+        """The volume on screen for a single-modality model; the logic's name matching otherwise."""
+        if len(package.modalities) == 1:
+            shown = self._volume_nodes.get(self.data.volume.loaded)
+            return [shown]
+        return self.logic.guessInputVolumes(package)
+
+    # -- segmenting -----------------------------------------------------------------------------
+    def segment(self) -> None:
+        """Start the network on a worker thread; :meth:`_follow` reports progress and adds the result."""
+        if self._task is not None:
+            return
+        segment = self.data.segment
+        segment.error, segment.summary, segment.notices = "", "", []
+        try:
+            package = self.logic.loadModel(self.data.model.selected)
+            job = self.logic.prepare(self._input_volumes(package), package)
+        except (PackageError, ImageError, ValueError) as err:
+            segment.error = str(err)
+            return
+        self._task = SegmentationTask(job).start()
+        segment.running, segment.cancelling, segment.percent, segment.stage, segment.eta = True, False, 0, "starting", ""
+        create_task(self._follow(self._task))
+
+    def cancel_segmentation(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self.data.segment.cancelling = True
+
+    async def _follow(self, task: SegmentationTask) -> None:
+        segment = self.data.segment
+        while not task.done():
+            fraction, eta, stage = task.progress
+            with self.server.state:
+                segment.percent = round(100 * fraction, 1)
+                segment.stage = stage
+                segment.eta = f"about {eta:.0f} s left" if eta is not None and fraction < 1 else ""
+            await asyncio.sleep(POLL_INTERVAL_S)
+        with self.server.state:
+            self._task = None
+            segment.running, segment.cancelling = False, False
+            try:
+                result = self.logic.addResult(task.job, task.result())
+            except Cancelled:
+                segment.error = "Segmentation cancelled; nothing was added."
+                return
+            except Exception as err:  # shown in the page; the session keeps running
+                log.exception("segmentation failed")
+                segment.error = f"Segmentation failed: {err}"
+                return
+            self._show_result(result)
+
+    def _show_result(self, result) -> None:
+        if self._result is not None:
+            self._result.segmentationNode.SetDisplayVisibility(False)
+        self._result = result
+        volume = result.inputNodes[0]
+        self.editor.deactivate_effect()
+        self.editor.set_active_segmentation(result.segmentationNode, volume)
+        self.editor.set_surface_representation_enabled(True)
+        package = self.logic.loadModel(result.segmentationNode.GetAttribute("AttnSeg.Model"))
+        volumes = self._class_volumes(result, package)
+        total = sum(result.timings.values())
+        self.data.segment.summary = (f"{volumes} · {total:.1f} s on {result.provenance.get('device', '?')}")
+        self.data.segment.notices = list(result.notices)
+        self.data.maps.choices = [{"title": "None", "value": ""}] + [
+            {"title": map_title(name), "value": name} for name in result.mapNodes]
+        self.data.maps.selected = result.difficultyName
+        self._on_map_changed()
+        count = len(self.logic.doubtfulRegions(result.segmentationNode))
+        self.data.review.count, self.data.review.index = count, -1
+        self.data.review.description = (f"{count} doubtful region{'s' if count != 1 else ''} "
+                                        f"(difficulty ≥ 0.5); the most doubtful comes first."
+                                        if count else "No region reaches difficulty 0.5.")
+        self.data.export.message, self.data.export.error = "", ""
+        self.data.has_result = True
+
+    @staticmethod
+    def _class_volumes(result, package) -> str:
+        labels = imageFromVolumeNode(result.modelLabelNode)
+        voxel_ml = labels.geometry.voxel_volume_ml
+        return ", ".join(f"{c['name']} {float((labels.array == c['value']).sum()) * voxel_ml:.2f} ml"
+                         for c in package.classes[1:])
+
+    # -- maps -----------------------------------------------------------------------------------
+    def _on_map_changed(self, *_) -> None:
+        if self._result is None:
+            return
+        maps = self.data.maps
+        node = self._result.mapNodes.get(maps.selected or "")
+        self.logic.showMap(node, opacity=float(maps.opacity), backgroundNode=self._result.inputNodes[0])
+        # Over a map the segmentation is drawn as its outline, so the map's colours stay readable.
+        self._segment_display.opacity_mode = (SegmentationOpacityEnum.OUTLINE if node is not None
+                                              else SegmentationOpacityEnum.BOTH)
+        if node is None:
+            maps.meaning = maps.how_to_read = maps.legend_gradient = maps.legend_low = maps.legend_high = ""
+            return
+        legend = self.logic.mapLegend(node)
+        package = self.logic.loadModel(self._result.segmentationNode.GetAttribute("AttnSeg.Model"))
+        maps.meaning = legend.meaning
+        maps.how_to_read = package.maps.get(legend.name.split(".")[0], {}).get("read", "")
+        maps.legend_gradient = legend_gradient(legend.stops)
+        maps.legend_low, maps.legend_high = format_value(legend.minimum), format_value(legend.maximum)
+
+    # -- review ---------------------------------------------------------------------------------
+    def next_region(self) -> None:
+        self._go_to_region(self.logic.nextDoubtfulRegion(self._result.segmentationNode))
+
+    def previous_region(self) -> None:
+        self._go_to_region(self.logic.previousDoubtfulRegion(self._result.segmentationNode))
+
+    def _go_to_region(self, stop) -> None:
+        review = self.data.review
+        if stop is None:
+            review.description = "No region reaches difficulty 0.5."
+            return
+        self.logic.centerSliceViews(stop.centroidRAS)
+        region = stop.region
+        review.index, review.count = stop.index, stop.count
+        review.description = (f"Region {stop.index + 1} of {stop.count}: {region.volume_ml:.2f} ml, "
+                              f"mean difficulty {region.mean_difficulty:.2f} (peak {region.max_difficulty:.2f})")
+
+    # -- correcting -----------------------------------------------------------------------------
+    def stop_editing(self) -> None:
+        """Leave the paint/erase tools, so the mouse in a view browses again."""
+        self.editor.deactivate_effect()
+
+    # -- export ---------------------------------------------------------------------------------
+    def _base_name(self) -> str:
+        return case_name(self._result.inputNodes[0].GetName()) if self._result else "segmentation"
+
+    def download_segmentation(self, fmt: str) -> dict | None:
+        """The corrected segmentation (class values on the input grid) as NIfTI or NRRD bytes."""
+        export = self.data.export
+        export.error = export.message = ""
+        suffix = DOWNLOAD_FORMATS.get(fmt)
+        if self._result is None or suffix is None:
+            export.error = "segment a volume first"
+            return None
+        try:
+            labels = self.logic.correctedLabels(self._result.segmentationNode)
+        except (CorrectionError, ValueError) as err:
+            export.error = str(err)
+            return None
+        name = f"{self._base_name()}_segmentation{suffix}"
+        with tempfile.TemporaryDirectory(dir=self.work_dir) as folder:
+            content = write_image(labels, Path(folder) / name).read_bytes()
+        export.message = f"{name}: {len(content) / 1024:.0f} KiB"
+        return {"name": name, "content": self.server.protocol.addAttachment(content)}
+
+    def download_training_case(self) -> dict | None:
+        """The corrected case as ``training/`` reads it (see ``AttnSegLogic.exportCorrection``), zipped."""
+        export = self.data.export
+        export.error = export.message = ""
+        if self._result is None:
+            export.error = "segment a volume first"
+            return None
+        cases = self.work_dir / "cases"
+        try:
+            folder = self.logic.exportCorrection(self._result.segmentationNode, cases, overwrite=True)
+        except (CorrectionError, ValueError, OSError) as err:
+            export.error = str(err)
+            return None
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:  # members are gzip-compressed already
+            for member in sorted(folder.rglob("*")):
+                archive.write(member, Path(folder.name) / member.relative_to(folder))
+        shutil.rmtree(folder, ignore_errors=True)
+        name = f"{folder.name}_training_case.zip"
+        export.message = f"{name}: unzip into a folder that training/ reads with layout 'corrected'"
+        return {"name": name, "content": self.server.protocol.addAttachment(buffer.getvalue())}

@@ -1,0 +1,402 @@
+"""``attnseg serve`` in a real browser: Debian's Chromium driven by Playwright against the server
+started as a user starts it (``python -m AttnSegLib.cli serve``), rendering offscreen with no GPU.
+
+The flow test opens the shipped sample, segments it, reads the overlay and a second map, paints one
+stroke, downloads the segmentation and checks it against the model's output computed here with the
+engine: identical except on the stroke, where it holds the painted class. The model is the shipped
+default package when one is installed, else a small untrained DAM-AL package built here (the flow
+and the checks do not depend on the weights).
+
+Needs: ``apt-get install chromium libegl1 libegl-mesa0 libgl1-mesa-dri``; pip ``playwright``
+(no browser download). Run: ``pytest Testing/test_web.py -m browser``. With
+``ATTNSEG_SAVE_SCREENSHOTS=1`` the review screenshot is also copied to
+``Resources/Screenshots/web_app.png`` for the README.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from AttnSegLib import models
+from AttnSegLib.image import read_image
+from AttnSegLib.inference import Predictor
+from AttnSegLib.package import PackageError, default_package, load_package, save_package
+from AttnSegLib.review import doubtful_regions
+from AttnSegLib.web.gateway import declared_message_size
+from AttnSegLib.web.uploads import UploadError, check_upload, safe_upload_name, save_upload
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "Resources" / "SampleData" / "hippocampus_001_image.nii.gz"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+UPLOAD_LIMIT_MB = 1
+VIEWPORT = {"width": 1400, "height": 900}
+STROKE_HALF_PX = 100  # the stroke runs horizontally through the axial view's centre, this far either side
+BRUSH_PERCENT = 5  # trame-slicer's default paint diameter: % of the view's height
+SESSION_START_S = 180
+
+
+# -- without a browser: the upload rules and the gateway's size guard ---------------------------------
+def test_upload_names_lose_any_folder_part():
+    assert safe_upload_name("../../etc/passwd") == "passwd"
+    assert safe_upload_name("C:\\scans\\case 1.nii.gz") == "case_1.nii.gz"
+    with pytest.raises(UploadError, match="no name"):
+        safe_upload_name("../")
+
+
+def test_uploads_are_refused_by_type_and_size_before_reading():
+    check_upload("case.nii.gz", 10, 100)
+    with pytest.raises(UploadError, match="not a volume file.*nii.gz"):
+        check_upload("report.pdf", 10, 100)
+    with pytest.raises(UploadError, match="over this server's upload limit"):
+        check_upload("case.nrrd", 101, 100)
+    with pytest.raises(UploadError, match="empty"):
+        check_upload("case.mha", 0, 100)
+
+
+def test_an_unreadable_volume_is_refused_and_removed(tmp_path):
+    with pytest.raises(UploadError, match="fake.nii.gz: not a readable medical image"):
+        save_upload("fake.nii.gz", b"this is not a NIfTI file", tmp_path, 2**20)
+    assert not list(tmp_path.iterdir())
+    saved = save_upload("sample.nii.gz", SAMPLE.read_bytes(), tmp_path, 2**20)
+    assert saved.parent == tmp_path and read_image(saved).array.shape == read_image(SAMPLE).array.shape
+
+
+def test_gateway_reads_the_message_size_a_wslink_chunk_declares():
+    header = (7).to_bytes(4, "little") + (0).to_bytes(4, "little") + (5 * 2**20).to_bytes(4, "little")
+    assert declared_message_size(header + b"payload") == 5 * 2**20
+    assert declared_message_size(b"short") is None
+
+
+# -- the browser tests ----------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_package(tmp_path_factory):
+    """The shipped default package, or a small untrained DAM-AL one (maps: uncertainty + 2 attention)."""
+    try:
+        return default_package()
+    except PackageError:
+        pass
+    torch.manual_seed(0)
+    kwargs = {"features": [4, 8, 16], "atrous_features": 4, "fuse_features": 8}
+    network = models.build("dam_al", 1, 3, **kwargs)
+    card = {"name": "web_test_dam_al", "description": "untrained DAM-AL for the browser test",
+            "architecture": {"name": "dam_al", "kwargs": kwargs},
+            "modalities": [{"name": "T1", "normalization": "zscore"}],
+            "classes": [{"value": 0, "name": "background"}, {"value": 1, "name": "Anterior", "color": [230, 159, 0]},
+                        {"value": 2, "name": "Posterior", "color": [86, 180, 233]}],
+            "patch_size_dhw": [16, 32, 16], "spacing_xyz_mm": [1.0, 1.0, 1.0], "orientation": "RAS",
+            "inference": {"overlap": 0.25, "batch_size": 2},
+            "maps": {k: {"meaning": v} for k, v in network.map_descriptions().items()}}
+    return save_package(tmp_path_factory.mktemp("models") / card["name"], card, network.state_dict())
+
+
+@pytest.fixture(scope="module")
+def server(model_package):
+    """``attnseg serve`` on a free loopback port; yields its URL; stopped (and checked alive) after."""
+    port = _free_port()
+    env = {**os.environ, "ATTNSEG_WEB_MAX_UPLOAD_MB": str(UPLOAD_LIMIT_MB), "PYTHONUNBUFFERED": "1"}
+    shipped = model_package.path.parent
+    env["ATTNSEG_MODELS"] = os.pathsep.join(filter(None, [str(shipped), os.environ.get("ATTNSEG_MODELS")]))
+    process = subprocess.Popen([sys.executable, "-m", "AttnSegLib.cli", "serve", "--host", "127.0.0.1",
+                                "--port", str(port)], env=env, cwd=REPO)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"attnseg serve exited with status {process.returncode}"
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.25)
+    else:
+        process.kill()
+        pytest.fail("attnseg serve did not listen within 60 s")
+    yield f"http://127.0.0.1:{port}/"
+    assert process.poll() is None, "the server died during the tests"
+    process.terminate()
+    assert process.wait(60) == 0, "attnseg serve did not stop cleanly on SIGTERM"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (Playwright's browser download is not used)")
+    with playwright.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def screenshots(tmp_path):
+    folder = tmp_path / "screenshots"
+    folder.mkdir()
+    return folder
+
+
+def _open_session(browser, server):
+    page = browser.new_page(viewport=VIEWPORT, accept_downloads=True)
+    page.goto(server, timeout=SESSION_START_S * 1000)
+    page.wait_for_selector("#attnseg-open", timeout=SESSION_START_S * 1000)
+    return page
+
+
+def _open_sample(page) -> None:
+    page.click("#attnseg-open")
+    page.wait_for_selector("#attnseg-loaded-volume", timeout=60_000)
+    assert "hippocampus_001_image" in page.inner_text("#attnseg-loaded-volume")
+
+
+def _views(page):
+    """The four RCA images: the layout puts the axial view first, then 3D, coronal, sagittal."""
+    views = page.locator("img.image-display-area")
+    views.first.wait_for(timeout=30_000)
+    return [views.nth(i) for i in range(views.count())]
+
+
+def _pixels(locator) -> np.ndarray:
+    from PIL import Image as PILImage
+
+    return np.asarray(PILImage.open(io.BytesIO(locator.screenshot())).convert("RGB")).astype(np.int16)
+
+
+def _wait_for_change(locator, before: np.ndarray, timeout_s: float = 30) -> np.ndarray:
+    """The view's pixels once they differ from ``before`` (the server streams a new frame)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = _pixels(locator)
+        if now.shape == before.shape and np.abs(now - before).max() > 40:
+            return now
+        time.sleep(0.3)
+    pytest.fail("the view did not change")
+
+
+def _choose(page, select_id: str, option: str) -> None:
+    """Pick ``option`` in the Vuetify select whose input has ``select_id``."""
+    page.locator(f".v-select:has(#{select_id}) .v-field").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def _options(page, select_id: str) -> list[str]:
+    page.locator(f".v-select:has(#{select_id}) .v-field").click()
+    options = page.get_by_role("option")
+    options.first.wait_for()
+    titles = [options.nth(i).inner_text() for i in range(options.count())]
+    page.keyboard.press("Escape")
+    return titles
+
+
+def _download(page, button: str) -> bytes:
+    with page.expect_download(timeout=60_000) as info:
+        page.click(button)
+    return Path(info.value.path()).read_bytes()
+
+
+def _volume_centre_lps(image: sitk.Image) -> np.ndarray:
+    size = np.array(image.GetSize())
+    corners = [image.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
+               for corner in np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in size])).T.reshape(-1, 3)]
+    return np.mean(corners, axis=0)
+
+
+def _stroke_distance_mm(image: sitk.Image, k: int, centre_lps, half_length_mm: float) -> np.ndarray:
+    """(j, i) in-plane distance (mm) of every voxel centre of axial slice ``k`` to the stroke: the
+    horizontal (R-L) segment through ``centre_lps``, ``half_length_mm`` to either side."""
+    size = image.GetSize()
+    jj, ii = np.meshgrid(np.arange(size[1]), np.arange(size[0]), indexing="ij")
+    points = np.array([image.TransformIndexToPhysicalPoint((int(i), int(j), k)) for i, j in zip(ii.ravel(), jj.ravel())])
+    offset = points[:, :2] - np.asarray(centre_lps)[:2]
+    along = np.clip(offset[:, 0], -half_length_mm, half_length_mm)
+    return np.hypot(offset[:, 0] - along, offset[:, 1]).reshape(size[1], size[0])
+
+
+@pytest.mark.browser
+def test_segment_review_paint_and_download(browser, server, model_package, screenshots):
+    started = time.monotonic()
+    page = _open_session(browser, server)
+    _open_sample(page)
+    axial, threed = _views(page)[:2]
+    before_axial, before_3d = _pixels(axial), _pixels(threed)
+    page.screenshot(path=screenshots / "web_1_volume.png")
+
+    # Segment: progress then the overlay on the slices and the surface in 3D.
+    _choose(page, "attnseg-model-select", model_package.name)
+    page.click("#attnseg-segment")
+    page.wait_for_selector("#attnseg-summary", timeout=300_000)
+    assert not page.is_visible("#attnseg-segment-error")
+    overlay = _wait_for_change(axial, before_axial)
+    _wait_for_change(threed, before_3d)
+    page.screenshot(path=screenshots / "web_2_segmented.png")
+
+    # Review: the difficulty map is shown with its legend; switching maps redraws the slices.
+    page.click("#attnseg-tab-review")
+    difficulty_map = page.input_value("#attnseg-map-select")
+    legend = page.inner_text("#attnseg-legend")
+    assert "0.00" in legend and "1.00" in legend  # uncertainty and difficulty are drawn on [0, 1]
+    other = next(t for t in _options(page, "attnseg-map-select") if t not in ("None", difficulty_map))
+    _choose(page, "attnseg-map-select", other)
+    page.wait_for_function("t => !document.querySelector('#attnseg-legend').innerText.includes(t)",
+                           arg=legend.splitlines()[-1], timeout=30_000)
+    other_overlay = _wait_for_change(axial, overlay)
+    _choose(page, "attnseg-map-select", difficulty_map)
+    _wait_for_change(axial, other_overlay)
+    # The most doubtful region: the slice views move to it.
+    on_map = _pixels(axial)
+    page.click("#attnseg-next-region")
+    page.wait_for_function("() => document.querySelector('#attnseg-review-text').innerText.match(/Region 1 of|No region/)")
+    if "Region 1 of" in page.inner_text("#attnseg-review-text"):
+        _wait_for_change(axial, on_map)
+    page.screenshot(path=screenshots / "web_app.png")
+
+    # The model's output and its most doubtful region, computed here with the engine: "Next" centred
+    # the slice views on that region (on the volume's centre when there is none), at the same zoom.
+    sample = read_image(SAMPLE)
+    result = Predictor(load_package(model_package.path), device="cpu").predict([sample])
+    model_labels = result.labels.array
+    regions = doubtful_regions(result.maps[result.difficulty_name])
+    image = sitk.ReadImage(str(SAMPLE))
+    centre_lps = np.array(regions[0].centroid_lps) if regions else _volume_centre_lps(image)
+    k_in_view = image.TransformPhysicalPointToContinuousIndex([float(c) for c in centre_lps])[2]
+    view_box = axial.bounding_box()
+    extent = np.abs(np.array(image.GetSize()[:2]) * np.array(image.GetSpacing()[:2]))
+    mm_per_px = 1 / min(view_box["width"] / extent[0], view_box["height"] / extent[1])
+    brush_radius_mm = BRUSH_PERCENT / 100 * view_box["height"] * mm_per_px / 2
+    half_length_mm = STROKE_HALF_PX * mm_per_px
+    # Paint the class the model gave least of along the stroke, so the stroke changes many voxels.
+    k = int(round(k_in_view))
+    on_stroke = _stroke_distance_mm(image, k, centre_lps, half_length_mm) <= brush_radius_mm - 0.75
+    classes = model_package.classes[1:]
+    painted = min(classes, key=lambda c: int((model_labels[k][on_stroke] == c["value"]).sum()))
+
+    # Correct: pick that segment, Paint, one horizontal stroke through the axial view's centre.
+    page.click("#attnseg-tab-correct")
+    page.locator(".attnseg-editor .v-list-item").nth(classes.index(painted)).click()
+    page.locator(".attnseg-editor button:has(.mdi-brush)").first.click()
+    centre_x, centre_y = view_box["x"] + view_box["width"] / 2, view_box["y"] + view_box["height"] / 2
+    page.mouse.move(centre_x - STROKE_HALF_PX, centre_y)
+    page.mouse.down()
+    page.mouse.move(centre_x + STROKE_HALF_PX, centre_y, steps=25)
+    page.mouse.up()
+    page.wait_for_selector(".attnseg-editor button:has(.mdi-undo):not([disabled])", timeout=30_000)
+    page.screenshot(path=screenshots / "web_3_painted.png")
+
+    # Export: NIfTI and NRRD downloads and the training case hold the same corrected labels.
+    page.click("#attnseg-tab-export")
+    downloads = screenshots.parent / "downloads"
+    downloads.mkdir()
+    (downloads / "labels.nii.gz").write_bytes(_download(page, "#attnseg-download-nifti"))
+    (downloads / "labels.nrrd").write_bytes(_download(page, "#attnseg-download-nrrd"))
+    case = zipfile.ZipFile(io.BytesIO(_download(page, "#attnseg-export-case")))
+    case.extractall(downloads)
+    page.screenshot(path=screenshots / "web_4_exported.png")
+
+    corrected = sitk.ReadImage(str(downloads / "labels.nii.gz"))
+    labels = sitk.GetArrayFromImage(corrected)
+    np.testing.assert_array_equal(labels, sitk.GetArrayFromImage(sitk.ReadImage(str(downloads / "labels.nrrd"))))
+    assert corrected.GetSize() == image.GetSize()
+    np.testing.assert_allclose(corrected.GetOrigin(), image.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(corrected.GetDirection(), image.GetDirection(), atol=1e-6)
+    folder = next(p for p in downloads.iterdir() if p.is_dir())
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "model_label.nii.gz"))),
+                                  model_labels)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "label.nii.gz"))), labels)
+
+    # Exactly where painted: on the slice in view only, within the brush of the stroke only, all of it
+    # the painted class.
+    changed = labels != model_labels
+    assert changed.any(), "the stroke changed nothing"
+    slices = set(np.nonzero(changed)[0].tolist())
+    assert len(slices) == 1, f"the 2D brush changed voxels on slices {sorted(slices)}"
+    k = slices.pop()
+    assert abs(k - k_in_view) <= 0.5, f"painted slice {k}, but slice {k_in_view:.1f} was in view"
+    assert (labels[changed] == painted["value"]).all()
+    distance = _stroke_distance_mm(image, k, centre_lps, half_length_mm)
+    assert (distance[changed[k]] <= brush_radius_mm + 0.75).all(), "voxels changed outside the stroke"
+    assert (labels[k][distance <= brush_radius_mm - 0.75] == painted["value"]).all(), "stroke voxels not painted"
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "difference.nii.gz"))),
+                                  changed.astype(np.uint8))
+
+    assert not page.is_visible("#attnseg-export-error")
+    if os.environ.get("ATTNSEG_SAVE_SCREENSHOTS") == "1":
+        target = REPO / "Resources" / "Screenshots"
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(screenshots / "web_app.png", target / "web_app.png")
+    print(f"browser flow: {time.monotonic() - started:.1f} s; screenshots in {screenshots}")
+    page.close()
+
+
+@pytest.mark.browser
+def test_bad_uploads_get_an_error_and_the_session_goes_on(browser, server, tmp_path, screenshots):
+    page = _open_session(browser, server)
+    upload = page.locator("input#attnseg-upload")
+    cases = {
+        "notes.txt": (b"not an image", "not a volume file"),
+        "fake.nii.gz": (b"\x1f\x8b garbage", "not a readable medical image"),
+        "huge.nii.gz": (os.urandom((UPLOAD_LIMIT_MB + 1) * 2**20), "over this server's upload limit"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        upload.set_input_files(str(path))
+        page.wait_for_function("m => (document.querySelector('#attnseg-volume-error') || {}).innerText?.includes(m)",
+                               arg=message, timeout=60_000)
+        assert name in page.inner_text("#attnseg-volume-error")
+        page.screenshot(path=screenshots / f"web_upload_{name}.png")
+    # The same session still works: a good upload opens.
+    upload.set_input_files(str(SAMPLE))
+    page.wait_for_selector("#attnseg-loaded-volume", timeout=60_000)
+    assert not page.is_visible("#attnseg-volume-error")
+    page.close()
+
+
+async def _announce_message(socket_url: str, total_bytes: int) -> int:
+    """Open a websocket to a session and send one wslink chunk announcing a ``total_bytes`` message;
+    return the close code the gateway answers with."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as client, client.ws_connect(socket_url) as ws:
+        header = (1).to_bytes(4, "little") + (0).to_bytes(4, "little") + total_bytes.to_bytes(4, "little")
+        await ws.send_bytes(header + bytes(64))
+        await ws.receive(timeout=30)
+        return ws.close_code
+
+
+@pytest.mark.browser
+def test_sessions_are_isolated_and_refuse_oversized_messages(browser, server):
+    first, second = _open_session(browser, server), _open_session(browser, server)
+    assert first.url != second.url and "/session/" in first.url
+    _open_sample(first)
+    second.wait_for_timeout(1500)
+    assert not second.is_visible("#attnseg-loaded-volume")
+    # A guessed session address gets nothing.
+    response = second.request.get(server + "session/not-a-session/")
+    assert response.status == 404 and "has ended" in response.text()
+    # A message announced over the upload limit is refused before the session allocates it; the
+    # browser's own connection to that session goes on.
+    socket_url = second.url.replace("http://", "ws://") + "ws"
+    with ThreadPoolExecutor(1) as thread:  # Playwright's sync API owns this thread's event loop
+        code = thread.submit(asyncio.run, _announce_message(socket_url, (UPLOAD_LIMIT_MB + 2) * 2**20)).result()
+    assert code == 1009, f"expected close code 1009 (message too big), got {code}"
+    _open_sample(second)
+    first.close()
+    second.close()
