@@ -15,6 +15,7 @@ import torch
 
 from training.config import load_config
 from training.data import (
+    CaseFiles,
     DatasetError,
     LabelError,
     check_label_values,
@@ -160,7 +161,6 @@ def test_label_with_fractional_values_names_the_file_and_the_values(tmp_path, hi
     blurred = array.astype(np.float32)
     blurred[0, 0, :3] = [0.5, 1.25, 1.5]
     _write(blurred, label, tmp_path / "blurred.nii.gz")
-    from training.data import CaseFiles
     with pytest.raises(LabelError, match=r"blurred\.nii\.gz: label values must be integers, found 0\.5, 1\.25, 1\.5"):
         load_case(CaseFiles("blurred", (image_path,), tmp_path / "blurred.nii.gz"), hippocampus_data)
 

@@ -60,13 +60,11 @@ class Case:
     """One case in the model frame, kept in memory.
 
     ``image``: (M, D, H, W) float32, normalised. ``label``: (D, H, W) uint8 class indices.
-    ``geometry``: the model-frame grid of the arrays (before any padding).
     """
 
     name: str
     image: np.ndarray
     label: np.ndarray
-    geometry: Geometry
 
 
 # -- finding cases -------------------------------------------------------------------------------
@@ -327,11 +325,7 @@ def load_case(files: CaseFiles, data: dict) -> Case:
     label = label[tuple(slice(a, b) for a, b in prepared.crop)]
     if label.shape != prepared.array.shape[1:]:
         raise DatasetError(f"{files.label}: label grid {label.shape} does not match the image {prepared.array.shape[1:]}")
-    start = [a for a, _ in prepared.crop]
-    origin = tuple(float(v) for v in prepared.frame.ijk_to_lps() @ np.array([*reversed(start), 1.0]))[:3]
-    geometry = Geometry(tuple(reversed(label.shape)), prepared.frame.spacing, origin, prepared.frame.direction)
-    return Case(files.name, prepared.array.astype(np.float32, copy=False),
-                np.ascontiguousarray(label, dtype=np.uint8), geometry)
+    return Case(files.name, prepared.array.astype(np.float32, copy=False), np.ascontiguousarray(label, dtype=np.uint8))
 
 
 def load_cases(files: list[CaseFiles], data: dict, progress=None) -> list[Case]:
