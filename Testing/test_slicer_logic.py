@@ -23,6 +23,7 @@ from AttnSegLib.package import save_package
 from AttnSegLib.slicer_logic import (ATTRIBUTE, REF_DIFFICULTY, REF_INPUT, REF_MAP, REF_SEGMENTATION,
                                      AttnSegLogic, Cancelled, CorrectionError, SegmentationTask, colorScale,
                                      imageFromVolumeNode, newScene, volumeNodeFromImage)
+from AttnSegLib.screenshot import render_review
 from conftest import REPO
 
 SAMPLE_IMAGE = REPO / "Resources" / "SampleData" / "hippocampus_001_image.nii.gz"
@@ -30,7 +31,8 @@ SAMPLE_LABEL = REPO / "Resources" / "SampleData" / "hippocampus_001_label.nii.gz
 HIPPOCAMPUS_CLASSES = [
     {"value": 0, "name": "background", "color": [0, 0, 0]},
     {"value": 1, "name": "Anterior", "color": [230, 159, 0],
-     "terminology": {"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "5366008", "Hippocampus"]}},
+     "terminology": {"category": ["SCT", "123037004", "Anatomical Structure"],
+                     "type": ["SCT", "5366008", "Hippocampus"]}},
     {"value": 2, "name": "Posterior", "color": [86, 180, 233]},
 ]
 BRATS_CLASSES = [{"value": 0, "name": "background"}, {"value": 1, "name": "Necrosis"}, {"value": 2, "name": "Edema"},
@@ -69,7 +71,8 @@ def plumbing_package(tmp_path_factory):
 @pytest.fixture(scope="session")
 def two_modality_package(tmp_path_factory):
     return _untrained_package(tmp_path_factory.mktemp("packages") / "brats", "unet", {"features": [4, 8]},
-                              [{"name": "Flair", "normalization": "zscore"}, {"name": "T1c", "normalization": "zscore"}],
+                              [{"name": "Flair", "normalization": "zscore"},
+                               {"name": "T1c", "normalization": "zscore"}],
                               BRATS_CLASSES, "plumbing_brats")
 
 
@@ -219,9 +222,11 @@ def test_segments_are_named_coloured_coded_and_match_the_engine(segmented, engin
     assert logic_labels.geometry.same_grid(read_image(SAMPLE_IMAGE).geometry)
 
 
-def test_provenance_is_stored_on_the_segmentation_node(segmented, plumbing_package):
+def test_provenance_is_stored_on_the_segmentation_node(segmented, plumbing_package, scene):
     _, result = segmented
     node = result.segmentationNode
+    assert AttnSegLogic.isAttnSegSegmentation(node)
+    assert not AttnSegLogic.isAttnSegSegmentation(scene.AddNewNodeByClass("vtkMRMLSegmentationNode"))
     assert node.GetAttribute(ATTRIBUTE + "Model") == "plumbing"
     assert node.GetAttribute(ATTRIBUTE + "ModelSha256") == plumbing_package.sha256
     assert node.GetAttribute(ATTRIBUTE + "Architecture") == "difficulty_aware"
@@ -560,3 +565,16 @@ def test_runs_in_trame_slicers_scene_on_a_volume_slicer_itself_read(trame_app, p
     assert labels.geometry.same_grid(engine_result.labels.geometry)
     np.testing.assert_array_equal(labels.array, engine_result.labels.array)
     assert (logic.exportCorrection(result.segmentationNode, tmp_path) / "label.nii.gz").is_file()
+
+
+# -- the README's picture -----------------------------------------------------------------------------
+def test_review_screenshot_shows_the_outlines_and_the_map(logic, segmented, tmp_path):
+    from PIL import Image as Picture
+
+    _, result = segmented
+    path = render_review(logic, result.segmentationNode, tmp_path / "review.png", "uncertainty")
+    picture = np.asarray(Picture.open(path).convert("RGB")).astype(int)
+    assert picture.shape == (468, 1152, 3)
+    anterior = np.abs(picture - [230, 159, 0]).sum(axis=2) < 30  # the Anterior outline colour
+    assert anterior.sum() > 50
+    assert result.segmentationNode.GetAttribute(ATTRIBUTE + "ReviewIndex") is None  # the review did not move

@@ -551,9 +551,14 @@ class AttnSegLogic:
     def _referenced(node, role: str) -> list:
         return [node.GetNthNodeReference(role, i) for i in range(node.GetNumberOfNodeReferences(role))]
 
+    @staticmethod
+    def isAttnSegSegmentation(node) -> bool:
+        """True for a segmentation node AttnSeg made (it carries the model's provenance)."""
+        return node is not None and node.GetAttribute(ATTRIBUTE + "Model") is not None
+
     def _resolve(self, segmentationNode):
         node = segmentationNode if segmentationNode is not None else self.activeSegmentationNode
-        if node is None or node.GetAttribute(ATTRIBUTE + "Model") is None:
+        if not self.isAttnSegSegmentation(node):
             raise ValueError("no AttnSeg segmentation selected; segment first or pick one AttnSeg created")
         return node
 

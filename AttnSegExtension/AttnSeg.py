@@ -1,0 +1,545 @@
+"""AttnSeg: attention-based 3D segmentation that shows where the network looked and where it is unsure.
+
+The module follows Slicer's scripted-module template. The widget only draws and calls the logic; all
+work is done by :class:`AttnSegLib.slicer_logic.AttnSegLogic`, which has no Qt and is tested on
+slicer-core. The network runs on a worker thread that the widget polls with a QTimer, so Slicer stays
+responsive and the run can be cancelled.
+"""
+import logging
+import os
+import pathlib
+from typing import Annotated
+
+import qt
+import slicer
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+from AttnSegLib.dependencies import PIP_REQUIREMENTS, TORCH, missing_requirements
+
+MAX_MODALITIES = 4
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+POLL_INTERVAL_MS = 200
+
+
+def _resourcePath(relativePath: str) -> str:
+    """A file under Resources/: beside AttnSeg.py once installed, one folder up in the source tree."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for root in (here, os.path.dirname(here)):
+        candidate = os.path.join(root, "Resources", relativePath)
+        if os.path.exists(candidate):
+            return candidate
+    raise FileNotFoundError(f"AttnSeg resource {relativePath} is missing; reinstall the extension")
+
+
+#
+# AttnSeg
+#
+
+
+class AttnSeg(ScriptedLoadableModule):
+    """Uses ScriptedLoadableModule base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("AttnSeg")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["AttnSeg contributors"]
+        self.parent.helpText = _("""
+Segments 3D images with attention-based networks and shows, next to the segmentation, the class
+probabilities, the network's uncertainty and the model's own attention, confidence or difficulty maps.
+Step through the most doubtful regions, correct them in the Segment Editor (optionally only where the
+network was unsure), and save the corrected case for retraining.
+""")
+        self.parent.acknowledgementText = _("""
+Networks follow published attention-based segmentation designs; see each model's card for its paper
+and the data it was trained on. The sample is case 001 of the Medical Segmentation Decathlon
+hippocampus task (CC-BY-SA 4.0, Simpson et al. 2019, Vanderbilt University Medical Center).
+""")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """The shipped hippocampus case in the Sample Data module."""
+    import SampleData
+
+    image = _resourcePath("SampleData/hippocampus_001_image.nii.gz")
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="AttnSeg",
+        sampleName="AttnSegHippocampus",
+        thumbnailFileName=_resourcePath("Icons/AttnSeg.png"),
+        uris=qt.QUrl.fromLocalFile(image).toString(),
+        fileNames="hippocampus_001_image.nii.gz",
+        nodeNames="hippocampus_001_image",
+        loadFileType="VolumeFile",
+    )
+
+
+#
+# AttnSegParameterNode
+#
+
+
+@parameterNodeWrapper
+class AttnSegParameterNode:
+    """The panel's state, saved with the scene.
+
+    inputVolume0..3 - one volume per modality the model expects, in the card's order.
+    modelName - the model package (bound by hand: the list of models is only known at run time).
+    device - where the network runs.
+    segmentation - the AttnSeg segmentation under review.
+    mapName - the map shown over the image; mapOpacity - its opacity.
+    difficultyThreshold - voxels at or above it are doubtful (review and editing).
+    editDoubtfulOnly - restrict Segment Editor effects to doubtful voxels.
+    correctionDirectory - where corrected cases are saved for training.
+    """
+
+    inputVolume0: vtkMRMLScalarVolumeNode
+    inputVolume1: vtkMRMLScalarVolumeNode
+    inputVolume2: vtkMRMLScalarVolumeNode
+    inputVolume3: vtkMRMLScalarVolumeNode
+    modelName: str = ""
+    device: Annotated[str, Choice(DEVICES)] = "auto"
+    segmentation: vtkMRMLSegmentationNode
+    mapName: str = ""
+    mapOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    difficultyThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    editDoubtfulOnly: bool = False
+    correctionDirectory: pathlib.Path = pathlib.Path.home() / "AttnSegCorrections"
+
+
+#
+# AttnSegWidget
+#
+
+
+class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Uses ScriptedLoadableModuleWidget base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._task = None
+        self._timer = None
+        self._modalityCount = 0
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(_resourcePath("UI/AttnSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.inputSelectors = [getattr(self.ui, f"inputVolumeSelector{i}") for i in range(MAX_MODALITIES)]
+        self.inputLabels = [getattr(self.ui, f"inputVolumeLabel{i}") for i in range(MAX_MODALITIES)]
+
+        self.logic = AttnSegLogic()
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self.onPollTask)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
+        self.ui.mapComboBox.connect("currentIndexChanged(int)", self.onMapChanged)
+        self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
+        self.ui.previousRegionButton.connect("clicked(bool)", lambda: self.onStepRegion(-1))
+        self.ui.nextRegionButton.connect("clicked(bool)", lambda: self.onStepRegion(+1))
+        self.ui.editDoubtfulOnlyCheckBox.connect("toggled(bool)", self.onEditDoubtfulOnly)
+        self.ui.difficultyThresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
+        self.ui.openSegmentEditorButton.connect("clicked(bool)", self.onOpenSegmentEditor)
+        self.ui.saveCorrectionButton.connect("clicked(bool)", self.onSaveCorrection)
+        for selector in self.inputSelectors:
+            selector.connect("currentNodeChanged(vtkMRMLNode*)", self._updateButtons)
+
+        self.ui.progressBar.hide()
+        self.initializeParameterNode()
+        self._populateModels()
+
+    def cleanup(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self._timer is not None:
+            self._timer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            if self._parameterNode.modelName:
+                self.ui.modelComboBox.setCurrentText(self._parameterNode.modelName)
+            self._populateMaps()
+        self._updateButtons()
+
+    # -- dependencies and models ----------------------------------------------------------------
+    def _ensureDependencies(self) -> bool:
+        """Install torch (PyTorch extension) and the pip requirements, after asking. True when ready."""
+        missing = missing_requirements()
+        if not missing:
+            return True
+        names = ", ".join(r.spec for r in missing)
+        if not slicer.util.confirmOkCancelDisplay(
+                _("AttnSeg needs {names}. Download and install them now (a few minutes, several GB for PyTorch)?")
+                .format(names=names), windowTitle=_("AttnSeg dependencies")):
+            return False
+        with slicer.util.tryWithErrorDisplay(_("Installing the dependencies failed."), waitCursor=True):
+            if TORCH in missing:
+                try:
+                    import PyTorchUtils
+                except ModuleNotFoundError:
+                    slicer.util.errorDisplay(_("Install the PyTorch extension from the Extensions Manager, "
+                                               "restart Slicer, and try again."))
+                    return False
+                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
+                    return False
+            pipMissing = [r.spec for r in missing if r in PIP_REQUIREMENTS]
+            if pipMissing:
+                slicer.util.pip_install(pipMissing)
+        return not missing_requirements()
+
+    def _populateModels(self) -> None:
+        if missing_requirements():
+            self.ui.modelCardLabel.text = _("Click Segment to install PyTorch and MONAI (you will be asked first).")
+            return
+        combo = self.ui.modelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for name in self.logic.availableModels():
+            combo.addItem(name)
+        wanted = self._parameterNode.modelName if self._parameterNode else ""
+        if not wanted:
+            try:
+                wanted = self.logic.defaultModelName()
+            except ValueError:  # no default configured: the first installed model is selected
+                wanted = ""
+        if wanted:
+            combo.setCurrentText(wanted)
+        combo.blockSignals(wasBlocked)
+        self.onModelChanged()
+
+    def onModelChanged(self, index=None) -> None:
+        name = self.ui.modelComboBox.currentText
+        if not name or self._parameterNode is None:
+            return
+        self._parameterNode.modelName = name
+        with slicer.util.tryWithErrorDisplay(_("The model package cannot be used."), waitCursor=True):
+            package = self.logic.loadModel(name)
+            self.ui.modelCardLabel.text = _modelCardHtml(package.summary())
+            modalities = package.modalities
+            self._modalityCount = len(modalities)
+            guesses = self.logic.guessInputVolumes(package)
+            for i, (label, selector) in enumerate(zip(self.inputLabels, self.inputSelectors)):
+                used = i < len(modalities)
+                label.visible = selector.visible = used
+                if used:
+                    modality = modalities[i]
+                    label.text = f"{modality['name']}:"
+                    selector.toolTip = modality.get("contrast", modality["name"])
+                    if selector.currentNode() is None and guesses[i] is not None:
+                        selector.setCurrentNode(guesses[i])
+        self._updateButtons()
+
+    # -- segmenting -------------------------------------------------------------------------------
+    def _inputVolumes(self) -> list:
+        return [selector.currentNode() for selector in self.inputSelectors[:self._modalityCount]]
+
+    def _updateButtons(self, *args) -> None:
+        running = self._task is not None
+        volumes = self._inputVolumes()
+        self.ui.segmentButton.text = _("Cancel") if running else _("Segment")
+        self.ui.segmentButton.enabled = running or (bool(volumes) and all(volumes)) or bool(missing_requirements())
+        hasSegmentation = self._attnsegSegmentation() is not None
+        for button in (self.ui.previousRegionButton, self.ui.nextRegionButton, self.ui.saveCorrectionButton,
+                       self.ui.openSegmentEditorButton, self.ui.editDoubtfulOnlyCheckBox):
+            button.enabled = hasSegmentation and not running
+
+    def onSegmentButton(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self.ui.statusLabel.text = _("Cancelling...")
+            return
+        if not self._ensureDependencies():
+            return
+        if self.ui.modelComboBox.count == 0:
+            self._populateModels()
+            return
+        from AttnSegLib.slicer_logic import SegmentationTask
+
+        with slicer.util.tryWithErrorDisplay(_("Segmentation could not start."), waitCursor=True):
+            job = self.logic.prepare(self._inputVolumes(), self._parameterNode.modelName, self._parameterNode.device)
+            self._task = SegmentationTask(job).start()
+            self.ui.progressBar.value = 0
+            self.ui.progressBar.show()
+            self.ui.statusLabel.text = _("Segmenting on {device}...").format(device=job.predictor.device)
+            self._timer.start()
+        self._updateButtons()
+
+    def onPollTask(self) -> None:
+        """Runs on the UI thread every POLL_INTERVAL_MS while the network works."""
+        from AttnSegLib.slicer_logic import Cancelled
+
+        task = self._task
+        fraction, eta, stage = task.progress
+        self.ui.progressBar.value = int(round(fraction * 1000))
+        self.ui.progressBar.format = f"{fraction:.0%}" + (f"  (about {eta:.0f} s left)" if eta else "")
+        if not task.done():
+            if not task.cancelRequested:
+                self.ui.statusLabel.text = _("{stage}...").format(stage=stage.capitalize())
+            return
+        self._timer.stop()
+        self._task = None
+        self.ui.progressBar.hide()
+        try:
+            result = self.logic.addResult(task.job, task.result())
+        except Cancelled:
+            self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
+        except Exception as error:
+            logging.exception("AttnSeg segmentation failed")
+            self.ui.statusLabel.text = _("Failed: {error}").format(error=error)
+            slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=error))
+        else:
+            seconds = sum(result.timings.values())
+            notes = "".join(f"<br>{note}" for note in result.notices)
+            self.ui.statusLabel.text = _("Done in {seconds:.1f} s.").format(seconds=seconds) + notes
+            self._parameterNode.mapName = result.difficultyName
+            self._parameterNode.segmentation = result.segmentationNode
+        self._updateButtons()
+
+    # -- review -----------------------------------------------------------------------------------
+    def onSegmentationChanged(self, node) -> None:
+        self._populateMaps()
+        self._updateButtons()
+
+    def _attnsegSegmentation(self):
+        """The selected segmentation when AttnSeg made it (only those have maps and a difficulty map)."""
+        node = self.ui.segmentationSelector.currentNode()
+        return node if self.logic.isAttnSegSegmentation(node) else None
+
+    def _populateMaps(self) -> None:
+        combo = self.ui.mapComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        node = self._attnsegSegmentation()
+        if node is not None:
+            for name in self.logic.mapNodes(node):
+                combo.addItem(name)
+            combo.setCurrentText(self._parameterNode.mapName)
+        combo.blockSignals(wasBlocked)
+        self.onMapChanged()
+
+    def onMapChanged(self, index=None) -> None:
+        node = self._attnsegSegmentation()
+        mapNode = self.logic.mapNodes(node).get(self.ui.mapComboBox.currentText) if node is not None else None
+        if mapNode is None:
+            for label in (self.ui.legendBar, self.ui.legendMinimumLabel, self.ui.legendMaximumLabel,
+                          self.ui.mapMeaningLabel):
+                label.text = ""
+            self.ui.legendBar.styleSheet = ""
+            return
+        self._parameterNode.mapName = self.ui.mapComboBox.currentText
+        self.logic.showMap(mapNode, self.ui.opacitySlider.value)
+        legend = self.logic.mapLegend(mapNode)
+        stops = ", ".join(f"stop:{position:.3f} rgb{color}" for position, color in legend.stops)
+        self.ui.legendBar.styleSheet = f"background: qlineargradient(x1:0, y1:0, x2:1, y2:0, {stops});"
+        self.ui.legendMinimumLabel.text = f"{legend.minimum:.3g}"
+        self.ui.legendMaximumLabel.text = f"{legend.maximum:.3g}"
+        self.ui.mapMeaningLabel.text = legend.meaning
+
+    def onOpacityChanged(self, value) -> None:
+        if self.ui.mapComboBox.currentText:
+            self.onMapChanged()
+
+    def onStepRegion(self, step: int) -> None:
+        node = self._attnsegSegmentation()
+        if node is None:
+            return
+        threshold = self.ui.difficultyThresholdSlider.value
+        stepper = self.logic.nextDoubtfulRegion if step > 0 else self.logic.previousDoubtfulRegion
+        stop = stepper(node, threshold)
+        if stop is None:
+            self.ui.regionLabel.text = _("No region reaches a difficulty of {threshold:.2f}.").format(
+                threshold=threshold)
+            return
+        self.logic.centerSliceViews(stop.centroidRAS)
+        region = stop.region
+        self.ui.regionLabel.text = _(
+            "Region {n} of {count}: {volume:.2f} ml, mean difficulty {mean:.2f} (max {peak:.2f})").format(
+            n=stop.index + 1, count=stop.count, volume=region.volume_ml, mean=region.mean_difficulty,
+            peak=region.max_difficulty)
+
+    def onThresholdChanged(self, value) -> None:
+        if self.ui.editDoubtfulOnlyCheckBox.checked:
+            self.onEditDoubtfulOnly(True)
+
+    def onEditDoubtfulOnly(self, enabled: bool) -> None:
+        node = self._attnsegSegmentation()
+        if node is None:
+            return
+        if enabled:
+            self.logic.restrictEditingToDoubtfulVoxels(node, self.ui.difficultyThresholdSlider.value)
+        else:
+            self.logic.allowEditingEverywhere(node)
+
+    def onOpenSegmentEditor(self) -> None:
+        node = self._attnsegSegmentation()
+        if node is None:
+            return
+        self.onEditDoubtfulOnly(self.ui.editDoubtfulOnlyCheckBox.checked)
+        slicer.util.selectModule("SegmentEditor")
+
+    # -- export -----------------------------------------------------------------------------------
+    def onSaveCorrection(self) -> None:
+        node = self._attnsegSegmentation()
+        if node is None:
+            return
+        folder = self._parameterNode.correctionDirectory
+        with slicer.util.tryWithErrorDisplay(_("The correction could not be saved."), waitCursor=True):
+            try:
+                caseDir = self.logic.exportCorrection(node, folder)
+            except FileExistsError:
+                if not slicer.util.confirmYesNoDisplay(
+                        _("This case was saved before in {folder}. Replace it?").format(folder=folder)):
+                    return
+                caseDir = self.logic.exportCorrection(node, folder, overwrite=True)
+            self.ui.statusLabel.text = _("Saved for training in {path}").format(path=caseDir)
+
+
+def _modelCardHtml(summary: dict) -> str:
+    """The model card as the panel shows it: description, inputs, classes, maps, validation scores."""
+    metrics = summary.get("metrics") or {}
+    scores = ""
+    if isinstance(metrics.get("dice"), dict):
+        perClass = ", ".join(f"{name} {value:.3f}" for name, value in metrics["dice"].items())
+        where = f" ({metrics.get('split', 'validation')}, {metrics['cases']} cases)" if "cases" in metrics else ""
+        scores = f"<br><b>Dice{where}:</b> {perClass}"
+    if isinstance(metrics.get("hd95_mm"), dict):
+        scores += "<br><b>HD95:</b> " + ", ".join(f"{n} {v:.2f} mm" for n, v in metrics["hd95_mm"].items())
+    return (f"<b>{summary['name']}</b> ({summary['architecture']})<br>{summary.get('description', '')}"
+            f"<br><b>Inputs:</b> {', '.join(summary['modalities'])}"
+            f"<br><b>Classes:</b> {', '.join(summary['classes'][1:])}"
+            f"<br><b>Maps:</b> {', '.join(['probabilities', 'uncertainty', *summary['maps']])}" + scores)
+
+
+#
+# AttnSegLogic
+#
+
+
+class AttnSegLogic(ScriptedLoadableModuleLogic):
+    """The module's logic: keeps the parameter node and hands everything else to
+    :class:`AttnSegLib.slicer_logic.AttnSegLogic` (Qt-free, tested on slicer-core) on ``slicer.mrmlScene``.
+    It is created before the dependencies are installed, so the engine is imported on first use.
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._core = None
+
+    def getParameterNode(self):
+        return AttnSegParameterNode(super().getParameterNode())
+
+    @property
+    def core(self):
+        if self._core is None:
+            from AttnSegLib.slicer_logic import AttnSegLogic as CoreLogic
+
+            self._core = CoreLogic(slicer.mrmlScene)
+        return self._core
+
+    def __getattr__(self, name: str):
+        # segment, prepare, addResult, loadVolume, mapNodes, showMap, nextDoubtfulRegion, exportCorrection...
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.core, name)
+
+
+#
+# AttnSegTest
+#
+
+
+class AttnSegTest(ScriptedLoadableModuleTest):
+    """Segments the shipped sample with the default model in Slicer, reviews it and exports it."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_SegmentReviewExport()
+
+    def test_SegmentReviewExport(self):
+        import json
+        import tempfile
+
+        from AttnSegLib.image import read_image
+        from AttnSegLib.metrics import evaluate_labels
+
+        self.delayDisplay("Loading the sample")
+        logic = AttnSegLogic()
+        volume = logic.loadVolume(_resourcePath("SampleData/hippocampus_001_image.nii.gz"))
+        reference = read_image(_resourcePath("SampleData/hippocampus_001_label.nii.gz"))
+
+        self.delayDisplay("Segmenting")
+        progress = []
+        result = logic.segment([volume], device="cpu", progress=lambda *report: progress.append(report))
+        self.assertEqual(progress[-1][0], 1.0)
+        labels = logic.correctedLabels(result.segmentationNode)
+        classes = logic.loadModel().classes
+        scores = evaluate_labels(labels, reference, labels={c["value"]: c["name"] for c in classes[1:]})
+        for name, score in scores.items():
+            self.assertGreater(score["dice"], 0.7, f"Dice of {name}")
+        self.assertIn("uncertainty", result.mapNodes)
+        self.assertIs(result.segmentationNode.GetNodeReference("AttnSegDifficulty"), result.difficultyNode)
+
+        self.delayDisplay("Reviewing")
+        logic.showMap(result.difficultyNode, 0.5)
+        stop = logic.nextDoubtfulRegion(result.segmentationNode, 0.3)
+        self.assertIsNotNone(stop)
+        logic.centerSliceViews(stop.centroidRAS)
+        red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+        self.assertAlmostEqual(red.GetSliceToRAS().GetElement(2, 3), stop.centroidRAS[2], places=3)
+
+        self.delayDisplay("Exporting")
+        with tempfile.TemporaryDirectory() as folder:
+            caseDir = logic.exportCorrection(result.segmentationNode, folder)
+            record = json.loads((caseDir / "case.json").read_text())
+            self.assertEqual(record["model_sha256"], result.segmentationNode.GetAttribute("AttnSeg.ModelSha256"))
+            self.assertEqual(record["changed_voxels"], 0)
+        self.delayDisplay("Test passed")

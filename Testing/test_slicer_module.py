@@ -1,0 +1,312 @@
+"""What of the Slicer module can be checked without Slicer's Qt: the template's shape (ast), the panel
+(.ui XML) against the widget code and the parameter node, the widget calling only logic that exists,
+the extension's CMake files against the files on disk (and a CMake run with a stand-in for Slicer's
+build macros), the dependency list, and the module's pure helpers executed from their source."""
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+
+from AttnSegLib import dependencies
+from AttnSegLib import slicer_logic
+from AttnSegLib.package import load_package
+from conftest import REPO
+
+MODULE = REPO / "AttnSegExtension" / "AttnSeg.py"
+UI = REPO / "Resources" / "UI" / "AttnSeg.ui"
+MODULE_CMAKE = REPO / "AttnSegExtension" / "CMakeLists.txt"
+TOP_CMAKE = REPO / "CMakeLists.txt"
+TREE = ast.parse(MODULE.read_text())
+CLASSES = {node.name: node for node in TREE.body if isinstance(node, ast.ClassDef)}
+FUNCTIONS = {node.name: node for node in TREE.body if isinstance(node, ast.FunctionDef)}
+# Parameters the widget sets by hand: their choices are only known at run time.
+MANUAL_PARAMETERS = {"modelName", "mapName"}
+# parameterNodeWrapper's GUI connectors: widget class -> the parameter types it can represent.
+CONNECTORS = {"qMRMLNodeComboBox": "node", "ctkSliderWidget": "float", "QCheckBox": "bool",
+              "QComboBox": "choice", "ctkDirectoryButton": "path"}
+
+
+def _methods(cls: ast.ClassDef) -> set[str]:
+    return {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
+
+
+def _bases(cls: ast.ClassDef) -> list[str]:
+    return [ast.unparse(b) for b in cls.bases]
+
+
+def _constant(name: str):
+    for node in TREE.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"AttnSeg.py defines no constant {name}")
+
+
+def _parameter_fields() -> dict[str, str]:
+    cls = CLASSES["AttnSegParameterNode"]
+    return {n.target.id: ast.unparse(n.annotation) for n in cls.body if isinstance(n, ast.AnnAssign)}
+
+
+def _ui_widgets() -> dict[str, ElementTree.Element]:
+    return {w.get("name"): w for w in ElementTree.parse(UI).getroot().iter("widget")}
+
+
+def _ui_names_used_by_the_widget() -> set[str]:
+    """``self.ui.<name>`` and ``getattr(self.ui, f"<prefix>{i}")`` for i < MAX_MODALITIES."""
+    names = set()
+    for node in ast.walk(TREE):
+        if isinstance(node, ast.Attribute) and ast.unparse(node.value) == "self.ui":
+            names.add(node.attr)
+        if (isinstance(node, ast.Call) and ast.unparse(node.func) == "getattr" and len(node.args) == 2
+                and ast.unparse(node.args[0]) == "self.ui" and isinstance(node.args[1], ast.JoinedStr)):
+            prefix = node.args[1].values[0].value
+            names.update(f"{prefix}{i}" for i in range(_constant("MAX_MODALITIES")))
+    return names
+
+
+def _helper(name: str, **namespace):
+    """A module-level function of AttnSeg.py compiled on its own (it must need nothing but ``namespace``)."""
+    module = ast.Module(body=[FUNCTIONS[name]], type_ignores=[])
+    scope = dict(namespace)
+    exec(compile(module, str(MODULE), "exec"), scope)
+    return scope[name]
+
+
+def _cmake_list(text: str, variable: str) -> list[str]:
+    match = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S)
+    assert match, f"no set({variable} ...) in the CMake file"
+    return [line.split("#")[0].strip() for line in match.group(1).splitlines() if line.split("#")[0].strip()]
+
+
+# -- the template -------------------------------------------------------------------------------------
+def test_module_has_the_scripted_module_template_classes():
+    assert _bases(CLASSES["AttnSeg"]) == ["ScriptedLoadableModule"]
+    assert _bases(CLASSES["AttnSegWidget"]) == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
+    assert _bases(CLASSES["AttnSegLogic"]) == ["ScriptedLoadableModuleLogic"]
+    assert _bases(CLASSES["AttnSegTest"]) == ["ScriptedLoadableModuleTest"]
+    assert [ast.unparse(d) for d in CLASSES["AttnSegParameterNode"].decorator_list] == ["parameterNodeWrapper"]
+    init = ast.unparse(next(n for n in CLASSES["AttnSeg"].body if isinstance(n, ast.FunctionDef)))
+    for attribute in ("title", "categories", "contributors", "helpText", "acknowledgementText"):
+        assert f"self.parent.{attribute} =" in init
+    assert "'Segmentation'" in init
+
+
+def test_widget_and_test_have_the_template_methods():
+    assert {"setup", "cleanup", "enter", "exit", "onSceneStartClose", "onSceneEndClose",
+            "initializeParameterNode", "setParameterNode"} <= _methods(CLASSES["AttnSegWidget"])
+    assert {"setUp", "runTest"} <= _methods(CLASSES["AttnSegTest"])
+    assert any(m.startswith("test_") for m in _methods(CLASSES["AttnSegTest"]))
+    assert "getParameterNode" in _methods(CLASSES["AttnSegLogic"])
+
+
+def test_the_self_test_uses_the_shipped_sample():
+    source = ast.unparse(CLASSES["AttnSegTest"])
+    for name in re.findall(r"_resourcePath\('([^']+)'\)", source):
+        assert (REPO / "Resources" / name).is_file(), name
+    assert "SampleData/hippocampus_001_image.nii.gz" in source
+
+
+def test_parameter_node_holds_the_panel_state():
+    fields = _parameter_fields()
+    assert {f"inputVolume{i}" for i in range(_constant("MAX_MODALITIES"))} <= set(fields)
+    assert fields["segmentation"] == "vtkMRMLSegmentationNode"
+    assert fields["device"] == "Annotated[str, Choice(DEVICES)]"
+    assert _constant("DEVICES") == ["auto", "cpu", "cuda", "mps"]
+    for name in ("mapOpacity", "difficultyThreshold"):
+        assert fields[name] == "Annotated[float, WithinRange(0.0, 1.0)]"
+    assert fields["editDoubtfulOnly"] == "bool" and fields["correctionDirectory"] == "pathlib.Path"
+
+
+# -- the panel ----------------------------------------------------------------------------------------
+def test_every_widget_the_code_uses_is_in_the_ui_file():
+    missing = sorted(_ui_names_used_by_the_widget() - set(_ui_widgets()))
+    assert not missing, f"AttnSeg.py uses widgets the .ui file lacks: {missing}"
+
+
+def test_ui_bindings_match_the_parameter_node():
+    fields = _parameter_fields()
+    bound = {}
+    for name, widget in _ui_widgets().items():
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[prop.find("string").text] = widget
+    assert set(bound) == set(fields) - MANUAL_PARAMETERS
+    for parameter, widget in bound.items():
+        kind, annotation = CONNECTORS.get(widget.get("class")), fields[parameter]
+        assert kind, f"{parameter}: no parameterNodeWrapper connector for {widget.get('class')}"
+        if kind == "node":
+            node_types = [s.text for p in widget.findall("property") if p.get("name") == "nodeTypes"
+                          for s in p.iter("string")]
+            assert node_types == [annotation], parameter
+        elif kind == "float":
+            assert annotation.startswith("Annotated[float, WithinRange("), parameter  # the slider needs bounds
+        elif kind == "choice":
+            assert annotation.startswith("Annotated[str, Choice("), parameter
+        elif kind == "path":
+            assert annotation == "pathlib.Path", parameter
+        else:
+            assert annotation == kind, parameter
+    source = MODULE.read_text()
+    for parameter in MANUAL_PARAMETERS:
+        assert f"self._parameterNode.{parameter} =" in source
+
+
+def test_ui_file_is_a_mrml_widget_whose_scene_reaches_every_node_selector():
+    root = ElementTree.parse(UI).getroot()
+    widgets = _ui_widgets()
+    assert root.find("widget").get("class") == "qMRMLWidget"
+    declared = {c.findtext("class") for c in root.iter("customwidget")}
+    used = {w.get("class") for w in widgets.values()}
+    assert {c for c in used if c.startswith(("ctk", "qMRML"))} <= declared
+    receivers = {c.findtext("receiver") for c in root.iter("connection")
+                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
+    selectors = {n for n, w in widgets.items() if w.get("class") == "qMRMLNodeComboBox"}
+    assert receivers == selectors
+    senders = {c.findtext("sender") for c in root.iter("connection")}
+    assert senders <= set(widgets)
+
+
+# -- the widget is thin and calls real logic -----------------------------------------------------------
+def test_widget_calls_only_logic_that_exists():
+    module_logic = _methods(CLASSES["AttnSegLogic"]) | {"getParameterNode"}
+    called = {node.attr for node in ast.walk(CLASSES["AttnSegWidget"])
+              if isinstance(node, ast.Attribute) and ast.unparse(node.value) == "self.logic"}
+    missing = sorted(n for n in called if n not in module_logic and not hasattr(slicer_logic.AttnSegLogic, n))
+    assert not missing, f"the widget calls logic that does not exist: {missing}"
+    test_calls = {node.attr for node in ast.walk(CLASSES["AttnSegTest"])
+                  if isinstance(node, ast.Attribute) and ast.unparse(node.value) == "logic"}
+    assert all(n in module_logic or hasattr(slicer_logic.AttnSegLogic, n) for n in test_calls), test_calls
+
+
+def test_widget_imports_nothing_heavy_and_the_engine_only_lazily():
+    top_level = set()
+    for node in TREE.body:
+        if isinstance(node, ast.Import):
+            top_level.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            top_level.add(node.module)
+    assert not top_level & {"numpy", "torch", "SimpleITK", "vtk", "monai", "AttnSegLib.slicer_logic"}
+    assert "AttnSegLib.dependencies" in top_level  # standard library only: safe before installing torch
+    lazy = [node for node in ast.walk(TREE) if isinstance(node, ast.ImportFrom) and node not in TREE.body]
+    for node in lazy:
+        module = __import__(node.module, fromlist=[a.name for a in node.names]) if node.module.startswith(
+            "AttnSegLib") else None
+        for alias in node.names:
+            assert module is None or hasattr(module, alias.name), f"{node.module} has no {alias.name}"
+
+
+def test_model_card_html_shows_classes_maps_and_validation_scores():
+    card_html = _helper("_modelCardHtml")
+    package = load_package(REPO / "Resources" / "Models" / "hippocampus_unet")
+    html = card_html(package.summary())
+    assert "<b>hippocampus_unet</b> (unet)" in html
+    assert "Anterior, Posterior" in html and "background" not in html
+    assert "probabilities, uncertainty" in html
+    dice = package.card["metrics"]["dice"]["Anterior"]
+    assert f"Anterior {dice:.3f}" in html and "40 cases" in html
+
+
+def test_resource_paths_resolve_in_the_source_tree_and_the_installed_layout(tmp_path):
+    resource_path = _helper("_resourcePath", os=os, __file__=str(MODULE))
+    assert Path(resource_path("UI/AttnSeg.ui")) == UI
+    installed = tmp_path / "qt-scripted-modules"
+    (installed / "Resources" / "UI").mkdir(parents=True)
+    (installed / "Resources" / "UI" / "AttnSeg.ui").write_text("<ui/>")
+    resource_path = _helper("_resourcePath", os=os, __file__=str(installed / "AttnSeg.py"))
+    assert Path(resource_path("UI/AttnSeg.ui")) == installed / "Resources" / "UI" / "AttnSeg.ui"
+    with pytest.raises(FileNotFoundError, match="AttnSeg resource UI/Other.ui is missing"):
+        resource_path("UI/Other.ui")
+
+
+# -- dependencies -------------------------------------------------------------------------------------
+def test_dependencies_cover_the_engines_runtime_requirements(monkeypatch):
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!~ ]", spec)[0] for spec in declared}
+    # numpy ships with Slicer; tqdm only draws the command line's progress bar.
+    listed = {r.spec.split(">")[0] for r in (dependencies.TORCH, *dependencies.PIP_REQUIREMENTS)}
+    assert listed == names - {"numpy", "tqdm"}
+    assert dependencies.missing_requirements() == []
+    absent = dependencies.Requirement("attnseg_no_such_module", "attnseg-no-such-module")
+    monkeypatch.setattr(dependencies, "PIP_REQUIREMENTS", (*dependencies.PIP_REQUIREMENTS, absent))
+    assert dependencies.missing_requirements() == [absent]
+
+
+# -- the extension's CMake files ----------------------------------------------------------------------
+def _module_files() -> tuple[list[str], list[str]]:
+    text = MODULE_CMAKE.read_text().replace("${MODULE_NAME}", "AttnSeg")
+    return _cmake_list(text, "MODULE_PYTHON_SCRIPTS"), _cmake_list(text, "MODULE_PYTHON_RESOURCES")
+
+
+def test_module_cmake_lists_every_script_and_resource():
+    scripts, resources = _module_files()
+    package = REPO / "AttnSegExtension" / "AttnSegLib"
+    on_disk = {"AttnSeg.py"} | {str(p.relative_to(REPO / "AttnSegExtension")) for p in package.rglob("*.py")
+                                if "__pycache__" not in p.parts and "web" not in p.relative_to(package).parts}
+    assert set(scripts) == on_disk, (f"add to MODULE_PYTHON_SCRIPTS: {sorted(on_disk - set(scripts))}; "
+                                     f"remove: {sorted(set(scripts) - on_disk)}")
+    shipped = {str(p.relative_to(REPO)) for folder in ("Icons", "UI", "Models", "SampleData")
+               for p in (REPO / "Resources" / folder).rglob("*") if p.is_file()}
+    assert set(resources) == shipped, (f"add to MODULE_PYTHON_RESOURCES: {sorted(shipped - set(resources))}; "
+                                       f"remove: {sorted(set(resources) - shipped)}")
+    text = MODULE_CMAKE.read_text()
+    assert re.search(r"slicerMacroBuildScriptedModule\(\s*NAME \$\{MODULE_NAME\}.*?WITH_GENERIC_TESTS", text, re.S)
+
+
+def test_extension_cmake_has_the_metadata_the_extension_index_needs():
+    text = TOP_CMAKE.read_text()
+    values = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', text))
+    assert {"EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+            "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"} <= set(values)
+    assert values["EXTENSION_CATEGORY"] == "Segmentation" and values["EXTENSION_DEPENDS"] == "PyTorch"
+    for url in (values["EXTENSION_ICONURL"], values["EXTENSION_SCREENSHOTURLS"]):
+        assert (REPO / url.split("/main/", 1)[1]).is_file(), url
+    assert "add_subdirectory(AttnSegExtension)" in text
+
+
+STAND_IN_SLICER = """
+# A stand-in for Slicer's build macros: records what the extension asks for and checks its files.
+set(Slicer_QTSCRIPTEDMODULES_LIB_DIR "lib/Slicer-5.8/qt-scripted-modules")
+set(Slicer_USE_FILE "${CMAKE_CURRENT_LIST_DIR}/empty.cmake")
+set(Slicer_EXTENSION_GENERATE_CONFIG "${CMAKE_CURRENT_LIST_DIR}/empty.cmake")
+set(Slicer_EXTENSION_CPACK "${CMAKE_CURRENT_LIST_DIR}/empty.cmake")
+macro(slicerMacroBuildScriptedModule)
+  cmake_parse_arguments(MY "WITH_GENERIC_TESTS" "NAME" "SCRIPTS;RESOURCES" ${ARGN})
+  foreach(script ${MY_SCRIPTS})
+    if(NOT EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/${script})
+      message(FATAL_ERROR "nonexistent script ${script}")
+    endif()
+    file(APPEND ${CMAKE_BINARY_DIR}/scripts.txt "${script}\\n")
+  endforeach()
+  file(WRITE ${CMAKE_BINARY_DIR}/module.txt "${MY_NAME} ${MY_WITH_GENERIC_TESTS}")
+endmacro()
+function(slicer_add_python_unittest)
+  cmake_parse_arguments(MY "" "SCRIPT" "" ${ARGN})
+  file(WRITE ${CMAKE_BINARY_DIR}/unittest.txt "${MY_SCRIPT}")
+endfunction()
+"""
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_cmake_configures_and_stages_resources_beside_the_module(tmp_path):
+    slicer_dir = tmp_path / "slicer"
+    slicer_dir.mkdir()
+    (slicer_dir / "SlicerConfig.cmake").write_text(STAND_IN_SLICER)
+    (slicer_dir / "empty.cmake").write_text("")
+    build = tmp_path / "build"
+    run = subprocess.run(["cmake", "-S", str(REPO), "-B", str(build), f"-DSlicer_DIR={slicer_dir}",
+                          "-DBUILD_TESTING=ON"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    scripts, resources = _module_files()
+    assert (build / "scripts.txt").read_text().split() == scripts
+    assert (build / "module.txt").read_text() == "AttnSeg TRUE"
+    assert (build / "unittest.txt").read_text() == "AttnSeg.py"
+    module_dir = build / "lib" / "Slicer-5.8" / "qt-scripted-modules"
+    for resource in resources:
+        assert (module_dir / resource).read_bytes() == (REPO / resource).read_bytes(), resource
