@@ -372,7 +372,8 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 label.text = ""
             self.ui.legendBar.styleSheet = ""
             return
-        self._parameterNode.mapName = self.ui.mapComboBox.currentText
+        if self._parameterNode is not None:
+            self._parameterNode.mapName = self.ui.mapComboBox.currentText
         self.logic.showMap(mapNode, self.ui.opacitySlider.value)
         legend = self.logic.mapLegend(mapNode)
         stops = ", ".join(f"stop:{position:.3f} rgb{color}" for position, color in legend.stops)
@@ -420,8 +421,8 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self._attnsegSegmentation()
         if node is None:
             return
+        slicer.util.selectModule("SegmentEditor")  # first: entering the module sets up its editor node
         self.onEditDoubtfulOnly(self.ui.editDoubtfulOnlyCheckBox.checked)
-        slicer.util.selectModule("SegmentEditor")
 
     # -- export -----------------------------------------------------------------------------------
     def onSaveCorrection(self) -> None:

@@ -1,7 +1,8 @@
 """The Qt-free Slicer logic on real MRML (slicer-core, and trame-slicer's scene) with real volumes.
 
-These tests use small untrained networks saved as real packages: their outputs are arbitrary but
-deterministic, which is what geometry, references, review and export need.
+Plumbing tests use small untrained networks saved as real packages: their outputs are arbitrary but
+deterministic, which is what geometry, references, review and export need. What a trained network must
+get right is tested with the shipped default package.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from vtkmodules.vtkCommonMath import vtkMatrix4x4
 from AttnSegLib import models
 from AttnSegLib.image import Geometry, Image, ImageError, read_image
 from AttnSegLib.inference import Predictor
-from AttnSegLib.package import save_package
+from AttnSegLib.metrics import evaluate_labels
+from AttnSegLib.package import default_package, save_package
 from AttnSegLib.slicer_logic import (ATTRIBUTE, REF_DIFFICULTY, REF_INPUT, REF_MAP, REF_SEGMENTATION,
                                      AttnSegLogic, Cancelled, CorrectionError, SegmentationTask, colorScale,
                                      imageFromVolumeNode, newScene, volumeNodeFromImage)
@@ -565,6 +567,53 @@ def test_runs_in_trame_slicers_scene_on_a_volume_slicer_itself_read(trame_app, p
     assert labels.geometry.same_grid(engine_result.labels.geometry)
     np.testing.assert_array_equal(labels.array, engine_result.labels.array)
     assert (logic.exportCorrection(result.segmentationNode, tmp_path) / "label.nii.gz").is_file()
+
+
+# -- the shipped model -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shipped():
+    return default_package()
+
+
+def test_shipped_model_segments_the_sample_and_its_doubtful_regions_hold_the_errors(shipped):
+    """The sample is a held-out case: good Dice, and the few voxels the review points at hold many of
+    the voxels the model got wrong."""
+    logic = AttnSegLogic(newScene())
+    result = logic.segment([logic.loadVolume(SAMPLE_IMAGE)], shipped, device="cpu")
+    labels = logic.correctedLabels(result.segmentationNode)
+    reference = read_image(SAMPLE_LABEL)
+    scores = evaluate_labels(labels, reference, labels={c["value"]: c["name"] for c in shipped.classes[1:]})
+    assert all(s["dice"] >= 0.8 for s in scores.values()), scores
+    threshold = 0.3
+    errors = labels.array != reference.array
+    doubtful = imageFromVolumeNode(result.difficultyNode).array >= threshold
+    assert doubtful.mean() <= 0.05 and errors[doubtful].sum() >= 0.3 * errors.sum()
+    stop = logic.nextDoubtfulRegion(result.segmentationNode, threshold)
+    i, j, k = stop.region.centroid_ijk
+    assert doubtful[k - 2:k + 3, j - 2:j + 3, i - 2:i + 3].any()
+
+
+def test_shipped_model_agrees_with_itself_on_an_oblique_anisotropic_copy(shipped):
+    """The sample resampled onto a tilted grid with 1.5 mm slices: the segmentation, brought back to the
+    original grid through physical space, matches the one of the original."""
+    logic = AttnSegLogic(newScene())
+    image = read_image(SAMPLE_IMAGE)
+    original = logic.correctedLabels(logic.segment([logic.loadVolume(SAMPLE_IMAGE)], shipped,
+                                                   device="cpu").segmentationNode)
+    rotation = sitk.Euler3DTransform((0, 0, 0), np.deg2rad(8), 0.0, np.deg2rad(10))
+    reference = sitk.Image([35, 51, 24], sitk.sitkUInt8)
+    reference.SetSpacing((1.0, 1.0, 1.5))
+    reference.SetDirection(tuple(np.asarray(rotation.GetMatrix())))
+    centre = image.geometry.ijk_to_lps() @ np.array([17, 25, 17, 1.0])
+    reference.SetOrigin(tuple(centre[:3] - np.asarray(rotation.GetMatrix()).reshape(3, 3) @ [17, 25, 18]))
+    moved = Image.from_sitk(sitk.Resample(image.to_sitk(), reference, sitk.Transform(), sitk.sitkLinear, 0))
+    node = volumeNodeFromImage(moved, logic.scene, "oblique")
+    labels = logic.correctedLabels(logic.segment([node], shipped, device="cpu").segmentationNode)
+    back = _on_grid(labels, original)
+    inside = _on_grid(labels.with_array(np.ones_like(labels.array)), original) > 0
+    scores = evaluate_labels(np.where(inside, back, 0), np.where(inside, original.array, 0),
+                             labels={c["value"]: c["name"] for c in shipped.classes[1:]})
+    assert all(s["dice"] >= 0.8 for s in scores.values()), scores
 
 
 # -- the README's picture -----------------------------------------------------------------------------
