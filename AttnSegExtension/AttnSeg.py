@@ -135,6 +135,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._task = None
         self._timer = None
         self._modalityCount = 0
+        self._engineReady = not missing_requirements()  # False until torch and MONAI are installed
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -231,10 +232,11 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             pipMissing = [r.spec for r in missing if r in PIP_REQUIREMENTS]
             if pipMissing:
                 slicer.util.pip_install(pipMissing)
-        return not missing_requirements()
+        self._engineReady = not missing_requirements()
+        return self._engineReady
 
     def _populateModels(self) -> None:
-        if missing_requirements():
+        if not self._engineReady:
             self.ui.modelCardLabel.text = _("Click Segment to install PyTorch and MONAI (you will be asked first).")
             return
         combo = self.ui.modelComboBox
@@ -283,7 +285,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self._task is not None
         volumes = self._inputVolumes()
         self.ui.segmentButton.text = _("Cancel") if running else _("Segment")
-        self.ui.segmentButton.enabled = running or (bool(volumes) and all(volumes)) or bool(missing_requirements())
+        self.ui.segmentButton.enabled = running or (bool(volumes) and all(volumes)) or not self._engineReady
         hasSegmentation = self._attnsegSegmentation() is not None
         for button in (self.ui.previousRegionButton, self.ui.nextRegionButton, self.ui.saveCorrectionButton,
                        self.ui.openSegmentEditorButton, self.ui.editDoubtfulOnlyCheckBox):
@@ -349,7 +351,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _attnsegSegmentation(self):
         """The selected segmentation when AttnSeg made it (only those have maps and a difficulty map)."""
         node = self.ui.segmentationSelector.currentNode()
-        return node if self.logic.isAttnSegSegmentation(node) else None
+        return node if self._engineReady and self.logic.isAttnSegSegmentation(node) else None
 
     def _populateMaps(self) -> None:
         combo = self.ui.mapComboBox

@@ -158,6 +158,13 @@ def test_ui_bindings_match_the_parameter_node():
         assert f"self._parameterNode.{parameter} =" in source
 
 
+def test_widget_uses_only_parameters_the_parameter_node_has():
+    used = {node.attr for node in ast.walk(CLASSES["AttnSegWidget"])
+            if isinstance(node, ast.Attribute) and ast.unparse(node.value) == "self._parameterNode"}
+    unknown = used - set(_parameter_fields()) - {"connectGui", "disconnectGui"}
+    assert not unknown, f"the widget uses parameters AttnSegParameterNode lacks: {sorted(unknown)}"
+
+
 def test_ui_file_is_a_mrml_widget_whose_scene_reaches_every_node_selector():
     root = ElementTree.parse(UI).getroot()
     widgets = _ui_widgets()

@@ -49,8 +49,8 @@ from .package import ModelPackage, available_packages, default_package_name, loa
 from .review import Region, doubtful_regions
 
 __all__ = ["AttnSegLogic", "Cancelled", "CorrectionError", "DoubtfulRegion", "MapLegend", "SegmentationJob",
-           "SegmentationResult", "SegmentationTask", "imageFromVolumeNode", "loadVolume", "newScene",
-           "volumeNodeFromImage"]
+           "SegmentationResult", "SegmentationTask", "colorScale", "imageFromVolumeNode", "loadVolume", "newScene",
+           "terminologyEntry", "volumeNodeFromImage"]
 
 ATTRIBUTE = "AttnSeg."
 REF_INPUT = "AttnSegInput"
