@@ -264,6 +264,9 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             package = self.logic.loadModel(name)
             self.ui.modelCardLabel.text = _modelCardHtml(package.summary())
             modalities = package.modalities
+            if len(modalities) > MAX_MODALITIES:
+                raise ValueError(f"{name} takes {len(modalities)} modalities; this panel has room for "
+                                 f"{MAX_MODALITIES} (segment with the attnseg command line instead)")
             self._modalityCount = len(modalities)
             guesses = self.logic.guessInputVolumes(package)
             for i, (label, selector) in enumerate(zip(self.inputLabels, self.inputSelectors)):
