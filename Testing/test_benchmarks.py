@@ -1,0 +1,75 @@
+"""The benchmark scripts run end to end on real data and report what their README promises.
+
+No timing is asserted (a shared machine makes absolute and relative times noise); the tests check
+that every figure is produced, consistent with the others, and that the counted FLOPs (exact, not
+timed) show the non-local baseline growing faster than the slice attention it is compared with.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = {"read", "preprocess", "predict", "postprocess", "write"}
+
+
+def run_script(name: str, *args: str) -> dict:
+    """Run ``benchmarks/<name>`` and return the JSON object its last stdout line holds."""
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=900)
+    assert done.returncode == 0, f"{name} failed:\n{done.stderr[-3000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def quick_report(data_dir) -> dict:
+    return run_script("inference.py", "--quick", "--json")
+
+
+def test_quick_inference_reports_the_ratio_stages_memory_and_maps_cost(quick_report):
+    report = quick_report
+    assert report["quick"] is True and report["device"] == "cpu" and report["threads"] == 1
+    for key in ("ratio_vs_monai", "maps_cost_fraction", "maps_ratio", "peak_rss_mb", "monai_s", "attnseg_s"):
+        assert isinstance(report[key], float), key
+    assert report["ratio_vs_monai"] > 0 and report["monai_s"] > 0
+    assert report["ratio_vs_monai"] == pytest.approx(report["attnseg_s"] / report["monai_s"], rel=1e-3)
+    assert set(report["stages_s"]) == STAGES
+    assert sum(report["stage_fractions"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert report["headline_volume"] == "whole_brain"
+    assert report["targets"] and all(isinstance(ok, bool) for ok in report["targets"].values())
+
+
+def test_quick_inference_measures_the_default_model_on_both_volumes_in_fresh_processes(quick_report):
+    results = {r["volume"]: r for r in quick_report["results"]}
+    assert set(results) == {"hippocampus", "whole_brain"}
+    assert {r["model"] for r in results.values()} == {quick_report["headline_model"]}
+    brain, hippocampus = results["whole_brain"], results["hippocampus"]
+    assert brain["model_frame_dhw"] == [80, 96, 80]  # the central block, already RAS at 1 mm
+    assert brain["windows_per_case"] > hippocampus["windows_per_case"] >= 1
+    assert hippocampus["cases"] == 3
+    for r in results.values():
+        memory = r["peak_rss_mb"]
+        # Each side ran in its own process: every peak includes the libraries, none is the same number.
+        assert memory["attnseg"] > memory["python_imports"] > 0 and memory["monai"] > memory["python_imports"]
+        assert r["maps_ratio"] == pytest.approx(r["attnseg_s"] / r["attnseg_no_maps_s"], rel=1e-3)
+    stand_ins = set(quick_report["stand_ins"])
+    assert all(m["trained"] == (m["name"] not in stand_ins) for m in quick_report["models"])
+
+
+def test_tiny_scaling_run_fits_exponents_and_plots(tmp_path, data_dir):
+    report = run_script("scaling.py", "--sizes", "40", "--block-sizes", "6", "10", "--blocks", "rsa", "non_local",
+                        "--output", str(tmp_path), "--json")
+    assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "scaling.json").read_text())["exponents"] == report["exponents"]
+    (row,) = report["pipeline"]
+    assert row["size"] == 40 and row["voxels"] == 40 ** 3 and set(row["stages_s"]) == STAGES
+    assert row["peak_rss_mb"] > row["python_imports_rss_mb"]
+    assert {(r["block"], r["size"]) for r in report["blocks"]} == {(b, n) for b in ("rsa", "non_local") for n in (6, 10)}
+    flops = report["exponents"]
+    # The non-local block's S x S attention makes its FLOPs grow faster with the voxels than slice attention's.
+    assert flops["non_local"]["flops"] > flops["rsa"]["flops"] >= 0.9
