@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import SimpleITK as sitk
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+_GZIP_CHUNK_BYTES = 1 << 23
 
 
 class ImageError(ValueError):
@@ -172,7 +174,9 @@ def write_image(image: Image, path: str | os.PathLike, compression_level: int = 
     """Write atomically: to a temporary file in the same folder, then rename over ``path``.
 
     A crash mid-write never leaves a truncated file at ``path``. ``compression_level`` 1 keeps
-    gzip fast (the default level 6 triples write time for ~10 % smaller files).
+    gzip fast (the default level 6 triples write time for ~10 % smaller files); 0 stores uncompressed.
+    ``.nii.gz`` is written by SimpleITK as plain NIfTI and gzipped with zlib's run-length strategy
+    (see :func:`_gzip_file`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,12 +184,36 @@ def write_image(image: Image, path: str | os.PathLike, compression_level: int = 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        sitk.WriteImage(image.to_sitk(), tmp, True, compression_level)
+        if suffix == ".nii.gz":
+            plain = Path(tmp[: -len(".gz")])
+            try:
+                sitk.WriteImage(image.to_sitk(), str(plain), False)
+                _gzip_file(plain, Path(tmp), compression_level)
+            finally:
+                plain.unlink(missing_ok=True)
+        else:
+            sitk.WriteImage(image.to_sitk(), tmp, True, compression_level)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _gzip_file(source: Path, target: Path, level: int) -> None:
+    """gzip ``source`` into ``target`` with zlib's run-length strategy (Z_RLE).
+
+    Probabilities and maps are float32 noise to deflate's string matcher: it finds few repeats but
+    spends most of the write looking. Run-length matching keeps the runs of zeros outside structures
+    and writes 2-3x faster (``benchmarks/README.md``); files are as small on soft maps and up to ~10 %
+    larger where a trained network saturates (long runs of one non-zero float such as 1.0). The
+    output is ordinary gzip that every NIfTI reader opens; its content is byte-identical.
+    """
+    compressor = zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS, 9, zlib.Z_RLE)
+    with open(source, "rb") as plain, open(target, "wb") as packed:
+        while chunk := plain.read(_GZIP_CHUNK_BYTES):
+            packed.write(compressor.compress(chunk))
+        packed.write(compressor.flush())
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
