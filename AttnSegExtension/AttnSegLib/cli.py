@@ -8,20 +8,24 @@ existing results are never overwritten without ``--overwrite``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from .image import ImageError, case_name, list_images, read_image, write_image
+from .image import ImageError, case_name, dicom_series, list_images, read_image, write_image
 from .package import PackageError, available_packages, default_package_name, load_package
 
-OUTPUT_FILES = ("labels.nii.gz", "probabilities.nii.gz", "report.json", "maps", "preview.png")
+# Moved into place in this order: report.json last, so its presence marks a complete result.
+OUTPUT_FILES = ("labels.nii.gz", "probabilities.nii.gz", "maps", "preview.png", "report.json")
+MIN_FREE_BYTES = 64 * 2**20  # below this a disk is full for our purposes; refuse before any work
 _MODALITY_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<index>\d{4})$")
 
 
@@ -40,7 +44,8 @@ def _group_cases(inputs: list[Path], modalities: int) -> dict[str, list[Path]]:
     if len(inputs) == 1 and inputs[0].is_dir() and not _is_dicom(inputs[0]):
         files = list_images(inputs[0])
         if not files:
-            raise UsageError(f"{inputs[0]}: no images (.nii.gz, .nii, .nrrd, .mha) in this folder")
+            raise UsageError(f"{inputs[0]}: no images (.nii.gz, .nii, .nrrd, .mha) and no DICOM series in this "
+                             "folder; give an image file, a DICOM series folder or a folder of cases")
         if modalities == 1:
             return {case_name(f): [f] for f in files}
         groups: dict[str, dict[int, Path]] = {}
@@ -61,9 +66,7 @@ def _group_cases(inputs: list[Path], modalities: int) -> dict[str, list[Path]]:
 
 
 def _is_dicom(path: Path) -> bool:
-    import SimpleITK as sitk
-
-    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    return bool(dicom_series(path))
 
 
 def _check_output_dir(out: Path, overwrite: bool) -> None:
@@ -77,6 +80,28 @@ def _check_output_dir(out: Path, overwrite: bool) -> None:
             pass
     except OSError as err:
         raise UsageError(f"cannot write to {out} ({err.strerror}); choose a writable --output") from None
+    free = shutil.disk_usage(out).free
+    if free < MIN_FREE_BYTES:
+        raise UsageError(f"the disk holding {out} is full ({free / 2**20:.1f} MiB free); free some space "
+                         "or choose another --output")
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold Ctrl-C and SIGTERM while a case's results move into place, then act on them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:
+            raise KeyboardInterrupt
 
 
 def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inputs: list[Path],
@@ -113,15 +138,16 @@ def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inpu
             "notices": result.notices,
         }
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        for name in OUTPUT_FILES:
-            if not (staging / name).exists():
-                continue
-            target = out / name
-            if target.exists():
-                if not overwrite:  # appeared while we worked
-                    raise UsageError(f"{target} appeared during the run; nothing was overwritten")
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
-            os.replace(staging / name, target)
+        with _interrupts_deferred():
+            for name in OUTPUT_FILES:
+                if not (staging / name).exists():
+                    continue
+                target = out / name
+                if target.exists():
+                    if not overwrite:  # appeared while we worked
+                        raise UsageError(f"{target} appeared during the run; nothing was overwritten")
+                    shutil.rmtree(target) if target.is_dir() else target.unlink()
+                os.replace(staging / name, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -175,6 +201,8 @@ def cmd_segment(args) -> int:
                 raise
             failures += 1
             print(f"attnseg: error: {case}: {err}", file=sys.stderr)
+            with contextlib.suppress(OSError):
+                targets[case].rmdir()  # removed only when empty: nothing of this case was written
             continue
         except KeyboardInterrupt:
             cancel.set()
@@ -323,18 +351,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    import SimpleITK as sitk
+
     from .inference import Cancelled
 
     args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a path or message a terminal cannot encode must not crash us
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's multi-line console warnings; errors still raise
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)  # a batch system's stop = Ctrl-C
     try:
         return args.func(args)
-    except (UsageError, ImageError, PackageError, ValueError, MemoryError) as err:
+    except (UsageError, ImageError, PackageError, ValueError) as err:
         print(f"attnseg: error: {err}", file=sys.stderr)
+        return 2
+    except MemoryError as err:
+        text = str(err) if "out of memory" in str(err) else (
+            f"out of memory ({err or 'allocation failed'}); close other programs or crop the volume")
+        print(f"attnseg: error: {text}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"attnseg: error: {where}{err.strerror or err}; check the path, its permissions and the free "
+              "disk space", file=sys.stderr)
         return 2
     except (Cancelled, KeyboardInterrupt):
         print("attnseg: cancelled; no partial results were written", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 if __name__ == "__main__":

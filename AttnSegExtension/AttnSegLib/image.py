@@ -12,7 +12,12 @@ Slicer uses RAS and an IJK-to-RAS matrix; :meth:`Geometry.ijk_to_ras` and
 """
 from __future__ import annotations
 
+import errno
+import gzip
+import math
 import os
+import re
+import struct
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -24,6 +29,10 @@ import SimpleITK as sitk
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 _GZIP_CHUNK_BYTES = 1 << 23
+_DIRECTION_EPSILON = 1e-12
+_METAIMAGE_HEADER_BYTES = 1 << 16
+_METAIMAGE_MAX_DIMS = 10  # MetaIO's limit
+_NIFTI_HEADER_BYTES = {348: 352, 540: 544}  # sizeof_hdr -> smallest voxel offset in a .nii
 
 
 class ImageError(ValueError):
@@ -36,6 +45,12 @@ class Geometry:
     spacing: tuple[float, float, float]
     origin: tuple[float, float, float]
     direction: tuple[float, ...]
+
+    def __post_init__(self):
+        # Rounding noise such as sin(5e-324) makes ITK's SVD of the direction fail (every resample
+        # then returns zeros); entries this small are zero in any real scanner geometry.
+        direction = tuple(0.0 if abs(d) < _DIRECTION_EPSILON else float(d) for d in self.direction)
+        object.__setattr__(self, "direction", direction)
 
     @property
     def direction_matrix(self) -> np.ndarray:
@@ -71,6 +86,10 @@ class Geometry:
         return cls(tuple(int(s) for s in size), tuple(float(s) for s in spacing),
                    tuple(float(o) for o in origin), tuple(float(d) for d in direction.ravel()))
 
+    @classmethod
+    def from_sitk(cls, img: sitk.Image) -> "Geometry":
+        return cls(tuple(img.GetSize()), tuple(img.GetSpacing()), tuple(img.GetOrigin()), tuple(img.GetDirection()))
+
     def same_grid(self, other: "Geometry", tolerance: float = 1e-4) -> bool:
         return (self.size == other.size
                 and np.allclose(self.spacing, other.spacing, atol=tolerance)
@@ -104,9 +123,7 @@ class Image:
         arr = sitk.GetArrayFromImage(img)
         if img.GetNumberOfComponentsPerPixel() > 1:
             arr = np.moveaxis(arr, -1, 0)
-        geom = Geometry(tuple(img.GetSize()), tuple(img.GetSpacing()), tuple(img.GetOrigin()),
-                        tuple(img.GetDirection()))
-        return cls(arr, geom)
+        return cls(arr, Geometry.from_sitk(img))
 
     def to_sitk(self) -> sitk.Image:
         arr = self.array
@@ -125,55 +142,195 @@ class Image:
         return Image(array, self.geometry)
 
 
-def _is_dicom_folder(path: Path) -> bool:
-    return path.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+def dicom_series(path: Path) -> tuple[str, ...]:
+    """The DICOM series UIDs in folder ``path`` (empty when it holds none), without ITK's console warnings."""
+    if not path.is_dir():
+        return ()
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _reader_reason(err: RuntimeError) -> str:
+    """The informative line of a SimpleITK reader exception, without ITK's source locations."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("Exception thrown in SimpleITK")
+             and not line.startswith("Reason:") and "trouble" not in line]
+    reason = lines[-1] if lines else "unknown reader error"
+    reason = re.sub(r"^(ITK ERROR: \w+\(0x[0-9a-f]+\): |sitk::ERROR: |\[\w+\] \w+: )", "", reason)
+    if reason.startswith("Unable to determine ImageIO reader"):
+        reason = "unknown or damaged file format"
+    return reason[:200]
+
+
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """Bytes a single-file NIfTI-1/2 must hold (header, extensions, voxels), from its header.
+
+    None when ``header`` is not a NIfTI header with sane dimensions (the reader then decides).
+    """
+    for order in "<>":
+        if len(header) < 4 or struct.unpack(order + "i", header[:4])[0] not in _NIFTI_HEADER_BYTES:
+            continue
+        sizeof_hdr = struct.unpack(order + "i", header[:4])[0]
+        if len(header) < sizeof_hdr:
+            return None
+        if sizeof_hdr == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = struct.unpack(order + "f", header[108:112])[0]
+        else:
+            dims = struct.unpack(order + "8q", header[16:80])
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            offset = struct.unpack(order + "q", header[168:176])[0]
+        ndim = dims[0]
+        if not (1 <= ndim <= 7 and all(d >= 1 for d in dims[1:ndim + 1]) and bitpix in (8, 16, 24, 32, 64, 128, 256)
+                and math.isfinite(offset) and 0 <= offset < 2**40):
+            return None
+        offset = max(int(offset), _NIFTI_HEADER_BYTES[sizeof_hdr])
+        return offset + math.prod(dims[1:ndim + 1]) * bitpix // 8
+    return None
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse a truncated or damaged .nii/.nii.gz: ITK's NIfTI reader silently fills missing voxels with 0.
+
+    Uncompressed: the file size against the header. Gzipped: the length gzip records in its trailer
+    (read in constant time); only when that disagrees is the stream decompressed to count its bytes.
+    """
+    gzipped = path.name.lower().endswith(".gz")
+    try:
+        if not gzipped:
+            with open(path, "rb") as f:
+                expected = _nifti_expected_bytes(f.read(544))
+            actual = path.stat().st_size
+        else:
+            with gzip.open(path, "rb") as f:
+                expected = _nifti_expected_bytes(f.read(544))
+            if expected is None:
+                return
+            with open(path, "rb") as f:
+                f.seek(-4, os.SEEK_END)
+                if struct.unpack("<I", f.read(4))[0] == expected % 2**32:
+                    return
+            actual = 0
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(_GZIP_CHUNK_BYTES):
+                    actual += len(chunk)
+    except EOFError:
+        raise ImageError(f"{path}: the file is truncated (the compressed data ends early); "
+                         "the copy or download was incomplete — copy the file again") from None
+    except (OSError, zlib.error) as err:
+        raise ImageError(f"{path}: damaged compressed file ({err}); copy the file again") from None
+    if expected is not None and actual < expected:
+        raise ImageError(f"{path}: the file is truncated: it holds {actual} of the {expected} bytes its "
+                         "header promises; the copy or download was incomplete — copy the file again")
+
+
+def _check_metaimage_header(path: Path) -> None:
+    """Refuse a MetaImage (.mha/.mhd) header whose NDims/DimSize ITK cannot take: its reader crashes
+    the whole process (segmentation fault) on e.g. ``NDims = -1`` instead of raising."""
+    with open(path, "rb") as f:
+        head = f.read(_METAIMAGE_HEADER_BYTES)
+    fields = {}
+    for line in head.split(b"\n"):
+        key, sep, value = line.partition(b"=")
+        key = key.strip().lower()
+        if sep:
+            fields.setdefault(key, value.strip())
+        if key == b"elementdatafile":
+            break
+    ndims, sizes = fields.get(b"ndims", b""), fields.get(b"dimsize", b"").split()
+    if not (ndims.isdigit() and 1 <= int(ndims) <= _METAIMAGE_MAX_DIMS
+            and len(sizes) >= int(ndims) and all(v.isdigit() for v in sizes[:int(ndims)])):
+        raise ImageError(f"{path}: damaged MetaImage header (NDims {ndims.decode(errors='replace')[:20]!r}, DimSize "
+                         f"{b' '.join(sizes).decode(errors='replace')[:40]!r}); export the image again")
+
+
+def _check_header(path: Path, dim: int, size, components: int, pixel_id: int, spacing, origin,
+                  direction) -> None:
+    """Refuse what AttnSeg cannot segment, from the header alone (before any voxel is read)."""
+    if dim == 4:
+        raise ImageError(f"{path}: 4D image {tuple(size)}; AttnSeg needs one 3D volume per modality — "
+                         "split the channels/time points into separate files")
+    if dim == 2 or (dim == 3 and 1 in size):
+        raise ImageError(f"{path}: 2D image of size {tuple(size)}; AttnSeg segments 3D volumes — "
+                         "give the whole series or volume, not one slice")
+    if dim != 3:
+        raise ImageError(f"{path}: {dim}D image; AttnSeg needs a 3D volume")
+    if min(size) < 1:
+        raise ImageError(f"{path}: empty image (size {tuple(size)}); the file holds no voxels")
+    if pixel_id in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise ImageError(f"{path}: complex-valued image; give the magnitude image (real-valued) instead")
+    if components > 1:
+        raise ImageError(f"{path}: {components}-component (colour/vector) image; "
+                         "give a scalar volume per modality")
+    working_bytes = math.prod(size) * 4  # one float32 copy, the least any model frame needs
+    if working_bytes > _physical_memory_bytes():
+        raise ImageError(f"{path}: a {'x'.join(map(str, size))} volume needs at least "
+                         f"{working_bytes / 2**30:.1f} GiB to process, more than this machine's "
+                         f"{_physical_memory_bytes() / 2**30:.1f} GiB of memory; crop or downsample it first")
+    spacing = np.asarray(spacing, dtype=float)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise ImageError(f"{path}: invalid voxel spacing {tuple(float(x) for x in spacing)}; fix the header")
+    matrix = np.asarray(direction, dtype=float).reshape(3, 3)
+    if not (np.all(np.isfinite(matrix)) and np.all(np.isfinite(origin)) and abs(np.linalg.det(matrix)) > 1e-6):
+        raise ImageError(f"{path}: the header's orientation (direction {tuple(direction)}, origin "
+                         f"{tuple(origin)}) is degenerate; fix the header")
+
+
+def _physical_memory_bytes() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def read_image(path: str | os.PathLike) -> Image:
     """Read a 3D image (NIfTI, NRRD, MHA/MHD, or a DICOM series folder) keeping its geometry.
 
-    Raises :class:`ImageError` for missing files, unreadable data, 2D or 4D images, and
-    non-finite geometry, with a message that says what to do.
+    Raises :class:`ImageError` for missing, unreadable, truncated or damaged files, 2D or 4D, vector
+    or complex images, volumes too large for this machine, degenerate geometry, and folders holding
+    no or several DICOM series, with a message that says what to do. The header is checked before
+    any voxel is read.
     """
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file or folder")
     try:
         if path.is_dir():
-            if not _is_dicom_folder(path):
+            series = dicom_series(path)
+            if not series:
                 raise ImageError(f"{path}: folder holds no DICOM series; give an image file or a DICOM series folder")
-            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])
-            img = sitk.ReadImage(files)
+            if len(series) > 1:
+                raise ImageError(f"{path}: folder holds {len(series)} DICOM series; AttnSeg reads one series per "
+                                 "folder — move each series into its own folder and give that folder")
+            img = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
         else:
-            img = sitk.ReadImage(str(path))
+            if path.name.lower().endswith((".mha", ".mhd")):
+                _check_metaimage_header(path)
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            _check_header(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(),
+                          reader.GetPixelID(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
+            if path.name.lower().endswith((".nii", ".nii.gz")):
+                _check_nifti_complete(path)
+            img = reader.Execute()
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown reader error"
         raise ImageError(
-            f"{path}: not a readable medical image ({first[:160]}); "
-            f"use NIfTI, NRRD, MHA or a DICOM series folder"
+            f"{path}: not a readable medical image ({_reader_reason(err)}); the file may be damaged or in "
+            "another format — use NIfTI, NRRD, MHA or a DICOM series folder"
         ) from None
-    dim = img.GetDimension()
-    if dim == 4:
-        raise ImageError(f"{path}: 4D image {img.GetSize()}; AttnSeg needs one 3D volume per modality — "
-                         "split the channels/time points into separate files")
-    if dim == 2 or 1 in img.GetSize():
-        raise ImageError(f"{path}: 2D image of size {img.GetSize()}; AttnSeg segments 3D volumes")
-    if dim != 3:
-        raise ImageError(f"{path}: {dim}D image; AttnSeg needs a 3D volume")
-    if img.GetNumberOfComponentsPerPixel() > 1:
-        raise ImageError(f"{path}: {img.GetNumberOfComponentsPerPixel()}-component (colour/vector) image; "
-                         "give a scalar volume per modality")
-    spacing = np.asarray(img.GetSpacing())
-    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-        raise ImageError(f"{path}: invalid voxel spacing {tuple(spacing)}; fix the header")
+    _check_header(path, img.GetDimension(), img.GetSize(), img.GetNumberOfComponentsPerPixel(),
+                  img.GetPixelID(), img.GetSpacing(), img.GetOrigin(), img.GetDirection())
     return Image.from_sitk(img)
 
 
 def write_image(image: Image, path: str | os.PathLike, compression_level: int = 1) -> Path:
     """Write atomically: to a temporary file in the same folder, then rename over ``path``.
 
-    A crash mid-write never leaves a truncated file at ``path``. ``compression_level`` 1 keeps
+    A crash mid-write never leaves a truncated file at ``path``, and a failed write (full disk, lost
+    permission) raises :class:`OSError` and leaves ``path`` as it was. ``compression_level`` 1 keeps
     gzip fast (the default level 6 triples write time for ~10 % smaller files); 0 stores uncompressed.
     ``.nii.gz`` is written by SimpleITK as plain NIfTI and gzipped with zlib's run-length strategy
     (see :func:`_gzip_file`).
@@ -187,17 +344,30 @@ def write_image(image: Image, path: str | os.PathLike, compression_level: int = 
         if suffix == ".nii.gz":
             plain = Path(tmp[: -len(".gz")])
             try:
-                sitk.WriteImage(image.to_sitk(), str(plain), False)
+                _sitk_write(image, plain, path, False, 0)
                 _gzip_file(plain, Path(tmp), compression_level)
             finally:
                 plain.unlink(missing_ok=True)
         else:
-            sitk.WriteImage(image.to_sitk(), tmp, True, compression_level)
+            _sitk_write(image, Path(tmp), path, True, compression_level)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _sitk_write(image: Image, path: Path, target: Path, compress: bool, level: int) -> None:
+    """SimpleITK's writer into ``path`` (on the way to ``target``), made to fail loudly: its NIfTI
+    writer only prints a warning when the disk fills and leaves a short file, so a NIfTI is checked
+    against its header after writing."""
+    try:
+        sitk.WriteImage(image.to_sitk(), str(path), compress, level)
+        if path.name.lower().endswith(".nii"):
+            _check_nifti_complete(path)
+    except (RuntimeError, ImageError) as err:
+        reason = "the file came out truncated" if isinstance(err, ImageError) else _reader_reason(err)
+        raise OSError(errno.EIO, f"could not write the image ({reason}); the disk may be full", str(target)) from None
 
 
 def _gzip_file(source: Path, target: Path, level: int) -> None:

@@ -139,6 +139,21 @@ class _WindowRunner:
         return {k: v / len(self.flips) for k, v in summed.items()}
 
 
+def _is_out_of_memory(err: RuntimeError) -> bool:
+    """CUDA raises ``torch.OutOfMemoryError``; the CPU and MPS allocators raise a plain RuntimeError."""
+    return isinstance(err, torch.OutOfMemoryError) or any(
+        text in str(err) for text in ("out of memory", "can't allocate memory", "not enough memory"))
+
+
+def _argmax_labels(probabilities: np.ndarray, slab: int = 8) -> np.ndarray:
+    """(C, D, H, W) -> (D, H, W) uint8 class indices, ``slab`` slices at a time: ``np.argmax`` of the
+    whole volume would make an int64 copy twice the size of a float32 volume."""
+    labels = np.empty(probabilities.shape[1:], dtype=np.uint8)
+    for start in range(0, labels.shape[0], slab):
+        labels[start:start + slab] = probabilities[:, start:start + slab].argmax(axis=0)
+    return labels
+
+
 class Predictor:
     """``Predictor(package)`` or ``Predictor(network, card=card)``; then :meth:`predict`.
 
@@ -159,7 +174,11 @@ class Predictor:
         self.network = network.eval().to(self.device)
         self.tta, self.with_maps = tta, with_maps
         self.overlap = float(overlap if overlap is not None else settings.get("overlap", 0.5))
-        self.batch_size = int(batch_size or settings.get("batch_size", 2))
+        self.batch_size = int(batch_size if batch_size is not None else settings.get("batch_size", 2))
+        if not 0 <= self.overlap < 1:
+            raise ValueError(f"window overlap must be at least 0 and below 1, got {self.overlap}; 0.5 is usual")
+        if self.batch_size < 1:
+            raise ValueError(f"the window batch size must be at least 1, got {self.batch_size}")
         self.half = (self.device.type == "cuda") if half is None else half
         self.patch_size = tuple(self.card["patch_size_dhw"])
         self.class_names = [c["name"] for c in self.card["classes"]]
@@ -181,7 +200,9 @@ class Predictor:
                         x.to(self.device), self.patch_size, self.batch_size, runner, self.overlap,
                         mode="gaussian", padding_mode="constant", cval=float(x.min()),
                         device=torch.device("cpu"))
-            except torch.OutOfMemoryError:
+            except RuntimeError as err:  # torch.OutOfMemoryError is one
+                if not _is_out_of_memory(err):
+                    raise
                 self._fall_back()
 
     def _fall_back(self) -> None:
@@ -218,7 +239,9 @@ class Predictor:
         timings["preprocess"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        probabilities, raw_maps = self.predict_array(prepared.array, progress, cancel)
+        model_input, prepared.array = prepared.array, None  # freed once predicted: postprocessing never needs it
+        probabilities, raw_maps = self.predict_array(model_input, progress, cancel)
+        del model_input
         timings["predict"] = time.perf_counter() - t0
         if cancel is not None and cancel.is_set():
             raise Cancelled()
@@ -229,13 +252,14 @@ class Predictor:
         background = np.zeros(len(self.class_names), dtype=np.float32)
         background[0] = 1.0
         probs_grid = prepared.to_input_grid(probabilities, fill=background)
-        labels = np.argmax(probs_grid, axis=0).astype(np.uint8)
+        del probabilities  # the model-frame copy, when the input grid differs
+        labels = _argmax_labels(probs_grid)
         geometry = prepared.input_geometry
         maps = {"uncertainty": Image(normalized_entropy(probs_grid), geometry)}
         class_channel = set(getattr(self.network, "class_channel_maps", ()))
         tokens = [volume_name(n) for n in self.class_names]
-        for name, value in raw_maps.items():
-            on_grid = prepared.to_input_grid(value, fill=0.0)
+        for name in list(raw_maps):
+            on_grid = prepared.to_input_grid(raw_maps.pop(name), fill=0.0)
             for key, arr in split_channels(name, on_grid, tokens if name in class_channel else None).items():
                 maps[key] = Image(arr.astype(np.float32, copy=False), geometry)
         timings["postprocess"] = time.perf_counter() - t0

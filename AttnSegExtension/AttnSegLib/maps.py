@@ -19,9 +19,15 @@ _EPS = 1e-7
 def normalized_entropy(probabilities: np.ndarray) -> np.ndarray:
     """(C, D, H, W) probabilities summing to 1 over C -> (D, H, W) entropy / log(C) in [0, 1]."""
     c = probabilities.shape[0]
-    p = np.clip(probabilities, _EPS, 1.0)
-    entropy = -(probabilities * np.log(p)).sum(axis=0)
-    return np.clip(entropy / np.log(c), 0.0, 1.0).astype(np.float32)
+    entropy = np.zeros(probabilities.shape[1:], dtype=np.float32)
+    term = np.empty_like(entropy)  # class by class: one volume of scratch, not C
+    for p in probabilities:
+        np.clip(p, _EPS, 1.0, out=term)
+        np.log(term, out=term)
+        term *= p
+        entropy -= term
+    entropy /= np.log(c)
+    return np.clip(entropy, 0.0, 1.0, out=entropy)
 
 
 def resize_map(value: torch.Tensor, size) -> torch.Tensor:

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
+import math
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -23,6 +26,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from . import models
+from .preprocess import NORMALISATIONS
 
 SCHEMA_VERSION = 1
 CARD_FILE = "model.json"
@@ -30,6 +34,11 @@ WEIGHTS_FILE = "weights.safetensors"
 REQUIRED_KEYS = ("schema_version", "name", "architecture", "modalities", "classes", "patch_size_dhw",
                  "weights_sha256")
 MAX_ZIP_BYTES = 512 * 1024 * 1024
+MAX_PATCH_SIDE = 1024
+_ORIENTATION_AXES = ({"R", "L"}, {"A", "P"}, {"S", "I"})
+# What a damaged or hostile zip can raise while being listed or read.
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, lzma.LZMAError, EOFError,
+               NotImplementedError, RuntimeError, OSError, ValueError, OverflowError, KeyError)
 DEFAULT_FILE = "default.txt"
 
 
@@ -94,18 +103,27 @@ class ModelPackage:
         }
 
 
-def build_from_card(card: dict, where: str = "model card") -> torch.nn.Module:
+def build_from_card(card: dict, where: str = "model card", device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The card's architecture; on ``device="meta"`` only its tensor shapes exist (no memory, no init)."""
     arch = card["architecture"]
     try:
-        return models.build(arch["name"], in_channels=len(card["modalities"]),
-                            num_classes=len(card["classes"]), **arch.get("kwargs", {}))
+        with torch.device(device):
+            return models.build(arch["name"], in_channels=len(card["modalities"]),
+                                num_classes=len(card["classes"]), **arch.get("kwargs", {}))
     except models.UnknownArchitectureError as err:
         raise PackageError(f"{where}: {err}; update AttnSeg or use a package built for this version") from None
-    except TypeError as err:
-        raise PackageError(f"{where}: architecture {arch['name']!r} does not accept the card's kwargs ({err})") from None
+    except Exception as err:  # the card is untrusted input to the constructor: any failure is the card's
+        raise PackageError(f"{where}: architecture {arch['name']!r} cannot be built from the card's kwargs "
+                           f"({type(err).__name__}: {_one_line(err)})") from None
 
 
 def _load_state(network: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    _check_shapes(network, weights, where)
+    network.load_state_dict(weights, strict=True)
+
+
+def _check_shapes(network: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    """Every tensor of ``network`` (possibly on the meta device) is in ``weights`` with its shape, and no other."""
     own = network.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
@@ -118,51 +136,109 @@ def _load_state(network: torch.nn.Module, weights: dict[str, torch.Tensor], wher
                 parts.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
         raise PackageError(f"{where}: the weights do not fit architecture "
                            f"{network.architecture_name!r}: {'; '.join(parts)}")
-    network.load_state_dict(weights, strict=True)
+
+
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    """An exception's text as one short line (library messages may span lines or quote huge input)."""
+    return " ".join(str(err).split())[:limit]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_orientation(value) -> bool:
+    return (isinstance(value, str) and len(value) == 3
+            and all(sum(letter in axis for letter in value) == 1 for axis in _ORIENTATION_AXES))
 
 
 def validate_card(card: dict, where: str) -> None:
-    if not isinstance(card, dict):
-        raise PackageError(f"{where}: {CARD_FILE} must hold a JSON object")
+    """Check every card field the engine reads, so a bad card fails here and not mid-prediction."""
+    def require(condition: bool, message: str) -> None:
+        if not condition:
+            raise PackageError(f"{where}: {message}")
+
+    require(isinstance(card, dict), f"{CARD_FILE} must hold a JSON object")
     missing = [k for k in REQUIRED_KEYS if k not in card]
-    if missing:
-        raise PackageError(f"{where}: {CARD_FILE} lacks required key(s) {', '.join(missing)}")
-    if card["schema_version"] != SCHEMA_VERSION:
-        raise PackageError(f"{where}: schema version {card['schema_version']!r} is not supported "
-                           f"(this AttnSeg reads version {SCHEMA_VERSION}); re-export the package")
-    if not isinstance(card["architecture"], dict) or "name" not in card["architecture"]:
-        raise PackageError(f"{where}: 'architecture' must be an object with a 'name'")
-    if not card["modalities"] or not all(isinstance(m, dict) and "name" in m for m in card["modalities"]):
-        raise PackageError(f"{where}: 'modalities' must be a non-empty list of objects with a 'name'")
-    values = [c.get("value") for c in card["classes"] if isinstance(c, dict)]
-    if len(values) != len(card["classes"]) or values != list(range(len(values))) or len(values) < 2:
-        raise PackageError(f"{where}: 'classes' must list objects with values 0..C-1 in order (background first)")
+    require(not missing, f"{CARD_FILE} lacks required key(s) {', '.join(missing)}")
+    require(card["schema_version"] == SCHEMA_VERSION,
+            f"schema version {card['schema_version']!r} is not supported (this AttnSeg reads version "
+            f"{SCHEMA_VERSION}); re-export the package")
+    require(isinstance(card["name"], str) and card["name"].strip() != "", "'name' must be a non-empty string")
+    arch = card["architecture"]
+    require(isinstance(arch, dict) and isinstance(arch.get("name"), str)
+            and isinstance(arch.get("kwargs", {}), dict),
+            "'architecture' must be an object with a 'name' string and optional 'kwargs' object")
+    modalities = card["modalities"]
+    require(isinstance(modalities, list) and modalities != []
+            and all(isinstance(m, dict) and isinstance(m.get("name"), str) for m in modalities),
+            "'modalities' must be a non-empty list of objects with a 'name'")
+    unknown = [repr(m["normalization"]) for m in modalities if m.get("normalization", "zscore") not in NORMALISATIONS]
+    require(not unknown, f"unknown normalisation {', '.join(unknown)} in 'modalities'; known: {', '.join(NORMALISATIONS)}")
+    classes = card["classes"]
+    require(isinstance(classes, list) and len(classes) >= 2
+            and all(isinstance(c, dict) and _is_int(c.get("value")) and isinstance(c.get("name"), str) for c in classes)
+            and [c["value"] for c in classes] == list(range(len(classes))),
+            "'classes' must list objects with a 'name' and values 0..C-1 in order (background first)")
     patch = card["patch_size_dhw"]
-    if not (isinstance(patch, list) and len(patch) == 3 and all(isinstance(p, int) and p > 0 for p in patch)):
-        raise PackageError(f"{where}: 'patch_size_dhw' must be three positive integers")
+    require(isinstance(patch, list) and len(patch) == 3 and all(_is_int(p) and 0 < p <= MAX_PATCH_SIDE for p in patch),
+            f"'patch_size_dhw' must be three integers from 1 to {MAX_PATCH_SIDE}")
+    spacing = card.get("spacing_xyz_mm")
+    require(spacing is None or (isinstance(spacing, list) and len(spacing) == 3
+                                and all(_is_number(v) and v > 0 for v in spacing)),
+            "'spacing_xyz_mm' must be null or three positive numbers")
+    require(card.get("orientation") is None or _is_orientation(card["orientation"]),
+            f"'orientation' must be null or three letters such as 'RAS' (one of R/L, A/P, S/I each), "
+            f"not {card.get('orientation')!r}")
+    require(isinstance(card.get("crop_to_nonzero", False), bool), "'crop_to_nonzero' must be true or false")
+    settings = card.get("inference", {})
+    require(isinstance(settings, dict), "'inference' must be an object")
+    require(_is_number(settings.get("overlap", 0.5)) and 0 <= settings.get("overlap", 0.5) < 1,
+            "'inference.overlap' must be a number from 0 to below 1")
+    require(_is_int(settings.get("batch_size", 2)) and settings.get("batch_size", 2) >= 1,
+            "'inference.batch_size' must be a positive integer")
+    axes = settings.get("tta_flip_axes", [0, 1, 2])
+    require(isinstance(axes, list) and all(_is_int(a) and 0 <= a <= 2 for a in axes) and len(set(axes)) == len(axes),
+            "'inference.tta_flip_axes' must list distinct axes among 0, 1, 2")
+    maps = card.get("maps", {})
+    require(isinstance(maps, dict) and all(isinstance(v, dict) for v in maps.values()),
+            "'maps' must be an object of map name -> {meaning, read}")
+    require(isinstance(card["weights_sha256"], str), "'weights_sha256' must be a hex string")
 
 
 def _read_zip(path: Path) -> tuple[bytes, bytes]:
     try:
         archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        raise PackageError(f"{path}: not a valid zip archive") from None
+    except _ZIP_ERRORS as err:
+        raise PackageError(f"{path}: not a valid zip archive ({type(err).__name__}); a model package is a "
+                           f"folder or .zip holding {CARD_FILE} and {WEIGHTS_FILE}") from None
     with archive:
-        entries = {}
+        entries: dict[str, list[zipfile.ZipInfo]] = {}
         for info in archive.infolist():
             parts = PurePosixPath(info.filename.replace("\\", "/")).parts
             if info.filename.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
                 raise PackageError(f"{path}: refused, entry {info.filename!r} points outside the package "
                                    "(path traversal)")
-            if not info.is_dir():
-                entries[parts[-1]] = info
-        total = sum(i.file_size for i in entries.values())
+            if parts and not info.is_dir():
+                entries.setdefault(parts[-1], []).append(info)
+        total = sum(i.file_size for infos in entries.values() for i in infos)
         if total > MAX_ZIP_BYTES:
             raise PackageError(f"{path}: refused, it unpacks to {total} bytes (limit {MAX_ZIP_BYTES})")
         for needed in (CARD_FILE, WEIGHTS_FILE):
             if needed not in entries:
                 raise PackageError(f"{path}: the archive has no {needed}")
-        return archive.read(entries[CARD_FILE]), archive.read(entries[WEIGHTS_FILE])
+            if len(entries[needed]) > 1:
+                raise PackageError(f"{path}: refused, the archive holds {len(entries[needed])} files named {needed}; "
+                                   "a package holds exactly one")
+        try:
+            return archive.read(entries[CARD_FILE][0]), archive.read(entries[WEIGHTS_FILE][0])
+        except _ZIP_ERRORS as err:
+            raise PackageError(f"{path}: the archive is damaged ({type(err).__name__}: {_one_line(err)}); "
+                               "download the package again") from None
 
 
 def _read_folder(path: Path) -> tuple[bytes, bytes]:
@@ -191,8 +267,8 @@ def load_package(name_or_path: str | os.PathLike) -> ModelPackage:
     card_bytes, weight_bytes = _read_zip(path) if path.is_file() else _read_folder(path)
     try:
         card = json.loads(card_bytes)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PackageError(f"{path}: {CARD_FILE} is not valid JSON ({err})") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, absurd numbers or nesting
+        raise PackageError(f"{path}: {CARD_FILE} is not valid JSON ({_one_line(err)})") from None
     validate_card(card, str(path))
     digest = hashlib.sha256(weight_bytes).hexdigest()
     if digest != card["weights_sha256"]:
@@ -201,10 +277,10 @@ def load_package(name_or_path: str | os.PathLike) -> ModelPackage:
     try:
         weights = load_safetensors(weight_bytes)
     except (SafetensorError, ValueError) as err:
-        raise PackageError(f"{path}: {WEIGHTS_FILE} is not a valid safetensors file ({err})") from None
-    package = ModelPackage(path, card, weights)
-    _load_state(build_from_card(card, str(path)), weights, str(path))
-    return package
+        raise PackageError(f"{path}: {WEIGHTS_FILE} is not a valid safetensors file ({_one_line(err)})") from None
+    # Shapes are checked on the meta device: a hostile card cannot make us allocate a huge network.
+    _check_shapes(build_from_card(card, str(path), device="meta"), weights, str(path))
+    return ModelPackage(path, card, weights)
 
 
 def save_package(out_dir: str | os.PathLike, card: dict, state_dict: dict[str, torch.Tensor]) -> ModelPackage:

@@ -55,15 +55,16 @@ class Prepared:
             full[(slice(None),) + tuple(slice(a, b) for a, b in self.crop)] = channels
         if not self.resampled:
             return full
-        source = Image(full, self.frame).to_sitk()
         reference = sitk.Image(list(self.input_geometry.size), sitk.sitkUInt8)
         reference.SetSpacing(self.input_geometry.spacing)
         reference.SetOrigin(self.input_geometry.origin)
         reference.SetDirection(self.input_geometry.direction)
         interp = sitk.sitkNearestNeighbor if interpolation == "nearest" else sitk.sitkLinear
-        out = sitk.Resample(source, reference, sitk.Transform(), interp, 0.0)
-        arr = sitk.GetArrayFromImage(out)
-        return np.moveaxis(arr, -1, 0) if arr.ndim == 4 else arr[None]
+        out = np.empty((k,) + tuple(reversed(self.input_geometry.size)), dtype=channels.dtype)
+        for index, channel in enumerate(full):  # one channel at a time keeps the scratch to one volume
+            moved = sitk.Resample(Image(channel, self.frame).to_sitk(), reference, sitk.Transform(), interp, 0.0)
+            out[index] = sitk.GetArrayViewFromImage(moved)
+        return out
 
 
 def align_modalities(images: list[Image], names: list[str] | None = None) -> tuple[list[Image], list[str]]:
@@ -99,16 +100,17 @@ def _boxes_overlap(a: Geometry, b: Geometry) -> bool:
     return bool(np.all(ca.min(0) <= cb.max(0)) and np.all(cb.min(0) <= ca.max(0)))
 
 
-def _clean_non_finite(array: np.ndarray, name: str, notices: list[str]) -> np.ndarray:
-    finite = np.isfinite(array)
-    if finite.all():
-        return array
-    if not finite.any():
-        raise ImageError(f"{name} holds no finite voxel (all NaN/Inf); the file is broken")
-    bad = int((~finite).sum())
-    array = np.where(finite, array, np.min(array[finite]))
-    notices.append(f"{name}: {bad} NaN/Inf voxels replaced by the image minimum")
-    return array
+def _clean_in_place(channel: np.ndarray, name: str, notices: list[str]) -> None:
+    """Replace NaN/Inf voxels of a float32 (D, H, W) channel by its finite minimum; note a constant image."""
+    finite = np.isfinite(channel)
+    if not finite.all():
+        if not finite.any():
+            raise ImageError(f"{name} holds no finite voxel (all NaN/Inf); the file is broken — export it again")
+        bad = int(finite.size - np.count_nonzero(finite))
+        channel[~finite] = np.min(channel, where=finite, initial=np.inf)
+        notices.append(f"{name}: {bad} NaN/Inf voxels replaced by the image minimum")
+    if float(channel.max()) == float(channel.min()):
+        notices.append(f"{name} is constant ({float(channel.min())}); the prediction will be meaningless")
 
 
 def normalise(array: np.ndarray, method: str) -> np.ndarray:
@@ -118,36 +120,47 @@ def normalise(array: np.ndarray, method: str) -> np.ndarray:
     stays zero (skull-stripped MRI, BraTS); percentile_zscore: clip to the 0.5-99.5 percentiles first
     (CT, bright outliers); none: as stored. A constant image maps to zeros.
     """
-    array = array.astype(np.float32, copy=False)
+    out = np.array(array, dtype=np.float32)
+    normalise_in_place(out, method)
+    return out
+
+
+def normalise_in_place(array: np.ndarray, method: str) -> None:
+    """:func:`normalise` overwriting a float32 array (no full-size copy beyond one temporary)."""
     if method == "none":
-        return array
+        return
     if method == "percentile_zscore":
         lo, hi = np.percentile(array, [0.5, 99.5])
-        array = np.clip(array, lo, hi)
+        np.clip(array, lo, hi, out=array)
         method = "zscore"
     if method == "zscore":
         std = float(array.std())
-        return (array - float(array.mean())) / std if std > 0 else np.zeros_like(array)
+        if std > 0:
+            array -= float(array.mean())
+            array /= std
+        else:
+            array[...] = 0.0
+        return
     if method == "zscore_nonzero":
         mask = array != 0
         if not mask.any():
-            return array
+            return
         values = array[mask]
         std = float(values.std()) or 1.0
-        out = np.zeros_like(array)
-        out[mask] = (values - float(values.mean())) / std
-        return out
+        array[mask] = (values - float(values.mean())) / std
+        return
     raise ImageError(f"unknown normalisation {method!r} in the model card; known: {', '.join(NORMALISATIONS)}")
 
 
-def _orient_and_resample(img: sitk.Image, orientation: str | None, spacing) -> sitk.Image:
+def _orient_and_resample(img: sitk.Image, orientation: str | None, spacing) -> tuple[sitk.Image, bool]:
+    """-> (the image in the model's orientation and spacing, whether its voxels were interpolated)."""
     if orientation:
         img = sitk.DICOMOrient(img, orientation)
-    if spacing is not None and not np.allclose(img.GetSpacing(), spacing, rtol=_SPACING_TOLERANCE):
-        size = [max(1, int(round(n * s / t))) for n, s, t in zip(img.GetSize(), img.GetSpacing(), spacing)]
-        img = sitk.Resample(img, size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), tuple(spacing),
-                            img.GetDirection(), 0.0, sitk.sitkFloat32)
-    return img
+    if spacing is None or np.allclose(img.GetSpacing(), spacing, rtol=_SPACING_TOLERANCE):
+        return img, False
+    size = [max(1, int(round(n * s / t))) for n, s, t in zip(img.GetSize(), img.GetSpacing(), spacing)]
+    return sitk.Resample(img, size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), tuple(spacing),
+                         img.GetDirection(), 0.0, sitk.sitkFloat32), True
 
 
 def needs_resampling(geometry: Geometry, orientation: str | None, spacing) -> bool:
@@ -183,27 +196,39 @@ def to_model_frame(images: list[Image], modalities: list[dict], spacing_xyz_mm=N
         )
     names = [m["name"] for m in modalities]
     images, notices = align_modalities(images, names)
-    input_geometry = images[0].geometry
+    input_geometry = frame = images[0].geometry
     resampled = needs_resampling(input_geometry, orientation, spacing_xyz_mm)
-    arrays = []
-    for img, mod in zip(images, modalities):
-        arr = _clean_non_finite(img.array.astype(np.float32, copy=False), mod["name"], notices)
-        if float(arr.max()) == float(arr.min()):
-            notices.append(f"{mod['name']} is constant ({float(arr.min())}); the prediction will be meaningless")
-        if resampled:
-            moved = _orient_and_resample(img.with_array(arr).to_sitk(), orientation, spacing_xyz_mm)
-            frame = Image.from_sitk(moved).geometry
-            arr = sitk.GetArrayFromImage(moved)
-        else:
-            frame = input_geometry
-        arrays.append(arr)
+    # Memory: one float32 (M, D, H, W) copy of the input, worked on in place; when resampling, one
+    # more in the model frame (the input-grid copy is freed once every channel has moved).
+    stacked = np.empty((len(images),) + images[0].array.shape, dtype=np.float32)
+    for channel, img, name in zip(stacked, images, names):
+        channel[...] = img.array
+        _clean_in_place(channel, name, notices)
     if resampled:
-        notices.append(
-            f"resampled from spacing {tuple(round(s, 3) for s in input_geometry.spacing)} mm to the model's "
-            f"{tuple(spacing_xyz_mm) if spacing_xyz_mm else 'native'} mm, orientation {orientation or 'as input'}"
-        )
-    stacked = np.stack(arrays)
+        moved_channels = None
+        for index, channel in enumerate(stacked):
+            moved, interpolated = _orient_and_resample(Image(channel, input_geometry).to_sitk(), orientation,
+                                                       spacing_xyz_mm)
+            if moved_channels is None:
+                frame = Geometry.from_sitk(moved)
+                moved_channels = np.empty((len(images),) + tuple(reversed(frame.size)), dtype=np.float32)
+            moved_channels[index] = sitk.GetArrayViewFromImage(moved)
+        stacked = moved_channels
+        notices.append(_resampling_notice(input_geometry, frame, orientation, interpolated))
     crop = nonzero_box(stacked) if crop_to_nonzero else tuple((0, s) for s in stacked.shape[1:])
-    stacked = stacked[(slice(None),) + tuple(slice(a, b) for a, b in crop)]
-    normalised = np.stack([normalise(a, m.get("normalization", "zscore")) for a, m in zip(stacked, modalities)])
-    return Prepared(normalised, input_geometry, frame, crop, resampled, notices)
+    if crop_to_nonzero:
+        stacked = stacked[(slice(None),) + tuple(slice(a, b) for a, b in crop)].copy()
+    for channel, mod in zip(stacked, modalities):
+        normalise_in_place(channel, mod.get("normalization", "zscore"))
+    return Prepared(stacked, input_geometry, frame, crop, resampled, notices)
+
+
+def _resampling_notice(source: Geometry, frame: Geometry, orientation: str | None, interpolated: bool) -> str:
+    orient = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines
+    changes = []
+    if orientation and orient(source.direction) != orientation:
+        changes.append(f"reoriented from {orient(source.direction)} to the model's {orientation}")
+    if interpolated:
+        changes.append(f"resampled from {tuple(round(s, 3) for s in source.spacing)} mm voxels to the model's "
+                       f"{tuple(round(s, 3) for s in frame.spacing)} mm")
+    return "; ".join(changes) + "; results are brought back to the input grid"
