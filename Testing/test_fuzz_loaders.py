@@ -287,6 +287,7 @@ ENTRY_NAMES = ["model.json", "weights.safetensors", "pkg/model.json", "pkg/weigh
                "pkg/", "a/../model.json", "readme.txt", "model.json/", "pkg\\..\\x"]
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")  # duplicates are part of the fuzz
 @FUZZ
 @given(entries=st.lists(st.tuples(st.sampled_from(ENTRY_NAMES), st.sampled_from(["card", "weights", "random"]),
                                   st.binary(max_size=64), st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])),

@@ -25,7 +25,7 @@ import SimpleITK as sitk
 import torch
 
 from AttnSegLib import models
-from AttnSegLib.cli import MIN_FREE_BYTES, OUTPUT_FILES, main
+from AttnSegLib.cli import main
 from AttnSegLib.image import Geometry, Image, ImageError, read_image, write_image
 from AttnSegLib.package import save_package
 
@@ -368,7 +368,7 @@ def test_unknown_model_name_lists_what_is_installed(bad, tmp_path, capsys):
     assert_one_error(lines, "no model package 'no_such_model'; installed packages: ")
 
 
-# -- the output folder: never overwritten, never written when it cannot hold the results ---------
+# -- the output folder: never overwritten (full and read-only disks: test_reliability_faults) ------
 def test_existing_results_are_never_overwritten_without_overwrite(bad, packages, tmp_path, capsys):
     args = ("segment", "-i", str(bad["good"]), "-o", str(tmp_path), "--model", str(packages["1"]))
     assert run_main(capsys, *args)[0] == 0
@@ -392,53 +392,6 @@ def test_output_under_a_regular_file_is_refused(bad, packages, tmp_path, capsys)
                                 "--model", str(packages["1"]))
     assert status == 2
     assert_one_error(lines, f"cannot write to {blocker / 'out'} (Not a directory); choose a writable --output")
-
-
-@pytest.fixture
-def mounted_tmpfs(tmp_path):
-    """Mount a tmpfs with the given options on a fresh folder; unmounted afterwards.
-
-    Tests run as root in CI containers, where chmod does not stop writes (root ignores permission
-    bits): a read-only or tiny tmpfs mount is refused by the kernel whatever the privileges. Mounting
-    needs root (CAP_SYS_ADMIN); elsewhere the test says so and skips.
-    """
-    mounted = []
-
-    def mount(options: str) -> Path:
-        folder = tmp_path / f"mount{len(mounted)}"
-        folder.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); needs root")
-        mounted.append(folder)
-        return folder
-
-    yield mount
-    for folder in mounted:
-        subprocess.run(["umount", str(folder)], check=True)
-
-
-def test_read_only_output_folder_fails_before_any_work(bad, packages, mounted_tmpfs, tmp_path, capsys):
-    folder = mounted_tmpfs("ro,size=1m") if os.geteuid() == 0 else tmp_path / "read_only"
-    if os.geteuid() != 0:  # a normal user: permission bits are enough
-        folder.mkdir()
-        folder.chmod(0o555)
-    status, out, lines = run_main(capsys, "segment", "-i", str(bad["good"]), "-o", str(folder / "out"),
-                                  "--model", str(packages["1"]))
-    assert status == 2 and out == ""
-    message = "Read-only file system" if os.geteuid() == 0 else "Permission denied"
-    assert_one_error(lines, f"cannot write to {folder / 'out'} ({message}); choose a writable --output")
-
-
-def test_full_disk_fails_before_any_work(bad, packages, mounted_tmpfs, capsys):
-    folder = mounted_tmpfs("size=1m")
-    (folder / "filler").write_bytes(b"\0" * (512 * 1024))
-    assert shutil.disk_usage(folder).free < MIN_FREE_BYTES
-    status, out, lines = run_main(capsys, "segment", "-i", str(bad["good"]), "-o", str(folder / "out"),
-                                  "--model", str(packages["1"]))
-    assert status == 2 and out == ""
-    assert_one_error(lines, "is full (0.5 MiB free); free some space or choose another --output")
-    assert sorted(p.name for p in (folder / "out").iterdir()) == []
 
 
 # -- the real executable ---------------------------------------------------------------------------

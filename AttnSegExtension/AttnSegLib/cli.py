@@ -148,6 +148,9 @@ def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inpu
                         raise UsageError(f"{target} appeared during the run; nothing was overwritten")
                     shutil.rmtree(target) if target.is_dir() else target.unlink()
                 os.replace(staging / name, target)
+    except OSError as err:
+        raise UsageError(f"could not write the results into {out} ({err.strerror or err}); nothing was left "
+                         "there — free some disk space or choose another --output") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
