@@ -131,7 +131,7 @@ def bad(tmp_path_factory, hippocampus_case) -> dict[str, Path]:
     _replace_header_line(plain, files["degenerate_direction"], b"space directions:",
                          b"space directions: (1,0,0) (0,1,0) (1,0,0)")
     files["huge_header"] = root / "huge_header.nrrd"
-    _replace_header_line(plain, files["huge_header"], b"sizes:", b"sizes: 4000 4000 4000")
+    _replace_header_line(plain, files["huge_header"], b"sizes:", b"sizes: 40000 40000 40000")
     files["bad_ndims"] = root / "bad_ndims.mha"
     sitk.WriteImage(image.to_sitk(), str(root / "plain.mha"), False)
     _replace_header_line(root / "plain.mha", files["bad_ndims"], b"NDims", b"NDims = -1")
@@ -214,7 +214,7 @@ REFUSED = {
     "complex": "complex-valued image; give the magnitude image",
     "zero_spacing": "invalid voxel spacing (1.0, 1.0, 0.0); fix the header",
     "degenerate_direction": "is degenerate; fix the header",
-    "huge_header": "a 4000x4000x4000 volume needs at least 238.4 GiB to process",
+    "huge_header": "a 40000x40000x40000 volume needs at least 238418.6 GiB to process",
     "bad_ndims": "damaged MetaImage header (NDims '-1'",
     "all_nan": "T1 holds no finite voxel (all NaN/Inf)",
     "empty_folder": "no images (.nii.gz, .nii, .nrrd, .mha) and no DICOM series in this folder",
