@@ -6,7 +6,9 @@ Inverse (:meth:`Prepared.to_input_grid`): un-crop -> resample onto the *input gr
 resample through physical space, which undoes reorientation and spacing together). When the input
 already has the model's orientation and spacing, both steps are skipped, so the round trip is exact
 (no interpolation at all); otherwise probabilities and maps are linearly interpolated and label maps
-taken nearest-neighbour.
+taken nearest-neighbour. Both ways, a sample that falls (by up to two voxels) beyond the last voxel
+centre gets the edge value rather than 0, continuously: rounding noise in the geometry cannot switch
+an edge slab between tissue and zero, and no input voxel is left with probabilities that sum to 0.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from .image import Geometry, Image, ImageError
 
 NORMALISATIONS = ("zscore", "zscore_nonzero", "percentile_zscore", "none")
 _SPACING_TOLERANCE = 1e-3  # relative; below this an input is taken to be at the model spacing
+_EDGE_PAD_VOXELS = 2  # grids of the same extent overhang each other's last voxel centre by < 2 voxels
 
 
 @dataclass
@@ -62,7 +65,8 @@ class Prepared:
         interp = sitk.sitkNearestNeighbor if interpolation == "nearest" else sitk.sitkLinear
         out = np.empty((k,) + tuple(reversed(self.input_geometry.size)), dtype=channels.dtype)
         for index, channel in enumerate(full):  # one channel at a time keeps the scratch to one volume
-            moved = sitk.Resample(Image(channel, self.frame).to_sitk(), reference, sitk.Transform(), interp, 0.0)
+            moved = sitk.Resample(_edge_padded(Image(channel, self.frame).to_sitk()), reference, sitk.Transform(),
+                                  interp, 0.0)
             out[index] = sitk.GetArrayViewFromImage(moved)
         return out
 
@@ -159,8 +163,16 @@ def _orient_and_resample(img: sitk.Image, orientation: str | None, spacing) -> t
     if spacing is None or np.allclose(img.GetSpacing(), spacing, rtol=_SPACING_TOLERANCE):
         return img, False
     size = [max(1, int(round(n * s / t))) for n, s, t in zip(img.GetSize(), img.GetSpacing(), spacing)]
-    return sitk.Resample(img, size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), tuple(spacing),
+    return sitk.Resample(_edge_padded(img), size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), tuple(spacing),
                          img.GetDirection(), 0.0, sitk.sitkFloat32), True
+
+
+def _edge_padded(img: sitk.Image, voxels: int = _EDGE_PAD_VOXELS) -> sitk.Image:
+    """``img`` with its edge voxels repeated ``voxels`` times on every side, in place in space: linear
+    interpolation then reaches samples up to that far beyond the last voxel centre, continuously
+    (ITK would return the default value there, or its nearest-neighbour extrapolation, which rounds
+    every axis and so jumps where the sample sits half-way between voxels)."""
+    return sitk.ZeroFluxNeumannPad(img, [voxels] * 3, [voxels] * 3)
 
 
 def needs_resampling(geometry: Geometry, orientation: str | None, spacing) -> bool:
