@@ -58,7 +58,8 @@ def common_validation_cases(packages) -> list[str]:
     for package in packages:
         names = set((package.card.get("training") or {}).get("validation_cases") or [])
         if not names:
-            raise SystemExit(f"{package.name}: its card lists no validation cases; re-export it with training/export.py")
+            raise SystemExit(f"{package.name}: its card lists no validation cases; "
+                             "re-export it with training/export.py")
         held_out = names if held_out is None else held_out & names
     if not held_out:
         raise SystemExit("the packages share no validation case; train them with the same seed and split")
@@ -183,9 +184,7 @@ def main(argv=None) -> int:
                         not in shipped_architectures],
         "machine": common.machine(args.threads), "elapsed_s": round(time.perf_counter() - started, 1),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=1) + "\n")
-    args.output.with_suffix(".md").write_text(markdown(report))
+    common.write_report(args.output, report, markdown(report))
     print(markdown(report))
     if args.json:
         print(json.dumps(report))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
+README = REPO / "benchmarks" / "README.md"
 CONFIG_DIR = REPO / "training" / "configs"
 DEFAULT_CONFIG = "hippocampus_unet"  # the config of the shipped default model
 MNI_T1 = Path("mni152") / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
@@ -52,6 +54,34 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+def reset_peak_rss() -> bool:
+    """Restart this process's peak-resident count (Linux: ``/proc/self/clear_refs``); False where
+    that is not possible, and :func:`peak_since_reset_mb` then reports the peak since the start."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_since_reset_mb() -> float:
+    """Peak resident memory since :func:`reset_peak_rss` (``VmHWM``), MB; else since the start."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return peak_rss_mb()
+    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+
+
+def resident_mb() -> float:
+    """Resident memory now (``VmRSS``), MB; the peak so far where /proc is missing."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return peak_rss_mb()
+    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
+
+
 def run_fresh(script: Path, args: list[str]) -> dict:
     """Run ``python script args`` in a new process and return the JSON object on its last stdout line."""
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=os.environ)
@@ -79,10 +109,23 @@ def machine(threads: int) -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def write_results(name: str, data: dict) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / name
-    path.write_text(json.dumps(data, indent=1) + "\n")
+def write_report(path: Path, report: dict, table: str | None = None) -> Path:
+    """``report`` as JSON at ``path`` and ``table`` (Markdown) beside it (``.md``). A table written to
+    ``benchmarks/results`` also replaces the README's copy of it, the lines between
+    ``<!-- results/<name>.md -->`` and ``<!-- end -->``, so the README quotes the latest run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    if table is None:
+        return path
+    markdown = path.with_suffix(".md")
+    markdown.write_text(table)
+    if markdown.parent.resolve() == RESULTS_DIR.resolve() and README.is_file():
+        begin, end = f"<!-- results/{markdown.name} -->", "<!-- end -->"
+        text = README.read_text()
+        start = text.find(begin)
+        stop = text.find(end, start)
+        if start >= 0 and stop >= 0:
+            README.write_text(text[: start + len(begin)] + "\n" + table + text[stop:])
     return path
 
 

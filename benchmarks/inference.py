@@ -19,7 +19,8 @@ For each model (shipped packages; untrained stand-ins for architectures not ship
 Every run is a fresh process (its ``ru_maxrss`` is the peak resident memory of that configuration,
 Python and its libraries included; ``python_imports`` is that floor). Runs are interleaved (MONAI,
 AttnSeg, AttnSeg without maps, then again) so load on a shared machine hits both sides alike;
-ratios use medians over ``--repeats``. Both sides run with the same torch (and ITK) thread count.
+ratios use medians over ``--repeats`` (``--repeats-others`` for the models other than the default).
+Both sides run with the same torch (and ITK) thread count.
 ``--clock cpu`` times every stage by the process's CPU time instead of the wall clock: on a machine
 other jobs share, their load stretches wall time by whatever share of the cores they take (runs
 minutes apart then differ by 2x), but not the CPU time of single-threaded work, which on an idle
@@ -100,9 +101,8 @@ def _monai_run(spec: dict) -> dict:
 
     from AttnSegLib.image import read_image
     from AttnSegLib.inference import Predictor, count_windows
-    from AttnSegLib.preprocess import to_model_frame
-
     from AttnSegLib.package import load_package
+    from AttnSegLib.preprocess import to_model_frame
 
     predictor = Predictor(load_package(spec["package"]), device=spec["device"])  # the same settings
     network, device, card = predictor.network, predictor.device, predictor.card
@@ -157,34 +157,38 @@ class Volume:
         return [str(folder)]
 
 
-def volumes(quick: bool, workdir: Path, hippocampus_count: int) -> list[Volume]:
+def volumes(names, quick: bool, workdir: Path, hippocampus_count: int) -> list[Volume]:
+    """The volumes named (``--quick``: no two-modality volume, a central block of the brain)."""
     import SimpleITK as sitk
 
-    hippocampus = common.hippocampus_cases(hippocampus_count)
-    found = [Volume("hippocampus", f"MSD Task04 hippocampus, {len(hippocampus)} cases (~35x50x35, 1 mm)",
-                    [[p] for p in hippocampus], sitk.ReadImage(str(hippocampus[0])).GetSize(), 1)]
-    if quick:
+    found = []
+    if "hippocampus" in names:
+        cases = common.hippocampus_cases(hippocampus_count)
+        found.append(Volume("hippocampus", f"MSD Task04 hippocampus, {len(cases)} cases (~35x50x35, 1 mm)",
+                            [[p] for p in cases], sitk.ReadImage(str(cases[0])).GetSize(), 1))
+    if "whole_brain" in names and quick:
         size = (80, 96, 80)
         brain = common.centre_crop(common.mni_t1(), size, workdir / "mni152_t1_centre.nii.gz")
         found.append(Volume("whole_brain", f"MNI152 T1, central {'x'.join(map(str, size))} block (quick)",
                             [[brain]], size, 1))
-        return found
-    found.append(Volume("whole_brain", "MNI152 T1 2009a, 197x233x189, 1 mm", [[common.mni_t1()]],
-                        (197, 233, 189), 1))
-    size, spacing = (144, 192, 256), (1.0, 1.0, 0.6)
-    paths = common.resampled_brats(size, spacing, workdir / "two_modality")
-    found.append(Volume("two_modality", "BraTS 2013 pat0003 FLAIR + T1c resampled to 144x192x256 voxels of "
-                        "1x1x0.6 mm (LPS)", [paths], size, 2))
+    elif "whole_brain" in names:
+        found.append(Volume("whole_brain", "MNI152 T1 2009a, 197x233x189, 1 mm", [[common.mni_t1()]],
+                            (197, 233, 189), 1))
+    if "two_modality" in names and not quick:
+        size, spacing = (144, 192, 256), (1.0, 1.0, 0.6)
+        paths = common.resampled_brats(size, spacing, workdir / "two_modality")
+        found.append(Volume("two_modality", "BraTS 2013 pat0003 FLAIR + T1c resampled to 144x192x256 voxels of "
+                            "1x1x0.6 mm (LPS)", [paths], size, 2))
     return found
 
 
 def measure(model: common.BenchmarkModel, volume: Volume, args, workdir: Path) -> dict:
-    """Interleaved fresh-process runs of MONAI, AttnSeg with maps and AttnSeg without, ``args.repeats`` times."""
+    """Interleaved fresh-process runs of MONAI, AttnSeg with maps and AttnSeg without, repeated."""
     script = Path(__file__).resolve()
     base = {"package": str(model.path), "device": args.device, "threads": args.threads, "clock": args.clock}
     inputs = volume.attnseg_inputs(workdir)
     runs = {"monai": [], "attnseg": [], "attnseg_no_maps": []}
-    for repeat in range(args.repeats):
+    for repeat in range(args.repeats if model.default else args.repeats_others):
         specs = {
             "monai": {**base, "side": "monai", "cases": [[str(p) for p in c] for c in volume.cases]},
             "attnseg": {**base, "side": "attnseg", "inputs": inputs, "maps": True,
@@ -210,8 +214,9 @@ def summarise(model: common.BenchmarkModel, volume: Volume, runs: dict) -> dict:
     attnseg = common.median(_per_case_total(r) for r in runs["attnseg"])
     no_maps = common.median(_per_case_total(r) for r in runs["attnseg_no_maps"])
     monai = common.median(_per_case_total(r) for r in runs["monai"])
-    stages = {s: common.median(common.median(c.get(s, 0.0) for c in r["cases"]) for r in runs["attnseg"])
-              for s in STAGES}
+    stages, stages_no_maps = (
+        {s: common.median(common.median(c.get(s, 0.0) for c in r["cases"]) for r in runs[key]) for s in STAGES}
+        for key in ("attnseg", "attnseg_no_maps"))
     stage_sum = sum(stages.values())
     return {
         "model": model.name, "architecture": model.architecture, "trained": model.trained, "default": model.default,
@@ -225,6 +230,7 @@ def summarise(model: common.BenchmarkModel, volume: Volume, runs: dict) -> dict:
         "maps_cost_fraction": round(1 - no_maps / attnseg, 4),
         "stages_s": {s: round(v, 4) for s, v in stages.items()},
         "stage_fractions": {s: round(v / stage_sum, 4) for s, v in stages.items()},
+        "stages_no_maps_s": {s: round(v, 4) for s, v in stages_no_maps.items()},
         "predict_over_monai": round(stages["predict"] / monai, 4),
         "load_s": common.median(r["load_s"] for r in runs["attnseg"]),
         "peak_rss_mb": {"attnseg": max(r["peak_rss_mb"] for r in runs["attnseg"]),
@@ -247,7 +253,8 @@ def headline(results: list[dict]) -> dict:
         f"maps <= 10 % of total ({main['model']}, {main['volume']})":
             main["maps_cost_fraction"] <= TARGETS["maps_cost_fraction"],
         f"maps <= 10 % of total (worst: {worst_maps['model']} on {worst_maps['volume']}, "
-        f"{100 * worst_maps['maps_cost_fraction']:.1f} %)": worst_maps["maps_cost_fraction"] <= TARGETS["maps_cost_fraction"],
+        f"{100 * worst_maps['maps_cost_fraction']:.1f} %)":
+            worst_maps["maps_cost_fraction"] <= TARGETS["maps_cost_fraction"],
     }
     if brain:
         worst = max(brain, key=lambda r: r["peak_rss_mb"]["attnseg"])
@@ -266,11 +273,12 @@ def markdown(report: dict) -> str:
     lines = [
         f"Measured by `python benchmarks/inference.py` on {report['machine']['processor']} "
         f"({report['machine']['cpu_count']} cores, load average {report['machine']['load_average_1min']}), "
-        f"device {report['device']}, {report['threads']} torch thread(s), {report['clock']} clock, median of "
-        f"{report['repeats']} interleaved fresh-process run(s).",
+        f"device {report['device']}, {report['threads']} torch thread(s), {report['clock']} clock; medians of "
+        f"{report['repeats']} (default model) and {report['repeats_others']} (other models) interleaved "
+        "fresh-process run(s) per configuration; AttnSeg s and MONAI s per case.",
         "",
-        "| model | volume | windows | AttnSeg s | MONAI s | AttnSeg / MONAI | maps cost | slowest stage besides predict | "
-        "peak MB AttnSeg / MONAI |",
+        "| model | volume | windows | AttnSeg s | MONAI s | AttnSeg / MONAI | maps cost "
+        "| slowest stage besides predict | peak MB AttnSeg / MONAI |",
         "|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in report["results"]:
@@ -300,7 +308,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="time stages by wall clock (default) or by process CPU time, which other "
                              "processes on a shared machine do not inflate")
-    parser.add_argument("--repeats", type=int, help="interleaved runs per configuration (default 3; --quick 1)")
+    parser.add_argument("--repeats", type=int,
+                        help="interleaved runs per configuration of the default model (default 3; --quick 1)")
+    parser.add_argument("--repeats-others", type=int, default=1,
+                        help="interleaved runs per configuration of every other model (default 1)")
     parser.add_argument("--hippocampus-cases", type=int, help="hippocampus cases per run (default 10; --quick 3)")
     parser.add_argument("--output", type=Path, help="results JSON (default benchmarks/results/inference.json; "
                         "--quick: none); a Markdown table is written beside it")
@@ -328,9 +339,7 @@ def main(argv=None) -> int:
         if args.quick and args.model is None:
             models = [m for m in models if m.default]
         results, described = [], {}
-        for volume in volumes(args.quick, workdir, args.hippocampus_cases):
-            if args.volume and volume.name not in args.volume:
-                continue
+        for volume in volumes(args.volume or VOLUMES, args.quick, workdir, args.hippocampus_cases):
             described[volume.name] = volume.description
             for model in models:
                 if volume.modalities != 1:
@@ -338,13 +347,13 @@ def main(argv=None) -> int:
                 results.append(measure(model, volume, args, workdir))
                 if not args.json:
                     r = results[-1]
-                    print(f"{r['model']:<32} {volume.name:<13} AttnSeg {r['attnseg_s']:8.2f} s  MONAI "
-                          f"{r['monai_s']:8.2f} s  ratio {r['ratio_vs_monai']:.3f}  maps {100 * r['maps_cost_fraction']:5.1f} %"
-                          f"  peak {r['peak_rss_mb']['attnseg']:.0f} MB")
+                    print(f"{r['model']:<32} {volume.name:<13} AttnSeg {r['attnseg_s']:8.2f} s  "
+                          f"MONAI {r['monai_s']:8.2f} s  ratio {r['ratio_vs_monai']:.3f}  "
+                          f"maps {100 * r['maps_cost_fraction']:5.1f} %  peak {r['peak_rss_mb']['attnseg']:.0f} MB")
         report = {
             "benchmark": "inference", "quick": args.quick, "device": args.device, "threads": args.threads,
-            "clock": args.clock,
-            "repeats": args.repeats, "machine": common.machine(args.threads),
+            "clock": args.clock, "repeats": args.repeats, "repeats_others": args.repeats_others,
+            "machine": common.machine(args.threads),
             "models": [m.describe() | {"path": Path(m.path).name} for m in models],
             "stand_ins": [m.name for m in models if not m.trained],
             "volumes": described, **headline(results),
@@ -353,9 +362,7 @@ def main(argv=None) -> int:
     if report["stand_ins"]:
         print(f"note: untrained stand-ins (no shipped package yet): {', '.join(report['stand_ins'])}", file=sys.stderr)
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=1) + "\n")
-        args.output.with_suffix(".md").write_text(markdown(report))
+        common.write_report(args.output, report, markdown(report))
     if args.json:
         print(json.dumps(report))
     else:

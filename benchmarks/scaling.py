@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
@@ -108,7 +110,8 @@ def block_worker(spec: dict) -> dict:
 
     module, inputs = block_call(spec["block"], spec["size"])
     clock = time.process_time if spec["clock"] == "cpu" else time.perf_counter
-    before = common.peak_rss_mb()
+    common.reset_peak_rss()
+    before = common.resident_mb()
     times = []
     with torch.inference_mode():
         for _ in range(4):
@@ -116,13 +119,12 @@ def block_worker(spec: dict) -> dict:
             module(*inputs)
             times.append(clock() - start)
     return {"block": spec["block"], "size": spec["size"], "time_s": common.median(times[1:]),
-            "peak_extra_mb": round(common.peak_rss_mb() - before, 1)}
+            "peak_extra_mb": round(common.peak_since_reset_mb() - before, 1)}
 
 
 # -- the pipeline ---------------------------------------------------------------------------------
 def mni_cube(size: int, out: Path) -> Path:
     """The MNI152 T1 centred in a size^3 grid of 1 mm (cropped or zero-padded), written to ``out``."""
-    import numpy as np
     import SimpleITK as sitk
 
     source = sitk.ReadImage(str(common.mni_t1()))
@@ -184,11 +186,24 @@ def exponents(rows: list[dict], key: str, floor_key: str | None = None) -> float
     return round(common.power_law_exponent(*zip(*points)), 3) if len(points) >= 2 else None
 
 
+def memory_line(rows: list[dict]) -> dict | None:
+    """Least-squares peak MB = fixed + per_voxel * voxels, and where that line reaches 4 GB."""
+
+    if len(rows) < 2:
+        return None
+    per_voxel, fixed = np.polyfit([r["voxels"] for r in rows], [r["peak_rss_mb"] for r in rows], 1)
+    reaches = (4096 - fixed) / per_voxel if per_voxel > 0 else None
+    return {"fixed_mb": round(float(fixed), 1), "bytes_per_voxel": round(float(per_voxel) * 2**20, 1),
+            "voxels_at_4gb": None if reaches is None else int(reaches),
+            "cube_edge_at_4gb": None if reaches is None else int(round(reaches ** (1 / 3)))}
+
+
 def fits(pipeline_rows: list[dict], block_rows: list[dict]) -> dict:
     out = {"pipeline": {"time": exponents(pipeline_rows, "total_s"),
                         "predict": exponents([{**r, "predict": r["stages_s"]["predict"]} for r in pipeline_rows],
                                              "predict"),
-                        "memory_above_imports": exponents(pipeline_rows, "peak_rss_mb", "python_imports_rss_mb")}}
+                        "memory_above_imports": exponents(pipeline_rows, "peak_rss_mb", "python_imports_rss_mb"),
+                        "memory_line": memory_line(pipeline_rows)}}
     for name in sorted({r["block"] for r in block_rows}):
         rows = [r for r in block_rows if r["block"] == name]
         out[name] = {"time": exponents(rows, "time_s"), "memory": exponents(rows, "peak_extra_mb"),
@@ -196,12 +211,60 @@ def fits(pipeline_rows: list[dict], block_rows: list[dict]) -> dict:
     return out
 
 
+def versus_non_local(block_rows: list[dict]) -> list[dict]:
+    """Non-local cost / block cost at every size both were measured at."""
+    baseline = {r["size"]: r for r in block_rows if r["block"] == "non_local"}
+    out = []
+    for r in block_rows:
+        other = baseline.get(r["size"])
+        if r["block"] == "non_local" or other is None:
+            continue
+        ratio = {key: round(other[key] / r[key], 1) if r[key] > 0 else None
+                 for key in ("time_s", "peak_extra_mb", "gflops")}
+        out.append({"block": r["block"], "size": r["size"], **ratio})
+    return out
+
+
+def markdown(report: dict) -> str:
+    fit = report["exponents"]
+    lines = [f"Measured by `python benchmarks/scaling.py` ({report['threads']} thread(s), {report['clock']} clock, "
+             f"device {report['device']}); b is the fitted exponent of cost ~ voxels^b.", ""]
+    if report["pipeline"]:
+        line = fit["pipeline"]["memory_line"]
+        memory = "" if line is None else (
+            f" Peak memory fits {line['fixed_mb']:.0f} MB + {line['bytes_per_voxel']:.0f} bytes per voxel"
+            + ("" if line["cube_edge_at_4gb"] is None else
+               f", which reaches 4 GB at about {line['voxels_at_4gb'] / 1e6:.0f} M voxels "
+               f"({line['cube_edge_at_4gb']}^3)") + ".")
+        lines += [f"`attnseg segment` with maps, {report['model']}"
+                  + ("" if report["model_trained"] else " (untrained stand-in)")
+                  + f": time b = {fit['pipeline']['time']} (predict b = {fit['pipeline']['predict']}), "
+                  f"peak memory above the imports b = {fit['pipeline']['memory_above_imports']}." + memory, "",
+                  "| cube | voxels | total s | predict s | write s | peak MB |", "|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['size']}^3 | {r['voxels']:,} | {r['total_s']:.2f} | {r['stages_s']['predict']:.2f} | "
+                  f"{r['stages_s']['write']:.2f} | {r['peak_rss_mb']:.0f} |" for r in report["pipeline"]]
+        lines.append("")
+    if report["blocks"]:
+        lines += [f"Attention blocks alone on (1, {report['channels']}, n, n, n):", "",
+                  "| block | time b | memory b | FLOPs b |", "|---|---:|---:|---:|"]
+        lines += [f"| {name} | " + " | ".join("n/a" if f[k] is None else f"{f[k]:.2f}"
+                                              for k in ("time", "memory", "flops")) + " |"
+                  for name, f in fit.items() if name != "pipeline"]
+        ratios = report["versus_non_local"]
+        if ratios:
+            lines += ["", "Non-local block cost / block cost at the same size:", "",
+                      "| block | n | time | peak memory | FLOPs |", "|---|---:|---:|---:|---:|"]
+            lines += [f"| {r['block']} | {r['size']} | " + " | ".join(
+                "n/a" if r[key] is None else f"{r[key]:g}x" for key in ("time_s", "peak_extra_mb", "gflops")) + " |"
+                      for r in ratios]
+    return "\n".join(lines) + "\n"
+
+
 def plot(report: dict, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     rows, fit = report["pipeline"], report["exponents"]
@@ -214,18 +277,21 @@ def plot(report: dict, path: Path) -> Path:
     if rows:
         voxels = [r["voxels"] for r in rows]
         loglog(axes[0, 0], voxels, [r["total_s"] for r in rows], f"total (b = {fit['pipeline']['time']})")
-        loglog(axes[0, 0], voxels, [r["stages_s"]["predict"] for r in rows], f"predict (b = {fit['pipeline']['predict']})")
+        loglog(axes[0, 0], voxels, [r["stages_s"]["predict"] for r in rows],
+               f"predict (b = {fit['pipeline']['predict']})")
         axes[0, 0].set_title(f"attnseg segment, {report['model']}: time (s)")
+        line = fit["pipeline"]["memory_line"]
         loglog(axes[0, 1], voxels, [r["peak_rss_mb"] for r in rows],
-               f"peak RSS (above imports: b = {fit['pipeline']['memory_above_imports']})")
+               f"peak RSS (above imports: b = {fit['pipeline']['memory_above_imports']})"
+               + ("" if line is None else f"\n~ {line['fixed_mb']:.0f} MB + {line['bytes_per_voxel']:.0f} B/voxel"))
         axes[0, 1].axhline(4096, color="red", ls="--", label="4 GB target")
         axes[0, 1].set_title("peak resident memory (MB)")
-        stages = list(rows[0]["stages_s"])
-        shares = np.array([[r["stages_s"][s] / r["total_s"] for s in stages] for r in rows]).T
-        axes[0, 2].stackplot([r["size"] for r in rows], shares, labels=stages)
+        edges = [r["size"] for r in rows]
+        for stage in (s for s in rows[0]["stages_s"] if s != "predict"):
+            axes[0, 2].plot(edges, [100 * r["stages_s"][stage] / r["total_s"] for r in rows], marker="o", label=stage)
         axes[0, 2].set_xlabel("cube edge (voxels)")
-        axes[0, 2].set_title("share of each stage")
-        axes[0, 2].set_ylim(0, 1)
+        axes[0, 2].set_title("stages besides predict: % of total")
+        axes[0, 2].grid(True, alpha=0.3)
     for name in sorted({r["block"] for r in report["blocks"]}):
         block = [r for r in report["blocks"] if r["block"] == name]
         voxels = [r["voxels"] for r in block]
@@ -287,9 +353,9 @@ def main(argv=None) -> int:
               "clock": args.clock,
               "device": args.device, "model": model.name if model else None,
               "model_trained": model.trained if model else None, "channels": CHANNELS,
-              "pipeline": pipeline_rows, "blocks": block_rows, "exponents": fits(pipeline_rows, block_rows)}
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "scaling.json").write_text(json.dumps(report, indent=1) + "\n")
+              "pipeline": pipeline_rows, "blocks": block_rows, "exponents": fits(pipeline_rows, block_rows),
+              "versus_non_local": versus_non_local(block_rows)}
+    common.write_report(args.output / "scaling.json", report, markdown(report))
     plot(report, args.output / "scaling.png")
     for name, fit in report["exponents"].items():
         print(f"{name:>10}: " + ", ".join(f"{k} ~ voxels^{v}" for k, v in fit.items()))
