@@ -226,4 +226,5 @@ def test_any_direction_spacing_and_axis_order_gives_the_same_segmentation(small_
     copy, back = stored_in_another_axis_order(image, tuple(order), flips)
     reference, other = small_predictor.predict([image]), small_predictor.predict([copy])
     assert reference.labels.geometry == image.geometry and other.labels.geometry == copy.geometry
+    np.testing.assert_allclose(reference.probabilities.array.sum(axis=0), 1.0, atol=1e-4)  # edges included
     assert_same_segmentation(reference, other, back)
