@@ -26,6 +26,7 @@ html { overflow-y: hidden; }
 .attnseg-panel .v-window { height: calc(100vh - 112px); overflow-y: auto; }
 .attnseg-legend { height: 14px; border-radius: 3px; border: 1px solid rgba(255,255,255,0.3); }
 .attnseg-hint { font-size: 0.8rem; opacity: 0.75; line-height: 1.25; }
+.attnseg-panel .v-alert { overflow-wrap: anywhere; }
 .attnseg-editor { height: calc(100vh - 210px); }
 """
 
@@ -123,11 +124,16 @@ def _segment_step(server: Server, app, n) -> None:
     v3.VSelect(v_model=(n.model.selected,), items=(n.model.choices,), label="Model package", density="compact",
                hide_details=True, id="attnseg-model-select")
     html.Div(f"{{{{ {n.model.description} }}}}", v_if=(n.model.description,), classes="attnseg-hint mt-2")
+    with html.Div(v_if=(f"{n.model.inputs}.length > 1",), classes="mt-2"):
+        v3.VSelect(v_for=f"(input, i) in {n.model.inputs}", key="i", v_model=("input.volume",),
+                   items=(n.volume.opened,), label=("`Input: ${input.modality}`",), density="compact",
+                   hide_details=True, classes="mt-2", update_modelValue=f"flushState('{n.model.inputs}')")
     _alert(n.model.error)
 
     _section("3 · Segment")
     with html.Div(classes="d-flex"):
-        v3.VBtn("Segment", click=app.segment, color="primary", prepend_icon="mdi-play", id="attnseg-segment",
+        v3.VBtn(text=(f"{n.has_result} ? 'Segment again' : 'Segment'",), click=app.segment, color="primary",
+                prepend_icon="mdi-play", id="attnseg-segment",
                 disabled=(f"!{n.volume.loaded} || !{n.model.selected} || {n.segment.running}",),
                 classes="mr-2")
         v3.VBtn("Cancel", click=app.cancel_segmentation, v_if=(n.segment.running,), prepend_icon="mdi-stop",
@@ -141,7 +147,8 @@ def _segment_step(server: Server, app, n) -> None:
         v3.VAlert(text=(n.segment.summary,), type="success", density="compact", variant="tonal",
                   title="Segmented")
         html.Div("{{ notice }}", v_for=f"notice in {n.segment.notices}", classes="attnseg-hint mt-1")
-        html.Div("Next: Review the maps and the doubtful regions, correct, then export.", classes="attnseg-hint mt-2")
+        html.Div("Next: Review the maps and the doubtful regions, correct, then export. Segmenting again "
+                 "replaces this segmentation and its corrections.", classes="attnseg-hint mt-2")
 
 
 def _review_step(app, n) -> None:

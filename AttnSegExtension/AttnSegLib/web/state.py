@@ -13,6 +13,7 @@ class VolumePanel:
     choices: list[dict] = field(default_factory=list)  # volumes in the server's --data folder
     selected: str | None = None
     loaded: str = ""  # name of the volume on screen
+    opened: list[str] = field(default_factory=list)  # names of every volume opened in this session
     busy: bool = False
     error: str = ""
 
@@ -22,6 +23,7 @@ class ModelPanel:
     choices: list[dict] = field(default_factory=list)
     selected: str | None = None
     description: str = ""
+    inputs: list[dict] = field(default_factory=list)  # {"modality": card name, "volume": opened volume name}
     error: str = ""
 
 
@@ -52,7 +54,6 @@ class MapPanel:
 @dataclass
 class ReviewPanel:
     count: int = 0
-    index: int = -1  # region on screen, -1 before the first "next"
     description: str = ""
 
 

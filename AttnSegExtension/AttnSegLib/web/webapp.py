@@ -100,11 +100,14 @@ class AttnSegWebApp:
         TypedState(server.state, PaintEffectState).data.use_sphere_brush = False
         self._segment_display = TypedState(server.state, SegmentEditorState).data.segment_display
 
-        self._volume_nodes: dict[str, object] = {}  # volume name -> node
+        self._volumes: dict[str, object] = {}  # node name (unique in the scene) -> volume node
+        self._opened_files: dict[tuple, str] = {}  # (path, mtime, size) -> node name, to open a file once
         self._task: SegmentationTask | None = None
         self._result = None  # SegmentationResult on screen
+        self._package = None  # the ModelPackage that made it
         self.typed_state.bind_changes({
             self.typed_state.name.model.selected: self._on_model_selected,
+            self.typed_state.name.model.inputs: self._check_inputs,
             self.typed_state.name.maps.selected: self._on_map_changed,
             self.typed_state.name.maps.opacity: self._on_map_changed,
         })
@@ -167,18 +170,24 @@ class AttnSegWebApp:
         self._open_volume(path)
 
     def _open_volume(self, path: Path) -> None:
+        """Show the volume in ``path``, reading it once (a re-uploaded file with new content is re-read)."""
         self.data.volume.error = ""
-        name = case_name(path)
-        node = self._volume_nodes.get(name)
-        if node is None or self.scene.GetNodeByID(node.GetID()) is None:
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        name = self._opened_files.get(key)
+        if name is None:
             try:
-                node = self.logic.loadVolume(path, name=name)
+                node = self.logic.loadVolume(path, name=case_name(path))
             except (ImageError, OSError) as err:
                 self.data.volume.error = str(err)
                 return
-            self._volume_nodes[name] = node
-        self._show_volume(node)
+            name = node.GetName()
+            self._volumes[name] = node
+            self._opened_files[key] = name
+        self._show_volume(self._volumes[name])
         self.data.volume.loaded = name
+        self.data.volume.opened = list(self._volumes)
+        self._assign_inputs()
 
     def _show_volume(self, node) -> None:
         display = self.slicer_app.display_manager
@@ -221,13 +230,31 @@ class AttnSegWebApp:
         if dice is not None:
             parts.append(f"validation Dice {dice:.3f}")
         self.data.model.description = " — ".join(p for p in parts if p)
+        self._assign_inputs()
 
-    def _input_volumes(self, package) -> list:
-        """The volume on screen for a single-modality model; the logic's name matching otherwise."""
-        if len(package.modalities) == 1:
-            shown = self._volume_nodes.get(self.data.volume.loaded)
-            return [shown]
-        return self.logic.guessInputVolumes(package)
+    def _assign_inputs(self) -> None:
+        """One opened volume per modality of the model: the volume on screen for a single-modality
+        model; for several, the user's choices where still valid, else the logic's name matching."""
+        try:
+            package = self.logic.loadModel(self.data.model.selected)
+        except PackageError:
+            return
+        modalities = [m["name"] for m in package.modalities]
+        if len(modalities) == 1:
+            volumes = [self.data.volume.loaded or None]
+        else:
+            chosen = {i["modality"]: i["volume"] for i in self.data.model.inputs if i.get("volume") in self._volumes}
+            guessed = [n.GetName() if n is not None else None for n in self.logic.guessInputVolumes(package)]
+            volumes = [chosen.get(m, g) for m, g in zip(modalities, guessed)]
+        self.data.model.inputs = [{"modality": m, "volume": v} for m, v in zip(modalities, volumes)]
+
+    def _check_inputs(self, inputs: list[dict]) -> None:
+        missing = [i["modality"] for i in inputs if not i.get("volume")]
+        self.data.model.error = (f"open a volume for {', '.join(missing)} (one per input of the model)"
+                                 if missing and self._volumes else "")
+
+    def _input_volumes(self) -> list:
+        return [self._volumes.get(i.get("volume") or "") for i in self.data.model.inputs]
 
     # -- segmenting -----------------------------------------------------------------------------
     def segment(self) -> None:
@@ -238,7 +265,7 @@ class AttnSegWebApp:
         segment.error, segment.summary, segment.notices = "", "", []
         try:
             package = self.logic.loadModel(self.data.model.selected)
-            job = self.logic.prepare(self._input_volumes(package), package)
+            job = self.logic.prepare(self._input_volumes(), package)
         except (PackageError, ImageError, ValueError) as err:
             segment.error = str(err)
             return
@@ -272,17 +299,15 @@ class AttnSegWebApp:
                 log.exception("segmentation failed")
                 segment.error = f"Segmentation failed: {err}"
                 return
-            self._show_result(result)
+            self._show_result(result, task.job.package)
 
-    def _show_result(self, result) -> None:
-        if self._result is not None:
-            self._result.segmentationNode.SetDisplayVisibility(False)
-        self._result = result
-        volume = result.inputNodes[0]
+    def _show_result(self, result, package) -> None:
+        previous, self._result, self._package = self._result, result, package
         self.editor.deactivate_effect()
-        self.editor.set_active_segmentation(result.segmentationNode, volume)
+        self.editor.set_active_segmentation(result.segmentationNode, result.inputNodes[0])
         self.editor.set_surface_representation_enabled(True)
-        package = self.logic.loadModel(result.segmentationNode.GetAttribute("AttnSeg.Model"))
+        if previous is not None:
+            self._remove_result(previous)
         volumes = self._class_volumes(result, package)
         total = sum(result.timings.values())
         self.data.segment.summary = (f"{volumes} · {total:.1f} s on {result.provenance.get('device', '?')}")
@@ -292,12 +317,18 @@ class AttnSegWebApp:
         self.data.maps.selected = result.difficultyName
         self._on_map_changed()
         count = len(self.logic.doubtfulRegions(result.segmentationNode))
-        self.data.review.count, self.data.review.index = count, -1
+        self.data.review.count = count
         self.data.review.description = (f"{count} doubtful region{'s' if count != 1 else ''} "
                                         f"(difficulty ≥ 0.5); the most doubtful comes first."
                                         if count else "No region reaches difficulty 0.5.")
         self.data.export.message, self.data.export.error = "", ""
         self.data.has_result = True
+
+    def _remove_result(self, result) -> None:
+        """A new segmentation replaces the one on screen: its maps and model output go with it."""
+        for node in [result.segmentationNode, result.modelLabelNode, *result.mapNodes.values()]:
+            if node is not None and self.scene.GetNodeByID(node.GetID()) is not None:
+                self.scene.RemoveNode(node)
 
     @staticmethod
     def _class_volumes(result, package) -> str:
@@ -314,15 +345,16 @@ class AttnSegWebApp:
         node = self._result.mapNodes.get(maps.selected or "")
         self.logic.showMap(node, opacity=float(maps.opacity), backgroundNode=self._result.inputNodes[0])
         # Over a map the segmentation is drawn as its outline, so the map's colours stay readable.
-        self._segment_display.opacity_mode = (SegmentationOpacityEnum.OUTLINE if node is not None
-                                              else SegmentationOpacityEnum.BOTH)
+        mode = SegmentationOpacityEnum.OUTLINE if node is not None else SegmentationOpacityEnum.BOTH
+        self._segment_display.opacity_mode = mode  # the editor's Rendering panel shows it
+        if self.editor.active_segmentation_display:  # a new segmentation's display starts filled
+            self.editor.active_segmentation_display.set_opacity_mode(mode)
         if node is None:
             maps.meaning = maps.how_to_read = maps.legend_gradient = maps.legend_low = maps.legend_high = ""
             return
         legend = self.logic.mapLegend(node)
-        package = self.logic.loadModel(self._result.segmentationNode.GetAttribute("AttnSeg.Model"))
         maps.meaning = legend.meaning
-        maps.how_to_read = package.maps.get(legend.name.split(".")[0], {}).get("read", "")
+        maps.how_to_read = self._package.maps.get(legend.name.split(".")[0], {}).get("read", "")
         maps.legend_gradient = legend_gradient(legend.stops)
         maps.legend_low, maps.legend_high = format_value(legend.minimum), format_value(legend.maximum)
 
@@ -340,7 +372,7 @@ class AttnSegWebApp:
             return
         self.logic.centerSliceViews(stop.centroidRAS)
         region = stop.region
-        review.index, review.count = stop.index, stop.count
+        review.count = stop.count
         review.description = (f"Region {stop.index + 1} of {stop.count}: {region.volume_ml:.2f} ml, "
                               f"mean difficulty {region.mean_difficulty:.2f} (peak {region.max_difficulty:.2f})")
 
@@ -358,7 +390,10 @@ class AttnSegWebApp:
         export = self.data.export
         export.error = export.message = ""
         suffix = DOWNLOAD_FORMATS.get(fmt)
-        if self._result is None or suffix is None:
+        if suffix is None:
+            export.error = f"unknown format {fmt!r}; choose one of {', '.join(DOWNLOAD_FORMATS)}"
+            return None
+        if self._result is None:
             export.error = "segment a volume first"
             return None
         try:
