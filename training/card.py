@@ -26,7 +26,8 @@ def model_card(config: dict, network: SegmentationNetwork, split: dict[str, list
         "orientation": data.get("orientation"),
         "crop_to_nonzero": bool(data.get("crop_to_nonzero", False)),
         "patch_size_dhw": [int(p) for p in config["patch_size"]],
-        "inference": {"overlap": config["validation"]["overlap"], "batch_size": config["validation"]["batch_size"]},
+        "inference": {"overlap": config["validation"]["overlap"], "batch_size": config["validation"]["batch_size"],
+                      "tta_flip_axes": [int(a) for a in config["augmentation"]["flip_axes"]]},
         "maps": {name: {"meaning": text} for name, text in network.map_descriptions().items()},
         "training": {
             "dataset": data.get("reference") or data["layout"],

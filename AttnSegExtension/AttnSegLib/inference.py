@@ -9,6 +9,7 @@ CPU). Deterministic on the same device: no random ops, cuDNN autotuning off.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,6 @@ from .package import ModelPackage
 from .preprocess import to_model_frame
 
 ProgressCallback = Callable[[float, "float | None", str], None]
-_FLIPS = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
 
 
 class Cancelled(Exception):
@@ -88,6 +88,16 @@ def count_windows(image_size, roi_size, overlap: float) -> int:
     return total
 
 
+def flip_combinations(axes) -> list[tuple[int, ...]]:
+    """Every subset of the spatial ``axes`` (0 = D, 1 = H, 2 = W) as dims of an (N, C, D, H, W) tensor.
+
+    Only axes a model was trained to be symmetric along belong here: mirroring a hippocampus along
+    its anterior-posterior axis swaps the two classes, so its card lists the left-right axis alone.
+    """
+    dims = [int(a) + 2 for a in axes]
+    return [combo for r in range(len(dims) + 1) for combo in itertools.combinations(dims, r)]
+
+
 def versions() -> dict[str, str]:
     out = {"attnseg": __version__, "torch": torch.__version__, "SimpleITK": sitk.Version_VersionString()}
     for pkg in ("monai", "numpy", "safetensors"):
@@ -101,12 +111,11 @@ def versions() -> dict[str, str]:
 class _WindowRunner:
     """MONAI predictor callable: (B, M, d, h, w) window batch -> dict of (B, K, d, h, w) tensors.
 
-    Counts windows for progress, checks the cancel flag, applies flip TTA per window.
+    Counts windows for progress, checks the cancel flag, averages over the ``flips`` (TTA) per window.
     """
 
-    def __init__(self, network, class_count, tta, with_maps, autocast_dtype, total, progress, cancel):
-        self.network, self.class_count = network, class_count
-        self.flips = _FLIPS if tta else [()]
+    def __init__(self, network, flips, with_maps, autocast_dtype, total, progress, cancel):
+        self.network, self.flips = network, flips
         self.with_maps, self.autocast_dtype = with_maps, autocast_dtype
         self.total, self.done, self.started = total, 0, time.perf_counter()
         self.progress, self.cancel = progress, cancel
@@ -157,7 +166,9 @@ def _argmax_labels(probabilities: np.ndarray, slab: int = 8) -> np.ndarray:
 class Predictor:
     """``Predictor(package)`` or ``Predictor(network, card=card)``; then :meth:`predict`.
 
-    ``overlap`` and ``batch_size`` default to the card's ``inference`` section (0.5 and 2).
+    ``overlap`` and ``batch_size`` default to the card's ``inference`` section (0.5 and 2); with
+    ``tta`` the windows are averaged over mirrorings along the card's ``inference.tta_flip_axes``
+    (default all three: 8 passes).
     """
 
     def __init__(self, model: ModelPackage | torch.nn.Module, card: dict | None = None,
@@ -173,6 +184,7 @@ class Predictor:
         self.device = resolve_device(device)
         self.network = network.eval().to(self.device)
         self.tta, self.with_maps = tta, with_maps
+        self.flips = flip_combinations(settings.get("tta_flip_axes", (0, 1, 2))) if tta else [()]
         self.overlap = float(overlap if overlap is not None else settings.get("overlap", 0.5))
         self.batch_size = int(batch_size if batch_size is not None else settings.get("batch_size", 2))
         if not 0 <= self.overlap < 1:
@@ -191,7 +203,7 @@ class Predictor:
     def _sliding_window(self, x: torch.Tensor, progress, cancel) -> dict[str, torch.Tensor]:
         while True:
             runner = _WindowRunner(
-                self.network, len(self.class_names), self.tta, self.with_maps,
+                self.network, self.flips, self.with_maps,
                 torch.float16 if (self.half and self.device.type == "cuda") else None,
                 count_windows(x.shape[2:], self.patch_size, self.overlap), progress, cancel)
             try:
@@ -281,7 +293,7 @@ class Predictor:
             "package_path": str(self.package.path) if self.package else None,
             "device": str(self.device),
             "half_precision": bool(self.half and self.device.type == "cuda"),
-            "tta": self.tta, "overlap": self.overlap, "window_batch": self.batch_size,
+            "tta": self.tta, "tta_flips": len(self.flips), "overlap": self.overlap, "window_batch": self.batch_size,
             "patch_size_dhw": list(self.patch_size),
             "versions": versions(),
         }
