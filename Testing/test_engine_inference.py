@@ -124,3 +124,16 @@ def test_unavailable_devices_are_explained():
             resolve_device("cuda")
     with pytest.raises(ValueError, match="unknown device"):
         resolve_device("tpu")
+
+
+def test_review_map_follows_the_card(hippocampus_case):
+    """The card's ``inference.review_map`` (chosen at export by measured error detection) ranks the
+    review; without it a model's own difficulty map does."""
+    torch.manual_seed(0)
+    net = models.build("difficulty_aware", 1, 3)
+    card = card_for("difficulty_aware")
+    card["patch_size_dhw"] = [2 * net.divisor] * 3
+    image = read_image(hippocampus_case[0])
+    assert Predictor(net, card=card, device="cpu").predict([image]).difficulty_name == "difficulty"
+    card["inference"]["review_map"] = "uncertainty"
+    assert Predictor(net, card=card, device="cpu").predict([image]).difficulty_name == "uncertainty"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from AttnSegLib.image import Geometry, Image
-from AttnSegLib.metrics import evaluate_labels
+from AttnSegLib.metrics import error_detection_auroc, evaluate_labels
 from AttnSegLib.review import doubtful_regions
 
 
@@ -66,3 +66,16 @@ def test_doubtful_regions_are_ranked_by_doubt_mass():
     assert big.bbox_ijk == ((10, 16), (10, 16), (10, 16))
     assert small.max_difficulty == pytest.approx(0.9)
     assert doubtful_regions(Image(difficulty, geometry), threshold=0.95) == []
+
+
+def test_error_detection_auroc_by_hand():
+    errors = np.zeros((2, 2, 2), bool)
+    errors[0, 0, :] = True
+    doubt = np.zeros((2, 2, 2), np.float32)
+    doubt[0, 0, :] = 0.9  # every error ranked above every right voxel
+    assert error_detection_auroc(doubt, errors) == pytest.approx(1.0)
+    assert error_detection_auroc(1 - doubt, errors) == pytest.approx(0.0)
+    assert error_detection_auroc(np.full((2, 2, 2), 0.5, np.float32), errors) == pytest.approx(0.5)
+    doubt[0, 0, 1], doubt[1, 1, 1] = 0.2, 0.3  # one of 2 x 6 pairs out of order
+    assert error_detection_auroc(doubt, errors) == pytest.approx(11 / 12)
+    assert error_detection_auroc(doubt, np.zeros_like(errors)) is None

@@ -59,6 +59,7 @@ def test_zip_package_loads(package_dir, tmp_path):
     ({"classes": [{"value": 0, "name": "bg"}]}, "'classes' must list"),
     ({"patch_size_dhw": [16, 16]}, "patch_size_dhw"),
     ({"weights_sha256": "0" * 64}, "does not match the card"),
+    ({"inference": {"review_map": "difficulty"}}, "'inference.review_map' must be 'uncertainty' or one of"),
 ])
 def test_bad_cards_are_refused(package_dir, change, message):
     _edit_card(package_dir, **change)

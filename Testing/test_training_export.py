@@ -65,6 +65,8 @@ def test_card_holds_what_the_product_and_a_reader_need(trained_run, package):
     assert metrics["split"] == "validation" and metrics["cases"] == 1
     assert set(metrics["dice"]) == {"Anterior", "Posterior"} and 0 <= metrics["mean_dice"] <= 1
     assert metrics["training_validation"]["iteration"] == trained_run.best["iteration"]
+    # a U-Net's only doubt map is its uncertainty: measured, and chosen to rank the review
+    assert set(metrics["error_detection_auroc"]) == {"uncertainty"} and card["inference"]["review_map"] == "uncertainty"
     assert len(package.sha256) == 64 and (package.path / "weights.safetensors").is_file()
 
 
@@ -98,9 +100,19 @@ def test_evaluate_writes_per_case_metrics_a_summary_and_a_box_plot(trained_run, 
     assert summary["dice"]["Anterior"] == pytest.approx(np.mean([float(r["dice"]) for r in rows if r["class"] == "Anterior"]), abs=1e-3)
     assert (out / "boxplot.png").stat().st_size > 10_000
     assert "5 all cases, mean foreground Dice" in capsys.readouterr().out
+    assert "error_detection_auroc" not in summary  # only measured with --maps
 
     # the validation split alone reproduces the card's measured metrics
     assert evaluate.main(["--model", str(package.path), "--data", str(data), "--output", str(tmp_path / "val"),
                           "--device", "cpu"]) == 0
     validation = json.loads((tmp_path / "val" / "summary.json").read_text())
     assert validation["cases"] == 1 and validation["dice"] == package.card["metrics"]["dice"]
+
+
+def test_evaluate_with_maps_measures_how_well_the_doubt_maps_find_the_errors(trained_run, package, tmp_path, capsys):
+    data = trained_run.output.parent / "msd"
+    assert evaluate.main(["--model", str(package.path), "--data", str(data), "--split", "all", "--maps",
+                          "--output", str(tmp_path / "eval"), "--device", "cpu"]) == 0
+    auroc = json.loads((tmp_path / "eval" / "summary.json").read_text())["error_detection_auroc"]
+    assert set(auroc) == {"uncertainty"} and 0 <= auroc["uncertainty"] <= 1  # 6 iterations: any ranking
+    assert "uncertainty finds the wrong voxels with AUROC" in capsys.readouterr().out

@@ -76,7 +76,7 @@ def evaluate(package, case_names: list[str], device: str) -> dict[str, dict[str,
     data, root = dataset_description(package.card, str(common.data_root() / stored_root.name), None)
     cases = [c for c in find_cases(data, root) if c.name in set(case_names)]
     predictor = Predictor(package, device=device, with_maps=False)
-    return evaluate_cases(predictor, cases, data, progress=False)
+    return evaluate_cases(predictor, cases, data, progress=False).scores
 
 
 def foreground_dice(per_case: dict[str, dict[str, dict]]) -> dict[str, float]:

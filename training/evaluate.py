@@ -1,5 +1,6 @@
 """Evaluate a model package on labelled cases: per-case Dice, ASD and HD95 per class (CSV), a
-summary (JSON) and a box plot (PNG).
+summary (JSON) and a box plot (PNG); with ``--maps``, also how well each doubt map (uncertainty, and
+the model's difficulty where it has one) finds the wrongly labelled voxels (AUROC per case).
 
     python -m training.evaluate --model Resources/Models/hippocampus_unet \\
         --data ../shared/data/hippocampus --split validation --output runs/eval_hippocampus
@@ -17,6 +18,7 @@ import argparse
 import csv
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,8 @@ from tqdm import tqdm
 
 from AttnSegLib.image import ImageError, read_image
 from AttnSegLib.inference import Predictor
-from AttnSegLib.metrics import evaluate_labels
+from AttnSegLib.maps import DOUBT_MAPS
+from AttnSegLib.metrics import error_detection_auroc, evaluate_labels
 from AttnSegLib.package import PackageError, load_package
 
 from .config import ConfigError, load_config, resolve_path
@@ -62,21 +65,46 @@ def select_split(cases: list[CaseFiles], card: dict, split: str) -> list[CaseFil
     return chosen
 
 
-def evaluate_case(predictor: Predictor, case: CaseFiles, data: dict) -> dict[str, dict]:
-    """Predict one case from its files and score it on its own grid: class name -> metrics."""
+@dataclass
+class Evaluation:
+    """``scores``: case -> class name -> {"dice", "asd_mm", "hd95_mm", "reference_ml", "prediction_ml"};
+    ``error_detection``: case -> doubt map -> AUROC of finding the wrong voxels (empty without maps)."""
+    scores: dict[str, dict[str, dict]] = field(default_factory=dict)
+    error_detection: dict[str, dict[str, float | None]] = field(default_factory=dict)
+
+
+def evaluate_case(predictor: Predictor, case: CaseFiles, data: dict) -> tuple[dict[str, dict], dict[str, float | None]]:
+    """Predict one case from its files and score it on its own grid: (class name -> metrics,
+    doubt map -> error-detection AUROC, for the doubt maps the predictor made)."""
     result = predictor.predict([read_image(p) for p in case.images])
     label = read_image(case.label)
     reference = label.with_array(check_label_values(label.array, label_lookup(data["classes"]), str(case.label)))
     reference = label_on_grid(reference, result.labels.geometry)
     names = {c["value"]: c["name"] for c in data["classes"] if c["value"] != 0}
-    return evaluate_labels(result.labels, reference, result.labels.geometry.spacing, names)
+    scores = evaluate_labels(result.labels, reference, result.labels.geometry.spacing, names)
+    errors = result.labels.array != reference
+    detection = {name: error_detection_auroc(result.maps[name], errors) for name in DOUBT_MAPS if name in result.maps}
+    return scores, detection
 
 
-def evaluate_cases(predictor: Predictor, cases: list[CaseFiles], data: dict,
-                   progress: bool = True) -> dict[str, dict[str, dict]]:
-    """case name -> class name -> {"dice", "asd_mm", "hd95_mm", "reference_ml", "prediction_ml"}."""
-    return {case.name: evaluate_case(predictor, case, data)
-            for case in tqdm(cases, desc="evaluate", disable=not progress)}
+def evaluate_cases(predictor: Predictor, cases: list[CaseFiles], data: dict, progress: bool = True) -> Evaluation:
+    evaluation = Evaluation()
+    for case in tqdm(cases, desc="evaluate", disable=not progress):
+        evaluation.scores[case.name], detection = evaluate_case(predictor, case, data)
+        if predictor.with_maps:
+            evaluation.error_detection[case.name] = detection
+    return evaluation
+
+
+def summarize_error_detection(error_detection: dict[str, dict[str, float | None]]) -> dict[str, float]:
+    """Doubt map -> mean AUROC over the cases that have errors (higher finds the errors better)."""
+    names = {name for per_map in error_detection.values() for name in per_map}
+    means = {}
+    for name in sorted(names):
+        values = [v[name] for v in error_detection.values() if v.get(name) is not None]
+        if values:
+            means[name] = round(float(np.mean(values)), 4)
+    return means
 
 
 def summarize(per_case: dict[str, dict[str, dict]], split: str) -> dict:
@@ -119,6 +147,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="folder for metrics.csv, summary.json, boxplot.png")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    parser.add_argument("--maps", action="store_true",
+                        help="also measure how well each doubt map finds the wrong voxels (AUROC)")
     return parser.parse_args(argv)
 
 
@@ -128,14 +158,17 @@ def main(argv=None) -> int:
         package = load_package(args.model)
         data, root = dataset_description(package.card, args.data, args.layout)
         cases = select_split(find_cases(data, root), package.card, args.split)
-        predictor = Predictor(package, device=args.device, tta=args.tta, with_maps=False)
-        per_case = evaluate_cases(predictor, cases, data)
+        predictor = Predictor(package, device=args.device, tta=args.tta, with_maps=args.maps)
+        evaluation = evaluate_cases(predictor, cases, data)
     except (PackageError, ConfigError, DatasetError, ImageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = resolve_path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    per_case = evaluation.scores
     summary = summarize(per_case, args.split)
+    if evaluation.error_detection:
+        summary["error_detection_auroc"] = summarize_error_detection(evaluation.error_detection)
     write_csv(per_case, out / "metrics.csv")
     (out / "summary.json").write_text(json.dumps({"model": package.name, "sha256": package.sha256, **summary},
                                                  indent=1) + "\n")
@@ -144,6 +177,8 @@ def main(argv=None) -> int:
     for name in summary["dice"]:
         print(f"  {name}: Dice {summary['dice'][name]:.4f}, ASD {summary['asd_mm'][name]} mm, "
               f"HD95 {summary['hd95_mm'][name]} mm")
+    for name, auroc in summary.get("error_detection_auroc", {}).items():
+        print(f"  {name} finds the wrong voxels with AUROC {auroc:.4f}")
     print(f"results in {out}")
     return 0
 

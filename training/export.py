@@ -5,7 +5,9 @@
 The card carries the architecture and kwargs, modalities, classes, spacing, orientation, patch size, the
 network's maps with their meaning, the data attribution and the split sizes, and the validation
 metrics measured on the exported network through the product path (``Predictor.predict`` on the
-original validation images, Dice / ASD / HD95 on the input grid; see :mod:`training.evaluate`).
+original validation images, Dice / ASD / HD95 on the input grid; see :mod:`training.evaluate`), with
+how well each doubt map finds the wrongly labelled voxels (AUROC); the best of them becomes the card's
+``inference.review_map``, the map the review ranks doubtful regions by.
 The package is written by ``AttnSegLib.package.save_package``, which hashes and reloads it.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from AttnSegLib.package import ModelPackage, PackageError, save_package
 from .card import model_card
 from .config import ConfigError, load_config, resolve_path
 from .data import DatasetError, find_cases
-from .evaluate import evaluate_cases, summarize
+from .evaluate import evaluate_cases, summarize, summarize_error_detection
 
 WEIGHTS = {"best": "best.safetensors", "last": "last.safetensors"}
 
@@ -50,8 +52,12 @@ def export_run(run: str | Path, output: str | Path, weights: str = "best", name:
 
     held_out = set(split["validation"])
     cases = [c for c in find_cases(data, resolve_path(data["root"])) if c.name in held_out]
-    per_case = evaluate_cases(Predictor(network, card=card, device=device, with_maps=False), cases, data, progress)
-    card["metrics"] = {**summarize(per_case, "validation"), "weights": weights}
+    evaluation = evaluate_cases(Predictor(network, card=card, device=device), cases, data, progress)
+    detection = summarize_error_detection(evaluation.error_detection)
+    card["metrics"] = {**summarize(evaluation.scores, "validation"), "error_detection_auroc": detection,
+                       "weights": weights}
+    if detection:  # review the regions of the map that found the validation errors best
+        card["inference"]["review_map"] = max(detection, key=detection.get)
     metrics_file = run / "metrics.json"
     if metrics_file.is_file():
         card["metrics"]["training_validation"] = json.loads(metrics_file.read_text())

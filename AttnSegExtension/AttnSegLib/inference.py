@@ -279,11 +279,20 @@ class Predictor:
             labels=Image(labels, geometry),
             probabilities=Image(probs_grid.astype(np.float32, copy=False), geometry),
             maps=maps,
-            difficulty_name="difficulty" if "difficulty" in maps else "uncertainty",
+            difficulty_name=self.review_map_name(maps),
             timings=timings,
             provenance=self.provenance(),
             notices=prepared.notices + self.notices,
         )
+
+    def review_map_name(self, maps: dict) -> str:
+        """The map that ranks doubtful regions: the card's ``inference.review_map`` (chosen at export as
+        the map that found the validation errors best), else ``difficulty`` when the model has one, else
+        ``uncertainty``."""
+        chosen = self.card.get("inference", {}).get("review_map")
+        if chosen in maps:
+            return chosen
+        return "difficulty" if "difficulty" in maps else "uncertainty"
 
     def provenance(self) -> dict:
         return {

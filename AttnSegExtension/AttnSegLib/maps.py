@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 _EPS = 1e-7
+# Maps whose high values mean "doubtful": the candidates for ranking the regions a clinician reviews.
+DOUBT_MAPS = ("uncertainty", "difficulty")
 
 
 def normalized_entropy(probabilities: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 import torch
-from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
+from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance, compute_roc_auc
 
 from .image import Image
 
@@ -74,3 +74,14 @@ def _overlap_and_distances(p: torch.Tensor, r: torch.Tensor, spacing_dhw) -> dic
 def mean_over_classes(per_class: dict[str, dict], key: str) -> float | None:
     values = [m[key] for m in per_class.values() if m.get(key) is not None]
     return float(np.mean(values)) if values else None
+
+
+def error_detection_auroc(doubt: Image | np.ndarray, errors: np.ndarray) -> float | None:
+    """How well a doubt map (D, H, W), high = doubtful, ranks the wrongly labelled voxels (D, H, W bool)
+    above the right ones: the area under the ROC curve (0.5 = no better than chance, 1 = every error
+    ranked first), MONAI's ``compute_roc_auc``. None when the segmentation has no error or no right voxel."""
+    wrong = np.asarray(errors, dtype=bool).ravel()
+    if wrong.all() or not wrong.any():
+        return None
+    scores = torch.from_numpy(np.ascontiguousarray(_as_array(doubt), dtype=np.float32).ravel())
+    return float(compute_roc_auc(scores, torch.from_numpy(wrong.astype(np.float32))))

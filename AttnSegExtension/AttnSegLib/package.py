@@ -207,6 +207,9 @@ def validate_card(card: dict, where: str) -> None:
     maps = card.get("maps", {})
     require(isinstance(maps, dict) and all(isinstance(v, dict) for v in maps.values()),
             "'maps' must be an object of map name -> {meaning, read}")
+    review = settings.get("review_map", "uncertainty")
+    require(review == "uncertainty" or review in maps,
+            f"'inference.review_map' must be 'uncertainty' or one of the card's maps, not {review!r}")
     require(isinstance(card["weights_sha256"], str), "'weights_sha256' must be a hex string")
 
 
