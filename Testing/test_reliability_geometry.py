@@ -149,7 +149,7 @@ def test_shipped_package_segments_the_real_case(shipped_results, hippocampus_cas
     package, results = shipped_results
     reference = read_image(hippocampus_case[1])
     scores = evaluate_labels(results["original"].labels.array, reference.array, reference.geometry.spacing, [1, 2])
-    assert package.name == "hippocampus_unet"
+    assert package.name.startswith("hippocampus_") and package.card["metrics"]["mean_dice"] > 0.85
     assert scores["1"]["dice"] > 0.8 and scores["2"]["dice"] > 0.8, scores
 
 
