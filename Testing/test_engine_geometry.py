@@ -2,6 +2,9 @@
 volume stored in another axis order gives the same segmentation in physical space."""
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -20,6 +23,15 @@ def test_write_read_keeps_geometry_in_every_format(tmp_path, hippocampus_case):
         back = read_image(write_image(image, tmp_path / f"case{suffix}"))
         assert back.geometry.same_grid(image.geometry)
         np.testing.assert_array_equal(back.array, image.array)
+
+
+def test_written_files_get_the_users_usual_permissions(tmp_path, hippocampus_case):
+    """Atomic writes go through a private temporary file; the result is readable like any file the
+    user makes (mode 0666 minus the umask), not left owner-only."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    path = write_image(read_image(hippocampus_case[0]), tmp_path / "case.nii.gz")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
 
 
 def test_dicom_series_folder_is_read_with_geometry(tmp_path, hippocampus_case):

@@ -350,11 +350,22 @@ def write_image(image: Image, path: str | os.PathLike, compression_level: int = 
                 plain.unlink(missing_ok=True)
         else:
             _sitk_write(image, Path(tmp), path, True, compression_level)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a written image gets the user's usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _read_umask() -> int:
+    """The process umask (read once at import: setting it to read it is not thread-safe)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 def _sitk_write(image: Image, path: Path, target: Path, compress: bool, level: int) -> None:
