@@ -13,8 +13,10 @@ import yaml
 from safetensors.torch import load_file
 
 from AttnSegLib import models
+from AttnSegLib.package import save_package
 from training import train
-from training.config import CONFIG_DIR
+from training.card import model_card
+from training.config import CONFIG_DIR, ConfigError
 from training.engine import ResumeError, Trainer
 from training.losses import AlternatingLoss
 from training.schedules import LearningRateFactor
@@ -123,6 +125,22 @@ def test_command_line_run_writes_its_outputs_and_refuses_to_overwrite(small_msd,
     changed = {**config, "patch_size": [16, 16, 16]}
     with pytest.raises(ResumeError, match="config changed in patch_size"):
         Trainer(changed, resume=True, progress=False)
+
+
+def test_fine_tuning_starts_from_a_package_and_refuses_one_that_does_not_fit(small_msd, tmp_path):
+    """``model.init_from``: a run on corrected cases starts from the shipped weights."""
+    config = small_config("ci", small_msd, tmp_path / "run", iterations=2)
+    torch.manual_seed(1)
+    donor = models.build("unet", in_channels=1, num_classes=3, **config["model"]["kwargs"])
+    package = save_package(tmp_path / "donor", model_card(config, donor), donor.state_dict())
+    trainer = Trainer({**config, "model": {**config["model"], "init_from": str(package.path)}}, progress=False)
+    for key, value in donor.state_dict().items():
+        assert torch.equal(trainer.network.state_dict()[key], value), key
+
+    other = {**config, "output_dir": str(tmp_path / "other"),
+             "model": {"architecture": "unet", "kwargs": {"features": [4, 8]}, "init_from": str(package.path)}}
+    with pytest.raises(ConfigError, match="its model kwargs differ from this config's"):
+        Trainer(other, progress=False)
 
 
 @pytest.mark.parametrize("settings, expected", [

@@ -16,7 +16,8 @@ Top-level keys::
     seed            one integer seeds the split, the weights and every patch (exact resume)
     data            layout, root, modalities, classes, spacing_xyz_mm, orientation, crop_to_nonzero,
                     validation_fraction, licence, attribution, reference
-    model           architecture (registry name) and kwargs
+    model           architecture (registry name) and kwargs; ``init_from`` (optional): a model package
+                    whose weights the run starts from (fine-tuning, e.g. on corrected cases)
     patch_size      [D, H, W] in voxels of the model frame
     batch_size      patches per step and process
     sampling        foreground_ratio (pos/neg crops) or class_ratios (one weight per class)

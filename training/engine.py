@@ -47,9 +47,10 @@ from tqdm import tqdm
 from AttnSegLib import models
 from AttnSegLib.models import SegOutput
 from AttnSegLib.inference import Predictor, resolve_device
+from AttnSegLib.package import load_package
 
 from .card import model_card
-from .config import resolve_path
+from .config import ConfigError, resolve_path
 from .plots import plot_curves
 from .data import Case, find_cases, load_cases, load_or_make_split
 from .losses import AlternatingLoss
@@ -159,6 +160,8 @@ class Trainer:
         if bad:
             raise ValueError(f"patch_size {config['patch_size']} must be divisible by {self.network.divisor} "
                              f"for {model_cfg['architecture']} with these kwargs")
+        if model_cfg.get("init_from") and not resume:
+            self._initialise_from_package(model_cfg["init_from"])
         self.card = model_card(config, self.network, self.split)
         self.loss = build_loss(model_cfg["architecture"], config["loss"])
         self._build_optimizers()
@@ -196,6 +199,23 @@ class Trainer:
             if changed:
                 raise ResumeError(f"cannot resume {self.output}: the config changed in {', '.join(changed)}; "
                                   "resume with the run's own config.yaml or start a new run")
+
+    def _initialise_from_package(self, name_or_path: str) -> None:
+        """Start from a shipped package's weights (fine-tuning, e.g. on corrected cases): same
+        architecture, kwargs, modality count and classes, or an error that says which differs."""
+        package = load_package(name_or_path)
+        model_cfg, data = self.config["model"], self.config["data"]
+        theirs = package.card["architecture"]
+        differences = [what for what, same in (
+            ("architecture", theirs["name"] == model_cfg["architecture"]),
+            ("model kwargs", dict(theirs.get("kwargs", {})) == dict(model_cfg["kwargs"])),
+            ("number of modalities", len(package.modalities) == len(data["modalities"])),
+            ("classes", [c["name"] for c in package.classes] == self.class_names),
+        ) if not same]
+        if differences:
+            raise ConfigError(f"model.init_from {package.name}: its {', '.join(differences)} differ from this "
+                             "config's; copy them from the package's model.json or train from scratch")
+        self.network.load_state_dict(package.build_network().state_dict(), strict=True)
 
     def _build_optimizers(self) -> None:
         """One optimiser and scheduler, or two (segmenter, confidence network) for an alternating loss."""

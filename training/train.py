@@ -13,6 +13,8 @@ import sys
 
 import torch
 
+from AttnSegLib.package import PackageError
+
 from .config import ConfigError, load_config, resolve_path
 from .data import DatasetError
 from .engine import ResumeError, Trainer
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
         trainer = Trainer(config, args.output, resume=args.resume, device=args.device,
                           progress=not args.no_progress)
         best = trainer.fit(stop_at=args.stop_at)
-    except (ConfigError, DatasetError, ResumeError) as err:
+    except (ConfigError, DatasetError, ResumeError, PackageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if trainer.is_main and best.get("iteration") is not None:
