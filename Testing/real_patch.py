@@ -1,8 +1,9 @@
 """One real labelled patch for fitting tests: a case read with SimpleITK, z-scored, cropped (or padded)
-to a size the network accepts, centred on the labelled structure."""
+to a size the network accepts, centred on the labelled structure; and the fitting loop itself."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -32,3 +33,16 @@ def labelled_patch(image_path: Path, label_path: Path, size) -> tuple[torch.Tens
     x = torch.from_numpy(_crop_or_pad(image, centre, size))[None, None]
     y = torch.from_numpy(_crop_or_pad(label, centre, size))[None]
     return x, y
+
+
+def fit(net: torch.nn.Module, loss_at: Callable[[int], tuple[torch.Tensor, dict]], steps: int, lr: float) -> list[dict]:
+    """``steps`` Adam steps on ``loss_at(step) -> (loss, parts)``; the parts of every step, as floats."""
+    optimiser = torch.optim.Adam(net.parameters(), lr=lr)
+    history = []
+    for step in range(steps):
+        loss, parts = loss_at(step)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        history.append({"total": loss.item(), **{k: float(v) for k, v in parts.items()}})
+    return history

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from real_patch import labelled_patch
+from real_patch import fit, labelled_patch
 
 from AttnSegLib import models
 from AttnSegLib.models.cga_unet import (PAPER_CONFIGURATION, SupervisedAttentionModule, class_prototypes,
@@ -179,14 +179,7 @@ def test_fitting_a_real_patch_lowers_the_loss(hippocampus_case):
     x, y = labelled_patch(*hippocampus_case, (32, 48, 32))
     net = models.build("cga_unet", 1, 3, downsampling=4, **SMALL).train()
     loss_fn = build_cga_unet_loss(inter_start_epoch=10)
-    optimiser = torch.optim.Adam(net.parameters(), lr=3e-3)
-    history = []
-    for step in range(30):                                                # one step per "epoch"
-        loss, parts = loss_fn(net(x), y, epoch=step)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        history.append(parts)
+    history = fit(net, lambda step: loss_fn(net(x), y, epoch=step), steps=30, lr=3e-3)  # a step per "epoch"
     first, last = history[0], history[-1]
     assert last["total"] < 0.8 * first["total"]
     assert last["dice"] < 0.8 * first["dice"]

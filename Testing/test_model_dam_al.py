@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from real_patch import labelled_patch
+from real_patch import fit, labelled_patch
 from scipy.spatial.distance import cdist
 
 from AttnSegLib import models
@@ -167,14 +167,7 @@ def test_fitting_a_real_patch_lowers_both_terms(hippocampus_case):
     x, y = labelled_patch(*hippocampus_case, (32, 48, 32))
     net = models.build("dam_al", 1, 3, **SMALL).train()
     loss_fn = build_dam_al_loss()
-    optimiser = torch.optim.Adam(net.parameters(), lr=1e-2)
-    history = []
-    for _ in range(20):
-        loss, parts = loss_fn(net(x), y)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        history.append(parts)
+    history = fit(net, lambda _: loss_fn(net(x), y), steps=20, lr=1e-2)
     first, last = history[0], history[-1]
     assert last["total"] < 0.6 * first["total"]
     assert last["attention"] < 0.6 * first["attention"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from real_patch import labelled_patch
+from real_patch import fit, labelled_patch
 
 from AttnSegLib import models
 from AttnSegLib.models.blocks import ChannelSelfAttention, DensePositionAttention
@@ -197,14 +197,7 @@ def test_dual_supervision_fits_a_real_patch(hippocampus_case):
     assert set(y.unique().tolist()) == {0, 1, 2}
     net = models.build("mda_unet", 1, 3, base_features=4).train()
     loss = build_mda_unet_loss()
-    optimiser = torch.optim.Adam(net.parameters(), lr=5e-3)
-    history = []
-    for _ in range(30):
-        optimiser.zero_grad()
-        total, parts = loss(net(x), y)
-        total.backward()
-        optimiser.step()
-        history.append((total.item(), parts["output_bce"].item(), parts["coarse_bce"].item()))
+    history = fit(net, lambda _: loss(net(x), y), steps=30, lr=5e-3)
     first, last = history[0], history[-1]
-    assert last[0] < 0.7 * first[0], history
-    assert last[1] < 0.7 * first[1] and last[2] < 0.7 * first[2], history
+    assert last["total"] < 0.7 * first["total"], history
+    assert last["output_bce"] < 0.7 * first["output_bce"] and last["coarse_bce"] < 0.7 * first["coarse_bce"], history

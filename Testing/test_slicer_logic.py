@@ -23,8 +23,9 @@ from AttnSegLib.inference import Predictor
 from AttnSegLib.metrics import evaluate_labels
 from AttnSegLib.package import default_package, save_package
 from AttnSegLib.slicer_logic import (ATTRIBUTE, REF_DIFFICULTY, REF_INPUT, REF_MAP, REF_SEGMENTATION,
-                                     AttnSegLogic, Cancelled, CorrectionError, SegmentationTask, colorScale,
-                                     imageFromVolumeNode, newScene, volumeNodeFromImage)
+                                     AttnSegLogic, Cancelled, CorrectionError, SegmentationTask, arrayToMatrix,
+                                     colorScale, imageFromVolumeNode, matrixToArray, newScene,
+                                     volumeNodeFromImage)
 from AttnSegLib.screenshot import render_review
 from conftest import REPO
 
@@ -103,15 +104,7 @@ def segmented(logic, plumbing_package):
 def _ijk_to_ras(node) -> np.ndarray:
     matrix = vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def _matrix(array: np.ndarray) -> vtkMatrix4x4:
-    matrix = vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(array[r, c]))
-    return matrix
+    return matrixToArray(matrix)
 
 
 def _on_grid(labels: Image, grid: Image) -> np.ndarray:
@@ -123,7 +116,7 @@ def _on_grid(labels: Image, grid: Image) -> np.ndarray:
 def _oriented(image: Image, mask: np.ndarray):
     oriented = slicer.vtkOrientedImageData()
     oriented.SetDimensions(*image.geometry.size)
-    oriented.SetImageToWorldMatrix(_matrix(image.geometry.ijk_to_ras()))
+    oriented.SetImageToWorldMatrix(arrayToMatrix(image.geometry.ijk_to_ras()))
     oriented.GetPointData().SetScalars(numpy_support.numpy_to_vtk(mask.astype(np.uint8).ravel(), deep=True))
     return oriented
 

@@ -112,11 +112,13 @@ def _defaultScene():
 
 
 # -- volume nodes <-> engine images ----------------------------------------------------------------
-def _matrixToArray(matrix: vtkMatrix4x4) -> np.ndarray:
+def matrixToArray(matrix: vtkMatrix4x4) -> np.ndarray:
+    """vtkMatrix4x4 -> (4, 4) numpy array."""
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
-def _arrayToMatrix(array: np.ndarray) -> vtkMatrix4x4:
+def arrayToMatrix(array: np.ndarray) -> vtkMatrix4x4:
+    """(4, 4) numpy array -> vtkMatrix4x4."""
     matrix = vtkMatrix4x4()
     for r in range(4):
         for c in range(4):
@@ -128,7 +130,7 @@ def _ijkToWorldRas(node) -> np.ndarray:
     """4x4 IJK -> world RAS of a volume node, through its parent transform when that is linear."""
     matrix = vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
-    ijkToRas = _matrixToArray(matrix)
+    ijkToRas = matrixToArray(matrix)
     parent = node.GetParentTransformNode()
     if parent is not None:
         if not parent.IsTransformToWorldLinear():
@@ -136,7 +138,7 @@ def _ijkToWorldRas(node) -> np.ndarray:
                              "(Data module, right-click > Harden transform) and segment again")
         toWorld = vtkMatrix4x4()
         parent.GetMatrixTransformToWorld(toWorld)
-        ijkToRas = _matrixToArray(toWorld) @ ijkToRas
+        ijkToRas = matrixToArray(toWorld) @ ijkToRas
     return ijkToRas
 
 
@@ -166,7 +168,7 @@ def volumeNodeFromImage(image: Image, scene, name: str, className: str = "vtkMRM
         array = array.astype(np.uint8)
     imageData.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array.ravel(), deep=True))
     node = scene.AddNewNodeByClass(className, scene.GenerateUniqueName(name))
-    node.SetIJKToRASMatrix(_arrayToMatrix(image.geometry.ijk_to_ras()))
+    node.SetIJKToRASMatrix(arrayToMatrix(image.geometry.ijk_to_ras()))
     node.SetAndObserveImageData(imageData)
     return node
 
@@ -457,7 +459,7 @@ class AttnSegLogic:
         segmentation = segmentationNode.GetSegmentation()
         labelmapName = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
         segmentation.SetSourceRepresentationName(labelmapName)
-        ijkToRas = _arrayToMatrix(labels.geometry.ijk_to_ras())
+        ijkToRas = arrayToMatrix(labels.geometry.ijk_to_ras())
         for cls in classes[1:]:
             mask = slicer.vtkOrientedImageData()
             mask.SetDimensions(*labels.geometry.size)
