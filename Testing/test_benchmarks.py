@@ -61,6 +61,26 @@ def test_quick_inference_measures_the_default_model_on_both_volumes_in_fresh_pro
     assert all(m["trained"] == (m["name"] not in stand_ins) for m in quick_report["models"])
 
 
+def test_runs_made_apart_merge_into_the_report_one_run_would_give(quick_report, tmp_path):
+    parts = []
+    for volume in ("whole_brain", "hippocampus"):
+        part = tmp_path / f"{volume}.json"
+        part.write_text(json.dumps({**quick_report, "results": [r for r in quick_report["results"]
+                                                                   if r["volume"] == volume]}))
+        parts.append(str(part))
+    merged = run_script("inference.py", "--merge", *parts, "--output", str(tmp_path / "merged.json"), "--json")
+    assert merged["merged_runs"] == 2 and merged["results"] == quick_report["results"]
+    for key in ("headline_model", "ratio_vs_monai", "stages_s", "peak_rss_mb", "maps_cost_fraction", "targets"):
+        assert merged[key] == quick_report[key], key
+    assert "from 2 runs made side by side" in (tmp_path / "merged.md").read_text()
+    other_clock = tmp_path / "other_clock.json"
+    other_clock.write_text(json.dumps({**quick_report, "clock": "cpu" if quick_report["clock"] == "wall" else "wall"}))
+    refused = subprocess.run([sys.executable, str(REPO / "benchmarks" / "inference.py"), "--merge", parts[0],
+                              str(other_clock), "--output", str(tmp_path / "refused.json")],
+                             capture_output=True, text=True, cwd=REPO)
+    assert refused.returncode != 0 and "clock" in refused.stderr and not (tmp_path / "refused.json").exists()
+
+
 def test_tiny_scaling_run_fits_exponents_and_plots(tmp_path, data_dir):
     report = run_script("scaling.py", "--sizes", "40", "--block-sizes", "6", "10", "--blocks", "rsa", "non_local",
                         "--output", str(tmp_path), "--json")
@@ -74,3 +94,28 @@ def test_tiny_scaling_run_fits_exponents_and_plots(tmp_path, data_dir):
     flops = report["exponents"]
     # The non-local block's S x S attention makes its FLOPs grow faster with the voxels than slice attention's.
     assert flops["non_local"]["flops"] > flops["rsa"]["flops"] >= 0.9
+
+
+def test_quick_accuracy_scores_a_package_against_the_unet_and_its_doubt_maps(tmp_path, data_dir):
+    report = run_script("accuracy.py", "--model", "hippocampus_difficulty_aware", "--cases", "3",
+                        "--output", str(tmp_path / "accuracy.json"), "--json")
+    assert report["cases"] == 3 and len(report["case_names"]) == 3
+    assert report["classes"] == ["Anterior", "Posterior"]
+    rows = {r["model"]: r for r in report["rows"]}
+    assert set(rows) == {"hippocampus_unet", "hippocampus_difficulty_aware"}
+    assert report["baseline"] == "hippocampus_unet"
+    for r in rows.values():
+        assert all(0.5 < r["dice"][c] <= 1 for c in report["classes"]), r["dice"]  # trained: far above chance
+        assert r["mean_dice"] == pytest.approx(sum(r["dice"].values()) / 2, abs=1e-3)
+        assert all(r[m][c] >= 0 for m in ("asd_mm", "hd95_mm") for c in report["classes"])
+        detection = r["error_detection_auroc"]
+        # Measured here on the maps, beside what the card states; the review map is one of those measured.
+        assert detection["review_map"] in detection["measured"]
+        assert all(0 <= auroc <= 1 for auroc in detection["measured"].values())
+        assert set(detection["measured"]) <= set(detection["card"])
+    assert "difficulty" in rows["hippocampus_difficulty_aware"]["error_detection_auroc"]["measured"]
+    versus = rows["hippocampus_difficulty_aware"]["versus_baseline"]
+    assert 0 <= versus["wilcoxon_p"] <= 1 and versus["cases_better"] + versus["cases_worse"] <= 3
+    assert "versus_baseline" not in rows["hippocampus_unet"]
+    table = (tmp_path / "accuracy.md").read_text()
+    assert "nnU-Net (published)" in table and "hippocampus_difficulty_aware" in table

@@ -1,21 +1,29 @@
-"""Dice, ASD and HD95 of every shipped package on its held-out validation cases, next to the U-Net
+"""Dice, ASD and HD95 of every shipped hippocampus package (``--dataset``) on its held-out validation
+cases, and how well its doubt maps find its errors, next to the U-Net
 baseline trained with the same budget and the published nnU-Net figure.
 
     python benchmarks/accuracy.py            # writes benchmarks/results/accuracy.{md,json}
-    python benchmarks/accuracy.py --json
+    python benchmarks/accuracy.py --model hippocampus_rsanet --cases 4 --output /tmp/accuracy.json   # a quick check
 
 Cases: the validation cases every package's card lists (``training.validation_cases``, the seeded
 split ``training/`` writes to ``runs/<name>/split.json``), intersected over the packages so that
 every row is scored on the same cases, none of which any of them trained on. Each case runs through
 the product path (``training.evaluate``: ``Predictor.predict`` on the original image, scored on its
-own grid in mm with ``AttnSegLib.metrics``), maps off.
+own grid in mm with ``AttnSegLib.metrics``), with its maps.
 
-Baselines: the shipped U-Net package (``unet`` architecture, same data, split, patch, iterations and
-batch as the attention networks; its card's ``training.config`` says so) is the row every other is
+Review map: how well each doubt map of a package (``uncertainty``, and ``difficulty`` where the
+network has one) finds the voxels its segmentation got wrong, as the mean over the cases of the
+AUROC of the map's values against the wrong-voxel mask (``training.evaluate``). The map the card
+names as ``inference.review_map`` is the one the product ranks doubtful regions by; the card's own
+figure (``metrics.error_detection_auroc``, measured at export) is quoted beside the one measured here.
+
+Baselines: the shipped U-Net package (``unet`` architecture; same data, split, patch and seed as the
+attention networks, and each card's ``training.config`` gives the iterations and batch, the table's
+budget column) is the row every other is
 compared with: mean difference of per-case foreground Dice, paired over the same cases, with a
-Wilcoxon signed-rank p-value. The nnU-Net row is the published five-fold cross-validation Dice on
-MSD Task04 (Isensee et al., Nature Methods 2021): a different protocol (five folds over the 260 MSD
-training cases, a far larger training budget), quoted for scale, not measured here.
+Wilcoxon signed-rank p-value. The nnU-Net row is nnU-Net's published Dice on
+MSD Task04 (Isensee et al., Nature Methods 2021; the Decathlon's test cases): a different protocol
+(other cases, a far larger training budget, an ensemble), quoted for scale, not measured here.
 """
 from __future__ import annotations
 
@@ -32,11 +40,20 @@ import common  # noqa: E402
 
 BASELINE_ARCHITECTURE = "unet"
 NNUNET = {"name": "nnU-Net (published)", "dice": {"Anterior": 0.90, "Posterior": 0.89},
-          "source": "Isensee et al., nnU-Net, Nature Methods 2021: MSD Task04 Hippocampus, five-fold CV"}
+          "source": "Isensee et al., nnU-Net, Nature Methods 2021: Medical Segmentation Decathlon "
+                    "Task04 Hippocampus, challenge test set"}
 METRICS = ("dice", "asd_mm", "hd95_mm")
 
 
-def shipped_packages() -> list:
+def trained_on(package) -> str | None:
+    """The dataset folder a package was trained on (its card's ``training.config.data.root``, last part)."""
+    config = (package.card.get("training") or {}).get("config") or {}
+    root = (config.get("data") or {}).get("root")
+    return Path(root).name if root else None
+
+
+def shipped_packages(dataset: str) -> list:
+    """The shipped packages trained on ``dataset`` (a folder of the data root); the others are named and left out."""
     from AttnSegLib.package import PackageError, available_packages, load_package
 
     packages = []
@@ -46,9 +63,14 @@ def shipped_packages() -> list:
         except PackageError as err:
             print(f"accuracy: skipping unusable package {path}: {err}", file=sys.stderr)
             continue
+        if trained_on(package) != dataset:
+            print(f"accuracy: leaving out {package.name}: trained on {trained_on(package)}, not {dataset}",
+                  file=sys.stderr)
+            continue
         packages.append(package)
     if not packages:
-        raise SystemExit("no shipped model package to evaluate (Resources/Models is empty; train and export first)")
+        raise SystemExit(f"no shipped model package trained on {dataset} to evaluate "
+                         "(train and export one first, or pass --dataset)")
     return packages
 
 
@@ -66,8 +88,9 @@ def common_validation_cases(packages) -> list[str]:
     return sorted(held_out)
 
 
-def evaluate(package, case_names: list[str], device: str) -> dict[str, dict[str, dict]]:
-    """case -> class -> {"dice", "asd_mm", "hd95_mm", ...} on the named cases."""
+def evaluate(package, case_names: list[str], device: str):
+    """``training.evaluate.Evaluation`` of the named cases: ``.scores`` (case -> class -> {"dice",
+    "asd_mm", "hd95_mm", ...}) and ``.error_detection`` (case -> doubt map -> AUROC)."""
     from AttnSegLib.inference import Predictor
     from training.data import find_cases
     from training.evaluate import dataset_description, evaluate_cases
@@ -75,8 +98,8 @@ def evaluate(package, case_names: list[str], device: str) -> dict[str, dict[str,
     stored_root = Path(package.card["training"]["config"]["data"]["root"])
     data, root = dataset_description(package.card, str(common.data_root() / stored_root.name), None)
     cases = [c for c in find_cases(data, root) if c.name in set(case_names)]
-    predictor = Predictor(package, device=device, with_maps=False)
-    return evaluate_cases(predictor, cases, data, progress=False).scores
+    predictor = Predictor(package, device=device, with_maps=True)
+    return evaluate_cases(predictor, cases, data, progress=False)
 
 
 def foreground_dice(per_case: dict[str, dict[str, dict]]) -> dict[str, float]:
@@ -90,11 +113,18 @@ def paired_difference(per_case: dict, baseline: dict) -> dict:
     ours, theirs = foreground_dice(per_case), foreground_dice(baseline)
     diff = np.array([ours[c] - theirs[c] for c in sorted(ours)])
     p = float(wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
-    return {"mean_dice_difference": round(float(diff.mean()), 4), "wilcoxon_p": round(p, 4),
+    return {"mean_dice_difference": round(float(diff.mean()), 4), "wilcoxon_p": float(f"{p:.3g}"),
             "cases_better": int((diff > 0).sum()), "cases_worse": int((diff < 0).sum())}
 
 
-def row(package, summary: dict) -> dict:
+def review_maps(package, measured: dict[str, float]) -> dict:
+    """The card's review map, and each doubt map's error-detection AUROC: measured here, and as the card states."""
+    card = package.card
+    return {"review_map": (card.get("inference") or {}).get("review_map"), "measured": measured,
+            "card": (card.get("metrics") or {}).get("error_detection_auroc") or {}}
+
+
+def row(package, summary: dict, error_detection: dict[str, float]) -> dict:
     config = package.card["training"]["config"]
     network = package.build_network()
     return {
@@ -105,20 +135,34 @@ def row(package, summary: dict) -> dict:
         **{metric: summary[metric] for metric in METRICS},
         **{f"{metric}_std": summary[f"{metric}_std"] for metric in METRICS},
         "mean_dice": summary["mean_dice"], "undefined_distances": summary["undefined_distances"],
+        "error_detection_auroc": review_maps(package, error_detection),
     }
+
+
+def review_cell(detection: dict) -> str:
+    """Each doubt map's AUROC measured here (the card's in brackets); the card's review map in bold."""
+    cells = []
+    for name, auroc in detection["measured"].items():
+        stated = detection["card"].get(name)
+        text = f"{name} {auroc:.3f}" + ("" if stated is None else f" ({stated:.3f})")
+        cells.append(f"**{text}**" if name == detection["review_map"] else text)
+    return ", ".join(cells) or "n/a"
 
 
 def markdown(report: dict) -> str:
     classes = report["classes"]
     head = ("| model | parameters | budget (iterations x batch) | " + " | ".join(f"Dice {c}" for c in classes)
             + " | mean Dice | " + " | ".join(f"ASD {c} (mm)" for c in classes) + " | "
-            + " | ".join(f"HD95 {c} (mm)" for c in classes) + " | vs U-Net (paired) |")
+            + " | ".join(f"HD95 {c} (mm)" for c in classes) + " | vs U-Net (paired) | errors found, AUROC (card) |")
     lines = [
         f"{report['cases']} validation cases of MSD Task04 Hippocampus held out by every package "
-        f"(mean ± standard deviation over cases), measured by `python benchmarks/accuracy.py`.",
+        f"(mean ± standard deviation over cases), measured by `python benchmarks/accuracy.py`. "
+        "vs U-Net: mean per-case difference of foreground Dice, Wilcoxon signed-rank p. Errors found: "
+        "mean per-case AUROC of each doubt map against the wrongly labelled voxels; the review map "
+        "the card names in bold, the card's own figure in brackets.",
         "",
         head,
-        "|" + "---|" * (5 + 3 * len(classes)),
+        "|" + "---|" * (6 + 3 * len(classes)),
     ]
     for r in report["rows"]:
         cells = [r["model"], f"{r['parameters']:,}", f"{r['budget']['iterations']} x {r['budget']['batch_size']}"]
@@ -129,15 +173,16 @@ def markdown(report: dict) -> str:
                       for c in classes]
         versus = r.get("versus_baseline")
         cells += ["baseline" if versus is None else
-                  f"{versus['mean_dice_difference']:+.3f} (p = {versus['wilcoxon_p']:.3f}; "
+                  f"{versus['mean_dice_difference']:+.3f} (p = {versus['wilcoxon_p']:.2g}; "
                   f"{versus['cases_better']} better, {versus['cases_worse']} worse)"]
+        cells += [review_cell(r["error_detection_auroc"])]
         lines.append("| " + " | ".join(cells) + " |")
     nnunet = report["nnunet"]
-    lines.append("| " + " | ".join([nnunet["name"], "", "five-fold CV"]
+    lines.append("| " + " | ".join([nnunet["name"], "", "challenge test set"]
                                    + [f"{nnunet['dice'][c]:.2f}" for c in classes]
                                    + [f"{np.mean(list(nnunet['dice'].values())):.3f}"]
-                                   + ["not published"] * (2 * len(classes)) + ["(different protocol)"]) + " |")
-    lines += ["", f"nnU-Net: {nnunet['source']}; quoted, not measured here (five folds over 260 cases)."]
+                                   + ["not published"] * (2 * len(classes)) + ["(different protocol)", ""]) + " |")
+    lines += ["", f"nnU-Net: {nnunet['source']}; quoted, not measured here."]
     if report["not_shipped"]:
         lines.append(f"Not shipped yet, so not in the table: {', '.join(report['not_shipped'])}.")
     return "\n".join(lines) + "\n"
@@ -145,9 +190,13 @@ def markdown(report: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="hippocampus",
+                        help="score the packages trained on this dataset folder of the data root (default hippocampus)")
     parser.add_argument("--model", help="only this package or architecture (the U-Net baseline is always scored)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cases", type=int,
+                        help="only the first N shared validation cases (a quick check; default all)")
     parser.add_argument("--output", type=Path, default=common.RESULTS_DIR / "accuracy.json",
                         help="results JSON; the Markdown table is written beside it (.md)")
     parser.add_argument("--json", action="store_true", help="print the report as the last line")
@@ -158,17 +207,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     common.set_threads(args.threads)
     started = time.perf_counter()
-    packages = shipped_packages()
+    packages = shipped_packages(args.dataset)
     baseline = next((p for p in packages if p.card["architecture"]["name"] == BASELINE_ARCHITECTURE), None)
     chosen = [p for p in packages if args.model in (None, p.name, p.card["architecture"]["name"]) or p is baseline]
     chosen.sort(key=lambda p: (p is not baseline, p.name))
-    case_names = common_validation_cases(chosen)
-    from training.evaluate import summarize
+    case_names = common_validation_cases(chosen)[: args.cases]
+    from training.evaluate import summarize, summarize_error_detection
 
     per_model, rows = {}, []
     for package in chosen:
-        per_model[package.name] = evaluate(package, case_names, args.device)
-        rows.append(row(package, summarize(per_model[package.name], "validation")))
+        evaluation = evaluate(package, case_names, args.device)
+        per_model[package.name] = evaluation.scores
+        rows.append(row(package, summarize(evaluation.scores, "validation"),
+                        summarize_error_detection(evaluation.error_detection)))
+        rows[-1]["case_mean_dice"] = {case: round(d, 4) for case, d in foreground_dice(evaluation.scores).items()}
         print(f"{package.name}: mean foreground Dice {rows[-1]['mean_dice']:.4f}", file=sys.stderr)
     if baseline is not None:
         for r in rows:

@@ -1,7 +1,9 @@
 """What the benchmarks share: the real data, the model packages to measure, thread settings, runs in
 fresh processes (peak memory), and fits.
 
-Models: every shipped package (``AttnSegLib.package.available_packages()``), and for each
+Models: every shipped package taking one image (``AttnSegLib.package.available_packages()``; a
+package for more modalities, such as a BraTS model, cannot read the single-image volumes and is left
+out, with a note), and for each
 architecture with a ``training/configs/hippocampus_<architecture>.yaml`` but no shipped package yet,
 an *untrained stand-in*: the network that config builds, with the card ``training`` would write,
 saved with ``save_package``. A stand-in costs what the trained package will cost (same layers, same
@@ -25,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 README = REPO / "benchmarks" / "README.md"
 CONFIG_DIR = REPO / "training" / "configs"
-DEFAULT_CONFIG = "hippocampus_unet"  # the config of the shipped default model
+DEFAULT_CONFIG = "hippocampus_difficulty_aware"  # the default model when Resources/Models names none
 MNI_T1 = Path("mni152") / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 BRATS_CASE = Path("brats_sample") / "brats_2013_pat0003_1"
 
@@ -188,8 +190,8 @@ def _default_name() -> str:
 
 
 def benchmark_models(workdir: Path, only: str | None = None) -> list[BenchmarkModel]:
-    """Shipped packages, plus stand-ins for the hippocampus-config architectures not shipped; the
-    default model first. ``only``: a package name or an architecture name."""
+    """Shipped single-modality packages, plus stand-ins for the hippocampus-config architectures not
+    shipped; the default model first. ``only``: a package name or an architecture name."""
     from AttnSegLib.package import PackageError, available_packages, load_package
 
     default = _default_name()
@@ -199,6 +201,11 @@ def benchmark_models(workdir: Path, only: str | None = None) -> list[BenchmarkMo
             card = load_package(path).card
         except PackageError as err:
             print(f"benchmark: skipping unusable package {path}: {err}", file=sys.stderr)
+            continue
+        if len(card["modalities"]) != 1:
+            print(f"benchmark: leaving out {card['name']}: it takes {len(card['modalities'])} modalities, "
+                  "the volumes measured here have one (two-modality volumes run variants of each architecture)",
+                  file=sys.stderr)
             continue
         arch = card["architecture"]["name"]
         if arch not in chosen or card["name"] == default:

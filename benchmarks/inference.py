@@ -34,7 +34,11 @@ model frame reorients and resamples; run with an untrained two-modality variant 
 The last stdout line with ``--json`` is one JSON object; ``ratio_vs_monai``, ``stages_s``,
 ``peak_rss_mb`` and ``maps_cost_fraction`` at its top level are those of the default model on the
 whole-brain volume. Results go to ``benchmarks/results/inference.{json,md}`` (not for ``--quick``
-unless ``--output`` is given).
+unless ``--output`` is given). ``--merge`` joins the reports of separate runs with the same settings
+(one per model, say, run side by side) into one:
+
+    python benchmarks/inference.py --clock cpu --model hippocampus_unet --output /tmp/unet.json   # and so on
+    python benchmarks/inference.py --merge /tmp/unet.json /tmp/rsanet.json
 """
 from __future__ import annotations
 
@@ -269,13 +273,41 @@ def headline(results: list[dict]) -> dict:
     }
 
 
+MERGED_SETTINGS = ("benchmark", "quick", "device", "threads", "clock")
+
+
+def merge(reports: list[dict]) -> dict:
+    """One report from the reports of separate runs with the same settings: every result, the
+    headline and targets recomputed over them all. Reports with other settings are refused."""
+    first = reports[0]
+    for report in reports[1:]:
+        differing = [key for key in MERGED_SETTINGS if report[key] != first[key]]
+        if differing:
+            raise SystemExit(f"cannot merge runs made with different {', '.join(differing)}; "
+                             "run them with the same options")
+    results = sorted((r for report in reports for r in report["results"]),
+                     key=lambda r: (VOLUMES.index(r["volume"]), not r["default"], r["model"]))
+    return {
+        **{key: first[key] for key in MERGED_SETTINGS},
+        "repeats": max(r["repeats"] for r in reports), "repeats_others": max(r["repeats_others"] for r in reports),
+        "machine": {**first["machine"], "load_average_1min": max(r["machine"]["load_average_1min"] for r in reports)},
+        "models": list({m["name"]: m for report in reports for m in report["models"]}.values()),
+        "stand_ins": sorted({name for report in reports for name in report["stand_ins"]}),
+        "volumes": {name: text for report in reports for name, text in report["volumes"].items()},
+        **headline(results), "results": results, "merged_runs": len(reports),
+        "elapsed_s": round(sum(r["elapsed_s"] for r in reports), 1),
+    }
+
+
 def markdown(report: dict) -> str:
+    runs = report.get("merged_runs", 1)
     lines = [
         f"Measured by `python benchmarks/inference.py` on {report['machine']['processor']} "
         f"({report['machine']['cpu_count']} cores, load average {report['machine']['load_average_1min']}), "
         f"device {report['device']}, {report['threads']} torch thread(s), {report['clock']} clock; medians of "
         f"{report['repeats']} (default model) and {report['repeats_others']} (other models) interleaved "
-        "fresh-process run(s) per configuration; AttnSeg s and MONAI s per case.",
+        "fresh-process run(s) per configuration" + (f", from {runs} runs made side by side" if runs > 1 else "")
+        + "; AttnSeg s and MONAI s per case.",
         "",
         "| model | volume | windows | AttnSeg s | MONAI s | AttnSeg / MONAI | maps cost "
         "| slowest stage besides predict | peak MB AttnSeg / MONAI |",
@@ -315,13 +347,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--hippocampus-cases", type=int, help="hippocampus cases per run (default 10; --quick 3)")
     parser.add_argument("--output", type=Path, help="results JSON (default benchmarks/results/inference.json; "
                         "--quick: none); a Markdown table is written beside it")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="REPORT",
+                        help="join these results JSON files of runs with the same settings into --output")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one measurement, run by the parent
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.device == "cuda":
         parser.error("--clock cpu measures CPU work; on --device cuda use the wall clock")
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.hippocampus_cases = args.hippocampus_cases or (3 if args.quick else 10)
-    if args.output is None and not args.quick:
+    if args.output is None and (args.merge or not args.quick):
         args.output = common.RESULTS_DIR / "inference.json"
     return args
 
@@ -330,6 +364,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.merge:
+        report = merge([json.loads(path.read_text()) for path in args.merge])
+        common.write_report(args.output, report, markdown(report))
+        print(json.dumps(report) if args.json else markdown(report))
         return 0
     common.set_threads(args.threads)
     started = time.perf_counter()
