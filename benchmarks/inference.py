@@ -247,13 +247,17 @@ def summarise(model: common.BenchmarkModel, volume: Volume, runs: dict) -> dict:
 
 def headline(results: list[dict]) -> dict:
     """The top-level figures: the default model on the whole-brain volume (or the first result when
-    that was not run), and the targets (maps: every result; memory: every whole-brain result)."""
+    that was not run), and the targets (the headline, and the worst result: ratio and maps over every
+    result, memory over every whole-brain result)."""
     ranked = sorted(results, key=lambda r: (not r["default"], r["volume"] != "whole_brain"))
     main, brain = ranked[0], [r for r in results if r["volume"] == "whole_brain"]
     worst_maps = max(results, key=lambda r: r["maps_cost_fraction"])
+    worst_ratio = max(results, key=lambda r: r["ratio_vs_monai"])
     targets = {
         f"AttnSeg / MONAI <= {TARGETS['ratio_vs_monai']} ({main['model']}, {main['volume']})":
             main["ratio_vs_monai"] <= TARGETS["ratio_vs_monai"],
+        f"AttnSeg / MONAI <= {TARGETS['ratio_vs_monai']} (worst: {worst_ratio['model']} on {worst_ratio['volume']}, "
+        f"{worst_ratio['ratio_vs_monai']:.2f})": worst_ratio["ratio_vs_monai"] <= TARGETS["ratio_vs_monai"],
         f"maps <= 10 % of total ({main['model']}, {main['volume']})":
             main["maps_cost_fraction"] <= TARGETS["maps_cost_fraction"],
         f"maps <= 10 % of total (worst: {worst_maps['model']} on {worst_maps['volume']}, "
