@@ -81,8 +81,11 @@ def run_until_predicting(args: list[str], then, timeout: float = 240) -> tuple[i
     shows the predict stage. -> (exit status, everything written to stderr)."""
     parent, child = pty.openpty()
     fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal 120 columns wide
+    # Ctrl-C reaches a command run at a terminal; a test runner started in the background inherits
+    # SIGINT ignored (POSIX shells do that to background jobs), so the child gets the default back.
     process = subprocess.Popen([str(ATTNSEG), *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=child, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               stderr=child, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(child)
     output, acted, deadline = b"", False, time.monotonic() + timeout
     try:
