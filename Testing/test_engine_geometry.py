@@ -97,7 +97,6 @@ def _reoriented_copy(image: Image, orientation: str) -> Image:
 @pytest.mark.parametrize("orientation", ["LPS", "PIR", "SAL"])
 def test_another_axis_order_returns_to_its_own_grid_exactly(hippocampus_case, orientation):
     """The model frame is RAS; an LPS/PIR/SAL copy is permuted into it and back without loss."""
-    image = _reoriented_copy(read_image(hippocampus_case[0]), orientation)
     labels = _reoriented_copy(read_image(hippocampus_case[1]), orientation)
     prepared = to_model_frame([labels.with_array(labels.array.astype(np.float32))],
                               [{"name": "label", "normalization": "none"}], (1.0, 1.0, 1.0), "RAS")

@@ -26,7 +26,6 @@ import SimpleITK as sitk
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save as save_safetensors
 
 from AttnSegLib import models
 from AttnSegLib.image import Image, ImageError, read_image

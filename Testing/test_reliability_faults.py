@@ -26,11 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 from AttnSegLib import models
-from AttnSegLib.cli import MIN_FREE_BYTES, OUTPUT_FILES, main
+from AttnSegLib.cli import MIN_FREE_BYTES, main
 from AttnSegLib.image import Geometry, Image, read_image, write_image
 from AttnSegLib.inference import Predictor
 from AttnSegLib.models.base import SegmentationNetwork

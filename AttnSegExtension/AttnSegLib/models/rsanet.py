@@ -117,7 +117,7 @@ class RSANet(SegmentationNetwork):
     def forward(self, x: torch.Tensor) -> SegOutput:
         self.check_input(x)
         matrices, maps = {}, {}
-        bottom, second = len(self.encoder) - 1, len(self.encoder) - 2
+        second = len(self.encoder) - 2
         skips = []
         h = x
         for level, block in enumerate(self.encoder):
