@@ -73,15 +73,18 @@ class Evaluation:
     error_detection: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
 
-def evaluate_case(predictor: Predictor, case: CaseFiles, data: dict) -> tuple[dict[str, dict], dict[str, float | None]]:
+def evaluate_case(predictor: Predictor, case: CaseFiles,
+                  data: dict) -> tuple[dict[str, dict], dict[str, float | None]]:
     """Predict one case from its files and score it on its own grid: (class name -> metrics,
-    doubt map -> error-detection AUROC, for the doubt maps the predictor made)."""
+    doubt map -> error-detection AUROC; measured only when the predictor makes its maps)."""
     result = predictor.predict([read_image(p) for p in case.images])
     label = read_image(case.label)
     reference = label.with_array(check_label_values(label.array, label_lookup(data["classes"]), str(case.label)))
     reference = label_on_grid(reference, result.labels.geometry)
     names = {c["value"]: c["name"] for c in data["classes"] if c["value"] != 0}
     scores = evaluate_labels(result.labels, reference, result.labels.geometry.spacing, names)
+    if not predictor.with_maps:
+        return scores, {}
     errors = result.labels.array != reference
     detection = {name: error_detection_auroc(result.maps[name], errors) for name in DOUBT_MAPS if name in result.maps}
     return scores, detection
