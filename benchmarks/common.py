@@ -66,22 +66,23 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_since_reset_mb() -> float:
-    """Peak resident memory since :func:`reset_peak_rss` (``VmHWM``), MB; else since the start."""
+def _status_mb(field: str) -> float:
+    """A memory line of ``/proc/self/status`` (kB) in MB; the peak so far where /proc is missing."""
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
         return peak_rss_mb()
-    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+    return int(re.search(rf"{field}:\s+(\d+)", status).group(1)) / 1024
+
+
+def peak_since_reset_mb() -> float:
+    """Peak resident memory since :func:`reset_peak_rss` (``VmHWM``), MB; else since the start."""
+    return _status_mb("VmHWM")
 
 
 def resident_mb() -> float:
     """Resident memory now (``VmRSS``), MB; the peak so far where /proc is missing."""
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        return peak_rss_mb()
-    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
+    return _status_mb("VmRSS")
 
 
 def run_fresh(script: Path, args: list[str]) -> dict:
