@@ -4,8 +4,14 @@ Runs wherever an MRML scene exists: 3D Slicer (``slicer.mrmlScene``), trame-slic
 and plain slicer-core (:func:`newScene`). It never imports Qt and never draws; front ends call it and draw.
 
 Threading: MRML is read and written only by :meth:`AttnSegLogic.prepare` and :meth:`AttnSegLogic.addResult`,
-on the thread that owns the scene. :meth:`SegmentationJob.run` (the network) touches no MRML and may run
-on a worker thread; :class:`SegmentationTask` does that and is polled from the UI thread.
+on the thread that owns the scene. The network touches no MRML. In 3D Slicer it runs in a worker process
+(:class:`AttnSegLib.worker_client.WorkerTask`: Slicer's PythonQt keeps the GIL while Qt idles, so a
+Python thread there would starve); where threads run freely (the web app, scripts),
+:class:`SegmentationTask` runs :meth:`SegmentationJob.run` on a thread. Both are polled from the UI thread.
+
+Supported Slicer versions: 5.6 to 5.12 (Python 3.9 in 5.6 and 5.8, so this package keeps to 3.9 syntax
+and library calls). Every Slicer call here exists in 5.6: ``Testing/test_slicer_api.py`` checks them
+against the method list extracted from Slicer 5.6.2's headers.
 
 What is stored in the scene (and so saved with it):
 
@@ -16,7 +22,8 @@ What is stored in the scene (and so saved with it):
   ``AttnSegModelLabel`` (the model's untouched label map, hidden); each map refers back through
   ``AttnSegSegmentation``;
 * segments carry the tag ``AttnSeg.ClassValue``; map volumes the attributes ``AttnSeg.MapName`` and
-  ``AttnSeg.MapMeaning``.
+  ``AttnSeg.MapMeaning``; the "Doubtful regions" segment (Segment Editor mask, see
+  :meth:`AttnSegLogic.restrictEditingToDoubtfulVoxels`) has the ID ``DOUBTFUL_SEGMENT_ID`` and is no class.
 
 Geometry: a volume's IJK-to-RAS matrix (and its parent transform, when linear) is converted to the
 engine's LPS :class:`~AttnSegLib.image.Geometry`, so any orientation and spacing is handled; results
@@ -50,7 +57,7 @@ from .review import Region, doubtful_regions
 
 __all__ = ["AttnSegLogic", "Cancelled", "CorrectionError", "DoubtfulRegion", "MapLegend", "SegmentationJob",
            "SegmentationResult", "SegmentationTask", "colorScale", "imageFromVolumeNode", "loadVolume", "newScene",
-           "terminologyEntry", "volumeNodeFromImage"]
+           "setSegmentTerminology", "terminologyEntry", "volumeNodeFromImage"]
 
 ATTRIBUTE = "AttnSeg."
 REF_INPUT = "AttnSegInput"
@@ -60,6 +67,11 @@ REF_MODEL_LABEL = "AttnSegModelLabel"
 REF_SEGMENTATION = "AttnSegSegmentation"
 CLASS_VALUE_TAG = "AttnSeg.ClassValue"
 COLOR_TABLE_NAME = "AttnSeg inferno"
+# Map values in the lowest 2 % of their display range are not drawn (alpha 0 in the colour table), so an
+# overlay leaves the anatomy where the map is ~0 (most of the image) as it is.
+TRANSPARENT_BELOW = 0.02
+DOUBTFUL_SEGMENT_ID = "attnseg_doubtful_regions"
+DOUBTFUL_SEGMENT_NAME = "Doubtful regions"
 
 UNCERTAINTY_MEANING = ("normalised entropy of the class probabilities, in [0, 1]: 0 where the network is "
                        "certain, 1 where all classes are equally likely")
@@ -173,6 +185,16 @@ def volumeNodeFromImage(image: Image, scene, name: str, className: str = "vtkMRM
     return node
 
 
+def _orientedMask(geometry: Geometry, mask: np.ndarray):
+    """A binary labelmap (``vtkOrientedImageData``, uint8 0/1) of a (D, H, W) ``mask`` on ``geometry``."""
+    oriented = slicer.vtkOrientedImageData()
+    oriented.SetDimensions(*geometry.size)
+    oriented.SetImageToWorldMatrix(arrayToMatrix(geometry.ijk_to_ras()))
+    values = np.ascontiguousarray(mask, dtype=np.uint8).ravel()
+    oriented.GetPointData().SetScalars(numpy_support.numpy_to_vtk(values, deep=True))
+    return oriented
+
+
 def loadVolume(path: str | os.PathLike, scene=None, name: str | None = None):
     """Read a 3D image (NIfTI, NRRD, MHA, DICOM folder) into a new scalar volume node.
 
@@ -218,6 +240,16 @@ def terminologyEntry(cls: dict) -> str:
     return "~".join([TERMINOLOGY_CONTEXT, _code(terminology.get("category")), _code(terminology.get("type")),
                      _code(terminology.get("typeModifier")), ANATOMIC_CONTEXT, _code(terminology.get("region")),
                      _code(terminology.get("regionModifier"))])
+
+
+def setSegmentTerminology(segment, entry: str) -> None:
+    """Store a serialised terminology entry on a ``vtkSegment``.
+
+    ``vtkSegment.SetTerminology`` exists only from Slicer 5.10; it stores the entry as the tag named by
+    ``vtkSegment.GetTerminologyEntryTagName()`` ("TerminologyEntry"), which is what this does in every
+    Slicer from 5.6 on, with the same 7-part ``~``-separated format.
+    """
+    segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry)
 
 
 def _classColor(cls: dict) -> tuple[float, float, float]:
@@ -266,24 +298,32 @@ class DoubtfulRegion:
 @dataclass(frozen=True)
 class MapLegend:
     """What a front end needs to draw a map's legend: the value range shown from the first to the last
-    colour, and the colour scale as (position in [0, 1], (r, g, b) 0-255) stops."""
+    colour, the colour scale as (position in [0, 1], (r, g, b) 0-255) stops, and the value below which
+    the map is not drawn (transparent)."""
 
     name: str
     meaning: str
     minimum: float
     maximum: float
     stops: tuple[tuple[float, tuple[int, int, int]], ...]
+    transparentBelow: float
 
 
 # -- running the network ---------------------------------------------------------------------------
 @dataclass
 class SegmentationJob:
-    """Inputs copied out of MRML by :meth:`AttnSegLogic.prepare`; :meth:`run` touches no MRML."""
+    """Inputs copied out of MRML by :meth:`AttnSegLogic.prepare`; :meth:`run` touches no MRML.
+
+    ``images``: one (D, H, W) :class:`Image` per modality, in the card's order. ``predictor`` is made
+    for runs in this process only; a worker process (:class:`~AttnSegLib.worker_client.WorkerTask`)
+    builds its own from ``package`` and ``device``.
+    """
 
     package: ModelPackage
-    predictor: Predictor
     images: list[Image]
     inputNodeIDs: list[str]
+    device: str = "auto"
+    predictor: Predictor | None = None
 
     def run(self, progress=None, cancel=None) -> Result:
         """The engine's prediction; ``progress(fraction, eta_seconds, stage)``; ``cancel.is_set()``
@@ -353,8 +393,13 @@ class SegmentationTask:
 class AttnSegLogic:
     """Segment, review and export in an MRML scene; see the module docstring for what it stores."""
 
-    def __init__(self, scene=None):
+    def __init__(self, scene=None, workerCommand: list[str] | None = None, workerEnvironment: dict | None = None):
+        """``workerCommand``/``workerEnvironment``: how :meth:`startTask` starts the worker process
+        (default: this Python, see :func:`AttnSegLib.worker_client.workerCommand`); Slicer passes its
+        ``PythonSlicer`` and startup environment."""
         self._scene = scene
+        self.workerCommand, self.workerEnvironment = workerCommand, workerEnvironment
+        self._worker = None
         self._packages: dict[str, ModelPackage] = {}
         self._predictors: dict[tuple[str, str], Predictor] = {}
         self._regionCache: dict[tuple, list[Region]] = {}
@@ -404,8 +449,10 @@ class AttnSegLogic:
         return chosen
 
     # -- segment --------------------------------------------------------------------------------
-    def prepare(self, volumeNodes: list, model=None, device: str = "auto") -> SegmentationJob:
-        """Check the inputs against the model card and copy them out of MRML (call on the scene's thread)."""
+    def prepare(self, volumeNodes: list, model=None, device: str = "auto", inProcess: bool = True) -> SegmentationJob:
+        """Check the inputs against the model card and copy them out of MRML (call on the scene's thread).
+        ``inProcess``: also build the network here, for :meth:`SegmentationJob.run` in this process
+        (False for :meth:`startTask`, whose worker builds it)."""
         package = self.loadModel(model)
         names = [m["name"] for m in package.modalities]
         nodes = list(volumeNodes)
@@ -413,10 +460,29 @@ class AttnSegLogic:
             raise ValueError(f"model {package.name!r} needs {len(names)} input volume(s), one per modality "
                              f"({', '.join(names)}); got {sum(n is not None for n in nodes)}")
         images = [imageFromVolumeNode(n) for n in nodes]
-        key = (f"{package.path}:{package.sha256}", str(resolve_device(device)))
-        if key not in self._predictors:
-            self._predictors[key] = Predictor(package, device=device)
-        return SegmentationJob(package, self._predictors[key], images, [n.GetID() for n in nodes])
+        job = SegmentationJob(package, images, [n.GetID() for n in nodes], device)
+        if inProcess:
+            key = (f"{package.path}:{package.sha256}", str(resolve_device(device)))
+            if key not in self._predictors:
+                self._predictors[key] = Predictor(package, device=device)
+            job.predictor = self._predictors[key]
+        return job
+
+    def startTask(self, job: SegmentationJob):
+        """Run ``job`` in the worker process (started on first use and kept, with its model, between
+        runs); poll the returned :class:`~AttnSegLib.worker_client.WorkerTask` and hand its ``result()``
+        to :meth:`addResult`."""
+        from .worker_client import WorkerProcess, WorkerTask
+
+        if self._worker is None:
+            self._worker = WorkerProcess(self.workerCommand, self.workerEnvironment)
+        return WorkerTask(self._worker, job).start()
+
+    def shutdownWorker(self) -> None:
+        """Stop the worker process (a running job is cancelled); the next :meth:`startTask` starts one."""
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
 
     def segment(self, volumeNodes: list, model=None, device: str = "auto", progress=None,
                 cancel=None) -> SegmentationResult:
@@ -459,18 +525,13 @@ class AttnSegLogic:
         segmentation = segmentationNode.GetSegmentation()
         labelmapName = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
         segmentation.SetSourceRepresentationName(labelmapName)
-        ijkToRas = arrayToMatrix(labels.geometry.ijk_to_ras())
         for cls in classes[1:]:
-            mask = slicer.vtkOrientedImageData()
-            mask.SetDimensions(*labels.geometry.size)
-            mask.SetImageToWorldMatrix(ijkToRas)
-            values = (labels.array == cls["value"]).astype(np.uint8).ravel()
-            mask.GetPointData().SetScalars(numpy_support.numpy_to_vtk(values, deep=True))
+            mask = _orientedMask(labels.geometry, labels.array == cls["value"])
             segment = slicer.vtkSegment()
             segment.SetName(cls["name"])
             segment.SetColor(*_classColor(cls))
             segment.SetTag(CLASS_VALUE_TAG, str(cls["value"]))
-            segment.SetTerminology(terminologyEntry(cls))
+            setSegmentTerminology(segment, terminologyEntry(cls))
             segment.AddRepresentation(labelmapName, mask)
             segmentation.AddSegment(segment, volume_name(cls["name"]) or f"class_{cls['value']}")
         segmentation.CollapseBinaryLabelmaps()
@@ -531,17 +592,21 @@ class AttnSegLogic:
         return (low, high) if high > low else (low, low + 1e-6)
 
     def _colorTable(self):
-        """The scene's AttnSeg colour table (created once per scene)."""
+        """The scene's AttnSeg colour table (created once per scene): inferno, with the entries of the
+        lowest ``TRANSPARENT_BELOW`` of the range fully transparent (Slicer's slice views AND the table's
+        alpha with the display threshold, so those voxels show the anatomy underneath)."""
+        kind = f"inferno, transparent below {TRANSPARENT_BELOW}"
         for node in self._nodesByClass("vtkMRMLColorTableNode"):
-            if node.GetName() == COLOR_TABLE_NAME and node.GetAttribute(ATTRIBUTE + "ColorScale") == "inferno":
+            if node.GetName() == COLOR_TABLE_NAME and node.GetAttribute(ATTRIBUTE + "ColorScale") == kind:
                 return node
         table = self.scene.AddNewNodeByClass("vtkMRMLColorTableNode", COLOR_TABLE_NAME)
         table.SetTypeToUser()
-        table.SetAttribute(ATTRIBUTE + "ColorScale", "inferno")
+        table.SetAttribute(ATTRIBUTE + "ColorScale", kind)
         colors = colorScale(256)
         table.SetNumberOfColors(len(colors))
         for index, (r, g, b) in enumerate(colors):
-            table.SetColor(index, f"{index / (len(colors) - 1):.3f}", r, g, b, 1.0)
+            position = index / (len(colors) - 1)
+            table.SetColor(index, f"{position:.3f}", r, g, b, 0.0 if position < TRANSPARENT_BELOW else 1.0)
         return table
 
     # -- nodes of a result ----------------------------------------------------------------------
@@ -603,7 +668,8 @@ class AttnSegLogic:
         anchors = INFERNO_ANCHORS
         stops = tuple((i / (len(anchors) - 1), tuple(int(c) for c in rgb)) for i, rgb in enumerate(anchors))
         return MapLegend(mapNode.GetAttribute(ATTRIBUTE + "MapName") or mapNode.GetName(),
-                         mapNode.GetAttribute(ATTRIBUTE + "MapMeaning") or "", float(low), float(high), stops)
+                         mapNode.GetAttribute(ATTRIBUTE + "MapMeaning") or "", float(low), float(high), stops,
+                         float(low + TRANSPARENT_BELOW * (high - low)))
 
     # -- review ---------------------------------------------------------------------------------
     def doubtfulRegions(self, segmentationNode=None, threshold: float = 0.5,
@@ -659,27 +725,59 @@ class AttnSegLogic:
                                         segmentEditorNode=None) -> None:
         """Let Segment Editor effects change only voxels whose difficulty is >= ``threshold``.
 
-        Uses the editor's editable intensity range with the difficulty map as its source volume;
-        painting, erasing, scissors and islands then act on doubtful voxels only.
+        The doubtful voxels become a hidden segment, "Doubtful regions", and the editor's editable area
+        is "inside" that one segment (``EditAllowedInsideSingleSegment``). The editor then overwrites
+        visible segments only, so painting a class never erodes the hidden mask. The source volume and
+        the intensity mask stay as the user set them; the editable area and overwrite mode the user had
+        are stored on the editor node and given back by :meth:`allowEditingEverywhere`.
         """
         node = self._resolve(segmentationNode)
-        difficulty = self.difficultyNode(node)
+        self._setDoubtfulSegment(node, threshold)
         editor = segmentEditorNode if segmentEditorNode is not None else self.segmentEditorNode()
-        high = float(difficulty.GetImageData().GetScalarRange()[1])
+        if editor.GetAttribute(ATTRIBUTE + "SavedMaskMode") is None:
+            editor.SetAttribute(ATTRIBUTE + "SavedMaskMode", str(editor.GetMaskMode()))
+            editor.SetAttribute(ATTRIBUTE + "SavedMaskSegmentID", editor.GetMaskSegmentID() or "")
+            editor.SetAttribute(ATTRIBUTE + "SavedOverwriteMode", str(editor.GetOverwriteMode()))
         editor.SetAndObserveSegmentationNode(node)
-        editor.SetAndObserveSourceVolumeNode(difficulty)
-        editor.SetSourceVolumeIntensityMaskRange(float(threshold), max(high, float(threshold)))
-        editor.SetSourceVolumeIntensityMask(True)
+        editor.SetMaskSegmentID(DOUBTFUL_SEGMENT_ID)
+        editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
+        editor.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteVisibleSegments)
+        if editor.GetSelectedSegmentID() in (None, "", DOUBTFUL_SEGMENT_ID):
+            segmentation = node.GetSegmentation()
+            editor.SetSelectedSegmentID(segmentation.GetNthSegmentID(0) if segmentation.GetNumberOfSegments() else None)
 
     def allowEditingEverywhere(self, segmentationNode=None, segmentEditorNode=None) -> None:
-        """Undo :meth:`restrictEditingToDoubtfulVoxels`: the first input volume is the source again."""
+        """Undo :meth:`restrictEditingToDoubtfulVoxels`: the user's editable area and overwrite mode come
+        back and the "Doubtful regions" segment is removed."""
         node = self._resolve(segmentationNode)
         editor = segmentEditorNode if segmentEditorNode is not None else self.segmentEditorNode()
-        editor.SetSourceVolumeIntensityMask(False)
-        editor.SetAndObserveSegmentationNode(node)
-        inputs = self.inputNodes(node)
-        if inputs:
-            editor.SetAndObserveSourceVolumeNode(inputs[0])
+        saved = editor.GetAttribute(ATTRIBUTE + "SavedMaskMode")
+        if saved is not None:
+            editor.SetMaskMode(int(saved))
+            editor.SetMaskSegmentID(editor.GetAttribute(ATTRIBUTE + "SavedMaskSegmentID") or None)
+            editor.SetOverwriteMode(int(editor.GetAttribute(ATTRIBUTE + "SavedOverwriteMode")))
+            for key in ("SavedMaskMode", "SavedMaskSegmentID", "SavedOverwriteMode"):
+                editor.RemoveAttribute(ATTRIBUTE + key)
+        segmentation = node.GetSegmentation()
+        if segmentation.GetSegment(DOUBTFUL_SEGMENT_ID) is not None:
+            segmentation.RemoveSegment(DOUBTFUL_SEGMENT_ID)
+
+    def _setDoubtfulSegment(self, node, threshold: float) -> None:
+        """(Re)make the hidden "Doubtful regions" segment: difficulty >= ``threshold``, on the map's grid."""
+        difficulty = imageFromVolumeNode(self.difficultyNode(node))
+        segmentation = node.GetSegmentation()
+        if segmentation.GetSegment(DOUBTFUL_SEGMENT_ID) is not None:
+            segmentation.RemoveSegment(DOUBTFUL_SEGMENT_ID)
+        segment = slicer.vtkSegment()
+        segment.SetName(DOUBTFUL_SEGMENT_NAME)
+        segment.SetColor(1.0, 1.0, 1.0)
+        segment.SetTag(ATTRIBUTE + "DoubtThreshold", repr(float(threshold)))
+        segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(),
+                                  _orientedMask(difficulty.geometry, difficulty.array >= threshold))
+        segmentation.AddSegment(segment, DOUBTFUL_SEGMENT_ID)
+        display = node.GetDisplayNode()
+        if display is not None:
+            display.SetSegmentVisibility(DOUBTFUL_SEGMENT_ID, False)
 
     def correctedLabels(self, segmentationNode=None) -> Image:
         """The segmentation as it is now, as class values on the model output's grid (uint8).
@@ -697,6 +795,8 @@ class AttnSegLogic:
         ids, values = vtkStringArray(), []
         for index in range(segmentation.GetNumberOfSegments()):
             segmentId = segmentation.GetNthSegmentID(index)
+            if segmentId == DOUBTFUL_SEGMENT_ID:  # the editing mask, not a class
+                continue
             segment = segmentation.GetSegment(segmentId)
             tag = vtkReference("")
             value = int(str(tag)) if segment.GetTag(CLASS_VALUE_TAG, tag) else classes.get(segment.GetName().lower())
