@@ -155,6 +155,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._task = None
+        self._adding = None  # (task, AttnSegLogic.addResultSteps generator) while its nodes are added
         self._timer = None
         self._modalityCount = 0
         self._engineReady = not missing_requirements()  # False until torch and MONAI are installed
@@ -195,6 +196,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._populateModels()
 
     def cleanup(self) -> None:
+        self._adding = None
         if self._timer is not None:
             self._timer.stop()
         if self.logic is not None:
@@ -210,6 +212,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = None
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._adding = None  # nodes of a result are not added to the next scene
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -310,14 +313,15 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return [selector.currentNode() for selector in self.inputSelectors[:self._modalityCount]]
 
     def _updateButtons(self, *args) -> None:
-        running = self._task is not None
+        running, adding = self._task is not None, self._adding is not None
         volumes = self._inputVolumes()
         self.ui.segmentButton.text = _("Cancel") if running else _("Segment")
-        self.ui.segmentButton.enabled = running or (bool(volumes) and all(volumes)) or not self._engineReady
+        self.ui.segmentButton.enabled = not adding and (
+            running or (bool(volumes) and all(volumes)) or not self._engineReady)
         hasSegmentation = self._attnsegSegmentation() is not None
         for button in (self.ui.previousRegionButton, self.ui.nextRegionButton, self.ui.saveCorrectionButton,
                        self.ui.openSegmentEditorButton, self.ui.editDoubtfulOnlyCheckBox):
-            button.enabled = hasSegmentation and not running
+            button.enabled = hasSegmentation and not running and not adding
 
     def onSegmentButton(self) -> None:
         if self._task is not None:
@@ -356,20 +360,47 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._task = None
         self.ui.progressBar.hide()
         try:
-            result = self.logic.addResult(task.job, task.result())
+            self._adding = (task, self.logic.addResultSteps(task.job, task.result()))
         except Cancelled:
+            task.close()
             self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
         except Exception as error:
-            logging.exception("AttnSeg segmentation failed")
-            self.ui.statusLabel.text = _("Failed: {error}").format(error=error)
-            slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=error))
+            task.close()
+            self._showFailure(error)
         else:
+            qt.QTimer.singleShot(0, self.onAddNextNode)
+        self._updateButtons()
+
+    def onAddNextNode(self) -> None:
+        """Adds one node of the result, then lets Qt run before the next (a whole-head result is several
+        volumes: added at once they would hold the main thread for seconds)."""
+        if self._adding is None:  # the scene was closed meanwhile
+            return
+        task, steps = self._adding
+        try:
+            added = next(steps)
+        except StopIteration as finished:
+            self._adding = None
+            task.close()
+            result = finished.value
             seconds = sum(result.timings.values())
             notes = "".join(f"<br>{note}" for note in result.notices)
             self.ui.statusLabel.text = _("Done in {seconds:.1f} s.").format(seconds=seconds) + notes
             self._parameterNode.mapName = result.difficultyName
             self._parameterNode.segmentation = result.segmentationNode
+        except Exception as error:
+            self._adding = None
+            task.close()
+            self._showFailure(error)
+        else:
+            self.ui.statusLabel.text = _("Added {name}...").format(name=added)
+            qt.QTimer.singleShot(0, self.onAddNextNode)
         self._updateButtons()
+
+    def _showFailure(self, error: Exception) -> None:
+        logging.error("AttnSeg segmentation failed: %s", error)
+        self.ui.statusLabel.text = _("Failed: {error}").format(error=error)
+        slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=error))
 
     # -- review -----------------------------------------------------------------------------------
     def onSegmentationChanged(self, node) -> None:

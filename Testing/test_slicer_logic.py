@@ -205,6 +205,7 @@ def test_segments_are_named_coloured_coded_and_match_the_engine(segmented, engin
     segmentation = result.segmentationNode.GetSegmentation()
     segments = [segmentation.GetNthSegment(i) for i in range(segmentation.GetNumberOfSegments())]
     assert [s.GetName() for s in segments] == ["Anterior", "Posterior"]
+    assert segmentation.GetNumberOfLayers() == 1 and [s.GetLabelValue() for s in segments] == [1, 2]
     np.testing.assert_allclose(segments[0].GetColor(), np.array([230, 159, 0]) / 255)
     tag = vtkReference("")  # the tag every Slicer from 5.6 reads; GetTerminology (5.10+) reads the same
     assert segments[0].GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), tag)

@@ -97,7 +97,8 @@ def test_a_run_in_the_worker_gives_the_engines_result_and_keeps_the_model_loaded
     added = logic.addResult(job, result)
     np.testing.assert_array_equal(logic.correctedLabels(added.segmentationNode).array, engine.labels.array)
     assert added.segmentationNode.GetAttribute("AttnSeg.ModelSha256") == package.sha256
-    assert task._folder is None  # the files were removed once read
+    task.close()
+    assert not task._folder.exists()  # the run's files are removed once the nodes are made
 
     pid = logic._worker.pid
     started = time.monotonic()
@@ -120,7 +121,7 @@ def test_cancel_ends_a_run_within_a_second_and_the_worker_stays(logic, package, 
     assert seconds < 1.0
     with pytest.raises(Cancelled):
         task.result()
-    assert _nodes(scene) == before and task._folder is None
+    assert _nodes(scene) == before and not task._folder.exists()
     assert logic._worker.alive and logic._worker.pid == pid  # it stopped by itself: no restart needed
 
 
@@ -228,7 +229,7 @@ def test_the_worker_speaks_json_lines_on_stdout_only(package, tmp_path):
 def test_main_thread_stall_while_a_whole_head_volume_segments(data_dir):
     """The widget's work on the main thread, timed call by call, while the shipped default model runs on
     the MNI152 T1 head (197 x 233 x 189, 1 mm) in the worker: the click (prepare + start), every poll,
-    and the end (reading the result files and adding the nodes)."""
+    reading the result, and each step of adding its nodes (the widget runs one step per Qt event)."""
     logic = AttnSegLogic(newScene(), workerEnvironment={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         volume = logic.loadVolume(data_dir / MNI_T1)
@@ -251,13 +252,26 @@ def test_main_thread_stall_while_a_whole_head_volume_segments(data_dir):
                 break
         run = time.perf_counter() - began
         start = time.perf_counter()
-        result = logic.addResult(job, task.result())
-        end = time.perf_counter() - start
-        print(f"\nwhole head {volume.GetImageData().GetDimensions()}: run {run:.1f} s, {len(polls)} polls; "
-              f"longest main-thread stall: poll {max(polls) * 1000:.1f} ms (median {np.median(polls) * 1000:.2f} ms), "
-              f"click {click * 1000:.0f} ms, result read + nodes added {end * 1000:.0f} ms "
-              f"(torch threads in the worker: 1; machine shared)")
+        steps = logic.addResultSteps(job, task.result())
+        added = [("read result", time.perf_counter() - start)]
+        while True:
+            start = time.perf_counter()
+            try:
+                name = next(steps)
+            except StopIteration as done:
+                result = done.value
+                break
+            added.append((name, time.perf_counter() - start))
+        task.close()
+        slowest = max(added, key=lambda step: step[1])
+        print(f"\nwhole head {volume.GetImageData().GetDimensions()}: run {run:.1f} s, {len(polls)} polls "
+              f"every {POLL_S} s; main thread held: poll max {max(polls) * 1000:.1f} ms "
+              f"(99th percentile {np.percentile(polls, 99) * 1000:.2f} ms, median {np.median(polls) * 1000:.2f} ms), "
+              f"click {click * 1000:.0f} ms, adding the result {sum(t for _, t in added) * 1000:.0f} ms in "
+              f"{len(added)} steps, the longest {slowest[0]!r} {slowest[1] * 1000:.0f} ms; steps: "
+              + ", ".join(f"{n} {t * 1000:.0f}" for n, t in added) + " ms (1 torch thread in the worker; shared machine)")
         assert len(result.mapNodes) >= 3
-        assert max(polls) < 0.05
+        assert np.percentile(polls, 99) < 0.02 and max(polls) < POLL_S
+        assert slowest[1] < 2.0
     finally:
         logic.shutdownWorker()

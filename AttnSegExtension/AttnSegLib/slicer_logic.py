@@ -169,8 +169,10 @@ def imageFromVolumeNode(node) -> Image:
     return Image(array, Geometry.from_ijk_to_ras(_ijkToWorldRas(node), size))
 
 
-def volumeNodeFromImage(image: Image, scene, name: str, className: str = "vtkMRMLScalarVolumeNode"):
-    """A new volume node in ``scene`` holding a copy of a (D, H, W) ``image`` with its geometry."""
+def volumeNodeFromImage(image: Image, scene, name: str, className: str = "vtkMRMLScalarVolumeNode",
+                        displayNode=None):
+    """A new volume node in ``scene`` holding a copy of a (D, H, W) ``image`` with its geometry
+    (and ``displayNode``, observed before the image is attached, when given)."""
     if image.array.ndim != 3:
         raise ImageError(f"{name}: expected a (D, H, W) image, got shape {image.array.shape}")
     imageData = vtkImageData()
@@ -181,12 +183,14 @@ def volumeNodeFromImage(image: Image, scene, name: str, className: str = "vtkMRM
     imageData.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array.ravel(), deep=True))
     node = scene.AddNewNodeByClass(className, scene.GenerateUniqueName(name))
     node.SetIJKToRASMatrix(arrayToMatrix(image.geometry.ijk_to_ras()))
+    if displayNode is not None:
+        node.SetAndObserveDisplayNodeID(displayNode.GetID())
     node.SetAndObserveImageData(imageData)
     return node
 
 
 def _orientedMask(geometry: Geometry, mask: np.ndarray):
-    """A binary labelmap (``vtkOrientedImageData``, uint8 0/1) of a (D, H, W) ``mask`` on ``geometry``."""
+    """A labelmap (``vtkOrientedImageData``, uint8) of a (D, H, W) ``mask`` (or label values) on ``geometry``."""
     oriented = slicer.vtkOrientedImageData()
     oriented.SetDimensions(*geometry.size)
     oriented.SetImageToWorldMatrix(arrayToMatrix(geometry.ijk_to_ras()))
@@ -497,6 +501,17 @@ class AttnSegLogic:
 
     def addResult(self, job: SegmentationJob, result: Result) -> SegmentationResult:
         """Add a prediction to the scene: always a new segmentation node, its maps and references."""
+        steps = self.addResultSteps(job, result)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as finished:
+                return finished.value
+
+    def addResultSteps(self, job: SegmentationJob, result: Result):
+        """:meth:`addResult` one node at a time: a generator that yields the name of what it just added
+        and returns the :class:`SegmentationResult`. A UI advances it from its timer, so that on a
+        whole-head volume the main thread is never held for all the nodes at once."""
         scene = self.scene
         package = job.package
         inputs = [scene.GetNodeByID(i) for i in job.inputNodeIDs]
@@ -506,13 +521,19 @@ class AttnSegLogic:
         modelLabel = volumeNodeFromImage(result.labels, scene, f"{baseName} model output",
                                          "vtkMRMLLabelMapVolumeNode")
         modelLabel.SetHideFromEditors(True)
+        yield "model output"
         segmentation = self._newSegmentationNode(scene.GenerateUniqueName(baseName), result.labels,
                                                  package.classes, modelLabel)
         self._storeProvenance(segmentation, package, result, inputs)
         segmentation.SetNodeReferenceID(REF_MODEL_LABEL, modelLabel.GetID())
         for node in inputs:
             segmentation.AddNodeReferenceID(REF_INPUT, node.GetID())
-        mapNodes = self._addMapNodes(segmentation, result, package)
+        yield "segmentation"
+        mapNodes = {}
+        colorTable = self._colorTable()
+        for name, image, meaning in self._mapImages(result, package):
+            mapNodes[name] = self._addMapNode(segmentation, name, image, meaning, colorTable)
+            yield name
         segmentation.SetNodeReferenceID(REF_DIFFICULTY, mapNodes[result.difficulty_name].GetID())
         self.activeSegmentationNode = segmentation
         return SegmentationResult(segmentation, mapNodes, modelLabel, result.difficulty_name, inputs,
@@ -525,16 +546,18 @@ class AttnSegLogic:
         segmentation = segmentationNode.GetSegmentation()
         labelmapName = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
         segmentation.SetSourceRepresentationName(labelmapName)
+        # One labelmap holding the class values, shared by every segment (each reads its own label
+        # value): the layout Slicer's own collapsing makes, without a pass over the volume per class.
+        shared = _orientedMask(labels.geometry, labels.array)
         for cls in classes[1:]:
-            mask = _orientedMask(labels.geometry, labels.array == cls["value"])
             segment = slicer.vtkSegment()
             segment.SetName(cls["name"])
             segment.SetColor(*_classColor(cls))
+            segment.SetLabelValue(int(cls["value"]))
             segment.SetTag(CLASS_VALUE_TAG, str(cls["value"]))
             setSegmentTerminology(segment, terminologyEntry(cls))
-            segment.AddRepresentation(labelmapName, mask)
+            segment.AddRepresentation(labelmapName, shared)
             segmentation.AddSegment(segment, volume_name(cls["name"]) or f"class_{cls['value']}")
-        segmentation.CollapseBinaryLabelmaps()
         return segmentationNode
 
     @staticmethod
@@ -555,33 +578,34 @@ class AttnSegLogic:
         for key, value in attributes.items():
             segmentation.SetAttribute(ATTRIBUTE + key, str(value))
 
-    def _addMapNodes(self, segmentation, result: Result, package: ModelPackage) -> dict[str, object]:
-        images: dict[str, tuple[Image, str]] = {}
+    @staticmethod
+    def _mapImages(result: Result, package: ModelPackage):
+        """(name, (D, H, W) image, meaning) of every map: class probabilities, then the result's maps."""
         probabilities = result.probabilities
         for cls in package.classes[1:]:
-            images[f"probability.{volume_name(cls['name'])}"] = (
-                Image(probabilities.array[cls["value"]], probabilities.geometry),
-                PROBABILITY_MEANING.format(name=cls["name"]))
+            yield (f"probability.{volume_name(cls['name'])}", Image(probabilities.array[cls["value"]],
+                                                                    probabilities.geometry),
+                   PROBABILITY_MEANING.format(name=cls["name"]))
         for name, image in result.maps.items():
             meaning = UNCERTAINTY_MEANING if name == "uncertainty" else \
                 package.maps.get(name.split(".")[0], {}).get("meaning", "")
-            images[name] = (image, meaning)
-        colorTable = self._colorTable()
-        nodes = {}
-        for name, (image, meaning) in images.items():
-            node = volumeNodeFromImage(image.with_array(image.array.astype(np.float32, copy=False)), self.scene,
-                                       f"{segmentation.GetName()} {name}")
-            node.SetAttribute(ATTRIBUTE + "MapName", name)
-            node.SetAttribute(ATTRIBUTE + "MapMeaning", meaning)
-            node.CreateDefaultDisplayNodes()
-            display = node.GetDisplayNode()
-            display.SetAndObserveColorNodeID(colorTable.GetID())
-            display.SetAutoWindowLevel(False)
-            display.SetWindowLevelMinMax(*self._displayRange(name, image.array))
-            node.SetNodeReferenceID(REF_SEGMENTATION, segmentation.GetID())
-            segmentation.AddNodeReferenceID(REF_MAP, node.GetID())
-            nodes[name] = node
-        return nodes
+            yield name, image, meaning
+
+    def _addMapNode(self, segmentation, name: str, image: Image, meaning: str, colorTable):
+        """A map volume node with its own display node: window fixed before the image is attached, so
+        Slicer computes no automatic window/level (a histogram of the whole volume)."""
+        scene = self.scene
+        display = scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevelMinMax(*self._displayRange(name, image.array))
+        display.SetAndObserveColorNodeID(colorTable.GetID())
+        node = volumeNodeFromImage(image.with_array(image.array.astype(np.float32, copy=False)), scene,
+                                   f"{segmentation.GetName()} {name}", displayNode=display)
+        node.SetAttribute(ATTRIBUTE + "MapName", name)
+        node.SetAttribute(ATTRIBUTE + "MapMeaning", meaning)
+        node.SetNodeReferenceID(REF_SEGMENTATION, segmentation.GetID())
+        segmentation.AddNodeReferenceID(REF_MAP, node.GetID())
+        return node
 
     @staticmethod
     def _displayRange(name: str, values: np.ndarray) -> tuple[float, float]:

@@ -63,8 +63,9 @@ def saveArray(array: np.ndarray, path: Path) -> str:
     return str(path)
 
 
-def loadArray(path: str) -> np.ndarray:
-    return np.load(path, allow_pickle=False)
+def loadArray(path: str, mmap: bool = False) -> np.ndarray:
+    """An array written by :func:`saveArray`; ``mmap``: memory-mapped, read only where it is used."""
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
 def oneLine(error: BaseException, limit: int = 300) -> str:

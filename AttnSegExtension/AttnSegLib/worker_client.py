@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
+import weakref
 from pathlib import Path
 
 from .image import Image
@@ -186,7 +187,9 @@ class WorkerTask:
 
     Same surface as :class:`AttnSegLib.slicer_logic.SegmentationTask`: ``start()``, ``cancel()``,
     ``progress``, ``done()``, ``result()``; reading ``progress`` or calling ``done()`` reads what the
-    worker wrote so far. Inputs and outputs are ``.npy`` files in a temporary folder removed at the end.
+    worker wrote so far. Inputs and outputs are ``.npy`` files in a temporary folder; the result's
+    arrays are memory-mapped from it (read when the nodes are made), and :meth:`close` (or the task
+    being garbage-collected) removes it.
     """
 
     def __init__(self, worker: WorkerProcess, job, cancelGrace: float = CANCEL_GRACE_S):
@@ -196,11 +199,13 @@ class WorkerTask:
         self.notices: list[str] = []
         self._progress: tuple[float, float | None, str] = (0.0, None, "starting")
         self._folder: Path | None = None
+        self._removeFolder = lambda: None
         self._outcome: dict | None = None  # the worker's last message for this run, or one made here
         self._cancelDeadline: float | None = None
 
     def start(self) -> "WorkerTask":
         self._folder = Path(tempfile.mkdtemp(prefix="attnseg-run-"))
+        self._removeFolder = weakref.finalize(self, shutil.rmtree, str(self._folder), True)
         inputs = [{"file": saveArray(image.array, self._folder / f"input_{i}.npy"),
                    "geometry": geometryToDict(image.geometry)} for i, image in enumerate(self.job.images)]
         self.worker.start()
@@ -240,21 +245,25 @@ class WorkerTask:
         if not self.done():
             raise RuntimeError("the segmentation is still running; poll done() first")
         outcome = self._outcome
-        try:
-            if outcome["event"] == "cancelled":
-                raise Cancelled()
-            if outcome["event"] == "crashed":
-                raise WorkerCrashed(outcome["message"])
-            if outcome["event"] == "error":
-                raise (MemoryError if outcome.get("kind") == "MemoryError" else WorkerError)(outcome["message"])
-            geometry = geometryFromDict(outcome["geometry"])
-            return Result(labels=Image(loadArray(outcome["labels"]), geometry),
-                          probabilities=Image(loadArray(outcome["probabilities"]), geometry),
-                          maps={name: Image(loadArray(path), geometry) for name, path in outcome["maps"].items()},
-                          difficulty_name=outcome["difficulty_name"], timings=outcome["timings"],
-                          provenance=outcome["provenance"], notices=outcome["notices"] + self.notices)
-        finally:
-            self._removeFolder()
+        if outcome["event"] == "cancelled":
+            raise Cancelled()
+        if outcome["event"] == "crashed":
+            raise WorkerCrashed(outcome["message"])
+        if outcome["event"] == "error":
+            raise (MemoryError if outcome.get("kind") == "MemoryError" else WorkerError)(outcome["message"])
+        geometry = geometryFromDict(outcome["geometry"])
+
+        def mapped(path: str) -> Image:
+            return Image(loadArray(path, mmap=True), geometry)
+
+        return Result(labels=mapped(outcome["labels"]), probabilities=mapped(outcome["probabilities"]),
+                      maps={name: mapped(path) for name, path in outcome["maps"].items()},
+                      difficulty_name=outcome["difficulty_name"], timings=outcome["timings"],
+                      provenance=outcome["provenance"], notices=outcome["notices"] + self.notices)
+
+    def close(self) -> None:
+        """Remove the run's files (once the result's nodes are made)."""
+        self._removeFolder()
 
     def _pump(self) -> None:
         if self._outcome is not None:
@@ -285,8 +294,3 @@ class WorkerTask:
             self._progress = (1.0, 0.0, "done")
         else:
             self._removeFolder()
-
-    def _removeFolder(self) -> None:
-        if self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
-            self._folder = None

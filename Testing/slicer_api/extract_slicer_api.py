@@ -6,8 +6,9 @@ What is extracted:
   the headers of the folders in ``CPP_FOLDERS``: base classes, public methods (declared ones and those
   the ``vtkGet/Set/Boolean...Macro`` family generates) and public enum values, which is what Slicer's
   Python wrapping exposes;
-* Qt widget classes (``qMRML*`` from Slicer, ``ctk*`` from CTK): base classes, signals, public slots and
-  ``Q_PROPERTY`` names, for checking the ``.ui`` file and the widget's ``connect`` calls;
+* Qt widget classes (``qMRML*`` from Slicer, ``ctk*`` from CTK): base classes, signals, public slots,
+  ``Q_INVOKABLE`` methods and ``Q_PROPERTY`` names (what PythonQt exposes), for checking the ``.ui``
+  file and what the widget code does with each widget;
 * the Python modules of ``Base/Python/slicer`` the module imports from, Slicer's SampleData module and
   the PyTorch extension's PyTorchUtils: top-level functions and class methods with their parameter names.
 
@@ -137,8 +138,9 @@ def cpp_classes(root: Path, folders) -> dict:
                 if constants:
                     entry["constants"] = sorted(constants)
                 if name.startswith(("q", "ctk")):
+                    invokables = set(re.findall(r"Q_INVOKABLE\s+[^;(]*?\b(\w+)\s*\(", body))
                     entry = {"bases": bases, "signals": sorted(signals), "slots": sorted(slots),
-                             "properties": sorted(properties)}
+                             "invokables": sorted(invokables), "properties": sorted(properties)}
                 classes[name] = entry
     return classes
 
