@@ -131,6 +131,7 @@ def test_a_worker_that_does_not_stop_is_killed_and_the_next_run_gets_a_new_one(l
     stalled = logic._worker.pid
     os.kill(stalled, signal.SIGSTOP)  # a worker stuck in one long native call
     seconds = _cancel_and_time(task)
+    print(f"\ncancel to done, worker stopped with SIGSTOP: {seconds:.3f} s")
     assert CANCEL_GRACE_S <= seconds < 1.0
     with pytest.raises(Cancelled):
         task.result()

@@ -332,6 +332,9 @@ class SegmentationJob:
     def run(self, progress=None, cancel=None) -> Result:
         """The engine's prediction; ``progress(fraction, eta_seconds, stage)``; ``cancel.is_set()``
         makes it raise :class:`Cancelled`."""
+        if self.predictor is None:
+            raise RuntimeError("this job was prepared for the worker process (inProcess=False); "
+                               "run it with AttnSegLogic.startTask")
         return self.predictor.predict(self.images, progress=progress, cancel=cancel)
 
 
