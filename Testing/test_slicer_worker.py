@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -25,6 +26,7 @@ from AttnSegLib.worker_client import CANCEL_GRACE_S, WorkerCrashed, WorkerError,
 from test_slicer_logic import HIPPOCAMPUS_CLASSES, SAMPLE_IMAGE, _untrained_package
 
 POLL_S = 0.2  # the widget's QTimer interval
+posix_signals = pytest.mark.skipif(os.name == "nt", reason="SIGSTOP and SIGKILL are POSIX signals")
 MNI_T1 = "mni152/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 
 
@@ -125,6 +127,7 @@ def test_cancel_ends_a_run_within_a_second_and_the_worker_stays(logic, package, 
     assert logic._worker.alive and logic._worker.pid == pid  # it stopped by itself: no restart needed
 
 
+@posix_signals
 def test_a_worker_that_does_not_stop_is_killed_and_the_next_run_gets_a_new_one(logic, package, big_volume):
     task = logic.startTask(logic.prepare([big_volume], package, device="cpu", inProcess=False))
     _first_progress(task)
@@ -143,6 +146,7 @@ def test_a_worker_that_does_not_stop_is_killed_and_the_next_run_gets_a_new_one(l
     assert logic._worker.pid != stalled
 
 
+@posix_signals
 def test_a_killed_worker_fails_the_run_with_one_line_and_leaves_the_scene(logic, package, big_volume):
     scene = logic.scene
     before = _nodes(scene)
@@ -159,6 +163,20 @@ def test_a_killed_worker_fails_the_run_with_one_line_and_leaves_the_scene(logic,
     assert _nodes(scene) == before
     volume = logic.loadVolume(SAMPLE_IMAGE)
     assert logic.startTask(logic.prepare([volume], package, device="cpu", inProcess=False)).wait(120)
+
+
+def test_a_worker_that_cannot_start_says_why(package, big_volume):
+    """A worker that exits at once (here: a Python that fails on start) fails the run with its exit code
+    and the last line it wrote to stderr."""
+    broken = WorkerProcess([sys.executable, "-c", "import sys; sys.stderr.write('no module named torch\\n'); "
+                                                  "sys.exit(3)"])
+    logic = AttnSegLogic(big_volume.GetScene())
+    task = WorkerTask(broken, logic.prepare([big_volume], package, device="cpu", inProcess=False)).start()
+    assert task.wait(30)
+    with pytest.raises(WorkerCrashed, match=r"^the segmentation worker exited with code 3; its last message: "
+                                            r"no module named torch; nothing was added to the scene"):
+        task.result()
+    broken.shutdown()
 
 
 def test_a_bad_request_is_one_line_and_the_worker_serves_the_next(logic, package, tmp_path):
@@ -180,6 +198,7 @@ def test_a_bad_request_is_one_line_and_the_worker_serves_the_next(logic, package
     assert good.wait(60) and good.result() is not None and logic._worker.pid == pid
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the address space size from Linux's /proc")
 def test_a_worker_out_of_memory_leaves_the_caller_intact(package, big_volume, tmp_path):
     """The worker's address space is capped a little above what it holds once torch is imported: the
     run fails as out of memory (a MemoryError reported by the worker, or the worker dying), in one line."""
