@@ -239,6 +239,7 @@ def test_the_worker_speaks_json_lines_on_stdout_only(package, tmp_path):
     events = [m["event"] for m in messages]
     assert events[0] == "ready" and events[1] == "started" and "result" in events
     assert events[-1] == "error" and messages[-1]["kind"] == "ProtocolError" and messages[-1]["id"] is None
+    assert messages[-1]["message"] == "unreadable request 'not json'; send one JSON object per line"
     result = next(m for m in messages if m["event"] == "result")
     labels = np.load(result["labels"], allow_pickle=False)
     assert labels.dtype == np.uint8 and labels.shape == image.array.shape

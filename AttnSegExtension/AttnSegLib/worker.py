@@ -155,8 +155,9 @@ class Worker:
             if request is None:
                 return
             if request.get("op") != "segment":
-                self.channel.send(event="error", id=request.get("id"), kind="ProtocolError",
-                                  message=f"unknown request {request.get('op') or request.get('line')!r}")
+                problem = (f"unreadable request {request['line']!r}; send one JSON object per line"
+                           if request.get("op") == "invalid" else f"unknown request {request.get('op')!r}")
+                self.channel.send(event="error", id=request.get("id"), kind="ProtocolError", message=problem)
                 continue
             requestId = str(request.get("id"))
             try:
