@@ -1,13 +1,18 @@
 """AttnSeg: attention-based 3D segmentation that shows where the network looked and where it is unsure.
 
-The module follows Slicer's scripted-module template. The widget only draws and calls the logic; all
-work is done by :class:`AttnSegLib.slicer_logic.AttnSegLogic`, which has no Qt and is tested on
-slicer-core. The network runs on a worker thread that the widget polls with a QTimer, so Slicer stays
-responsive and the run can be cancelled.
+The module follows Slicer's scripted-module template and supports Slicer 5.6 to 5.12 (Python 3.9 and
+3.12). The widget only draws and calls the logic; all work is done by
+:class:`AttnSegLib.slicer_logic.AttnSegLogic`, which has no Qt and is tested on slicer-core. The network
+runs in a worker process started with Slicer's own Python (``PythonSlicer``) and kept alive with its
+model between runs; the widget polls it from a QTimer, so Slicer stays responsive, Cancel ends a run
+within a second, and a crash or out-of-memory kill of the worker leaves Slicer and the scene intact.
 """
+import contextlib
 import logging
 import os
 import pathlib
+import shutil
+import unittest
 from typing import Annotated
 
 import qt
@@ -25,6 +30,23 @@ from AttnSegLib.dependencies import PIP_REQUIREMENTS, TORCH, missing_requirement
 MAX_MODALITIES = 4
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 POLL_INTERVAL_MS = 200
+
+
+@contextlib.contextmanager
+def _showErrors(message: str, waitCursor: bool = False):
+    """Like ``slicer.util.tryWithErrorDisplay`` without re-raising: an error is logged and shown, and the
+    caller (possibly building the panel) carries on."""
+    if waitCursor:
+        slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
+    try:
+        try:
+            yield
+        finally:
+            if waitCursor:
+                slicer.app.restoreOverrideCursor()
+    except Exception as error:
+        logging.exception(message)
+        slicer.util.errorDisplay(f"{message}\n\n{error}")
 
 
 def _resourcePath(relativePath: str) -> str:
@@ -133,6 +155,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._task = None
+        self._adding = None  # (task, AttnSegLogic.addResultSteps generator) while its nodes are added
         self._timer = None
         self._modalityCount = 0
         self._engineReady = not missing_requirements()  # False until torch and MONAI are installed
@@ -173,10 +196,11 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._populateModels()
 
     def cleanup(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        self._adding = None
         if self._timer is not None:
             self._timer.stop()
+        if self.logic is not None:
+            self.logic.shutdownWorker()  # cancels a running job
         self.removeObservers()
 
     def enter(self) -> None:
@@ -188,6 +212,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = None
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._adding = None  # nodes of a result are not added to the next scene
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -219,7 +244,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 _("AttnSeg needs {names}. Download and install them now (a few minutes, several GB for PyTorch)?")
                 .format(names=names), windowTitle=_("AttnSeg dependencies")):
             return False
-        with slicer.util.tryWithErrorDisplay(_("Installing the dependencies failed."), waitCursor=True):
+        with _showErrors(_("Installing the dependencies failed."), waitCursor=True):
             if TORCH in missing:
                 try:
                     import PyTorchUtils
@@ -227,7 +252,9 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     slicer.util.errorDisplay(_("Install the PyTorch extension from the Extensions Manager, "
                                                "restart Slicer, and try again."))
                     return False
-                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
+                torchRequirement = TORCH.spec[len(TORCH.module):]  # e.g. ">=2.2"
+                if PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                        askConfirmation=False, torchVersionRequirement=torchRequirement) is None:
                     return False
             pipMissing = [r.spec for r in missing if r in PIP_REQUIREMENTS]
             if pipMissing:
@@ -260,7 +287,8 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not name or self._parameterNode is None:
             return
         self._parameterNode.modelName = name
-        with slicer.util.tryWithErrorDisplay(_("The model package cannot be used."), waitCursor=True):
+        self._modalityCount = 0
+        with _showErrors(_("The model package cannot be used."), waitCursor=True):
             package = self.logic.loadModel(name)
             self.ui.modelCardLabel.text = _modelCardHtml(package.summary())
             modalities = package.modalities
@@ -285,14 +313,15 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return [selector.currentNode() for selector in self.inputSelectors[:self._modalityCount]]
 
     def _updateButtons(self, *args) -> None:
-        running = self._task is not None
+        running, adding = self._task is not None, self._adding is not None
         volumes = self._inputVolumes()
         self.ui.segmentButton.text = _("Cancel") if running else _("Segment")
-        self.ui.segmentButton.enabled = running or (bool(volumes) and all(volumes)) or not self._engineReady
+        self.ui.segmentButton.enabled = not adding and (
+            running or (bool(volumes) and all(volumes)) or not self._engineReady)
         hasSegmentation = self._attnsegSegmentation() is not None
         for button in (self.ui.previousRegionButton, self.ui.nextRegionButton, self.ui.saveCorrectionButton,
                        self.ui.openSegmentEditorButton, self.ui.editDoubtfulOnlyCheckBox):
-            button.enabled = hasSegmentation and not running
+            button.enabled = hasSegmentation and not running and not adding
 
     def onSegmentButton(self) -> None:
         if self._task is not None:
@@ -304,14 +333,13 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.ui.modelComboBox.count == 0:
             self._populateModels()
             return
-        from AttnSegLib.slicer_logic import SegmentationTask
-
-        with slicer.util.tryWithErrorDisplay(_("Segmentation could not start."), waitCursor=True):
-            job = self.logic.prepare(self._inputVolumes(), self._parameterNode.modelName, self._parameterNode.device)
-            self._task = SegmentationTask(job).start()
+        with _showErrors(_("Segmentation could not start."), waitCursor=True):
+            job = self.logic.prepare(self._inputVolumes(), self._parameterNode.modelName, self._parameterNode.device,
+                                     inProcess=False)
+            self._task = self.logic.startTask(job)
             self.ui.progressBar.value = 0
             self.ui.progressBar.show()
-            self.ui.statusLabel.text = _("Segmenting on {device}...").format(device=job.predictor.device)
+            self.ui.statusLabel.text = _("Starting the segmentation worker...")
             self._timer.start()
         self._updateButtons()
 
@@ -324,27 +352,55 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = int(round(fraction * 1000))
         self.ui.progressBar.format = f"{fraction:.0%}" + (f"  (about {eta:.0f} s left)" if eta else "")
         if not task.done():
-            if not task.cancelRequested:
-                self.ui.statusLabel.text = _("{stage}...").format(stage=stage.capitalize())
+            if not task.cancelRequested and task.device:
+                self.ui.statusLabel.text = _("{stage} on {device}...").format(stage=stage.capitalize(),
+                                                                             device=task.device)
             return
         self._timer.stop()
         self._task = None
         self.ui.progressBar.hide()
         try:
-            result = self.logic.addResult(task.job, task.result())
+            self._adding = (task, self.logic.addResultSteps(task.job, task.result()))
         except Cancelled:
+            task.close()
             self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
         except Exception as error:
-            logging.exception("AttnSeg segmentation failed")
-            self.ui.statusLabel.text = _("Failed: {error}").format(error=error)
-            slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=error))
+            task.close()
+            self._showFailure(error)
         else:
+            qt.QTimer.singleShot(0, self.onAddNextNode)
+        self._updateButtons()
+
+    def onAddNextNode(self) -> None:
+        """Adds one node of the result, then lets Qt run before the next (a whole-head result is several
+        volumes: added at once they would hold the main thread for seconds)."""
+        if self._adding is None:  # the scene was closed meanwhile
+            return
+        task, steps = self._adding
+        try:
+            added = next(steps)
+        except StopIteration as finished:
+            self._adding = None
+            task.close()
+            result = finished.value
             seconds = sum(result.timings.values())
             notes = "".join(f"<br>{note}" for note in result.notices)
             self.ui.statusLabel.text = _("Done in {seconds:.1f} s.").format(seconds=seconds) + notes
             self._parameterNode.mapName = result.difficultyName
             self._parameterNode.segmentation = result.segmentationNode
+        except Exception as error:
+            self._adding = None
+            task.close()
+            self._showFailure(error)
+        else:
+            self.ui.statusLabel.text = _("Added {name}...").format(name=added)
+            qt.QTimer.singleShot(0, self.onAddNextNode)
         self._updateButtons()
+
+    def _showFailure(self, error: Exception) -> None:
+        logging.error("AttnSeg segmentation failed: %s", error)
+        self.ui.statusLabel.text = _("Failed: {error}").format(error=error)
+        slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=error))
 
     # -- review -----------------------------------------------------------------------------------
     def onSegmentationChanged(self, node) -> None:
@@ -435,7 +491,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if node is None:
             return
         folder = self._parameterNode.correctionDirectory
-        with slicer.util.tryWithErrorDisplay(_("The correction could not be saved."), waitCursor=True):
+        with _showErrors(_("The correction could not be saved."), waitCursor=True):
             try:
                 caseDir = self.logic.exportCorrection(node, folder)
             except FileExistsError:
@@ -488,11 +544,33 @@ class AttnSegLogic(ScriptedLoadableModuleLogic):
             self._core = CoreLogic(slicer.mrmlScene)
         return self._core
 
+    def startTask(self, job):
+        """Run ``job`` in the worker process, started with Slicer's own Python and environment."""
+        if self.core.workerCommand is None:
+            from AttnSegLib.worker_client import workerCommand
+
+            self.core.workerCommand = workerCommand(_pythonSlicer())
+            self.core.workerEnvironment = slicer.util.startupEnvironment()
+        return self.core.startTask(job)
+
+    def shutdownWorker(self) -> None:
+        if self._core is not None:  # no engine was used: nothing to stop
+            self._core.shutdownWorker()
+
     def __getattr__(self, name: str):
         # segment, prepare, addResult, loadVolume, mapNodes, showMap, nextDoubtfulRegion, exportCorrection...
         if name.startswith("_"):
             raise AttributeError(name)
         return getattr(self.core, name)
+
+
+def _pythonSlicer() -> str:
+    """Slicer's own Python launcher (``PythonSlicer``, on the PATH of Slicer's process): the worker
+    process gets Slicer's site-packages, where torch and MONAI were installed."""
+    path = shutil.which("PythonSlicer")
+    if path is None:
+        raise RuntimeError("PythonSlicer was not found next to Slicer; reinstall Slicer")
+    return path
 
 
 #
@@ -507,6 +585,12 @@ class AttnSegTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        missing = missing_requirements()
+        if missing:  # an Extensions Index build has no torch or MONAI: nothing here can run
+            reason = "AttnSeg self-test skipped: {names} not installed (click Segment once to install them)".format(
+                names=", ".join(r.module for r in missing))
+            self.delayDisplay(reason)
+            raise unittest.SkipTest(reason)
         self.setUp()
         self.test_SegmentReviewExport()
 

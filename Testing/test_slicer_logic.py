@@ -15,6 +15,7 @@ import SimpleITK as sitk
 import slicer
 import torch
 from vtkmodules.util import numpy_support
+from vtkmodules.vtkCommonCore import reference as vtkReference
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
 from AttnSegLib import models
@@ -22,7 +23,7 @@ from AttnSegLib.image import Geometry, Image, ImageError, read_image
 from AttnSegLib.inference import Predictor
 from AttnSegLib.metrics import evaluate_labels
 from AttnSegLib.package import default_package, save_package
-from AttnSegLib.slicer_logic import (ATTRIBUTE, REF_DIFFICULTY, REF_INPUT, REF_MAP, REF_SEGMENTATION,
+from AttnSegLib.slicer_logic import (ATTRIBUTE, DOUBTFUL_SEGMENT_ID, REF_DIFFICULTY, REF_INPUT, REF_MAP, REF_SEGMENTATION,
                                      AttnSegLogic, Cancelled, CorrectionError, SegmentationTask, arrayToMatrix,
                                      colorScale, imageFromVolumeNode, matrixToArray, newScene,
                                      volumeNodeFromImage)
@@ -204,9 +205,13 @@ def test_segments_are_named_coloured_coded_and_match_the_engine(segmented, engin
     segmentation = result.segmentationNode.GetSegmentation()
     segments = [segmentation.GetNthSegment(i) for i in range(segmentation.GetNumberOfSegments())]
     assert [s.GetName() for s in segments] == ["Anterior", "Posterior"]
+    assert segmentation.GetNumberOfLayers() == 1 and [s.GetLabelValue() for s in segments] == [1, 2]
     np.testing.assert_allclose(segments[0].GetColor(), np.array([230, 159, 0]) / 255)
+    tag = vtkReference("")  # the tag every Slicer from 5.6 reads; GetTerminology (5.10+) reads the same
+    assert segments[0].GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), tag)
+    assert str(tag) == segments[0].GetTerminology() and str(tag).count("~") == 6
     entry = slicer.vtkSlicerTerminologyEntry()
-    assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(segments[0].GetTerminology(), entry)
+    assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(str(tag), entry)
     assert (entry.GetCategoryObject().GetCodeValue(), entry.GetTypeObject().GetCodeValue()) == ("123037004", "5366008")
     assert entry.GetTypeObject().GetCodingSchemeDesignator() == "SCT"
     assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(segments[1].GetTerminology(), entry)
@@ -261,6 +266,30 @@ def test_map_nodes_have_references_colours_ranges_and_the_engine_values(segmente
     assert len(color_tables) == 1
     table = scene.GetNodeByID(color_tables.pop())
     assert table.GetNumberOfColors() == 256 and table.GetName() == "AttnSeg inferno"
+    rgba = [0.0] * 4
+    alphas = []
+    for index in range(256):
+        table.GetColor(index, rgba)
+        alphas.append(rgba[3])
+    assert alphas[:5] == [0.0] * 5 and set(alphas[6:]) == {1.0}  # below 2 % of the range: not drawn
+
+
+def test_a_map_overlay_is_transparent_where_the_map_is_near_zero(segmented):
+    """Slicer's own display pipeline (vtkMRMLScalarVolumeDisplayNode: window/level, colour table, alpha)
+    gives alpha 0 to voxels below 2 % of the displayed range, so the overlay leaves the anatomy there."""
+    _, result = segmented
+    node = result.mapNodes["probability.anterior"]
+    display = node.GetDisplayNode()
+    display.SetInputImageDataConnection(node.GetImageDataConnection())
+    display.UpdateImageDataPipeline()
+    producer = display.GetOutputImageDataConnection().GetProducer()
+    producer.Update()
+    rgba = numpy_support.vtk_to_numpy(producer.GetOutputDataObject(0).GetPointData().GetScalars())
+    values = imageFromVolumeNode(node).array.ravel()
+    assert rgba.shape[1] == 4
+    low, high = values < 0.015, values > 0.03
+    assert low.any() and high.any()
+    assert (rgba[low, 3] == 0).all() and (rgba[high, 3] == 255).all()
 
 
 def test_colour_scale_is_matplotlibs_inferno():
@@ -442,23 +471,45 @@ def test_show_map_sets_the_foreground_layer_of_every_slice_view(logic, scene, se
 
 
 def test_edit_only_doubtful_voxels_limits_painting_to_the_difficulty_threshold(logic, scene, segmented):
+    """The editable area is the hidden "Doubtful regions" segment; the user's source volume and intensity
+    mask are not touched, the mask survives painting, and switching off gives the user's settings back."""
     volume, result = segmented
     seg = result.segmentationNode
     threshold = 0.55
     editor = slicer.vtkMRMLSegmentEditorNode()
     scene.AddNode(editor)
+    editor.SetAndObserveSourceVolumeNode(volume)
+    editor.SetSourceVolumeIntensityMaskRange(-5.0, 700.0)  # the user's own settings
+    editor.SetSourceVolumeIntensityMask(False)
+    editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
+    editor.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteAllSegments)
     logic.restrictEditingToDoubtfulVoxels(seg, threshold, segmentEditorNode=editor)
-    assert editor.GetSourceVolumeNode() is result.difficultyNode and editor.GetSourceVolumeIntensityMask()
-    before = logic.correctedLabels(seg)
-    everything = before.with_array(np.ones_like(before.array, dtype=bool))
-    _paint(scene, seg, "anterior", everything, None, editor=editor)
-    after = logic.correctedLabels(seg).array
+    assert editor.GetSourceVolumeNode() is volume and not editor.GetSourceVolumeIntensityMask()
+    assert tuple(editor.GetSourceVolumeIntensityMaskRange()) == (-5.0, 700.0)
+    assert editor.GetMaskMode() == slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment
+    assert editor.GetMaskSegmentID() == DOUBTFUL_SEGMENT_ID
+    mask_segment = seg.GetSegmentation().GetSegment(DOUBTFUL_SEGMENT_ID)
+    assert mask_segment.GetName() == "Doubtful regions"
+    assert not seg.GetDisplayNode().GetSegmentVisibility(DOUBTFUL_SEGMENT_ID)
+
+    before = logic.correctedLabels(seg)  # the mask segment is no class: it is not in the labels
     doubtful = imageFromVolumeNode(result.difficultyNode).array >= threshold
     assert 0 < doubtful.sum() < doubtful.size
+    everything = before.with_array(np.ones_like(before.array, dtype=bool))
+    _paint(scene, seg, "posterior", everything, None, editor=editor)
+    _paint(scene, seg, "anterior", everything, None, editor=editor)  # the mask did not shrink under posterior
+    after = logic.correctedLabels(seg).array
     np.testing.assert_array_equal(after[doubtful], 1)
     np.testing.assert_array_equal(after[~doubtful], before.array[~doubtful])
+
+    logic.restrictEditingToDoubtfulVoxels(seg, 0.8, segmentEditorNode=editor)  # a new threshold remakes the mask
+    remade = seg.GetSegmentation().GetSegment(DOUBTFUL_SEGMENT_ID)
+    assert remade.GetTag("AttnSeg.DoubtThreshold", tag := vtkReference("")) and str(tag) == "0.8"
     logic.allowEditingEverywhere(seg, segmentEditorNode=editor)
-    assert not editor.GetSourceVolumeIntensityMask() and editor.GetSourceVolumeNode() is volume
+    assert editor.GetMaskMode() == slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments
+    assert editor.GetOverwriteMode() == slicer.vtkMRMLSegmentEditorNode.OverwriteAllSegments
+    assert editor.GetSourceVolumeNode() is volume
+    assert seg.GetSegmentation().GetSegment(DOUBTFUL_SEGMENT_ID) is None
 
 
 def test_the_segment_editor_node_is_the_segment_editor_modules_singleton(logic, scene):

@@ -5,6 +5,7 @@ build macros), the dependency list, and the module's pure helpers executed from 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import shutil
@@ -72,7 +73,8 @@ def _ui_names_used_by_the_widget() -> set[str]:
 
 
 def _helper(name: str, **namespace):
-    """A module-level function of AttnSeg.py compiled on its own (it must need nothing but ``namespace``)."""
+    """A module-level function of AttnSeg.py compiled on its own (it must need nothing but ``namespace``),
+    with its decorators."""
     module = ast.Module(body=[FUNCTIONS[name]], type_ignores=[])
     scope = dict(namespace)
     exec(compile(module, str(MODULE), "exec"), scope)
@@ -317,3 +319,112 @@ def test_cmake_configures_and_stages_resources_beside_the_module(tmp_path):
     module_dir = build / "lib" / "Slicer-5.8" / "qt-scripted-modules"
     for resource in resources:
         assert (module_dir / resource).read_bytes() == (REPO / resource).read_bytes(), resource
+
+
+# -- the Extensions Index entries -------------------------------------------------------------------
+# Slicer/ExtensionsIndex schemas/slicer-extension-catalog-entry-schema-v1.0.1.json: its properties and
+# required keys (additionalProperties is false).
+CATALOG_KEYS = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+                "build_subdirectory", "enabled", "tier"}
+CATALOG_REQUIRED = {"$schema", "category", "scm_url"}
+
+
+def _cmake_metadata() -> dict[str, str]:
+    return dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', TOP_CMAKE.read_text()))
+
+
+def test_catalog_entry_follows_the_extensions_index_schema():
+    """ExtensionsIndex/AttnSeg.json: what the index reads from Slicer 5.8 on (metadata from the CMake file)."""
+    entry = json.loads((REPO / "ExtensionsIndex" / "AttnSeg.json").read_text())
+    assert CATALOG_REQUIRED <= set(entry) <= CATALOG_KEYS
+    assert entry["$schema"].endswith("/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    metadata = _cmake_metadata()
+    assert entry["category"] == metadata["EXTENSION_CATEGORY"]
+    assert entry["build_dependencies"] == metadata["EXTENSION_DEPENDS"].split() == ["PyTorch"]
+    assert entry["scm_url"] == metadata["EXTENSION_HOMEPAGE"] and entry["build_subdirectory"] == "."
+    assert isinstance(entry["tier"], int) and 1 <= entry["tier"] <= 5
+
+
+def test_s4ext_for_the_slicer_5_6_index_matches_the_cmake_metadata():
+    """ExtensionsIndex/AttnSeg.s4ext: the Slicer 5.6 branch of the index still reads .s4ext files."""
+    lines = [line.split(" ", 1) for line in (REPO / "ExtensionsIndex" / "AttnSeg.s4ext").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    values = {parts[0]: parts[1].strip() if len(parts) > 1 else "" for parts in lines}
+    metadata = _cmake_metadata()
+    for key, cmake_key in (("homepage", "HOMEPAGE"), ("category", "CATEGORY"), ("contributors", "CONTRIBUTORS"),
+                           ("description", "DESCRIPTION"), ("iconurl", "ICONURL"),
+                           ("screenshoturls", "SCREENSHOTURLS"), ("depends", "DEPENDS")):
+        assert values[key] == metadata[f"EXTENSION_{cmake_key}"], key
+    assert values["scm"] == "git" and values["scmurl"] == json.loads(
+        (REPO / "ExtensionsIndex" / "AttnSeg.json").read_text())["scm_url"]
+
+
+def test_icon_and_screenshots_are_files_of_this_repository():
+    from PIL import Image as Picture
+
+    metadata = _cmake_metadata()
+    icon = REPO / metadata["EXTENSION_ICONURL"].split("/main/", 1)[1]
+    assert Picture.open(icon).size == (128, 128)  # the size the Extensions Manager shows
+    for url in metadata["EXTENSION_SCREENSHOTURLS"].split():
+        assert url.startswith("https://raw.githubusercontent.com/AttnSeg/SlicerAttnSeg/main/")
+        assert (REPO / url.split("/main/", 1)[1]).is_file(), url
+
+
+# -- behaviour Slicer's harness would show ------------------------------------------------------------
+def _method(class_name: str, name: str, **namespace):
+    """A method of a class of AttnSeg.py compiled on its own, with ``namespace`` as its globals."""
+    function = next(n for n in CLASSES[class_name].body if isinstance(n, ast.FunctionDef) and n.name == name)
+    scope = dict(namespace)
+    exec(compile(ast.Module(body=[function], type_ignores=[]), str(MODULE), "exec"), scope)
+    return scope[name]
+
+
+def test_self_test_skips_with_the_reason_when_torch_or_monai_is_missing():
+    import unittest
+
+    shown, ran = [], []
+    missing = [dependencies.TORCH, dependencies.PIP_REQUIREMENTS[0]]
+    run_test = _method("AttnSegTest", "runTest", unittest=unittest, missing_requirements=lambda: missing)
+
+    class Harness:  # what ScriptedLoadableModuleTest gives runTest
+        delayDisplay = staticmethod(shown.append)
+        setUp = staticmethod(lambda: ran.append("setUp"))
+        test_SegmentReviewExport = staticmethod(lambda: ran.append("test"))
+
+    with pytest.raises(unittest.SkipTest, match="torch, monai not installed"):
+        run_test(Harness())
+    assert shown and "skipped" in shown[0] and not ran
+    run_test = _method("AttnSegTest", "runTest", unittest=unittest, missing_requirements=lambda: [])
+    run_test(Harness())
+    assert ran == ["setUp", "test"]
+
+
+def test_errors_shown_while_building_the_panel_do_not_abort_it():
+    """``_showErrors`` shows and logs an error and carries on (slicer.util.tryWithErrorDisplay re-raises)."""
+    import contextlib
+    import logging
+    import types
+
+    displayed, cursor = [], []
+    fake_slicer = types.SimpleNamespace(
+        util=types.SimpleNamespace(errorDisplay=displayed.append),
+        app=types.SimpleNamespace(setOverrideCursor=lambda c: cursor.append("wait"),
+                                  restoreOverrideCursor=lambda: cursor.append("restored")))
+    show_errors = _helper("_showErrors", contextlib=contextlib, logging=logging, slicer=fake_slicer,
+                          qt=types.SimpleNamespace(Qt=types.SimpleNamespace(WaitCursor=3)))
+    after = []
+    with show_errors("The model package cannot be used.", waitCursor=True):
+        raise ValueError("model.json: classes missing")
+    after.append("the panel goes on")
+    assert after and cursor == ["wait", "restored"]
+    assert displayed == ["The model package cannot be used.\n\nmodel.json: classes missing"]
+    with show_errors("fine"):
+        pass
+    assert len(displayed) == 1
+
+
+def test_install_torch_passes_the_version_requirement():
+    source = ast.unparse(CLASSES["AttnSegWidget"])
+    assert "installTorch(askConfirmation=False, torchVersionRequirement=torchRequirement)" in source
+    assert "torchRequirement = TORCH.spec[len(TORCH.module):]" in source
+    assert dependencies.TORCH.spec[len(dependencies.TORCH.module):] == ">=2.2"

@@ -68,7 +68,7 @@ def render_review(logic: AttnSegLogic, segmentation_node, path: str | Path, map_
 
     low, high = np.percentile(image, [1, 99.5])
     colormap = ListedColormap(colorScale(256))
-    faint = legend.minimum + 0.02 * (legend.maximum - legend.minimum)  # below this the anatomy stays visible
+    faint = legend.transparentBelow  # below this Slicer draws no overlay either: the anatomy stays visible
     aspects = [spacing[1] / spacing[0], spacing[2] / spacing[0], spacing[2] / spacing[1]]
     fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.9), dpi=120, facecolor="black")
     for ax, grey, label, heat, aspect, name in zip(axes, _views(image, centre), _views(labels, centre),

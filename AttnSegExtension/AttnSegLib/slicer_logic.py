@@ -4,8 +4,14 @@ Runs wherever an MRML scene exists: 3D Slicer (``slicer.mrmlScene``), trame-slic
 and plain slicer-core (:func:`newScene`). It never imports Qt and never draws; front ends call it and draw.
 
 Threading: MRML is read and written only by :meth:`AttnSegLogic.prepare` and :meth:`AttnSegLogic.addResult`,
-on the thread that owns the scene. :meth:`SegmentationJob.run` (the network) touches no MRML and may run
-on a worker thread; :class:`SegmentationTask` does that and is polled from the UI thread.
+on the thread that owns the scene. The network touches no MRML. In 3D Slicer it runs in a worker process
+(:class:`AttnSegLib.worker_client.WorkerTask`: Slicer's PythonQt keeps the GIL while Qt idles, so a
+Python thread there would starve); where threads run freely (the web app, scripts),
+:class:`SegmentationTask` runs :meth:`SegmentationJob.run` on a thread. Both are polled from the UI thread.
+
+Supported Slicer versions: 5.6 to 5.12 (Python 3.9 in 5.6 and 5.8, so this package keeps to 3.9 syntax
+and library calls). Every Slicer call here exists in 5.6: ``Testing/test_slicer_api.py`` checks them
+against the method list extracted from Slicer 5.6.2's headers.
 
 What is stored in the scene (and so saved with it):
 
@@ -16,7 +22,8 @@ What is stored in the scene (and so saved with it):
   ``AttnSegModelLabel`` (the model's untouched label map, hidden); each map refers back through
   ``AttnSegSegmentation``;
 * segments carry the tag ``AttnSeg.ClassValue``; map volumes the attributes ``AttnSeg.MapName`` and
-  ``AttnSeg.MapMeaning``.
+  ``AttnSeg.MapMeaning``; the "Doubtful regions" segment (Segment Editor mask, see
+  :meth:`AttnSegLogic.restrictEditingToDoubtfulVoxels`) has the ID ``DOUBTFUL_SEGMENT_ID`` and is no class.
 
 Geometry: a volume's IJK-to-RAS matrix (and its parent transform, when linear) is converted to the
 engine's LPS :class:`~AttnSegLib.image.Geometry`, so any orientation and spacing is handled; results
@@ -50,7 +57,7 @@ from .review import Region, doubtful_regions
 
 __all__ = ["AttnSegLogic", "Cancelled", "CorrectionError", "DoubtfulRegion", "MapLegend", "SegmentationJob",
            "SegmentationResult", "SegmentationTask", "colorScale", "imageFromVolumeNode", "loadVolume", "newScene",
-           "terminologyEntry", "volumeNodeFromImage"]
+           "setSegmentTerminology", "terminologyEntry", "volumeNodeFromImage"]
 
 ATTRIBUTE = "AttnSeg."
 REF_INPUT = "AttnSegInput"
@@ -60,6 +67,11 @@ REF_MODEL_LABEL = "AttnSegModelLabel"
 REF_SEGMENTATION = "AttnSegSegmentation"
 CLASS_VALUE_TAG = "AttnSeg.ClassValue"
 COLOR_TABLE_NAME = "AttnSeg inferno"
+# Map values in the lowest 2 % of their display range are not drawn (alpha 0 in the colour table), so an
+# overlay leaves the anatomy where the map is ~0 (most of the image) as it is.
+TRANSPARENT_BELOW = 0.02
+DOUBTFUL_SEGMENT_ID = "attnseg_doubtful_regions"
+DOUBTFUL_SEGMENT_NAME = "Doubtful regions"
 
 UNCERTAINTY_MEANING = ("normalised entropy of the class probabilities, in [0, 1]: 0 where the network is "
                        "certain, 1 where all classes are equally likely")
@@ -157,8 +169,10 @@ def imageFromVolumeNode(node) -> Image:
     return Image(array, Geometry.from_ijk_to_ras(_ijkToWorldRas(node), size))
 
 
-def volumeNodeFromImage(image: Image, scene, name: str, className: str = "vtkMRMLScalarVolumeNode"):
-    """A new volume node in ``scene`` holding a copy of a (D, H, W) ``image`` with its geometry."""
+def volumeNodeFromImage(image: Image, scene, name: str, className: str = "vtkMRMLScalarVolumeNode",
+                        displayNode=None):
+    """A new volume node in ``scene`` holding a copy of a (D, H, W) ``image`` with its geometry
+    (and ``displayNode``, observed before the image is attached, when given)."""
     if image.array.ndim != 3:
         raise ImageError(f"{name}: expected a (D, H, W) image, got shape {image.array.shape}")
     imageData = vtkImageData()
@@ -169,8 +183,20 @@ def volumeNodeFromImage(image: Image, scene, name: str, className: str = "vtkMRM
     imageData.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array.ravel(), deep=True))
     node = scene.AddNewNodeByClass(className, scene.GenerateUniqueName(name))
     node.SetIJKToRASMatrix(arrayToMatrix(image.geometry.ijk_to_ras()))
+    if displayNode is not None:
+        node.SetAndObserveDisplayNodeID(displayNode.GetID())
     node.SetAndObserveImageData(imageData)
     return node
+
+
+def _orientedMask(geometry: Geometry, mask: np.ndarray):
+    """A labelmap (``vtkOrientedImageData``, uint8) of a (D, H, W) ``mask`` (or label values) on ``geometry``."""
+    oriented = slicer.vtkOrientedImageData()
+    oriented.SetDimensions(*geometry.size)
+    oriented.SetImageToWorldMatrix(arrayToMatrix(geometry.ijk_to_ras()))
+    values = np.ascontiguousarray(mask, dtype=np.uint8).ravel()
+    oriented.GetPointData().SetScalars(numpy_support.numpy_to_vtk(values, deep=True))
+    return oriented
 
 
 def loadVolume(path: str | os.PathLike, scene=None, name: str | None = None):
@@ -220,6 +246,16 @@ def terminologyEntry(cls: dict) -> str:
                      _code(terminology.get("regionModifier"))])
 
 
+def setSegmentTerminology(segment, entry: str) -> None:
+    """Store a serialised terminology entry on a ``vtkSegment``.
+
+    ``vtkSegment.SetTerminology`` exists only from Slicer 5.10; it stores the entry as the tag named by
+    ``vtkSegment.GetTerminologyEntryTagName()`` ("TerminologyEntry"), which is what this does in every
+    Slicer from 5.6 on, with the same 7-part ``~``-separated format.
+    """
+    segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry)
+
+
 def _classColor(cls: dict) -> tuple[float, float, float]:
     fallback = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0))
     rgb = cls.get("color") or fallback[(int(cls["value"]) - 1) % len(fallback)]
@@ -266,28 +302,39 @@ class DoubtfulRegion:
 @dataclass(frozen=True)
 class MapLegend:
     """What a front end needs to draw a map's legend: the value range shown from the first to the last
-    colour, and the colour scale as (position in [0, 1], (r, g, b) 0-255) stops."""
+    colour, the colour scale as (position in [0, 1], (r, g, b) 0-255) stops, and the value below which
+    the map is not drawn (transparent)."""
 
     name: str
     meaning: str
     minimum: float
     maximum: float
     stops: tuple[tuple[float, tuple[int, int, int]], ...]
+    transparentBelow: float
 
 
 # -- running the network ---------------------------------------------------------------------------
 @dataclass
 class SegmentationJob:
-    """Inputs copied out of MRML by :meth:`AttnSegLogic.prepare`; :meth:`run` touches no MRML."""
+    """Inputs copied out of MRML by :meth:`AttnSegLogic.prepare`; :meth:`run` touches no MRML.
+
+    ``images``: one (D, H, W) :class:`Image` per modality, in the card's order. ``predictor`` is made
+    for runs in this process only; a worker process (:class:`~AttnSegLib.worker_client.WorkerTask`)
+    builds its own from ``package`` and ``device``.
+    """
 
     package: ModelPackage
-    predictor: Predictor
     images: list[Image]
     inputNodeIDs: list[str]
+    device: str = "auto"
+    predictor: Predictor | None = None
 
     def run(self, progress=None, cancel=None) -> Result:
         """The engine's prediction; ``progress(fraction, eta_seconds, stage)``; ``cancel.is_set()``
         makes it raise :class:`Cancelled`."""
+        if self.predictor is None:
+            raise RuntimeError("this job was prepared for the worker process (inProcess=False); "
+                               "run it with AttnSegLogic.startTask")
         return self.predictor.predict(self.images, progress=progress, cancel=cancel)
 
 
@@ -353,8 +400,13 @@ class SegmentationTask:
 class AttnSegLogic:
     """Segment, review and export in an MRML scene; see the module docstring for what it stores."""
 
-    def __init__(self, scene=None):
+    def __init__(self, scene=None, workerCommand: list[str] | None = None, workerEnvironment: dict | None = None):
+        """``workerCommand``/``workerEnvironment``: how :meth:`startTask` starts the worker process
+        (default: this Python, see :func:`AttnSegLib.worker_client.workerCommand`); Slicer passes its
+        ``PythonSlicer`` and startup environment."""
         self._scene = scene
+        self.workerCommand, self.workerEnvironment = workerCommand, workerEnvironment
+        self._worker = None
         self._packages: dict[str, ModelPackage] = {}
         self._predictors: dict[tuple[str, str], Predictor] = {}
         self._regionCache: dict[tuple, list[Region]] = {}
@@ -404,8 +456,10 @@ class AttnSegLogic:
         return chosen
 
     # -- segment --------------------------------------------------------------------------------
-    def prepare(self, volumeNodes: list, model=None, device: str = "auto") -> SegmentationJob:
-        """Check the inputs against the model card and copy them out of MRML (call on the scene's thread)."""
+    def prepare(self, volumeNodes: list, model=None, device: str = "auto", inProcess: bool = True) -> SegmentationJob:
+        """Check the inputs against the model card and copy them out of MRML (call on the scene's thread).
+        ``inProcess``: also build the network here, for :meth:`SegmentationJob.run` in this process
+        (False for :meth:`startTask`, whose worker builds it)."""
         package = self.loadModel(model)
         names = [m["name"] for m in package.modalities]
         nodes = list(volumeNodes)
@@ -413,10 +467,29 @@ class AttnSegLogic:
             raise ValueError(f"model {package.name!r} needs {len(names)} input volume(s), one per modality "
                              f"({', '.join(names)}); got {sum(n is not None for n in nodes)}")
         images = [imageFromVolumeNode(n) for n in nodes]
-        key = (f"{package.path}:{package.sha256}", str(resolve_device(device)))
-        if key not in self._predictors:
-            self._predictors[key] = Predictor(package, device=device)
-        return SegmentationJob(package, self._predictors[key], images, [n.GetID() for n in nodes])
+        job = SegmentationJob(package, images, [n.GetID() for n in nodes], device)
+        if inProcess:
+            key = (f"{package.path}:{package.sha256}", str(resolve_device(device)))
+            if key not in self._predictors:
+                self._predictors[key] = Predictor(package, device=device)
+            job.predictor = self._predictors[key]
+        return job
+
+    def startTask(self, job: SegmentationJob):
+        """Run ``job`` in the worker process (started on first use and kept, with its model, between
+        runs); poll the returned :class:`~AttnSegLib.worker_client.WorkerTask` and hand its ``result()``
+        to :meth:`addResult`."""
+        from .worker_client import WorkerProcess, WorkerTask
+
+        if self._worker is None:
+            self._worker = WorkerProcess(self.workerCommand, self.workerEnvironment)
+        return WorkerTask(self._worker, job).start()
+
+    def shutdownWorker(self) -> None:
+        """Stop the worker process (a running job is cancelled); the next :meth:`startTask` starts one."""
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
 
     def segment(self, volumeNodes: list, model=None, device: str = "auto", progress=None,
                 cancel=None) -> SegmentationResult:
@@ -431,6 +504,17 @@ class AttnSegLogic:
 
     def addResult(self, job: SegmentationJob, result: Result) -> SegmentationResult:
         """Add a prediction to the scene: always a new segmentation node, its maps and references."""
+        steps = self.addResultSteps(job, result)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as finished:
+                return finished.value
+
+    def addResultSteps(self, job: SegmentationJob, result: Result):
+        """:meth:`addResult` one node at a time: a generator that yields the name of what it just added
+        and returns the :class:`SegmentationResult`. A UI advances it from its timer, so that on a
+        whole-head volume the main thread is never held for all the nodes at once."""
         scene = self.scene
         package = job.package
         inputs = [scene.GetNodeByID(i) for i in job.inputNodeIDs]
@@ -440,13 +524,19 @@ class AttnSegLogic:
         modelLabel = volumeNodeFromImage(result.labels, scene, f"{baseName} model output",
                                          "vtkMRMLLabelMapVolumeNode")
         modelLabel.SetHideFromEditors(True)
+        yield "model output"
         segmentation = self._newSegmentationNode(scene.GenerateUniqueName(baseName), result.labels,
                                                  package.classes, modelLabel)
         self._storeProvenance(segmentation, package, result, inputs)
         segmentation.SetNodeReferenceID(REF_MODEL_LABEL, modelLabel.GetID())
         for node in inputs:
             segmentation.AddNodeReferenceID(REF_INPUT, node.GetID())
-        mapNodes = self._addMapNodes(segmentation, result, package)
+        yield "segmentation"
+        mapNodes = {}
+        colorTable = self._colorTable()
+        for name, image, meaning in self._mapImages(result, package):
+            mapNodes[name] = self._addMapNode(segmentation, name, image, meaning, colorTable)
+            yield name
         segmentation.SetNodeReferenceID(REF_DIFFICULTY, mapNodes[result.difficulty_name].GetID())
         self.activeSegmentationNode = segmentation
         return SegmentationResult(segmentation, mapNodes, modelLabel, result.difficulty_name, inputs,
@@ -459,21 +549,18 @@ class AttnSegLogic:
         segmentation = segmentationNode.GetSegmentation()
         labelmapName = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
         segmentation.SetSourceRepresentationName(labelmapName)
-        ijkToRas = arrayToMatrix(labels.geometry.ijk_to_ras())
+        # One labelmap holding the class values, shared by every segment (each reads its own label
+        # value): the layout Slicer's own collapsing makes, without a pass over the volume per class.
+        shared = _orientedMask(labels.geometry, labels.array)
         for cls in classes[1:]:
-            mask = slicer.vtkOrientedImageData()
-            mask.SetDimensions(*labels.geometry.size)
-            mask.SetImageToWorldMatrix(ijkToRas)
-            values = (labels.array == cls["value"]).astype(np.uint8).ravel()
-            mask.GetPointData().SetScalars(numpy_support.numpy_to_vtk(values, deep=True))
             segment = slicer.vtkSegment()
             segment.SetName(cls["name"])
             segment.SetColor(*_classColor(cls))
+            segment.SetLabelValue(int(cls["value"]))
             segment.SetTag(CLASS_VALUE_TAG, str(cls["value"]))
-            segment.SetTerminology(terminologyEntry(cls))
-            segment.AddRepresentation(labelmapName, mask)
+            setSegmentTerminology(segment, terminologyEntry(cls))
+            segment.AddRepresentation(labelmapName, shared)
             segmentation.AddSegment(segment, volume_name(cls["name"]) or f"class_{cls['value']}")
-        segmentation.CollapseBinaryLabelmaps()
         return segmentationNode
 
     @staticmethod
@@ -494,33 +581,34 @@ class AttnSegLogic:
         for key, value in attributes.items():
             segmentation.SetAttribute(ATTRIBUTE + key, str(value))
 
-    def _addMapNodes(self, segmentation, result: Result, package: ModelPackage) -> dict[str, object]:
-        images: dict[str, tuple[Image, str]] = {}
+    @staticmethod
+    def _mapImages(result: Result, package: ModelPackage):
+        """(name, (D, H, W) image, meaning) of every map: class probabilities, then the result's maps."""
         probabilities = result.probabilities
         for cls in package.classes[1:]:
-            images[f"probability.{volume_name(cls['name'])}"] = (
-                Image(probabilities.array[cls["value"]], probabilities.geometry),
-                PROBABILITY_MEANING.format(name=cls["name"]))
+            yield (f"probability.{volume_name(cls['name'])}", Image(probabilities.array[cls["value"]],
+                                                                    probabilities.geometry),
+                   PROBABILITY_MEANING.format(name=cls["name"]))
         for name, image in result.maps.items():
             meaning = UNCERTAINTY_MEANING if name == "uncertainty" else \
                 package.maps.get(name.split(".")[0], {}).get("meaning", "")
-            images[name] = (image, meaning)
-        colorTable = self._colorTable()
-        nodes = {}
-        for name, (image, meaning) in images.items():
-            node = volumeNodeFromImage(image.with_array(image.array.astype(np.float32, copy=False)), self.scene,
-                                       f"{segmentation.GetName()} {name}")
-            node.SetAttribute(ATTRIBUTE + "MapName", name)
-            node.SetAttribute(ATTRIBUTE + "MapMeaning", meaning)
-            node.CreateDefaultDisplayNodes()
-            display = node.GetDisplayNode()
-            display.SetAndObserveColorNodeID(colorTable.GetID())
-            display.SetAutoWindowLevel(False)
-            display.SetWindowLevelMinMax(*self._displayRange(name, image.array))
-            node.SetNodeReferenceID(REF_SEGMENTATION, segmentation.GetID())
-            segmentation.AddNodeReferenceID(REF_MAP, node.GetID())
-            nodes[name] = node
-        return nodes
+            yield name, image, meaning
+
+    def _addMapNode(self, segmentation, name: str, image: Image, meaning: str, colorTable):
+        """A map volume node with its own display node: window fixed before the image is attached, so
+        Slicer computes no automatic window/level (a histogram of the whole volume)."""
+        scene = self.scene
+        display = scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevelMinMax(*self._displayRange(name, image.array))
+        display.SetAndObserveColorNodeID(colorTable.GetID())
+        node = volumeNodeFromImage(image.with_array(image.array.astype(np.float32, copy=False)), scene,
+                                   f"{segmentation.GetName()} {name}", displayNode=display)
+        node.SetAttribute(ATTRIBUTE + "MapName", name)
+        node.SetAttribute(ATTRIBUTE + "MapMeaning", meaning)
+        node.SetNodeReferenceID(REF_SEGMENTATION, segmentation.GetID())
+        segmentation.AddNodeReferenceID(REF_MAP, node.GetID())
+        return node
 
     @staticmethod
     def _displayRange(name: str, values: np.ndarray) -> tuple[float, float]:
@@ -531,17 +619,21 @@ class AttnSegLogic:
         return (low, high) if high > low else (low, low + 1e-6)
 
     def _colorTable(self):
-        """The scene's AttnSeg colour table (created once per scene)."""
+        """The scene's AttnSeg colour table (created once per scene): inferno, with the entries of the
+        lowest ``TRANSPARENT_BELOW`` of the range fully transparent (Slicer's slice views AND the table's
+        alpha with the display threshold, so those voxels show the anatomy underneath)."""
+        kind = f"inferno, transparent below {TRANSPARENT_BELOW}"
         for node in self._nodesByClass("vtkMRMLColorTableNode"):
-            if node.GetName() == COLOR_TABLE_NAME and node.GetAttribute(ATTRIBUTE + "ColorScale") == "inferno":
+            if node.GetName() == COLOR_TABLE_NAME and node.GetAttribute(ATTRIBUTE + "ColorScale") == kind:
                 return node
         table = self.scene.AddNewNodeByClass("vtkMRMLColorTableNode", COLOR_TABLE_NAME)
         table.SetTypeToUser()
-        table.SetAttribute(ATTRIBUTE + "ColorScale", "inferno")
+        table.SetAttribute(ATTRIBUTE + "ColorScale", kind)
         colors = colorScale(256)
         table.SetNumberOfColors(len(colors))
         for index, (r, g, b) in enumerate(colors):
-            table.SetColor(index, f"{index / (len(colors) - 1):.3f}", r, g, b, 1.0)
+            position = index / (len(colors) - 1)
+            table.SetColor(index, f"{position:.3f}", r, g, b, 0.0 if position < TRANSPARENT_BELOW else 1.0)
         return table
 
     # -- nodes of a result ----------------------------------------------------------------------
@@ -603,7 +695,8 @@ class AttnSegLogic:
         anchors = INFERNO_ANCHORS
         stops = tuple((i / (len(anchors) - 1), tuple(int(c) for c in rgb)) for i, rgb in enumerate(anchors))
         return MapLegend(mapNode.GetAttribute(ATTRIBUTE + "MapName") or mapNode.GetName(),
-                         mapNode.GetAttribute(ATTRIBUTE + "MapMeaning") or "", float(low), float(high), stops)
+                         mapNode.GetAttribute(ATTRIBUTE + "MapMeaning") or "", float(low), float(high), stops,
+                         float(low + TRANSPARENT_BELOW * (high - low)))
 
     # -- review ---------------------------------------------------------------------------------
     def doubtfulRegions(self, segmentationNode=None, threshold: float = 0.5,
@@ -659,27 +752,59 @@ class AttnSegLogic:
                                         segmentEditorNode=None) -> None:
         """Let Segment Editor effects change only voxels whose difficulty is >= ``threshold``.
 
-        Uses the editor's editable intensity range with the difficulty map as its source volume;
-        painting, erasing, scissors and islands then act on doubtful voxels only.
+        The doubtful voxels become a hidden segment, "Doubtful regions", and the editor's editable area
+        is "inside" that one segment (``EditAllowedInsideSingleSegment``). The editor then overwrites
+        visible segments only, so painting a class never erodes the hidden mask. The source volume and
+        the intensity mask stay as the user set them; the editable area and overwrite mode the user had
+        are stored on the editor node and given back by :meth:`allowEditingEverywhere`.
         """
         node = self._resolve(segmentationNode)
-        difficulty = self.difficultyNode(node)
+        self._setDoubtfulSegment(node, threshold)
         editor = segmentEditorNode if segmentEditorNode is not None else self.segmentEditorNode()
-        high = float(difficulty.GetImageData().GetScalarRange()[1])
+        if editor.GetAttribute(ATTRIBUTE + "SavedMaskMode") is None:
+            editor.SetAttribute(ATTRIBUTE + "SavedMaskMode", str(editor.GetMaskMode()))
+            editor.SetAttribute(ATTRIBUTE + "SavedMaskSegmentID", editor.GetMaskSegmentID() or "")
+            editor.SetAttribute(ATTRIBUTE + "SavedOverwriteMode", str(editor.GetOverwriteMode()))
         editor.SetAndObserveSegmentationNode(node)
-        editor.SetAndObserveSourceVolumeNode(difficulty)
-        editor.SetSourceVolumeIntensityMaskRange(float(threshold), max(high, float(threshold)))
-        editor.SetSourceVolumeIntensityMask(True)
+        editor.SetMaskSegmentID(DOUBTFUL_SEGMENT_ID)
+        editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
+        editor.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteVisibleSegments)
+        if editor.GetSelectedSegmentID() in (None, "", DOUBTFUL_SEGMENT_ID):
+            segmentation = node.GetSegmentation()
+            editor.SetSelectedSegmentID(segmentation.GetNthSegmentID(0) if segmentation.GetNumberOfSegments() else None)
 
     def allowEditingEverywhere(self, segmentationNode=None, segmentEditorNode=None) -> None:
-        """Undo :meth:`restrictEditingToDoubtfulVoxels`: the first input volume is the source again."""
+        """Undo :meth:`restrictEditingToDoubtfulVoxels`: the user's editable area and overwrite mode come
+        back and the "Doubtful regions" segment is removed."""
         node = self._resolve(segmentationNode)
         editor = segmentEditorNode if segmentEditorNode is not None else self.segmentEditorNode()
-        editor.SetSourceVolumeIntensityMask(False)
-        editor.SetAndObserveSegmentationNode(node)
-        inputs = self.inputNodes(node)
-        if inputs:
-            editor.SetAndObserveSourceVolumeNode(inputs[0])
+        saved = editor.GetAttribute(ATTRIBUTE + "SavedMaskMode")
+        if saved is not None:
+            editor.SetMaskMode(int(saved))
+            editor.SetMaskSegmentID(editor.GetAttribute(ATTRIBUTE + "SavedMaskSegmentID") or None)
+            editor.SetOverwriteMode(int(editor.GetAttribute(ATTRIBUTE + "SavedOverwriteMode")))
+            for key in ("SavedMaskMode", "SavedMaskSegmentID", "SavedOverwriteMode"):
+                editor.RemoveAttribute(ATTRIBUTE + key)
+        segmentation = node.GetSegmentation()
+        if segmentation.GetSegment(DOUBTFUL_SEGMENT_ID) is not None:
+            segmentation.RemoveSegment(DOUBTFUL_SEGMENT_ID)
+
+    def _setDoubtfulSegment(self, node, threshold: float) -> None:
+        """(Re)make the hidden "Doubtful regions" segment: difficulty >= ``threshold``, on the map's grid."""
+        difficulty = imageFromVolumeNode(self.difficultyNode(node))
+        segmentation = node.GetSegmentation()
+        if segmentation.GetSegment(DOUBTFUL_SEGMENT_ID) is not None:
+            segmentation.RemoveSegment(DOUBTFUL_SEGMENT_ID)
+        segment = slicer.vtkSegment()
+        segment.SetName(DOUBTFUL_SEGMENT_NAME)
+        segment.SetColor(1.0, 1.0, 1.0)
+        segment.SetTag(ATTRIBUTE + "DoubtThreshold", repr(float(threshold)))
+        segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(),
+                                  _orientedMask(difficulty.geometry, difficulty.array >= threshold))
+        segmentation.AddSegment(segment, DOUBTFUL_SEGMENT_ID)
+        display = node.GetDisplayNode()
+        if display is not None:
+            display.SetSegmentVisibility(DOUBTFUL_SEGMENT_ID, False)
 
     def correctedLabels(self, segmentationNode=None) -> Image:
         """The segmentation as it is now, as class values on the model output's grid (uint8).
@@ -697,6 +822,8 @@ class AttnSegLogic:
         ids, values = vtkStringArray(), []
         for index in range(segmentation.GetNumberOfSegments()):
             segmentId = segmentation.GetNthSegmentID(index)
+            if segmentId == DOUBTFUL_SEGMENT_ID:  # the editing mask, not a class
+                continue
             segment = segmentation.GetSegment(segmentId)
             tag = vtkReference("")
             value = int(str(tag)) if segment.GetTag(CLASS_VALUE_TAG, tag) else classes.get(segment.GetName().lower())

@@ -1,0 +1,244 @@
+"""The panel as Qt builds it, checked against what the widget code does with it (stands in for clicking).
+
+``Resources/UI/AttnSeg.ui`` is loaded with Qt's own ``QUiLoader`` (PySide6, offscreen). CTK and MRML
+widgets are unknown to it and become their Qt base class; their signals, slots, invokable methods
+and properties come from the Slicer 5.6.2 / CTK headers (``Testing/slicer_api``), those of Qt classes
+from Qt's meta-objects. Checked: object names are unique, the panel has one section each for the
+model, the inputs, the review and saving, every widget ``AttnSeg.py`` reaches exists with the class
+its use needs, every signal it connects to and every member it reads or sets exists on that class, the
+``.ui``'s own connections are between a real signal and a real slot, and every ``SlicerParameterName``
+is a parameter of ``AttnSegParameterNode`` with a parameterNodeWrapper connector in Slicer 5.6.
+"""
+from __future__ import annotations
+
+import ast
+import collections
+import json
+import os
+import xml.etree.ElementTree as ElementTree
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+from PySide6 import QtWidgets  # noqa: E402
+from PySide6.QtCore import QMetaObject, QObject  # noqa: E402
+from PySide6.QtUiTools import QUiLoader  # noqa: E402
+
+from conftest import REPO  # noqa: E402
+
+UI = REPO / "Resources" / "UI" / "AttnSeg.ui"
+MODULE = REPO / "AttnSegExtension" / "AttnSeg.py"
+API = json.loads((REPO / "Testing" / "slicer_api" / "slicer-5.6.2.json").read_text())
+QT_API = API["qt_classes"]
+TREE = ast.parse(MODULE.read_text())
+WIDGET_CLASS = next(n for n in TREE.body if isinstance(n, ast.ClassDef) and n.name == "AttnSegWidget")
+# parameterNodeWrapper connectors of Slicer 5.6 (slicer/parameterNodeWrapper/guiConnectors.py), by widget
+CONNECTORS = {"qMRMLNodeComboBox": "qMRMLNodeComboBoxToNodeConnector",
+              "ctkSliderWidget": "QDoubleSpinBoxCtkSliderWidgetToFloatConnector",
+              "QCheckBox": "QCheckBoxToBoolConnector", "QComboBox": "QComboBoxToStringableConnector",
+              "ctkDirectoryButton": "ctkDirectoryButtonToPathConnector"}
+SECTIONS = ["Model", "Inputs", "Review", "Save correction for training"]
+
+
+@pytest.fixture(scope="module")
+def panel():
+    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
+    loader = QUiLoader()
+    widget = loader.load(str(UI))
+    assert widget is not None, loader.errorString()
+    yield widget
+    widget.deleteLater()
+    app.processEvents()
+
+
+def _xml_classes() -> dict[str, str]:
+    return {w.get("name"): w.get("class") for w in ElementTree.parse(UI).getroot().iter("widget")}
+
+
+def _qt_class(name: str):
+    """The PySide6 class of a Qt class name, or None for a CTK/MRML one."""
+    return getattr(QtWidgets, name, None)
+
+
+def _qt_base(name: str) -> str:
+    """The first Qt class up the CTK/MRML inheritance chain."""
+    while _qt_class(name) is None:
+        name = QT_API[name]["bases"][0]
+    return name
+
+
+def _api_members(name: str, kind: str) -> set[str]:
+    members = set()
+    while name in QT_API:
+        members |= set(QT_API[name][kind])
+        name = QT_API[name]["bases"][0]
+    return members
+
+
+def has_signal(class_name: str, signature: str) -> bool:
+    normalized = QMetaObject.normalizedSignature(signature).data().decode()
+    if normalized in _api_members(class_name, "signals"):
+        return True
+    meta = _qt_class(_qt_base(class_name)).staticMetaObject
+    return meta.indexOfSignal(normalized) >= 0
+
+
+def has_slot(class_name: str, signature: str) -> bool:
+    normalized = QMetaObject.normalizedSignature(signature).data().decode()
+    if normalized in _api_members(class_name, "slots"):
+        return True
+    meta = _qt_class(_qt_base(class_name)).staticMetaObject
+    return meta.indexOfSlot(normalized) >= 0
+
+
+def has_member(class_name: str, member: str) -> bool:
+    """What PythonQt lets Python use: properties, slots, invokable methods (and a Qt class's methods)."""
+    if member in _api_members(class_name, "properties") | _api_members(class_name, "invokables") or \
+            member in {s.split("(")[0] for s in _api_members(class_name, "slots")}:
+        return True
+    qt = _qt_class(_qt_base(class_name))
+    return qt.staticMetaObject.indexOfProperty(member) >= 0 or hasattr(qt, member)
+
+
+def _max_modalities() -> int:
+    return next(ast.literal_eval(n.value) for n in TREE.body if isinstance(n, ast.Assign)
+                and ast.unparse(n.targets[0]) == "MAX_MODALITIES")
+
+
+def _ui_expression_names(node) -> list[str]:
+    """The .ui widget names an expression of the widget code stands for (through its aliases)."""
+    text = ast.unparse(node)
+    if text.startswith("self.ui.") and text.count(".") == 2:
+        return [text.split(".")[2]]
+    prefixes = {"self.inputSelectors": "inputVolumeSelector", "self.inputLabels": "inputVolumeLabel"}
+    if text in prefixes:
+        return [f"{prefixes[text]}{i}" for i in range(_max_modalities())]
+    if isinstance(node, ast.Tuple):
+        return [name for element in node.elts for name in _ui_expression_names(element)]
+    return []
+
+
+def widget_uses() -> list[tuple[int, str, str, str | None]]:
+    """(line, widget name, member, connected signal or None) for what AttnSegWidget does with a widget:
+    ``self.ui.x.member``, and the same through ``y = self.ui.x``, ``for y in (self.ui.x, ...)``,
+    ``self.inputSelectors`` / ``self.inputLabels`` and loops over them."""
+    uses = []
+    for function in (n for n in WIDGET_CLASS.body if isinstance(n, ast.FunctionDef)):
+        aliases: dict[str, list[str]] = {}
+        for node in ast.walk(function):
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                if _ui_expression_names(node.value):
+                    aliases[node.targets[0].id] = _ui_expression_names(node.value)
+            if isinstance(node, ast.For):
+                iterated = node.iter
+                if isinstance(iterated, ast.Call) and ast.unparse(iterated.func) == "enumerate":
+                    iterated = iterated.args[0]
+                target = node.target.elts[-1] if isinstance(node.target, ast.Tuple) and \
+                    ast.unparse(node.iter.func if isinstance(node.iter, ast.Call) else node.iter) == "enumerate" \
+                    else node.target
+                if isinstance(iterated, ast.Call) and ast.unparse(iterated.func) == "zip":
+                    for element, source in zip(target.elts, iterated.args):
+                        aliases[element.id] = _ui_expression_names(source)
+                elif isinstance(target, ast.Name) and _ui_expression_names(iterated):
+                    aliases[target.id] = _ui_expression_names(iterated)
+        calls = {id(n.func): n for n in ast.walk(function) if isinstance(n, ast.Call)}
+        for node in ast.walk(function):
+            if not isinstance(node, ast.Attribute):
+                continue
+            names = _ui_expression_names(node.value) or aliases.get(ast.unparse(node.value), [])
+            for name in names:
+                signal = None
+                call = calls.get(id(node))
+                if node.attr == "connect" and call is not None and isinstance(call.args[0], ast.Constant):
+                    signal = call.args[0].value
+                uses.append((node.lineno, name, node.attr, signal))
+    return uses
+
+
+def test_object_names_are_unique(panel):
+    names = [o.objectName() for o in panel.findChildren(QObject) if o.objectName()]
+    duplicates = [n for n, c in collections.Counter(names).items() if c > 1]
+    assert not duplicates, f"the loaded panel has several objects named {duplicates}"
+    xml_names = [e.get("name") for e in ElementTree.parse(UI).getroot().iter() if e.tag in ("widget", "layout", "spacer")]
+    assert len(xml_names) == len(set(xml_names))
+
+
+def test_the_panel_has_one_section_per_step(panel):
+    sections = [w for w in panel.findChildren(QtWidgets.QWidget) if _xml_classes().get(w.objectName()) ==
+                "ctkCollapsibleButton"]
+    assert sorted(w.objectName() for w in sections) == ["correctionCollapsibleButton", "inputsCollapsibleButton",
+                                                        "modelCollapsibleButton", "reviewCollapsibleButton"]
+    root = ElementTree.parse(UI).getroot()
+    texts = [w.find("property[@name='text']/string").text for w in root.iter("widget")
+             if w.get("class") == "ctkCollapsibleButton"]
+    assert texts == SECTIONS
+    for name in ("segmentButton", "progressBar", "statusLabel"):  # the run controls belong to Inputs
+        assert panel.findChild(QtWidgets.QWidget, name).parent().objectName() == "inputsCollapsibleButton"
+
+
+def test_every_widget_the_code_reaches_exists_with_a_class_that_has_what_it_uses(panel):
+    classes = _xml_classes()
+    uses = widget_uses()
+    reached = {name for _, name, _, _ in uses}
+    assert {"segmentButton", "progressBar", "mapComboBox", "opacitySlider", "inputVolumeSelector3",
+            "editDoubtfulOnlyCheckBox", "legendBar"} <= reached  # the alias resolution sees the code
+    problems = []
+    for line, name, member, signal in uses:
+        loaded = panel.findChild(QtWidgets.QWidget, name)
+        if loaded is None or name not in classes:
+            problems.append(f"AttnSeg.py:{line}: self.ui.{name} is not in the panel")
+            continue
+        cls = classes[name]
+        if _qt_class(cls) is not None:  # a Qt class: the loader built exactly it
+            assert loaded.metaObject().className() == cls
+        if signal is not None:
+            if not has_signal(cls, signal):
+                problems.append(f"AttnSeg.py:{line}: {name} ({cls}) has no signal {signal}")
+        elif member != "connect" and not has_member(cls, member):
+            problems.append(f"AttnSeg.py:{line}: {name} ({cls}) has no {member}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_check_catches_a_signal_or_member_the_class_lacks():
+    assert has_signal("qMRMLNodeComboBox", "currentNodeChanged(vtkMRMLNode*)")
+    assert not has_signal("qMRMLNodeComboBox", "currentNodeChanged(vtkMRMLScalarVolumeNode*)")
+    assert has_signal("ctkSliderWidget", "valueChanged(double)") and not has_signal("ctkSliderWidget",
+                                                                                    "valueChanged(int)")
+    assert has_signal("QPushButton", "clicked(bool)") and has_signal("QComboBox", "currentIndexChanged(int)")
+    assert has_member("ctkSliderWidget", "value") and has_member("qMRMLNodeComboBox", "currentNode")
+    assert has_member("ctkCollapsibleButton", "collapsed") and has_member("ctkCollapsibleButton", "text")
+    assert not has_member("ctkSliderWidget", "checked") and not has_member("QLabel", "currentText")
+
+
+def test_the_ui_connections_join_real_signals_and_slots():
+    classes = _xml_classes()
+    connections = list(ElementTree.parse(UI).getroot().iter("connection"))
+    assert connections
+    for connection in connections:
+        sender, receiver = classes[connection.findtext("sender")], classes[connection.findtext("receiver")]
+        assert has_signal(sender, connection.findtext("signal")), (sender, connection.findtext("signal"))
+        assert has_slot(receiver, connection.findtext("slot")), (receiver, connection.findtext("slot"))
+
+
+def test_the_ui_sets_only_properties_its_classes_have():
+    for widget in ElementTree.parse(UI).getroot().iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("stdset") == "0":  # a dynamic property (SlicerParameterName)
+                continue
+            assert has_member(widget.get("class"), prop.get("name")), (widget.get("name"), prop.get("name"))
+
+
+def test_parameter_names_match_the_parameter_node(panel):
+    parameter_node = next(n for n in TREE.body if isinstance(n, ast.ClassDef) and n.name == "AttnSegParameterNode")
+    fields = {n.target.id for n in parameter_node.body if isinstance(n, ast.AnnAssign)}
+    classes = _xml_classes()
+    bound = {}
+    for widget in panel.findChildren(QtWidgets.QWidget):
+        parameter = widget.property("SlicerParameterName")
+        if parameter:
+            bound[parameter] = classes[widget.objectName()]
+    assert bound and set(bound) <= fields, f"no such parameter: {sorted(set(bound) - fields)}"
+    assert fields - set(bound) == {"modelName", "mapName"}  # filled by hand: their choices come at run time
+    connectors = API["python"]["slicer.parameterNodeWrapper"]["classes"]
+    for parameter, cls in bound.items():
+        assert CONNECTORS[cls] in connectors, f"{parameter}: Slicer 5.6 cannot connect a {cls}"
