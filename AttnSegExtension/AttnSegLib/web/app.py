@@ -2,18 +2,24 @@
 
 :func:`serve` checks that VTK can render offscreen, then runs the gateway (:mod:`.gateway`), which
 gives every browser visit its own session process (:mod:`.session`, :mod:`.webapp`): its own scene,
-uploads and results, invisible to any other visitor. It listens on loopback unless told otherwise.
+uploads and results, invisible to any other visitor. It listens on loopback unless told otherwise;
+on any other interface it needs an access token (:mod:`.access`).
 
-Limits come from the environment: ``ATTNSEG_WEB_MAX_SESSIONS`` (default 4 sessions at once) and
-``ATTNSEG_WEB_MAX_UPLOAD_MB`` (default 512 MiB per uploaded volume).
+Limits come from the environment: ``ATTNSEG_WEB_MAX_SESSIONS`` (default 4 sessions at once),
+``ATTNSEG_WEB_MAX_UPLOAD_MB`` (default 512 MiB per uploaded volume) and
+``ATTNSEG_WEB_CONNECT_TIMEOUT_S`` (default 20: a session no browser connected to by then is stopped).
 """
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
+from .access import AccessError, AccessPolicy, is_loopback
 from .gateway import GatewayConfig, run_gateway
 from .rendering import check_offscreen_rendering
+
+MIN_TOKEN_CHARS = 16
 
 
 def default_data_dir() -> Path:
@@ -34,13 +40,36 @@ def _positive_int_from_env(name: str, default: int) -> int:
     return int(raw)
 
 
-def serve(host: str = "127.0.0.1", port: int = 8080, data_dir: str | os.PathLike | None = None) -> None:
+def access_token(host: str, token: str | None) -> str | None:
+    """The token the server will ask for: ``token`` as given (``$ATTNSEG_WEB_TOKEN`` when None), a new
+    random one on an interface other than loopback when none is given, else None.
+
+    Raises :class:`AccessError` for an empty or short token where one is needed.
+    """
+    token = os.environ.get("ATTNSEG_WEB_TOKEN") if token is None else token
+    if token is None:
+        return None if is_loopback(host) else secrets.token_urlsafe(24)
+    if not token and not is_loopback(host):
+        raise AccessError(f"--host {host} is reachable from other machines, so it needs an access token; leave "
+                          "--token out to have one generated, or give one of at least "
+                          f"{MIN_TOKEN_CHARS} characters")
+    if token and len(token) < MIN_TOKEN_CHARS:
+        raise AccessError(f"--token: {len(token)} characters is too short to guess-proof; give at least "
+                          f"{MIN_TOKEN_CHARS} (e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')")
+    return token or None
+
+
+def serve(host: str = "127.0.0.1", port: int = 8080, data_dir: str | os.PathLike | None = None,
+          allowed_origins: tuple[str, ...] = (), token: str | None = None) -> None:
     """Serve the AttnSeg web app on ``host:port`` until interrupted.
 
-    ``data_dir``: folder whose volumes the page offers (default: the shipped sample). Raises
-    ``ValueError`` for a missing folder or bad limits and ``RenderingUnavailable`` when VTK cannot draw
-    offscreen (the message names the Debian packages to install).
+    ``data_dir``: folder whose volumes the page offers (default: the shipped sample).
+    ``allowed_origins``: web origins besides the server's own that may use it (e.g. a TLS reverse
+    proxy's ``https://seg.example.org``). ``token``: see :func:`access_token`. Raises ``ValueError``
+    for a missing folder, bad limits, origins or token, and ``RenderingUnavailable`` when VTK cannot
+    draw offscreen (the message names the Debian packages to install).
     """
+    access = AccessPolicy.build(allowed_origins, access_token(host, token))
     folder = Path(data_dir).expanduser().resolve() if data_dir else default_data_dir()
     if not folder.is_dir():
         raise ValueError(f"--data {data_dir}: no such folder; give a folder of volumes (.nii.gz, .nrrd, ...)")
@@ -48,6 +77,8 @@ def serve(host: str = "127.0.0.1", port: int = 8080, data_dir: str | os.PathLike
         data_dir=folder,
         max_sessions=_positive_int_from_env("ATTNSEG_WEB_MAX_SESSIONS", GatewayConfig.max_sessions),
         upload_limit_bytes=_positive_int_from_env("ATTNSEG_WEB_MAX_UPLOAD_MB", 512) * 2**20,
+        connect_timeout_s=_positive_int_from_env("ATTNSEG_WEB_CONNECT_TIMEOUT_S", int(GatewayConfig.connect_timeout_s)),
+        access=access,
     )
     check_offscreen_rendering()
     run_gateway(host, port, config)
