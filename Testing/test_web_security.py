@@ -63,6 +63,8 @@ def test_origins_must_be_the_servers_own_or_allowed():
     for origin in ("http://attacker.example", "http://127.0.0.1:3000", "null", "https://127.0.0.1:8080/x"):
         assert "not allowed" in policy.origin_problem(origin, "127.0.0.1:8080", "cross-site", "cors"), origin
     assert "another web site" in policy.origin_problem(None, "127.0.0.1:8080", "cross-site", "no-cors")
+    assert "another web site" in policy.origin_problem(None, "127.0.0.1:8080", "same-site", "no-cors")
+    assert policy.origin_problem(None, "127.0.0.1:8080", "same-origin", "no-cors") is None
     assert policy.origin_problem(None, "127.0.0.1:8080", "cross-site", "navigate") is None
     assert normalize_origin("HTTPS://Seg.Example.org:443/") == "https://seg.example.org"
     with pytest.raises(AccessError, match="scheme://host"):

@@ -409,9 +409,9 @@ def read_image(path: str | os.PathLike) -> Image:
                                  "folder — move each series into its own folder and give that folder")
             img = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
         else:
-            check_data_file(path)
             if path.name.lower().endswith((".mha", ".mhd")):
                 _check_metaimage_header(path)
+            check_data_file(path)
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
             reader.ReadImageInformation()

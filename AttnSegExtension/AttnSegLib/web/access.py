@@ -7,9 +7,9 @@ every HTTP request and websocket upgrade must:
 * name this server in ``Host``: an IP address (a rebinding site can only send its own name),
   ``localhost``, this machine's own name, or the host of an origin allowed with ``--allow-origin``;
 * come from this server's own page when it says where it comes from: an ``Origin`` equal to the
-  ``Host`` it was sent to, or one of the allowed origins; a cross-site subresource request
-  (``Sec-Fetch-Site: cross-site`` that is not a navigation) is refused too, so an ``<img>`` on another
-  site cannot start sessions;
+  ``Host`` it was sent to, or one of the allowed origins; a subresource request from another origin
+  (``Sec-Fetch-Site`` other than ``same-origin``, not a navigation) is refused too, so an ``<img>`` on
+  another site (or another port of this machine) cannot start sessions;
 * carry the access token when the server has one: ``?token=`` in the URL once (the server then sets
   a cookie for the rest of the visit), compared in constant time.
 """
@@ -117,7 +117,7 @@ class AccessPolicy:
             if not same and normalized not in self.allowed_origins:
                 return (f"requests from the web page {origin[:100]!r} are not allowed; open AttnSeg's own page, "
                         "or start the server with --allow-origin for that page's origin")
-        if fetch_site == "cross-site" and fetch_mode != "navigate":
+        if fetch_site not in (None, "same-origin", "none") and fetch_mode != "navigate":
             return "another web site may not send requests to this server; open AttnSeg's own page"
         return None
 

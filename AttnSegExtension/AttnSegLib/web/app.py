@@ -54,7 +54,7 @@ def access_token(host: str, token: str | None) -> str | None:
                           "--token out to have one generated, or give one of at least "
                           f"{MIN_TOKEN_CHARS} characters")
     if token and len(token) < MIN_TOKEN_CHARS:
-        raise AccessError(f"--token: {len(token)} characters is too short to guess-proof; give at least "
+        raise AccessError(f"--token: {len(token)} characters is too short to resist guessing; give at least "
                           f"{MIN_TOKEN_CHARS} (e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')")
     return token or None
 

@@ -113,6 +113,7 @@ class Gateway:
         self._starting = 0
         self._browsers: set[web.WebSocketResponse] = set()
         self._stopping: set[asyncio.Task] = set()  # reaped sessions shutting down
+        self._reaper: asyncio.Task | None = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=2**20, middlewares=[self._check_access])
@@ -149,10 +150,10 @@ class Gateway:
         return response
 
     # -- lifecycle ------------------------------------------------------------------------------
-    async def _on_startup(self, app) -> None:
+    async def _on_startup(self, _app) -> None:
         self._client = aiohttp.ClientSession(auto_decompress=False,
                                              timeout=aiohttp.ClientTimeout(total=None, connect=10))
-        app["reaper"] = asyncio.create_task(self._reap_unconnected())
+        self._reaper = asyncio.create_task(self._reap_unconnected())
 
     async def _reap_unconnected(self) -> None:
         """Stop sessions no browser connected to within ``connect_timeout_s`` of their start."""
@@ -169,11 +170,11 @@ class Gateway:
 
     async def _on_shutdown(self, _app) -> None:
         """Close open websockets, else the server waits for browsers to leave before it stops."""
-        for browser in list(self._browsers):
+        for browser in [b for b in self._browsers if b.prepared]:
             await browser.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"server shutting down")
 
-    async def _on_cleanup(self, app) -> None:
-        app["reaper"].cancel()
+    async def _on_cleanup(self, _app) -> None:
+        self._reaper.cancel()
         try:
             await asyncio.gather(*(self._stop(s) for s in list(self.sessions.values())), *self._stopping)
         finally:

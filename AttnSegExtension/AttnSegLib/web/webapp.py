@@ -2,12 +2,14 @@
 
 The page (built by :mod:`.page`) calls the methods here; they read and write the scene only through
 the same :class:`~AttnSegLib.slicer_logic.AttnSegLogic` the Slicer module uses, and report back through
-the typed state (:mod:`.state`). Whatever a client sets in that state or passes to a trigger is
-checked against what this session offered: volumes and models are chosen by name from the lists it
-sent, never by a path, and a detached header (voxels in another file) is never opened. The network runs on a worker thread
+the typed state (:mod:`.state`). The network runs on a worker thread
 (:class:`~AttnSegLib.slicer_logic.SegmentationTask`) that the server loop polls, so the views stay
 interactive and the progress bar moves while a volume is segmented; its result is added to the scene
 on the server loop, the scene's only thread.
+
+Whatever a client sets in that state or passes to a trigger is checked against what this session
+offered: volumes and models are chosen by name from the lists it sent, never by a path, and a header
+whose voxels live in another file is never opened.
 """
 from __future__ import annotations
 
