@@ -123,9 +123,14 @@ def test_a_data_file_field_cannot_hide_behind_a_long_header(folders):
         read_image(meta)
 
 
-def test_field_names_are_matched_as_loosely_as_teem_does(folders):
+@pytest.mark.parametrize("writer,old,new", [
+    ("case.nhdr", "data file: case.raw", "DataFile: {secret}"),  # teem: any case, with or without the space
+    ("case.nhdr", "data file: case.raw", "DATA FILE:   {secret}"),
+    ("case.mhd", "ElementDataFile = case.raw", "ElementDataFile: {secret}\nElementDataFile = case.raw"),  # MetaIO: ':' too
+])
+def test_fields_are_read_as_the_formats_own_readers_read_them(folders, writer, old, new):
     inside, secret = folders
-    header = _retarget(_write_detached(inside, "case.nhdr"), "data file: case.raw", f"DataFile: {secret}")
+    header = _retarget(_write_detached(inside, writer), old, new.format(secret=secret))
     with pytest.raises(ImageError, match="points outside"):
         read_image(header)
 

@@ -19,7 +19,6 @@ import asyncio
 import os
 import re
 import socket
-import struct
 import subprocess
 import sys
 import time

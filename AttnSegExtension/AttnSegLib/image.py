@@ -233,15 +233,16 @@ def _check_nifti_complete(path: Path) -> None:
 
 def _metaimage_fields(path: Path) -> dict[bytes, bytes]:
     """The ``Key = Value`` fields of a MetaImage header (keys lower-cased), up to ``ElementDataFile``,
-    the last field: what follows it is voxels or, for ``LIST``, file names."""
+    the last field: what follows it is voxels or, for ``LIST``, file names. MetaIO ends a key at
+    ``=`` or ``:``, whichever comes first."""
     with open(path, "rb") as f:
         head = f.read(_METAIMAGE_HEADER_BYTES)
     fields = {}
     for line in head.split(b"\n"):
-        key, sep, value = line.partition(b"=")
-        key = key.strip().lower()
-        if sep:
-            fields.setdefault(key, value.strip())
+        cut = min((i for i in (line.find(b"="), line.find(b":")) if i >= 0), default=-1)
+        key = (line if cut < 0 else line[:cut]).strip().lower()
+        if cut >= 0:
+            fields.setdefault(key, line[cut + 1:].strip())
         if key == b"elementdatafile":
             break
     return fields
