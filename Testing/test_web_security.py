@@ -9,7 +9,8 @@ websocket client (aiohttp) against the real server on loopback, started as a use
   in number; the session's resident memory grows by at most one announced message.
 * Reaping: a session nobody connects to gives its slot back within seconds.
 * State: a model or a volume named by a server path is refused; the session goes on.
-* A public interface without an access token: the server refuses to start.
+* A public interface without an access token: the server refuses to start; with one, a real
+  browser opening the printed URL gets a working session, and without it a refusal.
 
 The upload of a header naming a server file is refused in the real browser (``test_web.py``).
 """
@@ -29,9 +30,9 @@ import pytest
 
 aiohttp = pytest.importorskip("aiohttp")
 
-from AttnSegLib.web.access import AccessError, AccessPolicy, normalize_origin  # noqa: E402
-from AttnSegLib.web.app import access_token  # noqa: E402
+from AttnSegLib.web.access import AccessError, AccessPolicy, access_token, normalize_origin  # noqa: E402
 from AttnSegLib.web.wslink_guard import CHUNK_HEADER, PendingMessages, with_secret  # noqa: E402
+from test_web import browser  # noqa: E402,F401  (the Chromium fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789abcdef"
@@ -367,3 +368,18 @@ def test_a_public_interface_without_a_token_is_refused():
     assert result.returncode == 2
     error = result.stderr.strip()
     assert "needs an access token" in error and "\n" not in error, error
+
+
+@pytest.mark.browser
+def test_a_browser_needs_the_token_once_and_then_works(server, browser):
+    _, url = server
+    page = browser.new_page()
+    response = page.goto(url + "/")
+    assert response.status == 403 and "Access token needed" in page.inner_text("body")
+    page.goto(f"{url}/?token={TOKEN}", timeout=SESSION_START_S * 1000)
+    page.wait_for_selector("#attnseg-open", timeout=SESSION_START_S * 1000)
+    assert TOKEN not in page.url  # the cookie carries it from here on: page, assets and websocket
+    page.click("#attnseg-open")
+    page.wait_for_selector("#attnseg-loaded-volume", timeout=60_000)
+    assert "hippocampus_001_image" in page.inner_text("#attnseg-loaded-volume")
+    page.close()

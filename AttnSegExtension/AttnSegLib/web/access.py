@@ -11,18 +11,22 @@ every HTTP request and websocket upgrade must:
   (``Sec-Fetch-Site`` other than ``same-origin``, not a navigation) is refused too, so an ``<img>`` on
   another site (or another port of this machine) cannot start sessions;
 * carry the access token when the server has one: ``?token=`` in the URL once (the server then sets
-  a cookie for the rest of the visit), compared in constant time.
+  a cookie for the rest of the visit), compared in constant time. A server listening anywhere but
+  loopback always has one (:func:`access_token`).
 """
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import os
+import secrets
 import socket
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 TOKEN_COOKIE = "attnseg_token"
 TOKEN_QUERY = "token"
+MIN_TOKEN_CHARS = 16
 
 
 class AccessError(ValueError):
@@ -45,6 +49,25 @@ def is_wildcard(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_unspecified
     except ValueError:
         return False
+
+
+def access_token(host: str, token: str | None) -> str | None:
+    """The token the server will ask for: ``token`` as given (``$ATTNSEG_WEB_TOKEN`` when None), a new
+    random one on an interface other than loopback when none is given, else None.
+
+    Raises :class:`AccessError` for an empty or short token where one is needed.
+    """
+    token = os.environ.get("ATTNSEG_WEB_TOKEN") if token is None else token
+    if token is None:
+        return None if is_loopback(host) else secrets.token_urlsafe(24)
+    if not token and not is_loopback(host):
+        raise AccessError(f"--host {host} is reachable from other machines, so it needs an access token; leave "
+                          "--token out to have one generated, or give one of at least "
+                          f"{MIN_TOKEN_CHARS} characters")
+    if token and len(token) < MIN_TOKEN_CHARS:
+        raise AccessError(f"--token: {len(token)} characters is too short to resist guessing; give at least "
+                          f"{MIN_TOKEN_CHARS} (e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')")
+    return token or None
 
 
 def normalize_origin(origin: str) -> str:

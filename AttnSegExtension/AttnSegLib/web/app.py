@@ -12,15 +12,11 @@ Limits come from the environment: ``ATTNSEG_WEB_MAX_SESSIONS`` (default 4 sessio
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
-from .access import AccessError, AccessPolicy, is_loopback
+from .access import AccessPolicy, access_token
 from .gateway import GatewayConfig, run_gateway
 from .rendering import check_offscreen_rendering
-
-MIN_TOKEN_CHARS = 16
-
 
 def default_data_dir() -> Path:
     """The shipped sample folder: ``Resources/SampleData`` of the repository or of the installed module."""
@@ -38,25 +34,6 @@ def _positive_int_from_env(name: str, default: int) -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"${name}={raw!r}: expected a whole number of at least 1")
     return int(raw)
-
-
-def access_token(host: str, token: str | None) -> str | None:
-    """The token the server will ask for: ``token`` as given (``$ATTNSEG_WEB_TOKEN`` when None), a new
-    random one on an interface other than loopback when none is given, else None.
-
-    Raises :class:`AccessError` for an empty or short token where one is needed.
-    """
-    token = os.environ.get("ATTNSEG_WEB_TOKEN") if token is None else token
-    if token is None:
-        return None if is_loopback(host) else secrets.token_urlsafe(24)
-    if not token and not is_loopback(host):
-        raise AccessError(f"--host {host} is reachable from other machines, so it needs an access token; leave "
-                          "--token out to have one generated, or give one of at least "
-                          f"{MIN_TOKEN_CHARS} characters")
-    if token and len(token) < MIN_TOKEN_CHARS:
-        raise AccessError(f"--token: {len(token)} characters is too short to resist guessing; give at least "
-                          f"{MIN_TOKEN_CHARS} (e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')")
-    return token or None
 
 
 def serve(host: str = "127.0.0.1", port: int = 8080, data_dir: str | os.PathLike | None = None,

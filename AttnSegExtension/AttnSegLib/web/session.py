@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    secret = sys.stdin.readline().strip()
+    secret = "" if sys.stdin.isatty() else sys.stdin.readline().strip()
     if not secret:
         raise SystemExit("session: no wslink secret on standard input; sessions are started by `attnseg serve`")
     # trame reads sys.argv itself: the session's options are not its own, the secret is (and changing
