@@ -36,7 +36,7 @@ from AttnSegLib.image import read_image
 from AttnSegLib.inference import Predictor
 from AttnSegLib.package import PackageError, default_package, load_package, save_package
 from AttnSegLib.review import doubtful_regions
-from AttnSegLib.web.gateway import declared_message_size
+from AttnSegLib.web.wslink_guard import parse_chunk
 from AttnSegLib.web.uploads import UploadError, check_upload, safe_upload_name, save_upload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,9 +49,10 @@ VIEWPORT = {"width": 1400, "height": 900}
 STROKE_HALF_PX = 100  # the stroke runs horizontally through the axial view's centre, this far either side
 BRUSH_PERCENT = 5  # trame-slicer's default paint diameter: % of the view's height
 SESSION_START_S = 180
+LEAKED = "/etc/passwd"  # a server file a hostile header names as its voxels
 
 
-# -- without a browser: the upload rules and the gateway's size guard ---------------------------------
+# -- without a browser: the upload rules and the gateway's reading of wslink chunks -------------------
 def test_upload_names_lose_any_folder_part():
     assert safe_upload_name("../../etc/passwd") == "passwd"
     assert safe_upload_name("C:\\scans\\case 1.nii.gz") == "case_1.nii.gz"
@@ -77,10 +78,10 @@ def test_an_unreadable_volume_is_refused_and_removed(tmp_path):
     assert saved.parent == tmp_path and read_image(saved).array.shape == read_image(SAMPLE).array.shape
 
 
-def test_gateway_reads_the_message_size_a_wslink_chunk_declares():
-    header = (7).to_bytes(4, "little") + (0).to_bytes(4, "little") + (5 * 2**20).to_bytes(4, "little")
-    assert declared_message_size(header + b"payload") == 5 * 2**20
-    assert declared_message_size(b"short") is None
+def test_gateway_reads_the_header_of_a_wslink_chunk():
+    header = (7).to_bytes(4, "little") + (3).to_bytes(4, "little") + (5 * 2**20).to_bytes(4, "little")
+    assert parse_chunk(header + b"payload") == (7, 3, 5 * 2**20)
+    assert parse_chunk(b"short") is None
 
 
 # -- the browser tests ----------------------------------------------------------------------------------
@@ -349,7 +350,12 @@ def test_segment_review_paint_and_download(browser, server, model_package, scree
 def test_bad_uploads_get_an_error_and_the_session_goes_on(browser, server, tmp_path, screenshots):
     page = _open_session(browser, server)
     upload = page.locator("input#attnseg-upload")
+    # Headers naming a server file as their voxels (the file would leave in "Export as training case").
+    meta = f"ObjectType = Image\nNDims = 3\nDimSize = 8 8 8\nElementType = MET_UCHAR\nElementDataFile = {LEAKED}\n"
+    nrrd = f"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 8 8 8\nencoding: raw\ndata file: {LEAKED}\n\n"
     cases = {
+        "leak.mha": (meta.encode(), f"(ElementDataFile = {LEAKED}); only single-file volumes"),
+        "leak.nrrd": (nrrd.encode(), f"(data file = {LEAKED}); only single-file volumes"),
         "notes.txt": (b"not an image", "not a volume file"),
         "fake.nii.gz": (b"\x1f\x8b garbage", "not a readable medical image"),
         "huge.nii.gz": (os.urandom((UPLOAD_LIMIT_MB + 1) * 2**20), "over this server's upload limit"),

@@ -312,7 +312,8 @@ def cmd_info(args) -> int:
 def cmd_serve(args) -> int:
     from .web.app import serve
 
-    serve(host=args.host, port=args.port, data_dir=args.data)
+    serve(host=args.host, port=args.port, data_dir=args.data, allowed_origins=tuple(args.allow_origin),
+          token=args.token)
     return 0
 
 
@@ -347,9 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     serve = sub.add_parser("serve", help="the AttnSeg web app (trame-slicer) on this machine")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default loopback only; any other needs an access token)")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--data", help="folder of volumes to offer (default: the shipped sample)")
+    serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                       help="a web origin besides the server's own that may use it, e.g. the https://NAME of a "
+                            "reverse proxy (repeatable; its host name is then accepted in Host too)")
+    serve.add_argument("--token", help="access token the browser must present (?token=...); default: none on "
+                                       "loopback, a random one printed with the URL elsewhere; also "
+                                       "$ATTNSEG_WEB_TOKEN")
     serve.set_defaults(func=cmd_serve)
     return parser
 

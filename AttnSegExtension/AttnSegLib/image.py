@@ -33,6 +33,8 @@ _DIRECTION_EPSILON = 1e-12
 _METAIMAGE_HEADER_BYTES = 1 << 16
 _METAIMAGE_MAX_DIMS = 10  # MetaIO's limit
 _NIFTI_HEADER_BYTES = {348: 352, 540: 544}  # sizeof_hdr -> smallest voxel offset in a .nii
+_NRRD_HEADER_BYTES = 1 << 20
+_NIFTI_PAIR_SUFFIXES = (".hdr", ".hdr.gz", ".img", ".img.gz")
 
 
 class ImageError(ValueError):
@@ -229,24 +231,126 @@ def _check_nifti_complete(path: Path) -> None:
                          "header promises; the copy or download was incomplete — copy the file again")
 
 
-def _check_metaimage_header(path: Path) -> None:
-    """Refuse a MetaImage (.mha/.mhd) header whose NDims/DimSize ITK cannot take: its reader crashes
-    the whole process (segmentation fault) on e.g. ``NDims = -1`` instead of raising."""
+def _metaimage_fields(path: Path) -> dict[bytes, bytes]:
+    """The ``Key = Value`` fields of a MetaImage header (keys lower-cased), up to ``ElementDataFile``,
+    the last field: what follows it is voxels or, for ``LIST``, file names. MetaIO ends a key at
+    ``=`` or ``:``, whichever comes first."""
     with open(path, "rb") as f:
         head = f.read(_METAIMAGE_HEADER_BYTES)
     fields = {}
     for line in head.split(b"\n"):
-        key, sep, value = line.partition(b"=")
-        key = key.strip().lower()
-        if sep:
-            fields.setdefault(key, value.strip())
+        cut = min((i for i in (line.find(b"="), line.find(b":")) if i >= 0), default=-1)
+        key = (line if cut < 0 else line[:cut]).strip().lower()
+        if cut >= 0:
+            fields.setdefault(key, line[cut + 1:].strip())
         if key == b"elementdatafile":
             break
+    return fields
+
+
+def _check_metaimage_header(path: Path) -> None:
+    """Refuse a MetaImage (.mha/.mhd) header whose NDims/DimSize ITK cannot take: its reader crashes
+    the whole process (segmentation fault) on e.g. ``NDims = -1`` instead of raising."""
+    fields = _metaimage_fields(path)
     ndims, sizes = fields.get(b"ndims", b""), fields.get(b"dimsize", b"").split()
     if not (ndims.isdigit() and 1 <= int(ndims) <= _METAIMAGE_MAX_DIMS
             and len(sizes) >= int(ndims) and all(v.isdigit() for v in sizes[:int(ndims)])):
         raise ImageError(f"{path}: damaged MetaImage header (NDims {ndims.decode(errors='replace')[:20]!r}, DimSize "
                          f"{b' '.join(sizes).decode(errors='replace')[:40]!r}); export the image again")
+
+
+def _nrrd_data_file(path: Path) -> str | None:
+    """The value of a NRRD header's ``data file`` field, or None when the voxels follow the header.
+
+    Teem matches field names case-insensitively and takes ``datafile`` too; ``key:=value`` lines are
+    key/value pairs, not fields. A header whose end is not within the first MiB is refused: the
+    field could hide past any limit read here.
+    """
+    with open(path, "rb") as f:
+        head = f.read(_NRRD_HEADER_BYTES + 1)
+    for line in head.split(b"\n")[1:]:
+        line = line.rstrip(b"\r")
+        if not line:
+            return None
+        if line.startswith(b"#") or b": " not in line or line.find(b":=") == line.find(b":"):
+            continue
+        key, _, value = line.partition(b": ")
+        if key.strip().lower().replace(b" ", b"") == b"datafile":
+            return value.strip().decode(errors="replace")
+    if len(head) > _NRRD_HEADER_BYTES:
+        raise ImageError(f"{path}: the NRRD header does not end within {_NRRD_HEADER_BYTES // 2**20} MiB; "
+                         "the file is damaged — export the image again")
+    return None
+
+
+def _nifti_pair_files(path: Path) -> list[Path]:
+    """The Analyze/NIfTI ``.hdr``/``.img`` files (any of them gzipped) that belong to ``path``; ITK's
+    NIfTI reader finds the other half of a pair by this naming, in the header's folder."""
+    lower = path.name.lower()
+    suffix = next((s for s in _NIFTI_PAIR_SUFFIXES if lower.endswith(s)), None)
+    if suffix is None:
+        return []
+    stem = path.name[: -len(suffix)]
+    names = {stem + s for s in _NIFTI_PAIR_SUFFIXES} | {stem + s.upper() for s in _NIFTI_PAIR_SUFFIXES}
+    return sorted(path.parent / name for name in names if name != path.name and os.path.lexists(path.parent / name))
+
+
+def _detached_data(path: Path) -> tuple[str, str, list[Path] | None] | None:
+    """(field, value, files) when ``path``'s voxels live in another file, else None.
+
+    ``field`` names where the header says so, ``value`` what it says, ``files`` the paths it names, or
+    None for a list or numbered pattern of files. The format is the one ITK will read the file with.
+    """
+    io = sitk.ImageFileReader.GetImageIOFromFileName(str(path))
+    if io == "MetaImageIO":
+        value = _metaimage_fields(path).get(b"elementdatafile")
+        if value is None:  # MetaIO reads on past any limit; the field could hide there
+            raise ImageError(f"{path}: no ElementDataFile in the first {_METAIMAGE_HEADER_BYTES // 1024} KiB of "
+                             "the MetaImage header; the file is damaged — export the image again")
+        value = value.decode(errors="replace")
+        if value.upper() == "LOCAL":
+            return None
+        pattern = value.upper().startswith("LIST") or "%" in value
+        return "ElementDataFile", value, None if pattern else [path.parent / value]
+    if io == "NrrdImageIO":
+        value = _nrrd_data_file(path)
+        if value is None:
+            return None
+        pattern = value.upper().startswith("LIST") or "%" in value or len(value.split()) > 1
+        return "data file", value, None if pattern else [path.parent / value]
+    if io == "NiftiImageIO":
+        pair = _nifti_pair_files(path)
+        if pair or path.name.lower().endswith(_NIFTI_PAIR_SUFFIXES):
+            return "Analyze/NIfTI pair file", " + ".join(p.name for p in pair) or "(none)", pair
+    return None
+
+
+def check_data_file(path: str | os.PathLike, allow_detached: bool = True) -> None:
+    """Refuse a header whose voxels live in a file outside the header's own folder.
+
+    MetaImage ``ElementDataFile``, NRRD ``data file`` and the ``.img`` of an Analyze/NIfTI ``.hdr``
+    can name any file on the machine (``/etc/passwd``, ``../x``, or a symlink leading out); its bytes
+    would be read as voxels and could leave in a result. A detached file is read only when it
+    resolves into the header's folder; lists and numbered patterns of files are refused. With
+    ``allow_detached=False`` (uploads, the web app's ``--data`` folder) any detached header is refused.
+    """
+    path = Path(path)
+    found = _detached_data(path)
+    if found is None:
+        return
+    field, value, files = found
+    value = value[:120]
+    if not allow_detached:
+        raise ImageError(f"{path}: the header keeps its voxels in another file ({field} = {value}); only "
+                         "single-file volumes are taken here — save it as .nii.gz, .nrrd or .mha with the data inside")
+    if files is None:
+        raise ImageError(f"{path}: {field} = {value} names a list or numbered pattern of files, which AttnSeg "
+                         "does not read — save the volume as one file (.nii.gz, .nrrd or .mha)")
+    folder = path.parent.resolve()
+    if os.path.isabs(value) or any(file.resolve().parent != folder for file in files):
+        raise ImageError(f"{path}: {field} = {value} points outside the header's folder (absolute path, "
+                             "'..' or a symlink leading out); put the data file beside the header and name "
+                             "it without a folder")
 
 
 def _check_header(path: Path, dim: int, size, components: int, pixel_id: int, spacing, origin,
@@ -308,6 +412,7 @@ def read_image(path: str | os.PathLike) -> Image:
         else:
             if path.name.lower().endswith((".mha", ".mhd")):
                 _check_metaimage_header(path)
+            check_data_file(path)
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
             reader.ReadImageInformation()

@@ -2,19 +2,21 @@
 
 :func:`serve` checks that VTK can render offscreen, then runs the gateway (:mod:`.gateway`), which
 gives every browser visit its own session process (:mod:`.session`, :mod:`.webapp`): its own scene,
-uploads and results, invisible to any other visitor. It listens on loopback unless told otherwise.
+uploads and results, invisible to any other visitor. It listens on loopback unless told otherwise;
+on any other interface it needs an access token (:mod:`.access`).
 
-Limits come from the environment: ``ATTNSEG_WEB_MAX_SESSIONS`` (default 4 sessions at once) and
-``ATTNSEG_WEB_MAX_UPLOAD_MB`` (default 512 MiB per uploaded volume).
+Limits come from the environment: ``ATTNSEG_WEB_MAX_SESSIONS`` (default 4 sessions at once),
+``ATTNSEG_WEB_MAX_UPLOAD_MB`` (default 512 MiB per uploaded volume) and
+``ATTNSEG_WEB_CONNECT_TIMEOUT_S`` (default 20: a session no browser connected to by then is stopped).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from .access import AccessPolicy, access_token
 from .gateway import GatewayConfig, run_gateway
 from .rendering import check_offscreen_rendering
-
 
 def default_data_dir() -> Path:
     """The shipped sample folder: ``Resources/SampleData`` of the repository or of the installed module."""
@@ -34,13 +36,17 @@ def _positive_int_from_env(name: str, default: int) -> int:
     return int(raw)
 
 
-def serve(host: str = "127.0.0.1", port: int = 8080, data_dir: str | os.PathLike | None = None) -> None:
+def serve(host: str = "127.0.0.1", port: int = 8080, data_dir: str | os.PathLike | None = None,
+          allowed_origins: tuple[str, ...] = (), token: str | None = None) -> None:
     """Serve the AttnSeg web app on ``host:port`` until interrupted.
 
-    ``data_dir``: folder whose volumes the page offers (default: the shipped sample). Raises
-    ``ValueError`` for a missing folder or bad limits and ``RenderingUnavailable`` when VTK cannot draw
-    offscreen (the message names the Debian packages to install).
+    ``data_dir``: folder whose volumes the page offers (default: the shipped sample).
+    ``allowed_origins``: web origins besides the server's own that may use it (e.g. a TLS reverse
+    proxy's ``https://seg.example.org``). ``token``: see :func:`access_token`. Raises ``ValueError``
+    for a missing folder, bad limits, origins or token, and ``RenderingUnavailable`` when VTK cannot
+    draw offscreen (the message names the Debian packages to install).
     """
+    access = AccessPolicy.build(allowed_origins, access_token(host, token))
     folder = Path(data_dir).expanduser().resolve() if data_dir else default_data_dir()
     if not folder.is_dir():
         raise ValueError(f"--data {data_dir}: no such folder; give a folder of volumes (.nii.gz, .nrrd, ...)")
@@ -48,6 +54,8 @@ def serve(host: str = "127.0.0.1", port: int = 8080, data_dir: str | os.PathLike
         data_dir=folder,
         max_sessions=_positive_int_from_env("ATTNSEG_WEB_MAX_SESSIONS", GatewayConfig.max_sessions),
         upload_limit_bytes=_positive_int_from_env("ATTNSEG_WEB_MAX_UPLOAD_MB", 512) * 2**20,
+        connect_timeout_s=_positive_int_from_env("ATTNSEG_WEB_CONNECT_TIMEOUT_S", int(GatewayConfig.connect_timeout_s)),
+        access=access,
     )
     check_offscreen_rendering()
     run_gateway(host, port, config)

@@ -7,10 +7,15 @@ MRML scene, uploads and temporary folder; see :mod:`AttnSegLib.web.session`) for
 ``/session/<token>/``, where the token is 128 random bits. A session process exits by itself a short
 while after its last browser tab closed (trame's idle timeout); the gateway then forgets it.
 
-Uploads travel inside the websocket as wslink messages, split into chunks whose 12-byte header
-declares the whole message's size. The gateway closes a connection that announces a message larger
-than the upload limit before any of it reaches the session, so an oversized upload costs no memory;
-the page itself refuses such files before sending them, with a message.
+Every request passes the checks of :mod:`.access` (Host, Origin, access token) first. Uploads travel
+inside the websocket as wslink messages, split into chunks; the gateway keeps the account of a
+session's partly received messages (:class:`~.wslink_guard.PendingMessages`) and closes a connection
+whose chunk would take the session past an upload's size in total, or past a few pending messages,
+before that chunk reaches the session. The page itself refuses oversized files before sending them,
+with a message. Each session checks a random wslink secret that only the gateway knows: it writes it
+into the browser's ``wslink.hello`` (:func:`~.wslink_guard.with_secret`). A session no browser has
+connected to within ``connect_timeout_s`` of its start is stopped, so visits that never open the
+page cannot hold the slots.
 """
 from __future__ import annotations
 
@@ -29,11 +34,15 @@ from pathlib import Path
 import aiohttp
 from aiohttp import WSMsgType, web
 
+from .access import TOKEN_COOKIE, TOKEN_QUERY, AccessPolicy, is_wildcard
+from .wslink_guard import PendingMessages, with_secret
+
 log = logging.getLogger(__name__)
 
-WSLINK_CHUNK_HEADER_BYTES = 12  # message id, chunk offset, total message size: three little-endian uint32
 _RELAY_MAX_FRAME_BYTES = 64 * 2**20  # one websocket frame; wslink itself sends at most 4 MiB per chunk
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "upgrade", "content-length", "content-encoding"}
+_NOT_FOR_SESSIONS = {"host", "cookie", "authorization"}  # the gateway's business, not the session's
+_REAP_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,10 @@ class GatewayConfig:
     upload_limit_bytes: int = 512 * 2**20
     session_idle_timeout_s: int = 60
     session_start_timeout_s: float = 120.0
+    connect_timeout_s: float = 20.0  # a session no browser connected to by then is stopped
+    max_pending_messages: int = 4  # partly received wslink messages per session
+    max_connections_per_session: int = 4  # websockets at once (a tab each)
+    access: AccessPolicy = field(default_factory=AccessPolicy)
 
     @property
     def message_limit_bytes(self) -> int:
@@ -55,7 +68,11 @@ class Session:
     token: str
     port: int
     process: asyncio.subprocess.Process
-    started: float = field(default_factory=time.monotonic)
+    secret: str  # the wslink secret the session checks; never sent to a browser
+    pending: PendingMessages
+    ready: float = field(default_factory=time.monotonic)
+    connections: int = 0  # websockets open now
+    connected: bool = False  # a browser has opened one
 
     @property
     def alive(self) -> bool:
@@ -72,13 +89,6 @@ def free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
-def declared_message_size(frame: bytes) -> int | None:
-    """Total size a wslink chunk says its message has, or None for a frame too short to be a chunk."""
-    if len(frame) < WSLINK_CHUNK_HEADER_BYTES:
-        return None
-    return int.from_bytes(frame[8:12], "little", signed=False)
-
-
 def _page(title: str, text: str, status: int, link: bool = True) -> web.Response:
     again = '<p><a href="/">Start a new session</a></p>' if link else ""
     body = (f"<!doctype html><html><head><meta charset='utf-8'><title>AttnSeg: {html.escape(title)}</title>"
@@ -86,6 +96,11 @@ def _page(title: str, text: str, status: int, link: bool = True) -> web.Response
             "a{color:#8cf}</style></head>"
             f"<body><h2>{html.escape(title)}</h2><p>{html.escape(text)}</p>{again}</body></html>")
     return web.Response(text=body, status=status, content_type="text/html")
+
+
+def _redirect(location: str, status: int) -> web.Response:
+    """A redirect returned, not raised, so the access check can add its cookie."""
+    return web.Response(status=status, headers={"Location": location})
 
 
 class Gateway:
@@ -97,9 +112,11 @@ class Gateway:
         self._client: aiohttp.ClientSession | None = None
         self._starting = 0
         self._browsers: set[web.WebSocketResponse] = set()
+        self._stopping: set[asyncio.Task] = set()  # reaped sessions shutting down
+        self._reaper: asyncio.Task | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=2**20)
+        app = web.Application(client_max_size=2**20, middlewares=[self._check_access])
         app.router.add_get("/", self.new_session)
         app.router.add_get("/session/{token}", self.add_slash)
         app.router.add_get("/session/{token}/ws", self.relay_websocket)
@@ -109,19 +126,57 @@ class Gateway:
         app.on_cleanup.append(self._on_cleanup)
         return app
 
+    # -- access ---------------------------------------------------------------------------------
+    @web.middleware
+    async def _check_access(self, request: web.Request, handler) -> web.StreamResponse:
+        """Host, Origin and token of every request and websocket upgrade (see :mod:`.access`)."""
+        access = self.config.access
+        headers = request.headers
+        problem = access.host_problem(headers.get("Host")) or access.origin_problem(
+            headers.get("Origin"), headers.get("Host"), headers.get("Sec-Fetch-Site"), headers.get("Sec-Fetch-Mode"))
+        if problem is not None:
+            log.warning("refused %s %s: %s", request.method, request.path, problem)
+            return _page("Request refused", problem, 403, link=False)
+        query_token = request.query.get(TOKEN_QUERY)
+        if not access.token_ok(query_token, request.cookies.get(TOKEN_COOKIE)):
+            log.warning("refused %s %s: no valid access token", request.method, request.path)
+            return _page("Access token needed", "This server needs its access token: open the address it printed "
+                         "when it started (it ends in ?token=...).", 403, link=False)
+        response = await handler(request)
+        if access.token is not None and query_token is not None and not response.prepared:
+            # Opened with the right ?token=: the cookie carries it for the rest of the visit.
+            response.set_cookie(TOKEN_COOKIE, access.token, httponly=True, samesite="Strict", path="/",
+                                secure=request.secure)
+        return response
+
     # -- lifecycle ------------------------------------------------------------------------------
     async def _on_startup(self, _app) -> None:
         self._client = aiohttp.ClientSession(auto_decompress=False,
                                              timeout=aiohttp.ClientTimeout(total=None, connect=10))
+        self._reaper = asyncio.create_task(self._reap_unconnected())
+
+    async def _reap_unconnected(self) -> None:
+        """Stop sessions no browser connected to within ``connect_timeout_s`` of their start."""
+        while True:
+            await asyncio.sleep(_REAP_INTERVAL_S)
+            deadline = time.monotonic() - self.config.connect_timeout_s
+            for session in [s for s in self.sessions.values() if not s.connected and s.ready < deadline]:
+                log.info("session %s… stopped: no browser connected within %.0f s", session.token[:6],
+                         self.config.connect_timeout_s)
+                del self.sessions[session.token]  # its slot is free now, while it shuts down
+                stopping = asyncio.create_task(self._stop(session))
+                self._stopping.add(stopping)
+                stopping.add_done_callback(self._stopping.discard)
 
     async def _on_shutdown(self, _app) -> None:
         """Close open websockets, else the server waits for browsers to leave before it stops."""
-        for browser in list(self._browsers):
+        for browser in [b for b in self._browsers if b.prepared]:
             await browser.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"server shutting down")
 
     async def _on_cleanup(self, _app) -> None:
+        self._reaper.cancel()
         try:
-            await asyncio.gather(*(self._stop(s) for s in list(self.sessions.values())))
+            await asyncio.gather(*(self._stop(s) for s in list(self.sessions.values())), *self._stopping)
         finally:
             if self._client is not None:
                 await self._client.close()
@@ -149,8 +204,13 @@ class Gateway:
                    "--data", str(self.config.data_dir),
                    "--upload-limit-bytes", str(self.config.upload_limit_bytes),
                    "--idle-timeout", str(self.config.session_idle_timeout_s)]
-        process = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.DEVNULL)
-        session = Session(secrets.token_urlsafe(16), port, process)
+        secret = secrets.token_urlsafe(32)
+        process = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.PIPE)
+        process.stdin.write(secret.encode() + b"\n")  # not on the command line, where `ps` shows it
+        await process.stdin.drain()
+        process.stdin.close()
+        session = Session(secrets.token_urlsafe(16), port, process, secret,
+                          PendingMessages(self.config.message_limit_bytes, self.config.max_pending_messages))
         deadline = time.monotonic() + self.config.session_start_timeout_s
         while time.monotonic() < deadline:
             if not session.alive:
@@ -159,6 +219,7 @@ class Gateway:
             try:
                 async with self._client.get(session.upstream + "/", timeout=aiohttp.ClientTimeout(total=2)) as r:
                     if r.status == 200:
+                        session.ready = time.monotonic()
                         return session
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 pass
@@ -183,14 +244,14 @@ class Gateway:
             self._starting -= 1
         self.sessions[session.token] = session
         log.info("session %s… on loopback port %d (%d running)", session.token[:6], session.port, len(self.sessions))
-        raise web.HTTPSeeOther(f"/session/{session.token}/")
+        return _redirect(f"/session/{session.token}/", 303)
 
     def _session(self, request: web.Request) -> Session | None:
         self._forget_ended()
         return self.sessions.get(request.match_info["token"])
 
     async def add_slash(self, request: web.Request) -> web.StreamResponse:
-        raise web.HTTPMovedPermanently(f"/session/{request.match_info['token']}/")
+        return _redirect(f"/session/{request.match_info['token']}/", 301)
 
     async def relay_http(self, request: web.Request) -> web.StreamResponse:
         session = self._session(request)
@@ -198,8 +259,10 @@ class Gateway:
             return _page("This session has ended", "Sessions end a minute after their last tab closes; "
                          "anything not downloaded is gone.", 404)
         url = f"{session.upstream}/{request.match_info['tail']}"
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP | {"host"}}
-        async with self._client.request(request.method, url, params=request.query, headers=headers,
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP | _NOT_FOR_SESSIONS}
+        query = request.query.copy()
+        query.popall(TOKEN_QUERY, None)
+        async with self._client.request(request.method, url, params=query, headers=headers,
                                         data=await request.read()) as upstream:
             response = web.StreamResponse(status=upstream.status, headers={
                 k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP})
@@ -215,41 +278,50 @@ class Gateway:
         session = self._session(request)
         if session is None:
             return _page("This session has ended", "Reload the start page for a new session.", 404)
+        if session.connections >= self.config.max_connections_per_session:
+            return _page("Too many connections", f"A session takes at most {self.config.max_connections_per_session} "
+                         "connections at once; close a tab of it.", 429, link=False)
         browser = web.WebSocketResponse(max_msg_size=_RELAY_MAX_FRAME_BYTES, autoping=True)
-        await browser.prepare(request)
+        session.connections += 1
+        session.connected = True
         self._browsers.add(browser)
         try:
+            await browser.prepare(request)
             async with self._client.ws_connect(session.upstream + "/ws", max_msg_size=_RELAY_MAX_FRAME_BYTES,
                                                autoping=True) as upstream:
-                relays = {asyncio.create_task(self._browser_to_session(browser, upstream)),
+                relays = {asyncio.create_task(self._browser_to_session(browser, upstream, session)),
                           asyncio.create_task(self._session_to_browser(upstream, browser))}
-                _, pending = await asyncio.wait(relays, return_when=asyncio.FIRST_COMPLETED)
+                done, pending = await asyncio.wait(relays, return_when=asyncio.FIRST_COMPLETED)
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
+                for task in done:  # one side went away mid-send: the relay ends either way
+                    if task.exception() is not None:
+                        log.debug("session %s…: relay ended: %s", session.token[:6], task.exception())
         except aiohttp.ClientError as err:
             log.warning("session %s… unreachable: %s", session.token[:6], err)
         finally:
+            session.connections -= 1
+            session.pending.forget(id(browser))
             self._browsers.discard(browser)
-            if not browser.closed:
+            if browser.prepared and not browser.closed:
                 await browser.close()
         return browser
 
-    async def _browser_to_session(self, browser: web.WebSocketResponse, upstream) -> None:
-        limit = self.config.message_limit_bytes
+    async def _browser_to_session(self, browser: web.WebSocketResponse, upstream, session: Session) -> None:
+        """Relay binary wslink chunks within the session's pending-message bounds; close on anything else."""
         async for message in browser:
-            if message.type == WSMsgType.BINARY:
-                size = declared_message_size(message.data)
-                if size is not None and size > limit:
-                    log.warning("closing a connection that sent a %d-byte message (limit %d)", size, limit)
-                    await browser.close(code=aiohttp.WSCloseCode.MESSAGE_TOO_BIG,
-                                        message=b"message over the upload limit")
-                    return
-                await upstream.send_bytes(message.data)
-            elif message.type == WSMsgType.TEXT:
-                await upstream.send_str(message.data)
-            else:
+            if message.type != WSMsgType.BINARY:
+                if message.type == WSMsgType.TEXT:
+                    await browser.close(code=aiohttp.WSCloseCode.UNSUPPORTED_DATA, message=b"wslink sends binary frames")
                 return
+            problem = session.pending.admit(id(browser), message.data)
+            if problem is not None:
+                log.warning("session %s…: closing a connection that sent %s", session.token[:6], problem)
+                await browser.close(code=aiohttp.WSCloseCode.MESSAGE_TOO_BIG,
+                                    message=f"refused: {problem}"[:120].encode())
+                return
+            await upstream.send_bytes(with_secret(message.data, session.secret))
 
     async def _session_to_browser(self, upstream, browser: web.WebSocketResponse) -> None:
         async for message in upstream:
@@ -265,6 +337,8 @@ def run_gateway(host: str, port: int, config: GatewayConfig) -> None:
     """Serve until interrupted; every session process is stopped on the way out."""
     logging.basicConfig(level=os.environ.get("ATTNSEG_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    print(f"AttnSeg web app: http://{host}:{port}/ (sessions: at most {config.max_sessions}, "
+    shown = socket.gethostname() if is_wildcard(host) else (f"[{host}]" if ":" in host else host)
+    token = f"?{TOKEN_QUERY}={config.access.token}" if config.access.token is not None else ""
+    print(f"AttnSeg web app: http://{shown}:{port}/{token} (sessions: at most {config.max_sessions}, "
           f"uploads up to {config.upload_limit_bytes / 2**20:.0f} MiB, data: {config.data_dir})", flush=True)
     web.run_app(Gateway(config).app(), host=host, port=port, print=None, access_log=None)

@@ -2,7 +2,9 @@
 
 Started by the gateway (:mod:`.gateway`), one per browser visit. It serves one trame page on a
 loopback port, keeps uploads and exports in a private temporary folder that is deleted when it ends,
-and exits by itself once no browser has been connected for ``--idle-timeout`` seconds.
+and exits by itself once no browser has been connected for ``--idle-timeout`` seconds. Its wslink
+secret is the first line of its standard input (the gateway writes a random one there): a client
+must present it in ``wslink.hello``, so the loopback port is of no use to anyone but the gateway.
 """
 from __future__ import annotations
 
@@ -27,8 +29,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    # trame reads sys.argv itself; the session's options are not its own.
-    sys.argv = sys.argv[:1]
+    secret = "" if sys.stdin.isatty() else sys.stdin.readline().strip()
+    if not secret:
+        raise SystemExit("session: no wslink secret on standard input; sessions are started by `attnseg serve`")
+    # trame reads sys.argv itself: the session's options are not its own, the secret is (and changing
+    # sys.argv does not show it in the process's command line).
+    sys.argv = [sys.argv[0], "--authKey", secret]
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s session %(name)s %(levelname)s %(message)s")
     prefer_offscreen_window()
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..image import ImageError, read_image
+from ..image import ImageError, check_data_file, read_image
 
-# Single-file formats only: a browser upload cannot keep a header and its detached data file together.
+# Single-file formats only: a browser upload cannot keep a header and its detached data file together,
+# and a header naming a data file would read it from the server (refused by check_data_file).
 UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -50,7 +51,8 @@ def check_upload(name: str, size: int, limit_bytes: int) -> None:
 
 
 def save_upload(name: str, content: bytes, folder: Path, limit_bytes: int) -> Path:
-    """Write an uploaded volume into ``folder`` and check it is a readable 3D scalar image.
+    """Write an uploaded volume into ``folder`` and check it is a readable 3D scalar image whose
+    voxels are in the file itself.
 
     Returns the written path. A file that fails the check is deleted and :class:`UploadError` says why.
     """
@@ -59,6 +61,7 @@ def save_upload(name: str, content: bytes, folder: Path, limit_bytes: int) -> Pa
     path = folder / safe_upload_name(name)
     path.write_bytes(content)
     try:
+        check_data_file(path, allow_detached=False)
         read_image(path)
     except ImageError as err:
         path.unlink(missing_ok=True)

@@ -6,6 +6,10 @@ the typed state (:mod:`.state`). The network runs on a worker thread
 (:class:`~AttnSegLib.slicer_logic.SegmentationTask`) that the server loop polls, so the views stay
 interactive and the progress bar moves while a volume is segmented; its result is added to the scene
 on the server loop, the scene's only thread.
+
+Whatever a client sets in that state or passes to a trigger is checked against what this session
+offered: volumes and models are chosen by name from the lists it sent, never by a path, and a header
+whose voxels live in another file is never opened.
 """
 from __future__ import annotations
 
@@ -28,8 +32,8 @@ from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.segmentation import SegmentationOpacityEnum
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
-from ..image import IMAGE_SUFFIXES, ImageError, case_name, list_images, write_image
-from ..package import PackageError
+from ..image import IMAGE_SUFFIXES, ImageError, case_name, check_data_file, list_images, write_image
+from ..package import PackageError, available_packages
 from ..slicer_logic import AttnSegLogic, Cancelled, CorrectionError, SegmentationTask, imageFromVolumeNode
 from .page import build_page, slice_view_overlay
 from .state import AttnSegState
@@ -100,6 +104,8 @@ class AttnSegWebApp:
         TypedState(server.state, PaintEffectState).data.use_sphere_brush = False
         self._segment_display = TypedState(server.state, SegmentEditorState).data.segment_display
 
+        self._data_files: dict[str, Path] = {}  # file name offered from --data -> its path
+        self._models: dict[str, Path] = {}  # package name offered -> its folder or .zip
         self._volumes: dict[str, object] = {}  # node name (unique in the scene) -> volume node
         self._opened_files: dict[tuple, str] = {}  # (path, mtime, size) -> node name, to open a file once
         self._task: SegmentationTask | None = None
@@ -126,6 +132,7 @@ class AttnSegWebApp:
     # -- volumes --------------------------------------------------------------------------------
     def _offer_volumes(self) -> None:
         files = list_images(self.data_dir) if self.data_dir.is_dir() else []
+        self._data_files = {f.name: f for f in files}
         self.data.volume.choices = [{"title": f.name, "value": f.name} for f in files]
         self.data.volume.selected = files[0].name if files else None
         if not files:
@@ -134,8 +141,8 @@ class AttnSegWebApp:
 
     def open_selected_volume(self) -> None:
         name = self.data.volume.selected
-        path = (self.data_dir / name) if name else None
-        if path is None or path.parent != self.data_dir or not path.is_file():
+        path = self._data_files.get(name) if isinstance(name, str) else None
+        if path is None:
             self.data.volume.error = "choose a volume from the list first"
             return
         self._open_volume(path)
@@ -143,7 +150,9 @@ class AttnSegWebApp:
     def upload_problem(self, name: str, size: int) -> str:
         """Checked before the browser sends a file: the reason to refuse it, or ``""``."""
         try:
-            check_upload(str(name), int(size), self.upload_limit_bytes)
+            if not isinstance(size, int):
+                raise UploadError(f"{name}: the browser sent no file size; choose the file again")
+            check_upload(str(name), size, self.upload_limit_bytes)
         except UploadError as err:
             self.data.volume.error = str(err)
             return str(err)
@@ -154,14 +163,18 @@ class AttnSegWebApp:
         self.data.volume.error = ""
         if not files:
             return
-        upload = files[0]
+        upload = files[0] if isinstance(files, list) else None
         try:
+            if not isinstance(upload, dict):
+                raise UploadError("the browser sent no file; choose the file again")
             if upload.get("error"):
                 raise UploadError(f"{upload.get('name')}: the browser could not read the file ({upload['error']})")
             content = upload.get("content") or b""
-            if isinstance(content, list):
+            if isinstance(content, list) and all(isinstance(part, bytes) for part in content):
                 content = b"".join(content)
-            path = save_upload(str(upload.get("name", "")), bytes(content), self.work_dir / "uploads",
+            if not isinstance(content, bytes):
+                raise UploadError(f"{upload.get('name')}: the browser sent no file content; choose the file again")
+            path = save_upload(str(upload.get("name", "")), content, self.work_dir / "uploads",
                                self.upload_limit_bytes)
         except UploadError as err:
             log.info("refused upload: %s", err)
@@ -170,17 +183,23 @@ class AttnSegWebApp:
         self._open_volume(path)
 
     def _open_volume(self, path: Path) -> None:
-        """Show the volume in ``path``, reading it once (a re-uploaded file with new content is re-read)."""
+        """Show the volume in ``path``, reading it once (a re-uploaded file with new content is re-read).
+
+        Single-file volumes only: a header naming a data file elsewhere is refused. Errors name the
+        file, not its folder on the server.
+        """
         self.data.volume.error = ""
-        stat = path.stat()
-        key = (str(path), stat.st_mtime_ns, stat.st_size)
-        name = self._opened_files.get(key)
-        if name is None:
-            try:
+        try:
+            stat = path.stat()
+            key = (str(path), stat.st_mtime_ns, stat.st_size)
+            name = self._opened_files.get(key)
+            if name is None:
+                check_data_file(path, allow_detached=False)
                 node = self.logic.loadVolume(path, name=case_name(path))
-            except (ImageError, OSError) as err:
-                self.data.volume.error = str(err)
-                return
+        except (ImageError, OSError) as err:
+            self.data.volume.error = str(err).replace(str(path), path.name)
+            return
+        if name is None:
             name = node.GetName()
             self._volumes[name] = node
             self._opened_files[key] = name
@@ -199,7 +218,9 @@ class AttnSegWebApp:
 
     # -- models ---------------------------------------------------------------------------------
     def _offer_models(self) -> None:
-        names = AttnSegLogic.availableModels()
+        # Named as AttnSegLogic.availableModels names them: a folder's name, a .zip's stem.
+        self._models = {p.stem if p.suffix == ".zip" else p.name: p for p in available_packages()}
+        names = list(self._models)
         self.data.model.choices = [{"title": n, "value": n} for n in names]
         if not names:
             self.data.model.error = ("no model package installed: put one in ~/.attnseg/models or a folder "
@@ -211,13 +232,25 @@ class AttnSegWebApp:
             default = names[0]
         self.data.model.selected = default if default in names else names[0]
 
+    def _selected_package(self):
+        """The chosen package, loaded from where this session found it; PackageError for a name it
+        did not offer (a client names models, never paths)."""
+        name = self.data.model.selected
+        path = self._models.get(name) if isinstance(name, str) else None
+        if path is None:
+            raise PackageError("choose a model from the list; that one is not offered by this server")
+        try:
+            return self.logic.loadModel(path)
+        except PackageError as err:
+            raise PackageError(str(err).replace(str(path), name)) from None
+
     def _on_model_selected(self, name: str | None) -> None:
         self.data.model.error = ""
         self.data.model.description = ""
         if not name:
             return
         try:
-            package = self.logic.loadModel(name)
+            package = self._selected_package()
         except PackageError as err:
             self.data.model.error = str(err)
             return
@@ -236,25 +269,38 @@ class AttnSegWebApp:
         """One opened volume per modality of the model: the volume on screen for a single-modality
         model; for several, the user's choices where still valid, else the logic's name matching."""
         try:
-            package = self.logic.loadModel(self.data.model.selected)
+            package = self._selected_package()
         except PackageError:
             return
         modalities = [m["name"] for m in package.modalities]
         if len(modalities) == 1:
             volumes = [self.data.volume.loaded or None]
         else:
-            chosen = {i["modality"]: i["volume"] for i in self.data.model.inputs if i.get("volume") in self._volumes}
+            chosen = {i["modality"]: i["volume"] for i in self._chosen_inputs()}
             guessed = [n.GetName() if n is not None else None for n in self.logic.guessInputVolumes(package)]
             volumes = [chosen.get(m, g) for m, g in zip(modalities, guessed)]
         self.data.model.inputs = [{"modality": m, "volume": v} for m, v in zip(modalities, volumes)]
 
-    def _check_inputs(self, inputs: list[dict]) -> None:
-        missing = [i["modality"] for i in inputs if not i.get("volume")]
+    def _chosen_inputs(self) -> list[dict]:
+        """The client's input choices that name a modality and a volume opened in this session."""
+        inputs = self.data.model.inputs if isinstance(self.data.model.inputs, list) else []
+        return [i for i in inputs if isinstance(i, dict) and isinstance(i.get("modality"), str)
+                and isinstance(i.get("volume"), str) and i["volume"] in self._volumes]
+
+    def _check_inputs(self, inputs) -> None:
+        try:
+            modalities = [m["name"] for m in self._selected_package().modalities]
+        except PackageError:
+            return
+        chosen = {i["modality"] for i in self._chosen_inputs()}
+        missing = [m for m in modalities if m not in chosen]
         self.data.model.error = (f"open a volume for {', '.join(missing)} (one per input of the model)"
                                  if missing and self._volumes else "")
 
     def _input_volumes(self) -> list:
-        return [self._volumes.get(i.get("volume") or "") for i in self.data.model.inputs]
+        """One opened volume node (or None) per modality of the model, as the client chose them."""
+        chosen = {i["modality"]: self._volumes[i["volume"]] for i in self._chosen_inputs()}
+        return [chosen.get(m["name"]) for m in self._selected_package().modalities]
 
     # -- segmenting -----------------------------------------------------------------------------
     def segment(self) -> None:
@@ -264,7 +310,7 @@ class AttnSegWebApp:
         segment = self.data.segment
         segment.error, segment.summary, segment.notices = "", "", []
         try:
-            package = self.logic.loadModel(self.data.model.selected)
+            package = self._selected_package()
             job = self.logic.prepare(self._input_volumes(), package)
         except (PackageError, ImageError, ValueError) as err:
             segment.error = str(err)
@@ -342,8 +388,9 @@ class AttnSegWebApp:
         if self._result is None:
             return
         maps = self.data.maps
-        node = self._result.mapNodes.get(maps.selected or "")
-        self.logic.showMap(node, opacity=float(maps.opacity), backgroundNode=self._result.inputNodes[0])
+        node = self._result.mapNodes.get(maps.selected) if isinstance(maps.selected, str) else None
+        opacity = maps.opacity if isinstance(maps.opacity, (int, float)) and 0 <= maps.opacity <= 1 else 0.5
+        self.logic.showMap(node, opacity=float(opacity), backgroundNode=self._result.inputNodes[0])
         # Over a map the segmentation is drawn as its outline, so the map's colours stay readable.
         mode = SegmentationOpacityEnum.OUTLINE if node is not None else SegmentationOpacityEnum.BOTH
         self._segment_display.opacity_mode = mode  # the editor's Rendering panel shows it
@@ -389,9 +436,9 @@ class AttnSegWebApp:
         """The corrected segmentation (class values on the input grid) as NIfTI or NRRD bytes."""
         export = self.data.export
         export.error = export.message = ""
-        suffix = DOWNLOAD_FORMATS.get(fmt)
+        suffix = DOWNLOAD_FORMATS.get(fmt) if isinstance(fmt, str) else None
         if suffix is None:
-            export.error = f"unknown format {fmt!r}; choose one of {', '.join(DOWNLOAD_FORMATS)}"
+            export.error = f"unknown format; choose one of {', '.join(DOWNLOAD_FORMATS)}"
             return None
         if self._result is None:
             export.error = "segment a volume first"

@@ -1,0 +1,97 @@
+"""What the gateway checks in the wslink messages a browser sends to its session.
+
+wslink splits each message into chunks behind a 12-byte header: message id, the chunk's offset and
+the whole message's size (three little-endian uint32). The session's un-chunker allocates the whole
+declared size when a message's first chunk arrives and holds it until the last, so a client
+announcing large messages and never finishing them grows the session's memory for free.
+:class:`PendingMessages` keeps the account the un-chunker would keep, for all of a session's
+connections together, and refuses the chunk that would take the session past its bounds: the total
+bytes of partly received messages and their number.
+
+The session checks a wslink secret in the client's first message (``wslink.hello``). The gateway
+writes the session's random secret into that message (:func:`with_secret`), so the browser never
+holds it and a client reaching the session's loopback port around the gateway cannot authenticate.
+"""
+from __future__ import annotations
+
+import struct
+
+import msgpack
+
+CHUNK_HEADER = struct.Struct("<III")  # message id, chunk offset, total message size
+_HELLO_MAX_BYTES = 4096
+
+
+def parse_chunk(frame: bytes) -> tuple[int, int, int] | None:
+    """(message id, offset, total size) of a wslink chunk, or None for a frame too short to be one."""
+    if len(frame) < CHUNK_HEADER.size:
+        return None
+    return CHUNK_HEADER.unpack_from(frame)
+
+
+class PendingMessages:
+    """Partly received messages of one session, keyed by (connection, message id).
+
+    ``max_bytes``: the most their declared sizes may add up to; ``max_messages``: the most there
+    may be. A browser sends one message at a time, its chunks in order, so one pending message of
+    at most an upload's size is all a real client needs.
+    """
+
+    def __init__(self, max_bytes: int, max_messages: int):
+        self.max_bytes = max_bytes
+        self.max_messages = max_messages
+        self._pending: dict[tuple[int, int], list[int]] = {}  # -> [declared size, bytes received]
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(declared for declared, _ in self._pending.values())
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def admit(self, connection: int, frame: bytes) -> str | None:
+        """Count one binary frame from ``connection``; the reason to refuse it (and close), or None."""
+        chunk = parse_chunk(frame)
+        if chunk is None:
+            return "a frame shorter than a wslink chunk header"
+        message_id, offset, total = chunk
+        content = len(frame) - CHUNK_HEADER.size
+        key = (connection, message_id)
+        entry = self._pending.get(key)
+        if entry is None:
+            if total > self.max_bytes - self.held_bytes:
+                return (f"a {total}-byte message while {self.held_bytes} bytes are pending "
+                        f"(at most {self.max_bytes} per session)")
+            if len(self._pending) >= self.max_messages:
+                return f"more than {self.max_messages} partly sent messages"
+            entry = self._pending[key] = [total, 0]
+        elif entry[0] != total:
+            return "a chunk whose message size differs from its first chunk's"
+        if offset + content > total:
+            return "a chunk past the end of its message"
+        entry[1] += content
+        if entry[1] >= total:  # complete: the session hands it on and frees it
+            del self._pending[key]
+        return None
+
+    def forget(self, connection: int) -> None:
+        """A closed connection's partial messages are dropped by the session too."""
+        for key in [k for k in self._pending if k[0] == connection]:
+            del self._pending[key]
+
+
+def with_secret(frame: bytes, secret: str) -> bytes:
+    """``frame`` with the secret of a single-chunk ``wslink.hello`` replaced by ``secret``; any
+    other frame unchanged."""
+    chunk = parse_chunk(frame)
+    if chunk is None or chunk[1] != 0 or chunk[2] != len(frame) - CHUNK_HEADER.size or chunk[2] > _HELLO_MAX_BYTES:
+        return frame
+    try:
+        message = msgpack.unpackb(frame[CHUNK_HEADER.size:])
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return frame
+    if not isinstance(message, dict) or message.get("method") != "wslink.hello":
+        return frame
+    message["args"] = [{"secret": secret}]
+    body = msgpack.packb(message)
+    return CHUNK_HEADER.pack(chunk[0], 0, len(body)) + body

@@ -1,0 +1,385 @@
+"""``attnseg serve`` against a hostile client: each attack of issue 11, played as a plain HTTP or
+websocket client (aiohttp) against the real server on loopback, started as a user starts it.
+
+* A foreign ``Host`` (DNS rebinding) or ``Origin`` (another web site), a cross-site ``<img>``, a
+  missing or wrong access token: refused with 403 and a message, on HTTP and on the websocket upgrade.
+* The wslink secret: a client reaching a session's loopback port around the gateway cannot
+  authenticate with wslink's well-known default secret; the gateway's own relay can.
+* Memory: messages announced and never finished are bounded per session in bytes (in total) and
+  in number; the session's resident memory grows by at most one announced message.
+* Reaping: a session nobody connects to gives its slot back within seconds.
+* State: a model or a volume named by a server path is refused; the session goes on.
+* A public interface without an access token: the server refuses to start; with one, a real
+  browser opening the printed URL gets a working session, and without it a refusal.
+
+The upload of a header naming a server file is refused in the real browser (``test_web.py``).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+
+aiohttp = pytest.importorskip("aiohttp")
+
+from AttnSegLib.web.access import AccessError, AccessPolicy, access_token, normalize_origin  # noqa: E402
+from AttnSegLib.web.wslink_guard import CHUNK_HEADER, PendingMessages, with_secret  # noqa: E402
+from test_web import browser  # noqa: E402,F401  (the Chromium fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-0123456789abcdef"
+PROXY_ORIGIN = "https://seg.example.org"
+UPLOAD_LIMIT_MB = 256
+ANNOUNCED_BYTES = 200 * 2**20  # three of these grew a session by 1.2 GB before the fix
+CONNECT_TIMEOUT_S = 4
+SESSION_START_S = 180
+DEFAULT_WSLINK_SECRET = "wslink-secret"
+MODEL_KEY = "attnseg__AttnSegState__model__ModelPanel__"
+VOLUME_KEY = "attnseg__AttnSegState__volume__VolumePanel__"
+
+
+# -- without a server: the rules -----------------------------------------------------------------------
+def test_hosts_must_be_addresses_or_names_this_server_was_given():
+    policy = AccessPolicy.build([PROXY_ORIGIN])
+    for host in ("127.0.0.1:8080", "localhost:8080", "[::1]:8080", "10.1.2.3", "seg.example.org"):
+        assert policy.host_problem(host) is None, host
+    for host in ("attacker.example:8080", "localhost.attacker.example", "", None):
+        assert "does not answer to the name" in policy.host_problem(host)
+
+
+def test_origins_must_be_the_servers_own_or_allowed():
+    policy = AccessPolicy.build([PROXY_ORIGIN])
+    assert policy.origin_problem(None, "127.0.0.1:8080", None, None) is None
+    assert policy.origin_problem("http://127.0.0.1:8080", "127.0.0.1:8080", "same-origin", "cors") is None
+    assert policy.origin_problem(PROXY_ORIGIN, "127.0.0.1:8080", "same-origin", "websocket") is None
+    for origin in ("http://attacker.example", "http://127.0.0.1:3000", "null", "https://127.0.0.1:8080/x"):
+        assert "not allowed" in policy.origin_problem(origin, "127.0.0.1:8080", "cross-site", "cors"), origin
+    assert "another web site" in policy.origin_problem(None, "127.0.0.1:8080", "cross-site", "no-cors")
+    assert "another web site" in policy.origin_problem(None, "127.0.0.1:8080", "same-site", "no-cors")
+    assert policy.origin_problem(None, "127.0.0.1:8080", "same-origin", "no-cors") is None
+    assert policy.origin_problem(None, "127.0.0.1:8080", "cross-site", "navigate") is None
+    assert normalize_origin("HTTPS://Seg.Example.org:443/") == "https://seg.example.org"
+    with pytest.raises(AccessError, match="scheme://host"):
+        normalize_origin("seg.example.org")
+
+
+def test_tokens_are_needed_off_loopback_and_compared_whole():
+    assert access_token("127.0.0.1", None) is None
+    generated = access_token("0.0.0.0", None)
+    assert generated and len(generated) >= 16 and generated != access_token("0.0.0.0", None)
+    with pytest.raises(AccessError, match="needs an access token"):
+        access_token("0.0.0.0", "")
+    with pytest.raises(AccessError, match="too short"):
+        access_token("127.0.0.1", "short")
+    policy = AccessPolicy.build(token=TOKEN)
+    assert policy.token_ok(TOKEN, None) and policy.token_ok(None, TOKEN)
+    assert not policy.token_ok(None, None) and not policy.token_ok(TOKEN[:-1], None)
+    assert not policy.token_ok(TOKEN + "x", "wrong") and not policy.token_ok("ü" * 8, None)
+
+
+def _chunk(message_id: int, offset: int, total: int, content: bytes = b"") -> bytes:
+    return CHUNK_HEADER.pack(message_id, offset, total) + content
+
+
+def test_pending_messages_are_bounded_in_total_and_number():
+    pending = PendingMessages(max_bytes=1000, max_messages=3)
+    assert pending.admit(1, _chunk(1, 0, 400)) is None
+    assert "at most 1000 per session" in pending.admit(2, _chunk(2, 0, 700))  # another connection counts too
+    assert pending.admit(1, _chunk(1, 0, 400, b"x" * 400)) is None  # complete: freed
+    assert pending.held_bytes == 0
+    for message_id in range(3):
+        assert pending.admit(1, _chunk(10 + message_id, 0, 10)) is None
+    assert "more than 3" in pending.admit(1, _chunk(20, 0, 10))
+    assert "differs" in pending.admit(1, _chunk(10, 0, 11))
+    assert "past the end" in pending.admit(1, _chunk(11, 5, 10, b"x" * 6))
+    pending.forget(1)
+    assert len(pending) == 0 and pending.admit(1, _chunk(1, 0, 1000)) is None
+
+
+def test_the_gateway_writes_the_sessions_secret_into_hello():
+    hello = {"wslink": "1.0", "id": "system:c0:0", "method": "wslink.hello",
+             "args": [{"secret": DEFAULT_WSLINK_SECRET}], "kwargs": {}}
+    body = msgpack.packb(hello)
+    rewritten = with_secret(_chunk(5, 0, len(body), body), "s3cret")
+    message_id, offset, total = CHUNK_HEADER.unpack_from(rewritten)
+    assert (message_id, offset, total) == (5, 0, len(rewritten) - CHUNK_HEADER.size)
+    assert msgpack.unpackb(rewritten[CHUNK_HEADER.size:])["args"] == [{"secret": "s3cret"}]
+    other = msgpack.packb({**hello, "method": "trame.state.get"})
+    assert with_secret(_chunk(6, 0, len(other), other), "s3cret") == _chunk(6, 0, len(other), other)
+
+
+# -- a real server on loopback ---------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_server(env_extra: dict, args: list[str]):
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **env_extra}
+    process = subprocess.Popen([sys.executable, "-m", "AttnSegLib.cli", "serve", "--host", "127.0.0.1",
+                                "--port", str(port), *args], env=env, cwd=REPO)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"attnseg serve exited with status {process.returncode}"
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return process, f"http://127.0.0.1:{port}"
+        time.sleep(0.25)
+    process.kill()
+    pytest.fail("attnseg serve did not listen within 60 s")
+
+
+def _stop_server(process) -> None:
+    assert process.poll() is None, "the server died during the tests"
+    process.terminate()
+    assert process.wait(60) == 0, "attnseg serve did not stop cleanly on SIGTERM"
+
+
+@pytest.fixture(scope="module")
+def server():
+    """``attnseg serve --token ... --allow-origin https://seg.example.org`` on loopback."""
+    process, url = _start_server({"ATTNSEG_WEB_MAX_UPLOAD_MB": str(UPLOAD_LIMIT_MB), "ATTNSEG_WEB_MAX_SESSIONS": "2"},
+                                 ["--token", TOKEN, "--allow-origin", PROXY_ORIGIN])
+    yield process, url
+    _stop_server(process)
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+async def _get(url: str, **kwargs) -> tuple[int, str, dict]:
+    async with aiohttp.ClientSession() as client, client.get(url, allow_redirects=False, **kwargs) as response:
+        return response.status, await response.text(), dict(response.headers)
+
+
+@pytest.fixture(scope="module")
+def session(server):
+    """(session URL, token cookie) of one session opened with the token, as a browser opens it."""
+    _, url = server
+    status, _, headers = run(_get(f"{url}/?token={TOKEN}", timeout=aiohttp.ClientTimeout(total=SESSION_START_S)))
+    assert status == 303, status
+    cookie = re.search(r"attnseg_token=([^;]+)", headers["Set-Cookie"]).group(1)
+    assert "HttpOnly" in headers["Set-Cookie"] and "SameSite=Strict" in headers["Set-Cookie"]
+    return url + headers["Location"], {"attnseg_token": cookie}
+
+
+class WslinkClient:
+    """Just enough of wslink's protocol: chunked msgpack requests, answers matched by id."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self._next = 0
+
+    async def send(self, method: str, args: list, rpc_id: str | None = None):
+        self._next += 1
+        rpc_id = rpc_id or f"rpc:c0:{self._next}"
+        body = msgpack.packb({"wslink": "1.0", "id": rpc_id, "method": method, "args": args, "kwargs": {}})
+        await self.ws.send_bytes(_chunk(self._next, 0, len(body), body))
+        parts: dict[int, bytearray] = {}
+        while True:
+            frame = await self.ws.receive(timeout=60)
+            assert frame.type == aiohttp.WSMsgType.BINARY, f"connection ended: {frame}"
+            message_id, offset, total = CHUNK_HEADER.unpack_from(frame.data)
+            buffer = parts.setdefault(message_id, bytearray(total))
+            content = frame.data[CHUNK_HEADER.size:]
+            buffer[offset:offset + len(content)] = content
+            if offset + len(content) >= total:
+                message = msgpack.unpackb(bytes(parts.pop(message_id)))
+                if message.get("id") == rpc_id:
+                    return message
+
+    async def hello(self, secret: str = DEFAULT_WSLINK_SECRET):
+        return await self.send("wslink.hello", [{"secret": secret}], "system:c0:0")
+
+
+def _ws_url(session_url: str) -> str:
+    return session_url.replace("http://", "ws://") + "ws"
+
+
+def test_foreign_hosts_origins_and_missing_tokens_are_refused(server, session):
+    _, url = server
+    session_url, cookies = session
+    refusals = [
+        ({"Host": "attacker.example"}, {}, "does not answer to the name"),
+        ({"Origin": "http://attacker.example"}, cookies, "are not allowed"),
+        ({"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}, cookies, "another web site"),
+        ({}, {}, "Access token needed"),
+        ({}, {"attnseg_token": TOKEN[:-1] + "x"}, "Access token needed"),
+    ]
+    for target in (url + "/", session_url):
+        for headers, cookie, message in refusals:
+            status, text, _ = run(_get(target, headers=headers, cookies=cookie))
+            assert status == 403 and message in text, (target, headers, status, text[:300])
+    # The same checks guard the websocket upgrade.
+    for headers, cookie in [({"Origin": "http://attacker.example"}, cookies), ({"Host": "rebound.example"}, cookies),
+                            ({"Origin": url}, {})]:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            run(_ws_connect_and_close(_ws_url(session_url), headers, cookie))
+        assert refused.value.status == 403
+    # The server's own page, and an allowed proxy origin, get through.
+    assert run(_get(session_url, cookies=cookies, headers={"Origin": url}))[0] == 200
+    assert run(_get(session_url, cookies=cookies, headers={"Origin": PROXY_ORIGIN}))[0] == 200
+
+
+async def _ws_connect_and_close(ws_url: str, headers: dict, cookies: dict) -> None:
+    async with aiohttp.ClientSession(cookies=cookies) as client, client.ws_connect(ws_url, headers=headers):
+        pass
+
+
+def _session_process(server_process) -> tuple[int, int]:
+    """(pid, loopback port) of the gateway's session process."""
+    children = Path(f"/proc/{server_process.pid}/task/{server_process.pid}/children").read_text().split()
+    for pid in children:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"AttnSegLib.web.session" in argv:
+            return int(pid), int(argv[argv.index(b"--port") + 1])
+    pytest.fail("no session process found")
+
+
+def _resident_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
+
+
+async def _hello_around_and_through_the_gateway(session_url: str, cookies: dict, port: int):
+    async with aiohttp.ClientSession() as client, client.ws_connect(f"ws://127.0.0.1:{port}/ws") as ws:
+        around = await WslinkClient(ws).hello()
+    async with aiohttp.ClientSession(cookies=cookies) as client, client.ws_connect(_ws_url(session_url)) as ws:
+        through = await WslinkClient(ws).hello()
+    return around, through
+
+
+def test_the_wslink_secret_is_random_and_only_the_gateway_knows_it(server, session):
+    session_url, cookies = session
+    pid, port = _session_process(server[0])
+    assert b"secret" not in Path(f"/proc/{pid}/cmdline").read_bytes().lower()
+    around, through = run(_hello_around_and_through_the_gateway(session_url, cookies, port))
+    assert "Authentication failed" in str(around.get("error")), around
+    assert "clientID" in through.get("result", {}), through
+
+
+async def _announce_and_abandon(ws_url: str, cookies: dict, count: int, size: int, pid: int):
+    """Hello, then up to ``count`` first chunks of ``size``-byte messages never finished; returns
+    (close code, close message, the session's peak resident bytes while they were pending)."""
+    async with aiohttp.ClientSession(cookies=cookies) as client, client.ws_connect(ws_url) as ws:
+        assert "clientID" in (await WslinkClient(ws).hello())["result"]
+        peak = _resident_bytes(pid)
+        for message_id in range(100, 100 + count):
+            await ws.send_bytes(_chunk(message_id, 0, size, b"\0" * 16))
+            closing = await _close_within(ws, 1.5)
+            if closing is not None:
+                return ws.close_code, str(closing.extra), peak
+            peak = max(peak, _resident_bytes(pid))  # taken: the session now holds the message
+        return None, "", peak
+
+
+async def _close_within(ws, seconds: float):
+    """The close frame if the server closes within ``seconds`` (its view images are skipped), else None."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            frame = await ws.receive(timeout=left)
+        except asyncio.TimeoutError:
+            return None
+        if frame.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+            return frame
+    return None
+
+
+async def _state(session_url: str, cookies: dict, changes: dict | None = None, trigger: str | None = None) -> dict:
+    async with aiohttp.ClientSession(cookies=cookies) as client, client.ws_connect(_ws_url(session_url)) as ws:
+        wslink = WslinkClient(ws)
+        await wslink.hello()
+        if changes:
+            await wslink.send("trame.state.update", [[{"key": k, "value": v} for k, v in changes.items()]])
+        if trigger:
+            await wslink.send("trame.trigger", [trigger, [], {}])
+        return (await wslink.send("trame.state.get", []))["result"]["state"]
+
+
+def test_abandoned_messages_cannot_grow_a_session(server, session):
+    session_url, cookies = session
+    pid, _ = _session_process(server[0])
+    before = _resident_bytes(pid)
+    code, reason, resident = run(_announce_and_abandon(_ws_url(session_url), cookies, 3, ANNOUNCED_BYTES, pid))
+    grown = resident - before
+    print(f"session resident memory: {before / 2**20:.0f} MiB before, {resident / 2**20:.0f} MiB with three "
+          f"{ANNOUNCED_BYTES / 2**20:.0f} MiB messages announced (+{grown / 2**20:.0f} MiB)")
+    assert code == 1009 and "bytes are pending" in reason, (code, reason)
+    assert grown < 1.5 * ANNOUNCED_BYTES, f"the session grew by {grown / 2**20:.0f} MiB"
+    code, reason, _ = run(_announce_and_abandon(_ws_url(session_url), cookies, 6, 1000, pid))
+    assert code == 1009 and "partly sent messages" in reason, (code, reason)
+    # The session goes on: a new connection is answered.
+    assert run(_state(session_url, cookies))[VOLUME_KEY + "choices"]
+
+
+def test_a_client_cannot_name_server_paths(server, session):
+    session_url, cookies = session
+    for path in ("/etc", "/etc/passwd", str(REPO / "Resources" / "Models" / "hippocampus_unet")):
+        state = run(_state(session_url, cookies, {MODEL_KEY + "selected": path}))
+        assert state[MODEL_KEY + "error"].startswith("choose a model from the list"), state[MODEL_KEY + "error"]
+        assert path not in state[MODEL_KEY + "error"] and not state[MODEL_KEY + "description"]
+    offered = run(_state(session_url, cookies))[VOLUME_KEY + "choices"]
+    template = run(_state(session_url, cookies))["trame__template_main"]
+    open_trigger = re.search(r"id=\"attnseg-open\"[^>]*@click=\"trigger\('([^']+)'\)\"", template).group(1)
+    for name in ("../../../../etc/passwd", "/etc/passwd", ".."):
+        state = run(_state(session_url, cookies, {VOLUME_KEY + "selected": name}, trigger=open_trigger))
+        assert state[VOLUME_KEY + "error"] == "choose a volume from the list first"
+        assert not state[VOLUME_KEY + "loaded"]
+    # What the server offered still works.
+    state = run(_state(session_url, cookies, {VOLUME_KEY + "selected": offered[0]["value"]}, trigger=open_trigger))
+    assert state[VOLUME_KEY + "loaded"] and not state[VOLUME_KEY + "error"]
+
+
+def test_sessions_nobody_connects_to_are_reaped_within_seconds():
+    process, url = _start_server({"ATTNSEG_WEB_MAX_SESSIONS": "1",
+                                  "ATTNSEG_WEB_CONNECT_TIMEOUT_S": str(CONNECT_TIMEOUT_S)}, [])
+    try:
+        timeout = aiohttp.ClientTimeout(total=SESSION_START_S)
+        assert run(_get(url + "/", timeout=timeout))[0] == 303  # a visit that never opens the page
+        ready = time.monotonic()
+        status, text, _ = run(_get(url + "/"))
+        assert status == 503 and "All sessions are in use" in text
+        while status == 503 and time.monotonic() - ready < 60:
+            time.sleep(0.2)
+            freed = time.monotonic()
+            status, _, _ = run(_get(url + "/", timeout=timeout))  # starts a session once the slot is free
+        assert status == 303, "the slot was never given back"
+        print(f"unconnected session reaped {freed - ready:.1f} s after it was ready (timeout {CONNECT_TIMEOUT_S} s)")
+        assert freed - ready < CONNECT_TIMEOUT_S + 4
+    finally:
+        _stop_server(process)
+
+
+def test_a_public_interface_without_a_token_is_refused():
+    result = subprocess.run([sys.executable, "-m", "AttnSegLib.cli", "serve", "--host", "0.0.0.0", "--token", ""],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    error = result.stderr.strip()
+    assert "needs an access token" in error and "\n" not in error, error
+
+
+@pytest.mark.browser
+def test_a_browser_needs_the_token_once_and_then_works(server, browser):
+    _, url = server
+    page = browser.new_page()
+    response = page.goto(url + "/")
+    assert response.status == 403 and "Access token needed" in page.inner_text("body")
+    page.goto(f"{url}/?token={TOKEN}", timeout=SESSION_START_S * 1000)
+    page.wait_for_selector("#attnseg-open", timeout=SESSION_START_S * 1000)
+    assert TOKEN not in page.url  # the cookie carries it from here on: page, assets and websocket
+    page.click("#attnseg-open")
+    page.wait_for_selector("#attnseg-loaded-volume", timeout=60_000)
+    assert "hippocampus_001_image" in page.inner_text("#attnseg-loaded-volume")
+    page.close()
