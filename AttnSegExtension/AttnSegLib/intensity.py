@@ -1,0 +1,147 @@
+"""Intensities of each input modality: robust normalisation statistics, what the training cases looked
+like, and notices when an input looks unlike them.
+
+Normalisation clips a modality to the 0.5-99.5th percentiles of the voxels it is normalised over before
+its z-score (as nnU-Net does for CT): one hot voxel at 1e20 then changes nothing, where a plain z-score
+divides every voxel by an infinite standard deviation. Measuring that, it also records a
+:class:`Profile` of the modality:
+
+* ``quantiles``: its values at :data:`LEVELS` after normalisation (z units), the shape of the histogram
+  whatever the scanner's intensity scale: a FLAIR and a T1c differ here, two T1 scanners hardly;
+* ``outlier_extent``: how far its most extreme voxel lies beyond the clipping range, in units of that
+  range (0 when no voxel does), and ``extreme``, that voxel's value.
+
+At export, :func:`summarise` records per modality the range of the training cases' profiles (the card's
+``input_statistics``); :func:`input_notices` compares an input's profiles against it: a distribution
+outside the training range, extreme outliers, and inputs whose order looks swapped.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+CLIP_PERCENTILES = (0.5, 99.5)
+LEVELS = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+_SAMPLE_VOXELS = 1 << 22  # percentiles of larger volumes are taken on an evenly strided subsample
+_OUTLIER_EXTENT_FLOOR = 10.0  # an outlier this many clip ranges beyond the clip is never normal anatomy
+_QUANTILE_MARGIN = 0.5  # z units allowed beyond the training range before a distribution is unlike it
+_SWAP_RATIO = 2.0  # the swapped order must fit this many times better than the given one
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Intensity profile of one modality (see the module docstring); ``clip``: the (low, high) range."""
+
+    quantiles: tuple[float, ...]
+    outlier_extent: float
+    extreme: float
+    clip: tuple[float, float]
+
+
+def sample(values: np.ndarray) -> np.ndarray:
+    """``values`` flattened, or an evenly strided subsample of at most ~4 M voxels (a view, no copy)."""
+    flat = values.reshape(-1)
+    return flat[:: max(1, math.ceil(flat.size / _SAMPLE_VOXELS))]
+
+
+def clip_and_standardise(values: np.ndarray) -> Profile:
+    """Clip float32 ``values`` (any shape) to their 0.5-99.5th percentiles and z-score them, in place;
+    -> their :class:`Profile`. Constant values become zeros."""
+    levels = np.percentile(sample(values), [*CLIP_PERCENTILES, *(100 * q for q in LEVELS)])
+    low, high = float(levels[0]), float(levels[1])
+    smallest, largest = float(values.min()), float(values.max())
+    spread = high - low
+    beyond = max(largest - high, low - smallest)
+    extent = beyond / spread if spread > 0 else 0.0
+    extreme = largest if largest - high >= low - smallest else smallest
+    np.clip(values, low, high, out=values)
+    mean = float(values.mean(dtype=np.float64))
+    values -= mean
+    flat = values.reshape(-1)
+    std = math.sqrt(float(flat.dot(flat)) / flat.size)
+    if not math.isfinite(std):  # float32 squares overflow beyond ~1e19: measure on a float64 sample
+        std = float(np.std(sample(values), dtype=np.float64))
+    if std > 0:
+        values /= std
+        quantiles = tuple(round((float(q) - mean) / std, 4) for q in levels[2:])
+    else:
+        values[...] = 0.0
+        quantiles = (0.0,) * len(LEVELS)
+    return Profile(quantiles, round(extent, 4), extreme, (low, high))
+
+
+def summarise(profiles: list[list[Profile | None]], names: list[str]) -> dict:
+    """The card's ``input_statistics`` from the training cases' profiles (case -> one per modality)."""
+    modalities = []
+    for index, name in enumerate(names):
+        measured = [case[index] for case in profiles if case[index] is not None]
+        if not measured:
+            continue
+        quantiles = np.array([p.quantiles for p in measured])
+        modalities.append({
+            "name": name, "cases": len(measured),
+            "quantiles_min": [round(float(v), 4) for v in quantiles.min(0)],
+            "quantiles_median": [round(float(v), 4) for v in np.median(quantiles, 0)],
+            "quantiles_max": [round(float(v), 4) for v in quantiles.max(0)],
+            "outlier_extent_max": round(max(p.outlier_extent for p in measured), 4),
+        })
+    return {"description": "per modality, over the training cases in the model frame: the normalised values "
+                           "(z units, after clipping to the 0.5-99.5th percentiles) at the quantile levels, and "
+                           "how far the most extreme voxel lay beyond the clipping range (in clipping ranges)",
+            "levels": list(LEVELS), "modalities": modalities}
+
+
+def input_notices(profiles: list[Profile | None], names: list[str], statistics: dict | None) -> list[str]:
+    """Notices for an input whose modalities' profiles (in the card's order) look unlike the training
+    cases': an extreme outlier, a distribution outside the training range, a swapped order."""
+    trained = {m["name"]: m for m in (statistics or {}).get("modalities", [])}
+    notices = []
+    for name, profile in zip(names, profiles):
+        if profile is None:
+            continue
+        stats = trained.get(name)
+        limit = max(_OUTLIER_EXTENT_FLOOR, 2 * stats["outlier_extent_max"]) if stats else _OUTLIER_EXTENT_FLOOR
+        if profile.outlier_extent > limit:
+            notices.append(f"{name}: voxels as extreme as {profile.extreme:.4g} lie far outside the image's range "
+                           f"({profile.clip[0]:.4g} to {profile.clip[1]:.4g} holds 99 % of it); they were clipped "
+                           "to that range — check the image for hot pixels or a wrong data type")
+        if stats and _outside(profile.quantiles, stats):
+            shown = ", ".join(f"{v:.2f}" for v in profile.quantiles)
+            notices.append(f"{name}: its intensity distribution is unlike the training cases' (normalised "
+                           f"quantiles {shown}; training {_range_text(stats)}); the result may be unreliable — "
+                           f"check that this is a {name} image")
+    swapped = _better_order(profiles, [trained.get(n) for n in names])
+    if swapped:
+        looks = ", ".join(f"input {i + 1} (given as {names[i]}) looks like {names[j]}" for i, j in swapped)
+        notices.append(f"the modalities look swapped: {looks}; give them in the model's order "
+                       f"({', '.join(names)})")
+    return notices
+
+
+def _outside(quantiles, stats: dict) -> bool:
+    low = np.asarray(stats["quantiles_min"]) - _QUANTILE_MARGIN
+    high = np.asarray(stats["quantiles_max"]) + _QUANTILE_MARGIN
+    values = np.asarray(quantiles)
+    return bool(np.any((values < low) | (values > high)))
+
+
+def _range_text(stats: dict) -> str:
+    return ", ".join(f"{a:.2f}..{b:.2f}" for a, b in zip(stats["quantiles_min"], stats["quantiles_max"]))
+
+
+def _better_order(profiles: list[Profile | None], stats: list[dict | None]) -> list[tuple[int, int]]:
+    """(input, card modality) pairs of the order that fits the training profiles far better than the
+    given one, or [] (also when a profile or a modality's statistics is missing)."""
+    if len(profiles) < 2 or any(p is None for p in profiles) or any(s is None for s in stats):
+        return []
+    cost = np.array([[float(np.abs(np.subtract(p.quantiles, s["quantiles_median"])).mean()) for s in stats]
+                     for p in profiles])  # cost[input, modality]
+    given = float(np.trace(cost))
+    inputs, best = linear_sum_assignment(cost)
+    best_cost = float(cost[inputs, best].sum())
+    if np.array_equal(best, inputs) or given < _SWAP_RATIO * best_cost:
+        return []
+    return [(int(i), int(j)) for i, j in zip(inputs, best) if i != j]
