@@ -291,7 +291,7 @@ def _label_values(image, path: Path, what: str):
         fractional = ~np.isfinite(array) | (array != np.round(array))
         if fractional.any():
             example = float(array[fractional].flat[0])
-            raise UsageError(f"{path}: the {what} holds values that are not whole class numbers (e.g. {example!r}); "
+            raise UsageError(f"{path}: the {what} holds values that are not whole class numbers (e.g. {example:.9g}); "
                              "give a label map, with classes stored as integers")
     return array.astype(np.int64)
 

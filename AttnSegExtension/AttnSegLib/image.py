@@ -383,7 +383,7 @@ def write_image(image: Image, path: str | os.PathLike, compression_level: int = 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    suffix = _image_suffix(path.name) or path.suffix  # ".nii.gz" whole, also in "...nii.gz"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name if _is_utf8(path.name) else 'attnseg-image'}.", suffix=suffix,
                                dir=path.parent)
     os.close(fd)
