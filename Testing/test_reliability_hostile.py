@@ -287,7 +287,7 @@ def test_a_modality_covering_half_the_field_of_view_is_noticed(brats):
 def test_swapped_modalities_are_noticed_when_their_intensities_differ(image, hippocampus_dir, tmp_path):
     """Two modalities with different histograms (a T1 crop and its square root, inverted), statistics
     measured on training cases: given in the wrong order, a notice; in the right order, none.
-    (FLAIR and T1c of the BraTS sample are too alike in histogram for this check: see the README.)"""
+    (FLAIR and T1c of the BraTS sample are too alike in histogram for this check to tell them apart.)"""
     from training.statistics import measure
     from training.data import CaseFiles
 

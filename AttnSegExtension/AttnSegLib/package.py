@@ -297,7 +297,11 @@ def load_package(name_or_path: str | os.PathLike) -> ModelPackage:
     except (SafetensorError, ValueError) as err:
         raise PackageError(f"{path}: {WEIGHTS_FILE} is not a valid safetensors file ({_one_line(err)})") from None
     # Shapes are checked on the meta device: a hostile card cannot make us allocate a huge network.
-    _check_shapes(build_from_card(card, str(path), device="meta"), weights, str(path))
+    network = build_from_card(card, str(path), device="meta")
+    _check_shapes(network, weights, str(path))
+    if any(side % network.divisor for side in card["patch_size_dhw"]):
+        raise PackageError(f"{path}: 'patch_size_dhw' {card['patch_size_dhw']} must be multiples of "
+                           f"{network.divisor} for architecture {card['architecture']['name']!r}")
     return ModelPackage(path, card, weights)
 
 
