@@ -146,10 +146,10 @@ def _clean_in_place(channel: np.ndarray, name: str, notices: list[str]) -> None:
 def normalise(array: np.ndarray, method: str) -> np.ndarray:
     """Per-modality intensity normalisation of a (D, H, W) array, as the model card says.
 
-    zscore: clip to the 0.5-99.5th percentiles, then (x - mean) / std, over all voxels; zscore_nonzero:
+    zscore: clip outliers (beyond the 0.5-99.5th percentiles widened by their range, see
+    :func:`.intensity.clip_and_standardise`), then (x - mean) / std, over all voxels; zscore_nonzero:
     the same over the non-zero voxels, zero stays zero (skull-stripped MRI, BraTS); percentile_zscore:
-    the name older cards give zscore; none: as stored. A constant image maps to zeros. The clipping
-    (:func:`.intensity.clip_and_standardise`) keeps one extreme voxel from flattening the image.
+    read as zscore, which now clips too; none: as stored. A constant image maps to zeros.
     """
     out = np.array(array, dtype=np.float32)
     normalise_in_place(out, method)
