@@ -258,6 +258,20 @@ def test_shipped_cards_record_the_training_intensity_statistics():
                                                       modality["quantiles_max"]))
 
 
+def test_the_shipped_statistics_are_measured_from_the_training_cases(tmp_path, capsys):
+    """``python -m training.statistics`` on a copy of the BraTS package without them writes back the
+    shipped card byte for byte: the numbers come from its three training cases."""
+    from training.statistics import main as statistics_main
+
+    copy = shutil.copytree(SHIPPED / "brats_sample_unet", tmp_path / "brats_sample_unet")
+    card = json.loads((copy / "model.json").read_text())
+    del card["input_statistics"]
+    (copy / "model.json").write_text(json.dumps(card, indent=2) + "\n")
+    assert statistics_main(["--model", str(copy)]) == 0
+    assert (copy / "model.json").read_bytes() == (SHIPPED / "brats_sample_unet" / "model.json").read_bytes()
+    assert "FLAIR over 3 training cases" in capsys.readouterr().out
+
+
 # -- 5. modalities that are swapped, duplicated or partial ----------------------------------------------------
 @pytest.fixture(scope="module")
 def brats(data_dir) -> tuple[Predictor, list[Image]]:
