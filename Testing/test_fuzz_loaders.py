@@ -4,7 +4,8 @@ Property: every input either loads, or raises :class:`ImageError` / :class:`Pack
 message is shown to the user as one line) — never another exception, never a crash of the process.
 Inputs are random bytes behind each format's magic, and real headers (NIfTI-1 binary fields, NRRD and
 MetaImage text fields, safetensors headers, model cards, zip archives) with fields replaced by hostile
-values. Each property runs a fixed number of examples with no deadline, so the suite stays bounded
+values; file and folder names of any bytes (written and read back); card values that, when a card
+loads, must also segment an image. Each property runs a fixed number of examples with no deadline, so the suite stays bounded
 (a few seconds each) on a shared CI machine.
 """
 from __future__ import annotations
@@ -24,11 +25,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from AttnSegLib import models
-from AttnSegLib.image import Image, ImageError, read_image
+from AttnSegLib.image import Geometry, Image, ImageError, read_image, write_image
+from AttnSegLib.inference import Predictor
 from AttnSegLib.package import PackageError, load_package, save_package
 
 # ATTNSEG_FUZZ_EXAMPLES=2000 for a deep run; CI runs the default.
@@ -322,3 +324,71 @@ def test_the_seeds_themselves_load(seed_images, seed_package, tmp_path):
     (tmp_path / "pkg" / "weights.safetensors").write_bytes(seed_package["weights"])
     assert load_package(tmp_path / "pkg").name == "fuzz_unet"
     assert np.isfinite(read_image(tmp_path / "seed.nii").array).all()
+
+
+# -- file names ----------------------------------------------------------------------------------
+# Any bytes but "/" and NUL, as a file or folder name on a Linux disk (Latin-1 from a Windows share,
+# stray bytes, UTF-8): SimpleITK aborted the whole process on names that are not UTF-8.
+NAME_BYTES = st.binary(min_size=1, max_size=40).map(lambda b: b.replace(b"/", b"_").replace(b"\0", b"_")).filter(
+    lambda b: b not in (b".", b".."))
+
+
+@FUZZ
+@given(folder=NAME_BYTES, stem=NAME_BYTES, suffix=st.sampled_from([".nii", ".nii.gz", ".nrrd", ".mha"]))
+def test_images_under_any_file_name_are_written_and_read_back(folder, stem, suffix):
+    image = Image(np.arange(60, dtype=np.float32).reshape(3, 4, 5),
+                  Geometry((5, 4, 3), (1.0, 2.0, 3.0), (1.0, 2.0, 3.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    with tempfile.TemporaryDirectory() as root:
+        path = Path(os.fsdecode(os.path.join(os.fsencode(root), folder, stem + suffix.encode())))
+        write_image(image, path)
+        back = read_image(path)
+        np.testing.assert_array_equal(back.array, image.array)
+        assert back.geometry.same_grid(image.geometry)
+        assert os.listdir(os.path.join(os.fsencode(root), folder)) == [stem + suffix.encode()]  # no temporary left
+
+
+# -- card values that load must also predict -----------------------------------------------------------
+CARD_NUMBERS = st.sampled_from(HOSTILE_NUMBERS) | st.floats(1e-4, 1e4) | st.integers(-2, 300)
+CARD_VALUE_EDITS = {
+    ("spacing_xyz_mm",): st.lists(CARD_NUMBERS, min_size=3, max_size=3),
+    ("patch_size_dhw",): st.lists(st.sampled_from([1, 2, 3, 4, 7, 8, 16, 17, 33, 64, 0, -1, 2**20]), min_size=3, max_size=3),
+    ("inference", "overlap"): CARD_NUMBERS,
+    ("inference", "batch_size"): CARD_NUMBERS,
+    ("inference", "tta_flip_axes"): st.lists(st.integers(-1, 3), max_size=4),
+    ("orientation",): st.sampled_from(["RAS", "LPS", "PIL", "RRR", "ras", "", None, 3]),
+    ("modalities", 0, "normalization"): st.sampled_from(["zscore", "zscore_nonzero", "percentile_zscore", "none",
+                                                          "minmax", None]),
+    ("crop_to_nonzero",): st.sampled_from([True, False, 1, None]),
+}
+
+
+@settings(max_examples=int(os.environ.get("ATTNSEG_FUZZ_EXAMPLES", "30")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.sampled_from(sorted(CARD_VALUE_EDITS)).flatmap(
+    lambda path: st.tuples(st.just(path), CARD_VALUE_EDITS[path])), min_size=1, max_size=3))
+def test_card_values_that_load_also_predict(seed_package, edits):
+    """A card with values out of physical range is refused when it loads; one that loads segments a
+    small image onto its own grid (probabilities summing to 1), or refuses it in one line."""
+    card = json.loads(json.dumps(seed_package["card"]))
+    for path, value in edits:
+        _set_path(card, path, value, False)
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "model.json").write_text(json.dumps(card))
+        (Path(folder) / "weights.safetensors").write_bytes(seed_package["weights"])
+        try:
+            package = load_package(folder)
+        except PackageError as err:
+            assert "\n" not in str(err)
+            event("refused when loading")
+            return
+        image = Image(np.random.default_rng(0).normal(100, 20, (12, 14, 10)).astype(np.float32),
+                      Geometry((10, 14, 12), (1.1, 0.9, 1.3), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+        try:
+            result = Predictor(package, device="cpu", with_maps=False).predict([image])
+        except ImageError as err:
+            assert "\n" not in str(err)
+            event("image refused")
+            return
+    event("segmented")
+    assert result.labels.geometry.same_grid(image.geometry)
+    np.testing.assert_allclose(result.probabilities.array.sum(axis=0), 1.0, atol=1e-4)

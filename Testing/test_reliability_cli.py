@@ -291,7 +291,9 @@ def test_modality_count_and_geometry(bad, packages, tmp_path, capsys):
     status, _, lines = run_main(capsys, "segment", "-i", good, "-i", str(bad["shifted"]), "-o", str(tmp_path / "d"),
                                 "--model", two)
     assert status == 0
-    assert lines == ["attnseg: notice: hippocampus_001: T2 had a different grid from T1 and was resampled onto it"]
+    assert lines == ["attnseg: notice: hippocampus_001: T2 had a different grid from T1 and was resampled onto it",
+                     "attnseg: notice: hippocampus_001: T2 covers only 86% of T1's field of view; the model sees "
+                     "zeros beyond it, so the segmentation there is unreliable — give images of the same region"]
 
 
 # -- options ---------------------------------------------------------------------------------------

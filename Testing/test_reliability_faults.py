@@ -165,7 +165,8 @@ class OutOfMemoryAboveOneWindow(SegmentationNetwork):
     torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
     RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
                  "allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)"),
-], ids=["cuda_out_of_memory", "cpu_allocator"])
+    RuntimeError("Seems to be OOM. Please try smaller patch size or mode='constant' instead of mode='gaussian'."),
+], ids=["cuda_out_of_memory", "cpu_allocator", "monai_sliding_window"])
 def test_out_of_memory_halves_the_window_batch_and_finishes(error, hippocampus_case):
     torch.manual_seed(0)
     inner = models.build("unet", 1, 3, features=[4, 8])
@@ -275,7 +276,7 @@ def test_disk_filling_up_during_the_run_fails_cleanly(package_dir, large_case, m
     lines = error_lines(stderr)
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"attnseg: error: could not write the results into {out} ("), lines
-    assert lines[0].endswith("nothing was left there — free some disk space or choose another --output"), lines
+    assert lines[0].endswith("it was left as it was — free some disk space or choose another --output"), lines
     assert list(out.iterdir()) == []
 
 

@@ -5,7 +5,8 @@
 The card carries the architecture and kwargs, modalities, classes, spacing, orientation, patch size, the
 network's maps with their meaning, the data attribution and the split sizes, and the validation
 metrics measured on the exported network through the product path (``Predictor.predict`` on the
-original validation images, Dice / ASD / HD95 on the input grid; see :mod:`training.evaluate`), with
+original validation images, Dice / ASD / HD95 on the input grid; see :mod:`training.evaluate`), the
+training cases' intensity statistics inference checks inputs against (:mod:`training.statistics`), with
 how well each doubt map finds the wrongly labelled voxels (AUROC); the best of them becomes the card's
 ``inference.review_map``, the map the review ranks doubtful regions by.
 The package is written by ``AttnSegLib.package.save_package``, which hashes and reloads it.
@@ -27,6 +28,7 @@ from .card import model_card
 from .config import ConfigError, load_config, resolve_path
 from .data import DatasetError, find_cases
 from .evaluate import evaluate_cases, summarize, summarize_error_detection
+from .statistics import measure
 
 WEIGHTS = {"best": "best.safetensors", "last": "last.safetensors"}
 
@@ -51,7 +53,9 @@ def export_run(run: str | Path, output: str | Path, weights: str = "best", name:
     card = model_card(config, network, split)
 
     held_out = set(split["validation"])
-    cases = [c for c in find_cases(data, resolve_path(data["root"])) if c.name in held_out]
+    every_case = find_cases(data, resolve_path(data["root"]))
+    card["input_statistics"] = measure([c for c in every_case if c.name in set(split["train"])], data, progress)
+    cases = [c for c in every_case if c.name in held_out]
     evaluation = evaluate_cases(Predictor(network, card=card, device=device), cases, data, progress)
     detection = summarize_error_detection(evaluation.error_detection)
     card["metrics"] = {**summarize(evaluation.scores, "validation"), "error_detection_auroc": detection,

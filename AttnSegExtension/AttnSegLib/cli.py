@@ -47,22 +47,41 @@ def _group_cases(inputs: list[Path], modalities: int) -> dict[str, list[Path]]:
             raise UsageError(f"{inputs[0]}: no images (.nii.gz, .nii, .nrrd, .mha) and no DICOM series in this "
                              "folder; give an image file, a DICOM series folder or a folder of cases")
         if modalities == 1:
-            return {case_name(f): [f] for f in files}
-        groups: dict[str, dict[int, Path]] = {}
+            return _batch_cases([(case_name(f), 0, f) for f in files], 1)
+        keyed = []
         for f in files:
             match = _MODALITY_SUFFIX.match(case_name(f))
             if not match:
                 raise UsageError(f"{f.name}: for a {modalities}-modality model, name the files "
                                  "<case>_0000.nii.gz ... <case>_%04d.nii.gz" % (modalities - 1))
-            groups.setdefault(match["case"], {})[int(match["index"])] = f
-        cases = {}
-        for case, by_index in sorted(groups.items()):
-            if sorted(by_index) != list(range(modalities)):
-                raise UsageError(f"case {case}: found modality files {sorted(by_index)}, "
-                                 f"the model needs 0..{modalities - 1}")
-            cases[case] = [by_index[i] for i in range(modalities)]
-        return cases
+            keyed.append((match["case"], int(match["index"]), f))
+        return _batch_cases(keyed, modalities)
     return {case_name(inputs[0]): inputs}
+
+
+def _batch_cases(files: list[tuple[str, int, Path]], modalities: int) -> dict[str, list[Path]]:
+    """(case name, modality index, file) -> case name -> one file per modality, refusing what would
+    not give each case its own folder inside ``--output``: two files for the same case and modality
+    (``a.nii.gz`` and ``a.nrrd``; names differing only in letter case collide on Windows and macOS
+    disks), and names that are not a plain folder name (``..``)."""
+    groups: dict[str, dict[int, Path]] = {}
+    seen: dict[tuple[str, int], Path] = {}
+    for case, index, f in files:
+        if case in ("", ".", ".."):
+            raise UsageError(f"{f.name}: the case name {case!r} is not a usable folder name inside --output; "
+                             "rename the file")
+        other = seen.setdefault((case.casefold(), index), f)
+        if other != f:
+            raise UsageError(f"{other.name} and {f.name} would both be written to case {case!r}; "
+                             "rename or move one of them")
+        groups.setdefault(case, {})[index] = f
+    cases = {}
+    for case, by_index in sorted(groups.items()):
+        if sorted(by_index) != list(range(modalities)):
+            raise UsageError(f"case {case}: found modality files {sorted(by_index)}, "
+                             f"the model needs 0..{modalities - 1}")
+        cases[case] = [by_index[i] for i in range(modalities)]
+    return cases
 
 
 def _is_dicom(path: Path) -> bool:
@@ -70,7 +89,7 @@ def _is_dicom(path: Path) -> bool:
 
 
 def _check_output_dir(out: Path, overwrite: bool) -> None:
-    existing = [name for name in OUTPUT_FILES if (out / name).exists()]
+    existing = [name for name in OUTPUT_FILES if os.path.lexists(out / name)]
     if existing and not overwrite:
         raise UsageError(f"{out} already holds results ({', '.join(existing)}); "
                          "choose another --output or pass --overwrite")
@@ -139,20 +158,45 @@ def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inpu
         }
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         with _interrupts_deferred():
-            for name in OUTPUT_FILES:
-                if not (staging / name).exists():
-                    continue
-                target = out / name
-                if target.exists():
-                    if not overwrite:  # appeared while we worked
-                        raise UsageError(f"{target} appeared during the run; nothing was overwritten")
-                    shutil.rmtree(target) if target.is_dir() else target.unlink()
-                os.replace(staging / name, target)
+            _swap_result_set(staging, out, overwrite)
     except OSError as err:
-        raise UsageError(f"could not write the results into {out} ({err.strerror or err}); nothing was left "
-                         "there — free some disk space or choose another --output") from None
+        raise UsageError(f"could not write the results into {out} ({err.strerror or err}); it was left as it "
+                         "was — free some disk space or choose another --output") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_result_set(staging: Path, out: Path, overwrite: bool) -> None:
+    """Replace the whole result set in ``out`` (every name of :data:`OUTPUT_FILES`) by the one in
+    ``staging``, or leave ``out`` as it was.
+
+    The previous results (a file, a folder or a symbolic link: renamed, never followed) first move
+    aside into ``staging``, then the new ones move in, report.json last; any failure moves everything
+    back, so ``out`` never holds a mix of two runs (a stale preview.png beside new labels). Every move
+    is a rename within one folder's file system.
+    """
+    previous = staging / ".previous"
+    previous.mkdir()
+    moved_aside, moved_in = [], []
+    try:
+        for name in OUTPUT_FILES:
+            if os.path.lexists(out / name):
+                if not overwrite:  # appeared while we worked
+                    raise UsageError(f"{out / name} appeared during the run; nothing was overwritten")
+                os.replace(out / name, previous / name)
+                moved_aside.append(name)
+        for name in OUTPUT_FILES:
+            if os.path.lexists(staging / name):
+                os.replace(staging / name, out / name)
+                moved_in.append(name)
+    except BaseException:
+        for name in reversed(moved_in):
+            with contextlib.suppress(OSError):
+                os.replace(out / name, staging / name)
+        for name in reversed(moved_aside):
+            with contextlib.suppress(OSError):
+                os.replace(previous / name, out / name)
+        raise
 
 
 def _progress_bar(case: str):
@@ -219,49 +263,102 @@ def cmd_segment(args) -> int:
 
 
 # -- evaluate -----------------------------------------------------------------------------------
-def _pairs(prediction: Path, reference: Path) -> dict[str, tuple[Path, Path]]:
+def _pairs(prediction: Path, reference: Path) -> dict[str, tuple[Path | None, Path]]:
+    """Case -> (its prediction, or None when there is none, reference): every reference is a case."""
     if prediction.is_dir() != reference.is_dir():
         raise UsageError("give two files or two folders to --prediction and --reference")
     if not prediction.is_dir():
         return {case_name(reference): (prediction, reference)}
     refs = {case_name(p): p for p in list_images(reference)}
-    pairs = {}
-    for case, ref in refs.items():
-        for candidate in (prediction / ref.name, prediction / case / "labels.nii.gz"):
-            if candidate.exists():
-                pairs[case] = (candidate, ref)
-                break
-    if not pairs:
+    if not refs:
+        raise UsageError(f"{reference}: no reference label maps (.nii.gz, .nii, .nrrd, .mha) in this folder")
+    pairs = {case: (next((c for c in (prediction / ref.name, prediction / case / "labels.nii.gz") if c.exists()),
+                         None), ref) for case, ref in refs.items()}
+    if all(pred is None for pred, _ in pairs.values()):
         raise UsageError(f"no prediction in {prediction} matches a reference in {reference} "
                          "(same file name, or <case>/labels.nii.gz)")
     return pairs
 
 
+def _label_values(image, path: Path, what: str):
+    """(D, H, W) int64 class values of a label map; refuses values that are not whole numbers."""
+    import numpy as np
+
+    array = image.array
+    if array.ndim != 3:
+        raise UsageError(f"{path}: the {what} has {array.shape[0]} channels; give a label map (one class per voxel)")
+    if array.dtype.kind == "f":
+        fractional = ~np.isfinite(array) | (array != np.round(array))
+        if fractional.any():
+            example = float(array[fractional].flat[0])
+            raise UsageError(f"{path}: the {what} holds values that are not whole class numbers (e.g. {example:.9g}); "
+                             "give a label map, with classes stored as integers")
+    return array.astype(np.int64)
+
+
+def _refuse_unknown_classes(array, path: Path, known: set[int], from_model: bool) -> None:
+    import numpy as np
+
+    unknown = sorted(int(v) for v in np.unique(array) if int(v) not in known)
+    if unknown:
+        more = f" ({len(unknown)} in all)" if len(unknown) > 5 else ""
+        raise UsageError(f"{path}: holds class values {', '.join(map(str, unknown[:5]))}{more} that "
+                         + ("the model does not have; check --model" if from_model else
+                            "no reference holds; is it a label map? pass --model to name the classes"))
+
+
 def cmd_evaluate(args) -> int:
     import numpy as np
 
-    from .metrics import evaluate_labels, mean_over_classes
+    from .metrics import evaluate_labels, image_diagonal_mm, mean_over_classes
 
     pairs = _pairs(Path(args.prediction), Path(args.reference))
-    per_case = {}
+    if args.model:
+        classes = {c["value"]: c["name"] for c in load_package(args.model).classes if c["value"] != 0}
+    else:  # every class some reference holds, named by its value (read once more below: one case in memory)
+        values = set()
+        for _, ref_path in pairs.values():
+            values.update(np.unique(_label_values(read_image(ref_path), ref_path, "reference")).tolist())
+        classes = {v: str(v) for v in sorted(values - {0})}
+    known = set(classes) | {0}
+    per_case, notices = {}, []
     for case, (pred_path, ref_path) in pairs.items():
-        pred, ref = read_image(pred_path), read_image(ref_path)
-        if not pred.geometry.same_grid(ref.geometry, tolerance=1e-3):
-            raise UsageError(f"{case}: prediction and reference are on different grids "
-                             f"({pred.geometry.size} vs {ref.geometry.size}); segment on the reference's image")
-        per_case[case] = evaluate_labels(pred.array.astype(np.int64), ref.array.astype(np.int64), ref.geometry.spacing)
-    classes = sorted({name for metrics in per_case.values() for name in metrics})
-    mean = {name: {key: _mean([per_case[c][name].get(key) for c in per_case if name in per_case[c]])
-                   for key in ("dice", "asd_mm", "hd95_mm")} for name in classes}
-    summary = {"cases": per_case, "mean": mean,
-               "mean_foreground_dice": mean_over_classes(mean, "dice"), "n_cases": len(per_case)}
+        ref = read_image(ref_path)
+        ref = ref.with_array(_label_values(ref, ref_path, "reference"))
+        _refuse_unknown_classes(ref.array, ref_path, known, bool(args.model))
+        diagonal = image_diagonal_mm(ref.geometry)
+        if pred_path is None:
+            pred = np.zeros_like(ref.array)
+            notices.append(f"{case}: no prediction; scored as an empty one (Dice 0, distances {diagonal:.1f} mm, "
+                           "the image diagonal)")
+        else:
+            image = read_image(pred_path)
+            if not image.geometry.same_grid(ref.geometry, tolerance=1e-3):
+                raise UsageError(f"{case}: prediction and reference are on different grids ({image.geometry.size} "
+                                 f"vs {ref.geometry.size}); segment on the reference's image")
+            pred = _label_values(image, pred_path, "prediction")
+            _refuse_unknown_classes(pred, pred_path, known, bool(args.model))
+        per_case[case] = evaluate_labels(pred, ref, labels=classes, empty_distance_mm=diagonal)
+        empty = [name for name, m in per_case[case].items() if m["prediction_ml"] == 0 < m["reference_ml"]]
+        if pred_path is not None and empty:
+            notices.append(f"{case}: nothing predicted for {', '.join(empty)}; scored as Dice 0, distances "
+                           f"{diagonal:.1f} mm (the image diagonal)")
+    names = list(classes.values())
+    mean = {name: {key: _mean([per_case[c][name][key] for c in per_case]) for key in ("dice", "asd_mm", "hd95_mm")}
+            for name in names}
+    missing = [case for case, (pred_path, _) in pairs.items() if pred_path is None]
+    summary = {"cases": per_case, "mean": mean, "mean_foreground_dice": mean_over_classes(mean, "dice"),
+               "n_cases": len(per_case), "missing_predictions": missing, "notices": notices}
+    for notice in notices:
+        print(f"attnseg: notice: {notice}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    print(f"{'case':<28}{'class':<12}{'Dice':>8}{'ASD mm':>10}{'HD95 mm':>10}")
+    width = max([12, *(len(n) + 2 for n in names)])
+    print(f"{'case':<28}{'class':<{width}}{'Dice':>8}{'ASD mm':>10}{'HD95 mm':>10}")
     for case, metrics in list(per_case.items()) + [("mean", mean)]:
         for name, m in metrics.items():
-            print(f"{case:<28}{name:<12}{_fmt(m['dice']):>8}{_fmt(m['asd_mm']):>10}{_fmt(m['hd95_mm']):>10}")
+            print(f"{case:<28}{name:<{width}}{_fmt(m['dice']):>8}{_fmt(m['asd_mm']):>10}{_fmt(m['hd95_mm']):>10}")
     return 0
 
 
@@ -340,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="Dice, ASD and HD95 per class of predictions against references")
     ev.add_argument("--prediction", "-p", required=True, help="label map, or folder of them")
     ev.add_argument("--reference", "-r", required=True, help="reference label map, or folder of them")
+    ev.add_argument("--model", "-m", help="package whose classes name and bound the label values (default: the "
+                    "values the references hold, as numbers)")
     ev.add_argument("--json", action="store_true", help="machine-readable output")
     ev.set_defaults(func=cmd_evaluate)
 
@@ -384,6 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ImageError, PackageError, ValueError) as err:
         print(f"attnseg: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`attnseg info --json | head`): end quietly
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe stopped
     except MemoryError as err:
         text = str(err) if "out of memory" in str(err) else (
             f"out of memory ({err or 'allocation failed'}); close other programs or crop the volume")

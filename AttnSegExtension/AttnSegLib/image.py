@@ -12,6 +12,7 @@ Slicer uses RAS and an IJK-to-RAS matrix; :meth:`Geometry.ijk_to_ras` and
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import math
@@ -32,6 +33,7 @@ _GZIP_CHUNK_BYTES = 1 << 23
 _DIRECTION_EPSILON = 1e-12
 _METAIMAGE_HEADER_BYTES = 1 << 16
 _METAIMAGE_MAX_DIMS = 10  # MetaIO's limit
+_DETACHED_HEADER_SUFFIXES = (".mhd", ".nhdr")
 _NIFTI_HEADER_BYTES = {348: 352, 540: 544}  # sizeof_hdr -> smallest voxel offset in a .nii
 _NRRD_HEADER_BYTES = 1 << 20
 _NIFTI_PAIR_SUFFIXES = (".hdr", ".hdr.gz", ".img", ".img.gz")
@@ -151,9 +153,51 @@ def dicom_series(path: Path) -> tuple[str, ...]:
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+        with itk_file_name(path) as name:
+            return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(name))
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a byte that is not UTF-8, kept by Python as a lone surrogate
+        return False
+    return True
+
+
+def _image_suffix(name: str) -> str:
+    return next((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), "")
+
+
+@contextlib.contextmanager
+def itk_file_name(path: str | os.PathLike):
+    """A name of ``path`` SimpleITK can take (yields a str).
+
+    SimpleITK hands names to C++ as UTF-8; a name holding bytes that are not UTF-8 (a Latin-1
+    ``M\xfcller.nii.gz`` from a Windows share) makes it abort the whole process. Such a path is
+    reached through a symbolic link with an ASCII name in a private temporary folder: a link to its
+    folder when only a folder name is not UTF-8 (a header's detached data file is then still found
+    beside it), else a link to the file or folder itself. The link is removed on exit. A detached
+    header (.mhd, .nhdr) whose own name is not UTF-8 is refused: its data file would not be found.
+    """
+    text = os.fspath(path)
+    if _is_utf8(text):
+        yield text
+        return
+    absolute = Path(os.path.abspath(text))
+    if not _is_utf8(absolute.name) and absolute.name.lower().endswith(_DETACHED_HEADER_SUFFIXES):
+        raise ImageError(f"{path}: the file name is not valid UTF-8 and the header names a separate data file; "
+                         "rename the header to a UTF-8 name")
+    with tempfile.TemporaryDirectory(prefix="attnseg-name-") as tmp:
+        if _is_utf8(absolute.name):
+            os.symlink(absolute.parent, Path(tmp) / "folder")
+            yield str(Path(tmp) / "folder" / absolute.name)
+        else:
+            link = Path(tmp) / f"image{_image_suffix(absolute.name)}"
+            os.symlink(absolute, link)
+            yield str(link)
 
 
 def _reader_reason(err: RuntimeError) -> str:
@@ -301,7 +345,8 @@ def _detached_data(path: Path) -> tuple[str, str, list[Path] | None] | None:
     ``field`` names where the header says so, ``value`` what it says, ``files`` the paths it names, or
     None for a list or numbered pattern of files. The format is the one ITK will read the file with.
     """
-    io = sitk.ImageFileReader.GetImageIOFromFileName(str(path))
+    with itk_file_name(path) as name:  # a name that is not UTF-8 would abort SimpleITK
+        io = sitk.ImageFileReader.GetImageIOFromFileName(name)
     if io == "MetaImageIO":
         value = _metaimage_fields(path).get(b"elementdatafile")
         if value is None:  # MetaIO reads on past any limit; the field could hide there
@@ -372,10 +417,10 @@ def _check_header(path: Path, dim: int, size, components: int, pixel_id: int, sp
         raise ImageError(f"{path}: {components}-component (colour/vector) image; "
                          "give a scalar volume per modality")
     working_bytes = math.prod(size) * 4  # one float32 copy, the least any model frame needs
-    if working_bytes > _physical_memory_bytes():
+    if working_bytes > physical_memory_bytes():
         raise ImageError(f"{path}: a {'x'.join(map(str, size))} volume needs at least "
                          f"{working_bytes / 2**30:.1f} GiB to process, more than this machine's "
-                         f"{_physical_memory_bytes() / 2**30:.1f} GiB of memory; crop or downsample it first")
+                         f"{physical_memory_bytes() / 2**30:.1f} GiB of memory; crop or downsample it first")
     spacing = np.asarray(spacing, dtype=float)
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise ImageError(f"{path}: invalid voxel spacing {tuple(float(x) for x in spacing)}; fix the header")
@@ -385,7 +430,7 @@ def _check_header(path: Path, dim: int, size, components: int, pixel_id: int, sp
                          f"{tuple(origin)}) is degenerate; fix the header")
 
 
-def _physical_memory_bytes() -> int:
+def physical_memory_bytes() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -408,19 +453,21 @@ def read_image(path: str | os.PathLike) -> Image:
             if len(series) > 1:
                 raise ImageError(f"{path}: folder holds {len(series)} DICOM series; AttnSeg reads one series per "
                                  "folder — move each series into its own folder and give that folder")
-            img = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
+            with itk_file_name(path) as name:
+                img = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(name, series[0]))
         else:
             if path.name.lower().endswith((".mha", ".mhd")):
                 _check_metaimage_header(path)
             check_data_file(path)
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()
-            _check_header(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(),
-                          reader.GetPixelID(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
-            if path.name.lower().endswith((".nii", ".nii.gz")):
-                _check_nifti_complete(path)
-            img = reader.Execute()
+            with itk_file_name(path) as name:
+                reader = sitk.ImageFileReader()
+                reader.SetFileName(name)
+                reader.ReadImageInformation()
+                _check_header(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(),
+                              reader.GetPixelID(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
+                if path.name.lower().endswith((".nii", ".nii.gz")):
+                    _check_nifti_complete(path)
+                img = reader.Execute()
     except RuntimeError as err:
         raise ImageError(
             f"{path}: not a readable medical image ({_reader_reason(err)}); the file may be damaged or in "
@@ -442,8 +489,9 @@ def write_image(image: Image, path: str | os.PathLike, compression_level: int = 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    suffix = _image_suffix(path.name) or path.suffix  # ".nii.gz" whole, also in "...nii.gz"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name if _is_utf8(path.name) else 'attnseg-image'}.", suffix=suffix,
+                               dir=path.parent)
     os.close(fd)
     try:
         if suffix == ".nii.gz":
@@ -478,7 +526,8 @@ def _sitk_write(image: Image, path: Path, target: Path, compress: bool, level: i
     writer only prints a warning when the disk fills and leaves a short file, so a NIfTI is checked
     against its header after writing."""
     try:
-        sitk.WriteImage(image.to_sitk(), str(path), compress, level)
+        with itk_file_name(path) as name:
+            sitk.WriteImage(image.to_sitk(), name, compress, level)
         if path.name.lower().endswith(".nii"):
             _check_nifti_complete(path)
     except (RuntimeError, ImageError) as err:

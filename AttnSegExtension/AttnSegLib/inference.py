@@ -42,9 +42,10 @@ class CancelFlag(Protocol):
 class Result:
     """Everything a front end shows, on the input grid.
 
-    ``labels``: (D, H, W) uint8. ``probabilities``: (C, D, H, W) float32. ``maps``: name -> (D, H, W)
-    float32 ("uncertainty" always; the model's own maps unless disabled). ``difficulty_name``: the map
-    doubtful regions are ranked by ("difficulty" when the model learns one, else "uncertainty").
+    ``labels``: (D, H, W) uint8 (uint16 beyond 256 classes). ``probabilities``: (C, D, H, W) float32.
+    ``maps``: name -> (D, H, W) float32 ("uncertainty" always; the model's own maps unless disabled).
+    ``difficulty_name``: the map doubtful regions are ranked by ("difficulty" when the model learns one,
+    else "uncertainty").
     """
 
     labels: Image
@@ -151,13 +152,19 @@ class _WindowRunner:
 def _is_out_of_memory(err: RuntimeError) -> bool:
     """CUDA raises ``torch.OutOfMemoryError``; the CPU and MPS allocators raise a plain RuntimeError."""
     return isinstance(err, torch.OutOfMemoryError) or any(
-        text in str(err) for text in ("out of memory", "can't allocate memory", "not enough memory"))
+        text in str(err) for text in ("out of memory", "can't allocate memory", "not enough memory", "Seems to be OOM"))
+
+
+def label_dtype(classes: int) -> np.dtype:
+    """The unsigned integer type holding class indices 0..classes-1: uint8 up to 256 classes, else uint16
+    (a card has at most 65536, ``package.MAX_CLASSES``)."""
+    return np.dtype(np.uint8) if classes <= 256 else np.dtype(np.uint16)
 
 
 def _argmax_labels(probabilities: np.ndarray, slab: int = 8) -> np.ndarray:
-    """(C, D, H, W) -> (D, H, W) uint8 class indices, ``slab`` slices at a time: ``np.argmax`` of the
-    whole volume would make an int64 copy twice the size of a float32 volume."""
-    labels = np.empty(probabilities.shape[1:], dtype=np.uint8)
+    """(C, D, H, W) -> (D, H, W) class indices of :func:`label_dtype`, ``slab`` slices at a time:
+    ``np.argmax`` of the whole volume would make an int64 copy twice the size of a float32 volume."""
+    labels = np.empty(probabilities.shape[1:], dtype=label_dtype(probabilities.shape[0]))
     for start in range(0, labels.shape[0], slab):
         labels[start:start + slab] = probabilities[:, start:start + slab].argmax(axis=0)
     return labels
@@ -247,7 +254,8 @@ class Predictor:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         prepared = to_model_frame(images, self.card["modalities"], self.card.get("spacing_xyz_mm"),
-                                  self.card.get("orientation"), self.card.get("crop_to_nonzero", False))
+                                  self.card.get("orientation"), self.card.get("crop_to_nonzero", False),
+                                  self.card.get("input_statistics"))
         timings["preprocess"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -3,7 +3,9 @@
 Computed with MONAI (``compute_dice``, ``compute_average_surface_distance``,
 ``compute_hausdorff_distance``) on one-hot masks with the voxel spacing, so distances are physical.
 Conventions for empty structures: both prediction and reference empty -> Dice 1, distances 0;
-exactly one empty -> Dice 0, distances undefined (``None``, reported as null in JSON).
+exactly one empty -> Dice 0, distances undefined (``None``, reported as null in JSON), or the worst
+possible value when the caller gives one (``empty_distance_mm``, e.g. :func:`image_diagonal_mm`), so
+that a missed structure weighs in the means instead of dropping out of them.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance, compute_roc_auc
 
-from .image import Image
+from .image import Geometry, Image
 
 
 def _as_array(x: Image | np.ndarray) -> np.ndarray:
@@ -21,11 +23,13 @@ def _as_array(x: Image | np.ndarray) -> np.ndarray:
 
 
 def evaluate_labels(prediction: Image | np.ndarray, reference: Image | np.ndarray,
-                    spacing=None, labels: dict[int, str] | list[int] | None = None) -> dict[str, dict]:
+                    spacing=None, labels: dict[int, str] | list[int] | None = None,
+                    empty_distance_mm: float | None = None) -> dict[str, dict]:
     """Per-class metrics of two (D, H, W) label maps on the same grid.
 
     ``spacing``: (x, y, z) mm, taken from ``reference`` when it is an :class:`Image`.
     ``labels``: class values to score (background excluded by default), or value -> name.
+    ``empty_distance_mm``: ASD and HD95 where exactly one of the two is empty (default None: undefined).
     Returns ``{class name: {"dice", "asd_mm", "hd95_mm", "reference_ml", "prediction_ml"}}``.
     """
     pred, ref = _as_array(prediction), _as_array(reference)
@@ -51,7 +55,7 @@ def evaluate_labels(prediction: Image | np.ndarray, reference: Image | np.ndarra
         if not p_any and not r_any:
             entry.update(dice=1.0, asd_mm=0.0, hd95_mm=0.0)
         elif p_any != r_any:
-            entry.update(dice=0.0, asd_mm=None, hd95_mm=None)
+            entry.update(dice=0.0, asd_mm=empty_distance_mm, hd95_mm=empty_distance_mm)
         else:
             with warnings.catch_warnings():  # MONAI 1.5+ warns about its own internal argument
                 warnings.simplefilter("ignore", FutureWarning)
@@ -69,6 +73,12 @@ def _overlap_and_distances(p: torch.Tensor, r: torch.Tensor, spacing_dhw) -> dic
         "hd95_mm": float(compute_hausdorff_distance(p, r, include_background=True, percentile=95,
                                                     spacing=spacing_dhw)),
     }
+
+
+def image_diagonal_mm(geometry: Geometry) -> float:
+    """Length (mm) of the diagonal of the box the grid's voxels fill: no surface distance inside the
+    image can be longer."""
+    return round(float(np.linalg.norm(np.asarray(geometry.size) * np.asarray(geometry.spacing))), 4)
 
 
 def mean_over_classes(per_class: dict[str, dict], key: str) -> float | None:

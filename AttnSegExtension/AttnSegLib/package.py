@@ -35,6 +35,10 @@ REQUIRED_KEYS = ("schema_version", "name", "architecture", "modalities", "classe
                  "weights_sha256")
 MAX_ZIP_BYTES = 512 * 1024 * 1024
 MAX_PATCH_SIDE = 1024
+MAX_PATCH_VOXELS = 256**3  # a window's activations grow with its voxels; nnU-Net's largest 3D patches are ~2e6
+SPACING_RANGE_MM = (0.01, 50.0)  # voxel sides of medical volumes; outside it the card's units are wrong
+MAX_WINDOW_BATCH = 512
+MAX_CLASSES = 2**16  # label maps are written as uint8 up to 256 classes, uint16 up to 65536
 _ORIENTATION_AXES = ({"R", "L"}, {"A", "P"}, {"S", "I"})
 # What a damaged or hostile zip can raise while being listed or read.
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, lzma.LZMAError, EOFError,
@@ -156,6 +160,10 @@ def _is_orientation(value) -> bool:
             and all(sum(letter in axis for letter in value) == 1 for axis in _ORIENTATION_AXES))
 
 
+def _is_color(value) -> bool:
+    return isinstance(value, list) and len(value) == 3 and all(_is_int(v) and 0 <= v <= 255 for v in value)
+
+
 def validate_card(card: dict, where: str) -> None:
     """Check every card field the engine reads, so a bad card fails here and not mid-prediction."""
     def require(condition: bool, message: str) -> None:
@@ -180,17 +188,24 @@ def validate_card(card: dict, where: str) -> None:
     unknown = [repr(m["normalization"]) for m in modalities if m.get("normalization", "zscore") not in NORMALISATIONS]
     require(not unknown, f"unknown normalisation {', '.join(unknown)} in 'modalities'; known: {', '.join(NORMALISATIONS)}")
     classes = card["classes"]
-    require(isinstance(classes, list) and len(classes) >= 2
+    require(isinstance(classes, list) and 2 <= len(classes) <= MAX_CLASSES
             and all(isinstance(c, dict) and _is_int(c.get("value")) and isinstance(c.get("name"), str) for c in classes)
             and [c["value"] for c in classes] == list(range(len(classes))),
-            "'classes' must list objects with a 'name' and values 0..C-1 in order (background first)")
+            f"'classes' must list 2 to {MAX_CLASSES} objects with a 'name' and values 0..C-1 in order "
+            "(background first)")
+    require(all(_is_color(c.get("color", [0, 0, 0])) for c in classes),
+            "a class 'color' must be three integers from 0 to 255")
     patch = card["patch_size_dhw"]
     require(isinstance(patch, list) and len(patch) == 3 and all(_is_int(p) and 0 < p <= MAX_PATCH_SIDE for p in patch),
             f"'patch_size_dhw' must be three integers from 1 to {MAX_PATCH_SIDE}")
+    require(math.prod(patch) <= MAX_PATCH_VOXELS,
+            f"'patch_size_dhw' {patch} holds {math.prod(patch)} voxels, more than the {MAX_PATCH_VOXELS} (256^3) "
+            "a window can have")
     spacing = card.get("spacing_xyz_mm")
+    low, high = SPACING_RANGE_MM
     require(spacing is None or (isinstance(spacing, list) and len(spacing) == 3
-                                and all(_is_number(v) and v > 0 for v in spacing)),
-            "'spacing_xyz_mm' must be null or three positive numbers")
+                                and all(_is_number(v) and low <= v <= high for v in spacing)),
+            f"'spacing_xyz_mm' must be null or three numbers from {low} to {high} (mm), not {spacing!r:.80}")
     require(card.get("orientation") is None or _is_orientation(card["orientation"]),
             f"'orientation' must be null or three letters such as 'RAS' (one of R/L, A/P, S/I each), "
             f"not {card.get('orientation')!r}")
@@ -199,8 +214,8 @@ def validate_card(card: dict, where: str) -> None:
     require(isinstance(settings, dict), "'inference' must be an object")
     require(_is_number(settings.get("overlap", 0.5)) and 0 <= settings.get("overlap", 0.5) < 1,
             "'inference.overlap' must be a number from 0 to below 1")
-    require(_is_int(settings.get("batch_size", 2)) and settings.get("batch_size", 2) >= 1,
-            "'inference.batch_size' must be a positive integer")
+    require(_is_int(settings.get("batch_size", 2)) and 1 <= settings.get("batch_size", 2) <= MAX_WINDOW_BATCH,
+            f"'inference.batch_size' must be an integer from 1 to {MAX_WINDOW_BATCH}")
     axes = settings.get("tta_flip_axes", [0, 1, 2])
     require(isinstance(axes, list) and all(_is_int(a) and 0 <= a <= 2 for a in axes) and len(set(axes)) == len(axes),
             "'inference.tta_flip_axes' must list distinct axes among 0, 1, 2")
@@ -282,7 +297,11 @@ def load_package(name_or_path: str | os.PathLike) -> ModelPackage:
     except (SafetensorError, ValueError) as err:
         raise PackageError(f"{path}: {WEIGHTS_FILE} is not a valid safetensors file ({_one_line(err)})") from None
     # Shapes are checked on the meta device: a hostile card cannot make us allocate a huge network.
-    _check_shapes(build_from_card(card, str(path), device="meta"), weights, str(path))
+    network = build_from_card(card, str(path), device="meta")
+    _check_shapes(network, weights, str(path))
+    if any(side % network.divisor for side in card["patch_size_dhw"]):
+        raise PackageError(f"{path}: 'patch_size_dhw' {card['patch_size_dhw']} must be multiples of "
+                           f"{network.divisor} for architecture {card['architecture']['name']!r}")
     return ModelPackage(path, card, weights)
 
 

@@ -1,7 +1,9 @@
 """Bring input volumes into a model's frame, and bring predictions back, exactly.
 
 Forward (:func:`to_model_frame`): check and align modalities -> reorient to the card's orientation ->
-resample to the card's spacing -> optional crop to the non-zero box -> per-modality normalisation.
+resample to the card's spacing (its size and memory estimated first) -> optional crop to the non-zero
+box -> per-modality normalisation, robust to outliers (:mod:`.intensity`), with notices where an input
+looks unlike the training cases.
 Inverse (:meth:`Prepared.to_input_grid`): un-crop -> resample onto the *input grid itself* (one ITK
 resample through physical space, which undoes reorientation and spacing together). When the input
 already has the model's orientation and spacing, both steps are skipped, so the round trip is exact
@@ -12,16 +14,21 @@ an edge slab between tissue and zero, and no input voxel is left with probabilit
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
 
-from .image import Geometry, Image, ImageError
+from .image import Geometry, Image, ImageError, physical_memory_bytes
+from .intensity import Profile, clip_and_standardise, input_notices
 
 NORMALISATIONS = ("zscore", "zscore_nonzero", "percentile_zscore", "none")
 _SPACING_TOLERANCE = 1e-3  # relative; below this an input is taken to be at the model spacing
 _EDGE_PAD_VOXELS = 2  # grids of the same extent overhang each other's last voxel centre by < 2 voxels
+_MAX_RESOLUTION_RATIO = 20.0  # input voxels this many times finer or coarser than the model's: wrong units
+_MIN_COVERAGE = 0.95  # a modality covering less of the first one's field of view gets a notice
+_COVERAGE_SAMPLES = 100_000
 
 
 @dataclass
@@ -30,7 +37,8 @@ class Prepared:
 
     ``array``: (M, D, H, W) float32, normalised. ``input_geometry``: the grid results return to.
     ``frame``: the model-frame grid before cropping. ``crop``: (start, stop) per numpy axis of the
-    crop inside ``frame``. ``notices``: what was done that a user should know.
+    crop inside ``frame``. ``notices``: what was done that a user should know. ``profiles``: each
+    modality's intensity :class:`~.intensity.Profile` (None where it is not normalised).
     """
 
     array: np.ndarray
@@ -39,6 +47,7 @@ class Prepared:
     crop: tuple[tuple[int, int], ...]
     resampled: bool
     notices: list[str] = field(default_factory=list)
+    profiles: list[Profile | None] = field(default_factory=list)
 
     def to_input_grid(self, channels: np.ndarray, fill: np.ndarray | float = 0.0,
                       interpolation: str = "linear") -> np.ndarray:
@@ -75,7 +84,8 @@ def align_modalities(images: list[Image], names: list[str] | None = None) -> tup
     """Put every modality on the first one's grid.
 
     Same grid: unchanged. Different grid but overlapping in space: linearly resampled onto the
-    first, with a notice. No overlap: :class:`ImageError`.
+    first, with a notice, which also says when it covers only part of the first one's field of view
+    (the model sees zeros beyond it). No overlap: :class:`ImageError`.
     """
     names = names or [f"modality {i}" for i in range(len(images))]
     ref = images[0].geometry
@@ -96,7 +106,23 @@ def align_modalities(images: list[Image], names: list[str] | None = None) -> tup
         moved = sitk.Resample(img.to_sitk(), ref_img, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         aligned.append(Image.from_sitk(moved))
         notices.append(f"{name} had a different grid from {names[0]} and was resampled onto it")
+        covered = _coverage(img.geometry, ref)
+        if covered < _MIN_COVERAGE:
+            notices.append(f"{name} covers only {covered:.0%} of {names[0]}'s field of view; the model sees zeros "
+                           "beyond it, so the segmentation there is unreliable — give images of the same region")
     return aligned, notices
+
+
+def _coverage(geometry: Geometry, reference: Geometry) -> float:
+    """Fraction of ``reference``'s voxel centres inside ``geometry``'s field of view (half a voxel
+    beyond its edge voxels' centres)."""
+    step = max(1, math.ceil((math.prod(reference.size) / _COVERAGE_SAMPLES) ** (1 / 3)))  # a lattice is enough
+    axes = [np.arange(n, dtype=float)[::step] for n in reference.size]
+    ijk = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    lps = ijk @ reference.ijk_to_lps()[:3, :3].T + reference.ijk_to_lps()[:3, 3]
+    inside = np.linalg.solve(geometry.ijk_to_lps()[:3, :3], (lps - geometry.origin).T).T
+    size = np.asarray(geometry.size, dtype=float)
+    return float(np.mean(np.all((inside >= -0.5) & (inside <= size - 0.5), axis=1)))
 
 
 def _boxes_overlap(a: Geometry, b: Geometry) -> bool:
@@ -120,40 +146,54 @@ def _clean_in_place(channel: np.ndarray, name: str, notices: list[str]) -> None:
 def normalise(array: np.ndarray, method: str) -> np.ndarray:
     """Per-modality intensity normalisation of a (D, H, W) array, as the model card says.
 
-    zscore: (x - mean) / std over all voxels; zscore_nonzero: statistics over non-zero voxels, zero
-    stays zero (skull-stripped MRI, BraTS); percentile_zscore: clip to the 0.5-99.5 percentiles first
-    (CT, bright outliers); none: as stored. A constant image maps to zeros.
+    zscore: clip outliers (beyond the 0.5-99.5th percentiles widened by their range, see
+    :func:`.intensity.clip_and_standardise`), then (x - mean) / std, over all voxels; zscore_nonzero:
+    the same over the non-zero voxels, zero stays zero (skull-stripped MRI, BraTS); percentile_zscore:
+    read as zscore, which now clips too; none: as stored. A constant image maps to zeros.
     """
     out = np.array(array, dtype=np.float32)
     normalise_in_place(out, method)
     return out
 
 
-def normalise_in_place(array: np.ndarray, method: str) -> None:
-    """:func:`normalise` overwriting a float32 array (no full-size copy beyond one temporary)."""
+def normalise_in_place(array: np.ndarray, method: str) -> Profile | None:
+    """:func:`normalise` overwriting a float32 array (no full-size copy beyond one temporary);
+    -> the intensity profile of the voxels it normalised (None for ``none`` or no non-zero voxel)."""
     if method == "none":
-        return
-    if method == "percentile_zscore":
-        lo, hi = np.percentile(array, [0.5, 99.5])
-        np.clip(array, lo, hi, out=array)
-        method = "zscore"
-    if method == "zscore":
-        std = float(array.std())
-        if std > 0:
-            array -= float(array.mean())
-            array /= std
-        else:
-            array[...] = 0.0
-        return
+        return None
+    if method in ("zscore", "percentile_zscore"):
+        return clip_and_standardise(array)
     if method == "zscore_nonzero":
         mask = array != 0
         if not mask.any():
-            return
+            return None
         values = array[mask]
-        std = float(values.std()) or 1.0
-        array[mask] = (values - float(values.mean())) / std
-        return
+        profile = clip_and_standardise(values)
+        array[mask] = values
+        return profile
     raise ImageError(f"unknown normalisation {method!r} in the model card; known: {', '.join(NORMALISATIONS)}")
+
+
+def check_model_frame_size(geometry: Geometry, spacing, channels: int) -> None:
+    """Refuse, before anything is allocated, an input whose voxels are implausibly finer or coarser
+    than the model's (a header in the wrong units) or whose model-frame copy cannot fit in memory.
+
+    ``spacing``: the model's (x, y, z) mm; ``channels``: the modalities. The model frame holds about
+    the input's physical volume over the model's voxel volume (whatever the reorientation).
+    """
+    source, target = np.asarray(geometry.spacing, dtype=float), np.asarray(spacing, dtype=float)
+    ratio = max(source.max() / target.min(), target.max() / source.min())
+    if ratio > _MAX_RESOLUTION_RATIO:
+        raise ImageError(f"the image's voxels ({', '.join(f'{v:.3g}' for v in source)} mm) are {ratio:.3g} times "
+                         f"finer or coarser than the model's ({', '.join(f'{v:.3g}' for v in target)} mm); the "
+                         "header's spacing is probably in the wrong units (mm expected) — fix the header")
+    voxels = math.prod(float(n) * s / t for n, s, t in zip(geometry.size, source, target))
+    needed = voxels * 4 * (channels + 1) + math.prod(geometry.size) * 4 * channels
+    if needed > physical_memory_bytes():
+        raise ImageError(f"resampling the image to the model's {', '.join(f'{v:.3g}' for v in target)} mm voxels "
+                         f"makes a grid of {voxels:.3g} voxels needing {needed / 2**30:.1f} GiB, more than this "
+                         f"machine's {physical_memory_bytes() / 2**30:.1f} GiB of memory; crop the image, or check "
+                         "the header's spacing")
 
 
 def _orient_and_resample(img: sitk.Image, orientation: str | None, spacing) -> tuple[sitk.Image, bool]:
@@ -163,8 +203,14 @@ def _orient_and_resample(img: sitk.Image, orientation: str | None, spacing) -> t
     if spacing is None or np.allclose(img.GetSpacing(), spacing, rtol=_SPACING_TOLERANCE):
         return img, False
     size = [max(1, int(round(n * s / t))) for n, s, t in zip(img.GetSize(), img.GetSpacing(), spacing)]
-    return sitk.Resample(_edge_padded(img), size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), tuple(spacing),
-                         img.GetDirection(), 0.0, sitk.sitkFloat32), True
+    try:
+        return sitk.Resample(_edge_padded(img), size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(),
+                             tuple(spacing), img.GetDirection(), 0.0, sitk.sitkFloat32), True
+    except RuntimeError as err:
+        if "allocate" not in str(err):
+            raise
+        raise MemoryError(f"out of memory resampling to a {'x'.join(map(str, size))} grid; close other programs "
+                          "or crop the volume") from None
 
 
 def _edge_padded(img: sitk.Image, voxels: int = _EDGE_PAD_VOXELS) -> sitk.Image:
@@ -195,10 +241,12 @@ def nonzero_box(array: np.ndarray) -> tuple[tuple[int, int], ...]:
 
 
 def to_model_frame(images: list[Image], modalities: list[dict], spacing_xyz_mm=None,
-                   orientation: str | None = None, crop_to_nonzero: bool = False) -> Prepared:
+                   orientation: str | None = None, crop_to_nonzero: bool = False,
+                   statistics: dict | None = None) -> Prepared:
     """(list of M 3D images, card modalities) -> :class:`Prepared` with a (M, D, H, W) array.
 
-    ``modalities``: the card's list of dicts with ``name`` and ``normalization``.
+    ``modalities``: the card's list of dicts with ``name`` and ``normalization``. ``statistics``: the
+    card's ``input_statistics``, against which each modality's intensities are checked (notices).
     """
     if len(images) != len(modalities):
         expected = ", ".join(m["name"] for m in modalities)
@@ -208,8 +256,11 @@ def to_model_frame(images: list[Image], modalities: list[dict], spacing_xyz_mm=N
         )
     names = [m["name"] for m in modalities]
     images, notices = align_modalities(images, names)
+    notices += _duplicate_notices(images, names)
     input_geometry = frame = images[0].geometry
     resampled = needs_resampling(input_geometry, orientation, spacing_xyz_mm)
+    if resampled and spacing_xyz_mm is not None:
+        check_model_frame_size(input_geometry, spacing_xyz_mm, len(images))
     # Memory: one float32 (M, D, H, W) copy of the input, worked on in place; when resampling, one
     # more in the model frame (the input-grid copy is freed once every channel has moved).
     stacked = np.empty((len(images),) + images[0].array.shape, dtype=np.float32)
@@ -230,9 +281,22 @@ def to_model_frame(images: list[Image], modalities: list[dict], spacing_xyz_mm=N
     crop = nonzero_box(stacked) if crop_to_nonzero else tuple((0, s) for s in stacked.shape[1:])
     if crop_to_nonzero:
         stacked = stacked[(slice(None),) + tuple(slice(a, b) for a, b in crop)].copy()
-    for channel, mod in zip(stacked, modalities):
-        normalise_in_place(channel, mod.get("normalization", "zscore"))
-    return Prepared(stacked, input_geometry, frame, crop, resampled, notices)
+    profiles = [normalise_in_place(channel, mod.get("normalization", "zscore"))
+                for channel, mod in zip(stacked, modalities)]
+    notices += input_notices(profiles, names, statistics)
+    return Prepared(stacked, input_geometry, frame, crop, resampled, notices, profiles)
+
+
+def _duplicate_notices(images: list[Image], names: list[str]) -> list[str]:
+    """A notice for each modality given as the same image as an earlier one (the grids already agree)."""
+    notices = []
+    for later in range(1, len(images)):
+        for earlier in range(later):
+            if np.array_equal(images[later].array, images[earlier].array):
+                notices.append(f"{names[later]} is the same image as {names[earlier]}; the model needs a different "
+                               f"image per modality — give the {names[later]} file")
+                break
+    return notices
 
 
 def _resampling_notice(source: Geometry, frame: Geometry, orientation: str | None, interpolated: bool) -> str:
