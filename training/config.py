@@ -31,7 +31,7 @@ Top-level keys::
                     early_stopping, num_workers, checkpoint_interval
     validation      overlap, batch_size, max_cases
     fine_tuning     (optional, with model.init_from) replay_fraction, replay_cases, changed_voxel_ratio,
-                    freeze, reference_tolerance: see :mod:`training.finetune`
+                    freeze, reference_tolerance, reference_cases: see :mod:`training.finetune`
     output_dir      where checkpoints, logs and curves go
 """
 from __future__ import annotations
@@ -113,11 +113,12 @@ SCHEMA: dict = {
     "training": {**dict.fromkeys(DEFAULTS["training"]), "early_stopping": {"patience", "min_delta"},
                  "find_unused_parameters": None},
     "validation": set(DEFAULTS["validation"]),
-    "fine_tuning": {"replay_fraction", "replay_cases", "changed_voxel_ratio", "freeze", "reference_tolerance"},
+    "fine_tuning": {"replay_fraction", "replay_cases", "changed_voxel_ratio", "freeze", "reference_tolerance",
+                    "reference_cases"},
 }
 # What fine-tuning uses for the keys a ``fine_tuning`` section leaves out (see training.finetune).
 FINE_TUNING_DEFAULTS = {"replay_fraction": 0.5, "replay_cases": None, "changed_voxel_ratio": 0.3, "freeze": [],
-                        "reference_tolerance": 0.005}
+                        "reference_tolerance": 0.005, "reference_cases": None}
 
 
 class ConfigError(ValueError):
