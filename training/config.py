@@ -180,7 +180,14 @@ def load_config(name_or_path: str | os.PathLike, overrides: dict | None = None) 
     return config
 
 
+# Names other tools use for a key, for the "did you mean" of a key that is not spelt like ours.
+SYNONYMS = {"learning_rate": "lr", "epochs": "iterations", "max_iterations": "iterations", "steps": "iterations",
+            "normalisation": "normalization", "license": "licence"}
+
+
 def _suggest(key: str, known) -> str:
+    if SYNONYMS.get(str(key)) in known:
+        return f"did you mean {SYNONYMS[str(key)]!r}?"
     close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1, cutoff=0.6)
     return f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(map(str, known)))}"
 

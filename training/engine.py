@@ -267,6 +267,7 @@ class Trainer:
         if not resume:
             self.network.load_state_dict(parent.build_network().state_dict(), strict=True)
         tuning = finetune.settings(self.config)
+        finetune.freeze(self.network, list(tuning["freeze"]))
         corrected = {c.name for c in self.train_cases + self.validation_cases}
         try:
             cases = finetune.parent_cases(parent, corrected, tuning["replay_cases"], tuning["reference_cases"],
@@ -279,7 +280,6 @@ class Trainer:
             if tuning["replay_fraction"] > 0:
                 self.replay_cases = load_cases(cases.replay, cases.data, wrap)
             self.reference_cases = load_cases(cases.reference, cases.data, wrap)
-        finetune.freeze(self.network, list(tuning["freeze"]))
         if self.is_main and not resume:
             self.output.mkdir(parents=True, exist_ok=True)
             used = [f for f in files if f.name in corrected]
