@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 
+from AttnSegLib import cli
 from AttnSegLib.package import load_package
 from training import train
 from training.config import ConfigError, load_config
@@ -110,7 +111,7 @@ def test_patches_mix_corrections_and_replay_and_centre_on_changed_voxels(run):
     assert only_replay.probabilities[:len(run.train_cases)].sum() == 0
 
 
-def test_lineage_in_the_exported_card(run, parent, tmp_path):
+def test_lineage_in_the_exported_card(run, parent, tmp_path, capsys):
     package = export_run(run.output, tmp_path / "tuned", device="cpu", progress=False)
     card = package.card
     lineage = card["training"]["lineage"]
@@ -123,6 +124,10 @@ def test_lineage_in_the_exported_card(run, parent, tmp_path):
     reference = card["metrics"]["reference"]
     assert reference["cases"] == 2 and reference["parent"] == PARENT
     assert reference["difference"] == pytest.approx(reference["mean_dice"] - reference["parent_mean_dice"], abs=1e-4)
+    # `attnseg info --model PATH` describes it, lineage included
+    assert cli.main(["info", "--model", str(package.path)]) == 0
+    said = capsys.readouterr().out
+    assert package.sha256 in said and f"fine-tuned from {PARENT} (sha256 {parent.sha256}) on 3 corrected cases" in said
     # readable by others as the user's umask says (safetensors alone writes 0600)
     mask = os.umask(0)
     os.umask(mask)
