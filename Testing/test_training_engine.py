@@ -110,7 +110,7 @@ def test_command_line_run_writes_its_outputs_and_refuses_to_overwrite(small_msd,
     assert train.main(["--config", str(config_file), "--no-progress", "--stop-at", "2"]) == 0
     run = tmp_path / "run"
     said = capsys.readouterr().out
-    assert f"stopped at iteration 2 of 4 (--stop-at 2)" in said
+    assert "stopped at iteration 2 of 4 (--stop-at 2)" in said
     assert f"python -m training.train --output {run} --resume" in said
     assert (run / "split.json").is_file() and (run / "curves.png").stat().st_size > 10_000
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))

@@ -135,8 +135,8 @@ def run(quick: bool, work: Path) -> dict:
     groups = split_cases(sorted(parent.card["training"]["validation_cases"]), quick)
     by_name = {c.name: c for c in find_cases(data, common.data_root() / "hippocampus")}
     predictor = Predictor(parent, device="cpu", with_maps=False)
-    corrected = [write_site_case(by_name[n], work / "corrections", predictor, parent, SEED + k)
-                 for k, n in enumerate(groups["corrected"])]
+    for k, name in enumerate(groups["corrected"]):  # what the fine-tuning reads
+        write_site_case(by_name[name], work / "corrections", predictor, parent, SEED + k)
     site_test = [write_site_case(by_name[n], work / "site_test", predictor, parent, SEED + 1000 + k)
                  for k, n in enumerate(groups["site_test"])]
     reference = [by_name[n] for n in groups["reference"]]
