@@ -18,6 +18,7 @@ from training.data import (
     CaseFiles,
     DatasetError,
     LabelError,
+    SkippedCaseWarning,
     check_label_values,
     detect_layout,
     find_cases,
@@ -150,8 +151,10 @@ def test_corrected_cases_exported_from_the_module(tmp_path, hippocampus_dir, hip
     loaded = load_cases(cases, data)
     assert loaded[1].label.max() == 2 and loaded[1].image.shape[1:] == loaded[1].label.shape
     (tmp_path / HIPPOCAMPUS_CASES[0] / "label.nii.gz").unlink()
+    with pytest.warns(SkippedCaseWarning, match=f"{HIPPOCAMPUS_CASES[0]}: no label.nii.gz"):
+        assert [c.name for c in find_cases(data, tmp_path)] == [HIPPOCAMPUS_CASES[1]]  # the other is kept
     with pytest.raises(DatasetError, match="no label.nii.gz"):
-        find_cases(data, tmp_path)
+        find_cases(data, tmp_path, strict=True)
 
 
 # -- labels ----------------------------------------------------------------------------------------

@@ -109,6 +109,9 @@ def test_command_line_run_writes_its_outputs_and_refuses_to_overwrite(small_msd,
     config_file.write_text(yaml.safe_dump(config))
     assert train.main(["--config", str(config_file), "--no-progress", "--stop-at", "2"]) == 0
     run = tmp_path / "run"
+    said = capsys.readouterr().out
+    assert "stopped at iteration 2 of 4 (--stop-at 2)" in said
+    assert f"python -m training.train --output {run} --resume" in said
     assert (run / "split.json").is_file() and (run / "curves.png").stat().st_size > 10_000
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     metrics = json.loads((run / "metrics.json").read_text())
@@ -122,9 +125,24 @@ def test_command_line_run_writes_its_outputs_and_refuses_to_overwrite(small_msd,
 
     with pytest.raises(ResumeError, match="does not exist"):
         Trainer(config, output_dir=tmp_path / "empty", resume=True, progress=False)
-    changed = {**config, "patch_size": [16, 16, 16]}
-    with pytest.raises(ResumeError, match="config changed in patch_size"):
+    changed = {**config, "patch_size": [16, 16, 16], "optimizer": {**config["optimizer"], "lr": 0.5}}
+    with pytest.raises(ResumeError, match=r"config changed in optimizer.lr \(0.003 -> 0.5\); patch_size "
+                                          r"\(\[32, 48, 32\] -> \[16, 16, 16\]\); a resumed run may change only"):
         Trainer(changed, resume=True, progress=False)
+
+
+def test_resume_applies_a_raised_iteration_count_and_records_it(small_msd, tmp_path, capsys):
+    config = small_config("ci", small_msd, tmp_path / "run", iterations=2, validation_interval=2)
+    Trainer(config, progress=False).fit()
+    config_file = tmp_path / "more.yaml"
+    config_file.write_text(yaml.safe_dump({**config, "training": {**config["training"], "iterations": 4}}))
+    assert train.main(["--config", str(config_file), "--resume", "--no-progress"]) == 0
+    assert "resuming with training.iterations changed from 2 to 4" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert yaml.safe_load((run / "config.yaml").read_text())["training"]["iterations"] == 4  # -> the card
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["iteration"] == 4
+    assert state["history"]["config_changes"] == [{"iteration": 2, "changes": {"training.iterations": [2, 4]}}]
 
 
 def test_fine_tuning_starts_from_a_package_and_refuses_one_that_does_not_fit(small_msd, tmp_path):
@@ -132,14 +150,18 @@ def test_fine_tuning_starts_from_a_package_and_refuses_one_that_does_not_fit(sma
     config = small_config("ci", small_msd, tmp_path / "run", iterations=2)
     torch.manual_seed(1)
     donor = models.build("unet", in_channels=1, num_classes=3, **config["model"]["kwargs"])
-    package = save_package(tmp_path / "donor", model_card(config, donor), donor.state_dict())
-    trainer = Trainer({**config, "model": {**config["model"], "init_from": str(package.path)}}, progress=False)
+    split = {"train": ["hippocampus_001", "hippocampus_003"], "validation": ["hippocampus_004"]}
+    package = save_package(tmp_path / "donor", model_card(config, donor, split), donor.state_dict())
+    # the same network with its defaults written out (norm, act) is the same network
+    same = {**config["model"], "kwargs": {**config["model"]["kwargs"], "norm": "instance"},
+            "init_from": str(package.path)}
+    trainer = Trainer({**config, "model": same}, progress=False)
     for key, value in donor.state_dict().items():
         assert torch.equal(trainer.network.state_dict()[key], value), key
 
     other = {**config, "output_dir": str(tmp_path / "other"),
              "model": {"architecture": "unet", "kwargs": {"features": [4, 8]}, "init_from": str(package.path)}}
-    with pytest.raises(ConfigError, match="its model kwargs differ from this config's"):
+    with pytest.raises(ConfigError, match=r"its architecture or model kwargs \(the network they build\) differ"):
         Trainer(other, progress=False)
 
 

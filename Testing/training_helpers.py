@@ -33,3 +33,28 @@ def small_config(base: str, data_root: Path, output: Path, **training) -> dict:
         "validation": {"max_cases": 1},
         "output_dir": str(output),
     })
+
+
+def write_corrected_case(folder: Path, hippocampus_dir: Path, name: str, package) -> Path:
+    """Case ``name`` saved as the module's ``exportCorrection`` saves a correction: the real image, the
+    expert label as the corrected label, ``package``'s own output as model_label, the voxels where they
+    differ, and case.json naming the model and its sha256."""
+    import numpy as np
+
+    from AttnSegLib.image import read_image, write_image
+    from AttnSegLib.inference import Predictor
+
+    image = read_image(hippocampus_dir / "imagesTr" / f"{name}.nii.gz")
+    label = read_image(hippocampus_dir / "labelsTr" / f"{name}.nii.gz")
+    expert = label.with_array(np.rint(label.array).astype(np.uint8))
+    model_label = Predictor(package, device="cpu", with_maps=False).predict([image]).labels
+    difference = (expert.array != model_label.array).astype(np.uint8)
+    case = folder / name
+    write_image(image, case / "image_0000.nii.gz")
+    write_image(expert, case / "label.nii.gz")
+    write_image(model_label.with_array(model_label.array.astype(np.uint8)), case / "model_label.nii.gz")
+    write_image(expert.with_array(difference), case / "difference.nii.gz")
+    (case / "case.json").write_text(json.dumps({"case": name, "model_name": package.name,
+                                                "model_sha256": package.sha256,
+                                                "changed_voxels": int(difference.sum())}))
+    return case

@@ -1,7 +1,9 @@
 """Training configurations: one YAML file per experiment, read into a plain nested dict.
 
-Missing optional keys take the defaults below; unknown top-level keys and wrong values are errors that
-name the key and the fix. Paths in ``data.root`` and ``output_dir`` are taken relative to the
+Missing optional keys take the defaults below. Unknown keys at any depth (``training.iteration``),
+``model.kwargs`` the architecture's constructor does not take, ``loss.weights`` its loss does not take,
+a ``model.init_from`` package that does not load and wrong values are errors that name the key (its
+dotted path) and the fix. Paths in ``data.root`` and ``output_dir`` are taken relative to the
 repository root when not absolute, so a config runs the same from any working directory.
 
 A config may start from another with ``base: <name or path>`` (resolved next to it, then in
@@ -28,11 +30,14 @@ Top-level keys::
     training        iterations, iterations_per_epoch, accumulation, amp, validation_interval,
                     early_stopping, num_workers, checkpoint_interval
     validation      overlap, batch_size, max_cases
+    fine_tuning     (optional, with model.init_from) replay_fraction, replay_cases, changed_voxel_ratio,
+                    freeze, reference_tolerance, reference_cases: see :mod:`training.finetune`
     output_dir      where checkpoints, logs and curves go
 """
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 from pathlib import Path
 
@@ -85,7 +90,35 @@ DEFAULTS: dict = {
 }
 REQUIRED = ("name", "data", "model", "patch_size", "batch_size", "output_dir")
 REQUIRED_DATA = ("layout", "root", "modalities", "classes")
-SECTIONS = set(DEFAULTS) | set(REQUIRED)
+SECTIONS = set(DEFAULTS) | set(REQUIRED) | {"fine_tuning"}
+
+# Every key a config may hold, at every depth: a set lists leaf keys, a dict maps keys to their own
+# schema, and a list ``[schema]`` is a list of entries that each follow ``schema``. ``model.kwargs`` and
+# ``loss.weights`` are checked against the architecture's constructor and loss instead (see validate).
+_OPTIMIZER = {"name", "lr", "weight_decay", "momentum", "nesterov", "grad_clip"}
+_SCHEDULE = {"name", "power", "min_factor", "gamma", "step_epochs", "period_epochs", "warmup_iterations"}
+SCHEMA: dict = {
+    "name": None, "description": None, "seed": None, "patch_size": None, "batch_size": None, "output_dir": None,
+    "data": {"layout": None, "root": None, "label_pattern": None, "spacing_xyz_mm": None, "orientation": None,
+             "crop_to_nonzero": None, "validation_fraction": None, "licence": None, "attribution": None,
+             "reference": None,
+             "modalities": [{"name", "pattern", "contrast", "normalization"}],
+             "classes": [{"value", "name", "color", "source_value", "terminology"}]},
+    "model": {"architecture": None, "kwargs": None, "init_from": None},
+    "sampling": {"foreground_ratio", "class_ratios"},
+    "optimizer": {**dict.fromkeys(_OPTIMIZER), "confidence": _OPTIMIZER},
+    "schedule": {**dict.fromkeys(_SCHEDULE), "confidence": _SCHEDULE},
+    "loss": {"name": None, "weights": None},
+    "augmentation": set(DEFAULTS["augmentation"]),
+    "training": {**dict.fromkeys(DEFAULTS["training"]), "early_stopping": {"patience", "min_delta"},
+                 "find_unused_parameters": None},
+    "validation": set(DEFAULTS["validation"]),
+    "fine_tuning": {"replay_fraction", "replay_cases", "changed_voxel_ratio", "freeze", "reference_tolerance",
+                    "reference_cases"},
+}
+# What fine-tuning uses for the keys a ``fine_tuning`` section leaves out (see training.finetune).
+FINE_TUNING_DEFAULTS = {"replay_fraction": 0.5, "replay_cases": None, "changed_voxel_ratio": 0.3, "freeze": [],
+                        "reference_tolerance": 0.005, "reference_cases": None}
 
 
 class ConfigError(ValueError):
@@ -147,16 +180,89 @@ def load_config(name_or_path: str | os.PathLike, overrides: dict | None = None) 
     return config
 
 
+# Names other tools use for a key, for the "did you mean" of a key that is not spelt like ours.
+SYNONYMS = {"learning_rate": "lr", "epochs": "iterations", "max_iterations": "iterations", "steps": "iterations",
+            "normalisation": "normalization", "license": "licence"}
+
+
+def _suggest(key: str, known) -> str:
+    if SYNONYMS.get(str(key)) in known:
+        return f"did you mean {SYNONYMS[str(key)]!r}?"
+    close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(map(str, known)))}"
+
+
+def check_keys(value, schema, where: str, path: str = "") -> None:
+    """Refuse any key ``schema`` does not list, naming its dotted path and the closest known key."""
+    if schema is None:
+        return
+    if isinstance(schema, list):
+        for index, entry in enumerate(value if isinstance(value, list) else []):
+            check_keys(entry, schema[0], where, f"{path}[{index}]")
+        return
+    if not isinstance(value, dict):
+        if path:  # a section given as a scalar
+            raise ConfigError(f"{where}: {path} must be a mapping of keys to values, got {value!r}")
+        return
+    for key in value:
+        if key not in schema:
+            name = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"{where}: unknown key {name}; {_suggest(key, schema)}")
+        if isinstance(schema, dict):
+            check_keys(value[key], schema[key], where, f"{path}.{key}" if path else str(key))
+
+
+def check_model(config: dict, where: str) -> None:
+    """``model.kwargs`` against the architecture's constructor and ``loss.weights`` against its loss."""
+    from AttnSegLib import models  # noqa: PLC0415  (torch only when a config is validated)
+
+    from .objectives import loss_parameters
+
+    model = config["model"]
+    if model["architecture"] not in models.names():
+        raise ConfigError(f"{where}: model.architecture {model['architecture']!r} is unknown; "
+                          f"{_suggest(model['architecture'], models.names())}")
+    kwargs = model["kwargs"] or {}
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"{where}: model.kwargs must be a mapping of argument names to values")
+    try:
+        models.resolved_kwargs(model["architecture"], **kwargs)
+    except TypeError:
+        accepted = models.resolved_kwargs(model["architecture"])
+        bad = next(k for k in kwargs if k not in accepted)
+        raise ConfigError(f"{where}: unknown key model.kwargs.{bad} for {model['architecture']}; "
+                          f"{_suggest(bad, accepted)}") from None
+    weights = config["loss"].get("weights") or {}
+    accepted = loss_parameters(model["architecture"], config["loss"].get("name", "default"))
+    for key in weights:
+        if accepted is not None and key not in accepted:
+            raise ConfigError(f"{where}: unknown key loss.weights.{key} for {model['architecture']}'s loss; "
+                              f"{_suggest(key, accepted)}")
+
+
+def check_init_from(config: dict, where: str) -> None:
+    """``model.init_from`` must name a package that loads (name in the search path, folder or .zip)."""
+    source = config["model"].get("init_from")
+    if source is None:
+        return
+    from AttnSegLib.package import PackageError, load_package  # noqa: PLC0415
+
+    try:
+        load_package(resolve_path(source) if os.sep in str(source) else source)
+    except PackageError as err:
+        raise ConfigError(f"{where}: model.init_from cannot be used: {err}") from None
+
+
 def validate(config: dict, where: str = "config") -> None:
-    unknown = sorted(set(config) - SECTIONS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(SECTIONS))}")
+    check_keys(config, SCHEMA, where)
     missing = [k for k in REQUIRED if k not in config] + [f"data.{k}" for k in REQUIRED_DATA
                                                             if k not in config.get("data", {})]
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
     if "architecture" not in config["model"]:
         raise ConfigError(f"{where}: model.architecture is required (a name from AttnSegLib.models.names())")
+    check_model(config, where)
+    check_init_from(config, where)
     patch = config["patch_size"]
     if not (isinstance(patch, list) and len(patch) == 3 and all(isinstance(p, int) and p > 0 for p in patch)):
         raise ConfigError(f"{where}: patch_size must be three positive integers [D, H, W], got {patch!r}")
@@ -176,3 +282,11 @@ def validate(config: dict, where: str = "config") -> None:
     for key in ("iterations", "iterations_per_epoch", "accumulation", "validation_interval"):
         if not isinstance(training[key], int) or training[key] < 1:
             raise ConfigError(f"{where}: training.{key} must be a positive integer, got {training[key]!r}")
+    tuning = config.get("fine_tuning")
+    if tuning is not None:
+        if not config["model"].get("init_from"):
+            raise ConfigError(f"{where}: fine_tuning needs model.init_from (the package to fine-tune)")
+        for key in ("replay_fraction", "changed_voxel_ratio"):
+            value = tuning.get(key, FINE_TUNING_DEFAULTS[key])
+            if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ConfigError(f"{where}: fine_tuning.{key} must be between 0 and 1, got {value!r}")

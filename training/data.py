@@ -10,8 +10,11 @@ Layouts (``data.layout`` in a config; :func:`detect_layout` guesses one from a f
   case-insensitive; default ``*<name>*``) and the label with ``data.label_pattern``.
 * ``folder``: ``images/<case>.nii.gz`` (or ``<case>_0000.nii.gz`` per modality) + ``labels/<case>.nii.gz``.
 * ``corrected``: cases exported from the Slicer module: ``<case>/image_0000.nii.gz`` (one per modality,
-  nnU-Net numbering), ``<case>/label.nii.gz`` (the corrected label), plus ``difficulty.nii.gz``,
-  ``model_label.nii.gz`` and ``case.json`` which training does not need.
+  nnU-Net numbering), ``<case>/label.nii.gz`` (the corrected label), ``difference.nii.gz`` (1 where the
+  correction changed the model's output; fine-tuning samples patches around those voxels), ``case.json``
+  (the model and its sha256 the case was segmented with: the fine-tuned card's lineage), plus
+  ``model_label.nii.gz`` and ``difficulty.nii.gz``. A case folder that cannot be used (no label, a
+  missing image, an unreadable file) is skipped with a warning, unless ``strict``.
 
 Every case is read with :mod:`AttnSegLib.image` and brought to the model frame with
 :func:`AttnSegLib.preprocess.to_model_frame` (orientation, spacing, per-modality normalisation), the same
@@ -23,13 +26,14 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from AttnSegLib.image import IMAGE_SUFFIXES, Geometry, Image, case_name, read_image
+from AttnSegLib.image import IMAGE_SUFFIXES, Geometry, Image, ImageError, case_name, read_image
 from AttnSegLib.preprocess import to_model_frame
 
 LAYOUTS = ("msd", "iseg", "brats", "folder", "corrected")
@@ -46,13 +50,20 @@ class LabelError(DatasetError):
     """A label file holds values that are not the dataset's class values."""
 
 
+class SkippedCaseWarning(UserWarning):
+    """A case of a corrections folder could not be used and was left out (``strict`` refuses instead)."""
+
+
 @dataclass(frozen=True)
 class CaseFiles:
-    """One case on disk: ``images`` in the config's modality order, ``label`` (None when unlabelled)."""
+    """One case on disk: ``images`` in the config's modality order, ``label`` (None when unlabelled);
+    for a corrected case ``difference`` (changed voxels) and ``record`` (``case.json``) when present."""
 
     name: str
     images: tuple[Path, ...]
     label: Path | None
+    difference: Path | None = None
+    record: Path | None = None
 
 
 @dataclass
@@ -60,11 +71,13 @@ class Case:
     """One case in the model frame, kept in memory.
 
     ``image``: (M, D, H, W) float32, normalised. ``label``: (D, H, W) uint8 class indices.
+    ``changed``: (D, H, W) bool, the voxels a correction changed (corrected cases with a difference map).
     """
 
     name: str
     image: np.ndarray
     label: np.ndarray
+    changed: np.ndarray | None = None
 
 
 # -- finding cases -------------------------------------------------------------------------------
@@ -187,18 +200,33 @@ def folder_cases(root: Path, modality_count: int) -> list[CaseFiles]:
     return cases
 
 
-def corrected_cases(root: Path, modality_count: int) -> list[CaseFiles]:
-    """Cases exported from the Slicer module: ``<case>/image_0000.nii.gz``... and ``<case>/label.nii.gz``."""
+def corrected_cases(root: Path, modality_count: int, strict: bool = False) -> list[CaseFiles]:
+    """Cases exported from the Slicer module: ``<case>/image_0000.nii.gz``... and ``<case>/label.nii.gz``
+    (with ``difference.nii.gz`` and ``case.json`` when there). A folder that is not a usable case is
+    skipped with a :class:`SkippedCaseWarning`, or refused with ``strict``."""
     cases = []
     for folder in _case_folders(root):
-        label = folder / "label.nii.gz"
-        if not label.is_file():
-            raise DatasetError(f"{folder}: no label.nii.gz; export the corrected segmentation from the AttnSeg module")
-        cases.append(CaseFiles(folder.name, _per_modality_files(folder, "image", modality_count, str(folder)),
-                               label))
+        try:
+            label = folder / "label.nii.gz"
+            if not label.is_file():
+                raise DatasetError(f"{folder}: no label.nii.gz; export the corrected segmentation from the "
+                                   "AttnSeg module")
+            images = _per_modality_files(folder, "image", modality_count, str(folder))
+        except DatasetError as err:
+            skip_or_raise(err, strict)
+            continue
+        optional = [folder / n if (folder / n).is_file() else None for n in ("difference.nii.gz", "case.json")]
+        cases.append(CaseFiles(folder.name, images, label, *optional))
     if not cases:
-        raise DatasetError(f"{root}: no case folders exported from the AttnSeg module")
+        raise DatasetError(f"{root}: no usable case folders exported from the AttnSeg module")
     return cases
+
+
+def skip_or_raise(err: Exception, strict: bool) -> None:
+    """Refuse (``strict``) or leave out, with a warning, a case that cannot be used."""
+    if strict:
+        raise err if isinstance(err, DatasetError) else DatasetError(str(err))
+    warnings.warn(f"skipped: {err} (pass --strict to stop instead)", SkippedCaseWarning, stacklevel=2)
 
 
 def detect_layout(root: Path) -> str:
@@ -218,8 +246,9 @@ def detect_layout(root: Path) -> str:
     raise DatasetError(f"{root}: cannot tell the dataset layout; set data.layout to one of {', '.join(LAYOUTS)}")
 
 
-def find_cases(data: dict, root: Path) -> list[CaseFiles]:
-    """All cases of the dataset described by a config's ``data`` section, sorted by name."""
+def find_cases(data: dict, root: Path, strict: bool = False) -> list[CaseFiles]:
+    """All cases of the dataset described by a config's ``data`` section, sorted by name (``strict``:
+    refuse a corrections folder with an unusable case instead of skipping it)."""
     if not root.is_dir():
         raise DatasetError(f"data root {root} is not a folder; set data.root in the config (or pass --data)")
     layout = data["layout"]
@@ -233,7 +262,7 @@ def find_cases(data: dict, root: Path) -> list[CaseFiles]:
     elif layout == "folder":
         cases = folder_cases(root, len(modalities))
     elif layout == "corrected":
-        cases = corrected_cases(root, len(modalities))
+        cases = corrected_cases(root, len(modalities), strict)
     else:
         raise DatasetError(f"unknown data.layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     names = [c.name for c in cases]
@@ -311,8 +340,15 @@ def label_on_grid(label: Image, geometry: Geometry) -> np.ndarray:
     return sitk.GetArrayFromImage(moved)
 
 
+def _on_model_grid(image: Image, prepared) -> np.ndarray:
+    """A label-like image (nearest neighbour) on the prepared image's frame and crop: (D, H, W)."""
+    array = label_on_grid(image, prepared.frame)
+    return array[tuple(slice(a, b) for a, b in prepared.crop)]
+
+
 def load_case(files: CaseFiles, data: dict) -> Case:
-    """Read one case and bring image and label into the model frame described by ``data``."""
+    """Read one case and bring image and label (and a corrected case's changed voxels) into the model
+    frame described by ``data``."""
     if files.label is None:
         raise DatasetError(f"case {files.name} has no label file; training needs a label for every case")
     prepared = to_model_frame([read_image(p) for p in files.images], data["modalities"],
@@ -321,14 +357,25 @@ def load_case(files: CaseFiles, data: dict) -> Case:
     label_image = read_image(files.label)
     label_image = label_image.with_array(check_label_values(label_image.array, label_lookup(data["classes"]),
                                                             str(files.label)))
-    label = label_on_grid(label_image, prepared.frame)
-    label = label[tuple(slice(a, b) for a, b in prepared.crop)]
+    label = _on_model_grid(label_image, prepared)
     if label.shape != prepared.array.shape[1:]:
         raise DatasetError(f"{files.label}: label grid {label.shape} does not match the image {prepared.array.shape[1:]}")
-    return Case(files.name, prepared.array.astype(np.float32, copy=False), np.ascontiguousarray(label, dtype=np.uint8))
+    changed = None
+    if files.difference is not None:
+        difference = read_image(files.difference)
+        changed = _on_model_grid(difference.with_array((difference.array > 0).astype(np.uint8)), prepared) > 0
+    return Case(files.name, prepared.array.astype(np.float32, copy=False), np.ascontiguousarray(label, dtype=np.uint8),
+                changed)
 
 
-def load_cases(files: list[CaseFiles], data: dict, progress=None) -> list[Case]:
-    """Load (and keep in memory) every case; ``progress`` wraps the iterable (e.g. tqdm)."""
+def load_cases(files: list[CaseFiles], data: dict, progress=None, skip_broken: bool = False) -> list[Case]:
+    """Load (and keep in memory) every case; ``progress`` wraps the iterable (e.g. tqdm).
+    ``skip_broken``: a case that cannot be read is left out with a :class:`SkippedCaseWarning`."""
     iterable = progress(files) if progress is not None else files
-    return [load_case(f, data) for f in iterable]
+    cases = []
+    for f in iterable:
+        try:
+            cases.append(load_case(f, data))
+        except (DatasetError, ImageError) as err:
+            skip_or_raise(err, not skip_broken)
+    return cases

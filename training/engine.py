@@ -9,6 +9,7 @@ One :class:`Trainer` per run folder::
                                        (tensors and plain values only: read with weights_only=True)
     run/checkpoints/best.safetensors   weights with the best validation mean foreground Dice
     run/metrics.json                   the best validation metrics
+    run/lineage.json                   fine-tuning (model.init_from): parent, corrections, data mix
     run/curves.png                     loss and Dice curves
     run/tensorboard/                   TensorBoard event files
 
@@ -16,6 +17,14 @@ Exact resume: the weights, the optimiser and scheduler states, the gradient scal
 the history and the early-stopping counters are restored, and every patch is a pure function of
 ``(seed, sample index)`` (:mod:`training.patches`), so a run stopped and resumed ends with the same
 weights as one run straight through.
+
+A resumed run may change only the keys in :data:`CHANGEABLE_ON_RESUME` (e.g. ``training.iterations``);
+the change is applied, written to ``config.yaml`` and recorded in the history (``config_changes``). Any
+other change is refused, naming each changed key.
+
+Fine-tuning (``model.init_from``, :mod:`training.finetune`): the parent's weights, its training cases
+replayed beside the corrected cases, patches around the changed voxels, optional frozen parameters, and
+validation from iteration 0 on the corrections' validation cases and on the parent's (the reference).
 
 Validation runs the product's own ``AttnSegLib.inference.Predictor`` (sliding window, Gaussian
 blending) on whole validation cases in the model frame. Under ``torchrun`` (``WORLD_SIZE`` > 1) the
@@ -47,8 +56,10 @@ from tqdm import tqdm
 from AttnSegLib import models
 from AttnSegLib.models import SegOutput
 from AttnSegLib.inference import Predictor, resolve_device
-from AttnSegLib.package import load_package
+from AttnSegLib.image import apply_umask
+from AttnSegLib.package import ModelPackage
 
+from . import finetune
 from .card import model_card
 from .config import ConfigError, resolve_path
 from .plots import plot_curves
@@ -59,8 +70,11 @@ from .patches import IterationBatches, PatchDataset
 from .schedules import build_optimizer, build_scheduler
 
 LOG_EVERY = 10
-# Keys that must not change between a run and its resumption (the rest, e.g. iterations, may).
-FIXED_ON_RESUME = ("data", "model", "patch_size", "batch_size", "seed", "sampling", "augmentation", "loss")
+# The keys (dotted, or a section) a resumed run may change; any other change would make the resumed run
+# differ from the one its checkpoint belongs to, and is refused.
+CHANGEABLE_ON_RESUME = ("name", "description", "output_dir", "training.iterations", "training.validation_interval",
+                        "training.checkpoint_interval", "training.num_workers", "training.early_stopping",
+                        "validation")
 
 
 class ResumeError(RuntimeError):
@@ -76,7 +90,27 @@ def distributed_context() -> tuple[int, int, int]:
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
+    apply_umask(tmp)
     os.replace(tmp, path)
+
+
+def config_changes(saved, given, path: str = "") -> dict[str, list]:
+    """Dotted key -> [saved value, given value] for every leaf that differs between two configs."""
+    if isinstance(saved, dict) and isinstance(given, dict):
+        changes = {}
+        for key in sorted(set(saved) | set(given), key=str):
+            changes.update(config_changes(saved.get(key), given.get(key), f"{path}.{key}" if path else str(key)))
+        return changes
+    return {} if saved == given else {path: [saved, given]}
+
+
+def _same_json(a, b) -> bool:
+    """Equal as JSON values (a tuple default equals the list a YAML config gives)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _changeable(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in CHANGEABLE_ON_RESUME)
 
 
 def _rng_state() -> dict:
@@ -119,8 +153,9 @@ class Trainer:
     """
 
     def __init__(self, config: dict, output_dir: str | os.PathLike | None = None, resume: bool = False,
-                 device: str = "auto", progress: bool = True):
+                 device: str = "auto", progress: bool = True, strict: bool = False):
         self.config = config
+        self.resume_changes: dict[str, list] = {}
         self.rank, self.world_size, local_rank = distributed_context()
         self.is_main = self.rank == 0
         self.progress = progress and self.is_main
@@ -140,17 +175,19 @@ class Trainer:
         random.seed(seed)
 
         data = dict(config["data"])
-        files = find_cases(data, resolve_path(data["root"]))
-        split_args = (self.output / "split.json", [f.name for f in files], data["validation_fraction"], seed)
+        files = find_cases(data, resolve_path(data["root"]), strict)
+        wrap = (lambda items: tqdm(items, desc="loading cases", leave=False)) if self.progress else None
+        # Corrected cases: one unreadable case is left out (with a warning) unless strict.
+        loaded = load_cases(files, data, wrap, skip_broken=data["layout"] == "corrected" and not strict)
+        split_args = (self.output / "split.json", [c.name for c in loaded], data["validation_fraction"], seed)
         if self.world_size > 1:  # rank 0 writes the split; the others read it
             if self.is_main:
                 load_or_make_split(*split_args)
             dist.barrier()
         self.split = load_or_make_split(*split_args)
-        by_name = {f.name: f for f in files}
-        wrap = (lambda items: tqdm(items, desc="loading cases", leave=False)) if self.progress else None
-        self.train_cases = load_cases([by_name[n] for n in self.split["train"]], data, wrap)
-        self.validation_cases = load_cases([by_name[n] for n in self.split["validation"]], data, wrap)
+        by_name = {c.name: c for c in loaded}
+        self.train_cases = [by_name[n] for n in self.split["train"]]
+        self.validation_cases = [by_name[n] for n in self.split["validation"]]
         self.class_names = [c["name"] for c in data["classes"]]
 
         model_cfg = config["model"]
@@ -160,8 +197,11 @@ class Trainer:
         if bad:
             raise ValueError(f"patch_size {config['patch_size']} must be divisible by {self.network.divisor} "
                              f"for {model_cfg['architecture']} with these kwargs")
-        if model_cfg.get("init_from") and not resume:
-            self._initialise_from_package(model_cfg["init_from"])
+        self.parent: ModelPackage | None = None
+        self.replay_cases: list[Case] = []
+        self.reference_cases: list[Case] = []
+        if model_cfg.get("init_from"):
+            self._set_up_fine_tuning(files, resume, wrap)
         self.card = model_card(config, self.network, self.split)
         self.loss = build_loss(model_cfg["architecture"], config["loss"])
         self._build_optimizers()
@@ -182,7 +222,10 @@ class Trainer:
         self.stale_validations = 0
         if resume:
             self._load_checkpoint()
-        elif self.is_main:
+            if self.resume_changes:
+                self.history.setdefault("config_changes", []).append(
+                    {"iteration": self.iteration, "changes": self.resume_changes})
+        if self.is_main and (not resume or self.resume_changes):
             (self.output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
     # -- set-up ----------------------------------------------------------------------------------
@@ -195,27 +238,54 @@ class Trainer:
                               "another --output")
         if resume:
             saved = yaml.safe_load((self.output / "config.yaml").read_text())
-            changed = [k for k in FIXED_ON_RESUME if saved.get(k) != self.config.get(k)]
-            if changed:
-                raise ResumeError(f"cannot resume {self.output}: the config changed in {', '.join(changed)}; "
-                                  "resume with the run's own config.yaml or start a new run")
+            changes = config_changes(saved, self.config)
+            refused = {k: v for k, v in changes.items() if not _changeable(k)}
+            if refused:
+                shown = "; ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in refused.items())
+                raise ResumeError(f"cannot resume {self.output}: the config changed in {shown}; a resumed run "
+                                  f"may change only {', '.join(CHANGEABLE_ON_RESUME)}: resume with the run's "
+                                  "own config.yaml or start a new run")
+            self.resume_changes = changes
 
-    def _initialise_from_package(self, name_or_path: str) -> None:
-        """Start from a shipped package's weights (fine-tuning, e.g. on corrected cases): same
-        architecture, kwargs, modality count and classes, or an error that says which differs."""
-        package = load_package(name_or_path)
+    def _set_up_fine_tuning(self, files, resume: bool, wrap) -> None:
+        """Start from the parent package (same architecture, network, modalities and classes, or an
+        error that says which differs); load its replay and reference cases; freeze what is asked."""
+        self.parent = parent = finetune.load_parent(self.config)
         model_cfg, data = self.config["model"], self.config["data"]
-        theirs = package.card["architecture"]
+        theirs = parent.card["architecture"]
+        same_network = theirs["name"] == model_cfg["architecture"] and _same_json(
+            models.resolved_kwargs(theirs["name"], **theirs.get("kwargs", {})),
+            models.resolved_kwargs(model_cfg["architecture"], **model_cfg["kwargs"]))
         differences = [what for what, same in (
-            ("architecture", theirs["name"] == model_cfg["architecture"]),
-            ("model kwargs", dict(theirs.get("kwargs", {})) == dict(model_cfg["kwargs"])),
-            ("number of modalities", len(package.modalities) == len(data["modalities"])),
-            ("classes", [c["name"] for c in package.classes] == self.class_names),
+            ("architecture or model kwargs (the network they build)", same_network),
+            ("number of modalities", len(parent.modalities) == len(data["modalities"])),
+            ("classes", [c["name"] for c in parent.classes] == self.class_names),
         ) if not same]
         if differences:
-            raise ConfigError(f"model.init_from {package.name}: its {', '.join(differences)} differ from this "
-                             "config's; copy them from the package's model.json or train from scratch")
-        self.network.load_state_dict(package.build_network().state_dict(), strict=True)
+            raise ConfigError(f"model.init_from {parent.name}: its {', '.join(differences)} differ from this "
+                              "config's; copy them from the package's model.json or train from scratch")
+        if not resume:
+            self.network.load_state_dict(parent.build_network().state_dict(), strict=True)
+        tuning = finetune.settings(self.config)
+        finetune.freeze(self.network, list(tuning["freeze"]))
+        corrected = {c.name for c in self.train_cases + self.validation_cases}
+        try:
+            cases = finetune.parent_cases(parent, corrected, tuning["replay_cases"], tuning["reference_cases"],
+                                          int(self.config["seed"]))
+        except ConfigError:
+            if tuning["replay_fraction"] > 0:
+                raise
+            cases = None
+        if cases is not None:
+            if tuning["replay_fraction"] > 0:
+                self.replay_cases = load_cases(cases.replay, cases.data, wrap)
+            self.reference_cases = load_cases(cases.reference, cases.data, wrap)
+        if self.is_main and not resume:
+            self.output.mkdir(parents=True, exist_ok=True)
+            used = [f for f in files if f.name in corrected]
+            finetune.write_lineage(self.output, finetune.make_lineage(
+                self.config, parent, used, [c.name for c in self.replay_cases],
+                [c.name for c in self.reference_cases]))
 
     def _build_optimizers(self) -> None:
         """One optimiser and scheduler, or two (segmenter, confidence network) for an alternating loss."""
@@ -226,12 +296,19 @@ class Trainer:
             if confidence_net is None:
                 raise ValueError(f"{cfg['model']['architecture']} has an alternating loss but no confidence_net")
             second = {id(p) for p in confidence_net.parameters()}
-            groups = [[p for p in self.network.parameters() if id(p) not in second], list(confidence_net.parameters())]
+            groups = [[p for p in self.network.parameters() if id(p) not in second and p.requires_grad],
+                      [p for p in confidence_net.parameters() if p.requires_grad]]
             settings = [(cfg["optimizer"], cfg["schedule"]),
                         ({**cfg["optimizer"], **cfg["optimizer"].get("confidence", {})},
                          {**cfg["schedule"], **cfg["schedule"].get("confidence", {})})]
         else:
-            groups, settings = [list(self.network.parameters())], [(cfg["optimizer"], cfg["schedule"])]
+            groups = [[p for p in self.network.parameters() if p.requires_grad]]
+            settings = [(cfg["optimizer"], cfg["schedule"])]
+        if not groups[0]:
+            raise ConfigError("fine_tuning.freeze leaves no segmentation parameter to train")
+        # A frozen confidence network (fine_tuning.freeze) has no optimiser and takes no step.
+        self.trains_confidence = len(groups) > 1 and bool(groups[1])
+        groups, settings = groups[:1 + self.trains_confidence], settings[:1 + self.trains_confidence]
         self.optimizers = [build_optimizer(g, o) for g, (o, _) in zip(groups, settings)]
         self.schedulers = [build_scheduler(opt, s, total, per_epoch) for opt, (_, s) in zip(self.optimizers, settings)]
         self.clip = cfg["optimizer"].get("grad_clip")
@@ -317,7 +394,7 @@ class Trainer:
                 sums[name] = sums.get(name, 0.0) + float(value) * scale
             sums["loss"] = sums.get("loss", 0.0) + float(total.detach()) * scale
         self._step(self.optimizers[0])
-        if isinstance(self.loss, AlternatingLoss):
+        if isinstance(self.loss, AlternatingLoss) and self.trains_confidence:
             self._confidence_step(outputs, scale, state, sums)
         self.scaler.update()
         for scheduler in self.schedulers:
@@ -346,28 +423,45 @@ class Trainer:
         self._step(optimizer, parameters)
 
     # -- validation ----------------------------------------------------------------------------------
-    def validate(self) -> dict:
-        """Mean foreground Dice on the validation cases, predicted by the product's Predictor."""
-        cases: list[Case] = self.validation_cases
-        limit = self.config["validation"].get("max_cases")
-        cases = cases[:limit] if limit else cases
+    def _mean_dice(self, cases: list[Case], desc: str) -> dict:
+        """Mean foreground Dice of the network on ``cases`` (the product's Predictor): ``{"mean_dice",
+        "dice": class -> Dice, "cases"}``."""
         predictor = Predictor(self.network, card=self.card, device=str(self.device), with_maps=False)
         per_case = {}
         try:
-            for case in tqdm(cases, desc="validation", leave=False, disable=not self.progress):
+            for case in tqdm(cases, desc=desc, leave=False, disable=not self.progress):
                 probabilities, _ = predictor.predict_array(case.image)
                 per_case[case.name] = dice_per_class(probabilities.argmax(0), case.label, self.class_names)
         finally:
             self.network.train()
         dice = {name: float(np.mean([d[name] for d in per_case.values()])) for name in self.class_names[1:]}
-        return {"iteration": self.iteration, "mean_dice": float(np.mean(list(dice.values()))), "dice": dice,
-                "cases": len(per_case)}
+        return {"mean_dice": float(np.mean(list(dice.values()))), "dice": dice, "cases": len(per_case)}
+
+    def validate(self) -> dict:
+        """Mean foreground Dice on the validation cases and, when fine-tuning, on the parent's reference
+        cases (``"reference"``), predicted by the product's Predictor."""
+        limit = self.config["validation"].get("max_cases")
+        cases = self.validation_cases[:limit] if limit else self.validation_cases
+        result = {"iteration": self.iteration, **self._mean_dice(cases, "validation")}
+        if self.reference_cases:
+            result["reference"] = self._mean_dice(self.reference_cases, "reference")
+        return result
+
+    def _keeps_reference(self, result: dict) -> bool:
+        """Fine-tuning: the reference Dice is within ``reference_tolerance`` of the starting weights'."""
+        start = self.history["validation"][0].get("reference") if self.history["validation"] else None
+        if "reference" not in result or start is None:
+            return True
+        tolerance = float(finetune.settings(self.config)["reference_tolerance"])
+        return result["reference"]["mean_dice"] >= start["mean_dice"] - tolerance
 
     def _after_validation(self, result: dict) -> bool:
-        """Record a validation; keep the best weights; True when early stopping says stop."""
+        """Record a validation; keep the best weights (when fine-tuning, only those that keep the
+        reference Dice); True when early stopping says stop."""
         self.history["validation"].append(result)
         stopping = self.config["training"]["early_stopping"]
-        if result["mean_dice"] > self.best["mean_dice"] + float(stopping.get("min_delta") or 0.0):
+        gain = result["mean_dice"] > self.best["mean_dice"] + float(stopping.get("min_delta") or 0.0)
+        if gain and self._keeps_reference(result):
             self.best = result
             self.stale_validations = 0
             if self.is_main:
@@ -384,8 +478,11 @@ class Trainer:
     def _loader(self, stop: int) -> DataLoader:
         cfg = self.config
         accumulation = cfg["training"]["accumulation"]
-        dataset = PatchDataset(self.train_cases, cfg["patch_size"], len(self.class_names), cfg["sampling"],
-                               cfg["augmentation"], cfg["seed"])
+        tuning = finetune.settings(cfg)
+        weights = finetune.case_weights(len(self.train_cases), len(self.replay_cases), tuning["replay_fraction"])
+        dataset = PatchDataset(self.train_cases + self.replay_cases, cfg["patch_size"], len(self.class_names),
+                               cfg["sampling"], cfg["augmentation"], cfg["seed"], case_weights=weights,
+                               changed_ratio=tuning["changed_voxel_ratio"] if self.parent else 0.0)
         batches = IterationBatches(self.iteration * accumulation, stop * accumulation, cfg["batch_size"],
                                    self.rank, self.world_size)
         workers = int(cfg["training"]["num_workers"])
@@ -404,6 +501,8 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(str(self.output / "tensorboard"), purge_step=self.iteration or None)
         self.network.train()
+        if self.parent is not None and self.iteration == 0 and not self.history["validation"]:
+            self._validate_and_log(writer)  # the starting (parent's) weights: what fine-tuning must beat
         loader = iter(self._loader(stop))
         bar = tqdm(total=total, initial=self.iteration, desc=self.config["name"], disable=not self.progress,
                    dynamic_ncols=True)
@@ -455,8 +554,13 @@ class Trainer:
             writer.add_scalar("validation/mean_dice", result["mean_dice"], self.iteration)
             for name, value in result["dice"].items():
                 writer.add_scalar(f"validation/dice_{name}", value, self.iteration)
+            reference = result.get("reference")
+            if reference is not None:
+                writer.add_scalar("reference/mean_dice", reference["mean_dice"], self.iteration)
             tqdm.write(f"iteration {self.iteration}: validation mean Dice {result['mean_dice']:.4f} "
-                       + " ".join(f"{k} {v:.4f}" for k, v in result["dice"].items()))
+                       + " ".join(f"{k} {v:.4f}" for k, v in result["dice"].items())
+                       + (f"; reference ({reference['cases']} cases of {self.parent.name}) mean Dice "
+                          f"{reference['mean_dice']:.4f}" if reference is not None else ""))
         if self.world_size > 1:
             flag = [stop]
             dist.broadcast_object_list(flag, src=0)

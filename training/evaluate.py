@@ -10,7 +10,7 @@ sliding window, back to the input grid) and is scored on the input grid in mm wi
 ``AttnSegLib.metrics.evaluate_labels``. ``--data`` is a dataset folder (layout from ``--layout`` or
 detected) or a training config; the dataset description (modalities, classes, label values) otherwise
 comes from the config stored in the package's card. ``--split validation`` scores the cases the card
-lists as held out, ``train`` the others, ``all`` every case.
+lists as held out, ``train`` the others, ``all`` every case; ``--cases`` keeps only the named ones.
 """
 from __future__ import annotations
 
@@ -63,6 +63,20 @@ def select_split(cases: list[CaseFiles], card: dict, split: str) -> list[CaseFil
     if not chosen:
         raise DatasetError(f"none of the {split} cases of this package is in the dataset")
     return chosen
+
+
+def select_cases(cases: list[CaseFiles], wanted: list[str], split: str) -> list[CaseFiles]:
+    """The cases named in ``wanted`` (case names, or a single text file of names, one a line), in the
+    order given; a name that is not among ``cases`` is an error that names it."""
+    if len(wanted) == 1 and Path(wanted[0]).is_file():
+        wanted = [line.strip() for line in Path(wanted[0]).read_text().splitlines() if line.strip()]
+    by_name = {c.name: c for c in cases}
+    missing = [name for name in wanted if name not in by_name]
+    if missing:
+        raise DatasetError(f"--cases: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+                           f"{'is' if len(missing) == 1 else 'are'} not among the {len(cases)} {split} cases; "
+                           "check the names or use --split all")
+    return [by_name[name] for name in dict.fromkeys(wanted)]
 
 
 @dataclass
@@ -147,6 +161,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--layout", choices=("msd", "iseg", "brats", "folder", "corrected"),
                         help="layout of --data (default: detected)")
     parser.add_argument("--split", choices=SPLITS, default="validation")
+    parser.add_argument("--cases", nargs="+", metavar="CASE",
+                        help="only these cases (names, or one text file listing them one a line), within --split")
     parser.add_argument("--output", required=True, help="folder for metrics.csv, summary.json, boxplot.png")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
@@ -161,6 +177,8 @@ def main(argv=None) -> int:
         package = load_package(args.model)
         data, root = dataset_description(package.card, args.data, args.layout)
         cases = select_split(find_cases(data, root), package.card, args.split)
+        if args.cases:
+            cases = select_cases(cases, args.cases, args.split)
         predictor = Predictor(package, device=args.device, tta=args.tta, with_maps=args.maps)
         evaluation = evaluate_cases(predictor, cases, data)
     except (PackageError, ConfigError, DatasetError, ImageError) as err:

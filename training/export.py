@@ -9,6 +9,11 @@ original validation images, Dice / ASD / HD95 on the input grid; see :mod:`train
 training cases' intensity statistics inference checks inputs against (:mod:`training.statistics`), with
 how well each doubt map finds the wrongly labelled voxels (AUROC); the best of them becomes the card's
 ``inference.review_map``, the map the review ranks doubtful regions by.
+A fine-tuned run (``model.init_from``) is also measured, with its parent, on the parent's reference
+cases (its validation cases not among the corrections): the card gets both (``metrics.reference``), its
+lineage (parent name and sha256, the corrections and the model each came from, the data mix) and a
+description that says it was fine-tuned; a model worse than its parent there by more than
+``fine_tuning.reference_tolerance`` is refused unless ``force`` (``--force``), and the error says by how much.
 The package is written by ``AttnSegLib.package.save_package``, which hashes and reloads it.
 """
 from __future__ import annotations
@@ -24,6 +29,7 @@ from AttnSegLib import models
 from AttnSegLib.inference import Predictor
 from AttnSegLib.package import ModelPackage, PackageError, save_package
 
+from . import finetune
 from .card import model_card
 from .config import ConfigError, load_config, resolve_path
 from .data import DatasetError, find_cases
@@ -33,9 +39,27 @@ from .statistics import measure
 WEIGHTS = {"best": "best.safetensors", "last": "last.safetensors"}
 
 
+class WorseThanParentError(PackageError):
+    """A fine-tuned model is worse than its parent on the reference cases (export with force)."""
+
+
+def compare_with_parent(network_predictor: Predictor, parent: ModelPackage, lineage: dict, device: str,
+                        progress: bool) -> dict:
+    """Both models on the parent's reference cases through the product path: the summary of the
+    fine-tuned one with ``parent_mean_dice`` and ``difference`` (fine-tuned minus parent)."""
+    data = parent.card["training"]["config"]["data"]
+    names = set(lineage["reference_cases"])
+    cases = [c for c in find_cases(data, resolve_path(data["root"])) if c.name in names]
+    ours = summarize(evaluate_cases(network_predictor, cases, data, progress).scores, "reference")
+    theirs = summarize(evaluate_cases(Predictor(parent, device=device), cases, data, progress).scores, "reference")
+    return {**ours, "parent": parent.name, "parent_mean_dice": theirs["mean_dice"],
+            "difference": round(ours["mean_dice"] - theirs["mean_dice"], 4)}
+
+
 def export_run(run: str | Path, output: str | Path, weights: str = "best", name: str | None = None,
-               device: str = "auto", progress: bool = True) -> ModelPackage:
-    """Package the ``weights`` (best | last) of ``run`` into ``output``, with measured validation metrics."""
+               device: str = "auto", progress: bool = True, force: bool = False) -> ModelPackage:
+    """Package the ``weights`` (best | last) of ``run`` into ``output``, with measured validation metrics
+    (and for a fine-tuned run the comparison with its parent, refused when worse unless ``force``)."""
     run = resolve_path(run)
     config = load_config(run / "config.yaml")
     if name:
@@ -65,6 +89,28 @@ def export_run(run: str | Path, output: str | Path, weights: str = "best", name:
     metrics_file = run / "metrics.json"
     if metrics_file.is_file():
         card["metrics"]["training_validation"] = json.loads(metrics_file.read_text())
+    lineage = finetune.read_lineage(run)
+    parent = finetune.load_parent(config) if lineage is not None else None
+    if parent is not None and parent.sha256 != lineage["parent"]["sha256"]:
+        raise PackageError(f"model.init_from {parent.name} is now sha256 {parent.sha256[:12]}..., not the package "
+                           f"the run started from ({lineage['parent']['sha256'][:12]}...); install that one")
+    if lineage is not None and lineage["reference_cases"]:
+        reference = compare_with_parent(Predictor(network, card=card, device=device), parent, lineage, device,
+                                        progress)
+        card["metrics"]["reference"] = reference
+        tolerance = float(lineage["reference_tolerance"])
+        if reference["difference"] < -tolerance and not force:
+            raise WorseThanParentError(
+                f"{config['name']} is worse than its parent {reference['parent']} on the {reference['cases']} "
+                f"reference cases by {-reference['difference']:.4f} mean Dice ({reference['mean_dice']:.4f} "
+                f"against {reference['parent_mean_dice']:.4f}; tolerance {tolerance}); fine-tune more gently "
+                "(lower lr, more replay) or pass --force to export it anyway")
+    if lineage is not None:
+        card["description"] = finetune.fine_tuned_description(parent, lineage)
+        card["training"]["dataset"] = (f"{lineage['data_mix']['corrected_cases']} corrected cases, with "
+                                       f"{lineage['data_mix']['replay_cases']} cases of "
+                                       f"{lineage['data_mix']['replay_dataset']} replayed")
+        card["training"]["lineage"] = lineage
     return save_package(resolve_path(output), card, state)
 
 
@@ -77,13 +123,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="best validation Dice (default) or the last checkpoint")
     parser.add_argument("--name", help="package name (default: the config's name)")
     parser.add_argument("--device", default="auto", help="device for the validation metrics")
+    parser.add_argument("--force", action="store_true",
+                        help="export a fine-tuned model even when it is worse than its parent on the reference cases")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        package = export_run(args.run, args.output, args.weights, args.name, args.device)
+        package = export_run(args.run, args.output, args.weights, args.name, args.device, force=args.force)
     except (PackageError, ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -92,6 +140,11 @@ def main(argv=None) -> int:
     print(f"wrote {package.path} ({size:.1f} MB, sha256 {package.sha256[:12]}...): validation mean Dice "
           f"{metrics['mean_dice']:.4f} on {metrics['cases']} cases "
           + ", ".join(f"{k} {v:.4f}" for k, v in metrics["dice"].items()))
+    if "reference" in metrics:
+        reference = metrics["reference"]
+        print(f"reference ({reference['cases']} validation cases of {reference['parent']}): mean Dice "
+              f"{reference['mean_dice']:.4f}, parent {reference['parent_mean_dice']:.4f} "
+              f"({reference['difference']:+.4f})")
     return 0
 
 

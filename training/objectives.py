@@ -8,6 +8,8 @@ loss after epoch 20).
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from monai.losses import DiceCELoss
 
@@ -48,3 +50,13 @@ def build_loss(architecture: str, loss_config: dict):
                          f"(losses exist for: unet, {', '.join(known)}); set loss.name: dice_ce to train "
                          "it with Dice + cross-entropy")
     return factory(**weights)
+
+
+def loss_parameters(architecture: str, name: str = "default") -> list[str] | None:
+    """The ``loss.weights`` keys the loss :func:`build_loss` would build accepts (None: unknown loss,
+    left to :func:`build_loss` to refuse)."""
+    if name == "dice_ce" or (name == "default" and architecture == "unet"):
+        factory = DiceCE
+    else:
+        factory = getattr(losses, f"build_{architecture}_loss", None) if name == "default" else None
+    return None if factory is None else list(inspect.signature(factory).parameters)

@@ -95,20 +95,39 @@ def augmentation_transforms(aug: dict) -> list:
     return transforms
 
 
+def _changed_indices(case: Case, patch_size) -> np.ndarray | None:
+    """Flat indices, in the padded case (:func:`pad_to_patch`), of the voxels a correction changed;
+    None when the case has none."""
+    if case.changed is None or not case.changed.any():
+        return None
+    pad = [max(p - s, 0) // 2 for s, p in zip(case.changed.shape, patch_size)]
+    shape = [max(s, p) for s, p in zip(case.changed.shape, patch_size)]
+    where = [axis + offset for axis, offset in zip(np.nonzero(case.changed), pad)]
+    return np.ravel_multi_index(where, shape)
+
+
 class PatchDataset(Dataset):
     """Index -> one augmented patch ``{"image": (M, *patch) float32, "label": (*patch) int64}``.
 
     ``cases`` are padded once to the patch size and kept in memory. The dataset is unbounded:
-    any non-negative index is a valid sample.
+    any non-negative index is a valid sample. ``case_weights``: how often each case is drawn
+    (normalised; default: all alike). ``changed_ratio``: the share of a corrected case's patches centred
+    on a voxel its correction changed (:attr:`Case.changed`), the rest cropped as ``sampling`` says.
     """
 
     def __init__(self, cases: list[Case], patch_size, num_classes: int, sampling: dict, augmentation: dict,
-                 seed: int):
+                 seed: int, case_weights=None, changed_ratio: float = 0.0):
         if not cases:
             raise ValueError("no training cases")
         self.padded = [pad_to_patch(c, patch_size) for c in cases]
         self.indices = [crop_indices(label, num_classes, sampling) for _, label in self.padded]
         self.crop = crop_transform(sampling, list(patch_size), num_classes)
+        self.changed = [_changed_indices(c, patch_size) for c in cases]
+        self.changed_crop = RandCropByPosNegLabeld(KEYS, "label", list(patch_size), pos=1.0, neg=0.0, num_samples=1,
+                                                   fg_indices_key="foreground", bg_indices_key="background")
+        self.changed_ratio = float(changed_ratio)
+        weights = np.ones(len(cases)) if case_weights is None else np.asarray(case_weights, dtype=np.float64)
+        self.probabilities = weights / weights.sum()
         self.augment = Compose(augmentation_transforms(augmentation))
         self.seed = int(seed)
 
@@ -117,12 +136,18 @@ class PatchDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, int(index)])
-        case = int(rng.integers(len(self.padded)))
+        case = int(rng.choice(len(self.padded), p=self.probabilities))
         image, label = self.padded[case]
         crop_seed, augment_seed = (int(s) for s in rng.integers(2**31, size=2))
-        self.crop.set_random_state(seed=crop_seed)
         self.augment.set_random_state(seed=augment_seed)
-        sample = self.crop({"image": image, "label": label, **self.indices[case]})[0]
+        changed = self.changed[case]
+        if changed is not None and rng.random() < self.changed_ratio:
+            self.changed_crop.set_random_state(seed=crop_seed)
+            sample = self.changed_crop({"image": image, "label": label, "foreground": changed,
+                                        "background": changed})[0]
+        else:
+            self.crop.set_random_state(seed=crop_seed)
+            sample = self.crop({"image": image, "label": label, **self.indices[case]})[0]
         sample = self.augment(sample)
         return {"image": torch.as_tensor(np.asarray(sample["image"]), dtype=torch.float32),
                 "label": torch.as_tensor(np.asarray(sample["label"])[0], dtype=torch.long)}

@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads (e.g. 1 on a shared machine)")
     parser.add_argument("--stop-at", type=int, metavar="ITER",
                         help="stop at this iteration with a resumable checkpoint (train in time-limited slices)")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse a corrections folder with an unusable case (default: skip it with a warning)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (log files)")
     return parser.parse_args(argv)
 
@@ -46,11 +48,19 @@ def main(argv=None) -> int:
         else:
             raise ConfigError("give --config (or --resume with --output to continue a run with its own config)")
         trainer = Trainer(config, args.output, resume=args.resume, device=args.device,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, strict=args.strict)
+        for key, (old, new) in trainer.resume_changes.items():
+            print(f"resuming with {key} changed from {old!r} to {new!r} (recorded in the run's config.yaml "
+                  "and history)")
         best = trainer.fit(stop_at=args.stop_at)
     except (ConfigError, DatasetError, ResumeError, PackageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    total = trainer.config["training"]["iterations"]
+    if trainer.is_main and trainer.iteration < total and args.stop_at is not None:
+        print(f"stopped at iteration {trainer.iteration} of {total} (--stop-at {args.stop_at}); the checkpoint "
+              f"is in {trainer.checkpoints}; continue with: python -m training.train --output {trainer.output} "
+              "--resume")
     if trainer.is_main and best.get("iteration") is not None:
         print(f"best validation mean Dice {best['mean_dice']:.4f} at iteration {best['iteration']}; "
               f"run folder {trainer.output}")

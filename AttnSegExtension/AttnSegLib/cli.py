@@ -372,11 +372,43 @@ def _fmt(value) -> str:
 
 
 # -- info ---------------------------------------------------------------------------------------
+def _package_description(package) -> list[str]:
+    """What one package is, as lines: where it is, what it reads and writes, how it was made and scored."""
+    card, summary = package.card, package.summary()
+    arch = card["architecture"]
+    metrics, training = card.get("metrics") or {}, card.get("training") or {}
+    lines = [f"{package.name}  ({package.path})", f"  {summary['description']}",
+             f"  weights sha256 {package.sha256}",
+             f"  architecture {arch['name']} {json.dumps(arch.get('kwargs', {}), sort_keys=True)}; patch "
+             f"{card['patch_size_dhw']} voxels at {card.get('spacing_xyz_mm')} mm, {card.get('orientation')}",
+             f"  modalities: {', '.join(summary['modalities'])}; classes: {', '.join(summary['classes'][1:])}; "
+             f"maps: {', '.join(summary['maps']) or '-'}"]
+    if "mean_dice" in metrics:
+        lines.append(f"  {metrics.get('split', 'validation')} mean Dice {metrics['mean_dice']:.4f} on "
+                     f"{metrics.get('cases')} cases")
+    if "reference" in metrics:
+        ref = metrics["reference"]
+        lines.append(f"  reference mean Dice {ref['mean_dice']:.4f} on {ref['cases']} cases (parent "
+                     f"{ref['parent']}: {ref['parent_mean_dice']:.4f})")
+    if training.get("dataset"):
+        lines.append(f"  trained on {training['dataset']}")
+    lineage = training.get("lineage")
+    if lineage:
+        lines.append(f"  fine-tuned from {lineage['parent']['name']} (sha256 {lineage['parent']['sha256']}) on "
+                     f"{len(lineage['corrections'])} corrected cases")
+    return lines
+
+
 def cmd_info(args) -> int:
     import torch
 
     from .inference import versions
 
+    if args.model:  # one package, by name or path
+        package = load_package(args.model)
+        print(json.dumps({**package.summary(), "card": package.card}, indent=2) if args.json
+              else "\n".join(_package_description(package)))
+        return 0
     packages, problems = [], []
     for path in available_packages():
         try:
@@ -397,7 +429,7 @@ def cmd_info(args) -> int:
     print(f"AttnSeg {info['versions']['attnseg']} (torch {info['versions']['torch']}); devices: {', '.join(devices)}")
     for p in packages:
         star = "*" if p["name"] == default else " "
-        dice = p["metrics"].get("validation", {}).get("mean_foreground_dice")
+        dice = p["metrics"].get("mean_dice")
         print(f"{star} {p['name']:<28} {p['architecture']:<17} modalities: {', '.join(p['modalities'])}; "
               f"classes: {', '.join(p['classes'][1:])}; maps: {', '.join(p['maps']) or '-'}"
               + (f"; validation Dice {dice:.3f}" if dice is not None else ""))
@@ -442,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="machine-readable output")
     ev.set_defaults(func=cmd_evaluate)
 
-    info = sub.add_parser("info", help="installed model packages, devices and versions")
+    info = sub.add_parser("info", help="installed model packages, devices and versions; or one package (--model)")
+    info.add_argument("--model", "-m", help="describe this package (name or path of a folder or .zip)")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
 

@@ -521,6 +521,13 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give a file (or folder) the permissions the user's umask gives new ones (``rw-r--r--`` /
+    ``rwxr-xr-x`` under umask 022): writers that create private temporary files or folders (safetensors,
+    ``tempfile``) leave them 0600 / 0700, which a colleague sharing the folder could not read."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_UMASK)
+
+
 def _sitk_write(image: Image, path: Path, target: Path, compress: bool, level: int) -> None:
     """SimpleITK's writer into ``path`` (on the way to ``target``), made to fail loudly: its NIfTI
     writer only prints a warning when the disk fills and leaves a short file, so a NIfTI is checked

@@ -26,6 +26,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from . import models
+from .image import apply_umask
 from .preprocess import NORMALISATIONS
 
 SCHEMA_VERSION = 1
@@ -313,6 +314,7 @@ def save_package(out_dir: str | os.PathLike, card: dict, state_dict: dict[str, t
                for k, v in state_dict.items()}
     weights_path = out / WEIGHTS_FILE
     save_file(tensors, str(weights_path), metadata={"format": "pt", "name": card.get("name", "")})
+    apply_umask(weights_path)
     card = {**card, "schema_version": SCHEMA_VERSION,
             "weights_sha256": hashlib.sha256(weights_path.read_bytes()).hexdigest()}
     (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")

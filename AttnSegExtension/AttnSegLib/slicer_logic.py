@@ -49,7 +49,7 @@ from vtkmodules.vtkCommonDataModel import vtkImageData
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
 from . import __version__
-from .image import Geometry, Image, ImageError, case_name, read_image, write_image
+from .image import Geometry, Image, ImageError, apply_umask, case_name, read_image, write_image
 from .inference import Cancelled, Predictor, Result, resolve_device
 from .maps import volume_name
 from .package import ModelPackage, available_packages, default_package_name, load_package
@@ -892,6 +892,7 @@ class AttnSegLogic:
             write_image(difficulty.with_array(difficulty.array.astype(np.float32)), staging / "difficulty.nii.gz")
             record = self._caseRecord(node, case, inputs, label, difference)
             (staging / "case.json").write_text(json.dumps(record, indent=2) + "\n")
+            apply_umask(staging)  # mkdtemp makes it 0700: the case folder gets the user's usual mode
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging, target)

@@ -11,7 +11,7 @@ from . import dam_al  # noqa: F401
 from . import cga_unet  # noqa: F401
 from . import rsanet  # noqa: F401
 from .base import SegmentationNetwork, SegOutput
-from .registry import UnknownArchitectureError, build, names, register_model
+from .registry import UnknownArchitectureError, build, names, register_model, resolved_kwargs
 
 __all__ = ["SegOutput", "SegmentationNetwork", "UnknownArchitectureError", "build", "names",
-           "register_model"]
+           "register_model", "resolved_kwargs"]

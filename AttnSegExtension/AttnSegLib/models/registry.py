@@ -4,6 +4,7 @@ The same kwargs are stored in a model package's card, so a package rebuilds its 
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 from .base import SegmentationNetwork
@@ -47,3 +48,19 @@ def build(name: str, in_channels: int, num_classes: int, **kwargs) -> Segmentati
             f"num_classes={num_classes}"
         )
     return _REGISTRY[name](in_channels=in_channels, num_classes=num_classes, **kwargs)
+
+
+def resolved_kwargs(name: str, **kwargs) -> dict:
+    """Every constructor argument of architecture ``name`` besides ``in_channels`` and ``num_classes``,
+    ``kwargs`` completed with the signature's defaults: two kwargs dicts build the same network exactly
+    when their resolved kwargs are equal. Unknown names raise ``TypeError`` (the message names them)."""
+    if name not in _REGISTRY:
+        raise UnknownArchitectureError(f"unknown architecture {name!r}; known architectures: {', '.join(names())}")
+    signature = inspect.signature(_REGISTRY[name])
+    accepted = [p for p in signature.parameters if p not in ("in_channels", "num_classes")]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(f"{name} takes no argument(s) {', '.join(unknown)}; it takes: {', '.join(accepted)}")
+    bound = signature.bind_partial(**kwargs)
+    bound.apply_defaults()
+    return {k: v for k, v in bound.arguments.items() if k in accepted}
