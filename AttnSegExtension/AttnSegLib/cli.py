@@ -335,6 +335,18 @@ def _read_result(folder: Path, geometry, class_names: list[str]):
     return probabilities, maps
 
 
+def _attach_click_values(argv: list[str]) -> list[str]:
+    """``--click -10,...`` -> ``--click=-10,...``: LPS coordinates are often negative, and argparse would
+    read such a value as an option."""
+    out = []
+    for arg in argv:
+        if out and out[-1] in ("--click", "-c") and re.match(r"^-[\d.]", arg):
+            out[-1] = f"{out[-1]}={arg}" if out[-1] == "--click" else f"-c{arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def _fmt_xyz(values) -> str:
     return "(" + ", ".join(f"{v:.1f}" for v in values) + ") mm"
 
@@ -343,7 +355,7 @@ def cmd_refine(args) -> int:
     import numpy as np
 
     from .image import Image
-    from .inference import Result
+    from .inference import Result, resolve_device
     from .refine import Click, Refiner, class_index, click_voxel, find_refinement_package, parse_click
 
     folder = Path(args.result)
@@ -378,7 +390,7 @@ def cmd_refine(args) -> int:
             notices.append(f"no refinement network for {package.name}: the random walker refined the clicks")
         else:
             method = "learned"
-    refiner = Refiner(method, refinement_package, device=args.device)
+    refiner = Refiner(method, refinement_package, device=str(resolve_device(args.device)))
     image_stack = np.stack([img.array.astype(np.float32, copy=False) for img in images])
     refined = refiner.refine(image_stack, probabilities.array, geometry, clicks, history,
                              uncertainty=maps["uncertainty"].array if "uncertainty" in maps else None)
@@ -452,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--output", "-o", required=True, help="output folder for the corrected result")
     ref.add_argument("--method", default="auto", choices=("auto", "learned", "random_walker", "sphere"),
                      help="auto: the refinement network when one is installed for the model, else random_walker")
-    ref.add_argument("--device", default="cpu", help="cpu | cuda | mps (default cpu: one click is a small crop)")
+    ref.add_argument("--device", default="cpu", help="auto | cpu | cuda | mps (default cpu: a click is a small crop)")
     ref.add_argument("--overwrite", action="store_true", help="replace existing results in --output")
     ref.add_argument("--preview", action="store_true", help="also write preview.png")
     ref.set_defaults(func=cmd_refine)
@@ -474,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .inference import Cancelled
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_attach_click_values(sys.argv[1:] if argv is None else list(argv)))
     for stream in (sys.stdout, sys.stderr):  # a path or message a terminal cannot encode must not crash us
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")

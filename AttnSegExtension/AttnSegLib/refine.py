@@ -41,11 +41,10 @@ from .package import CARD_FILE, ModelPackage, PackageError, load_package, search
 RADIUS_MM = 15.0        # no voxel farther than this from every click changes
 FULL_UPDATE_MM = 10.0   # within this the update replaces the old probabilities; linear fall-off beyond
 PAINT_RADIUS_MM = 3.0   # the ball the ``sphere`` method paints
-FREE_RADIUS_MM = 6.0    # random walker: the network's sure voxels nearer the click than this are not seeds
-SURE_UNCERTAINTY = 0.3  # random walker: voxels below this uncertainty keep their label as seeds
+FREE_RADIUS_MM = 3.0    # random walker: the network's sure voxels nearer the click than this are not seeds
+SURE_UNCERTAINTY = 0.5  # random walker: voxels below this uncertainty keep their label as seeds
 CLICK_SIGMA_MM = 3.0    # learned: width of the Gaussian click maps
 CROP_VOXELS = 32        # learned: the cube the network sees, in its frame
-BACKGROUND = "background"
 METHODS = ("learned", "random_walker", "sphere")
 DEFAULT_METHOD = "learned"
 PURPOSE = "refinement"  # the card key "purpose" of a refinement package
@@ -185,7 +184,7 @@ def paint_sphere(probabilities: np.ndarray, distance: np.ndarray, label: int) ->
 
 
 def random_walker(image: np.ndarray, probabilities: np.ndarray, seeds: np.ndarray, spacing_dhw,
-                  beta: float = 30.0, prior_weight: float = 0.02) -> np.ndarray:
+                  beta: float = 10.0, prior_weight: float = 0.5) -> np.ndarray:
     """Random walker with priors on a box.
 
     ``image`` (M, d, h, w); ``probabilities`` (C, d, h, w), the prior; ``seeds`` (d, h, w) int, class
@@ -400,11 +399,14 @@ class Refiner:
         self.learned = learned
 
     def refine(self, image: np.ndarray, probabilities: np.ndarray, geometry: Geometry, clicks: list[Click],
-               history: list[Click] = (), uncertainty: np.ndarray | None = None) -> Refined:
+               history: list[Click] = (), uncertainty: np.ndarray | None = None,
+               labels: np.ndarray | None = None) -> Refined:
         """Apply ``clicks`` (new) one after the other, each seeing every earlier click of ``history``.
 
         ``image``: (M, D, H, W) intensities on the grid of ``geometry``; ``probabilities``: (C, D, H, W)
-        on the same grid (not modified); ``uncertainty``: its normalised entropy, computed when absent.
+        on the same grid. ``uncertainty`` (its normalised entropy) and ``labels`` (its argmax) are
+        computed when not given; pass them (e.g. from the previous :class:`Refined`) to keep a click on
+        a large volume local in time too. None of the inputs is modified.
         """
         t0 = time.perf_counter()
         if image.shape[1:] != probabilities.shape[1:]:
@@ -418,7 +420,7 @@ class Refiner:
             if not 0 <= label < classes:
                 raise ClickError(f"click class {label} is not one of the {classes} classes")
         probs = probabilities.astype(np.float32, copy=True)
-        labels = probs.argmax(axis=0).astype(np.uint8)
+        labels = probs.argmax(axis=0).astype(np.uint8) if labels is None else labels.astype(np.uint8, copy=True)
         doubt = normalized_entropy(probs) if uncertainty is None else uncertainty.astype(np.float32, copy=True)
         changed = np.zeros(labels.shape, dtype=bool)
         for voxel, label in new:
