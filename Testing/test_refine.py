@@ -182,3 +182,23 @@ def test_a_result_of_another_image_is_refused_in_one_line(hippocampus_dir, tmp_p
     status, _, err = run_main(capsys, "refine", "-i", str(SAMPLE_IMAGE), "-r", str(tmp_path),
                               "--click", "-10,-20,15,Anterior", "-o", str(tmp_path / "out"))
     assert status == 2 and len(err) == 1 and "not a complete AttnSeg result" in err[0]
+
+
+def test_quick_interactive_benchmark_reports_the_curve_and_locality(data_dir):
+    """``benchmarks/interactive.py --quick --json`` on two validation cases: its last line carries the
+    Dice-by-clicks curve, clicks to 0.90 and seconds per click of the shipped method, and every
+    method's refinements stayed within 15 mm of their clicks."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "interactive.py"), "--quick", "--json",
+                           "--cases", "2", "--clicks", "5"], capture_output=True, text=True,
+                          env={**os.environ, "ATTNSEG_DATA": str(data_dir)}, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["default_method"] == "learned" and report["cases"] == 2
+    assert set(report["methods"]) == set(METHODS)
+    assert len(report["dice_by_clicks"]["mean"]) == 6 and set(report["clicks_to_90"]) == {"Anterior", "Posterior"}
+    assert report["seconds_per_click_median"] > 0
+    assert all(m["far_changed_voxels"] == 0 and m["clicks_made"] > 0 for m in report["methods"].values())
