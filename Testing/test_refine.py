@@ -121,6 +121,19 @@ def test_a_positive_click_in_a_missed_region_raises_dice(method, sample, refiner
     assert dice(refined.labels, truth, 1) > before + 0.005, method
 
 
+def test_a_predictor_result_is_corrected_as_a_result(sample, refiners):
+    """``Refiner.refine_result``: the Result of ``Predictor.predict`` in, a Result out with the labels,
+    probabilities and uncertainty corrected and every other map kept."""
+    image, truth, result = sample
+    (index, label) = simulated_click(result.labels.array, truth, image.geometry.spacing[::-1])
+    corrected, refined = refiners["learned"].refine_result([image], result, [voxel_click(index, label, image.geometry)])
+    assert corrected.labels.array[index] == label and result.labels.array[index] != label
+    assert corrected.labels.geometry == result.labels.geometry
+    assert np.array_equal(corrected.maps["uncertainty"].array, refined.uncertainty)
+    assert set(corrected.maps) == set(result.maps)
+    assert corrected.timings == {"refine": refined.seconds}
+
+
 def test_the_refinement_package_fits_the_default_model_and_never_saw_its_validation_cases(package):
     refinement = find_refinement_package(package.card)
     assert refinement is not None and refinement.card["purpose"] == "refinement"

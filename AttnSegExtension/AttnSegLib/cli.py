@@ -352,15 +352,13 @@ def _fmt_xyz(values) -> str:
 
 
 def cmd_refine(args) -> int:
-    import numpy as np
-
-    from .image import Image
     from .inference import Result, resolve_device
     from .refine import Click, Refiner, class_index, click_voxel, find_refinement_package, parse_click
 
     folder = Path(args.result)
-    if not (folder / "report.json").is_file() or not (folder / "probabilities.nii.gz").is_file():
-        raise UsageError(f"{folder}: not a complete AttnSeg result (needs report.json and probabilities.nii.gz); "
+    if not all((folder / name).is_file() for name in ("report.json", "probabilities.nii.gz", "labels.nii.gz")):
+        raise UsageError(f"{folder}: not a complete AttnSeg result (needs report.json, labels.nii.gz and "
+                         "probabilities.nii.gz); "
                          "give the --output folder of `attnseg segment`")
     report = json.loads((folder / "report.json").read_text())
     package = load_package(report["package"]["path"] if Path(report["package"]["path"]).exists()
@@ -391,14 +389,11 @@ def cmd_refine(args) -> int:
         else:
             method = "learned"
     refiner = Refiner(method, refinement_package, device=str(resolve_device(args.device)))
-    image_stack = np.stack([img.array.astype(np.float32, copy=False) for img in images])
-    refined = refiner.refine(image_stack, probabilities.array, geometry, clicks, history,
-                             uncertainty=maps["uncertainty"].array if "uncertainty" in maps else None)
-    maps["uncertainty"] = Image(refined.uncertainty, geometry)
-    result = Result(labels=Image(refined.labels, geometry), probabilities=Image(refined.probabilities, geometry),
-                    maps=maps, difficulty_name=report.get("difficulty_map", "uncertainty"),
-                    timings={"refine": refined.seconds}, provenance=report.get("provenance", {}),
-                    notices=notices)
+    labels = probabilities.with_array(read_image(folder / "labels.nii.gz").array)
+    current = Result(labels=labels, probabilities=probabilities, maps=maps,
+                     difficulty_name=report.get("difficulty_map", "uncertainty"), timings={},
+                     provenance=report.get("provenance", {}), notices=notices)
+    result, refined = refiner.refine_result(images, current, clicks, history)
     all_clicks = history + clicks
     extra = {"refinement": {
         "method": method,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .image import Geometry
+from .image import Geometry, Image
+from .inference import Result
 from .maps import normalized_entropy
 from .package import CARD_FILE, ModelPackage, PackageError, load_package, search_dirs
 
@@ -448,3 +449,19 @@ class Refiner:
             labels[box] = probs[(slice(None),) + box].argmax(axis=0)
             doubt[box] = np.where(moved, normalized_entropy(probs[(slice(None),) + box]), doubt[box])
         return Refined(probs, labels, doubt, changed, time.perf_counter() - t0)
+
+    def refine_result(self, images: list[Image], result: Result, clicks: list[Click],
+                      history: list[Click] = ()) -> tuple[Result, Refined]:
+        """A :class:`~AttnSegLib.inference.Result` (from ``Predictor.predict`` or read back from a result
+        folder) corrected by ``clicks``: labels, probabilities and the uncertainty map updated, the
+        model's own maps kept as they were. ``images``: the modalities the result was made from."""
+        stack = np.stack([img.array.astype(np.float32, copy=False) for img in images])
+        uncertainty = result.maps.get("uncertainty")
+        refined = self.refine(stack, result.probabilities.array, result.labels.geometry, clicks, history,
+                              None if uncertainty is None else uncertainty.array, result.labels.array)
+        geometry = result.labels.geometry
+        corrected = replace(result, labels=Image(refined.labels, geometry),
+                            probabilities=Image(refined.probabilities, geometry),
+                            maps={**result.maps, "uncertainty": Image(refined.uncertainty, geometry)},
+                            timings={"refine": refined.seconds}, notices=list(result.notices))
+        return corrected, refined
