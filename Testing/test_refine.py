@@ -215,3 +215,25 @@ def test_quick_interactive_benchmark_reports_the_curve_and_locality(data_dir):
     assert len(report["dice_by_clicks"]["mean"]) == 6 and set(report["clicks_to_90"]) == {"Anterior", "Posterior"}
     assert report["seconds_per_click_median"] > 0
     assert all(m["far_changed_voxels"] == 0 and m["clicks_made"] > 0 for m in report["methods"].values())
+
+
+def test_training_examples_align_image_clicks_and_target(sample, package):
+    """``training.refine_train.make_example`` on the real sample with the shipped refinement network:
+    the click maps peak exactly where the expert label holds the clicked class (after the simulated
+    rounds and the random mirror), and the channels are image, probabilities, click maps."""
+    from AttnSegLib.refine import CROP_VOXELS, LearnedUpdate
+    from training.refine_train import Sample, make_example
+
+    image, truth, result = sample
+    case = Sample("hippocampus_001", image.array[None].astype(np.float32), truth.astype(np.uint8),
+                  image.geometry, {"default": result.probabilities.array.astype(np.float16)})
+    updater = LearnedUpdate.from_package(find_refinement_package(package.card))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        x, y = make_example(case, updater, rng)
+        assert x.shape == (1, 7, CROP_VOXELS, CROP_VOXELS, CROP_VOXELS) and y.shape == (1,) + (CROP_VOXELS,) * 3
+        assert torch.allclose(x[0, 1:4].sum(dim=0), torch.ones(()), atol=1e-3)
+        for label in range(3):
+            peaks = x[0, 4 + label] == 1.0
+            assert torch.all(y[0][peaks] == label)
+        assert (x[0, 4:] == 1.0).any()
