@@ -12,7 +12,8 @@ EXPECTED = {"unet", "dam_al", "cga_unet", "difficulty_aware", "rsanet", "mda_une
 
 
 def test_registry_lists_the_six_architectures():
-    assert set(models.names()) == EXPECTED
+    # and the click refinement network (its input adds class and click channels: Testing/test_refine.py)
+    assert set(models.names()) == EXPECTED | {"click_refiner"}
 
 
 def test_unknown_names_list_the_known_ones():

@@ -1,4 +1,4 @@
-"""The ``attnseg`` command: segment, evaluate, info, serve.
+"""The ``attnseg`` command: segment, evaluate, refine, info, serve.
 
 Errors a user can fix are printed as one line (``attnseg: error: ...``) with exit status 2, never a
 traceback. Outputs are written to a hidden temporary folder beside the target and moved into place
@@ -124,10 +124,11 @@ def _interrupts_deferred():
 
 
 def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inputs: list[Path],
-                preview_image=None) -> None:
+                preview_image=None, report_extra: dict | None = None) -> None:
     """Write everything into a hidden staging folder, then move each output into ``out``.
 
-    ``preview_image``: the first modality, to draw ``preview.png`` over (``--preview``).
+    ``preview_image``: the first modality, to draw ``preview.png`` over (``--preview``);
+    ``report_extra``: more top-level entries for report.json (``refine`` adds its clicks).
     """
     staging = Path(tempfile.mkdtemp(prefix=".attnseg-", dir=out))
     try:
@@ -155,6 +156,7 @@ def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inpu
                      for name in result.maps},
             "difficulty_map": result.difficulty_name,
             "notices": result.notices,
+            **(report_extra or {}),
         }
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         with _interrupts_deferred():
@@ -438,6 +440,108 @@ def cmd_info(args) -> int:
     return 0
 
 
+# -- refine -------------------------------------------------------------------------------------
+def _read_result(folder: Path, geometry, class_names: list[str]):
+    """(probabilities Image, maps name -> Image) of a result folder written by ``segment`` or ``refine``,
+    checked against the image grid and the model's classes."""
+    import SimpleITK as sitk
+
+    from .image import Image
+
+    try:
+        probabilities = Image.from_sitk(sitk.ReadImage(str(folder / "probabilities.nii.gz")))
+    except (RuntimeError, ImageError) as err:
+        raise UsageError(f"{folder / 'probabilities.nii.gz'}: cannot be read ({str(err).splitlines()[0][:120]}); "
+                         "segment the image again") from None
+    if probabilities.array.ndim != 4 or probabilities.array.shape[0] != len(class_names):
+        raise UsageError(f"{folder}: probabilities.nii.gz holds {probabilities.array.shape[:-3] or 'no'} channels, "
+                         f"the model has {len(class_names)} classes; segment the image again")
+    if not probabilities.geometry.same_grid(geometry, tolerance=1e-3):
+        raise UsageError(f"{folder} does not match the image: the result's grid is {probabilities.geometry.size} "
+                         f"voxels at {_fmt_xyz(probabilities.geometry.origin)}, the image's {geometry.size} at "
+                         f"{_fmt_xyz(geometry.origin)}; give the --input the result was segmented from")
+    maps = {p.name[: -len(".nii.gz")]: read_image(p) for p in sorted((folder / "maps").glob("*.nii.gz"))}
+    return probabilities, maps
+
+
+def _attach_click_values(argv: list[str]) -> list[str]:
+    """``--click -10,...`` -> ``--click=-10,...``: LPS coordinates are often negative, and argparse would
+    read such a value as an option."""
+    out = []
+    for arg in argv:
+        if out and out[-1] in ("--click", "-c") and re.match(r"^-[\d.]", arg):
+            out[-1] = f"{out[-1]}={arg}" if out[-1] == "--click" else f"-c{arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _fmt_xyz(values) -> str:
+    return "(" + ", ".join(f"{v:.1f}" for v in values) + ") mm"
+
+
+def cmd_refine(args) -> int:
+    from .inference import Result, resolve_device
+    from .refine import Click, Refiner, class_index, click_voxel, find_refinement_package, parse_click
+
+    folder = Path(args.result)
+    if not all((folder / name).is_file() for name in ("report.json", "probabilities.nii.gz", "labels.nii.gz")):
+        raise UsageError(f"{folder}: not a complete AttnSeg result (needs report.json, labels.nii.gz and "
+                         "probabilities.nii.gz); "
+                         "give the --output folder of `attnseg segment`")
+    report = json.loads((folder / "report.json").read_text())
+    package = load_package(report["package"]["path"] if Path(report["package"]["path"]).exists()
+                           else report["package"]["name"])
+    class_names = [c["name"] for c in package.classes]
+    inputs = [Path(p) for p in args.input]
+    images = [read_image(p) for p in inputs]
+    if len(images) != len(package.modalities):
+        raise UsageError(f"the result's model {package.name} reads {len(package.modalities)} modalit"
+                         f"{'y' if len(package.modalities) == 1 else 'ies'}, {len(images)} --input given")
+    geometry = images[0].geometry
+    probabilities, maps = _read_result(folder, geometry, class_names)
+    history = [Click(tuple(c["position_lps"]), class_index(c["class"], class_names))
+               for c in report.get("refinement", {}).get("clicks", [])]
+    clicks = [parse_click(text, class_names) for text in args.click]
+    for click in clicks:
+        click_voxel(click, geometry)  # outside the image: refused before any work
+    output = Path(args.output)
+    _check_output_dir(output, args.overwrite)
+    method, refinement_package, notices = args.method, None, []
+    if method in ("auto", "learned"):
+        refinement_package = find_refinement_package(package.card)
+        if refinement_package is None and method == "learned":
+            raise UsageError(f"no refinement network is installed for {package.name}; use --method random_walker")
+        if refinement_package is None:
+            method = "random_walker"
+            notices.append(f"no refinement network for {package.name}: the random walker refined the clicks")
+        else:
+            method = "learned"
+    refiner = Refiner(method, refinement_package, device=str(resolve_device(args.device)))
+    labels = probabilities.with_array(read_image(folder / "labels.nii.gz").array)
+    current = Result(labels=labels, probabilities=probabilities, maps=maps,
+                     difficulty_name=report.get("difficulty_map", "uncertainty"), timings={},
+                     provenance=report.get("provenance", {}), notices=notices)
+    result, refined = refiner.refine_result(images, current, clicks, history)
+    all_clicks = history + clicks
+    extra = {"refinement": {
+        "method": method,
+        "package": refinement_package.name if refinement_package else None,
+        "from_result": str(folder),
+        "clicks": [{"position_lps": list(c.position_lps), "class": class_names[c.label]} for c in all_clicks],
+        "new_clicks": len(clicks),
+        "changed_voxels": int(refined.changed.sum()),
+        "model_maps": "unchanged by the clicks; the uncertainty map is recomputed where the probabilities moved",
+    }}
+    _write_case(result, package, output, args.overwrite, {"refine": refined.seconds}, inputs,
+                images[0] if args.preview else None, report_extra=extra)
+    for notice in notices:
+        print(f"attnseg: notice: {notice}", file=sys.stderr)
+    print(f"{output}: {len(clicks)} click(s) refined with {method} in {refined.seconds:.2f} s; "
+          f"{int(refined.changed.sum())} voxels changed")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .web.app import serve
 
@@ -479,6 +583,20 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
 
+    ref = sub.add_parser("refine", help="correct a result with clicks (a class name: add; background: remove)")
+    ref.add_argument("--input", "-i", action="append", required=True,
+                     help="the image the result was segmented from (repeat once per modality)")
+    ref.add_argument("--result", "-r", required=True, help="result folder of `attnseg segment` (or of refine)")
+    ref.add_argument("--click", "-c", action="append", required=True, metavar="X,Y,Z,CLASS",
+                     help="mm in the image's LPS space and a class name or background; repeat for more (a scribble)")
+    ref.add_argument("--output", "-o", required=True, help="output folder for the corrected result")
+    ref.add_argument("--method", default="auto", choices=("auto", "learned", "random_walker", "sphere"),
+                     help="auto: the refinement network when one is installed for the model, else random_walker")
+    ref.add_argument("--device", default="cpu", help="auto | cpu | cuda | mps (default cpu: a click is a small crop)")
+    ref.add_argument("--overwrite", action="store_true", help="replace existing results in --output")
+    ref.add_argument("--preview", action="store_true", help="also write preview.png")
+    ref.set_defaults(func=cmd_refine)
+
     serve = sub.add_parser("serve", help="the AttnSeg web app (trame-slicer) on this machine")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default loopback only; any other needs an access token)")
@@ -503,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .inference import Cancelled
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_attach_click_values(sys.argv[1:] if argv is None else list(argv)))
     for stream in (sys.stdout, sys.stderr):  # a path or message a terminal cannot encode must not crash us
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")

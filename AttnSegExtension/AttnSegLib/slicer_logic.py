@@ -864,7 +864,8 @@ class AttnSegLogic:
                                model_label.nii.gz      the model's own output
                                difference.nii.gz       1 where the correction differs from the model
                                difficulty.nii.gz       the map the review ranked regions by
-                               case.json               model name and hash, class names, provenance
+                               case.json               model name and hash, class names, provenance,
+                                                       refinement clicks (attribute ``Clicks``)
 
         The case folder is written beside its final place and moved in whole. An existing case is
         replaced only with ``overwrite=True`` (else :class:`FileExistsError`). Returns the case folder.
@@ -919,6 +920,8 @@ class AttnSegLogic:
             "changed_ml": round(float(difference.sum()) * voxel, 4),
             "class_volumes_ml": {c["name"]: round(float(counts[c["value"]]) * voxel, 4) for c in classes[1:]},
             "provenance": json.loads(node.GetAttribute(ATTRIBUTE + "Provenance") or "{}"),
+            # refinement clicks ({"position_lps": [x, y, z], "class": name}), set by whoever applies them
+            "clicks": json.loads(node.GetAttribute(ATTRIBUTE + "Clicks") or "[]"),
             "exported_by": f"AttnSeg {__version__}",
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

@@ -10,6 +10,7 @@ from . import mda_unet  # noqa: F401
 from . import dam_al  # noqa: F401
 from . import cga_unet  # noqa: F401
 from . import rsanet  # noqa: F401
+from . import click_refiner  # noqa: F401
 from .base import SegmentationNetwork, SegOutput
 from .registry import UnknownArchitectureError, build, names, register_model, resolved_kwargs
 

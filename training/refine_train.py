@@ -1,0 +1,247 @@
+"""Train the click refinement network of :mod:`AttnSegLib.refine` and export it as a package.
+
+Samples are made the way DeepEdit and nnInteractive train: a training case, the current probabilities
+of a shipped segmentation model on it (sometimes perturbed by a smooth random field, so the errors are
+as varied as on unseen cases), 0 to ``MAX_ROUNDS`` rounds of simulated clicks each applied with the
+network being trained (no gradient), then one more click whose crop is the training example: input
+image + current probabilities + click maps, target the expert label. Clicks are the standard simulated
+user's (deepest point of the largest error) or, for variety, a random point of a random error region.
+Only training-split cases are read: the validation cases of the base models' cards are excluded.
+
+    python -m training.refine_train --data ../shared/data/hippocampus \\
+        --base hippocampus_difficulty_aware hippocampus_unet hippocampus_rsanet --minutes 30 \\
+        --out runs/refine_hippocampus
+    python -m training.refine_train --record-metrics Resources/Models/refinement/<name> \
+        benchmarks/results/interactive.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from AttnSegLib import models
+from AttnSegLib.image import Geometry, read_image
+from AttnSegLib.inference import Predictor
+from AttnSegLib.package import load_package, save_package
+from AttnSegLib.refine import (CROP_VOXELS, PURPOSE, LearnedUpdate, Refiner, click_voxel,
+                               refined_probabilities, simulated_click, to_frame, voxel_click)
+
+from .data import check_label_values, label_lookup, msd_cases
+
+MAX_ROUNDS = 2
+FEATURES = (8, 16, 32, 64)
+
+
+class Sample:
+    """One training case on its input grid: ``image`` (1, D, H, W) float32, ``label`` (D, H, W) uint8,
+    ``base`` model name -> (C, D, H, W) float16 probabilities."""
+
+    def __init__(self, name: str, image: np.ndarray, label: np.ndarray, geometry: Geometry, base: dict):
+        self.name, self.image, self.label, self.geometry, self.base = name, image, label, geometry, base
+
+
+def load_samples(root: Path, base_names: list[str], cache: Path) -> tuple[list[Sample], dict]:
+    """Training cases (never a base card's validation case) with each base model's probabilities."""
+    cards = [load_package(n).card for n in base_names]
+    held_out = set().union(*(c["training"]["validation_cases"] for c in cards))
+    lookup = label_lookup(cards[0]["classes"])
+    files = [f for f in msd_cases(root, 1) if f.name not in held_out]
+    stored = dict(np.load(cache)) if cache.is_file() else {}
+    predictors = {n: Predictor(load_package(n), device="cpu", with_maps=False) for n in base_names}
+    samples = []
+    for f in files:
+        image = read_image(f.images[0])
+        label = read_image(f.label)
+        base = {}
+        for name, predictor in predictors.items():
+            key = f"{f.name}:{name}"
+            if key not in stored:
+                stored[key] = predictor.predict([image]).probabilities.array.astype(np.float16)
+            base[name] = stored[key]
+        samples.append(Sample(f.name, image.array[None].astype(np.float32),
+                              check_label_values(label.array, lookup, str(f.label)), image.geometry, base))
+    np.savez(cache, **stored)
+    return samples, {"held_out": sorted(held_out), "train": [s.name for s in samples], "card": cards[0]}
+
+
+def perturbed(probabilities: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Probabilities with a smooth random field (sigma 3-6 voxels, amplitude up to 3) added to their logits."""
+    logits = np.log(np.clip(probabilities.astype(np.float32), 1e-4, 1.0))
+    sigma, amplitude = rng.uniform(3, 6), rng.uniform(0.5, 3.0)
+    for channel in logits:
+        field = ndimage.gaussian_filter(rng.standard_normal(channel.shape).astype(np.float32), sigma)
+        channel += amplitude * field / (field.std() + 1e-6)
+    out = np.exp(logits - logits.max(axis=0))
+    return out / out.sum(axis=0)
+
+
+def training_click(labels: np.ndarray, truth: np.ndarray, spacing, rng) -> tuple[tuple[int, int, int], int]:
+    """The standard simulated click (70 %), or a random voxel of a random error region (30 %; a random
+    voxel of the case with its true class when there is no error)."""
+    errors = labels != truth
+    if errors.any() and rng.random() < 0.7:
+        return simulated_click(labels, truth, spacing)
+    if not errors.any():
+        index = tuple(int(rng.integers(n)) for n in truth.shape)
+        return index, int(truth[index])
+    components, count = ndimage.label(errors)
+    sizes = np.bincount(components.ravel())[1:]
+    chosen = rng.choice(count, p=sizes / sizes.sum()) + 1
+    voxels = np.argwhere(components == chosen)
+    index = tuple(int(v) for v in voxels[rng.integers(len(voxels))])
+    return index, int(truth[index])
+
+
+def make_example(sample: Sample, updater: LearnedUpdate, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> ((1, M + 2C, S, S, S) input, (1, S, S, S) target) after 0..MAX_ROUNDS simulated rounds."""
+    spacing = np.asarray(sample.geometry.spacing)[::-1]
+    probs = sample.base[list(sample.base)[rng.integers(len(sample.base))]].astype(np.float32)
+    if rng.random() < 0.5:
+        probs = perturbed(probs, rng)
+    refiner = Refiner("learned", learned=updater)
+    history = []
+    labels = probs.argmax(axis=0)
+    for _ in range(rng.integers(MAX_ROUNDS + 1)):
+        index, label = training_click(labels, sample.label, spacing, rng)
+        click = voxel_click(index, label, sample.geometry)
+        refined = refiner.refine(sample.image, probs, sample.geometry, [click], history)
+        history.append(click)
+        probs, labels = refined.probabilities, refined.labels
+    index, label = training_click(labels, sample.label, spacing, rng)
+    voxel = np.asarray(index, dtype=float)
+    seen = [(click_voxel(c, sample.geometry), c.label) for c in history] + [(voxel, label)]
+    x, start, frame = updater.inputs(sample.image, probs, sample.geometry, voxel, seen)
+    target = crop_label(sample.label, start, CROP_VOXELS)
+    y = torch.from_numpy(to_frame(target[None], frame)[0].astype(np.int64))[None]
+    if rng.random() < 0.5:  # left-right mirror: the last frame axis is R-L
+        x, y = torch.flip(x, [4]), torch.flip(y, [3])
+    return x, y
+
+
+def crop_label(label: np.ndarray, start: np.ndarray, size: int) -> np.ndarray:
+    """(size,)*3 crop of ``label`` from ``start``; background beyond the image."""
+    out = np.zeros((size,) * 3, dtype=label.dtype)
+    lo = np.maximum(start, 0)
+    hi = np.minimum(start + size, label.shape)
+    out[tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))] = label[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    return out
+
+
+def loss_fn(probabilities: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy plus soft Dice over the foreground classes; (N, C, S, S, S) and (N, S, S, S)."""
+    ce = F.nll_loss(probabilities.clamp_min(1e-6).log(), target)
+    one_hot = F.one_hot(target, probabilities.shape[1]).permute(0, 4, 1, 2, 3).float()
+    dims = (0, 2, 3, 4)
+    dice = (2 * (probabilities * one_hot).sum(dims) + 1) / (probabilities.sum(dims) + one_hot.sum(dims) + 1)
+    return ce + (1 - dice[1:]).mean()
+
+
+def refinement_card(base_card: dict, split: dict, args) -> dict:
+    return {
+        "name": args.name,
+        "purpose": PURPOSE,
+        "description": ("Click refinement network for the anterior and posterior hippocampus: image + current "
+                        "class probabilities + Gaussian click maps (one per class) in a 32 mm cube -> new "
+                        "probabilities (AttnSegLib.refine, method 'learned')."),
+        "architecture": {"name": "click_refiner", "kwargs": {"features": list(FEATURES)}},
+        "modalities": base_card["modalities"],
+        "classes": base_card["classes"],
+        "spacing_xyz_mm": base_card["spacing_xyz_mm"],
+        "orientation": base_card["orientation"],
+        "crop_to_nonzero": False,
+        "patch_size_dhw": [CROP_VOXELS] * 3,
+        "training": {
+            "dataset": base_card["training"]["dataset"], "licence": base_card["training"]["licence"],
+            "attribution": base_card["training"]["attribution"],
+            "base_models": args.base, "cases_train": len(split["train"]),
+            "validation_cases": split["held_out"],
+            "simulated_rounds": f"0..{MAX_ROUNDS} earlier clicks per sample, then the trained click",
+            "iterations": args.iterations_done, "batch_size": args.batch_size, "minutes": round(args.minutes_done, 1),
+            "lr": args.lr, "seed": args.seed, "command": "python -m training.refine_train " + " ".join(args.argv),
+        },
+    }
+
+
+def record_metrics(package_dir: Path, report: dict) -> None:
+    """Write the learned method's validation figures of ``benchmarks/interactive.py`` (its JSON report)
+    into the package card (``metrics``); the weights and their hash are untouched."""
+    card_path = package_dir / "model.json"
+    card = json.loads(card_path.read_text())
+    measured = report["methods"]["learned"]
+    card["metrics"] = {
+        "split": "validation", "cases": report["cases"], "segmentation_model": report["model"],
+        "simulated_user": "deepest point of the largest error component, up to "
+                          f"{report['clicks_per_case']} clicks", "measured_by": "benchmarks/interactive.py",
+        **{key: measured[key] for key in ("dice_by_clicks", "auc", "clicks_to_90", "seconds_per_click_median",
+                                          "seconds_per_click_p95", "far_changed_voxels")},
+        "machine": report["machine"],
+    }
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--record-metrics", nargs=2, type=Path, metavar=("PACKAGE", "REPORT"),
+                        help="only write the interactive benchmark's REPORT (json) into PACKAGE's card")
+    parser.add_argument("--data", help="MSD hippocampus folder (dataset.json, imagesTr, labelsTr)")
+    parser.add_argument("--base", nargs="+", help="segmentation packages whose results are refined")
+    parser.add_argument("--minutes", type=float, default=30.0, help="training time budget")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="hippocampus_click_refiner")
+    parser.add_argument("--out", help="run folder (probability cache, log, package/)")
+    args = parser.parse_args(argv)
+    if args.record_metrics:
+        package_dir, report = args.record_metrics
+        record_metrics(package_dir, json.loads(report.read_text()))
+        return 0
+    if not (args.data and args.base and args.out):
+        parser.error("training needs --data, --base and --out")
+    args.argv = sys.argv[1:] if argv is None else argv
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    samples, split = load_samples(Path(args.data), args.base, out / "base_probabilities.npz")
+    print(f"{len(samples)} training cases; {len(split['held_out'])} held out", flush=True)
+    card_classes = len(split["card"]["classes"])
+    network = models.build("click_refiner", 1, card_classes, features=FEATURES)
+    updater = LearnedUpdate(network, split["card"])
+    optimizer = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=1e-4)
+    budget, started, step, log = args.minutes * 60, time.perf_counter(), 0, []
+    while (elapsed := time.perf_counter() - started) < budget:
+        network.eval()
+        batch = [make_example(samples[rng.integers(len(samples))], updater, rng) for _ in range(args.batch_size)]
+        x, y = torch.cat([b[0] for b in batch]), torch.cat([b[1] for b in batch])
+        network.train()
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * (1 - elapsed / budget) ** 0.9
+        loss = loss_fn(refined_probabilities(network, x, card_classes), y)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
+        optimizer.step()
+        step += 1
+        log.append({"step": step, "seconds": round(elapsed, 1), "loss": round(loss.item(), 4)})
+        if step % 20 == 0:
+            recent = np.mean([entry["loss"] for entry in log[-20:]])
+            print(f"step {step} {elapsed / 60:.1f} min loss {recent:.4f}", flush=True)
+    args.iterations_done, args.minutes_done = step, (time.perf_counter() - started) / 60
+    (out / "log.json").write_text(json.dumps(log) + "\n")
+    package = save_package(out / "package", refinement_card(split["card"], split, args), network.state_dict())
+    print(f"package {package.path} ({step} iterations)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
