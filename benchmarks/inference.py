@@ -20,9 +20,10 @@ For each model (shipped packages; untrained stand-ins for architectures not ship
 Every run is a fresh process (its ``ru_maxrss`` is the peak resident memory of that configuration,
 Python and its libraries included; ``python_imports`` is that floor). Runs are interleaved (MONAI,
 AttnSeg, AttnSeg without maps, then again) so load on a shared machine hits both sides alike;
-ratios use medians over ``--repeats`` (``--repeats-others`` for the models other than the default),
-and ``spread`` gives the min / median / max over the repeats of each side and of the ratio, so a
-noisy machine shows.
+ratios use medians over ``--repeats`` (``--repeats-others`` for the models other than the default):
+``ratio_vs_monai`` is the ratio of the two sides' medians. ``spread`` gives the min / median / max
+over the repeats of each side's per-case time and of the ratio within each interleaved repeat (whose
+median need not equal the ratio of medians), so a noisy machine shows.
 Both sides run with the same torch (and ITK) thread count.
 ``--clock cpu`` times every stage by the process's CPU time instead of the wall clock: on a machine
 other jobs share, their load stretches wall time by whatever share of the cores they take (runs
