@@ -7,7 +7,9 @@ network's maps with their meaning, the data attribution and the split sizes, and
 metrics measured on the exported network through the product path (``Predictor.predict`` on the
 original validation images, Dice / ASD / HD95 on the input grid; see :mod:`training.evaluate`), with
 how well each doubt map finds the wrongly labelled voxels (AUROC); the best of them becomes the card's
-``inference.review_map``, the map the review ranks doubtful regions by.
+``inference.review_map``, the map the review ranks doubtful regions by. Before measuring, a temperature
+that calibrates the probabilities is fitted on the same validation cases (:mod:`training.calibrate`)
+and recorded as ``inference.temperature``, so the metrics are those of the calibrated package.
 The package is written by ``AttnSegLib.package.save_package``, which hashes and reloads it.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from AttnSegLib import models
 from AttnSegLib.inference import Predictor
 from AttnSegLib.package import ModelPackage, PackageError, save_package
 
+from .calibrate import fit_on_cases
 from .card import model_card
 from .config import ConfigError, load_config, resolve_path
 from .data import DatasetError, find_cases
@@ -52,9 +55,12 @@ def export_run(run: str | Path, output: str | Path, weights: str = "best", name:
 
     held_out = set(split["validation"])
     cases = [c for c in find_cases(data, resolve_path(data["root"])) if c.name in held_out]
+    temperature, calibration = fit_on_cases(network, card, cases, data, device, progress)
+    card["inference"]["temperature"] = round(temperature, 4)
     evaluation = evaluate_cases(Predictor(network, card=card, device=device), cases, data, progress)
     detection = summarize_error_detection(evaluation.error_detection)
     card["metrics"] = {**summarize(evaluation.scores, "validation"), "error_detection_auroc": detection,
+                       "calibration": {name: calibration[name]["ece_foreground"] for name in ("before", "after")},
                        "weights": weights}
     if detection:  # review the regions of the map that found the validation errors best
         card["inference"]["review_map"] = max(detection, key=detection.get)
