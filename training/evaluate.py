@@ -84,9 +84,8 @@ def select_split(cases: list[CaseFiles], card: dict, split: str) -> list[CaseFil
 class Evaluation:
     """``scores``: case -> class name -> {"dice", "asd_mm", "hd95_mm", "reference_ml", "prediction_ml"};
     ``error_detection``: case -> doubt map -> AUROC of finding the wrong voxels; ``review``: case ->
-    :func:`review_case`'s figures; ``calibration``:
-    (3, CALIBRATION_BINS) foreground calibration bins pooled over the cases
-    (``AttnSegLib.metrics.calibration_bins``). All but ``scores`` empty without maps."""
+    :func:`review_case`'s figures; ``calibration``: (3, CALIBRATION_BINS) foreground calibration bins
+    pooled over the cases (``AttnSegLib.metrics.calibration_bins``). All but ``scores`` empty without maps."""
     scores: dict[str, dict[str, dict]] = field(default_factory=dict)
     error_detection: dict[str, dict[str, float | None]] = field(default_factory=dict)
     review: dict[str, dict] = field(default_factory=dict)
