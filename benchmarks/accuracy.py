@@ -181,7 +181,7 @@ def plot_review(report: dict, output: Path) -> list[Path]:
         name = r["error_detection_auroc"]["review_map"] or "uncertainty"
         if name in r["review"]["maps"]:
             curves[f"{r['model']}: {name}"] = r["review"]["maps"][name]["effort_curve"]
-    curves[BOUNDARY_BASELINE] = rows[0]["review"]["maps"][BOUNDARY_BASELINE]["effort_curve"]
+    curves[f"{BOUNDARY_BASELINE} ({rows[0]['model']})"] = rows[0]["review"]["maps"][BOUNDARY_BASELINE]["effort_curve"]
     stem = output.with_suffix("")
     return [reliability_diagram(bins, stem.with_name(f"{stem.name}_reliability.png"), title),
             effort_plot(rows[0]["review"]["effort_fractions"], curves,

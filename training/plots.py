@@ -97,13 +97,14 @@ def reliability_diagram(bins: dict, path: Path, title: str = "") -> Path:
 def effort_plot(fractions, curves: dict, path: Path, title: str = "", budget: float | None = None,
                 share: float | None = None) -> Path:
     """Review effort: label -> (K,) share of the wrong voxels found against ``fractions`` (K,), the
-    share of the volume reviewed, as percentages; ``budget`` and ``share`` draw the target lines.
+    share of the volume reviewed, as percentages (the boundary-distance baseline dotted); ``budget``
+    and ``share`` draw the target lines.
     Writes ``path``; returns it."""
     fig, ax = plt.subplots(figsize=(6, 4.5), constrained_layout=True)
     percent = [100 * f for f in fractions]
     for label, curve in curves.items():
         ax.plot(percent, [100 * v for v in curve], linewidth=1.5, label=label,
-                linestyle=":" if label == "boundary distance" else "-")
+                linestyle=":" if label.startswith("boundary distance") else "-")
     if budget is not None:
         ax.axvline(100 * budget, color="grey", linewidth=1, linestyle="--")
     if share is not None:
