@@ -113,9 +113,20 @@ def test_quick_accuracy_scores_a_package_against_the_unet_and_its_doubt_maps(tmp
         assert detection["review_map"] in detection["measured"]
         assert all(0 <= auroc <= 1 for auroc in detection["measured"].values())
         assert set(detection["measured"]) <= set(detection["card"])
+        # What a reviewer needs: each map beside the boundary baseline, effort curves, calibration.
+        review = r["review"]
+        assert {"uncertainty", "boundary distance"} <= set(review["maps"]) and 0 <= review["ece_foreground"] <= 1
+        assert 0 < review["wrong_fraction"] < 0.1
+        for figures in review["maps"].values():
+            assert 0 <= figures["average_precision"] <= 1 and 0 <= figures["auroc"] <= 1
+            curve = figures["effort_curve"]
+            assert len(curve) == len(review["effort_fractions"]) and curve[0] == 0
+            assert all(a <= b for a, b in zip(curve, curve[1:]))  # reviewing more never finds fewer errors
     assert "difficulty" in rows["hippocampus_difficulty_aware"]["error_detection_auroc"]["measured"]
     versus = rows["hippocampus_difficulty_aware"]["versus_baseline"]
     assert 0 <= versus["wilcoxon_p"] <= 1 and versus["cases_better"] + versus["cases_worse"] <= 3
     assert "versus_baseline" not in rows["hippocampus_unet"]
     table = (tmp_path / "accuracy.md").read_text()
     assert "nnU-Net (published)" in table and "hippocampus_difficulty_aware" in table
+    for plot in ("accuracy_reliability.png", "accuracy_review_effort.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,3 +138,50 @@ def test_review_map_follows_the_card(hippocampus_case):
     assert Predictor(net, card=card, device="cpu").predict([image]).difficulty_name == "difficulty"
     card["inference"]["review_map"] = "uncertainty"
     assert Predictor(net, card=card, device="cpu").predict([image]).difficulty_name == "uncertainty"
+
+
+@pytest.fixture(scope="module")
+def shipped_difficulty_aware():
+    from AttnSegLib.package import load_package
+
+    return load_package(Path(__file__).resolve().parents[1] / "Resources" / "Models" / "hippocampus_difficulty_aware")
+
+
+def test_without_maps_the_confidence_network_never_runs(shipped_difficulty_aware, hippocampus_case):
+    """The shipped difficulty-aware package on a real case: with maps off its confidence network (a
+    map-only head) is not called once, and the probabilities are those of the run with maps."""
+    image = read_image(hippocampus_case[0])
+    runs = {}
+    for with_maps in (True, False):
+        predictor = Predictor(shipped_difficulty_aware, device="cpu", with_maps=with_maps)
+        calls = []
+        hook = predictor.network.confidence_net.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            runs[with_maps] = (predictor.predict([image]), len(calls))
+        finally:
+            hook.remove()
+    (with_maps, d_calls), (without, no_calls) = runs[True], runs[False]
+    assert d_calls >= 1 and no_calls == 0
+    assert "difficulty" in with_maps.maps and set(without.maps) == {"uncertainty"}
+    np.testing.assert_array_equal(with_maps.probabilities.array, without.probabilities.array)
+    np.testing.assert_array_equal(with_maps.labels.array, without.labels.array)
+
+
+def test_the_cards_temperature_changes_probabilities_not_labels(shipped_difficulty_aware, hippocampus_case):
+    """Temperature scaling divides the logits before the softmax: a temperature above 1 softens every
+    probability (the foreground ones that were near 1 fall) but never changes the argmax."""
+    image = read_image(hippocampus_case[0])
+    results = {}
+    for temperature in (1.0, 2.0):
+        card = {**shipped_difficulty_aware.card,
+                "inference": {**shipped_difficulty_aware.card["inference"], "temperature": temperature}}
+        predictor = Predictor(shipped_difficulty_aware.build_network(), card=card, device="cpu", with_maps=False)
+        results[temperature] = predictor.predict([image])
+    sharp, soft = results[1.0], results[2.0]
+    np.testing.assert_array_equal(sharp.labels.array, soft.labels.array)
+    assert not np.allclose(sharp.probabilities.array, soft.probabilities.array, atol=1e-3)
+    # Softer: the winning class's probability drops wherever it was confident.
+    top_sharp, top_soft = sharp.probabilities.array.max(axis=0), soft.probabilities.array.max(axis=0)
+    confident = top_sharp > 0.9
+    assert confident.any() and np.all(top_soft[confident] < top_sharp[confident])
+    assert np.mean(sharp.maps["uncertainty"].array) < np.mean(soft.maps["uncertainty"].array)

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from AttnSegLib.image import Geometry, Image
-from AttnSegLib.metrics import error_detection_auroc, evaluate_labels
+from AttnSegLib.metrics import (boundary_distance_doubt, calibration_bins, error_detection_auroc,
+                                error_detection_average_precision, evaluate_labels, expected_calibration_error,
+                                review_effort_curve, volume_to_find)
 from AttnSegLib.review import doubtful_regions
 
 
@@ -79,3 +81,41 @@ def test_error_detection_auroc_by_hand():
     doubt[0, 0, 1], doubt[1, 1, 1] = 0.2, 0.3  # one of 2 x 6 pairs out of order
     assert error_detection_auroc(doubt, errors) == pytest.approx(11 / 12)
     assert error_detection_auroc(doubt, np.zeros_like(errors)) is None
+
+
+def test_average_precision_by_hand():
+    # Errors ranked 1st and 3rd: precision 1/1 at recall 1/2, then 2/3 at recall 1.
+    doubt = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    errors = np.array([1, 0, 1, 0, 0], dtype=bool)
+    assert error_detection_average_precision(doubt, errors) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    # A tie is one threshold: both tied voxels are flagged together, precision 1/2.
+    assert error_detection_average_precision(np.array([0.9, 0.9, 0.1]), np.array([1, 0, 0], bool)) == 0.5
+    assert error_detection_average_precision(doubt, np.zeros(5, bool)) is None
+
+
+def test_boundary_distance_doubt_is_nearness_to_the_predicted_boundary_in_mm():
+    labels = np.array([0, 0, 1, 1, 1], dtype=np.uint8).reshape(1, 1, 5)   # boundary: voxels 1 and 2
+    assert boundary_distance_doubt(labels).ravel() == pytest.approx([0.5, 1, 1, 0.5, 1 / 3])
+    # x (the last array axis) at 2 mm: one voxel away is 2 mm.
+    assert boundary_distance_doubt(labels, spacing=(2.0, 1.0, 1.0)).ravel() == pytest.approx([1 / 3, 1, 1, 1 / 3, 1 / 5])
+    assert not boundary_distance_doubt(np.zeros((2, 2, 2), np.uint8)).any()
+
+
+def test_review_effort_curve_by_hand():
+    doubt = np.array([0.9, 0.8, 0.7, 0.6])
+    errors = np.array([0, 1, 0, 1], dtype=bool)
+    fractions = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+    curve = review_effort_curve(doubt, errors, fractions)
+    assert curve == pytest.approx([0, 0, 0.5, 0.5, 1])
+    assert volume_to_find(curve, fractions, 0.8) == 1.0 and volume_to_find(curve, fractions, 0.5) == 0.5
+
+
+def test_expected_calibration_error_by_hand():
+    # Class 1 at 0.95 on two voxels that are class 1 (gap 0.05), at 0.05 on one of each (observed 0.5: gap 0.45).
+    probabilities = np.array([[0.05, 0.05, 0.95, 0.95], [0.95, 0.95, 0.05, 0.05]])
+    labels = np.array([1, 1, 1, 0])
+    bins = calibration_bins(probabilities, labels, n_bins=10)
+    assert bins[0].sum() == 4 and bins[0][9] == 2 and bins[0][0] == 2
+    assert expected_calibration_error(bins) == pytest.approx(0.5 * 0.05 + 0.5 * 0.45)
+    # Calibrated: class 1 at 0.5 on two voxels, one of which is class 1.
+    assert expected_calibration_error(calibration_bins(np.full((2, 2), 0.5), np.array([1, 0]), 10)) == 0

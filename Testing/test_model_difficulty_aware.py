@@ -134,6 +134,23 @@ def test_maps_are_confidence_and_its_difficulty():
     torch.testing.assert_close(difficulty, (1 - confidence) ** 3)
 
 
+def test_segment_is_the_segmenter_alone():
+    """``segment`` gives forward's logits without running the confidence network (a map-only head)."""
+    torch.manual_seed(2)
+    net = models.build("difficulty_aware", 1, 3, base_features=4).eval()
+    x = torch.randn(1, 1, 16, 24, 16)
+    calls = []
+    hook = net.confidence_net.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        logits = net.segment(x)
+        assert calls == []
+        torch.testing.assert_close(logits, net(x).logits, rtol=0, atol=0)
+    hook.remove()
+    assert calls == [1]
+    with pytest.raises(ValueError, match="divisible by 8"):
+        net.segment(torch.randn(1, 1, 12, 24, 16))
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="depth must be at least 3"):
         models.build("difficulty_aware", 1, 3, depth=2)

@@ -1,5 +1,6 @@
 """Every registered architecture honours the SegOutput contract: any modality and class count, any
-patch divisible by its divisor, maps as described, gradients reaching every parameter."""
+patch divisible by its divisor, maps as described, ``segment`` giving forward's logits, gradients
+reaching every parameter."""
 from __future__ import annotations
 
 import pytest
@@ -37,6 +38,17 @@ def test_shapes_for_modalities_and_classes(name, modalities, classes):
     for key, value in out.maps.items():
         assert value.ndim == 5 and value.shape[0] == 1, key
         assert torch.isfinite(value).all(), key
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_segment_gives_the_logits_of_forward(name):
+    """The step inference runs when no map is asked for: the same logits, maps or no maps."""
+    torch.manual_seed(0)
+    net = models.build(name, 1, 3).eval()
+    d = net.divisor
+    x = torch.randn(1, 1, d * 2, d * 3, d * 2)
+    with torch.no_grad():
+        torch.testing.assert_close(net.segment(x), net(x).logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

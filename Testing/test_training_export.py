@@ -41,7 +41,9 @@ def test_package_predicts_exactly_as_the_checkpoint(trained_run, package):
     config = trained_run.config
     network = models.build("unet", in_channels=1, num_classes=3, **config["model"]["kwargs"])
     network.load_state_dict(load_file(str(trained_run.output / "checkpoints" / "best.safetensors")))
-    from_checkpoint = Predictor(network, card=model_card(config, network), device="cpu")
+    card = model_card(config, network)
+    card["inference"]["temperature"] = package.card["inference"]["temperature"]  # fitted at export
+    from_checkpoint = Predictor(network, card=card, device="cpu")
     from_package = Predictor(load_package(package.path), device="cpu")
     case = trained_run.split["validation"][0]
     image = read_image(trained_run.output.parent / "msd" / "imagesTr" / f"{case}.nii.gz")
@@ -67,6 +69,9 @@ def test_card_holds_what_the_product_and_a_reader_need(trained_run, package):
     assert metrics["training_validation"]["iteration"] == trained_run.best["iteration"]
     # a U-Net's only doubt map is its uncertainty: measured, and chosen to rank the review
     assert set(metrics["error_detection_auroc"]) == {"uncertainty"} and card["inference"]["review_map"] == "uncertainty"
+    # the temperature fitted on the validation cases, with the calibration error it gave
+    assert 0.05 <= card["inference"]["temperature"] <= 20
+    assert set(metrics["calibration"]) == {"before", "after"} and all(0 <= v <= 1 for v in metrics["calibration"].values())
     assert len(package.sha256) == 64 and (package.path / "weights.safetensors").is_file()
 
 
@@ -113,6 +118,13 @@ def test_evaluate_with_maps_measures_how_well_the_doubt_maps_find_the_errors(tra
     data = trained_run.output.parent / "msd"
     assert evaluate.main(["--model", str(package.path), "--data", str(data), "--split", "all", "--maps",
                           "--output", str(tmp_path / "eval"), "--device", "cpu"]) == 0
-    auroc = json.loads((tmp_path / "eval" / "summary.json").read_text())["error_detection_auroc"]
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    auroc = summary["error_detection_auroc"]
     assert set(auroc) == {"uncertainty"} and 0 <= auroc["uncertainty"] <= 1  # 6 iterations: any ranking
-    assert "uncertainty finds the wrong voxels with AUROC" in capsys.readouterr().out
+    review = summary["review"]
+    assert set(review["maps"]) == {"uncertainty", "boundary distance"} and 0 <= review["ece_foreground"] <= 1
+    assert review["maps"]["uncertainty"]["auroc"] == auroc["uncertainty"]
+    for plot in ("reliability.png", "review_effort.png"):
+        assert (tmp_path / "eval" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "uncertainty: AUROC" in out and "boundary distance: AUROC" in out and "foreground ECE" in out

@@ -16,6 +16,11 @@ network has one) finds the voxels its segmentation got wrong, as the mean over t
 AUROC of the map's values against the wrong-voxel mask (``training.evaluate``). The map the card
 names as ``inference.review_map`` is the one the product ranks doubtful regions by; the card's own
 figure (``metrics.error_detection_auroc``, measured at export) is quoted beside the one measured here.
+For the review map the table adds what a reviewer needs (``training.evaluate.summarize_review``): its
+average precision (AUPRC) beside that of the boundary-distance baseline (doubt that is only the
+nearness to the predicted boundary), the share of the wrong voxels inside its most doubtful 5 % of
+the crop, and the expected calibration error of the foreground probabilities; ``accuracy_reliability.png``
+and ``accuracy_review_effort.png`` beside the results plot them for every package.
 
 Baselines: the shipped U-Net package (``unet`` architecture; same data, split, patch and seed as the
 attention networks, and each card's ``training.config`` gives the iterations and batch, the table's
@@ -124,7 +129,7 @@ def review_maps(package, measured: dict[str, float]) -> dict:
             "card": (card.get("metrics") or {}).get("error_detection_auroc") or {}}
 
 
-def row(package, summary: dict, error_detection: dict[str, float]) -> dict:
+def row(package, summary: dict, error_detection: dict[str, float], review: dict) -> dict:
     config = package.card["training"]["config"]
     network = package.build_network()
     return {
@@ -136,6 +141,7 @@ def row(package, summary: dict, error_detection: dict[str, float]) -> dict:
         **{f"{metric}_std": summary[f"{metric}_std"] for metric in METRICS},
         "mean_dice": summary["mean_dice"], "undefined_distances": summary["undefined_distances"],
         "error_detection_auroc": review_maps(package, error_detection),
+        "review": review,
     }
 
 
@@ -149,20 +155,57 @@ def review_cell(detection: dict) -> str:
     return ", ".join(cells) or "n/a"
 
 
+def reviewer_cell(r: dict) -> str:
+    """The card's review map's AUPRC (the boundary baseline's in brackets), errors found within 5 %, ECE."""
+    from training.evaluate import BOUNDARY_BASELINE, REVIEW_BUDGET
+
+    review = r["review"]
+    chosen = review["maps"].get(r["error_detection_auroc"]["review_map"] or "uncertainty")
+    baseline = review["maps"].get(BOUNDARY_BASELINE)
+    if chosen is None:
+        return "n/a | n/a | n/a"
+    return (f"{chosen['average_precision']:.3f} ({baseline['average_precision']:.3f}) | "
+            f"{100 * chosen[f'found_within_{REVIEW_BUDGET:g}']:.0f} % | {review['ece_foreground']:.4f}")
+
+
+def plot_review(report: dict, output: Path) -> list[Path]:
+    """The reliability diagram of every package and the effort curve of each one's review map (and of
+    the first package's boundary baseline), beside ``output``."""
+    from training.evaluate import BOUNDARY_BASELINE, ERRORS_TO_FIND, REVIEW_BUDGET
+    from training.plots import effort_plot, reliability_diagram
+
+    rows, title = report["rows"], f"{report['cases']} validation cases"
+    bins = {r["model"]: np.array(r["review"]["calibration_bins"]) for r in rows}
+    curves = {}
+    for r in rows:
+        name = r["error_detection_auroc"]["review_map"] or "uncertainty"
+        if name in r["review"]["maps"]:
+            curves[f"{r['model']}: {name}"] = r["review"]["maps"][name]["effort_curve"]
+    curves[f"{BOUNDARY_BASELINE} ({rows[0]['model']})"] = rows[0]["review"]["maps"][BOUNDARY_BASELINE]["effort_curve"]
+    stem = output.with_suffix("")
+    return [reliability_diagram(bins, stem.with_name(f"{stem.name}_reliability.png"), title),
+            effort_plot(rows[0]["review"]["effort_fractions"], curves,
+                        stem.with_name(f"{stem.name}_review_effort.png"), title, REVIEW_BUDGET, ERRORS_TO_FIND)]
+
+
 def markdown(report: dict) -> str:
     classes = report["classes"]
     head = ("| model | parameters | budget (iterations x batch) | " + " | ".join(f"Dice {c}" for c in classes)
             + " | mean Dice | " + " | ".join(f"ASD {c} (mm)" for c in classes) + " | "
-            + " | ".join(f"HD95 {c} (mm)" for c in classes) + " | vs U-Net (paired) | errors found, AUROC (card) |")
+            + " | ".join(f"HD95 {c} (mm)" for c in classes) + " | vs U-Net (paired) | errors found, AUROC (card) "
+            "| review map AUPRC (boundary baseline) | errors in top 5 % | ECE |")
     lines = [
         f"{report['cases']} validation cases of MSD Task04 Hippocampus held out by every package "
         f"(mean ± standard deviation over cases), measured by `python benchmarks/accuracy.py`. "
+        "Review map: the card's review map's average precision for the wrong voxels, the boundary-distance "
+        "baseline's in brackets; errors in top 5 %: share of the wrong voxels inside its most doubtful 5 % "
+        "of the crop; ECE: expected calibration error of the foreground probabilities (15 bins, pooled). "
         "vs U-Net: mean per-case difference of foreground Dice, Wilcoxon signed-rank p. Errors found: "
         "mean per-case AUROC of each doubt map against the wrongly labelled voxels; the review map "
         "the card names in bold, the card's own figure in brackets.",
         "",
         head,
-        "|" + "---|" * (6 + 3 * len(classes)),
+        "|" + "---|" * (9 + 3 * len(classes)),
     ]
     for r in report["rows"]:
         cells = [r["model"], f"{r['parameters']:,}", f"{r['budget']['iterations']} x {r['budget']['batch_size']}"]
@@ -175,13 +218,14 @@ def markdown(report: dict) -> str:
         cells += ["baseline" if versus is None else
                   f"{versus['mean_dice_difference']:+.3f} (p = {versus['wilcoxon_p']:.2g}; "
                   f"{versus['cases_better']} better, {versus['cases_worse']} worse)"]
-        cells += [review_cell(r["error_detection_auroc"])]
+        cells += [review_cell(r["error_detection_auroc"]), reviewer_cell(r)]
         lines.append("| " + " | ".join(cells) + " |")
     nnunet = report["nnunet"]
     lines.append("| " + " | ".join([nnunet["name"], "", "challenge test set"]
                                    + [f"{nnunet['dice'][c]:.2f}" for c in classes]
                                    + [f"{np.mean(list(nnunet['dice'].values())):.3f}"]
-                                   + ["not published"] * (2 * len(classes)) + ["(different protocol)", ""]) + " |")
+                                   + ["not published"] * (2 * len(classes)) + ["(different protocol)", "", "", "", ""])
+                 + " |")
     lines += ["", f"nnU-Net: {nnunet['source']}; quoted, not measured here."]
     if report["not_shipped"]:
         lines.append(f"Not shipped yet, so not in the table: {', '.join(report['not_shipped'])}.")
@@ -212,14 +256,14 @@ def main(argv=None) -> int:
     chosen = [p for p in packages if args.model in (None, p.name, p.card["architecture"]["name"]) or p is baseline]
     chosen.sort(key=lambda p: (p is not baseline, p.name))
     case_names = common_validation_cases(chosen)[: args.cases]
-    from training.evaluate import summarize, summarize_error_detection
+    from training.evaluate import summarize, summarize_error_detection, summarize_review
 
     per_model, rows = {}, []
     for package in chosen:
         evaluation = evaluate(package, case_names, args.device)
         per_model[package.name] = evaluation.scores
         rows.append(row(package, summarize(evaluation.scores, "validation"),
-                        summarize_error_detection(evaluation.error_detection)))
+                        summarize_error_detection(evaluation.error_detection), summarize_review(evaluation)))
         rows[-1]["case_mean_dice"] = {case: round(d, 4) for case, d in foreground_dice(evaluation.scores).items()}
         print(f"{package.name}: mean foreground Dice {rows[-1]['mean_dice']:.4f}", file=sys.stderr)
     if baseline is not None:
@@ -237,6 +281,7 @@ def main(argv=None) -> int:
         "machine": common.machine(args.threads), "elapsed_s": round(time.perf_counter() - started, 1),
     }
     common.write_report(args.output, report, markdown(report))
+    plot_review(report, args.output)
     print(markdown(report))
     if args.json:
         print(json.dumps(report))

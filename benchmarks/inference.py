@@ -12,14 +12,18 @@ For each model (shipped packages; untrained stand-ins for architectures not ship
   back to the input grid (argmax, entropy, maps), write every output. Its stages come from the
   ``report.json`` the command writes; ``total`` is their sum (package loading is reported apart).
   Run with maps and with ``--no-maps`` (the uncertainty map is kept) for the cost of the maps alone.
-* **MONAI** (the named baseline): the same network, read from the same package, run through
+* **MONAI** (the named baseline): the same network's segmenter alone (``network.segment``: no
+  map-only head, so the maps' cost shows against it), read from the same package, run through
   ``monai.inferers.sliding_window_inference`` alone on the case already in the model frame, with the
   predictor's window, overlap, window batch, Gaussian blending and precision, returning logits only.
 
 Every run is a fresh process (its ``ru_maxrss`` is the peak resident memory of that configuration,
 Python and its libraries included; ``python_imports`` is that floor). Runs are interleaved (MONAI,
 AttnSeg, AttnSeg without maps, then again) so load on a shared machine hits both sides alike;
-ratios use medians over ``--repeats`` (``--repeats-others`` for the models other than the default).
+ratios use medians over ``--repeats`` (``--repeats-others`` for the models other than the default):
+``ratio_vs_monai`` is the ratio of the two sides' medians. ``spread`` gives the min / median / max
+over the repeats of each side's per-case time and of the ratio within each interleaved repeat (whose
+median need not equal the ratio of medians), so a noisy machine shows.
 Both sides run with the same torch (and ITK) thread count.
 ``--clock cpu`` times every stage by the process's CPU time instead of the wall clock: on a machine
 other jobs share, their load stretches wall time by whatever share of the cores they take (runs
@@ -114,7 +118,7 @@ def _monai_run(spec: dict) -> dict:
 
     def logits(window: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.float16, enabled=autocast):
-            return network(window).logits
+            return network.segment(window)
 
     clock, cases, windows = _clock(spec), [], 0
     for paths in spec["cases"]:
@@ -214,6 +218,12 @@ def _per_case_total(run: dict) -> float:
     return common.median(c[key] if key else sum(c.values()) for c in run["cases"])
 
 
+def spread(values) -> dict:
+    """Min / median / max of the repeats' figures (seconds or ratios)."""
+    values = sorted(values)
+    return {"min": round(values[0], 4), "median": round(common.median(values), 4), "max": round(values[-1], 4)}
+
+
 def summarise(model: common.BenchmarkModel, volume: Volume, runs: dict) -> dict:
     attnseg = common.median(_per_case_total(r) for r in runs["attnseg"])
     no_maps = common.median(_per_case_total(r) for r in runs["attnseg_no_maps"])
@@ -242,6 +252,12 @@ def summarise(model: common.BenchmarkModel, volume: Volume, runs: dict) -> dict:
                         "monai": max(r["peak_rss_mb"] for r in runs["monai"]),
                         "python_imports": min(r["python_imports_rss_mb"] for r in runs["monai"])},
         "gpu_peak_mb_monai": runs["monai"][0]["gpu_peak_mb"],
+        "spread": {
+            **{key: spread(_per_case_total(r) for r in runs[key]) for key in runs},
+            # repeat i's runs were interleaved, so their ratio compares runs made under the same load
+            "ratio_vs_monai": spread(_per_case_total(a) / _per_case_total(m)
+                                     for a, m in zip(runs["attnseg"], runs["monai"])),
+        },
     }
 
 
@@ -313,7 +329,7 @@ def markdown(report: dict) -> str:
         "fresh-process run(s) per configuration" + (f", from {runs} runs made side by side" if runs > 1 else "")
         + "; AttnSeg s and MONAI s per case.",
         "",
-        "| model | volume | windows | AttnSeg s | MONAI s | AttnSeg / MONAI | maps cost "
+        "| model | volume | windows | AttnSeg s | MONAI s | AttnSeg / MONAI (min-max) | maps cost "
         "| slowest stage besides predict | peak MB AttnSeg / MONAI |",
         "|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
@@ -323,12 +339,18 @@ def markdown(report: dict) -> str:
         name = r["model"] + ("" if r["trained"] else " (untrained stand-in)")
         lines.append(
             f"| {name} | {r['volume']} | {r['windows_per_case']:.0f} | {r['attnseg_s']:.2f} | {r['monai_s']:.2f} | "
-            f"**{r['ratio_vs_monai']:.2f}** | {100 * r['maps_cost_fraction']:.1f} % | "
+            f"**{r['ratio_vs_monai']:.2f}** {_range(r)} | {100 * r['maps_cost_fraction']:.1f} % | "
             f"{slowest} {100 * others[slowest]:.1f} % | "
             f"{r['peak_rss_mb']['attnseg']:.0f} / {r['peak_rss_mb']['monai']:.0f} |")
     lines += ["", "Targets:", ""]
     lines += [f"- {'met' if ok else '**not met**'}: {name}" for name, ok in report["targets"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _range(result: dict) -> str:
+    """The ratio's min-max over the repeats, when the result has a spread (reports before it had none)."""
+    ratio = result.get("spread", {}).get("ratio_vs_monai")
+    return f"({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else ""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -391,7 +413,7 @@ def main(argv=None) -> int:
                 if not args.json:
                     r = results[-1]
                     print(f"{r['model']:<32} {volume.name:<13} AttnSeg {r['attnseg_s']:8.2f} s  "
-                          f"MONAI {r['monai_s']:8.2f} s  ratio {r['ratio_vs_monai']:.3f}  "
+                          f"MONAI {r['monai_s']:8.2f} s  ratio {r['ratio_vs_monai']:.3f} {_range(r)}  "
                           f"maps {100 * r['maps_cost_fraction']:5.1f} %  peak {r['peak_rss_mb']['attnseg']:.0f} MB")
         report = {
             "benchmark": "inference", "quick": args.quick, "device": args.device, "threads": args.threads,

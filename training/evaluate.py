@@ -1,6 +1,15 @@
 """Evaluate a model package on labelled cases: per-case Dice, ASD and HD95 per class (CSV), a
-summary (JSON) and a box plot (PNG); with ``--maps``, also how well each doubt map (uncertainty, and
-the model's difficulty where it has one) finds the wrongly labelled voxels (AUROC per case).
+summary (JSON) and a box plot (PNG); with ``--maps``, also what a reviewer needs of the doubt maps
+(uncertainty, and the model's difficulty where it has one) and the probabilities:
+
+* per map, how well it finds the wrongly labelled voxels: AUROC and average precision (AUPRC), beside
+  the ``boundary distance`` baseline, a map that is only the nearness to the predicted boundary;
+* the review effort curve: the share of the wrong voxels inside the most doubtful voxels covering up
+  to 20 % of the volume (``review_effort.png``), and the share found within 5 %;
+* the expected calibration error of the foreground probabilities, and its reliability diagram
+  (``reliability.png``).
+
+Per-case figures are averaged over the cases with errors; the calibration bins are pooled.
 
     python -m training.evaluate --model Resources/Models/hippocampus_unet \\
         --data ../shared/data/hippocampus --split validation --output runs/eval_hippocampus
@@ -27,16 +36,22 @@ from tqdm import tqdm
 from AttnSegLib.image import ImageError, read_image
 from AttnSegLib.inference import Predictor
 from AttnSegLib.maps import DOUBT_MAPS
-from AttnSegLib.metrics import error_detection_auroc, evaluate_labels
+from AttnSegLib.metrics import (boundary_distance_doubt, calibration_bins, error_detection_auroc,
+                                error_detection_average_precision, evaluate_labels, expected_calibration_error,
+                                review_effort_curve, volume_to_find)
 from AttnSegLib.package import PackageError, load_package
 
 from .config import ConfigError, load_config, resolve_path
 from .data import (CaseFiles, DatasetError, check_label_values, detect_layout, find_cases, label_lookup,
                    label_on_grid)
-from .plots import box_plot
+from .plots import box_plot, effort_plot, reliability_diagram
 
 SPLITS = ("validation", "train", "all")
 METRICS = {"dice": "Dice", "asd_mm": "ASD (mm)", "hd95_mm": "HD95 (mm)"}
+BOUNDARY_BASELINE = "boundary distance"  # the trivial doubt map every map is measured against
+EFFORT_FRACTIONS = np.round(np.arange(0, 0.2001, 0.0025), 4)  # reviewed share of the volume, 0 to 20 %
+REVIEW_BUDGET, ERRORS_TO_FIND = 0.05, 0.8  # the target: 80 % of the errors within 5 % of the volume
+CALIBRATION_BINS = 15
 
 
 def dataset_description(card: dict, data_arg: str | None, layout: str | None) -> tuple[dict, Path]:
@@ -82,15 +97,37 @@ def select_cases(cases: list[CaseFiles], wanted: list[str], split: str) -> list[
 @dataclass
 class Evaluation:
     """``scores``: case -> class name -> {"dice", "asd_mm", "hd95_mm", "reference_ml", "prediction_ml"};
-    ``error_detection``: case -> doubt map -> AUROC of finding the wrong voxels (empty without maps)."""
+    ``error_detection``: case -> doubt map -> AUROC of finding the wrong voxels; ``review``: case ->
+    :func:`review_case`'s figures; ``calibration``: (3, CALIBRATION_BINS) foreground calibration bins
+    pooled over the cases (``AttnSegLib.metrics.calibration_bins``). All but ``scores`` empty without maps."""
     scores: dict[str, dict[str, dict]] = field(default_factory=dict)
     error_detection: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    review: dict[str, dict] = field(default_factory=dict)
+    calibration: np.ndarray = field(default_factory=lambda: np.zeros((3, CALIBRATION_BINS)))
+
+
+def review_case(result, reference: np.ndarray) -> dict:
+    """How each doubt map of a prediction (``Predictor.predict``'s result) and the boundary baseline
+    find the wrong voxels of ``reference`` (D, H, W) labels on the same grid: {"wrong_fraction": share
+    of wrong voxels, "maps": map -> {"auroc", "average_precision", "effort": share of the errors
+    found at each of EFFORT_FRACTIONS}} (the figures None when the case has no error)."""
+    errors = result.labels.array != reference
+    doubt = {name: result.maps[name].array for name in DOUBT_MAPS if name in result.maps}
+    doubt[BOUNDARY_BASELINE] = boundary_distance_doubt(result.labels.array, result.labels.geometry.spacing)
+    maps = {}
+    for name, values in doubt.items():
+        effort = review_effort_curve(values, errors, EFFORT_FRACTIONS)
+        maps[name] = {"auroc": error_detection_auroc(values, errors),
+                      "average_precision": error_detection_average_precision(values, errors),
+                      "effort": None if effort is None else effort.tolist()}
+    return {"wrong_fraction": float(errors.mean()), "maps": maps}
 
 
 def evaluate_case(predictor: Predictor, case: CaseFiles,
-                  data: dict) -> tuple[dict[str, dict], dict[str, float | None]]:
+                  data: dict) -> tuple[dict[str, dict], dict[str, dict], np.ndarray | None]:
     """Predict one case from its files and score it on its own grid: (class name -> metrics,
-    doubt map -> error-detection AUROC; measured only when the predictor makes its maps)."""
+    :func:`review_case`'s figures, calibration bins (3, CALIBRATION_BINS); the last two only when
+    the predictor makes its maps, else {} and None)."""
     result = predictor.predict([read_image(p) for p in case.images])
     label = read_image(case.label)
     reference = label.with_array(check_label_values(label.array, label_lookup(data["classes"]), str(case.label)))
@@ -98,19 +135,48 @@ def evaluate_case(predictor: Predictor, case: CaseFiles,
     names = {c["value"]: c["name"] for c in data["classes"] if c["value"] != 0}
     scores = evaluate_labels(result.labels, reference, result.labels.geometry.spacing, names)
     if not predictor.with_maps:
-        return scores, {}
-    errors = result.labels.array != reference
-    detection = {name: error_detection_auroc(result.maps[name], errors) for name in DOUBT_MAPS if name in result.maps}
-    return scores, detection
+        return scores, {}, None
+    bins = calibration_bins(result.probabilities.array, reference, CALIBRATION_BINS)
+    return scores, review_case(result, reference), bins
 
 
 def evaluate_cases(predictor: Predictor, cases: list[CaseFiles], data: dict, progress: bool = True) -> Evaluation:
     evaluation = Evaluation()
     for case in tqdm(cases, desc="evaluate", disable=not progress):
-        evaluation.scores[case.name], detection = evaluate_case(predictor, case, data)
+        evaluation.scores[case.name], review, bins = evaluate_case(predictor, case, data)
         if predictor.with_maps:
-            evaluation.error_detection[case.name] = detection
+            evaluation.review[case.name] = review
+            evaluation.error_detection[case.name] = {name: review["maps"][name]["auroc"] for name in DOUBT_MAPS
+                                                     if name in review["maps"]}
+            evaluation.calibration += bins
     return evaluation
+
+
+def summarize_review(evaluation: Evaluation) -> dict:
+    """What a reviewer needs, over the cases: per map (the boundary baseline among them) the mean
+    AUROC and average precision, the mean effort curve, the share of the errors found within
+    REVIEW_BUDGET of the volume and the volume needed to find ERRORS_TO_FIND of them (on the mean
+    curve; None beyond 20 %); the mean share of wrong voxels; the pooled foreground ECE and its bins."""
+    maps: dict[str, dict] = {}
+    for name in dict.fromkeys(n for case in evaluation.review.values() for n in case["maps"]):
+        figures = [case["maps"][name] for case in evaluation.review.values()
+                   if case["maps"][name]["effort"] is not None]
+        if not figures:
+            continue
+        curve = np.mean([f["effort"] for f in figures], axis=0)
+        maps[name] = {
+            "auroc": round(float(np.mean([f["auroc"] for f in figures])), 4),
+            "average_precision": round(float(np.mean([f["average_precision"] for f in figures])), 4),
+            f"found_within_{REVIEW_BUDGET:g}": round(float(np.interp(REVIEW_BUDGET, EFFORT_FRACTIONS, curve)), 4),
+            f"volume_to_find_{ERRORS_TO_FIND:g}": volume_to_find(curve, EFFORT_FRACTIONS, ERRORS_TO_FIND),
+            "effort_curve": [round(float(v), 4) for v in curve],
+        }
+    return {
+        "maps": maps, "baseline": BOUNDARY_BASELINE, "effort_fractions": EFFORT_FRACTIONS.tolist(),
+        "wrong_fraction": round(float(np.mean([c["wrong_fraction"] for c in evaluation.review.values()])), 5),
+        "ece_foreground": round(expected_calibration_error(evaluation.calibration), 5),
+        "calibration_bins": evaluation.calibration.tolist(),
+    }
 
 
 def summarize_error_detection(error_detection: dict[str, dict[str, float | None]]) -> dict[str, float]:
@@ -167,7 +233,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     parser.add_argument("--maps", action="store_true",
-                        help="also measure how well each doubt map finds the wrong voxels (AUROC)")
+                        help="also measure how well each doubt map finds the wrong voxels (AUROC, average "
+                             "precision, review effort) and the calibration (ECE), with their plots")
     return parser.parse_args(argv)
 
 
@@ -190,6 +257,11 @@ def main(argv=None) -> int:
     summary = summarize(per_case, args.split)
     if evaluation.error_detection:
         summary["error_detection_auroc"] = summarize_error_detection(evaluation.error_detection)
+        summary["review"] = summarize_review(evaluation)
+        title = f"{package.name}: {args.split} ({len(per_case)} cases)"
+        reliability_diagram({package.name: evaluation.calibration}, out / "reliability.png", title)
+        effort_plot(EFFORT_FRACTIONS, {name: m["effort_curve"] for name, m in summary["review"]["maps"].items()},
+                    out / "review_effort.png", title, REVIEW_BUDGET, ERRORS_TO_FIND)
     write_csv(per_case, out / "metrics.csv")
     (out / "summary.json").write_text(json.dumps({"model": package.name, "sha256": package.sha256, **summary},
                                                  indent=1) + "\n")
@@ -198,8 +270,14 @@ def main(argv=None) -> int:
     for name in summary["dice"]:
         print(f"  {name}: Dice {summary['dice'][name]:.4f}, ASD {summary['asd_mm'][name]} mm, "
               f"HD95 {summary['hd95_mm'][name]} mm")
-    for name, auroc in summary.get("error_detection_auroc", {}).items():
-        print(f"  {name} finds the wrong voxels with AUROC {auroc:.4f}")
+    review = summary.get("review")
+    if review:
+        print(f"  {100 * review['wrong_fraction']:.2f} % of the voxels wrong; foreground ECE "
+              f"{review['ece_foreground']:.4f}")
+        for name, m in review["maps"].items():
+            print(f"  {name}: AUROC {m['auroc']:.4f}, average precision {m['average_precision']:.4f}, "
+                  f"{100 * m[f'found_within_{REVIEW_BUDGET:g}']:.1f} % of the errors within "
+                  f"{100 * REVIEW_BUDGET:g} % of the volume")
     print(f"results in {out}")
     return 0
 

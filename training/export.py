@@ -14,6 +14,9 @@ cases (its validation cases not among the corrections): the card gets both (``me
 lineage (parent name and sha256, the corrections and the model each came from, the data mix) and a
 description that says it was fine-tuned; a model worse than its parent there by more than
 ``fine_tuning.reference_tolerance`` is refused unless ``force`` (``--force``), and the error says by how much.
+Before measuring, a temperature that calibrates the probabilities is fitted on the same validation
+cases (:mod:`training.calibrate`) and recorded as ``inference.temperature``, so the metrics are those
+of the calibrated package.
 The package is written by ``AttnSegLib.package.save_package``, which hashes and reloads it.
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ from AttnSegLib.inference import Predictor
 from AttnSegLib.package import ModelPackage, PackageError, save_package
 
 from . import finetune
+from .calibrate import fit_on_cases
 from .card import model_card
 from .config import ConfigError, load_config, resolve_path
 from .data import DatasetError, find_cases
@@ -80,9 +84,12 @@ def export_run(run: str | Path, output: str | Path, weights: str = "best", name:
     every_case = find_cases(data, resolve_path(data["root"]))
     card["input_statistics"] = measure([c for c in every_case if c.name in set(split["train"])], data, progress)
     cases = [c for c in every_case if c.name in held_out]
+    temperature, calibration = fit_on_cases(network, card, cases, data, device, progress)
+    card["inference"]["temperature"] = round(temperature, 4)
     evaluation = evaluate_cases(Predictor(network, card=card, device=device), cases, data, progress)
     detection = summarize_error_detection(evaluation.error_detection)
     card["metrics"] = {**summarize(evaluation.scores, "validation"), "error_detection_auroc": detection,
+                       "calibration": {name: calibration[name]["ece_foreground"] for name in ("before", "after")},
                        "weights": weights}
     if detection:  # review the regions of the map that found the validation errors best
         card["inference"]["review_map"] = max(detection, key=detection.get)

@@ -3,7 +3,8 @@
 * :func:`plot_curves`: the training loss per logged iteration and the validation Dice per class, from
   the trainer's history ``{"loss": [[iteration, value], ...], "validation": [{"iteration",
   "mean_dice", "dice": {class: value}}]}``;
-* :func:`box_plot`: per-class distributions of evaluation metrics across cases.
+* :func:`box_plot`: per-class distributions of evaluation metrics across cases;
+* :func:`reliability_diagram` and :func:`effort_plot`: calibration and review effort of doubt maps.
 """
 from __future__ import annotations
 
@@ -58,6 +59,62 @@ def box_plot(per_case: dict[str, dict[str, dict]], metrics: dict[str, str], path
     if title:
         fig.suptitle(title)
     path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def reliability_diagram(bins: dict, path: Path, title: str = "") -> Path:
+    """Reliability diagram of foreground probabilities: label -> (3, B) calibration bins
+    (``AttnSegLib.metrics.calibration_bins``: count, sum of probabilities, sum of outcomes), one line
+    each of observed frequency against mean probability per filled bin, the diagonal being calibrated;
+    below, the share of the pairs in each bin (log scale). Writes ``path``; returns it."""
+    from AttnSegLib.metrics import expected_calibration_error
+
+    fig, (curve_ax, count_ax) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, height_ratios=(3, 1),
+                                             constrained_layout=True)
+    curve_ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
+    for label, b in bins.items():
+        count, confidence, outcome = b
+        filled = count > 0
+        curve_ax.plot(confidence[filled] / count[filled], outcome[filled] / count[filled], marker="o", linewidth=1,
+                      label=f"{label} (ECE {expected_calibration_error(b):.4f})")
+        count_ax.step([i / len(count) for i in range(len(count) + 1)], [*(count / count.sum()), 0],
+                      where="post", label=label)
+    curve_ax.set(ylabel="observed frequency", title=title or "reliability (foreground classes)",
+                 xlim=(0, 1), ylim=(0, 1))
+    curve_ax.legend(loc="upper left", fontsize=8)
+    curve_ax.grid(alpha=0.3)
+    count_ax.set(xlabel="predicted probability", ylabel="share of pairs", yscale="log")
+    count_ax.grid(alpha=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def effort_plot(fractions, curves: dict, path: Path, title: str = "", budget: float | None = None,
+                share: float | None = None) -> Path:
+    """Review effort: label -> (K,) share of the wrong voxels found against ``fractions`` (K,), the
+    share of the volume reviewed, as percentages (the boundary-distance baseline dotted); ``budget``
+    and ``share`` draw the target lines.
+    Writes ``path``; returns it."""
+    fig, ax = plt.subplots(figsize=(6, 4.5), constrained_layout=True)
+    percent = [100 * f for f in fractions]
+    for label, curve in curves.items():
+        ax.plot(percent, [100 * v for v in curve], linewidth=1.5, label=label,
+                linestyle=":" if label.startswith("boundary distance") else "-")
+    if budget is not None:
+        ax.axvline(100 * budget, color="grey", linewidth=1, linestyle="--")
+    if share is not None:
+        ax.axhline(100 * share, color="grey", linewidth=1, linestyle="--")
+    ax.set(xlabel="volume reviewed (% of the image, most doubtful first)", ylabel="wrong voxels found (%)",
+           title=title or "review effort", xlim=(0, percent[-1]), ylim=(0, 100))
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -1,9 +1,11 @@
 """The Predictor: one model package in, a label map and readable maps on the input grid out.
 
 Sliding-window inference with Gaussian blending (MONAI ``sliding_window_inference``) over the case in
-the model frame; each window yields softmax probabilities and the network's own maps, all blended
-with the same weights. Optional flip test-time augmentation (per window, all 8 axis flips), device
-``auto|cpu|cuda|mps``, float16 autocast on CUDA, a progress callback (fraction, ETA, stage), a cancel
+the model frame; each window yields softmax probabilities (of the logits divided by the card's
+``inference.temperature``, fitted at export; 1 when absent) and, when maps are asked for, the network's
+own maps, all blended with the same weights (without maps the network runs its ``segment`` step
+alone). Optional flip test-time augmentation (per window, all 8 axis flips), device ``auto|cpu|cuda|mps``,
+float16 autocast on CUDA, a progress callback (fraction, ETA, stage), a cancel
 flag checked between window batches, and an out-of-memory fallback (halve the window batch, then the
 CPU). Deterministic on the same device: no random ops, cuDNN autotuning off.
 """
@@ -112,21 +114,26 @@ def versions() -> dict[str, str]:
 class _WindowRunner:
     """MONAI predictor callable: (B, M, d, h, w) window batch -> dict of (B, K, d, h, w) tensors.
 
-    Counts windows for progress, checks the cancel flag, averages over the ``flips`` (TTA) per window.
+    ``probabilities`` (B, C, d, h, w): softmax(logits / ``temperature``); with ``with_maps`` also
+    ``map:<name>`` (B, K, d, h, w) for each of the network's maps, else the network runs its
+    ``segment`` step alone (no map-only head). Counts windows for progress, checks the cancel flag,
+    averages over the ``flips`` (TTA) per window.
     """
 
-    def __init__(self, network, flips, with_maps, autocast_dtype, total, progress, cancel):
+    def __init__(self, network, flips, with_maps, autocast_dtype, total, progress, cancel, temperature=1.0):
         self.network, self.flips = network, flips
         self.with_maps, self.autocast_dtype = with_maps, autocast_dtype
+        self.temperature = temperature
         self.total, self.done, self.started = total, 0, time.perf_counter()
         self.progress, self.cancel = progress, cancel
 
     def _forward(self, x):
         device_type = x.device.type
         with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            out = self.network(x)
-        result = {"probabilities": torch.softmax(out.logits.float(), dim=1)}
-        if self.with_maps:
+            out = self.network(x) if self.with_maps else None
+            logits = out.logits if out is not None else self.network.segment(x)
+        result = {"probabilities": torch.softmax(logits.float() / self.temperature, dim=1)}
+        if out is not None:
             for name, value in out.maps.items():
                 result[f"map:{name}"] = resize_map(value.float(), x.shape[2:])
         return result
@@ -212,7 +219,8 @@ class Predictor:
             runner = _WindowRunner(
                 self.network, self.flips, self.with_maps,
                 torch.float16 if (self.half and self.device.type == "cuda") else None,
-                count_windows(x.shape[2:], self.patch_size, self.overlap), progress, cancel)
+                count_windows(x.shape[2:], self.patch_size, self.overlap), progress, cancel,
+                float(self.card.get("inference", {}).get("temperature", 1.0)))
             try:
                 with torch.inference_mode():
                     return sliding_window_inference(

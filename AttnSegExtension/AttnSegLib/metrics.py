@@ -6,6 +6,18 @@ Conventions for empty structures: both prediction and reference empty -> Dice 1,
 exactly one empty -> Dice 0, distances undefined (``None``, reported as null in JSON), or the worst
 possible value when the caller gives one (``empty_distance_mm``, e.g. :func:`image_diagonal_mm`), so
 that a missed structure weighs in the means instead of dropping out of them.
+
+What a reviewer needs of the doubt maps and probabilities, on one case's (D, H, W) arrays:
+
+* :func:`error_detection_auroc` and :func:`error_detection_average_precision` (AUPRC): how well a
+  doubt map ranks the wrongly labelled voxels above the right ones. Precision matters here: errors
+  are ~1 % of a crop, so a map can rank them well (AUROC) while flagging mostly right voxels;
+* :func:`boundary_distance_doubt`: the trivial baseline every map is compared with, doubt that is
+  only the nearness to the predicted boundary (most errors of a good segmenter lie on it);
+* :func:`review_effort_curve`: the fraction of the wrong voxels found when the user reviews the most
+  doubtful voxels covering a given fraction of the volume (the doubtful regions above a threshold);
+* :func:`calibration_bins` and :func:`expected_calibration_error`: calibration of the foreground
+  class probabilities, binned so cases add up and a reliability diagram can be drawn.
 """
 from __future__ import annotations
 
@@ -13,6 +25,7 @@ import warnings
 
 import numpy as np
 import torch
+from scipy import ndimage
 from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance, compute_roc_auc
 
 from .image import Geometry, Image
@@ -95,3 +108,93 @@ def error_detection_auroc(doubt: Image | np.ndarray, errors: np.ndarray) -> floa
         return None
     scores = torch.from_numpy(np.ascontiguousarray(_as_array(doubt), dtype=np.float32).ravel())
     return float(compute_roc_auc(scores, torch.from_numpy(wrong.astype(np.float32))))
+
+
+def _ranked_errors(doubt: Image | np.ndarray, errors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(doubt values sorted high to low, the wrong-voxel flags in that order), both (V,)."""
+    scores = np.asarray(_as_array(doubt), dtype=np.float32).ravel()
+    wrong = np.asarray(errors, dtype=bool).ravel()
+    order = np.argsort(-scores, kind="stable")
+    return scores[order], wrong[order]
+
+
+def error_detection_average_precision(doubt: Image | np.ndarray, errors: np.ndarray) -> float | None:
+    """Average precision (area under the precision-recall curve) of a doubt map (D, H, W), high =
+    doubtful, for the wrong voxels (D, H, W bool): sum over the distinct doubt values t, high to low,
+    of (recall gained at t) x (precision of the voxels >= t). Chance level is the fraction of wrong
+    voxels; 1 = every wrong voxel above every right one. None when there is no error or no right voxel."""
+    scores, wrong = _ranked_errors(doubt, errors)
+    if wrong.all() or not wrong.any():
+        return None
+    last_of_tie = np.r_[scores[1:] != scores[:-1], True]  # one threshold per distinct value
+    found = np.cumsum(wrong)[last_of_tie]
+    flagged = np.flatnonzero(last_of_tie) + 1
+    recall_gain = np.diff(np.r_[0, found]) / found[-1]
+    return float(np.sum(recall_gain * found / flagged))
+
+
+def boundary_distance_doubt(labels: Image | np.ndarray, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """The boundary baseline: (D, H, W) labels -> (D, H, W) float32 doubt 1 / (1 + d), d the distance
+    in mm (``spacing`` x, y, z) from each voxel's centre to the nearest voxel on a predicted boundary
+    (a voxel whose label differs from one of its 6 face neighbours); 1 on the boundary. Constant 0
+    when the labels hold one class."""
+    lab = _as_array(labels)
+    boundary = np.zeros(lab.shape, dtype=bool)
+    for axis in range(lab.ndim):
+        differs = np.diff(lab, axis=axis) != 0
+        lower = [slice(None)] * lab.ndim
+        upper = [slice(None)] * lab.ndim
+        lower[axis], upper[axis] = slice(None, -1), slice(1, None)
+        boundary[tuple(lower)] |= differs
+        boundary[tuple(upper)] |= differs
+    if not boundary.any():
+        return np.zeros(lab.shape, dtype=np.float32)
+    distance = ndimage.distance_transform_edt(~boundary, sampling=tuple(reversed(tuple(spacing))))
+    return (1.0 / (1.0 + distance)).astype(np.float32)
+
+
+def review_effort_curve(doubt: Image | np.ndarray, errors: np.ndarray,
+                        volume_fractions: np.ndarray) -> np.ndarray | None:
+    """Fraction of the wrong voxels (D, H, W bool) inside the most doubtful voxels of ``doubt``
+    (D, H, W) that cover each of ``volume_fractions`` (K,) of the volume: (K,) values in [0, 1]. The
+    voxels above a doubt threshold are the doubtful regions :func:`review.doubtful_regions` finds at
+    that threshold, so this is the share of the errors a user finds by reviewing regions of that
+    total volume. Ties are broken in voxel order. None when there is no error."""
+    _, wrong = _ranked_errors(doubt, errors)
+    if not wrong.any():
+        return None
+    found = np.r_[0, np.cumsum(wrong)] / wrong.sum()
+    reviewed = np.clip(np.round(np.asarray(volume_fractions, dtype=float) * wrong.size), 0, wrong.size)
+    return found[reviewed.astype(int)]
+
+
+def volume_to_find(curve: np.ndarray, volume_fractions: np.ndarray, share: float) -> float | None:
+    """The smallest of ``volume_fractions`` (K,) at which ``curve`` (K,) finds ``share`` of the errors
+    (None when none does)."""
+    reached = np.flatnonzero(np.asarray(curve) >= share)
+    return float(volume_fractions[reached[0]]) if reached.size else None
+
+
+def calibration_bins(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> np.ndarray:
+    """Binned calibration of the foreground class probabilities: (C, D, H, W) probabilities and
+    (D, H, W) labels -> (3, n_bins) float64 rows [voxel count, sum of probabilities, sum of outcomes].
+    Every voxel gives one pair per foreground class c >= 1, (p_c, label == c) (class-wise calibration,
+    background left out because its ~99 % of easy voxels would hide any miscalibration), put in one of
+    ``n_bins`` equal-width bins of p_c. Sum the arrays of several cases to pool them."""
+    bins = np.zeros((3, n_bins))
+    for c in range(1, probabilities.shape[0]):
+        p = np.asarray(probabilities[c], dtype=np.float64).ravel()
+        index = np.minimum((p * n_bins).astype(int), n_bins - 1)
+        bins[0] += np.bincount(index, minlength=n_bins)
+        bins[1] += np.bincount(index, weights=p, minlength=n_bins)
+        bins[2] += np.bincount(index, weights=(np.asarray(labels).ravel() == c), minlength=n_bins)
+    return bins
+
+
+def expected_calibration_error(bins: np.ndarray) -> float:
+    """ECE of :func:`calibration_bins`' (3, B) array: sum over bins of (pairs in the bin / all pairs)
+    x |mean probability - observed frequency|, in [0, 1] (0 = calibrated)."""
+    count, confidence, outcome = bins
+    filled = count > 0
+    gap = np.abs(confidence[filled] - outcome[filled]) / count[filled]
+    return float(np.sum(count[filled] / count.sum() * gap))

@@ -220,6 +220,10 @@ def validate_card(card: dict, where: str) -> None:
     axes = settings.get("tta_flip_axes", [0, 1, 2])
     require(isinstance(axes, list) and all(_is_int(a) and 0 <= a <= 2 for a in axes) and len(set(axes)) == len(axes),
             "'inference.tta_flip_axes' must list distinct axes among 0, 1, 2")
+    temperature = settings.get("temperature", 1.0)
+    require(_is_number(temperature) and 0.05 <= temperature <= 20,
+            f"'inference.temperature' must be a number from 0.05 to 20 (the logits' calibration scale, 1 = none), "
+            f"not {temperature!r}")
     maps = card.get("maps", {})
     require(isinstance(maps, dict) and all(isinstance(v, dict) for v in maps.values()),
             "'maps' must be an object of map name -> {meaning, read}")

@@ -8,6 +8,10 @@
   resamples them to the patch, blends them across windows and brings them to the image grid.
 * ``aux``: tensors only the training losses need (deep-supervision logits, attention predictions to
   supervise, class prototypes). Empty in ``eval()`` mode.
+
+``segment(x: (N, M, D, H, W)) -> logits (N, C, D, H, W)``: the segmentation alone, for when no map is
+asked for. Networks with map-only heads (a head whose output only feeds ``maps``) skip them here;
+for the others it is ``forward(x).logits``, their maps being by-products of the segmentation pass.
 """
 from __future__ import annotations
 
@@ -37,6 +41,10 @@ class SegmentationNetwork(nn.Module):
 
     def map_descriptions(self) -> dict[str, str]:
         return {}
+
+    def segment(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, M, D, H, W) -> logits (N, C, D, H, W), without the map-only heads (see the module docstring)."""
+        return self.forward(x).logits
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 5:

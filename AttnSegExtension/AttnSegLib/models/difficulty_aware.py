@@ -20,7 +20,9 @@ Two sub-networks in one registered module, so one package carries both and train
   differentiable into S for the adversarial loss (Eq. 6); ``deep_supervision.1`` (N, C, D/2, H/2, W/2)
   and ``deep_supervision.2`` (N, C, D/4, H/4, W/4), logits of the two extra supervised scales.
 
-``confidence_logits(probabilities, image)`` runs D alone, for the confidence-network step (Eq. 4).
+``segment(x)`` -> logits (N, C, D, H, W) runs S alone: D only feeds the maps, so inference without
+maps skips it. ``confidence_logits(probabilities, image)`` runs D alone, for the confidence-network
+step (Eq. 4).
 Losses and the alternating steps: ``training/losses/difficulty_aware.py``.
 
 Choices where the paper is open (it has no code and Fig. 1 is not in the text):
@@ -169,6 +171,11 @@ class DifficultyAwareNetwork(SegmentationNetwork):
         """D(P U X): probabilities or one-hot labels (N, C, D, H, W) and image (N, M, D, H, W) ->
         confidence logits (N, 1, D, H, W)."""
         return self.confidence_net(torch.cat([probabilities, image], dim=1))
+
+    def segment(self, x: torch.Tensor) -> torch.Tensor:
+        """S alone: (N, M, D, H, W) -> logits (N, C, D, H, W); D, which only feeds the maps, is skipped."""
+        self.check_input(x)
+        return self.segmenter(x)[0]
 
     def forward(self, x: torch.Tensor) -> SegOutput:
         self.check_input(x)
