@@ -13,8 +13,11 @@ EXPECTED = {"unet", "dam_al", "cga_unet", "difficulty_aware", "rsanet", "mda_une
 
 
 def test_registry_lists_the_six_architectures():
-    # and the click refinement network (its input adds class and click channels: Testing/test_refine.py)
-    assert set(models.names()) == EXPECTED | {"click_refiner"}
+    assert set(models.names()) == EXPECTED
+    # the click refinement network is registered apart (its input adds class and click channels:
+    # Testing/test_refine.py)
+    assert models.names("refinement") == ["click_refiner"]
+    assert set(models.names(None)) == EXPECTED | {"click_refiner"}
 
 
 def test_unknown_names_list_the_known_ones():

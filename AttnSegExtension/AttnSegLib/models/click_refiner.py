@@ -14,7 +14,7 @@ from .registry import register_model
 from .unet import UNet3D
 
 
-@register_model("click_refiner")
+@register_model("click_refiner", task="refinement")
 class ClickRefiner(SegmentationNetwork):
     def __init__(self, in_channels: int, num_classes: int, features=(8, 16, 32, 64)):
         super().__init__()

@@ -10,6 +10,7 @@ from typing import Callable
 from .base import SegmentationNetwork
 
 _REGISTRY: dict[str, Callable[..., SegmentationNetwork]] = {}
+_TASKS: dict[str, str] = {}  # architecture name -> "segmentation" or "refinement"
 
 
 class UnknownArchitectureError(KeyError):
@@ -17,22 +18,24 @@ class UnknownArchitectureError(KeyError):
         return str(self.args[0])
 
 
-def register_model(name: str):
-    """Class decorator: ``@register_model("unet")``."""
+def register_model(name: str, task: str = "segmentation"):
+    """Class decorator: ``@register_model("unet")``; ``task="refinement"`` for a network that corrects a
+    segmentation from clicks (its input adds class and click channels, so it is no segmenter)."""
 
     def wrap(cls):
         if name in _REGISTRY:
             raise ValueError(f"architecture {name!r} is registered twice")
         _REGISTRY[name] = cls
+        _TASKS[name] = task
         cls.architecture_name = name
         return cls
 
     return wrap
 
 
-def names() -> list[str]:
-    """All registered architecture names, sorted."""
-    return sorted(_REGISTRY)
+def names(task: str | None = "segmentation") -> list[str]:
+    """The registered architecture names of ``task`` (None: every task), sorted."""
+    return sorted(name for name in _REGISTRY if task is None or _TASKS[name] == task)
 
 
 def build(name: str, in_channels: int, num_classes: int, **kwargs) -> SegmentationNetwork:
@@ -40,7 +43,7 @@ def build(name: str, in_channels: int, num_classes: int, **kwargs) -> Segmentati
     (background included)."""
     if name not in _REGISTRY:
         raise UnknownArchitectureError(
-            f"unknown architecture {name!r}; known architectures: {', '.join(names())}"
+            f"unknown architecture {name!r}; known architectures: {', '.join(names(None))}"
         )
     if in_channels < 1 or num_classes < 2:
         raise ValueError(
@@ -55,7 +58,7 @@ def resolved_kwargs(name: str, **kwargs) -> dict:
     ``kwargs`` completed with the signature's defaults: two kwargs dicts build the same network exactly
     when their resolved kwargs are equal. Unknown names raise ``TypeError`` (the message names them)."""
     if name not in _REGISTRY:
-        raise UnknownArchitectureError(f"unknown architecture {name!r}; known architectures: {', '.join(names())}")
+        raise UnknownArchitectureError(f"unknown architecture {name!r}; known architectures: {', '.join(names(None))}")
     signature = inspect.signature(_REGISTRY[name])
     accepted = [p for p in signature.parameters if p not in ("in_channels", "num_classes")]
     unknown = sorted(set(kwargs) - set(accepted))
