@@ -7,7 +7,10 @@ network's maps with their meaning, the data attribution and the split sizes, and
 metrics measured on the exported network through the product path (``Predictor.predict`` on the
 original validation images, Dice / ASD / HD95 on the input grid; see :mod:`training.evaluate`), with
 how well each doubt map finds the wrongly labelled voxels (AUROC); the best of them becomes the card's
-``inference.review_map``, the map the review ranks doubtful regions by.
+``inference.review_map``, the map the review ranks doubtful regions by. ``inference.training_field_of_view_mm``
+is the median extent of the training images along the model's axes (an input much larger is localised
+or refused), and ``inference.localisation`` comes from the config's ``data.localisation`` (e.g.
+``{method: mni152_affine, targets: [left_hippocampus, right_hippocampus]}``, see ``AttnSegLib.localise``).
 The package is written by ``AttnSegLib.package.save_package``, which hashes and reloads it.
 """
 from __future__ import annotations
@@ -17,6 +20,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+import SimpleITK as sitk
 from safetensors.torch import load_file
 
 from AttnSegLib import models
@@ -51,7 +56,13 @@ def export_run(run: str | Path, output: str | Path, weights: str = "best", name:
     card = model_card(config, network, split)
 
     held_out = set(split["validation"])
-    cases = [c for c in find_cases(data, resolve_path(data["root"])) if c.name in held_out]
+    every_case = find_cases(data, resolve_path(data["root"]))
+    training_cases = [c for c in every_case if c.name in set(split["train"])]
+    if training_cases:
+        card["inference"]["training_field_of_view_mm"] = training_field_of_view_mm(training_cases, data.get("orientation"))
+    if data.get("localisation"):
+        card["inference"]["localisation"] = dict(data["localisation"])
+    cases = [c for c in every_case if c.name in held_out]
     evaluation = evaluate_cases(Predictor(network, card=card, device=device), cases, data, progress)
     detection = summarize_error_detection(evaluation.error_detection)
     card["metrics"] = {**summarize(evaluation.scores, "validation"), "error_detection_auroc": detection,
@@ -62,6 +73,24 @@ def export_run(run: str | Path, output: str | Path, weights: str = "best", name:
     if metrics_file.is_file():
         card["metrics"]["training_validation"] = json.loads(metrics_file.read_text())
     return save_package(resolve_path(output), card, state)
+
+
+def training_field_of_view_mm(cases, orientation: str | None) -> list[float]:
+    """Median physical extent (mm, rounded to 1 mm) of the cases' first images along the model's axes
+    (the axes of ``orientation``, e.g. RAS: x, y, z; without one, each image's own axes), from the headers."""
+    extents = []
+    reader = sitk.ImageFileReader()
+    for case in cases:
+        reader.SetFileName(str(case.images[0]))
+        reader.ReadImageInformation()
+        extent = np.asarray(reader.GetSize(), float) * np.asarray(reader.GetSpacing(), float)
+        if orientation:
+            own = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(reader.GetDirection())
+            axis_of = {letter: axis for axis, letter in enumerate(own)}
+            opposite = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
+            extent = [extent[axis_of.get(letter, axis_of.get(opposite[letter]))] for letter in orientation]
+        extents.append(extent)
+    return [float(round(v)) for v in np.median(np.asarray(extents, dtype=float), axis=0)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

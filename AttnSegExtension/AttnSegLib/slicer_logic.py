@@ -243,6 +243,7 @@ class SegmentationResult:
     notices: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
+    classes: list[dict] = field(default_factory=list)  # what each label value means (the engine Result's)
 
     @property
     def difficultyNode(self):
@@ -441,7 +442,7 @@ class AttnSegLogic:
                                          "vtkMRMLLabelMapVolumeNode")
         modelLabel.SetHideFromEditors(True)
         segmentation = self._newSegmentationNode(scene.GenerateUniqueName(baseName), result.labels,
-                                                 package.classes, modelLabel)
+                                                 result.classes, modelLabel)
         self._storeProvenance(segmentation, package, result, inputs)
         segmentation.SetNodeReferenceID(REF_MODEL_LABEL, modelLabel.GetID())
         for node in inputs:
@@ -450,7 +451,8 @@ class AttnSegLogic:
         segmentation.SetNodeReferenceID(REF_DIFFICULTY, mapNodes[result.difficulty_name].GetID())
         self.activeSegmentationNode = segmentation
         return SegmentationResult(segmentation, mapNodes, modelLabel, result.difficulty_name, inputs,
-                                  list(result.notices), dict(result.timings), dict(result.provenance))
+                                  list(result.notices), dict(result.timings), dict(result.provenance),
+                                  list(result.classes))
 
     def _newSegmentationNode(self, name: str, labels: Image, classes: list[dict], reference):
         segmentationNode = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
@@ -485,7 +487,7 @@ class AttnSegLogic:
             "Architecture": package.card["architecture"]["name"],
             "Device": provenance.get("device", ""),
             "Versions": json.dumps(provenance.get("versions", {}), sort_keys=True),
-            "Classes": json.dumps([{"value": c["value"], "name": c["name"]} for c in package.classes]),
+            "Classes": json.dumps([{"value": c["value"], "name": c["name"]} for c in result.classes]),
             "Modalities": json.dumps([m["name"] for m in package.modalities]),
             "DifficultyMap": result.difficulty_name,
             "Provenance": json.dumps(provenance, sort_keys=True, default=str),
@@ -497,7 +499,7 @@ class AttnSegLogic:
     def _addMapNodes(self, segmentation, result: Result, package: ModelPackage) -> dict[str, object]:
         images: dict[str, tuple[Image, str]] = {}
         probabilities = result.probabilities
-        for cls in package.classes[1:]:
+        for cls in result.classes[1:]:
             images[f"probability.{volume_name(cls['name'])}"] = (
                 Image(probabilities.array[cls["value"]], probabilities.geometry),
                 PROBABILITY_MEANING.format(name=cls["name"]))
