@@ -107,21 +107,17 @@ def _interrupts_deferred():
             raise KeyboardInterrupt
 
 
-def _volumes_csv(case: str, result, volumetry: dict | None) -> str:
-    """One header line and one row per case (so the files of a batch concatenate): ml per class, and for
-    a localised whole head ml per side and part, the totals and the left/right asymmetry index (%)."""
+def _volumes_csv(case: str, volumetry: dict) -> str:
+    """A localised whole head's volumetry as one header line and one row (so the files of a batch
+    concatenate): ml per side and part, the totals, the left/right asymmetry index (%)."""
     from .maps import volume_name  # imports torch; the CLI's other commands start without it
 
     columns = {"case": case}
-    if volumetry is None:
-        for name, ml in result.class_volumes_ml(result.class_names).items():
-            columns[f"{volume_name(name)}_ml"] = ml
-    else:
-        for side in ("Left", "Right"):
-            for part, ml in volumetry.get(side, {}).items():
-                columns[f"{side.lower()}_{volume_name(part)}_ml"] = ml
-        for part, index in volumetry.get("asymmetry_index_percent", {}).items():
-            columns[f"asymmetry_index_{volume_name(part)}_percent"] = "" if index is None else index
+    for side in ("Left", "Right"):
+        for part, ml in volumetry.get(side, {}).items():
+            columns[f"{side.lower()}_{volume_name(part)}_ml"] = ml
+    for part, index in volumetry.get("asymmetry_index_percent", {}).items():
+        columns[f"asymmetry_index_{volume_name(part)}_percent"] = "" if index is None else index
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
@@ -162,7 +158,8 @@ def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inpu
             else:
                 render_preview(preview_image, result, staging / "preview.png", title=title,
                                class_colors=[tuple(c.get("color", (255, 255, 0))) for c in result.classes])
-        (staging / "volumes.csv").write_text(_volumes_csv(case_name(inputs[0]), result, volumetry))
+        if volumetry is not None:
+            (staging / "volumes.csv").write_text(_volumes_csv(case_name(inputs[0]), volumetry))
         timings["write"] = time.perf_counter() - t0
         report = {
             "inputs": [str(p) for p in inputs],
