@@ -246,3 +246,20 @@ def test_every_shipped_hippocampus_card_says_how_to_localise():
         assert settings["training_field_of_view_mm"] == [35.0, 50.0, 36.0]
         assert settings["localisation"] == {"method": "mni152_affine",
                                             "targets": ["left_hippocampus", "right_hippocampus"]}
+
+
+def test_whole_head_dicom_series_is_localised_like_the_nifti(predictor, data_dir, tmp_path, capsys):
+    from test_reliability_cli import write_dicom_series
+
+    nifti = read_image(data_dir / PATIENT_T1.format("patient07"))
+    write_dicom_series(nifti, tmp_path / "series", "1.2.826.0.1.3680043.2.1125.1307")
+    out = tmp_path / "out"
+    assert main(["segment", "-i", str(tmp_path / "series"), "-o", str(out), "--device", "cpu", "--no-maps"]) == 0
+    assert "asymmetry index" in capsys.readouterr().out
+    labels = read_image(out / "labels.nii.gz")  # on the series' own grid (its slices run head to foot)
+    assert labels.geometry.size == nifti.geometry.size
+    on_nifti_grid = sitk.GetArrayFromImage(sitk.Resample(labels.to_sitk(), _reference(nifti.geometry), sitk.Transform(),
+                                                         sitk.sitkNearestNeighbor, 0))
+    reference = predictor.predict([nifti]).labels.array
+    for values in ([1, 2], [3, 4]):
+        assert dice(np.isin(on_nifti_grid, values), np.isin(reference, values)) > 0.95
