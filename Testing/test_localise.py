@@ -263,3 +263,20 @@ def test_whole_head_dicom_series_is_localised_like_the_nifti(predictor, data_dir
     reference = predictor.predict([nifti]).labels.array
     for values in ([1, 2], [3, 4]):
         assert dice(np.isin(on_nifti_grid, values), np.isin(reference, values)) > 0.95
+
+
+def test_whole_head_benchmark_reports_stages_and_the_ratio_to_the_whole_volume_baseline(data_dir):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(repo / "benchmarks" / "whole_head.py"), "--quick", "--json"],
+                          capture_output=True, text=True, cwd=repo, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    case = report["cases"]["mni152"]
+    assert report["clock"] == "cpu" and set(case["stages_cpu_s"]) == {"localise", "preprocess", "predict", "postprocess"}
+    assert case["stages_cpu_s"]["localise"] > 0 and report["baseline"]["cpu_s"] > 0
+    assert report["ratio_vs_baseline"] == pytest.approx(case["cpu_s"] / report["baseline"]["cpu_s"], rel=1e-2)
+    assert sum(report["baseline"]["class_volumes_ml"].values()) > 50  # the un-localised answer is garbage

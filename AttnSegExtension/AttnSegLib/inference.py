@@ -338,7 +338,7 @@ class Predictor:
         provenance = {**self.provenance(), "localisation": {**registration.as_dict(), "targets": boxes}}
         image_maps = {name: Image(values, geometry) for name, values in maps.items()}
         return Result(Image(labels, geometry), Image(probabilities, geometry), image_maps,
-                      self.review_map_name(image_maps), timings, provenance, notices + self.notices, classes)
+                      self.review_map_name(image_maps), timings, provenance, list(dict.fromkeys(notices)), classes)
 
     def _predict_roi(self, images: list[Image], roi: Box, progress, cancel) -> Result:
         """Segment the part of the input inside ``roi`` (cut on its own grid, no interpolation); background

@@ -32,7 +32,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -45,9 +44,9 @@ BRAIN_MASK_FILE = "mni152_2009a_sym_brainmask_2mm.nii.gz"
 METHOD = "mni152_affine"
 WORKING_SPACING_MM = 2.0  # the template's; the input is smoothed and resampled to it before registering
 # Pearson correlation of the template and the registered input deep inside the template's brain.
-# Measured (README, "Whole-head input"): 1.00 on the template itself, 0.45 and 0.62 on the T1 of the two
-# skull-stripped MS patients (0.47 on a post-contrast T1); 0.12 or less on half a brain, an upside-down
-# head, BraTS FLAIR and T1c volumes and noise, -0.56 on a T2.
+# Measured (README, "A whole head"): 1.00 on the template itself, 0.45 and 0.62 on the T1 of the two
+# skull-stripped MS patients (0.47 on a post-contrast T1); 0.13 or less on half a brain, an upside-down
+# head, BraTS FLAIR and T1c volumes and noise, 0.28 on the upper half of a head, -0.56 on a T2.
 MIN_CORRELATION = 0.3
 INNER_EROSION_VOXELS = 4  # of the 2 mm brain mask: 8 mm
 # The metric's sums are split across threads and added in thread order: another thread count moves the
@@ -58,8 +57,6 @@ MAX_ITERATIONS = 200  # per resolution level; the optimiser usually stops earlie
 SCALE_RANGE = (0.7, 1.4)  # per axis, template -> input: heads are not 30 % smaller or 40 % larger
 # "Much larger" than the training field of view: longer than this factor along any axis.
 FOV_FACTOR = 1.5
-# A localised crop must hold a plausible structure: its foreground volume (ml) within the target's
-# range, else the registration put the box somewhere else and the answer is refused.
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -396,6 +393,8 @@ def target_classes(card_classes: list[dict], targets: list[Target]) -> list[dict
 
 
 def plausible_volume(labels: np.ndarray, voxel_ml: float, target: Target) -> float:
+    """The foreground volume (ml) of a localised crop's (D, H, W) labels; refused when outside the
+    target's plausible range (the registration then put the box somewhere else)."""
     volume = float(np.count_nonzero(labels)) * voxel_ml
     low, high = target.volume_ml
     if not low <= volume <= high:
