@@ -280,3 +280,30 @@ def test_whole_head_benchmark_reports_stages_and_the_ratio_to_the_whole_volume_b
     assert case["stages_cpu_s"]["localise"] > 0 and report["baseline"]["cpu_s"] > 0
     assert report["ratio_vs_baseline"] == pytest.approx(case["cpu_s"] / report["baseline"]["cpu_s"], rel=1e-2)
     assert sum(report["baseline"]["class_volumes_ml"].values()) > 50  # the un-localised answer is garbage
+
+
+# -- the Slicer logic -------------------------------------------------------------------------------
+def test_slicer_logic_names_the_sides_and_segments_inside_a_markups_roi(data_dir):
+    from AttnSegLib.slicer_logic import AttnSegLogic, imageFromVolumeNode, newScene, roiBoxFromNode
+
+    scene = newScene()
+    logic = AttnSegLogic(scene)
+    volume = logic.loadVolume(data_dir / MNI)
+    whole = logic.segment([volume], default_package(), device="cpu")
+    segmentation = whole.segmentationNode.GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert names == ["Left anterior hippocampus", "Left posterior hippocampus", "Right anterior hippocampus",
+                     "Right posterior hippocampus"]
+    assert "probability.left_anterior_hippocampus" in whole.mapNodes
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetCenter(-27.0, -22.0, -15.0)  # RAS: the left hippocampus
+    roi.SetSize(40.0, 56.0, 40.0)
+    box = roiBoxFromNode(roi)
+    assert box.centre == (27.0, 22.0, -15.0) and box.size == (40.0, 56.0, 40.0)
+    boxed = logic.segment([volume], default_package(), device="cpu", roiNode=roi)
+    segmentation = boxed.segmentationNode.GetSegmentation()
+    assert [segmentation.GetNthSegment(i).GetName() for i in range(2)] == ["Anterior", "Posterior"]
+    labels = imageFromVolumeNode(boxed.modelLabelNode)
+    k, j, i = np.nonzero(labels.array)
+    ras = (labels.geometry.ijk_to_ras() @ np.vstack([i, j, k, np.ones_like(i)]))[:3]
+    assert len(i) > 1000 and np.all(np.abs(ras - np.array([[-27.0], [-22.0], [-15.0]])) <= [[20.5], [28.5], [20.5]])

@@ -44,13 +44,14 @@ from vtkmodules.vtkCommonMath import vtkMatrix4x4
 from . import __version__
 from .image import Geometry, Image, ImageError, case_name, read_image, write_image
 from .inference import Cancelled, Predictor, Result, resolve_device
+from .localise import Box
 from .maps import volume_name
 from .package import ModelPackage, available_packages, default_package_name, load_package
 from .review import Region, doubtful_regions
 
 __all__ = ["AttnSegLogic", "Cancelled", "CorrectionError", "DoubtfulRegion", "MapLegend", "SegmentationJob",
            "SegmentationResult", "SegmentationTask", "colorScale", "imageFromVolumeNode", "loadVolume", "newScene",
-           "terminologyEntry", "volumeNodeFromImage"]
+           "roiBoxFromNode", "terminologyEntry", "volumeNodeFromImage"]
 
 ATTRIBUTE = "AttnSeg."
 REF_INPUT = "AttnSegInput"
@@ -185,6 +186,19 @@ def loadVolume(path: str | os.PathLike, scene=None, name: str | None = None):
     return node
 
 
+def roiBoxFromNode(roiNode) -> Box:
+    """A markups ROI node (world RAS, possibly rotated) as the engine's :class:`~AttnSegLib.localise.Box`
+    (LPS mm)."""
+    centre, size = [0.0] * 3, [0.0] * 3
+    roiNode.GetCenterWorld(centre)
+    roiNode.GetSizeWorld(size)
+    rasToLps = np.diag([-1.0, -1.0, 1.0])
+    axes = rasToLps @ matrixToArray(roiNode.GetObjectToWorldMatrix())[:3, :3]
+    axes /= np.linalg.norm(axes, axis=0)
+    box = Box.from_centre_size(rasToLps @ np.asarray(centre), size)
+    return Box(box.centre, box.size, tuple(float(a) for a in axes.ravel()))
+
+
 # -- colours and terminology -----------------------------------------------------------------------
 def colorScale(count: int = 256) -> np.ndarray:
     """(count, 3) RGB in [0, 1]: the inferno scale, linearly interpolated between its anchors."""
@@ -285,11 +299,12 @@ class SegmentationJob:
     predictor: Predictor
     images: list[Image]
     inputNodeIDs: list[str]
+    roi: Box | None = None
 
     def run(self, progress=None, cancel=None) -> Result:
         """The engine's prediction; ``progress(fraction, eta_seconds, stage)``; ``cancel.is_set()``
         makes it raise :class:`Cancelled`."""
-        return self.predictor.predict(self.images, progress=progress, cancel=cancel)
+        return self.predictor.predict(self.images, progress=progress, cancel=cancel, roi=self.roi)
 
 
 class SegmentationTask:
@@ -405,8 +420,10 @@ class AttnSegLogic:
         return chosen
 
     # -- segment --------------------------------------------------------------------------------
-    def prepare(self, volumeNodes: list, model=None, device: str = "auto") -> SegmentationJob:
-        """Check the inputs against the model card and copy them out of MRML (call on the scene's thread)."""
+    def prepare(self, volumeNodes: list, model=None, device: str = "auto", roiNode=None) -> SegmentationJob:
+        """Check the inputs against the model card and copy them out of MRML (call on the scene's thread).
+        ``roiNode``: a markups ROI to segment inside (default: the whole volume, localised by the engine
+        when it is much larger than the model's training field of view)."""
         package = self.loadModel(model)
         names = [m["name"] for m in package.modalities]
         nodes = list(volumeNodes)
@@ -417,17 +434,18 @@ class AttnSegLogic:
         key = (f"{package.path}:{package.sha256}", str(resolve_device(device)))
         if key not in self._predictors:
             self._predictors[key] = Predictor(package, device=device)
-        return SegmentationJob(package, self._predictors[key], images, [n.GetID() for n in nodes])
+        return SegmentationJob(package, self._predictors[key], images, [n.GetID() for n in nodes],
+                               roiBoxFromNode(roiNode) if roiNode is not None else None)
 
     def segment(self, volumeNodes: list, model=None, device: str = "auto", progress=None,
-                cancel=None) -> SegmentationResult:
+                cancel=None, roiNode=None) -> SegmentationResult:
         """Segment ``volumeNodes`` (one per modality, in the card's order) into a new segmentation node.
 
         ``model``: package, name or path (default: the default package). ``progress(fraction, eta, stage)``
         and ``cancel`` (``.is_set()``) as in :meth:`AttnSegLib.inference.Predictor.predict`; a cancelled
         run raises :class:`Cancelled` and adds nothing to the scene.
         """
-        job = self.prepare(volumeNodes, model, device)
+        job = self.prepare(volumeNodes, model, device, roiNode)
         return self.addResult(job, job.run(progress=progress, cancel=cancel))
 
     def addResult(self, job: SegmentationJob, result: Result) -> SegmentationResult:
