@@ -260,7 +260,7 @@ def test_module_cmake_lists_every_script_and_resource():
                                 if "__pycache__" not in p.parts and "web" not in p.relative_to(package).parts}
     assert set(scripts) == on_disk, (f"add to MODULE_PYTHON_SCRIPTS: {sorted(on_disk - set(scripts))}; "
                                      f"remove: {sorted(set(scripts) - on_disk)}")
-    shipped = {str(p.relative_to(REPO)) for folder in ("Icons", "UI", "Models", "SampleData")
+    shipped = {str(p.relative_to(REPO)) for folder in ("Icons", "UI", "Models", "SampleData", "Atlas")
                for p in (REPO / "Resources" / folder).rglob("*") if p.is_file()}
     assert set(resources) == shipped, (f"add to MODULE_PYTHON_RESOURCES: {sorted(shipped - set(resources))}; "
                                        f"remove: {sorted(set(resources) - shipped)}")

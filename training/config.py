@@ -101,7 +101,7 @@ SCHEMA: dict = {
     "name": None, "description": None, "seed": None, "patch_size": None, "batch_size": None, "output_dir": None,
     "data": {"layout": None, "root": None, "label_pattern": None, "spacing_xyz_mm": None, "orientation": None,
              "crop_to_nonzero": None, "validation_fraction": None, "licence": None, "attribution": None,
-             "reference": None,
+             "reference": None, "localisation": {"method", "targets"},
              "modalities": [{"name", "pattern", "contrast", "normalization"}],
              "classes": [{"value", "name", "color", "source_value", "terminology"}]},
     "model": {"architecture": None, "kwargs": None, "init_from": None},

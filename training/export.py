@@ -16,7 +16,9 @@ description that says it was fine-tuned; a model worse than its parent there by 
 ``fine_tuning.reference_tolerance`` is refused unless ``force`` (``--force``), and the error says by how much.
 Before measuring, a temperature that calibrates the probabilities is fitted on the same validation
 cases (:mod:`training.calibrate`) and recorded as ``inference.temperature``, so the metrics are those
-of the calibrated package.
+of the calibrated package. ``inference.training_field_of_view_mm`` is the median extent of the training
+images along the model's axes (an input much larger is localised or refused), and ``inference.localisation`` comes from the config's ``data.localisation`` (e.g.
+``{method: mni152_affine, targets: [left_hippocampus, right_hippocampus]}``, see ``AttnSegLib.localise``).
 The package is written by ``AttnSegLib.package.save_package``, which hashes and reloads it.
 """
 from __future__ import annotations
@@ -26,6 +28,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+import SimpleITK as sitk
 from safetensors.torch import load_file
 
 from AttnSegLib import models
@@ -82,7 +86,12 @@ def export_run(run: str | Path, output: str | Path, weights: str = "best", name:
 
     held_out = set(split["validation"])
     every_case = find_cases(data, resolve_path(data["root"]))
-    card["input_statistics"] = measure([c for c in every_case if c.name in set(split["train"])], data, progress)
+    training_cases = [c for c in every_case if c.name in set(split["train"])]
+    card["input_statistics"] = measure(training_cases, data, progress)
+    if training_cases:
+        card["inference"]["training_field_of_view_mm"] = training_field_of_view_mm(training_cases, data.get("orientation"))
+    if data.get("localisation"):
+        card["inference"]["localisation"] = dict(data["localisation"])
     cases = [c for c in every_case if c.name in held_out]
     temperature, calibration = fit_on_cases(network, card, cases, data, device, progress)
     card["inference"]["temperature"] = round(temperature, 4)
@@ -119,6 +128,24 @@ def export_run(run: str | Path, output: str | Path, weights: str = "best", name:
                                        f"{lineage['data_mix']['replay_dataset']} replayed")
         card["training"]["lineage"] = lineage
     return save_package(resolve_path(output), card, state)
+
+
+def training_field_of_view_mm(cases, orientation: str | None) -> list[float]:
+    """Median physical extent (mm, rounded to 1 mm) of the cases' first images along the model's axes
+    (the axes of ``orientation``, e.g. RAS: x, y, z; without one, each image's own axes), from the headers."""
+    extents = []
+    reader = sitk.ImageFileReader()
+    for case in cases:
+        reader.SetFileName(str(case.images[0]))
+        reader.ReadImageInformation()
+        extent = np.asarray(reader.GetSize(), float) * np.asarray(reader.GetSpacing(), float)
+        if orientation:
+            own = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(reader.GetDirection())
+            axis_of = {letter: axis for axis, letter in enumerate(own)}
+            opposite = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
+            extent = [extent[axis_of.get(letter, axis_of.get(opposite[letter]))] for letter in orientation]
+        extents.append(extent)
+    return [float(round(v)) for v in np.median(np.asarray(extents, dtype=float), axis=0)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

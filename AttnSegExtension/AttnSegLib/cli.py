@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
+import io
 import json
 import os
 import re
@@ -20,11 +22,12 @@ import threading
 import time
 from pathlib import Path
 
+from . import localise
 from .image import ImageError, case_name, dicom_series, list_images, read_image, write_image
 from .package import PackageError, available_packages, default_package_name, load_package
 
 # Moved into place in this order: report.json last, so its presence marks a complete result.
-OUTPUT_FILES = ("labels.nii.gz", "probabilities.nii.gz", "maps", "preview.png", "report.json")
+OUTPUT_FILES = ("labels.nii.gz", "probabilities.nii.gz", "maps", "preview.png", "volumes.csv", "report.json")
 MIN_FREE_BYTES = 64 * 2**20  # below this a disk is full for our purposes; refuse before any work
 _MODALITY_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<index>\d{4})$")
 
@@ -123,6 +126,34 @@ def _interrupts_deferred():
             raise KeyboardInterrupt
 
 
+def _volumes_csv(case: str, volumetry: dict) -> str:
+    """A localised whole head's volumetry as one header line and one row (so the files of a batch
+    concatenate): ml per side and part, the totals, the left/right asymmetry index (%)."""
+    from .maps import volume_name  # imports torch; the CLI's other commands start without it
+
+    columns = {"case": case}
+    for side in ("Left", "Right"):
+        for part, ml in volumetry.get(side, {}).items():
+            columns[f"{side.lower()}_{volume_name(part)}_ml"] = ml
+    for part, index in volumetry.get("asymmetry_index_percent", {}).items():
+        columns[f"asymmetry_index_{volume_name(part)}_percent"] = "" if index is None else index
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerow(columns.values())
+    return buffer.getvalue()
+
+
+def _volumes_line(result, volumetry: dict | None) -> str:
+    if volumetry is None:
+        return ", ".join(f"{k} {v:.2f} ml" for k, v in result.class_volumes_ml(result.class_names).items())
+    sides = [f"{side} {parts['total']:.2f} ml (" + ", ".join(f"{part.lower()} {ml:.2f}" for part, ml in parts.items()
+                                                         if part != "total") + ")"
+             for side, parts in volumetry.items() if side in ("Left", "Right")]
+    index = volumetry.get("asymmetry_index_percent", {}).get("total")
+    return ", ".join(sides) + (f", asymmetry index {index:+.1f} %" if index is not None else "")
+
+
 def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inputs: list[Path],
                 preview_image=None, report_extra: dict | None = None) -> None:
     """Write everything into a hidden staging folder, then move each output into ``out``.
@@ -130,6 +161,7 @@ def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inpu
     ``preview_image``: the first modality, to draw ``preview.png`` over (``--preview``);
     ``report_extra``: more top-level entries for report.json (``refine`` adds its clicks).
     """
+    volumetry = localise.volumetry(result.labels, result.classes)
     staging = Path(tempfile.mkdtemp(prefix=".attnseg-", dir=out))
     try:
         t0 = time.perf_counter()
@@ -138,19 +170,26 @@ def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inpu
         for name, image in result.maps.items():
             write_image(image, staging / "maps" / f"{name}.nii.gz")
         if preview_image is not None:
-            from .preview import render_preview
+            from .preview import render_preview, render_whole_head_preview
 
-            render_preview(preview_image, result, staging / "preview.png", title=f"{package.name}: {inputs[0].name}",
-                           class_colors=[tuple(c.get("color", (255, 255, 0))) for c in package.classes])
+            title = f"{package.name}: {inputs[0].name}"
+            if volumetry is not None:
+                render_whole_head_preview(preview_image, result, staging / "preview.png", title=title)
+            else:
+                render_preview(preview_image, result, staging / "preview.png", title=title,
+                               class_colors=[tuple(c.get("color", (255, 255, 0))) for c in result.classes])
+        if volumetry is not None:
+            (staging / "volumes.csv").write_text(_volumes_csv(case_name(inputs[0]), volumetry))
         timings["write"] = time.perf_counter() - t0
-        class_names = [c["name"] for c in package.classes]
         report = {
             "inputs": [str(p) for p in inputs],
             "timings_s": {k: round(v, 4) for k, v in timings.items()},
             "total_s": round(sum(timings.values()), 4),
             "provenance": result.provenance,
             "package": {"name": package.name, "sha256": package.sha256, "path": str(package.path)},
-            "class_volumes_ml": result.class_volumes_ml(class_names),
+            "classes": result.classes,
+            "class_volumes_ml": result.class_volumes_ml(result.class_names),
+            "volumetry": volumetry,
             "maps": {name: package.maps.get(name.split(".")[0], {}).get("meaning", "")
                      if name != "uncertainty" else "normalised entropy of the class probabilities (0 certain, 1 maximal doubt)"
                      for name in result.maps},
@@ -214,6 +253,21 @@ def _progress_bar(case: str):
     return bar, update
 
 
+def _parse_roi(text: str):
+    """``CX,CY,CZ,SX,SY,SZ`` (mm, LPS) -> :class:`~AttnSegLib.localise.Box`."""
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 6:
+        raise UsageError(f"--roi {text!r}: give six numbers CX,CY,CZ,SX,SY,SZ: the centre and the size in mm, in "
+                         "the image's LPS coordinates (Slicer shows RAS: negate x and y)")
+    try:
+        return localise.Box.from_centre_size(values[:3], values[3:])
+    except ImageError as err:
+        raise UsageError(f"--roi {text!r}: {err}") from None
+
+
 def cmd_segment(args) -> int:
     from .inference import Cancelled, Predictor
 
@@ -229,7 +283,8 @@ def cmd_segment(args) -> int:
     for target in targets.values():
         _check_output_dir(target, args.overwrite)
     predictor = Predictor(package, device=args.device, tta=args.tta, with_maps=not args.no_maps,
-                          overlap=args.overlap, batch_size=args.batch_size)
+                          overlap=args.overlap, batch_size=args.batch_size, localise=not args.whole_volume)
+    roi = _parse_roi(args.roi) if args.roi else None
     cancel = threading.Event()
     failures = 0
     for case, paths in cases.items():
@@ -239,7 +294,7 @@ def cmd_segment(args) -> int:
             timings = {"read": time.perf_counter() - t0}
             bar, update = _progress_bar(case)
             try:
-                result = predictor.predict(images, progress=update, cancel=cancel)
+                result = predictor.predict(images, progress=update, cancel=cancel, roi=roi)
             finally:
                 bar.close()
             timings.update(result.timings)
@@ -256,8 +311,7 @@ def cmd_segment(args) -> int:
         except KeyboardInterrupt:
             cancel.set()
             raise Cancelled() from None
-        volumes = ", ".join(f"{k} {v:.2f} ml" for k, v in result.class_volumes_ml(
-            [c["name"] for c in package.classes]).items())
+        volumes = _volumes_line(result, localise.volumetry(result.labels, result.classes))
         for notice in result.notices:
             print(f"attnseg: notice: {case}: {notice}", file=sys.stderr)
         print(f"{case}: {targets[case]} ({volumes}; {sum(timings.values()):.1f} s on {predictor.device})")
@@ -567,7 +621,16 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--batch-size", type=int, help="windows per forward pass (default: the model card's)")
     seg.add_argument("--overwrite", action="store_true", help="replace existing results in --output")
     seg.add_argument("--preview", action="store_true",
-                     help="also write preview.png: a slice with the segmentation and every map (needs matplotlib)")
+                     help="also write preview.png: a slice with the segmentation and every map, or for a whole head "
+                          "slices through each side (needs matplotlib)")
+    seg.add_argument("--roi", metavar="CX,CY,CZ,SX,SY,SZ",
+                     help="segment only inside this box: centre and size in mm, in the image's LPS physical "
+                          "coordinates as ITK reads the file (Slicer shows RAS: negate x and y); default: the whole "
+                          "input, or for an input much larger than the model's training field of view, boxes found "
+                          "by registering the MNI152 template when the model card says how")
+    seg.add_argument("--whole-volume", action="store_true",
+                     help="segment the whole input as given even when it is much larger than the model's training "
+                          "field of view (a speed baseline: the answer is not meaningful there)")
     seg.set_defaults(func=cmd_segment)
 
     ev = sub.add_parser("evaluate", help="Dice, ASD and HD95 per class of predictions against references")

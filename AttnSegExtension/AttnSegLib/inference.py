@@ -25,9 +25,12 @@ from monai.inferers import sliding_window_inference
 
 from . import __version__
 from .image import Image
+from .localise import (Box, LocalisationError, check_registration, crop_images, cut, footprint, grid_in_box,
+                       much_larger, orientation_matrix, plausible_volume, register, resample, resolve_targets,
+                       sub_geometry, target_box, target_classes)
 from .maps import normalized_entropy, resize_map, split_channels, volume_name
 from .package import ModelPackage
-from .preprocess import to_model_frame
+from .preprocess import align_modalities, to_model_frame
 
 ProgressCallback = Callable[[float, "float | None", str], None]
 
@@ -48,6 +51,8 @@ class Result:
     ``maps``: name -> (D, H, W) float32 ("uncertainty" always; the model's own maps unless disabled).
     ``difficulty_name``: the map doubtful regions are ranked by ("difficulty" when the model learns one,
     else "uncertainty").
+    ``classes``: what each label value means (the card's classes, or for a localised whole head each
+    target's copy of them, e.g. "Left anterior hippocampus" with its ``side`` and ``part``).
     """
 
     labels: Image
@@ -57,6 +62,11 @@ class Result:
     timings: dict[str, float]
     provenance: dict
     notices: list[str] = field(default_factory=list)
+    classes: list[dict] = field(default_factory=list)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c["name"] for c in self.classes]
 
     def class_volumes_ml(self, class_names: list[str]) -> dict[str, float]:
         counts = np.bincount(self.labels.array.ravel(), minlength=len(class_names))
@@ -182,12 +192,15 @@ class Predictor:
 
     ``overlap`` and ``batch_size`` default to the card's ``inference`` section (0.5 and 2); with
     ``tta`` the windows are averaged over mirrorings along the card's ``inference.tta_flip_axes``
-    (default all three: 8 passes).
+    (default all three: 8 passes). ``localise=False`` segments every input whole, even one much larger
+    than the card's ``inference.training_field_of_view_mm`` (speed baselines only: such an answer is
+    meaningless).
     """
 
     def __init__(self, model: ModelPackage | torch.nn.Module, card: dict | None = None,
                  device: str = "auto", tta: bool = False, with_maps: bool = True,
-                 overlap: float | None = None, batch_size: int | None = None, half: bool | None = None):
+                 overlap: float | None = None, batch_size: int | None = None, half: bool | None = None,
+                 localise: bool = True):
         if isinstance(model, ModelPackage):
             self.package, self.card, network = model, model.card, model.build_network()
         else:
@@ -197,7 +210,7 @@ class Predictor:
         settings = self.card.get("inference", {})
         self.device = resolve_device(device)
         self.network = network.eval().to(self.device)
-        self.tta, self.with_maps = tta, with_maps
+        self.tta, self.with_maps, self.localise = tta, with_maps, localise
         self.flips = flip_combinations(settings.get("tta_flip_axes", (0, 1, 2))) if tta else [()]
         self.overlap = float(overlap if overlap is not None else settings.get("overlap", 0.5))
         self.batch_size = int(batch_size if batch_size is not None else settings.get("batch_size", 2))
@@ -258,7 +271,123 @@ class Predictor:
 
     # -- images in, results on the input grid ------------------------------------------------
     def predict(self, images: list[Image], progress: ProgressCallback | None = None,
-                cancel: CancelFlag | None = None) -> Result:
+                cancel: CancelFlag | None = None, roi: Box | None = None) -> Result:
+        """One case (one image per modality, the card's order) -> :class:`Result` on the first image's grid.
+
+        ``roi``: segment only inside this box (LPS mm; :meth:`Box.from_centre_size`). Without one, an
+        input much larger than the card's ``inference.training_field_of_view_mm`` is localised as the
+        card's ``inference.localisation`` says (:mod:`AttnSegLib.localise`), or refused with
+        :class:`LocalisationError` when the card gives no way.
+        """
+        settings = self.card.get("inference", {})
+        field_of_view = settings.get("training_field_of_view_mm")
+        if len(images) != len(self.card["modalities"]):
+            return self._predict_grid(images, progress, cancel)  # which refuses with the usual message
+        if roi is not None:
+            return self._predict_roi(images, roi, progress, cancel)
+        if not (self.localise and field_of_view and much_larger(images[0].geometry, field_of_view)):
+            return self._predict_grid(images, progress, cancel)
+        localisation = settings.get("localisation")
+        if not localisation:
+            extent = " x ".join(f"{e:.0f}" for e in np.asarray(images[0].geometry.size) * images[0].geometry.spacing)
+            raise LocalisationError(
+                f"the image ({extent} mm) is much larger than the {' x '.join(f'{v:g}' for v in field_of_view)} mm "
+                f"field of view model {self.card['name']!r} was trained on, and its card says no way to localise "
+                "the structure; give the region with --roi CX,CY,CZ,SX,SY,SZ (LPS mm) or crop the image")
+        return self._predict_localised(images, localisation, field_of_view, progress, cancel)
+
+    def _predict_localised(self, images: list[Image], localisation: dict, field_of_view, progress, cancel) -> Result:
+        """Register the template, segment one crop per target, bring every crop back (see localise.py)."""
+        timings: dict[str, float] = {"localise": 0.0, "preprocess": 0.0, "predict": 0.0, "postprocess": 0.0}
+        t0 = time.perf_counter()
+        if progress is not None:
+            progress(0.0, None, "localise")
+        images, notices = align_modalities(images, [m["name"] for m in self.card["modalities"]])
+        registration = register(images[0])
+        check_registration(registration)
+        targets = resolve_targets(localisation.get("targets", []))
+        classes = target_classes(self.card["classes"], targets)
+        geometry = images[0].geometry
+        spacing = self.card.get("spacing_xyz_mm") or geometry.spacing
+        direction = orientation_matrix(self.card.get("orientation"))
+        timings["localise"] = time.perf_counter() - t0
+        parts = len(self.card["classes"]) - 1
+        shape = tuple(reversed(geometry.size))
+        foreground = np.zeros((len(classes) - 1,) + shape, dtype=np.float32)
+        maps: dict[str, np.ndarray] = {}
+        boxes = {}
+        for n, target in enumerate(targets):
+            t0 = time.perf_counter()
+            box = target_box(registration, target, field_of_view, direction)
+            grid = grid_in_box(box, spacing, box.axes)
+            index = footprint(box.corners(), geometry)
+            if index is None:
+                raise LocalisationError(f"the {target.side.lower()} {target.structure} lies outside this image; "
+                                        "give a scan that covers it, or the region with --roi")
+            crop = crop_images(images, grid)
+            timings["localise"] += time.perf_counter() - t0
+            step = None if progress is None else (
+                lambda f, eta, stage, n=n: progress((n + f) / len(targets), None, f"{target.name}: {stage}"))
+            result = self._predict_grid(crop, step, cancel)
+            for stage in ("preprocess", "predict", "postprocess"):
+                timings[stage] += result.timings[stage]
+            volume = plausible_volume(result.labels.array, grid.voxel_volume_ml, target)
+            t0 = time.perf_counter()
+            region = sub_geometry(geometry, index)
+            for c in range(1, parts + 1):
+                foreground[(n * parts + c - 1,) + index] += resample(
+                    Image(result.probabilities.array[c], grid), region, 0.0)
+            for name, image in result.maps.items():
+                on_grid = maps.setdefault(name, np.zeros(shape, dtype=np.float32))
+                np.maximum(on_grid[index], resample(image, region, 0.0), out=on_grid[index])
+            notices += [f"{target.name}: {text}" for text in result.notices]
+            boxes[target.name] = {**box.as_dict(), "crop_volume_ml": round(volume, 3)}
+            timings["postprocess"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        probabilities = np.empty((len(classes),) + shape, dtype=np.float32)
+        probabilities[1:] = foreground
+        del foreground
+        np.clip(1.0 - probabilities[1:].sum(axis=0), 0.0, 1.0, out=probabilities[0])
+        labels = _argmax_labels(probabilities)
+        timings["postprocess"] += time.perf_counter() - t0
+        provenance = {**self.provenance(), "localisation": {**registration.as_dict(), "targets": boxes}}
+        image_maps = {name: Image(values, geometry) for name, values in maps.items()}
+        return Result(Image(labels, geometry), Image(probabilities, geometry), image_maps,
+                      self.review_map_name(image_maps), timings, provenance, list(dict.fromkeys(notices)), classes)
+
+    def _predict_roi(self, images: list[Image], roi: Box, progress, cancel) -> Result:
+        """Segment the part of the input inside ``roi`` (cut on its own grid, no interpolation); background
+        elsewhere."""
+        images, notices = align_modalities(images, [m["name"] for m in self.card["modalities"]])
+        geometry = images[0].geometry
+        index = footprint(roi.corners(), geometry)
+        if index is None:
+            corners = geometry.corners_lps()
+            raise LocalisationError(
+                f"the ROI (centre {', '.join(f'{c:g}' for c in roi.centre)} mm LPS) lies outside the image, which "
+                f"spans {', '.join(f'{a:.0f}..{b:.0f}' for a, b in zip(corners.min(0), corners.max(0)))} mm (LPS x, y, z); "
+                "give the centre in the image's LPS coordinates")
+        result = self._predict_grid(cut(images, index), progress, cancel)
+        t0 = time.perf_counter()
+        shape = tuple(reversed(geometry.size))
+        labels = np.zeros(shape, dtype=result.labels.array.dtype)
+        labels[index] = result.labels.array
+        probabilities = np.zeros((len(self.class_names),) + shape, dtype=np.float32)
+        probabilities[0] = 1.0
+        probabilities[(slice(None),) + index] = result.probabilities.array
+        maps = {}
+        for name, image in result.maps.items():
+            maps[name] = np.zeros(shape, dtype=np.float32)
+            maps[name][index] = image.array
+        result.timings["postprocess"] += time.perf_counter() - t0
+        provenance = {**result.provenance, "roi": roi.as_dict()}
+        return Result(Image(labels, geometry), Image(probabilities, geometry),
+                      {name: Image(values, geometry) for name, values in maps.items()}, result.difficulty_name,
+                      result.timings, provenance, notices + result.notices, result.classes)
+
+    def _predict_grid(self, images: list[Image], progress: ProgressCallback | None = None,
+                      cancel: CancelFlag | None = None) -> Result:
+        """The whole input, as given, through the model frame and back."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         prepared = to_model_frame(images, self.card["modalities"], self.card.get("spacing_xyz_mm"),
@@ -299,6 +428,7 @@ class Predictor:
             timings=timings,
             provenance=self.provenance(),
             notices=prepared.notices + self.notices,
+            classes=[dict(c) for c in self.card["classes"]],
         )
 
     def review_map_name(self, maps: dict) -> str:

@@ -27,6 +27,8 @@ from safetensors.torch import save_file
 
 from . import models
 from .image import apply_umask
+from .localise import METHOD as LOCALISATION_METHOD
+from .localise import TARGETS as LOCALISATION_TARGETS
 from .preprocess import NORMALISATIONS
 
 SCHEMA_VERSION = 1
@@ -224,6 +226,19 @@ def validate_card(card: dict, where: str) -> None:
     require(_is_number(temperature) and 0.05 <= temperature <= 20,
             f"'inference.temperature' must be a number from 0.05 to 20 (the logits' calibration scale, 1 = none), "
             f"not {temperature!r}")
+    field_of_view = settings.get("training_field_of_view_mm")
+    require(field_of_view is None or (isinstance(field_of_view, list) and len(field_of_view) == 3
+                                      and all(_is_number(v) and v > 0 for v in field_of_view)),
+            "'inference.training_field_of_view_mm' must be null or three positive numbers (x, y, z mm)")
+    localisation = settings.get("localisation")
+    require(localisation is None or (isinstance(localisation, dict)
+                                     and localisation.get("method") == LOCALISATION_METHOD
+                                     and isinstance(localisation.get("targets"), list) and localisation["targets"]
+                                     and all(t in LOCALISATION_TARGETS for t in localisation["targets"])),
+            f"'inference.localisation' must be null or {{\"method\": \"{LOCALISATION_METHOD}\", \"targets\": [...]}} "
+            f"with targets among {', '.join(LOCALISATION_TARGETS)}")
+    require(localisation is None or field_of_view is not None,
+            "'inference.localisation' needs 'inference.training_field_of_view_mm' (what to localise to)")
     maps = card.get("maps", {})
     require(isinstance(maps, dict) and all(isinstance(v, dict) for v in maps.values()),
             "'maps' must be an object of map name -> {meaning, read}")

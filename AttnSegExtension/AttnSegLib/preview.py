@@ -63,3 +63,68 @@ def render_preview(image: Image, result, path: str | Path, map_names: list[str] 
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def render_whole_head_preview(image: Image, result, path: str | Path, title: str = "") -> Path:
+    """Write a PNG for a localised result (classes with a ``side``): per side, coronal, sagittal and
+    axial slices through the segmented structure, zoomed to 80 mm around it, with every class
+    outlined in its colour; then a whole axial slice through both, labelled R and L as seen.
+
+    Slices are taken on the input grid after reorienting it to RAS for display (radiological
+    convention: the patient's right on the left of the picture, anterior up in the axial view).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import SimpleITK as sitk
+
+    def to_ras(array: np.ndarray) -> np.ndarray:
+        return sitk.GetArrayFromImage(sitk.DICOMOrient(Image(array, image.geometry).to_sitk(), "LPS"))
+
+    volume, labels = to_ras(image.array.astype(np.float32)), to_ras(result.labels.array)  # (S, P, L) axes: z, y, x
+    spacing = sitk.DICOMOrient(image.to_sitk(), "LPS").GetSpacing()  # x (to L), y (to P), z (to S)
+    lo, hi = np.percentile(volume[volume > volume.min()] if (volume > volume.min()).any() else volume, [1, 99.5])
+    colors = {c["value"]: np.asarray(c.get("color", (255, 255, 0))[:3]) / 255 for c in result.classes}
+    sides = sorted({c["side"] for c in result.classes if "side" in c}, key=lambda s: s != "Right")
+    fig, axes = plt.subplots(1, 3 * len(sides) + 1, figsize=(2.6 * (3 * len(sides) + 1), 3.2), dpi=110, squeeze=False)
+    panels = iter(axes[0])
+
+    def show(ax, img, lab, aspect, caption, left_right=None):
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
+        for value in np.unique(lab):
+            if value > 0:
+                ax.contour(lab == value, levels=[0.5], colors=[colors[int(value)]], linewidths=1.0)
+        if left_right:
+            for x, text in zip((0.03, 0.97), left_right):
+                ax.text(x, 0.5, text, color="w", fontsize=8, transform=ax.transAxes, ha="center", va="center")
+        ax.set_title(caption, fontsize=7)
+        ax.set_axis_off()
+
+    half = [int(round(40 / s)) for s in spacing]
+    for side in sides:
+        values = [c["value"] for c in result.classes if c.get("side") == side]
+        z, y, x = (np.nonzero(np.isin(labels, values)) if np.isin(labels, values).any()
+                   else [np.array([n // 2]) for n in labels.shape])
+        cz, cy, cx = int(np.median(z)), int(np.median(y)), int(np.median(x))
+        zs = slice(max(cz - half[2], 0), cz + half[2])
+        ys = slice(max(cy - half[1], 0), cy + half[1])
+        xs = slice(max(cx - half[0], 0), cx + half[0])
+        # coronal: rows S->I (flip z), columns x toward L (R on the left: radiological)
+        show(next(panels), np.flipud(volume[zs, cy, xs]), np.flipud(labels[zs, cy, xs]), spacing[2] / spacing[0],
+             f"{side}: coronal", ("R", "L"))
+        # sagittal: rows S->I, columns anterior on the left (y grows to P)
+        show(next(panels), np.flipud(volume[zs, ys, cx]), np.flipud(labels[zs, ys, cx]), spacing[2] / spacing[1],
+             f"{side}: sagittal", ("A", "P"))
+        show(next(panels), volume[cz, ys, xs], labels[cz, ys, xs], spacing[1] / spacing[0], f"{side}: axial",
+             ("R", "L"))
+    k = int(np.median(np.nonzero(labels)[0])) if labels.any() else labels.shape[0] // 2
+    show(next(panels), volume[k], labels[k], spacing[1] / spacing[0], "axial, whole head", ("R", "L"))
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -51,13 +51,14 @@ from vtkmodules.vtkCommonMath import vtkMatrix4x4
 from . import __version__
 from .image import Geometry, Image, ImageError, apply_umask, case_name, read_image, write_image
 from .inference import Cancelled, Predictor, Result, resolve_device
+from .localise import Box
 from .maps import volume_name
 from .package import ModelPackage, available_packages, default_package_name, load_package
 from .review import Region, doubtful_regions
 
 __all__ = ["AttnSegLogic", "Cancelled", "CorrectionError", "DoubtfulRegion", "MapLegend", "SegmentationJob",
            "SegmentationResult", "SegmentationTask", "colorScale", "imageFromVolumeNode", "loadVolume", "newScene",
-           "setSegmentTerminology", "terminologyEntry", "volumeNodeFromImage"]
+           "roiBoxFromNode", "setSegmentTerminology", "terminologyEntry", "volumeNodeFromImage"]
 
 ATTRIBUTE = "AttnSeg."
 REF_INPUT = "AttnSegInput"
@@ -211,6 +212,19 @@ def loadVolume(path: str | os.PathLike, scene=None, name: str | None = None):
     return node
 
 
+def roiBoxFromNode(roiNode) -> Box:
+    """A markups ROI node (world RAS, possibly rotated) as the engine's :class:`~AttnSegLib.localise.Box`
+    (LPS mm)."""
+    centre, size = [0.0] * 3, [0.0] * 3
+    roiNode.GetCenterWorld(centre)
+    roiNode.GetSizeWorld(size)
+    rasToLps = np.diag([-1.0, -1.0, 1.0])
+    axes = rasToLps @ matrixToArray(roiNode.GetObjectToWorldMatrix())[:3, :3]
+    axes /= np.linalg.norm(axes, axis=0)
+    box = Box.from_centre_size(rasToLps @ np.asarray(centre), size)
+    return Box(box.centre, box.size, tuple(float(a) for a in axes.ravel()))
+
+
 # -- colours and terminology -----------------------------------------------------------------------
 def colorScale(count: int = 256) -> np.ndarray:
     """(count, 3) RGB in [0, 1]: the inferno scale, linearly interpolated between its anchors."""
@@ -279,6 +293,7 @@ class SegmentationResult:
     notices: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
+    classes: list[dict] = field(default_factory=list)  # what each label value means (the engine Result's)
 
     @property
     def difficultyNode(self):
@@ -328,6 +343,7 @@ class SegmentationJob:
     inputNodeIDs: list[str]
     device: str = "auto"
     predictor: Predictor | None = None
+    roi: Box | None = None
 
     def run(self, progress=None, cancel=None) -> Result:
         """The engine's prediction; ``progress(fraction, eta_seconds, stage)``; ``cancel.is_set()``
@@ -335,7 +351,7 @@ class SegmentationJob:
         if self.predictor is None:
             raise RuntimeError("this job was prepared for the worker process (inProcess=False); "
                                "run it with AttnSegLogic.startTask")
-        return self.predictor.predict(self.images, progress=progress, cancel=cancel)
+        return self.predictor.predict(self.images, progress=progress, cancel=cancel, roi=self.roi)
 
 
 class SegmentationTask:
@@ -456,10 +472,13 @@ class AttnSegLogic:
         return chosen
 
     # -- segment --------------------------------------------------------------------------------
-    def prepare(self, volumeNodes: list, model=None, device: str = "auto", inProcess: bool = True) -> SegmentationJob:
+    def prepare(self, volumeNodes: list, model=None, device: str = "auto", inProcess: bool = True,
+                roiNode=None) -> SegmentationJob:
         """Check the inputs against the model card and copy them out of MRML (call on the scene's thread).
         ``inProcess``: also build the network here, for :meth:`SegmentationJob.run` in this process
-        (False for :meth:`startTask`, whose worker builds it)."""
+        (False for :meth:`startTask`, whose worker builds it). ``roiNode``: a markups ROI to segment inside
+        (default: the whole volume, localised by the engine when it is much larger than the model's
+        training field of view)."""
         package = self.loadModel(model)
         names = [m["name"] for m in package.modalities]
         nodes = list(volumeNodes)
@@ -467,7 +486,8 @@ class AttnSegLogic:
             raise ValueError(f"model {package.name!r} needs {len(names)} input volume(s), one per modality "
                              f"({', '.join(names)}); got {sum(n is not None for n in nodes)}")
         images = [imageFromVolumeNode(n) for n in nodes]
-        job = SegmentationJob(package, images, [n.GetID() for n in nodes], device)
+        job = SegmentationJob(package, images, [n.GetID() for n in nodes], device,
+                              roi=roiBoxFromNode(roiNode) if roiNode is not None else None)
         if inProcess:
             key = (f"{package.path}:{package.sha256}", str(resolve_device(device)))
             if key not in self._predictors:
@@ -492,14 +512,14 @@ class AttnSegLogic:
             self._worker = None
 
     def segment(self, volumeNodes: list, model=None, device: str = "auto", progress=None,
-                cancel=None) -> SegmentationResult:
+                cancel=None, roiNode=None) -> SegmentationResult:
         """Segment ``volumeNodes`` (one per modality, in the card's order) into a new segmentation node.
 
         ``model``: package, name or path (default: the default package). ``progress(fraction, eta, stage)``
         and ``cancel`` (``.is_set()``) as in :meth:`AttnSegLib.inference.Predictor.predict`; a cancelled
         run raises :class:`Cancelled` and adds nothing to the scene.
         """
-        job = self.prepare(volumeNodes, model, device)
+        job = self.prepare(volumeNodes, model, device, roiNode)
         return self.addResult(job, job.run(progress=progress, cancel=cancel))
 
     def addResult(self, job: SegmentationJob, result: Result) -> SegmentationResult:
@@ -526,7 +546,7 @@ class AttnSegLogic:
         modelLabel.SetHideFromEditors(True)
         yield "model output"
         segmentation = self._newSegmentationNode(scene.GenerateUniqueName(baseName), result.labels,
-                                                 package.classes, modelLabel)
+                                                 result.classes, modelLabel)
         self._storeProvenance(segmentation, package, result, inputs)
         segmentation.SetNodeReferenceID(REF_MODEL_LABEL, modelLabel.GetID())
         for node in inputs:
@@ -540,7 +560,8 @@ class AttnSegLogic:
         segmentation.SetNodeReferenceID(REF_DIFFICULTY, mapNodes[result.difficulty_name].GetID())
         self.activeSegmentationNode = segmentation
         return SegmentationResult(segmentation, mapNodes, modelLabel, result.difficulty_name, inputs,
-                                  list(result.notices), dict(result.timings), dict(result.provenance))
+                                  list(result.notices), dict(result.timings), dict(result.provenance),
+                                  list(result.classes))
 
     def _newSegmentationNode(self, name: str, labels: Image, classes: list[dict], reference):
         segmentationNode = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
@@ -572,7 +593,7 @@ class AttnSegLogic:
             "Architecture": package.card["architecture"]["name"],
             "Device": provenance.get("device", ""),
             "Versions": json.dumps(provenance.get("versions", {}), sort_keys=True),
-            "Classes": json.dumps([{"value": c["value"], "name": c["name"]} for c in package.classes]),
+            "Classes": json.dumps([{"value": c["value"], "name": c["name"]} for c in result.classes]),
             "Modalities": json.dumps([m["name"] for m in package.modalities]),
             "DifficultyMap": result.difficulty_name,
             "Provenance": json.dumps(provenance, sort_keys=True, default=str),
@@ -585,7 +606,7 @@ class AttnSegLogic:
     def _mapImages(result: Result, package: ModelPackage):
         """(name, (D, H, W) image, meaning) of every map: class probabilities, then the result's maps."""
         probabilities = result.probabilities
-        for cls in package.classes[1:]:
+        for cls in result.classes[1:]:
             yield (f"probability.{volume_name(cls['name'])}", Image(probabilities.array[cls["value"]],
                                                                     probabilities.geometry),
                    PROBABILITY_MEANING.format(name=cls["name"]))

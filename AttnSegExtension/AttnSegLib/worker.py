@@ -13,7 +13,8 @@ with ``allow_pickle=False``) in a folder the caller owns, so no image passes thr
 Caller -> worker::
 
     {"op": "segment", "id": str, "model": package path, "sha256": str, "device": "auto|cpu|cuda|mps",
-     "inputs": [{"file": .npy (D, H, W), "geometry": GEOMETRY}, ...one per modality], "output": folder}
+     "inputs": [{"file": .npy (D, H, W), "geometry": GEOMETRY}, ...one per modality], "output": folder,
+     "roi": null | BOX}                                    segment inside BOX only (else localise or whole)
     {"op": "cancel", "id": str}
     {"op": "shutdown"}
 
@@ -22,14 +23,15 @@ Worker -> caller::
     {"event": "ready", "pid": int, "versions": {...}}
     {"event": "started", "id", "device": str}                      model loaded (or reused), inputs read
     {"event": "progress", "id", "fraction": 0..1, "eta_s": float | null, "stage": str}
-    {"event": "result", "id", "geometry": GEOMETRY, "labels": .npy (D, H, W) uint8,
+    {"event": "result", "id", "geometry": GEOMETRY, "labels": .npy (D, H, W) uint8 or uint16,
      "probabilities": .npy (C, D, H, W) float32, "maps": {name: .npy (D, H, W) float32},
-     "difficulty_name": str, "timings": {...}, "provenance": {...}, "notices": [str]}
+     "classes": [card class entries, per side for a localised whole head], "difficulty_name": str,
+     "timings": {...}, "provenance": {...}, "notices": [str]}
     {"event": "cancelled", "id"}
     {"event": "error", "id": str | null, "kind": exception class name, "message": one line}
 
 ``GEOMETRY`` is :class:`AttnSegLib.image.Geometry` as ``{"size", "spacing", "origin", "direction"}``
-(LPS, ITK order). Anything a library prints goes to stderr: stdout carries the protocol only.
+(LPS, ITK order); ``BOX`` is :meth:`AttnSegLib.localise.Box.as_dict`. Anything a library prints goes to stderr: stdout carries the protocol only.
 """
 from __future__ import annotations
 
@@ -181,12 +183,14 @@ class Worker:
 
     def _segment(self, requestId: str, request: dict, cancel: threading.Event) -> None:
         from .inference import Cancelled
+        from .localise import Box
 
         try:
             predictor = self._predictorFor(request["model"], request.get("sha256", ""), request.get("device", "auto"))
             images = [Image(loadArray(i["file"]), geometryFromDict(i["geometry"])) for i in request["inputs"]]
             self.channel.send(event="started", id=requestId, device=str(predictor.device))
-            result = predictor.predict(images, progress=self._progress(requestId), cancel=cancel)
+            roi = Box.from_dict(request["roi"]) if request.get("roi") else None
+            result = predictor.predict(images, progress=self._progress(requestId), cancel=cancel, roi=roi)
             if cancel.is_set():
                 raise Cancelled()
             self.channel.send(event="result", id=requestId, **_writeResult(result, Path(request["output"])))
@@ -217,10 +221,10 @@ def _writeResult(result, folder: Path) -> dict:
     maps = {name: saveArray(image.array.astype(np.float32, copy=False), folder / f"map_{index}.npy")
             for index, (name, image) in enumerate(result.maps.items())}
     return {"geometry": geometryToDict(result.labels.geometry),
-            "labels": saveArray(result.labels.array.astype(np.uint8, copy=False), folder / "labels.npy"),
+            "labels": saveArray(result.labels.array, folder / "labels.npy"),
             "probabilities": saveArray(result.probabilities.array.astype(np.float32, copy=False),
                                        folder / "probabilities.npy"),
-            "maps": maps, "difficulty_name": result.difficulty_name, "timings": result.timings,
+            "maps": maps, "classes": result.classes, "difficulty_name": result.difficulty_name, "timings": result.timings,
             "provenance": result.provenance, "notices": list(result.notices)}
 
 

@@ -210,7 +210,8 @@ class WorkerTask:
                    "geometry": geometryToDict(image.geometry)} for i, image in enumerate(self.job.images)]
         self.worker.start()
         self.worker.send(op="segment", id=self.id, model=str(self.job.package.path), sha256=self.job.package.sha256,
-                         device=self.job.device, inputs=inputs, output=str(self._folder / "output"))
+                         device=self.job.device, inputs=inputs, output=str(self._folder / "output"),
+                         roi=self.job.roi.as_dict() if self.job.roi is not None else None)
         return self
 
     def cancel(self) -> None:
@@ -257,7 +258,7 @@ class WorkerTask:
             return Image(loadArray(path, mmap=True), geometry)
 
         return Result(labels=mapped(outcome["labels"]), probabilities=mapped(outcome["probabilities"]),
-                      maps={name: mapped(path) for name, path in outcome["maps"].items()},
+                      maps={name: mapped(path) for name, path in outcome["maps"].items()}, classes=outcome["classes"],
                       difficulty_name=outcome["difficulty_name"], timings=outcome["timings"],
                       provenance=outcome["provenance"], notices=outcome["notices"] + self.notices)
 

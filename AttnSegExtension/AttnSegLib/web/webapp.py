@@ -381,7 +381,7 @@ class AttnSegWebApp:
         labels = imageFromVolumeNode(result.modelLabelNode)
         voxel_ml = labels.geometry.voxel_volume_ml
         return ", ".join(f"{c['name']} {float((labels.array == c['value']).sum()) * voxel_ml:.2f} ml"
-                         for c in package.classes[1:])
+                         for c in (result.classes or package.classes)[1:])
 
     # -- maps -----------------------------------------------------------------------------------
     def _on_map_changed(self, *_) -> None:

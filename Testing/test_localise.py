@@ -1,0 +1,309 @@
+"""Whole-head input to both hippocampi: registration of the shipped MNI152 template, one crop per side,
+results on the input grid, volumetry, refusals, the user ROI and the card fields behind them.
+
+Real images only: the MNI152 template and the two MS patients' T1 (skull-stripped, whole brains) from
+the shared data, the shipped default package, and copies of them moved by a random rigid transform with
+scaling and resampled to other voxels, as a native-space scan would be.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from AttnSegLib.cli import main
+from AttnSegLib.image import Geometry, Image, read_image, write_image
+from AttnSegLib.inference import Predictor
+from AttnSegLib.localise import TARGETS, Box, LocalisationError, much_larger, volumetry
+from AttnSegLib.package import PackageError, default_package, load_package, validate_card
+
+MNI = "mni152/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+PATIENT_T1 = "ms_lesions/{}/T1_N4_noneck_reduced_winsor_regtoFLAIR_brain_N4_regtoMNI.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    return Predictor(default_package(), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def mni(data_dir) -> Image:
+    return read_image(data_dir / MNI)
+
+
+@pytest.fixture(scope="module")
+def mni_result(predictor, mni):
+    return predictor.predict([mni])
+
+
+def centroid_lps(result, values) -> np.ndarray:
+    k, j, i = np.nonzero(np.isin(result.labels.array, values))
+    return (result.labels.geometry.ijk_to_lps() @ np.vstack([i, j, k, np.ones_like(i)]))[:3].mean(axis=1)
+
+
+def side_values(result, side: str) -> list[int]:
+    return [c["value"] for c in result.classes if c.get("side") == side]
+
+
+def moved_copy(image: Image, seed: int) -> tuple[Image, sitk.Transform]:
+    """``image`` moved by a random rotation (up to 20 degrees about each axis), translation (up to 15 mm)
+    and isotropic scaling (0.9-1.1), resampled onto 1.2 x 0.9 x 1.4 mm voxels stored in another axis
+    order. Returns the copy and the transform (copy point -> original point)."""
+    rng = np.random.default_rng(seed)
+    g = image.geometry
+    centre = g.ijk_to_lps()[:3] @ np.append((np.asarray(g.size) - 1) / 2, 1.0)
+    transform = sitk.Similarity3DTransform()
+    transform.SetCenter(tuple(centre))
+    transform.SetMatrix(sitk.Euler3DTransform((0, 0, 0), *np.deg2rad(rng.uniform(-20, 20, 3))).GetMatrix())
+    transform.SetScale(float(rng.uniform(0.9, 1.1)))
+    transform.SetTranslation(tuple(rng.uniform(-15, 15, 3)))
+    order = [1, 2, 0]
+    spacing = np.array([1.2, 0.9, 1.4])[order]
+    size = np.ceil(np.asarray(g.size)[order] * np.asarray(g.spacing)[order] * 1.15 / spacing).astype(int)
+    direction = g.direction_matrix[:, order]
+    origin = centre - direction @ (spacing * (size - 1) / 2)
+    grid = Geometry(tuple(int(n) for n in size), tuple(spacing), tuple(origin), tuple(direction.ravel()))
+    moved = sitk.Resample(sitk.Cast(image.to_sitk(), sitk.sitkFloat32), _reference(grid), transform, sitk.sitkLinear, 0.0)
+    return Image(sitk.GetArrayFromImage(moved), grid), transform
+
+
+def _reference(grid: Geometry) -> sitk.Image:
+    ref = sitk.Image(list(grid.size), sitk.sitkUInt8)
+    ref.SetSpacing(grid.spacing)
+    ref.SetOrigin(grid.origin)
+    ref.SetDirection(grid.direction)
+    return ref
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b)))
+
+
+# -- the whole head ---------------------------------------------------------------------------------
+def test_mni152_gives_both_hippocampi_where_the_atlas_puts_them(mni_result, mni):
+    result = mni_result
+    assert result.labels.geometry == mni.geometry and result.probabilities.array.shape[0] == 5
+    assert result.class_names == ["background", "Left anterior hippocampus", "Left posterior hippocampus",
+                                  "Right anterior hippocampus", "Right posterior hippocampus"]
+    assert result.classes[1]["terminology"]["type"][1] == "5976009"  # SNOMED CT hippocampus
+    assert result.classes[1]["terminology"]["typeModifier"][2] == "Left"
+    volumes = volumetry(result.labels, result.classes)
+    for side in ("Left", "Right"):
+        assert 2.0 <= volumes[side]["total"] <= 6.0, volumes
+        assert volumes[side]["Anterior"] > 0.5 and volumes[side]["Posterior"] > 0.5
+        # the template is MNI space: the centroid lies within 5 mm of the target's MNI centre
+        centre_ras = centroid_lps(result, side_values(result, side)) * np.array([-1, -1, 1])
+        assert np.linalg.norm(centre_ras - TARGETS[f"{side.lower()}_hippocampus"].centre_ras_mm) < 5.0
+    assert abs(volumes["asymmetry_index_percent"]["total"]) < 10  # a symmetric template
+    np.testing.assert_allclose(result.probabilities.array.sum(axis=0), 1.0, atol=1e-4)
+    k, j, i = np.nonzero(result.labels.array)
+    ras = (mni.geometry.ijk_to_lps() @ np.vstack([i, j, k, np.ones_like(i)]))[:3] * np.array([[-1], [-1], [1]])
+    assert np.all((np.abs(ras[0]) > 10) & (np.abs(ras[0]) < 45) & (ras[2] > -45) & (ras[2] < 15))  # nowhere else
+    assert {"localise", "preprocess", "predict", "postprocess"} <= set(result.timings)
+    localisation = result.provenance["localisation"]
+    assert localisation["correlation"] > 0.95 and set(localisation["targets"]) == set(TARGETS)
+
+
+@pytest.mark.parametrize("patient", ["patient07", "patient19"])
+def test_ms_patients_give_hippocampi_in_the_medial_temporal_lobes_left_on_the_left(predictor, data_dir, patient):
+    image = read_image(data_dir / PATIENT_T1.format(patient))
+    result = predictor.predict([image])
+    volumes = volumetry(result.labels, result.classes)
+    for side in ("Left", "Right"):
+        assert 1.5 <= volumes[side]["total"] <= 6.0, volumes  # measured: 1.95-3.0 ml (README)
+    left, right = centroid_lps(result, side_values(result, "Left")), centroid_lps(result, side_values(result, "Right"))
+    brain = np.argwhere(image.array > 0)
+    middle = image.geometry.ijk_to_lps() @ np.append(brain.mean(axis=0)[::-1], 1.0)
+    # LPS: x grows toward the patient's left
+    assert left[0] - middle[0] > 15 and middle[0] - right[0] > 15, (left, right, middle)
+    assert 40 < left[0] - right[0] < 70
+    # medial temporal lobes: below the brain's centre, behind its front
+    assert left[2] < middle[2] and right[2] < middle[2]
+
+
+def test_moved_rescaled_resampled_copy_gives_the_same_hippocampi(predictor, mni, mni_result):
+    copy, transform = moved_copy(mni, seed=1)
+    assert not copy.geometry.same_grid(mni.geometry)
+    result = predictor.predict([copy])
+    back = sitk.GetArrayFromImage(sitk.Resample(result.labels.to_sitk(), _reference(mni.geometry),
+                                                transform.GetInverse(), sitk.sitkNearestNeighbor, 0))
+    for value in range(1, 5):
+        assert dice(back == value, mni_result.labels.array == value) >= 0.85, value
+
+
+# -- refusals ---------------------------------------------------------------------------------------
+def _half_brain(mni: Image) -> Image:
+    half = mni.array.copy()
+    half[:, :, : half.shape[2] // 2] = 0
+    return Image(half, mni.geometry)
+
+
+@pytest.mark.parametrize("kind", ["half brain", "upside down", "noise", "brats t1c"])
+def test_what_is_not_a_whole_head_t1_is_refused_in_one_line(predictor, mni, data_dir, kind):
+    image = {
+        "half brain": lambda: _half_brain(mni),
+        "upside down": lambda: Image(np.ascontiguousarray(mni.array[::-1]), mni.geometry),
+        "noise": lambda: Image(np.random.default_rng(0).normal(100, 30, mni.array.shape).astype(np.float32),
+                               mni.geometry),
+        "brats t1c": lambda: read_image(data_dir / "brats_sample/brats_2013_pat0004_1/T1c_subtrMeanDivStd.nii.gz"),
+    }[kind]()
+    with pytest.raises(LocalisationError, match="--roi") as caught:
+        predictor.predict([image])
+    assert "\n" not in str(caught.value)
+
+
+def test_a_card_without_localisation_refuses_a_whole_head_naming_roi(mni, tmp_path):
+    package = default_package()
+    copy = tmp_path / "no_localisation"
+    shutil.copytree(package.path, copy)
+    card = json.loads((copy / "model.json").read_text())
+    del card["inference"]["localisation"]
+    (copy / "model.json").write_text(json.dumps(card))
+    with pytest.raises(LocalisationError, match="field of view.*--roi"):
+        Predictor(load_package(copy), device="cpu").predict([mni])
+
+
+def test_a_crop_like_the_training_ones_is_segmented_as_before(predictor, hippocampus_case):
+    image = read_image(hippocampus_case[0])
+    assert not much_larger(image.geometry, predictor.card["inference"]["training_field_of_view_mm"])
+    result = predictor.predict([image])
+    assert result.class_names == ["background", "Anterior", "Posterior"]
+    assert "localisation" not in result.provenance and "localise" not in result.timings
+
+
+# -- the user's ROI ---------------------------------------------------------------------------------
+def test_roi_segments_inside_the_box_only_on_the_input_grid(predictor, mni, mni_result):
+    box = Box.from_centre_size((27.0, 22.0, -15.0), (40.0, 56.0, 40.0))  # LPS: the left hippocampus
+    result = predictor.predict([mni], roi=box)
+    assert result.class_names == ["background", "Anterior", "Posterior"]
+    assert result.labels.geometry == mni.geometry and result.provenance["roi"]["size_mm"] == [40.0, 56.0, 40.0]
+    labels = result.labels.array
+    assert 2.0 <= np.count_nonzero(labels) * mni.geometry.voxel_volume_ml <= 6.0
+    k, j, i = np.nonzero(labels)
+    lps = mni.geometry.ijk_to_lps() @ np.vstack([i, j, k, np.ones_like(i)])
+    assert np.all(np.abs(lps[:3] - np.array([[27.0], [22.0], [-15.0]])) <= np.array([[20.5], [28.5], [20.5]]))
+    left = np.isin(mni_result.labels.array, side_values(mni_result, "Left"))
+    assert dice(labels > 0, left) > 0.8  # the localised crop and a hand-placed box agree
+    with pytest.raises(LocalisationError, match="outside the image"):
+        predictor.predict([mni], roi=Box.from_centre_size((500.0, 0.0, 0.0), (40.0, 40.0, 40.0)))
+
+
+# -- the command line -------------------------------------------------------------------------------
+def test_cli_whole_head_writes_volumetry_csv_and_preview(data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["segment", "-i", str(data_dir / MNI), "-o", str(out), "--device", "cpu", "--no-maps",
+                 "--preview"]) == 0
+    line = capsys.readouterr().out
+    assert "Left " in line and "Right " in line and "asymmetry index" in line
+    report = json.loads((out / "report.json").read_text())
+    assert report["volumetry"]["Left"]["total"] > 2.0 and "localise" in report["timings_s"]
+    assert [c["name"] for c in report["classes"]][1] == "Left anterior hippocampus"
+    rows = list(csv.DictReader((out / "volumes.csv").open()))
+    assert len(rows) == 1 and float(rows[0]["left_total_ml"]) == report["volumetry"]["Left"]["total"]
+    assert "asymmetry_index_total_percent" in rows[0]
+    assert (out / "preview.png").stat().st_size > 10_000
+    assert read_image(out / "labels.nii.gz").array.max() == 4
+
+
+@pytest.mark.parametrize("roi, message", [("1,2,3", "six numbers"), ("0,0,0,10,-1,10", "positive"),
+                                          ("a,b,c,d,e,f", "six numbers")])
+def test_cli_bad_roi_is_refused_in_one_line(roi, message, hippocampus_case, tmp_path, capsys):
+    status = main(["segment", "-i", str(hippocampus_case[0]), "-o", str(tmp_path / "out"), "--roi", roi])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and message in err[0]
+
+
+def test_cli_refusal_is_one_line_exit_2_and_writes_nothing(mni, tmp_path, capsys):
+    upside_down = tmp_path / "upside_down.nii.gz"
+    write_image(Image(np.ascontiguousarray(mni.array[::-1]), mni.geometry), upside_down)
+    status = main(["segment", "-i", str(upside_down), "-o", str(tmp_path / "out"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "--roi" in err[0]
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+# -- the card ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("field, value", [("training_field_of_view_mm", [35, 50]),
+                                          ("training_field_of_view_mm", [35, -1, 36]),
+                                          ("localisation", {"method": "elastix", "targets": ["left_hippocampus"]}),
+                                          ("localisation", {"method": "mni152_affine", "targets": ["left_amygdala"]}),
+                                          ("localisation", {"method": "mni152_affine", "targets": []})])
+def test_card_localisation_fields_are_validated(field, value):
+    card = json.loads(json.dumps(default_package().card))
+    card["inference"][field] = value
+    with pytest.raises(PackageError, match=field):
+        validate_card(card, "test card")
+
+
+def test_every_shipped_hippocampus_card_says_how_to_localise():
+    for name in ("hippocampus_unet", "hippocampus_difficulty_aware", "hippocampus_rsanet", "hippocampus_cga_unet",
+                 "hippocampus_dam_al", "hippocampus_mda_unet"):
+        settings = load_package(name).card["inference"]
+        assert settings["training_field_of_view_mm"] == [35.0, 50.0, 36.0]
+        assert settings["localisation"] == {"method": "mni152_affine",
+                                            "targets": ["left_hippocampus", "right_hippocampus"]}
+
+
+def test_whole_head_dicom_series_is_localised_like_the_nifti(predictor, data_dir, tmp_path, capsys):
+    from test_reliability_cli import write_dicom_series
+
+    nifti = read_image(data_dir / PATIENT_T1.format("patient07"))
+    write_dicom_series(nifti, tmp_path / "series", "1.2.826.0.1.3680043.2.1125.1307")
+    out = tmp_path / "out"
+    assert main(["segment", "-i", str(tmp_path / "series"), "-o", str(out), "--device", "cpu", "--no-maps"]) == 0
+    assert "asymmetry index" in capsys.readouterr().out
+    labels = read_image(out / "labels.nii.gz")  # on the series' own grid (its slices run head to foot)
+    assert labels.geometry.size == nifti.geometry.size
+    on_nifti_grid = sitk.GetArrayFromImage(sitk.Resample(labels.to_sitk(), _reference(nifti.geometry), sitk.Transform(),
+                                                         sitk.sitkNearestNeighbor, 0))
+    reference = predictor.predict([nifti]).labels.array
+    for values in ([1, 2], [3, 4]):
+        assert dice(np.isin(on_nifti_grid, values), np.isin(reference, values)) > 0.95
+
+
+def test_whole_head_benchmark_reports_stages_and_the_ratio_to_the_whole_volume_baseline(data_dir):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(repo / "benchmarks" / "whole_head.py"), "--quick", "--json"],
+                          capture_output=True, text=True, cwd=repo, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    case = report["cases"]["mni152"]
+    assert report["clock"] == "cpu" and set(case["stages_cpu_s"]) == {"localise", "preprocess", "predict", "postprocess"}
+    assert case["stages_cpu_s"]["localise"] > 0 and report["baseline"]["cpu_s"] > 0
+    assert report["ratio_vs_baseline"] == pytest.approx(case["cpu_s"] / report["baseline"]["cpu_s"], rel=1e-2)
+    assert sum(report["baseline"]["class_volumes_ml"].values()) > 50  # the un-localised answer is garbage
+
+
+# -- the Slicer logic -------------------------------------------------------------------------------
+def test_slicer_logic_names_the_sides_and_segments_inside_a_markups_roi(data_dir):
+    from AttnSegLib.slicer_logic import AttnSegLogic, imageFromVolumeNode, newScene, roiBoxFromNode
+
+    scene = newScene()
+    logic = AttnSegLogic(scene)
+    volume = logic.loadVolume(data_dir / MNI)
+    whole = logic.segment([volume], default_package(), device="cpu")
+    segmentation = whole.segmentationNode.GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert names == ["Left anterior hippocampus", "Left posterior hippocampus", "Right anterior hippocampus",
+                     "Right posterior hippocampus"]
+    assert "probability.left_anterior_hippocampus" in whole.mapNodes
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetCenter(-27.0, -22.0, -15.0)  # RAS: the left hippocampus
+    roi.SetSize(40.0, 56.0, 40.0)
+    box = roiBoxFromNode(roi)
+    assert box.centre == (27.0, 22.0, -15.0) and box.size == (40.0, 56.0, 40.0)
+    boxed = logic.segment([volume], default_package(), device="cpu", roiNode=roi)
+    segmentation = boxed.segmentationNode.GetSegmentation()
+    assert [segmentation.GetNthSegment(i).GetName() for i in range(2)] == ["Anterior", "Posterior"]
+    labels = imageFromVolumeNode(boxed.modelLabelNode)
+    k, j, i = np.nonzero(labels.array)
+    ras = (labels.geometry.ijk_to_ras() @ np.vstack([i, j, k, np.ones_like(i)]))[:3]
+    assert len(i) > 1000 and np.all(np.abs(ras - np.array([[-27.0], [-22.0], [-15.0]])) <= [[20.5], [28.5], [20.5]])
