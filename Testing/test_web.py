@@ -276,7 +276,7 @@ def test_segment_review_paint_and_download(browser, server, model_package, scree
     model_labels = result.labels.array
     regions = doubtful_regions(result.maps[result.difficulty_name])
     image = sitk.ReadImage(str(SAMPLE))
-    centre_lps = np.array(regions[0].centroid_lps) if regions else _volume_centre_lps(image)
+    centre_lps = np.array(regions[0].marker_lps) if regions else _volume_centre_lps(image)
     k_in_view = image.TransformPhysicalPointToContinuousIndex([float(c) for c in centre_lps])[2]
     view_box = axial.bounding_box()
     extent = np.abs(np.array(image.GetSize()[:2]) * np.array(image.GetSpacing()[:2]))

@@ -417,7 +417,7 @@ class AttnSegWebApp:
         if stop is None:
             review.description = "No region reaches difficulty 0.5."
             return
-        self.logic.centerSliceViews(stop.centroidRAS)
+        self.logic.centerSliceViews(stop.markerRAS)
         region = stop.region
         review.count = stop.count
         review.description = (f"Region {stop.index + 1} of {stop.count}: {region.volume_ml:.2f} ml, "
