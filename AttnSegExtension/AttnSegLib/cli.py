@@ -121,7 +121,8 @@ def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inpu
             from .preview import render_preview
 
             render_preview(preview_image, result, staging / "preview.png", title=f"{package.name}: {inputs[0].name}",
-                           class_colors=[tuple(c.get("color", (255, 255, 0))) for c in package.classes])
+                           class_colors=[tuple(c.get("color", (255, 255, 0))) for c in package.classes],
+                           class_names=[c["name"] for c in package.classes])
         timings["write"] = time.perf_counter() - t0
         class_names = [c["name"] for c in package.classes]
         report = {
