@@ -537,8 +537,8 @@ def test_exported_correction_is_readable_by_training(logic, scene, segmented, tm
     case_dir = logic.exportCorrection(seg, tmp_path)
     assert case_dir == tmp_path / "hippocampus_001_image"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hippocampus_001_image"]  # no staging left behind
-    assert sorted(p.name for p in case_dir.iterdir()) == ["case.json", "difference.nii.gz", "difficulty.nii.gz",
-                                                          "image_0000.nii.gz", "label.nii.gz", "model_label.nii.gz"]
+    assert sorted(p.name for p in case_dir.iterdir()) == ["case.json", "difference.nii.gz", "image_0000.nii.gz",
+                                                          "label.nii.gz", "model_label.nii.gz", "review_map.nii.gz"]
     files = {p.name.split(".")[0]: read_image(p) for p in case_dir.glob("*.nii.gz")}
     original = read_image(SAMPLE_IMAGE)
     for image in files.values():
@@ -548,7 +548,7 @@ def test_exported_correction_is_readable_by_training(logic, scene, segmented, tm
     np.testing.assert_array_equal(files["model_label"].array, model.array)
     np.testing.assert_array_equal(files["difference"].array, corrected.array != model.array)
     assert files["difference"].array.sum() > 0
-    np.testing.assert_allclose(files["difficulty"].array, imageFromVolumeNode(result.difficultyNode).array)
+    np.testing.assert_allclose(files["review_map"].array, imageFromVolumeNode(result.difficultyNode).array)
     record = json.loads((case_dir / "case.json").read_text())
     assert record["model_name"] == "plumbing" and record["model_sha256"] == seg.GetAttribute(ATTRIBUTE + "ModelSha256")
     assert record["class_names"] == ["background", "Anterior", "Posterior"]

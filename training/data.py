@@ -10,7 +10,7 @@ Layouts (``data.layout`` in a config; :func:`detect_layout` guesses one from a f
   case-insensitive; default ``*<name>*``) and the label with ``data.label_pattern``.
 * ``folder``: ``images/<case>.nii.gz`` (or ``<case>_0000.nii.gz`` per modality) + ``labels/<case>.nii.gz``.
 * ``corrected``: cases exported from the Slicer module: ``<case>/image_0000.nii.gz`` (one per modality,
-  nnU-Net numbering), ``<case>/label.nii.gz`` (the corrected label), plus ``difficulty.nii.gz``,
+  nnU-Net numbering), ``<case>/label.nii.gz`` (the corrected label), plus ``review_map.nii.gz``,
   ``model_label.nii.gz`` and ``case.json`` which training does not need.
 
 Every case is read with :mod:`AttnSegLib.image` and brought to the model frame with

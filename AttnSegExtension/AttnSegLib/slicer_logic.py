@@ -888,7 +888,7 @@ class AttnSegLogic:
                                label.nii.gz            the corrected segmentation (class values)
                                model_label.nii.gz      the model's own output
                                difference.nii.gz       1 where the correction differs from the model
-                               difficulty.nii.gz       the map the review ranked regions by
+                               review_map.nii.gz       the review map (the map doubtful regions are ranked by)
                                case.json               model name and hash, class names, provenance
 
         The case folder is written beside its final place and moved in whole. An existing case is
@@ -900,7 +900,7 @@ class AttnSegLogic:
             raise CorrectionError("an input volume of this segmentation was deleted; reload it and segment again")
         label = self.correctedLabels(node)
         modelLabel = imageFromVolumeNode(self.modelLabelNode(node))
-        difficulty = imageFromVolumeNode(self.difficultyNode(node))
+        reviewMap = imageFromVolumeNode(self.difficultyNode(node))
         case = _safeCaseName(caseName or inputs[0].GetName())
         target = Path(outputDir) / case
         if target.exists() and not overwrite:
@@ -914,7 +914,7 @@ class AttnSegLogic:
             write_image(label, staging / "label.nii.gz")
             write_image(modelLabel.with_array(modelLabel.array.astype(np.uint8)), staging / "model_label.nii.gz")
             write_image(label.with_array(difference), staging / "difference.nii.gz")
-            write_image(difficulty.with_array(difficulty.array.astype(np.float32)), staging / "difficulty.nii.gz")
+            write_image(reviewMap.with_array(reviewMap.array.astype(np.float32)), staging / "review_map.nii.gz")
             record = self._caseRecord(node, case, inputs, label, difference)
             (staging / "case.json").write_text(json.dumps(record, indent=2) + "\n")
             if target.exists():
