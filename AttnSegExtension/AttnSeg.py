@@ -459,6 +459,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 map=self.logic.reviewMapName(node), threshold=threshold)
             return
         self.logic.centerSliceViews(stop.markerRAS)
+        self.logic.markPoint(stop.markerRAS)
         region = stop.region
         self.ui.regionLabel.text = _(
             "Region {n} of {count}: {volume:.2f} ml, mean {map} {mean:.2f} (max {peak:.2f})").format(
