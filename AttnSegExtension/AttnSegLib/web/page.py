@@ -72,11 +72,11 @@ def slice_view_overlay(server: Server, view_id: str, view) -> None:
     update()
     view.modified.connect(update)
     edges = {"left": "left: 40px; top: 50%;", "right": "right: 6px; top: 50%;",
-             "top": "top: 4px; left: 50%;", "bottom": "bottom: 4px; left: 50%;"}
+             "top": "top: 4px; left: 50%;", "bottom": "bottom: 30px; left: 50%;"}  # above the slice slider
     for edge, place in edges.items():
         html.Div(f"{{{{ {cues}.{edge} }}}}", classes=f"text-caption attnseg-letter-{edge}", style=CUE_STYLE + place)
     html.Div(f"{{{{ {cues}.position }}}}", classes="text-caption attnseg-position",
-             style=CUE_STYLE + "bottom: 4px; left: 40px;")
+             style=CUE_STYLE + "bottom: 30px; left: 40px;")
 
 
 @dataclass
