@@ -37,6 +37,7 @@ from AttnSegLib.image import read_image
 from AttnSegLib.inference import Predictor
 from AttnSegLib.package import PackageError, default_package, load_package, save_package
 from AttnSegLib.review import doubtful_regions
+from AttnSegLib.web.webapp import detection_note
 from AttnSegLib.web.wslink_guard import parse_chunk
 from AttnSegLib.web.uploads import UploadError, check_upload, safe_upload_name, save_upload
 
@@ -78,6 +79,15 @@ def test_an_unreadable_volume_is_refused_and_removed(tmp_path):
     assert not list(tmp_path.iterdir())
     saved = save_upload("sample.nii.gz", SAMPLE.read_bytes(), tmp_path, 2**20)
     assert saved.parent == tmp_path and read_image(saved).array.shape == read_image(SAMPLE).array.shape
+
+
+def test_each_map_says_how_well_it_finds_errors_and_weak_ones_are_research_maps():
+    card = {"metrics": {"error_detection_auroc": {"uncertainty": 0.9501, "difficulty": 0.5853}}}
+    assert detection_note(card, "uncertainty") == ("Finds the model's wrong voxels with AUROC 0.95 on its "
+                                                   "validation cases (model card).")
+    assert detection_note(card, "difficulty").startswith("Research map: it finds the model's wrong voxels with "
+                                                         "AUROC 0.59")
+    assert detection_note(card, "confidence") == "" and detection_note({}, "uncertainty") == ""
 
 
 def test_gateway_reads_the_header_of_a_wslink_chunk():
@@ -462,8 +472,13 @@ def test_controls_change_pixels_and_corrections_are_never_replaced_without_askin
     _choose(page, "attnseg-model-select", model_package.name)
     _segment(page)
 
-    # Opacity: the map at 0 and at 1 gives other pixels; no map at all other ones again.
+    # The review map says how well it finds errors (from the card).
     page.click("#attnseg-tab-review")
+    expected = detection_note(model_package.card, "uncertainty")
+    if expected:
+        page.wait_for_selector("#attnseg-map-detection")
+        assert page.inner_text("#attnseg-map-detection") == expected
+    # Opacity: the map at 0 and at 1 gives other pixels; no map at all other ones again.
     page.wait_for_timeout(1000)
     _slide(page, "attnseg-map-opacity", "Home")
     page.wait_for_timeout(1500)

@@ -48,6 +48,7 @@ class MapPanel:
     opacity: float = 0.5
     meaning: str = ""
     how_to_read: str = ""
+    detection: str = ""  # how well the map finds the model's errors, from its card
     legend_gradient: str = ""  # CSS linear-gradient of the map's colour table
     legend_low: str = ""
     legend_high: str = ""

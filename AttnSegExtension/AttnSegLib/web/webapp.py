@@ -95,6 +95,20 @@ def label_map_note(path: Path) -> str:
     return _LABEL_MAP_NOTES[key]
 
 
+RESEARCH_MAP_AUROC = 0.75  # a map that finds the wrong voxels less well than this is labelled a research map
+
+
+def detection_note(card: dict, map_name: str) -> str:
+    """How well ``map_name`` finds the model's wrong voxels, as the card measured it (AUROC on its
+    validation cases), or ``""`` where the card has no figure for it."""
+    score = (card.get("metrics") or {}).get("error_detection_auroc", {}).get(map_name)
+    if not isinstance(score, (int, float)):
+        return ""
+    note = f"Finds the model's wrong voxels with AUROC {score:.2f} on its validation cases (model card)."
+    return note if score >= RESEARCH_MAP_AUROC else (f"Research map: it {note[0].lower()}{note[1:-1]}; 0.5 is "
+                                                     "chance: do not rely on it to find errors.")
+
+
 def legend_gradient(stops) -> str:
     """A CSS ``linear-gradient`` from a :class:`~AttnSegLib.slicer_logic.MapLegend`'s colour stops."""
     parts = ", ".join(f"rgb({r}, {g}, {b}) {100 * position:.1f}%" for position, (r, g, b) in stops)
@@ -482,7 +496,7 @@ class AttnSegWebApp:
         data.has_result = False
         data.segment.summary, data.segment.notices, data.segment.error = "", [], ""
         data.maps.choices, data.maps.selected = [], None
-        data.maps.meaning = data.maps.how_to_read = data.maps.legend_gradient = ""
+        data.maps.meaning = data.maps.how_to_read = data.maps.legend_gradient = data.maps.detection = ""
         data.maps.legend_low = data.maps.legend_high = ""
         data.review.count, data.review.description = 0, ""
         data.export.message, data.export.error = "", ""
@@ -544,10 +558,12 @@ class AttnSegWebApp:
             self.editor.active_segmentation_display.set_opacity_mode(mode)
         if node is None:
             maps.meaning = maps.how_to_read = maps.legend_gradient = maps.legend_low = maps.legend_high = ""
+            maps.detection = ""
             return
         legend = self.logic.mapLegend(node)
         maps.meaning = legend.meaning
         maps.how_to_read = self._package.maps.get(legend.name.split(".")[0], {}).get("read", "")
+        maps.detection = detection_note(self._package.card, legend.name)
         maps.legend_gradient = legend_gradient(legend.stops)
         maps.legend_low, maps.legend_high = format_value(legend.minimum), format_value(legend.maximum)
 
