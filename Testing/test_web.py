@@ -33,7 +33,7 @@ import SimpleITK as sitk
 import torch
 
 from AttnSegLib import models
-from AttnSegLib.image import read_image
+from AttnSegLib.image import label_map_levels, read_image
 from AttnSegLib.inference import Predictor
 from AttnSegLib.package import PackageError, default_package, load_package, save_package
 from AttnSegLib.review import doubtful_regions
@@ -79,6 +79,16 @@ def test_an_unreadable_volume_is_refused_and_removed(tmp_path):
     assert not list(tmp_path.iterdir())
     saved = save_upload("sample.nii.gz", SAMPLE.read_bytes(), tmp_path, 2**20)
     assert saved.parent == tmp_path and read_image(saved).array.shape == read_image(SAMPLE).array.shape
+
+
+def test_label_maps_are_told_from_images():
+    assert label_map_levels(read_image(SAMPLE_LABEL).array) == 3
+    assert label_map_levels(read_image(SAMPLE).array) is None
+    mask = np.zeros((20, 20, 20), np.float32)
+    mask[5:10, 5:10, 5:10] = 1.0  # a float mask is still a label map
+    assert label_map_levels(mask) == 2
+    assert label_map_levels(mask + 0.25 * np.random.default_rng(0).random(mask.shape)) is None
+    assert label_map_levels(np.arange(8000, dtype=np.int16).reshape(20, 20, 20)) is None  # a scan's many levels
 
 
 def test_each_map_says_how_well_it_finds_errors_and_weak_ones_are_research_maps():

@@ -522,6 +522,10 @@ LABEL_MAP_MAX_LEVELS = 64  # a scan has hundreds of grey levels or more; a label
 def label_map_levels(array: np.ndarray) -> int | None:
     """The number of distinct values when ``array`` looks like a label map or a segmentation
     (integer values only, at most ``LABEL_MAP_MAX_LEVELS`` of them), else None: an image to segment."""
+    sample = array.ravel()[::97]  # a scan shows its many levels in a sparse sample already: no full pass
+    if len(np.unique(sample)) > LABEL_MAP_MAX_LEVELS or (
+            np.issubdtype(array.dtype, np.floating) and not np.array_equal(sample, np.round(sample))):
+        return None
     if np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.round(array)):
         return None
     levels = np.unique(array)
