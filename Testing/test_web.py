@@ -482,8 +482,12 @@ def test_controls_change_pixels_and_corrections_are_never_replaced_without_askin
     _choose(page, "attnseg-model-select", model_package.name)
     _segment(page)
 
-    # The review map says how well it finds errors (from the card).
+    # The map overlay appears when the user reviews, not while still on the Segment step.
+    page.wait_for_timeout(1500)
+    on_segment_step = _pixels(axial)
     page.click("#attnseg-tab-review")
+    _wait_for_change(axial, on_segment_step)
+    # The review map says how well it finds errors (from the card).
     expected = detection_note(model_package.card, "uncertainty")
     if expected:
         page.wait_for_selector("#attnseg-map-detection")

@@ -20,6 +20,7 @@ from trame_slicer.core import LayoutManager
 from .state import AttnSegState
 
 PANEL_WIDTH = 400
+TAB_STATE = "attnseg_tab"  # the step the panel shows: a value of TABS
 TABS = (("segment", "Segment"), ("review", "Review"), ("correct", "Correct"), ("export", "Export"))
 CSS = """
 html { overflow-y: hidden; }
@@ -97,7 +98,7 @@ def _alert(message_name: str, alert_type: str = "error", element_id: str | None 
 def build_page(server: Server, app, typed_state: TypedState[AttnSegState], layout_manager: LayoutManager) -> Page:
     """Build the page of one session; ``app`` is the session's ``AttnSegWebApp``."""
     n = typed_state.name
-    tab = "attnseg_tab"
+    tab = TAB_STATE
     server.state.setdefault(tab, "segment")
     with VAppLayout(server, theme="dark") as layout:
         client.Style(CSS)

@@ -42,7 +42,7 @@ from ..image import (IMAGE_SUFFIXES, ImageError, case_name, check_data_file, lab
 from ..package import PackageError, available_packages
 from ..review import MERGE_MM, MIN_VOLUME_ML
 from ..slicer_logic import AttnSegLogic, Cancelled, CorrectionError, SegmentationTask, imageFromVolumeNode
-from .page import build_page, slice_view_overlay
+from .page import TAB_STATE, build_page, slice_view_overlay
 from .state import AttnSegState
 from .uploads import UploadError, check_upload, save_upload
 
@@ -157,6 +157,7 @@ class AttnSegWebApp:
         self._task_model = None  # the model name the running task was started with
         self._pending = None  # (action, argument) waiting for the user's answer
         self._kept: dict[str, object] = {}  # name -> corrected segmentation node kept beside a newer result
+        self._reviewing = False  # the user opened the Review step since this result came: its map is shown
         self.typed_state.bind_changes({
             self.typed_state.name.model.selected: self._on_model_selected,
             self.typed_state.name.model.inputs: self._check_inputs,
@@ -164,6 +165,7 @@ class AttnSegWebApp:
             self.typed_state.name.maps.opacity: self._on_map_changed,
             self.typed_state.name.review.threshold: self._on_threshold_changed,
         })
+        server.state.change(TAB_STATE)(self._on_tab_changed)
         server.state["trame__title"] = "AttnSeg"
         self._offer_volumes()
         self._offer_models()
@@ -500,10 +502,11 @@ class AttnSegWebApp:
         data.maps.legend_low = data.maps.legend_high = ""
         data.review.count, data.review.description = 0, ""
         data.export.message, data.export.error = "", ""
-        self.server.state["attnseg_tab"] = "segment"
+        self.server.state[TAB_STATE] = "segment"
 
     def _show_result(self, result, package, model_name: str) -> None:
         previous, self._result, self._package = self._result, result, package
+        self._reviewing = self.server.state[TAB_STATE] == "review"
         self._result_model = model_name
         self.editor.deactivate_effect()
         self.editor.set_active_segmentation(result.segmentationNode, result.inputNodes[0])
@@ -546,7 +549,7 @@ class AttnSegWebApp:
         if self._result is None:
             return
         maps = self.data.maps
-        node = self._result.mapNodes.get(maps.selected) if isinstance(maps.selected, str) else None
+        node = self._result.mapNodes.get(maps.selected) if isinstance(maps.selected, str) and self._reviewing else None
         opacity = maps.opacity if isinstance(maps.opacity, (int, float)) and 0 <= maps.opacity <= 1 else 0.5
         self.logic.showMap(node, opacity=float(opacity), backgroundNode=self._result.inputNodes[0])
         for view in self.slicer_app.view_manager.get_slice_views():
@@ -610,6 +613,12 @@ class AttnSegWebApp:
                               f"{region.mean_difficulty:.2f} (peak {region.max_difficulty:.2f}); the cross marks it.")
 
     # -- correcting -----------------------------------------------------------------------------
+    def _on_tab_changed(self, **_) -> None:
+        """The map overlay appears when the user first opens the Review step of a result."""
+        if self.server.state[TAB_STATE] == "review" and not self._reviewing:
+            self._reviewing = True
+            self._on_map_changed()
+
     def stop_editing(self) -> None:
         """Leave the paint/erase tools, so the mouse in a view browses again."""
         self.editor.deactivate_effect()
