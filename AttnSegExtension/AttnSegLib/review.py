@@ -2,10 +2,11 @@
 default) is high, grouped into regions a reader can visit one by one, most doubtful first.
 
 * **Grouping.** Voxels at or above the threshold are grown by half of ``merge_mm`` (a binary
-  dilation with a box of that radius in mm on each axis), the grown mask is labelled with
-  26-connectivity (SimpleITK ``ConnectedComponent``, fully connected), and each doubtful voxel takes
-  the label of its grown component. Fragments less than ``merge_mm`` apart, such as the one-voxel
-  slivers along a boundary, become one region; a region holds only voxels at or above the threshold.
+  dilation with a box of that radius, rounded up to whole voxels, on each axis), the grown mask is
+  labelled with 26-connectivity (SimpleITK ``ConnectedComponent``, fully connected), and each
+  doubtful voxel takes the label of its grown component. Fragments with a gap of at most ``merge_mm``
+  between them, such as the one-voxel slivers along a boundary, become one region; a region holds
+  only voxels at or above the threshold.
 * **Size.** Regions under ``min_volume_ml`` are left out; every region found is returned (no cap).
 * **Ranking.** By *doubt mass*, the sum of the map over the region times the voxel volume (ml), so a
   large, very uncertain region outranks a speck.
@@ -23,7 +24,7 @@ import SimpleITK as sitk
 
 from .image import Image
 
-MERGE_MM = 2.0  # doubtful fragments closer than this are one region
+MERGE_MM = 2.0  # doubtful fragments with a gap of at most this (mm) are one region
 MIN_VOLUME_ML = 0.005  # smaller regions are left out of the review (5 voxels of 1 mm)
 
 
