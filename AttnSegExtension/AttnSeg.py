@@ -455,15 +455,16 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         stepper = self.logic.nextDoubtfulRegion if step > 0 else self.logic.previousDoubtfulRegion
         stop = stepper(node, threshold)
         if stop is None:
-            self.ui.regionLabel.text = _("No region reaches a difficulty of {threshold:.2f}.").format(
-                threshold=threshold)
+            self.ui.regionLabel.text = _("No region reaches {map} {threshold:.2f}.").format(
+                map=self.logic.reviewMapName(node), threshold=threshold)
             return
-        self.logic.centerSliceViews(stop.centroidRAS)
+        self.logic.centerSliceViews(stop.markerRAS)
+        self.logic.markPoint(stop.markerRAS)
         region = stop.region
         self.ui.regionLabel.text = _(
-            "Region {n} of {count}: {volume:.2f} ml, mean difficulty {mean:.2f} (max {peak:.2f})").format(
-            n=stop.index + 1, count=stop.count, volume=region.volume_ml, mean=region.mean_difficulty,
-            peak=region.max_difficulty)
+            "Region {n} of {count}: {volume:.2f} ml, mean {map} {mean:.2f} (max {peak:.2f})").format(
+            n=stop.index + 1, count=stop.count, volume=region.volume_ml, map=self.logic.reviewMapName(node),
+            mean=region.mean_difficulty, peak=region.max_difficulty)
 
     def onThresholdChanged(self, value) -> None:
         if self.ui.editDoubtfulOnlyCheckBox.checked:
@@ -622,9 +623,9 @@ class AttnSegTest(ScriptedLoadableModuleTest):
         logic.showMap(result.difficultyNode, 0.5)
         stop = logic.nextDoubtfulRegion(result.segmentationNode, 0.3)
         self.assertIsNotNone(stop)
-        logic.centerSliceViews(stop.centroidRAS)
+        logic.centerSliceViews(stop.markerRAS)
         red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
-        self.assertAlmostEqual(red.GetSliceToRAS().GetElement(2, 3), stop.centroidRAS[2], places=3)
+        self.assertAlmostEqual(red.GetSliceToRAS().GetElement(2, 3), stop.markerRAS[2], places=3)
 
         self.delayDisplay("Exporting")
         with tempfile.TemporaryDirectory() as folder:

@@ -377,6 +377,9 @@ def test_every_run_makes_a_new_node_and_an_edited_segmentation_is_left_alone(log
     np.testing.assert_array_equal(logic.correctedLabels(first.segmentationNode).array, edited)
     np.testing.assert_array_equal(logic.correctedLabels(second.segmentationNode).array, before.array)
     assert logic.activeSegmentationNode is second.segmentationNode
+    # What the page asks about before replacing a result: the voxels the user changed.
+    assert logic.correctedVoxelCount(second.segmentationNode) == 0
+    assert logic.correctedVoxelCount(first.segmentationNode) >= int((before.array[block] != 2).sum()) > 0
 
 
 def test_a_cancelled_run_adds_nothing_to_the_scene(logic, scene, plumbing_package):
@@ -419,7 +422,7 @@ def test_a_cancelled_task_raises_cancelled_and_can_be_dropped(logic, scene, plum
 def test_doubtful_regions_are_ranked_and_stepped_through(logic, scene, segmented):
     volume, result = segmented
     seg = result.segmentationNode
-    threshold = 0.5
+    threshold = 0.7  # the untrained network's map: one region at 0.5, a dozen at 0.7
     regions = logic.doubtfulRegions(seg, threshold)
     assert len(regions) >= 3
     masses = [r.doubt_mass for r in regions]
@@ -430,12 +433,13 @@ def test_doubtful_regions_are_ranked_and_stepped_through(logic, scene, segmented
     assert [s.index for s in stops] == [0, 1, 2] and all(s.count == len(regions) for s in stops)
     assert logic.previousDoubtfulRegion(seg, threshold).index == 1
     for stop in stops:
-        i, j, k = stop.region.centroid_ijk
-        np.testing.assert_allclose(stop.centroidRAS, (ijk_to_ras @ [*stop.region.centroid_ijk, 1.0])[:3], atol=1.0)
+        i, j, k = stop.region.marker_ijk
+        np.testing.assert_allclose(stop.markerRAS, (ijk_to_ras @ [i, j, k, 1.0])[:3], atol=1e-4)
+        assert difficulty.array[k, j, i] >= threshold  # the marker is a voxel of the region
         (i0, i1), (j0, j1), (k0, k1) = stop.region.bbox_ijk
-        assert (difficulty.array[k0:k1, j0:j1, i0:i1] >= threshold).any()
+        assert i0 <= i < i1 and j0 <= j < j1 and k0 <= k < k1
     assert seg.GetAttribute(ATTRIBUTE + "ReviewIndex") == "1"
-    assert logic.previousDoubtfulRegion(seg, 0.6).index == len(logic.doubtfulRegions(seg, 0.6)) - 1  # new threshold
+    assert logic.previousDoubtfulRegion(seg, 0.8).index == len(logic.doubtfulRegions(seg, 0.8)) - 1  # new threshold
     assert logic.nextDoubtfulRegion(seg, 1.01) is None
 
 
@@ -447,10 +451,14 @@ def test_centring_moves_every_slice_view_to_the_region(logic, scene, segmented):
         view.SetLayoutName(name)
         views.append(scene.AddNode(view))
     stop = logic.nextDoubtfulRegion(result.segmentationNode)
-    logic.centerSliceViews(stop.centroidRAS)
+    logic.centerSliceViews(stop.markerRAS)
     for view in views:
         matrix = view.GetSliceToRAS()
-        np.testing.assert_allclose([matrix.GetElement(r, 3) for r in range(3)], stop.centroidRAS, atol=1e-6)
+        np.testing.assert_allclose([matrix.GetElement(r, 3) for r in range(3)], stop.markerRAS, atol=1e-6)
+    logic.markPoint(stop.markerRAS)
+    crosshair = scene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
+    np.testing.assert_allclose(crosshair.GetCrosshairRAS(), stop.markerRAS, atol=1e-6)
+    assert crosshair.GetCrosshairMode() == slicer.vtkMRMLCrosshairNode.ShowSmallBasic
 
 
 def test_show_map_sets_the_foreground_layer_of_every_slice_view(logic, scene, segmented):
@@ -529,8 +537,8 @@ def test_exported_correction_is_readable_by_training(logic, scene, segmented, tm
     case_dir = logic.exportCorrection(seg, tmp_path)
     assert case_dir == tmp_path / "hippocampus_001_image"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hippocampus_001_image"]  # no staging left behind
-    assert sorted(p.name for p in case_dir.iterdir()) == ["case.json", "difference.nii.gz", "difficulty.nii.gz",
-                                                          "image_0000.nii.gz", "label.nii.gz", "model_label.nii.gz"]
+    assert sorted(p.name for p in case_dir.iterdir()) == ["case.json", "difference.nii.gz", "image_0000.nii.gz",
+                                                          "label.nii.gz", "model_label.nii.gz", "review_map.nii.gz"]
     files = {p.name.split(".")[0]: read_image(p) for p in case_dir.glob("*.nii.gz")}
     original = read_image(SAMPLE_IMAGE)
     for image in files.values():
@@ -540,7 +548,7 @@ def test_exported_correction_is_readable_by_training(logic, scene, segmented, tm
     np.testing.assert_array_equal(files["model_label"].array, model.array)
     np.testing.assert_array_equal(files["difference"].array, corrected.array != model.array)
     assert files["difference"].array.sum() > 0
-    np.testing.assert_allclose(files["difficulty"].array, imageFromVolumeNode(result.difficultyNode).array)
+    np.testing.assert_allclose(files["review_map"].array, imageFromVolumeNode(result.difficultyNode).array)
     record = json.loads((case_dir / "case.json").read_text())
     assert record["model_name"] == "plumbing" and record["model_sha256"] == seg.GetAttribute(ATTRIBUTE + "ModelSha256")
     assert record["class_names"] == ["background", "Anterior", "Posterior"]
@@ -633,8 +641,8 @@ def test_shipped_model_segments_the_sample_and_its_doubtful_regions_hold_the_err
     doubtful = imageFromVolumeNode(result.difficultyNode).array >= threshold
     assert doubtful.mean() <= 0.05 and errors[doubtful].sum() >= 0.3 * errors.sum()
     stop = logic.nextDoubtfulRegion(result.segmentationNode, threshold)
-    i, j, k = stop.region.centroid_ijk
-    assert doubtful[k - 2:k + 3, j - 2:j + 3, i - 2:i + 3].any()
+    i, j, k = stop.region.marker_ijk
+    assert doubtful[k, j, i]
 
 
 def test_shipped_model_agrees_with_itself_on_an_oblique_anisotropic_copy(shipped):

@@ -140,7 +140,7 @@ def test_corrected_cases_exported_from_the_module(tmp_path, hippocampus_dir, hip
         sitk.WriteImage(image, str(folder / "image_0000.nii.gz"))
         sitk.WriteImage(label, str(folder / "label.nii.gz"))
         _write(np.zeros_like(label_array), label, folder / "model_label.nii.gz")
-        _write(np.full(array.shape, 0.5, np.float32), image, folder / "difficulty.nii.gz")
+        _write(np.full(array.shape, 0.5, np.float32), image, folder / "review_map.nii.gz")
         (folder / "case.json").write_text(json.dumps({"model": "hippocampus_unet"}))
     (tmp_path / f".{HIPPOCAMPUS_CASES[0]}.x1y2").mkdir()  # an export's staging folder, left by a crash
     assert detect_layout(tmp_path) == "corrected"

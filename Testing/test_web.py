@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -32,15 +33,17 @@ import SimpleITK as sitk
 import torch
 
 from AttnSegLib import models
-from AttnSegLib.image import read_image
+from AttnSegLib.image import label_map_levels, read_image
 from AttnSegLib.inference import Predictor
 from AttnSegLib.package import PackageError, default_package, load_package, save_package
 from AttnSegLib.review import doubtful_regions
+from AttnSegLib.web.webapp import detection_note
 from AttnSegLib.web.wslink_guard import parse_chunk
 from AttnSegLib.web.uploads import UploadError, check_upload, safe_upload_name, save_upload
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "Resources" / "SampleData" / "hippocampus_001_image.nii.gz"
+SAMPLE_LABEL = REPO / "Resources" / "SampleData" / "hippocampus_001_label.nii.gz"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -76,6 +79,25 @@ def test_an_unreadable_volume_is_refused_and_removed(tmp_path):
     assert not list(tmp_path.iterdir())
     saved = save_upload("sample.nii.gz", SAMPLE.read_bytes(), tmp_path, 2**20)
     assert saved.parent == tmp_path and read_image(saved).array.shape == read_image(SAMPLE).array.shape
+
+
+def test_label_maps_are_told_from_images():
+    assert label_map_levels(read_image(SAMPLE_LABEL).array) == 3
+    assert label_map_levels(read_image(SAMPLE).array) is None
+    mask = np.zeros((20, 20, 20), np.float32)
+    mask[5:10, 5:10, 5:10] = 1.0  # a float mask is still a label map
+    assert label_map_levels(mask) == 2
+    assert label_map_levels(mask + 0.25 * np.random.default_rng(0).random(mask.shape)) is None
+    assert label_map_levels(np.arange(8000, dtype=np.int16).reshape(20, 20, 20)) is None  # a scan's many levels
+
+
+def test_each_map_says_how_well_it_finds_errors_and_weak_ones_are_research_maps():
+    card = {"metrics": {"error_detection_auroc": {"uncertainty": 0.9501, "difficulty": 0.5853}}}
+    assert detection_note(card, "uncertainty") == ("Finds the model's wrong voxels with AUROC 0.95 on its "
+                                                   "validation cases (model card).")
+    assert detection_note(card, "difficulty").startswith("Research map: it finds the model's wrong voxels with "
+                                                         "AUROC 0.59")
+    assert detection_note(card, "confidence") == "" and detection_note({}, "uncertainty") == ""
 
 
 def test_gateway_reads_the_header_of_a_wslink_chunk():
@@ -157,7 +179,11 @@ def screenshots(tmp_path):
 
 def _open_session(browser, server):
     page = browser.new_page(viewport=VIEWPORT, accept_downloads=True)
-    page.goto(server, timeout=SESSION_START_S * 1000)
+    deadline = time.monotonic() + SESSION_START_S
+    # A full server answers 503 until the session of a closed tab ends (its idle timeout): try again.
+    while (response := page.goto(server, timeout=SESSION_START_S * 1000)) is not None and response.status == 503:
+        assert time.monotonic() < deadline, "the server stayed full"
+        page.wait_for_timeout(5000)
     page.wait_for_selector("#attnseg-open", timeout=SESSION_START_S * 1000)
     return page
 
@@ -276,7 +302,7 @@ def test_segment_review_paint_and_download(browser, server, model_package, scree
     model_labels = result.labels.array
     regions = doubtful_regions(result.maps[result.difficulty_name])
     image = sitk.ReadImage(str(SAMPLE))
-    centre_lps = np.array(regions[0].centroid_lps) if regions else _volume_centre_lps(image)
+    centre_lps = np.array(regions[0].marker_lps) if regions else _volume_centre_lps(image)
     k_in_view = image.TransformPhysicalPointToContinuousIndex([float(c) for c in centre_lps])[2]
     view_box = axial.bounding_box()
     extent = np.abs(np.array(image.GetSize()[:2]) * np.array(image.GetSpacing()[:2]))
@@ -359,6 +385,7 @@ def test_bad_uploads_get_an_error_and_the_session_goes_on(browser, server, tmp_p
         "notes.txt": (b"not an image", "not a volume file"),
         "fake.nii.gz": (b"\x1f\x8b garbage", "not a readable medical image"),
         "huge.nii.gz": (os.urandom((UPLOAD_LIMIT_MB + 1) * 2**20), "over this server's upload limit"),
+        "label.nii.gz": (SAMPLE_LABEL.read_bytes(), "holds only 3 integer values: a label map"),
     }
     for name, (content, message) in cases.items():
         path = tmp_path / name
@@ -406,3 +433,142 @@ def test_sessions_are_isolated_and_refuse_oversized_messages(browser, server):
     _open_sample(second)
     first.close()
     second.close()
+
+
+def _slide(page, slider_id: str, key: str) -> None:
+    """Move the Vuetify slider whose input has ``slider_id`` with the keyboard (``Home``, ``End``...)."""
+    page.locator(f".v-input:has(#{slider_id}) [role=slider]").focus()
+    page.keyboard.press(key)
+
+
+def _segment(page) -> None:
+    page.click("#attnseg-tab-segment")
+    page.click("#attnseg-segment")
+    page.wait_for_selector("#attnseg-summary", timeout=300_000)
+
+
+def _paint_stroke(page, axial) -> None:
+    """One stroke of the first segment through the axial view's centre; waits until undo is possible."""
+    page.click("#attnseg-tab-correct")
+    page.locator(".attnseg-editor .v-list-item").first.click()
+    page.locator(".attnseg-editor button:has(.mdi-brush)").first.click()
+    box = axial.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x - STROKE_HALF_PX, y)
+    page.mouse.down()
+    page.mouse.move(x + STROKE_HALF_PX, y, steps=25)
+    page.mouse.up()
+    page.wait_for_selector(".attnseg-editor button:has(.mdi-undo):not([disabled])", timeout=30_000)
+
+
+def _confirm(page, answer: str) -> str:
+    """Wait for the question before corrections are replaced, answer it; return its text."""
+    page.wait_for_selector("#attnseg-confirm", timeout=30_000)
+    text = page.inner_text("#attnseg-confirm-text")
+    page.click(f"#attnseg-confirm-{answer}")
+    page.wait_for_selector("#attnseg-confirm", state="detached", timeout=30_000)
+    return text
+
+
+@pytest.mark.browser
+def test_controls_change_pixels_and_corrections_are_never_replaced_without_asking(browser, server, model_package,
+                                                                                 tmp_path):
+    page = _open_session(browser, server)
+    # A label map in the data folder is left out of the list, and said so.
+    assert "hippocampus_001_label.nii.gz" not in _options(page, "attnseg-volume-select")
+    assert "label map" in page.inner_text("#attnseg-volume-notice")
+    _open_sample(page)
+    axial = _views(page)[0]
+    # Radiology cues on the axial view (the first): patient right on the screen's left, its position in mm.
+    letters = [page.locator(f".attnseg-letter-{edge}").first.inner_text() for edge in ("left", "right", "top", "bottom")]
+    assert letters == ["R", "L", "A", "P"]
+    assert re.fullmatch(r"S -?\d+\.\d mm", page.locator(".attnseg-position").first.inner_text())
+    _choose(page, "attnseg-model-select", model_package.name)
+    _segment(page)
+
+    # The map overlay appears when the user reviews, not while still on the Segment step.
+    page.wait_for_timeout(1500)
+    on_segment_step = _pixels(axial)
+    page.click("#attnseg-tab-review")
+    _wait_for_change(axial, on_segment_step)
+    # The review map says how well it finds errors (from the card).
+    expected = detection_note(model_package.card, "uncertainty")
+    if expected:
+        page.wait_for_selector("#attnseg-map-detection")
+        assert page.inner_text("#attnseg-map-detection") == expected
+    # Opacity: the map at 0 and at 1 gives other pixels; no map at all other ones again.
+    page.wait_for_timeout(1000)
+    _slide(page, "attnseg-map-opacity", "Home")
+    page.wait_for_timeout(1500)
+    transparent = _pixels(axial)
+    _slide(page, "attnseg-map-opacity", "End")
+    opaque = _wait_for_change(axial, transparent)
+    changed = int((np.abs(opaque - transparent).max(axis=-1) > 40).sum())
+    print(f"opacity 0 -> 1 changed {changed} pixels of the axial view")
+    assert changed > 500, f"opacity 0 -> 1 changed only {changed} pixels"
+    _choose(page, "attnseg-map-select", "None")
+    _wait_for_change(axial, opaque)
+
+    # The threshold moves the count; Next marks a region.
+    before = page.inner_text("#attnseg-review-text")
+    assert "uncertainty ≥ 0.50" in before and "difficulty" not in before
+    _slide(page, "attnseg-review-threshold", "Home")
+    page.wait_for_function("() => document.querySelector('#attnseg-review-text').innerText.includes('≥ 0.05')")
+    page.click("#attnseg-next-region")
+    page.wait_for_function("() => /Region 1 of \\d+: .* mean uncertainty/.test("
+                           "document.querySelector('#attnseg-review-text').innerText)")
+
+    # Segment again over a correction: asked; cancel keeps everything, keep sets it aside for download.
+    _paint_stroke(page, axial)
+    page.click("#attnseg-tab-segment")
+    page.click("#attnseg-segment")
+    assert "voxels you corrected" in _confirm(page, "cancel")
+    assert not page.is_visible("#attnseg-progress")
+    page.click("#attnseg-segment")
+    _confirm(page, "keep")
+    page.wait_for_selector("#attnseg-summary", timeout=300_000)
+    page.click("#attnseg-tab-export")
+    page.wait_for_selector("#attnseg-kept")
+    with page.expect_download(timeout=60_000) as info:
+        page.locator("#attnseg-kept button").first.click()
+    assert info.value.suggested_filename.endswith("_kept_segmentation.nii.gz")
+    info.value.save_as(tmp_path / info.value.suggested_filename)
+    kept = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / info.value.suggested_filename)))
+    model = Predictor(load_package(model_package.path), device="cpu").predict([read_image(SAMPLE)]).labels.array
+    assert (kept != model).any(), "the kept segmentation lost its correction"
+
+    # Another volume over a correction: asked; discard opens it and clears the old result.
+    _paint_stroke(page, axial)
+    other = tmp_path / "other_case.nii.gz"
+    shutil.copy(SAMPLE, other)
+    page.click("#attnseg-tab-segment")
+    page.locator("input#attnseg-upload").set_input_files(str(other))
+    assert "Opening other_case.nii.gz" in _confirm(page, "discard")
+    page.wait_for_function("() => document.querySelector('#attnseg-loaded-volume').innerText.includes('other_case')")
+    assert not page.is_visible("#attnseg-summary") and page.is_disabled("#attnseg-tab-review")
+
+    # Another model over a correction: asked; cancel keeps the model and the result.
+    _segment(page)
+    _paint_stroke(page, axial)
+    page.click("#attnseg-tab-segment")
+    others = [t for t in _options(page, "attnseg-model-select") if t != model_package.name]
+    if not others:
+        page.close()
+        pytest.skip("one model installed: switching model is not tested")
+    # Prefer a model whose inputs the open volume cannot fill (BraTS: FLAIR and T1c).
+    other = "brats_sample_unet" if "brats_sample_unet" in others else others[0]
+    page.locator(".v-select:has(#attnseg-model-select) .v-field").click()
+    page.get_by_role("option", name=other, exact=True).click()
+    assert f"Switching to {other}" in _confirm(page, "cancel")
+    assert page.input_value("#attnseg-model-select") == model_package.name
+    assert page.is_visible("#attnseg-summary")
+    # Asked again, discard: the previous model's result and its panels go.
+    page.locator(".v-select:has(#attnseg-model-select) .v-field").click()
+    page.get_by_role("option", name=other, exact=True).click()
+    _confirm(page, "discard")
+    page.wait_for_selector("#attnseg-summary", state="detached", timeout=30_000)
+    assert page.is_disabled("#attnseg-tab-review")
+    if other == "brats_sample_unet":  # no volume for its inputs: Segment is off and the page says why
+        assert page.is_disabled("#attnseg-segment")
+        page.wait_for_function("() => document.body.innerText.includes('open a volume for FLAIR, T1c')")
+    page.close()

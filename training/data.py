@@ -13,7 +13,7 @@ Layouts (``data.layout`` in a config; :func:`detect_layout` guesses one from a f
   nnU-Net numbering), ``<case>/label.nii.gz`` (the corrected label), ``difference.nii.gz`` (1 where the
   correction changed the model's output; fine-tuning samples patches around those voxels), ``case.json``
   (the model and its sha256 the case was segmented with: the fine-tuned card's lineage), plus
-  ``model_label.nii.gz`` and ``difficulty.nii.gz``. A case folder that cannot be used (no label, a
+  ``model_label.nii.gz`` and ``review_map.nii.gz``. A case folder that cannot be used (no label, a
   missing image, an unreadable file) is skipped with a warning, unless ``strict``.
 
 Every case is read with :mod:`AttnSegLib.image` and brought to the model frame with

@@ -177,7 +177,8 @@ def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inpu
                 render_whole_head_preview(preview_image, result, staging / "preview.png", title=title)
             else:
                 render_preview(preview_image, result, staging / "preview.png", title=title,
-                               class_colors=[tuple(c.get("color", (255, 255, 0))) for c in result.classes])
+                               class_colors=[tuple(c.get("color", (255, 255, 0))) for c in result.classes],
+                               class_names=[c["name"] for c in result.classes])
         if volumetry is not None:
             (staging / "volumes.csv").write_text(_volumes_csv(case_name(inputs[0]), volumetry))
         timings["write"] = time.perf_counter() - t0

@@ -570,3 +570,19 @@ def case_name(path: str | os.PathLike) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+LABEL_MAP_MAX_LEVELS = 64  # a scan has hundreds of grey levels or more; a label map a handful
+
+
+def label_map_levels(array: np.ndarray) -> int | None:
+    """The number of distinct values when ``array`` looks like a label map or a segmentation
+    (integer values only, at most ``LABEL_MAP_MAX_LEVELS`` of them), else None: an image to segment."""
+    sample = array.ravel()[::97]  # a scan shows its many levels in a sparse sample already: no full pass
+    if len(np.unique(sample)) > LABEL_MAP_MAX_LEVELS or (
+            np.issubdtype(array.dtype, np.floating) and not np.array_equal(sample, np.round(sample))):
+        return None
+    if np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.round(array)):
+        return None
+    levels = np.unique(array)
+    return int(len(levels)) if len(levels) <= LABEL_MAP_MAX_LEVELS else None

@@ -26,8 +26,11 @@ def _display(array: np.ndarray, geometry) -> tuple[np.ndarray, float]:
 
 
 def render_preview(image: Image, result, path: str | Path, map_names: list[str] | None = None,
-                   class_colors: list[tuple[int, int, int]] | None = None, title: str = "") -> Path:
-    """Write a PNG: image + label outlines, then one panel per map (default: every map)."""
+                   class_colors: list[tuple[int, int, int]] | None = None, title: str = "",
+                   class_names: list[str] | None = None) -> Path:
+    """Write a PNG: image + label outlines, then one panel per map (default: every map). The first
+    panel names its plane and slice, and a legend names each class drawn by its colour
+    (``class_names`` per label value, background first; default ``class <value>``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,7 +51,17 @@ def render_preview(image: Image, result, path: str | Path, map_names: list[str] 
                 ax.contour(labels == value, levels=[0.5], colors=[np.asarray(colors[value % len(colors)]) / 255],
                            linewidths=1.0)
         ax.set_axis_off()
-    axes[0][0].set_title("segmentation", fontsize=8)
+    depth = result.labels.array.shape[0]
+    axes[0][0].set_title(f"segmentation · axial slice {k + 1} of {depth}", fontsize=8)
+    drawn = [v for v in range(1, int(labels.max()) + 1) if (labels == v).any()]
+    if drawn:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=np.asarray(colors[v % len(colors)]) / 255, linewidth=2,
+                          label=class_names[v] if class_names and v < len(class_names) else f"class {v}")
+                   for v in drawn]
+        axes[0][0].legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, -0.02), ncol=len(handles),
+                          fontsize=6, frameon=False, labelcolor="white", handlelength=1.2)
     for ax, name in zip(axes[0][1:], map_names):
         values, _ = _display(result.maps[name].array[k], image.geometry)
         shown = ax.imshow(np.ma.masked_less(values, 0.02), cmap="inferno", vmin=0, vmax=max(1e-6, float(values.max())),

@@ -37,8 +37,8 @@ def _views(volume: np.ndarray, index_kji) -> list[np.ndarray]:
 
 def render_review(logic: AttnSegLogic, segmentation_node, path: str | Path, map_name: str | None = None,
                   opacity: float = 0.55, threshold: float = 0.3, title: str = "") -> Path:
-    """Write a PNG of ``segmentation_node`` with ``map_name`` (default: the difficulty map) over its
-    first input, through the centroid of the most doubtful region at ``threshold`` (else the centre)."""
+    """Write a PNG of ``segmentation_node`` with ``map_name`` (default: the review map) over its
+    first input, through the marker of the most doubtful region at ``threshold`` (else the centre)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,7 +57,7 @@ def render_review(logic: AttnSegLogic, segmentation_node, path: str | Path, map_
     if not regions:
         centre = tuple(n // 2 for n in image.shape)
     else:
-        r, a, s = regions[0].centroid_ras
+        r, a, s = regions[0].marker_ras
         i, j, k = grid.TransformPhysicalPointToIndex((-r, -a, s))
         centre = tuple(int(np.clip(v, 0, n - 1)) for v, n in zip((k, j, i), image.shape))
 

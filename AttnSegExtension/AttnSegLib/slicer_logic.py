@@ -18,7 +18,7 @@ What is stored in the scene (and so saved with it):
 * segmentation node attributes ``AttnSeg.*``: model name, weights sha256, architecture, device, versions,
   classes, modalities and the full provenance (json);
 * node references from the segmentation: ``AttnSegInput`` (one per modality, in the card's order),
-  ``AttnSegMap`` (every map volume), ``AttnSegDifficulty`` (the map doubtful regions are ranked by) and
+  ``AttnSegMap`` (every map volume), ``AttnSegDifficulty`` (the review map: the map doubtful regions are ranked by) and
   ``AttnSegModelLabel`` (the model's untouched label map, hidden); each map refers back through
   ``AttnSegSegmentation``;
 * segments carry the tag ``AttnSeg.ClassValue``; map volumes the attributes ``AttnSeg.MapName`` and
@@ -54,7 +54,7 @@ from .inference import Cancelled, Predictor, Result, resolve_device
 from .localise import Box
 from .maps import volume_name
 from .package import ModelPackage, available_packages, default_package_name, load_package
-from .review import Region, doubtful_regions
+from .review import MIN_VOLUME_ML, Region, doubtful_regions
 
 __all__ = ["AttnSegLogic", "Cancelled", "CorrectionError", "DoubtfulRegion", "MapLegend", "SegmentationJob",
            "SegmentationResult", "SegmentationTask", "colorScale", "imageFromVolumeNode", "loadVolume", "newScene",
@@ -303,15 +303,16 @@ class SegmentationResult:
 @dataclass(frozen=True)
 class DoubtfulRegion:
     """One stop of the review: ``region`` (from :func:`AttnSegLib.review.doubtful_regions`), its place
-    ``index`` among ``count`` regions (0 = the most doubtful), and its centroid in world RAS (mm)."""
+    ``index`` among ``count`` regions (0 = the most doubtful), and its marker, a point inside the
+    region, in world RAS (mm)."""
 
     index: int
     count: int
     region: Region
 
     @property
-    def centroidRAS(self) -> tuple[float, float, float]:
-        return self.region.centroid_ras
+    def markerRAS(self) -> tuple[float, float, float]:
+        return self.region.marker_ras
 
 
 @dataclass(frozen=True)
@@ -688,8 +689,12 @@ class AttnSegLogic:
     def difficultyNode(self, segmentationNode=None):
         node = self._resolve(segmentationNode).GetNodeReference(REF_DIFFICULTY)
         if node is None:
-            raise ValueError("the difficulty map of this segmentation was deleted; segment again to review it")
+            raise ValueError("the review map of this segmentation was deleted; segment again to review it")
         return node
+
+    def reviewMapName(self, segmentationNode=None) -> str:
+        """The name of the review map (``difficultyNode``), e.g. ``uncertainty``, as the page names it."""
+        return self._resolve(segmentationNode).GetAttribute(ATTRIBUTE + "DifficultyMap") or "review map"
 
     def modelLabelNode(self, segmentationNode=None):
         return self._resolve(segmentationNode).GetNodeReference(REF_MODEL_LABEL)
@@ -721,12 +726,14 @@ class AttnSegLogic:
 
     # -- review ---------------------------------------------------------------------------------
     def doubtfulRegions(self, segmentationNode=None, threshold: float = 0.5,
-                        minimumVolumeMl: float = 0.0) -> list[Region]:
-        """Connected regions where the difficulty map is >= ``threshold``, most doubtful first."""
-        difficulty = self.difficultyNode(segmentationNode)
-        key = (difficulty.GetID(), difficulty.GetImageData().GetMTime(), float(threshold), float(minimumVolumeMl))
+                        minimumVolumeMl: float = MIN_VOLUME_ML) -> list[Region]:
+        """Every region where the review map (``difficultyNode``) is >= ``threshold`` and at least
+        ``minimumVolumeMl`` large, nearby fragments merged, most doubtful first (see
+        :mod:`AttnSegLib.review`)."""
+        reviewMap = self.difficultyNode(segmentationNode)
+        key = (reviewMap.GetID(), reviewMap.GetImageData().GetMTime(), float(threshold), float(minimumVolumeMl))
         if key not in self._regionCache:
-            self._regionCache = {key: doubtful_regions(imageFromVolumeNode(difficulty), threshold,
+            self._regionCache = {key: doubtful_regions(imageFromVolumeNode(reviewMap), threshold,
                                                        min_volume_ml=minimumVolumeMl)}
         return self._regionCache[key]
 
@@ -758,6 +765,17 @@ class AttnSegLogic:
         for sliceNode in self._nodesByClass("vtkMRMLSliceNode"):
             sliceNode.JumpSliceByCentering(*(float(v) for v in ras))
 
+    def markPoint(self, ras) -> None:
+        """Mark the RAS point in every slice view with the scene's crosshair (a small cross), as a
+        region's marker: the point review stepping centred the views on."""
+        crosshair = self.scene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
+        if crosshair is None:
+            crosshair = slicer.vtkMRMLCrosshairNode()
+            crosshair.SetSingletonTag("default")
+            crosshair = self.scene.AddNode(crosshair)
+        crosshair.SetCrosshairRAS(*(float(v) for v in ras))
+        crosshair.SetCrosshairMode(slicer.vtkMRMLCrosshairNode.ShowSmallBasic)
+
     # -- correcting -----------------------------------------------------------------------------
     def segmentEditorNode(self):
         """The Segment Editor module's parameter node (singleton tag ``SegmentEditor``), made if absent."""
@@ -771,7 +789,7 @@ class AttnSegLogic:
 
     def restrictEditingToDoubtfulVoxels(self, segmentationNode=None, threshold: float = 0.5,
                                         segmentEditorNode=None) -> None:
-        """Let Segment Editor effects change only voxels whose difficulty is >= ``threshold``.
+        """Let Segment Editor effects change only voxels where the review map is >= ``threshold``.
 
         The doubtful voxels become a hidden segment, "Doubtful regions", and the editor's editable area
         is "inside" that one segment (``EditAllowedInsideSingleSegment``). The editor then overwrites
@@ -811,7 +829,7 @@ class AttnSegLogic:
             segmentation.RemoveSegment(DOUBTFUL_SEGMENT_ID)
 
     def _setDoubtfulSegment(self, node, threshold: float) -> None:
-        """(Re)make the hidden "Doubtful regions" segment: difficulty >= ``threshold``, on the map's grid."""
+        """(Re)make the hidden "Doubtful regions" segment: review map >= ``threshold``, on the map's grid."""
         difficulty = imageFromVolumeNode(self.difficultyNode(node))
         segmentation = node.GetSegmentation()
         if segmentation.GetSegment(DOUBTFUL_SEGMENT_ID) is not None:
@@ -876,6 +894,13 @@ class AttnSegLogic:
         lookup[1:] = values
         return grid.with_array(lookup[exported.array.astype(np.int64)])
 
+    def correctedVoxelCount(self, segmentationNode=None) -> int:
+        """How many voxels the user's corrections changed: the segmentation against the model's own labels."""
+        modelLabel = self.modelLabelNode(segmentationNode)
+        if modelLabel is None:
+            return 0
+        return int((self.correctedLabels(segmentationNode).array != imageFromVolumeNode(modelLabel).array).sum())
+
     def exportCorrection(self, segmentationNode=None, outputDir: str | os.PathLike = ".",
                          caseName: str | None = None, overwrite: bool = False) -> Path:
         """Write the corrected case in the layout ``training/`` reads (layout ``corrected``)::
@@ -884,7 +909,7 @@ class AttnSegLogic:
                                label.nii.gz            the corrected segmentation (class values)
                                model_label.nii.gz      the model's own output
                                difference.nii.gz       1 where the correction differs from the model
-                               difficulty.nii.gz       the map the review ranked regions by
+                               review_map.nii.gz       the review map (the map doubtful regions are ranked by)
                                case.json               model name and hash, class names, provenance,
                                                        refinement clicks (attribute ``Clicks``)
 
@@ -897,7 +922,7 @@ class AttnSegLogic:
             raise CorrectionError("an input volume of this segmentation was deleted; reload it and segment again")
         label = self.correctedLabels(node)
         modelLabel = imageFromVolumeNode(self.modelLabelNode(node))
-        difficulty = imageFromVolumeNode(self.difficultyNode(node))
+        reviewMap = imageFromVolumeNode(self.difficultyNode(node))
         case = _safeCaseName(caseName or inputs[0].GetName())
         target = Path(outputDir) / case
         if target.exists() and not overwrite:
@@ -911,7 +936,7 @@ class AttnSegLogic:
             write_image(label, staging / "label.nii.gz")
             write_image(modelLabel.with_array(modelLabel.array.astype(np.uint8)), staging / "model_label.nii.gz")
             write_image(label.with_array(difference), staging / "difference.nii.gz")
-            write_image(difficulty.with_array(difficulty.array.astype(np.float32)), staging / "difficulty.nii.gz")
+            write_image(reviewMap.with_array(reviewMap.array.astype(np.float32)), staging / "review_map.nii.gz")
             record = self._caseRecord(node, case, inputs, label, difference)
             (staging / "case.json").write_text(json.dumps(record, indent=2) + "\n")
             apply_umask(staging)  # mkdtemp makes it 0700: the case folder gets the user's usual mode

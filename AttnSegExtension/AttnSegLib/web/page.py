@@ -20,6 +20,7 @@ from trame_slicer.core import LayoutManager
 from .state import AttnSegState
 
 PANEL_WIDTH = 400
+TAB_STATE = "attnseg_tab"  # the step the panel shows: a value of TABS
 TABS = (("segment", "Segment"), ("review", "Review"), ("correct", "Correct"), ("export", "Export"))
 CSS = """
 html { overflow-y: hidden; }
@@ -34,14 +35,49 @@ html { overflow-y: hidden; }
 VIEW_COLOURS = {"Axial": "#F34A33", "Coronal": "#6DAD4A", "Sagittal": "#EFD64D"}  # Slicer's red, green, yellow
 
 
+RAS_LETTERS = (("R", "L"), ("A", "P"), ("S", "I"))  # RAS axis -> (its + direction, its - direction)
+CUE_STYLE = "position: absolute; pointer-events: none; background: rgba(0,0,0,0.45); padding: 0 4px;"
+
+
+def _direction_letter(vector) -> str:
+    """The anatomical direction (R, L, A, P, S, I) a RAS vector points to most."""
+    axis = max(range(3), key=lambda a: abs(vector[a]))
+    return RAS_LETTERS[axis][0 if vector[axis] > 0 else 1]
+
+
+def slice_view_cues(view) -> dict:
+    """What a radiology viewer writes on a slice view: the direction at each edge (from the view's
+    SliceToRAS: column 0 points to the screen's right, column 1 up, column 2 out of the screen) and the
+    slice position along the view's normal, in mm (Slicer's "S 12.0 mm")."""
+    matrix = view.get_view_node().GetSliceToRAS()
+    column = [[matrix.GetElement(r, c) for r in range(3)] for c in range(3)]
+    return {"left": _direction_letter([-v for v in column[0]]), "right": _direction_letter(column[0]),
+            "top": _direction_letter(column[1]), "bottom": _direction_letter([-v for v in column[1]]),
+            "position": f"{_direction_letter(column[2])} {view.get_slice_value():.1f} mm"}
+
+
 def slice_view_overlay(server: Server, view_id: str, view) -> None:
-    """trame-slicer's slice view controls (reset, show in 3D, slice slider) and the view's name,
-    in Slicer's colour for it, in the top right corner."""
+    """trame-slicer's slice view controls (reset, show in 3D, slice slider), the view's name in
+    Slicer's colour for it (top right), the orientation letters at its edges and the slice position
+    (bottom left), kept current as the view moves."""
     create_vertical_slice_view_gutter_ui(server, view_id, view)
     orientation = view.get_orientation()
     html.Div(orientation, classes="text-caption px-2",
              style=f"position: absolute; top: 4px; right: 6px; border-left: 3px solid "
                    f"{VIEW_COLOURS.get(orientation, '#aaa')}; background: rgba(0,0,0,0.45); pointer-events: none;")
+    cues = f"attnseg_cues_{view_id}"
+
+    def update(*_) -> None:
+        server.state[cues] = slice_view_cues(view)
+
+    update()
+    view.modified.connect(update)
+    edges = {"left": "left: 40px; top: 50%;", "right": "right: 6px; top: 50%;",
+             "top": "top: 4px; left: 50%;", "bottom": "bottom: 30px; left: 50%;"}  # above the slice slider
+    for edge, place in edges.items():
+        html.Div(f"{{{{ {cues}.{edge} }}}}", classes=f"text-caption attnseg-letter-{edge}", style=CUE_STYLE + place)
+    html.Div(f"{{{{ {cues}.position }}}}", classes="text-caption attnseg-position",
+             style=CUE_STYLE + "bottom: 30px; left: 40px;")
 
 
 @dataclass
@@ -62,7 +98,7 @@ def _alert(message_name: str, alert_type: str = "error", element_id: str | None 
 def build_page(server: Server, app, typed_state: TypedState[AttnSegState], layout_manager: LayoutManager) -> Page:
     """Build the page of one session; ``app`` is the session's ``AttnSegWebApp``."""
     n = typed_state.name
-    tab = "attnseg_tab"
+    tab = TAB_STATE
     server.state.setdefault(tab, "segment")
     with VAppLayout(server, theme="dark") as layout:
         client.Style(CSS)
@@ -92,9 +128,24 @@ def build_page(server: Server, app, typed_state: TypedState[AttnSegState], layou
                 with v3.VWindowItem(value="export"):
                     _export_step(server, app, n)
 
+        _confirm_dialog(app, n)
+
         with v3.VMain(), FlexContainer(row=True, fill_height=True, style="height: calc(100vh - 48px);"):
             layout_manager.initialize_layout_grid(layout)
     return Page(layout, segment_editor)
+
+
+def _confirm_dialog(app, n) -> None:
+    """The question asked before a corrected segmentation is replaced (see ``AttnSegWebApp.answer``)."""
+    with v3.VDialog(model_value=(f"!!{n.confirm.action}",), persistent=True, max_width=520):
+        with v3.VCard(title="Replace your corrected segmentation?", id="attnseg-confirm"):
+            v3.VCardText(f"{{{{ {n.confirm.message} }}}}", id="attnseg-confirm-text")
+            with v3.VCardActions():
+                v3.VBtn("Cancel", click=(app.answer, "['cancel']"), id="attnseg-confirm-cancel")
+                v3.VSpacer()
+                v3.VBtn("Discard", click=(app.answer, "['discard']"), color="error", id="attnseg-confirm-discard")
+                v3.VBtn("Keep beside the new result", click=(app.answer, "['keep']"), color="primary",
+                        variant="tonal", id="attnseg-confirm-keep")
 
 
 def _segment_step(server: Server, app, n) -> None:
@@ -119,6 +170,7 @@ def _segment_step(server: Server, app, n) -> None:
                 f"}}"),
     )
     _alert(n.volume.error, element_id="attnseg-volume-error")
+    _alert(n.volume.notice, "info", "attnseg-volume-notice")
 
     _section("2 · Model")
     v3.VSelect(v_model=(n.model.selected,), items=(n.model.choices,), label="Model package", density="compact",
@@ -134,7 +186,7 @@ def _segment_step(server: Server, app, n) -> None:
     with html.Div(classes="d-flex"):
         v3.VBtn(text=(f"{n.has_result} ? 'Segment again' : 'Segment'",), click=app.segment, color="primary",
                 prepend_icon="mdi-play", id="attnseg-segment",
-                disabled=(f"!{n.volume.loaded} || !{n.model.selected} || {n.segment.running}",),
+                disabled=(f"!{n.model.ready} || {n.segment.running}",),
                 classes="mr-2")
         v3.VBtn("Cancel", click=app.cancel_segmentation, v_if=(n.segment.running,), prepend_icon="mdi-stop",
                 variant="tonal", color="error", disabled=(n.segment.cancelling,), id="attnseg-cancel")
@@ -147,8 +199,9 @@ def _segment_step(server: Server, app, n) -> None:
         v3.VAlert(text=(n.segment.summary,), type="success", density="compact", variant="tonal",
                   title="Segmented")
         html.Div("{{ notice }}", v_for=f"notice in {n.segment.notices}", classes="attnseg-hint mt-1")
-        html.Div("Next: Review the maps and the doubtful regions, correct, then export. Segmenting again "
-                 "replaces this segmentation and its corrections.", classes="attnseg-hint mt-2")
+        html.Div("Next: Review the maps and the doubtful regions, correct, then export. Segmenting again, "
+                 "another model or another volume asks before it replaces your corrections.",
+                 classes="attnseg-hint mt-2")
 
 
 def _review_step(app, n) -> None:
@@ -165,8 +218,12 @@ def _review_step(app, n) -> None:
             html.Span(f"{{{{ {n.maps.legend_high} }}}}")
         html.Div(f"{{{{ {n.maps.meaning} }}}}", classes="attnseg-hint mt-1")
         html.Div(f"{{{{ {n.maps.how_to_read} }}}}", v_if=(n.maps.how_to_read,), classes="attnseg-hint mt-1")
+        html.Div(f"{{{{ {n.maps.detection} }}}}", v_if=(n.maps.detection,), classes="attnseg-hint mt-1",
+                 id="attnseg-map-detection")
 
     _section("Doubtful regions")
+    v3.VSlider(v_model=(n.review.threshold,), min=0.05, max=0.95, step=0.05, label="Threshold", density="compact",
+               hide_details=True, thumb_label=True, id="attnseg-review-threshold")
     html.Div(f"{{{{ {n.review.description} }}}}", classes="attnseg-hint mb-2", id="attnseg-review-text")
     with html.Div(classes="d-flex"):
         v3.VBtn("Previous", click=app.previous_region, prepend_icon="mdi-chevron-left", variant="tonal",
@@ -198,11 +255,18 @@ def _export_step(server: Server, app, n) -> None:
                     click=(f"{n.export.busy} = true; trigger('{download}', ['{fmt}']).then({save})"
                            f".finally(() => {{ {n.export.busy} = false; }})"))
     _section("Training case")
-    html.Div("The image, the corrected label, the model's own label, their difference and the difficulty map, "
+    html.Div("The image, the corrected label, the model's own label, their difference and the review map, "
              "zipped in the folder layout training/ reads.", classes="attnseg-hint mb-2")
     v3.VBtn("Export as training case", prepend_icon="mdi-folder-zip-outline", variant="tonal",
             id="attnseg-export-case", disabled=(n.export.busy,),
             click=(f"{n.export.busy} = true; trigger('{case}', []).then({save})"
                    f".finally(() => {{ {n.export.busy} = false; }})"))
+    with html.Div(v_if=(f"{n.export.kept}.length",), id="attnseg-kept"):
+        _section("Kept corrected segmentations")
+        with html.Div(v_for=f"name in {n.export.kept}", key="name", classes="d-flex align-center mb-1"):
+            html.Span("{{ name }}", classes="attnseg-hint mr-2")
+            v3.VBtn("NIfTI", prepend_icon="mdi-download", variant="tonal", size="small", disabled=(n.export.busy,),
+                    click=(f"{n.export.busy} = true; trigger('{download}', ['nifti', name]).then({save})"
+                           f".finally(() => {{ {n.export.busy} = false; }})"))
     _alert(n.export.message, "success", "attnseg-export-message")
     _alert(n.export.error, element_id="attnseg-export-error")

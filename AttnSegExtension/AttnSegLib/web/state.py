@@ -16,6 +16,7 @@ class VolumePanel:
     opened: list[str] = field(default_factory=list)  # names of every volume opened in this session
     busy: bool = False
     error: str = ""
+    notice: str = ""  # files of the --data folder left out of the list (label maps)
 
 
 @dataclass
@@ -24,6 +25,7 @@ class ModelPanel:
     selected: str | None = None
     description: str = ""
     inputs: list[dict] = field(default_factory=list)  # {"modality": card name, "volume": opened volume name}
+    ready: bool = False  # a volume is assigned to every input of the model
     error: str = ""
 
 
@@ -46,6 +48,7 @@ class MapPanel:
     opacity: float = 0.5
     meaning: str = ""
     how_to_read: str = ""
+    detection: str = ""  # how well the map finds the model's errors, from its card
     legend_gradient: str = ""  # CSS linear-gradient of the map's colour table
     legend_low: str = ""
     legend_high: str = ""
@@ -53,8 +56,17 @@ class MapPanel:
 
 @dataclass
 class ReviewPanel:
+    threshold: float = 0.5  # voxels where the review map is at least this are doubtful
     count: int = 0
     description: str = ""
+
+
+@dataclass
+class ConfirmPanel:
+    """A question before something the user made is replaced: ``action`` is what waits for the answer
+    (``segment``, ``model`` or ``volume``; empty: no question)."""
+    action: str = ""
+    message: str = ""
 
 
 @dataclass
@@ -62,6 +74,7 @@ class ExportPanel:
     busy: bool = False
     message: str = ""
     error: str = ""
+    kept: list[str] = field(default_factory=list)  # corrected segmentations kept beside a newer result
 
 
 @dataclass
@@ -72,5 +85,6 @@ class AttnSegState:
     maps: MapPanel = field(default_factory=MapPanel)
     review: ReviewPanel = field(default_factory=ReviewPanel)
     export: ExportPanel = field(default_factory=ExportPanel)
+    confirm: ConfirmPanel = field(default_factory=ConfirmPanel)
     has_result: bool = False
     upload_limit_mb: int = 512

@@ -10,12 +10,17 @@ on the server loop, the scene's only thread.
 Whatever a client sets in that state or passes to a trigger is checked against what this session
 offered: volumes and models are chosen by name from the lists it sent, never by a path, and a header
 whose voxels live in another file is never opened.
+
+Nothing the user corrected is replaced without a question: segmenting again, switching model or
+opening another volume over a corrected segmentation sets ``confirm`` and waits for
+:meth:`AttnSegWebApp.answer`; the corrected segmentation can be kept beside the new result.
 """
 from __future__ import annotations
 
 import asyncio
 import io
 import logging
+import re
 import shutil
 import tempfile
 import zipfile
@@ -32,10 +37,12 @@ from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.segmentation import SegmentationOpacityEnum
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
-from ..image import IMAGE_SUFFIXES, ImageError, case_name, check_data_file, list_images, write_image
+from ..image import (IMAGE_SUFFIXES, ImageError, case_name, check_data_file, label_map_levels, list_images,
+                     read_image, write_image)
 from ..package import PackageError, available_packages
+from ..review import MERGE_MM, MIN_VOLUME_ML
 from ..slicer_logic import AttnSegLogic, Cancelled, CorrectionError, SegmentationTask, imageFromVolumeNode
-from .page import build_page, slice_view_overlay
+from .page import TAB_STATE, build_page, slice_view_overlay
 from .state import AttnSegState
 from .uploads import UploadError, check_upload, save_upload
 
@@ -65,6 +72,41 @@ def map_title(name: str) -> str:
 
 def format_value(value: float) -> str:
     return f"{value:.2f}" if abs(value) >= 0.01 or value == 0 else f"{value:.1e}"
+
+
+_LABEL_MAP_NOTES: dict[tuple, str] = {}  # (path, mtime, size) -> label_map_note, shared by the sessions
+_LABEL_MAP_NOTES_MAX = 1024
+
+
+def label_map_note(path: Path) -> str:
+    """Why the file at ``path`` is not an image to segment (a label map), or ``""``; each file
+    (path, mtime, size) is read once."""
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _LABEL_MAP_NOTES:
+        try:
+            levels = label_map_levels(read_image(path).array)
+        except ImageError:
+            levels = None  # an unreadable file is reported when it is opened
+        if len(_LABEL_MAP_NOTES) >= _LABEL_MAP_NOTES_MAX:
+            _LABEL_MAP_NOTES.clear()
+        _LABEL_MAP_NOTES[key] = (f"{path.name} holds only {levels} integer values: a label map or segmentation, "
+                                 "not an image to segment; open the scan it labels") if levels is not None else ""
+    return _LABEL_MAP_NOTES[key]
+
+
+RESEARCH_MAP_AUROC = 0.75  # a map that finds the wrong voxels less well than this is labelled a research map
+
+
+def detection_note(card: dict, map_name: str) -> str:
+    """How well ``map_name`` finds the model's wrong voxels, as the card measured it (AUROC on its
+    validation cases), or ``""`` where the card has no figure for it."""
+    score = (card.get("metrics") or {}).get("error_detection_auroc", {}).get(map_name)
+    if not isinstance(score, (int, float)):
+        return ""
+    note = f"Finds the model's wrong voxels with AUROC {score:.2f} on its validation cases (model card)."
+    return note if score >= RESEARCH_MAP_AUROC else (f"Research map: it {note[0].lower()}{note[1:-1]}; 0.5 is "
+                                                     "chance: do not rely on it to find errors.")
 
 
 def legend_gradient(stops) -> str:
@@ -111,12 +153,19 @@ class AttnSegWebApp:
         self._task: SegmentationTask | None = None
         self._result = None  # SegmentationResult on screen
         self._package = None  # the ModelPackage that made it
+        self._result_model = None  # the model name it was made with, as offered
+        self._task_model = None  # the model name the running task was started with
+        self._pending = None  # (action, argument) waiting for the user's answer
+        self._kept: dict[str, object] = {}  # name -> corrected segmentation node kept beside a newer result
+        self._reviewing = False  # the user opened the Review step since this result came: its map is shown
         self.typed_state.bind_changes({
             self.typed_state.name.model.selected: self._on_model_selected,
             self.typed_state.name.model.inputs: self._check_inputs,
             self.typed_state.name.maps.selected: self._on_map_changed,
             self.typed_state.name.maps.opacity: self._on_map_changed,
+            self.typed_state.name.review.threshold: self._on_threshold_changed,
         })
+        server.state.change(TAB_STATE)(self._on_tab_changed)
         server.state["trame__title"] = "AttnSeg"
         self._offer_volumes()
         self._offer_models()
@@ -132,6 +181,9 @@ class AttnSegWebApp:
     # -- volumes --------------------------------------------------------------------------------
     def _offer_volumes(self) -> None:
         files = list_images(self.data_dir) if self.data_dir.is_dir() else []
+        notes = {f: label_map_note(f) for f in files}
+        files = [f for f in files if not notes[f]]
+        self.data.volume.notice = "Left out: " + "; ".join(n for n in notes.values() if n) if any(notes.values()) else ""
         self._data_files = {f.name: f for f in files}
         self.data.volume.choices = [{"title": f.name, "value": f.name} for f in files]
         self.data.volume.selected = files[0].name if files else None
@@ -145,7 +197,7 @@ class AttnSegWebApp:
         if path is None:
             self.data.volume.error = "choose a volume from the list first"
             return
-        self._open_volume(path)
+        self._open_volume_over_result(path)
 
     def upload_problem(self, name: str, size: int) -> str:
         """Checked before the browser sends a file: the reason to refuse it, or ``""``."""
@@ -180,13 +232,36 @@ class AttnSegWebApp:
             log.info("refused upload: %s", err)
             self.data.volume.error = str(err)
             return
+        self._open_volume_over_result(path)
+
+    def _open_volume_over_result(self, path: Path) -> None:
+        """Open ``path``; a result made from other volumes is the previous volume's state: it goes
+        (after asking, when it was corrected)."""
+        if self._result is not None and self._opened_node_name(path) not in self._result_input_names():
+            if not self._may_replace_result("volume", path, f"Opening {path.name}"):
+                return
+            if not self._open_volume(path):
+                return
+            self._clear_result()
+            return
         self._open_volume(path)
 
-    def _open_volume(self, path: Path) -> None:
-        """Show the volume in ``path``, reading it once (a re-uploaded file with new content is re-read).
+    def _opened_node_name(self, path: Path) -> str | None:
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        return self._opened_files.get((str(path), stat.st_mtime_ns, stat.st_size))
 
-        Single-file volumes only: a header naming a data file elsewhere is refused. Errors name the
-        file, not its folder on the server.
+    def _result_input_names(self) -> list[str]:
+        return [n.GetName() for n in self._result.inputNodes if n is not None] if self._result else []
+
+    def _open_volume(self, path: Path) -> bool:
+        """Show the volume in ``path``, reading it once (a re-uploaded file with new content is re-read);
+        False when it was refused.
+
+        Single-file volumes only: a header naming a data file elsewhere is refused, and so is a label
+        map (see :func:`label_map_note`). Errors name the file, not its folder on the server.
         """
         self.data.volume.error = ""
         try:
@@ -195,10 +270,13 @@ class AttnSegWebApp:
             name = self._opened_files.get(key)
             if name is None:
                 check_data_file(path, allow_detached=False)
+                note = label_map_note(path)
+                if note:
+                    raise ImageError(note)
                 node = self.logic.loadVolume(path, name=case_name(path))
         except (ImageError, OSError) as err:
             self.data.volume.error = str(err).replace(str(path), path.name)
-            return
+            return False
         if name is None:
             name = node.GetName()
             self._volumes[name] = node
@@ -207,6 +285,7 @@ class AttnSegWebApp:
         self.data.volume.loaded = name
         self.data.volume.opened = list(self._volumes)
         self._assign_inputs()
+        return True
 
     def _show_volume(self, node) -> None:
         display = self.slicer_app.display_manager
@@ -245,8 +324,15 @@ class AttnSegWebApp:
             raise PackageError(str(err).replace(str(path), name)) from None
 
     def _on_model_selected(self, name: str | None) -> None:
+        if self._result is not None and name != self._result_model:
+            # The result on screen belongs to the previous model: it goes (after asking, when corrected).
+            if not self._may_replace_result("model", name, f"Switching to {name}"):
+                self.data.model.selected = self._result_model
+                return
+            self._clear_result()
         self.data.model.error = ""
         self.data.model.description = ""
+        self.data.model.ready = False
         if not name:
             return
         try:
@@ -280,6 +366,7 @@ class AttnSegWebApp:
             guessed = [n.GetName() if n is not None else None for n in self.logic.guessInputVolumes(package)]
             volumes = [chosen.get(m, g) for m, g in zip(modalities, guessed)]
         self.data.model.inputs = [{"modality": m, "volume": v} for m, v in zip(modalities, volumes)]
+        self._check_inputs(self.data.model.inputs)
 
     def _chosen_inputs(self) -> list[dict]:
         """The client's input choices that name a modality and a volume opened in this session."""
@@ -294,6 +381,7 @@ class AttnSegWebApp:
             return
         chosen = {i["modality"] for i in self._chosen_inputs()}
         missing = [m for m in modalities if m not in chosen]
+        self.data.model.ready = not missing
         self.data.model.error = (f"open a volume for {', '.join(missing)} (one per input of the model)"
                                  if missing and self._volumes else "")
 
@@ -304,7 +392,15 @@ class AttnSegWebApp:
 
     # -- segmenting -----------------------------------------------------------------------------
     def segment(self) -> None:
-        """Start the network on a worker thread; :meth:`_follow` reports progress and adds the result."""
+        """Start the network on a worker thread; :meth:`_follow` reports progress and adds the result.
+        Over a corrected result, the page asks first."""
+        if self._task is not None:
+            return
+        if self._result is not None and not self._may_replace_result("segment", None, "Segmenting again"):
+            return
+        self._start_segmentation()
+
+    def _start_segmentation(self) -> None:
         if self._task is not None:
             return
         segment = self.data.segment
@@ -316,6 +412,7 @@ class AttnSegWebApp:
             segment.error = str(err)
             return
         self._task = SegmentationTask(job).start()
+        self._task_model = self.data.model.selected
         segment.running, segment.cancelling, segment.percent, segment.stage, segment.eta = True, False, 0, "starting", ""
         create_task(self._follow(self._task))
 
@@ -345,10 +442,72 @@ class AttnSegWebApp:
                 log.exception("segmentation failed")
                 segment.error = f"Segmentation failed: {err}"
                 return
-            self._show_result(result, task.job.package)
+            self._show_result(result, task.job.package, self._task_model)
 
-    def _show_result(self, result, package) -> None:
+    # -- replacing a result ---------------------------------------------------------------------
+    def _may_replace_result(self, action: str, argument, doing: str) -> bool:
+        """True when the result on screen may be replaced now (nothing corrected in it); else the page
+        asks (``confirm``) and :meth:`answer` does ``action`` with ``argument`` if the user agrees."""
+        try:
+            changed = self.logic.correctedVoxelCount(self._result.segmentationNode)
+            what = f"{changed} voxel{'s' if changed != 1 else ''} you corrected"
+        except (CorrectionError, ValueError):
+            changed, what = 1, "segments you added or renamed"
+        if not changed:
+            return True
+        self._pending = (action, argument)
+        self.data.confirm.message = (f"{doing} replaces the segmentation on screen and the {what} in it. "
+                                     "Keep the corrected segmentation beside the new result, or discard it?")
+        self.data.confirm.action = action
+        return False
+
+    def answer(self, choice: str) -> None:
+        """The user's answer to ``confirm``: ``keep`` (the corrected segmentation stays, hidden, and can
+        still be downloaded), ``discard``, or anything else to cancel."""
+        action, argument = self._pending or ("", None)
+        self._pending = None
+        self.data.confirm.action, self.data.confirm.message = "", ""
+        if choice not in ("keep", "discard") or not action or self._result is None:
+            return
+        if choice == "keep":
+            self._keep_result()
+        if action == "segment":
+            self._start_segmentation()
+        elif action == "model":
+            self._clear_result()
+            self.data.model.selected = argument
+        elif action == "volume" and self._open_volume(argument):
+            self._clear_result()
+
+    def _keep_result(self) -> None:
+        """Set the corrected segmentation on screen aside, renamed: when its result is replaced it is
+        hidden, not removed (its maps go), and the export step still downloads it."""
+        node = self._result.segmentationNode
+        node.SetName(self.scene.GenerateUniqueName(f"{node.GetName()} (corrected, kept)"))
+        self._kept[node.GetName()] = node
+        self.data.export.kept = list(self._kept)
+
+    def _clear_result(self) -> None:
+        """The result on screen goes with its maps; every panel that described it is emptied."""
+        if self._result is not None:
+            self._remove_result(self._result)
+        self._result, self._package, self._result_model = None, None, None
+        self.editor.deactivate_effect()
+        self.logic.showMap(None)
+        data = self.data
+        data.has_result = False
+        data.segment.summary, data.segment.notices, data.segment.error = "", [], ""
+        data.maps.choices, data.maps.selected = [], None
+        data.maps.meaning = data.maps.how_to_read = data.maps.legend_gradient = data.maps.detection = ""
+        data.maps.legend_low = data.maps.legend_high = ""
+        data.review.count, data.review.description = 0, ""
+        data.export.message, data.export.error = "", ""
+        self.server.state[TAB_STATE] = "segment"
+
+    def _show_result(self, result, package, model_name: str) -> None:
         previous, self._result, self._package = self._result, result, package
+        self._reviewing = self.server.state[TAB_STATE] == "review"
+        self._result_model = model_name
         self.editor.deactivate_effect()
         self.editor.set_active_segmentation(result.segmentationNode, result.inputNodes[0])
         self.editor.set_surface_representation_enabled(True)
@@ -362,17 +521,19 @@ class AttnSegWebApp:
             {"title": map_title(name), "value": name} for name in result.mapNodes]
         self.data.maps.selected = result.difficultyName
         self._on_map_changed()
-        count = len(self.logic.doubtfulRegions(result.segmentationNode))
-        self.data.review.count = count
-        self.data.review.description = (f"{count} doubtful region{'s' if count != 1 else ''} "
-                                        f"(difficulty ≥ 0.5); the most doubtful comes first."
-                                        if count else "No region reaches difficulty 0.5.")
+        self._describe_regions()
         self.data.export.message, self.data.export.error = "", ""
         self.data.has_result = True
 
     def _remove_result(self, result) -> None:
-        """A new segmentation replaces the one on screen: its maps and model output go with it."""
-        for node in [result.segmentationNode, result.modelLabelNode, *result.mapNodes.values()]:
+        """A new segmentation replaces the one on screen: its maps and model output go with it. A kept
+        segmentation (:meth:`_keep_result`) is hidden instead, and keeps its model output."""
+        removed = list(result.mapNodes.values())
+        if result.segmentationNode in self._kept.values():
+            result.segmentationNode.GetDisplayNode().SetVisibility(False)
+        else:
+            removed += [result.segmentationNode, result.modelLabelNode]
+        for node in removed:
             if node is not None and self.scene.GetNodeByID(node.GetID()) is not None:
                 self.scene.RemoveNode(node)
 
@@ -388,9 +549,11 @@ class AttnSegWebApp:
         if self._result is None:
             return
         maps = self.data.maps
-        node = self._result.mapNodes.get(maps.selected) if isinstance(maps.selected, str) else None
+        node = self._result.mapNodes.get(maps.selected) if isinstance(maps.selected, str) and self._reviewing else None
         opacity = maps.opacity if isinstance(maps.opacity, (int, float)) and 0 <= maps.opacity <= 1 else 0.5
         self.logic.showMap(node, opacity=float(opacity), backgroundNode=self._result.inputNodes[0])
+        for view in self.slicer_app.view_manager.get_slice_views():
+            view.schedule_render()  # the views redraw on their own for a new layer, not for a new opacity
         # Over a map the segmentation is drawn as its outline, so the map's colours stay readable.
         mode = SegmentationOpacityEnum.OUTLINE if node is not None else SegmentationOpacityEnum.BOTH
         self._segment_display.opacity_mode = mode  # the editor's Rendering panel shows it
@@ -398,32 +561,64 @@ class AttnSegWebApp:
             self.editor.active_segmentation_display.set_opacity_mode(mode)
         if node is None:
             maps.meaning = maps.how_to_read = maps.legend_gradient = maps.legend_low = maps.legend_high = ""
+            maps.detection = ""
             return
         legend = self.logic.mapLegend(node)
         maps.meaning = legend.meaning
         maps.how_to_read = self._package.maps.get(legend.name.split(".")[0], {}).get("read", "")
+        maps.detection = detection_note(self._package.card, legend.name)
         maps.legend_gradient = legend_gradient(legend.stops)
         maps.legend_low, maps.legend_high = format_value(legend.minimum), format_value(legend.maximum)
 
     # -- review ---------------------------------------------------------------------------------
+    def _threshold(self) -> float:
+        value = self.data.review.threshold
+        return float(value) if isinstance(value, (int, float)) and 0 <= value <= 1 else 0.5
+
+    def _review_map_title(self) -> str:
+        return map_title(self._result.difficultyName).lower()
+
+    def _on_threshold_changed(self, *_) -> None:
+        if self._result is not None and self._result.segmentationNode is not None:
+            self._describe_regions()
+
+    def _describe_regions(self) -> None:
+        """The true count of regions at the chosen threshold, and the rule that made them."""
+        threshold = self._threshold()
+        count = len(self.logic.doubtfulRegions(self._result.segmentationNode, threshold))
+        review = self.data.review
+        review.count = count
+        rule = (f"{self._review_map_title()} ≥ {threshold:.2f}; fragments within {MERGE_MM:g} mm joined, "
+                f"regions under {MIN_VOLUME_ML:g} ml left out")
+        review.description = (f"{count} doubtful region{'s' if count != 1 else ''} ({rule}); the most doubtful "
+                              "comes first." if count else f"No region ({rule}).")
+
     def next_region(self) -> None:
-        self._go_to_region(self.logic.nextDoubtfulRegion(self._result.segmentationNode))
+        self._go_to_region(self.logic.nextDoubtfulRegion(self._result.segmentationNode, self._threshold()))
 
     def previous_region(self) -> None:
-        self._go_to_region(self.logic.previousDoubtfulRegion(self._result.segmentationNode))
+        self._go_to_region(self.logic.previousDoubtfulRegion(self._result.segmentationNode, self._threshold()))
 
     def _go_to_region(self, stop) -> None:
         review = self.data.review
         if stop is None:
-            review.description = "No region reaches difficulty 0.5."
+            self._describe_regions()
             return
-        self.logic.centerSliceViews(stop.centroidRAS)
+        self.logic.centerSliceViews(stop.markerRAS)
+        self.logic.markPoint(stop.markerRAS)
         region = stop.region
         review.count = stop.count
-        review.description = (f"Region {stop.index + 1} of {stop.count}: {region.volume_ml:.2f} ml, "
-                              f"mean difficulty {region.mean_difficulty:.2f} (peak {region.max_difficulty:.2f})")
+        name = self._review_map_title()
+        review.description = (f"Region {stop.index + 1} of {stop.count}: {region.volume_ml:.3f} ml, mean {name} "
+                              f"{region.mean_difficulty:.2f} (peak {region.max_difficulty:.2f}); the cross marks it.")
 
     # -- correcting -----------------------------------------------------------------------------
+    def _on_tab_changed(self, **_) -> None:
+        """The map overlay appears when the user first opens the Review step of a result."""
+        if self.server.state[TAB_STATE] == "review" and not self._reviewing:
+            self._reviewing = True
+            self._on_map_changed()
+
     def stop_editing(self) -> None:
         """Leave the paint/erase tools, so the mouse in a view browses again."""
         self.editor.deactivate_effect()
@@ -432,23 +627,27 @@ class AttnSegWebApp:
     def _base_name(self) -> str:
         return case_name(self._result.inputNodes[0].GetName()) if self._result else "segmentation"
 
-    def download_segmentation(self, fmt: str) -> dict | None:
-        """The corrected segmentation (class values on the input grid) as NIfTI or NRRD bytes."""
+    def download_segmentation(self, fmt: str, kept: str = "") -> dict | None:
+        """The corrected segmentation (class values on the input grid) as NIfTI or NRRD bytes: the one
+        on screen, or the ``kept`` one of that name."""
         export = self.data.export
         export.error = export.message = ""
         suffix = DOWNLOAD_FORMATS.get(fmt) if isinstance(fmt, str) else None
         if suffix is None:
             export.error = f"unknown format; choose one of {', '.join(DOWNLOAD_FORMATS)}"
             return None
-        if self._result is None:
-            export.error = "segment a volume first"
+        node = self._kept.get(kept) if isinstance(kept, str) and kept else (
+            self._result.segmentationNode if self._result else None)
+        if node is None:
+            export.error = "segment a volume first" if not kept else "choose a kept segmentation from the list"
             return None
         try:
-            labels = self.logic.correctedLabels(self._result.segmentationNode)
+            labels = self.logic.correctedLabels(node)
         except (CorrectionError, ValueError) as err:
             export.error = str(err)
             return None
-        name = f"{self._base_name()}_segmentation{suffix}"
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "_", node.GetName()).strip("_") if kept else self._base_name()
+        name = f"{base}_segmentation{suffix}"
         with tempfile.TemporaryDirectory(dir=self.work_dir) as folder:
             content = write_image(labels, Path(folder) / name).read_bytes()
         export.message = f"{name}: {len(content) / 1024:.0f} KiB"
