@@ -32,8 +32,9 @@ CPP_FOLDERS = (
     "Libs/MRML/Core", "Libs/MRML/Logic", "Libs/vtkSegmentationCore", "Base/Logic",
     "Modules/Loadable/Segmentations/MRML", "Modules/Loadable/Segmentations/Logic",
     "Modules/Loadable/Terminologies/Logic", "Modules/Loadable/Colors/Logic", "Modules/Loadable/Volumes/Logic",
+    "Modules/Loadable/Markups/MRML",
 )
-QT_FOLDERS = ("Libs/MRML/Widgets", "Base/QTGUI")
+QT_FOLDERS = ("Libs/MRML/Widgets", "Base/QTGUI", "Modules/Loadable/Markups/Widgets")
 CTK_FOLDERS = ("Libs/Widgets", "Libs/Core")
 PYTHON_MODULES = ("util.py", "i18n.py", "ScriptedLoadableModule.py", "parameterNodeWrapper")
 
