@@ -58,7 +58,8 @@ from .review import MIN_VOLUME_ML, Region, doubtful_regions
 
 __all__ = ["AttnSegLogic", "Cancelled", "CorrectionError", "DoubtfulRegion", "MapLegend", "SegmentationJob",
            "SegmentationResult", "SegmentationTask", "colorScale", "imageFromVolumeNode", "loadVolume", "newScene",
-           "roiBoxFromNode", "roiNodeFromBox", "setSegmentTerminology", "terminologyEntry", "volumeNodeFromImage"]
+           "roiBoxFromNode", "roiNodeFromBox", "setSegmentTerminology", "terminologyEntry", "volumeGeometry",
+           "volumeNodeFromImage"]
 
 ATTRIBUTE = "AttnSeg."
 REF_INPUT = "AttnSegInput"
@@ -198,6 +199,16 @@ def _orientedMask(geometry: Geometry, mask: np.ndarray):
     values = np.ascontiguousarray(mask, dtype=np.uint8).ravel()
     oriented.GetPointData().SetScalars(numpy_support.numpy_to_vtk(values, deep=True))
     return oriented
+
+
+def volumeGeometry(node) -> Geometry:
+    """The engine :class:`Geometry` of a volume node with image data (world coordinates), without copying
+    its voxels."""
+    imageData = node.GetImageData() if node is not None else None
+    if imageData is None:
+        raise ImageError(f"volume {node.GetName() if node is not None else 'None'!r} holds no image data; load a "
+                         "volume first")
+    return Geometry.from_ijk_to_ras(_ijkToWorldRas(node), imageData.GetDimensions())
 
 
 def loadVolume(path: str | os.PathLike, scene=None, name: str | None = None):
@@ -517,11 +528,9 @@ class AttnSegLogic:
         """True when ``model``'s card says how to localise its structures and ``volumeNode`` is much larger
         than the field of view the model was trained on: without an ROI the engine localises it, and
         :meth:`localisationROIs` shows where beforehand."""
-        imageData = volumeNode.GetImageData() if volumeNode is not None else None
-        if imageData is None:
+        if volumeNode is None or volumeNode.GetImageData() is None:
             return False
-        geometry = Geometry.from_ijk_to_ras(_ijkToWorldRas(volumeNode), imageData.GetDimensions())
-        return needs_localisation(geometry, self.loadModel(model).card)
+        return needs_localisation(volumeGeometry(volumeNode), self.loadModel(model).card)
 
     def localisationROIs(self, volumeNode, model=None) -> list:
         """Register the MNI152 template to ``volumeNode`` as the engine does before segmenting a whole head,
