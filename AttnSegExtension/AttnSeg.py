@@ -335,9 +335,10 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not (self._engineReady and self._parameterNode and self._parameterNode.modelName and volumes
                 and volumes[0] is not None):
             return False
-        with _showErrors(_("The model package cannot be used.")):
+        try:
             return self.logic.needsLocalisation(volumes[0], self._parameterNode.modelName)
-        return False
+        except ValueError:  # an unusable package: onModelChanged has shown why
+            return False
 
     def onLocaliseButton(self) -> None:
         with _showErrors(_("Localisation failed."), waitCursor=True):
