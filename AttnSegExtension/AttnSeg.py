@@ -17,7 +17,7 @@ from typing import Annotated
 
 import qt
 import slicer
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -117,6 +117,8 @@ class AttnSegParameterNode:
     inputVolume0..3 - one volume per modality the model expects, in the card's order.
     modelName - the model package (bound by hand: the list of models is only known at run time).
     device - where the network runs.
+    roi - the markups ROI to segment inside (None: the whole volume, localised by the engine when the
+        model's card says how and the volume is much larger than its training field of view).
     segmentation - the AttnSeg segmentation under review.
     mapName - the map shown over the image; mapOpacity - its opacity.
     difficultyThreshold - voxels at or above it are doubtful (review and editing).
@@ -130,6 +132,7 @@ class AttnSegParameterNode:
     inputVolume3: vtkMRMLScalarVolumeNode
     modelName: str = ""
     device: Annotated[str, Choice(DEVICES)] = "auto"
+    roi: vtkMRMLMarkupsROINode
     segmentation: vtkMRMLSegmentationNode
     mapName: str = ""
     mapOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
@@ -178,6 +181,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.localiseButton.connect("clicked(bool)", self.onLocaliseButton)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
         self.ui.mapComboBox.connect("currentIndexChanged(int)", self.onMapChanged)
@@ -318,10 +322,31 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.text = _("Cancel") if running else _("Segment")
         self.ui.segmentButton.enabled = not adding and (
             running or (bool(volumes) and all(volumes)) or not self._engineReady)
+        self.ui.localiseButton.enabled = not running and not adding and self._localisable()
         hasSegmentation = self._attnsegSegmentation() is not None
         for button in (self.ui.previousRegionButton, self.ui.nextRegionButton, self.ui.saveCorrectionButton,
                        self.ui.openSegmentEditorButton, self.ui.editDoubtfulOnlyCheckBox):
             button.enabled = hasSegmentation and not running and not adding
+
+    def _localisable(self) -> bool:
+        """The model's card says how to localise and the first input is much larger than its training field
+        of view."""
+        volumes = self._inputVolumes()
+        if not (self._engineReady and self._parameterNode and self._parameterNode.modelName and volumes
+                and volumes[0] is not None):
+            return False
+        try:
+            return self.logic.needsLocalisation(volumes[0], self._parameterNode.modelName)
+        except ValueError:  # an unusable package: onModelChanged has shown why
+            return False
+
+    def onLocaliseButton(self) -> None:
+        with _showErrors(_("Localisation failed."), waitCursor=True):
+            rois = self.logic.localisationROIs(self._inputVolumes()[0], self._parameterNode.modelName)
+            self.ui.statusLabel.text = _(
+                "Placed {names}. Segment with no region to segment them all (localised again); to segment "
+                "inside one box only, move it if needed and choose it under Region.").format(
+                names=", ".join(node.GetName() for node in rois))
 
     def onSegmentButton(self) -> None:
         if self._task is not None:
@@ -335,7 +360,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with _showErrors(_("Segmentation could not start."), waitCursor=True):
             job = self.logic.prepare(self._inputVolumes(), self._parameterNode.modelName, self._parameterNode.device,
-                                     inProcess=False)
+                                     inProcess=False, roiNode=self._parameterNode.roi)
             self._task = self.logic.startTask(job)
             self.ui.progressBar.value = 0
             self.ui.progressBar.show()

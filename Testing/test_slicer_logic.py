@@ -668,6 +668,62 @@ def test_shipped_model_agrees_with_itself_on_an_oblique_anisotropic_copy(shipped
     assert all(s["dice"] >= 0.8 for s in scores.values()), scores
 
 
+# -- whole head: the ROIs the localisation places, and segmenting inside one ---------------------------
+MNI152_T1 = "mni152/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+
+
+def _ras_points(labels: Image) -> np.ndarray:
+    """(3, N) RAS mm of the labelled voxels."""
+    k, j, i = np.nonzero(labels.array)
+    return (labels.geometry.ijk_to_ras() @ np.vstack([i, j, k, np.ones_like(i)]))[:3]
+
+
+def test_localisation_places_an_roi_on_each_hippocampus_and_segment_uses_the_chosen_one(shipped, data_dir):
+    """The MNI152 template (a whole head): one ROI per side where the hippocampi are in MNI space (RAS:
+    the patient's left at x < 0), and segmenting inside the left one, moved 2 mm as a user would, gives a
+    hippocampus of plausible volume inside that box only."""
+    logic = AttnSegLogic(newScene())
+    volume = logic.loadVolume(data_dir / MNI152_T1)
+    assert logic.needsLocalisation(volume, shipped)
+    assert not logic.needsLocalisation(logic.loadVolume(SAMPLE_IMAGE), shipped)  # already a crop
+    left, right = logic.localisationROIs(volume, shipped)
+    assert [left.GetName(), right.GetName()] == ["Left hippocampus ROI", "Right hippocampus ROI"]
+    assert left.GetAttribute(ATTRIBUTE + "Target") == "left_hippocampus"
+    centres = {}
+    for node in (left, right):
+        centre, size = [0.0] * 3, [0.0] * 3
+        node.GetCenterWorld(centre)
+        node.GetSizeWorld(size)
+        centres[node.GetName()] = np.asarray(centre)
+        assert all(20.0 <= s <= 80.0 for s in size), size  # about the training field of view, not a head
+    # MNI RAS mm: the hippocampi lie about 27 mm either side of the midline, 22 mm behind and 15 mm below
+    # the anterior commissure (the targets' boxes, localise.TARGETS)
+    np.testing.assert_allclose(centres["Left hippocampus ROI"], [-27.0, -22.0, -15.0], atol=5.0)
+    np.testing.assert_allclose(centres["Right hippocampus ROI"], [27.0, -22.0, -15.0], atol=5.0)
+
+    moved = centres["Left hippocampus ROI"] + [0.0, 2.0, 0.0]
+    left.SetCenterWorld(*moved)
+    result = logic.segment([volume], shipped, device="cpu", roiNode=left)
+    assert result.provenance["roi"]["centre_lps_mm"] == pytest.approx([-moved[0], -moved[1], moved[2]], abs=0.01)
+    labels = logic.correctedLabels(result.segmentationNode)
+    volume_ml = np.count_nonzero(labels.array) * labels.geometry.voxel_volume_ml
+    assert 1.5 <= volume_ml <= 6.0, volume_ml
+    bounds = [0.0] * 6
+    left.GetRASBounds(bounds)
+    points = _ras_points(labels)
+    low, high = np.asarray(bounds[0::2]) - 1.0, np.asarray(bounds[1::2]) + 1.0  # a voxel's rounding
+    assert np.all((points >= low[:, None]) & (points <= high[:, None]))
+    assert points[0].mean() < -15.0  # the left hippocampus
+
+
+def test_localisation_refuses_an_image_that_is_no_whole_head_and_adds_no_roi(shipped):
+    logic = AttnSegLogic(newScene())
+    crop = logic.loadVolume(SAMPLE_IMAGE)  # one hippocampus, no brain around it to register
+    with pytest.raises(ImageError, match="--roi|region"):
+        logic.localisationROIs(crop, shipped)
+    assert logic.scene.GetNodesByClass("vtkMRMLMarkupsROINode").GetNumberOfItems() == 0
+
+
 # -- the README's picture -----------------------------------------------------------------------------
 def test_review_screenshot_shows_the_outlines_and_the_map(logic, segmented, tmp_path):
     from PIL import Image as Picture

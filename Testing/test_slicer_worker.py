@@ -111,6 +111,27 @@ def test_a_run_in_the_worker_gives_the_engines_result_and_keeps_the_model_loaded
     print(f"\nsecond run in the kept worker: {time.monotonic() - started:.2f} s")
 
 
+def test_the_panels_roi_reaches_the_worker(logic, package):
+    """The panel runs the job in the worker: a markups ROI (rotated, as one moved in the views can be)
+    gives the engine's result inside that box."""
+    from AttnSegLib.localise import Box
+    from AttnSegLib.slicer_logic import roiBoxFromNode, roiNodeFromBox
+
+    volume = logic.loadVolume(SAMPLE_IMAGE)
+    image = imageFromVolumeNode(volume)
+    angle = np.deg2rad(20.0)
+    axes = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]])
+    roi = roiNodeFromBox(Box(tuple(image.geometry.corners_lps().mean(axis=0)), (20.0, 24.0, 16.0),
+                             tuple(axes.ravel())), logic.scene, "roi")
+    task = logic.startTask(logic.prepare([volume], package, device="cpu", inProcess=False, roiNode=roi))
+    assert task.wait(60)
+    result = task.result()
+    engine = Predictor(package, device="cpu").predict([image], roi=roiBoxFromNode(roi))
+    np.testing.assert_array_equal(result.labels.array, engine.labels.array)
+    assert result.provenance["roi"] == engine.provenance["roi"]
+    task.close()
+
+
 def test_cancel_ends_a_run_within_a_second_and_the_worker_stays(logic, package, big_volume):
     scene = logic.scene
     before = _nodes(scene)

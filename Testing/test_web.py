@@ -37,7 +37,8 @@ from AttnSegLib.image import label_map_levels, read_image
 from AttnSegLib.inference import Predictor
 from AttnSegLib.package import PackageError, default_package, load_package, save_package
 from AttnSegLib.review import doubtful_regions
-from AttnSegLib.web.webapp import detection_note
+from AttnSegLib.localise import Box
+from AttnSegLib.web.webapp import detection_note, roi_from_fields
 from AttnSegLib.web.wslink_guard import parse_chunk
 from AttnSegLib.web.uploads import UploadError, check_upload, safe_upload_name, save_upload
 
@@ -98,6 +99,33 @@ def test_each_map_says_how_well_it_finds_errors_and_weak_ones_are_research_maps(
     assert detection_note(card, "difficulty").startswith("Research map: it finds the model's wrong voxels with "
                                                          "AUROC 0.59")
     assert detection_note(card, "confidence") == "" and detection_note({}, "uncertainty") == ""
+
+
+def _sample_centre_ras() -> np.ndarray:
+    geometry = read_image(SAMPLE).geometry
+    return geometry.corners_lps().mean(axis=0) * [-1.0, -1.0, 1.0]
+
+
+def test_roi_fields_are_numbers_inside_the_image_and_become_an_lps_box():
+    geometry = read_image(SAMPLE).geometry
+    r, a, s = _sample_centre_ras()
+    box = roi_from_fields([f"{r}", a, f" {s} "], ["20", 30.0, "2.5e1"], geometry)
+    assert box.centre == pytest.approx((-r, -a, s)) and box.size == (20.0, 30.0, 25.0)
+    bad = [  # (centre, size, what the one-line message names)
+        (["abc", a, s], [20] * 3, "centre R is not a number"),
+        ([r, "", s], [20] * 3, "centre A is not a number"),
+        ([r, a, "1e999"], [20] * 3, "centre S is not a number"),
+        ([r, a, s], ["nan", 20, 20], "size R is not a number"),
+        ([r, a, s], [20, True, 20], "size A is not a number"),
+        ([r, a, s], [20, 20, "2; import os"], "size S is not a number"),
+        ([r, a, s], [20, 0, 20], "sizes must be positive"),
+        ([r + 500, a, s], [20] * 3, "centre lies outside the image"),
+        ({"r": r}, [20] * 3, "centre R is not a number"),
+        ([r, a], [20] * 3, "centre R is not a number"),
+    ]
+    for centre, size, message in bad:
+        with pytest.raises(ValueError, match=message):
+            roi_from_fields(centre, size, geometry)
 
 
 def test_gateway_reads_the_header_of_a_wslink_chunk():
@@ -439,6 +467,36 @@ def _slide(page, slider_id: str, key: str) -> None:
     """Move the Vuetify slider whose input has ``slider_id`` with the keyboard (``Home``, ``End``...)."""
     page.locator(f".v-input:has(#{slider_id}) [role=slider]").focus()
     page.keyboard.press(key)
+
+
+@pytest.mark.browser
+def test_a_box_typed_in_the_segment_step_is_checked_and_segments_inside_it_only(browser, server, model_package):
+    page = _open_session(browser, server)
+    _open_sample(page)
+    _choose(page, "attnseg-model-select", model_package.name)
+    page.check("#attnseg-roi-enabled")
+    centre = _sample_centre_ras()
+    for axis, value in zip("ras", centre + [400.0, 0.0, 0.0]):  # 400 mm to the right: outside the image
+        page.fill(f"#attnseg-roi-centre-{axis}", f"{value:.1f}")
+    for axis in "ras":
+        page.fill(f"#attnseg-roi-size-{axis}", "20")
+    page.click("#attnseg-segment")
+    page.wait_for_selector("#attnseg-segment-error", timeout=30_000)
+    assert "the ROI's centre lies outside the image" in page.inner_text("#attnseg-segment-error")
+    page.fill("#attnseg-roi-centre-r", f"{centre[0]:.1f}")
+    page.click("#attnseg-segment")
+    page.wait_for_selector("#attnseg-summary", timeout=300_000)
+    # the engine itself, inside the same box: the page reports its class volumes
+    box = Box.from_centre_size(np.round(centre, 1) * [-1.0, -1.0, 1.0], (20.0, 20.0, 20.0))
+    expected = Predictor(model_package, device="cpu").predict([read_image(SAMPLE)], roi=box)
+    voxel_ml = expected.labels.geometry.voxel_volume_ml
+    volumes = {c["name"]: float((expected.labels.array == c["value"]).sum()) * voxel_ml for c in expected.classes[1:]}
+    summary = page.inner_text("#attnseg-summary")
+    for name, ml in volumes.items():
+        assert f"{name} {ml:.2f} ml" in summary, (summary, volumes)
+    whole = Predictor(model_package, device="cpu").predict([read_image(SAMPLE)])
+    assert 0 < np.count_nonzero(expected.labels.array) < np.count_nonzero(whole.labels.array)
+    page.close()
 
 
 def _segment(page) -> None:

@@ -25,9 +25,8 @@ from monai.inferers import sliding_window_inference
 
 from . import __version__
 from .image import Image
-from .localise import (Box, LocalisationError, check_registration, crop_images, cut, footprint, grid_in_box,
-                       much_larger, orientation_matrix, plausible_volume, register, resample, resolve_targets,
-                       sub_geometry, target_box, target_classes)
+from .localise import (Box, LocalisationError, crop_images, cut, footprint, grid_in_box, localise_targets,
+                       much_larger, plausible_volume, resample, sub_geometry, target_classes)
 from .maps import normalized_entropy, resize_map, split_channels, volume_name
 from .package import ModelPackage
 from .preprocess import align_modalities, to_model_frame
@@ -294,31 +293,28 @@ class Predictor:
                 f"the image ({extent} mm) is much larger than the {' x '.join(f'{v:g}' for v in field_of_view)} mm "
                 f"field of view model {self.card['name']!r} was trained on, and its card says no way to localise "
                 "the structure; give the region with --roi CX,CY,CZ,SX,SY,SZ (LPS mm) or crop the image")
-        return self._predict_localised(images, localisation, field_of_view, progress, cancel)
+        return self._predict_localised(images, progress, cancel)
 
-    def _predict_localised(self, images: list[Image], localisation: dict, field_of_view, progress, cancel) -> Result:
+    def _predict_localised(self, images: list[Image], progress, cancel) -> Result:
         """Register the template, segment one crop per target, bring every crop back (see localise.py)."""
         timings: dict[str, float] = {"localise": 0.0, "preprocess": 0.0, "predict": 0.0, "postprocess": 0.0}
         t0 = time.perf_counter()
         if progress is not None:
             progress(0.0, None, "localise")
         images, notices = align_modalities(images, [m["name"] for m in self.card["modalities"]])
-        registration = register(images[0])
-        check_registration(registration)
-        targets = resolve_targets(localisation.get("targets", []))
+        registration, placed = localise_targets(images[0], self.card)
+        targets = [target for target, _ in placed]
         classes = target_classes(self.card["classes"], targets)
         geometry = images[0].geometry
         spacing = self.card.get("spacing_xyz_mm") or geometry.spacing
-        direction = orientation_matrix(self.card.get("orientation"))
         timings["localise"] = time.perf_counter() - t0
         parts = len(self.card["classes"]) - 1
         shape = tuple(reversed(geometry.size))
         foreground = np.zeros((len(classes) - 1,) + shape, dtype=np.float32)
         maps: dict[str, np.ndarray] = {}
         boxes = {}
-        for n, target in enumerate(targets):
+        for n, (target, box) in enumerate(placed):
             t0 = time.perf_counter()
-            box = target_box(registration, target, field_of_view, direction)
             grid = grid_in_box(box, spacing, box.axes)
             index = footprint(box.corners(), geometry)
             if index is None:

@@ -358,6 +358,31 @@ def target_box(registration: Registration, target: Target, crop_mm, orientation_
     return Box(tuple(float(c) for c in centre), tuple(float(s) for s in size), tuple(float(a) for a in axes.ravel()))
 
 
+def needs_localisation(geometry: Geometry, card: dict) -> bool:
+    """True when ``card`` says how to localise its structures (``inference.localisation``) and a grid of
+    ``geometry`` is much larger than the field of view the model was trained on."""
+    settings = card.get("inference", {})
+    field_of_view = settings.get("training_field_of_view_mm")
+    return bool(settings.get("localisation") and field_of_view and much_larger(geometry, field_of_view))
+
+
+def localise_targets(image: Image, card: dict) -> tuple[Registration, list[tuple[Target, Box]]]:
+    """Register the template to ``image`` (refused when implausible) and place the crop box of each
+    target ``card``'s ``inference.localisation`` names, without segmenting: (registration, [(target,
+    box)]) in the targets' order (see the module docstring, steps 1-3)."""
+    settings = card.get("inference", {})
+    localisation = settings.get("localisation")
+    if not localisation:
+        raise LocalisationError(f"model {card.get('name', '')!r} has no localisation in its card; give the region "
+                                "yourself (an ROI, or --roi)")
+    registration = register(image)
+    check_registration(registration)
+    targets = resolve_targets(localisation.get("targets", []))
+    field_of_view = settings.get("training_field_of_view_mm") or (0.0, 0.0, 0.0)
+    direction = orientation_matrix(card.get("orientation"))
+    return registration, [(t, target_box(registration, t, field_of_view, direction)) for t in targets]
+
+
 def orientation_matrix(orientation: str | None) -> np.ndarray:
     """3x3 LPS direction of a grid in ``orientation`` (e.g. RAS), as ITK's DICOMOrient sets it."""
     if not orientation:

@@ -51,14 +51,15 @@ from vtkmodules.vtkCommonMath import vtkMatrix4x4
 from . import __version__
 from .image import Geometry, Image, ImageError, apply_umask, case_name, read_image, write_image
 from .inference import Cancelled, Predictor, Result, resolve_device
-from .localise import Box
+from .localise import Box, localise_targets, needs_localisation
 from .maps import volume_name
 from .package import ModelPackage, available_packages, default_package_name, load_package
 from .review import MIN_VOLUME_ML, Region, doubtful_regions
 
 __all__ = ["AttnSegLogic", "Cancelled", "CorrectionError", "DoubtfulRegion", "MapLegend", "SegmentationJob",
            "SegmentationResult", "SegmentationTask", "colorScale", "imageFromVolumeNode", "loadVolume", "newScene",
-           "roiBoxFromNode", "setSegmentTerminology", "terminologyEntry", "volumeNodeFromImage"]
+           "roiBoxFromNode", "roiNodeFromBox", "setSegmentTerminology", "terminologyEntry", "volumeGeometry",
+           "volumeNodeFromImage"]
 
 ATTRIBUTE = "AttnSeg."
 REF_INPUT = "AttnSegInput"
@@ -200,6 +201,16 @@ def _orientedMask(geometry: Geometry, mask: np.ndarray):
     return oriented
 
 
+def volumeGeometry(node) -> Geometry:
+    """The engine :class:`Geometry` of a volume node with image data (world coordinates), without copying
+    its voxels."""
+    imageData = node.GetImageData() if node is not None else None
+    if imageData is None:
+        raise ImageError(f"volume {node.GetName() if node is not None else 'None'!r} holds no image data; load a "
+                         "volume first")
+    return Geometry.from_ijk_to_ras(_ijkToWorldRas(node), imageData.GetDimensions())
+
+
 def loadVolume(path: str | os.PathLike, scene=None, name: str | None = None):
     """Read a 3D image (NIfTI, NRRD, MHA, DICOM folder) into a new scalar volume node.
 
@@ -223,6 +234,23 @@ def roiBoxFromNode(roiNode) -> Box:
     axes /= np.linalg.norm(axes, axis=0)
     box = Box.from_centre_size(rasToLps @ np.asarray(centre), size)
     return Box(box.centre, box.size, tuple(float(a) for a in axes.ravel()))
+
+
+def roiNodeFromBox(box: Box, scene, name: str):
+    """A new markups ROI node in ``scene`` covering the engine's ``box`` (LPS mm, possibly rotated); the
+    inverse of :func:`roiBoxFromNode`."""
+    lpsToRas = np.diag([-1.0, -1.0, 1.0])
+    axes = lpsToRas @ box.axes_matrix  # columns: the box's axes in RAS
+    if np.linalg.det(axes) < 0:  # a box is its own mirror image: keep the ROI's frame right-handed
+        axes[:, 0] = -axes[:, 0]
+    objectToNode = np.eye(4)
+    objectToNode[:3, :3] = axes
+    objectToNode[:3, 3] = lpsToRas @ np.asarray(box.centre)
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", scene.GenerateUniqueName(name))
+    node.SetAndObserveObjectToNodeMatrix(arrayToMatrix(objectToNode))  # the centre and the axes
+    node.SetSize(*box.size)
+    node.CreateDefaultDisplayNodes()
+    return node
 
 
 # -- colours and terminology -----------------------------------------------------------------------
@@ -496,6 +524,27 @@ class AttnSegLogic:
             job.predictor = self._predictors[key]
         return job
 
+    def needsLocalisation(self, volumeNode, model=None) -> bool:
+        """True when ``model``'s card says how to localise its structures and ``volumeNode`` is much larger
+        than the field of view the model was trained on: without an ROI the engine localises it, and
+        :meth:`localisationROIs` shows where beforehand."""
+        if volumeNode is None or volumeNode.GetImageData() is None:
+            return False
+        return needs_localisation(volumeGeometry(volumeNode), self.loadModel(model).card)
+
+    def localisationROIs(self, volumeNode, model=None) -> list:
+        """Register the MNI152 template to ``volumeNode`` as the engine does before segmenting a whole head,
+        and add one markups ROI node per target of ``model``'s card (e.g. "Left hippocampus ROI") where
+        the engine would crop it; the user may move one and segment inside it (``roiNode``). A failed
+        registration raises :class:`~AttnSegLib.localise.LocalisationError` and adds nothing."""
+        _, placed = localise_targets(imageFromVolumeNode(volumeNode), self.loadModel(model).card)
+        nodes = []
+        for target, box in placed:
+            node = roiNodeFromBox(box, self.scene, f"{target.side} {target.structure} ROI")
+            node.SetAttribute(ATTRIBUTE + "Target", target.name)
+            nodes.append(node)
+        return nodes
+
     def startTask(self, job: SegmentationJob):
         """Run ``job`` in the worker process (started on first use and kept, with its model, between
         runs); poll the returned :class:`~AttnSegLib.worker_client.WorkerTask` and hand its ``result()``
@@ -520,7 +569,7 @@ class AttnSegLogic:
         and ``cancel`` (``.is_set()``) as in :meth:`AttnSegLib.inference.Predictor.predict`; a cancelled
         run raises :class:`Cancelled` and adds nothing to the scene.
         """
-        job = self.prepare(volumeNodes, model, device, roiNode)
+        job = self.prepare(volumeNodes, model, device, roiNode=roiNode)
         return self.addResult(job, job.run(progress=progress, cancel=cancel))
 
     def addResult(self, job: SegmentationJob, result: Result) -> SegmentationResult:

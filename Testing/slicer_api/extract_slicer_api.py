@@ -14,7 +14,7 @@ What is extracted:
 
 Usage (the JSON committed beside this script came from the oldest Slicer AttnSeg supports)::
 
-    git -C <Slicer.git> archive v5.6.2 Libs Modules Base | tar -x -C /tmp/slicer-5.6.2
+    git -C <Slicer.git> archive v5.6.2 CMakeLists.txt Libs Modules Base | tar -x -C /tmp/slicer-5.6.2
     git -C <CTK.git> archive <CTK commit from SuperBuild/External_CTK.cmake> Libs | tar -x -C /tmp/ctk
     git -C <SlicerPyTorch.git> archive <commit> PyTorchUtils | tar -x -C /tmp/pytorch
     python extract_slicer_api.py /tmp/slicer-5.6.2 --ctk /tmp/ctk --version 5.6.2 --ctk-commit <commit> \\
@@ -32,8 +32,9 @@ CPP_FOLDERS = (
     "Libs/MRML/Core", "Libs/MRML/Logic", "Libs/vtkSegmentationCore", "Base/Logic",
     "Modules/Loadable/Segmentations/MRML", "Modules/Loadable/Segmentations/Logic",
     "Modules/Loadable/Terminologies/Logic", "Modules/Loadable/Colors/Logic", "Modules/Loadable/Volumes/Logic",
+    "Modules/Loadable/Markups/MRML",
 )
-QT_FOLDERS = ("Libs/MRML/Widgets", "Base/QTGUI")
+QT_FOLDERS = ("Libs/MRML/Widgets", "Base/QTGUI", "Modules/Loadable/Markups/Widgets")
 CTK_FOLDERS = ("Libs/Widgets", "Libs/Core")
 PYTHON_MODULES = ("util.py", "i18n.py", "ScriptedLoadableModule.py", "parameterNodeWrapper")
 

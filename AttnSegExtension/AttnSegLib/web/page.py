@@ -183,6 +183,16 @@ def _segment_step(server: Server, app, n) -> None:
     _alert(n.model.error)
 
     _section("3 · Segment")
+    v3.VCheckbox(v_model=(n.segment.roi_enabled,), label="Only inside a box (mm, R A S as the views show)",
+                 density="compact", hide_details=True, id="attnseg-roi-enabled")
+    with html.Div(v_if=(n.segment.roi_enabled,), classes="mb-2", id="attnseg-roi"):
+        for what, name in (("Centre", n.segment.roi_centre), ("Size", n.segment.roi_size)):
+            with html.Div(classes="d-flex"):
+                for i, axis in enumerate("RAS"):
+                    v3.VTextField(v_model=(f"{name}[{i}]",), label=f"{what} {axis}", type="number", suffix="mm",
+                                  density="compact", hide_details=True, classes="mr-1 mt-1",
+                                  id=f"attnseg-roi-{what.lower()}-{axis.lower()}",
+                                  update_modelValue=f"flushState('{name}')")
     with html.Div(classes="d-flex"):
         v3.VBtn(text=(f"{n.has_result} ? 'Segment again' : 'Segment'",), click=app.segment, color="primary",
                 prepend_icon="mdi-play", id="attnseg-segment",

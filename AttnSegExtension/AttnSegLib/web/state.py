@@ -31,6 +31,11 @@ class ModelPanel:
 
 @dataclass
 class SegmentPanel:
+    roi_enabled: bool = False  # segment only inside the box below
+    # the box: centre and size along R, A, S in mm (world coordinates, as the views show them); the fields'
+    # text, checked by the server (:func:`AttnSegLib.web.webapp.roi_from_fields`)
+    roi_centre: list = field(default_factory=lambda: ["", "", ""])
+    roi_size: list = field(default_factory=lambda: ["", "", ""])
     running: bool = False
     cancelling: bool = False
     percent: float = 0.0

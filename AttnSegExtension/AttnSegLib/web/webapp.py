@@ -20,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import math
 import re
 import shutil
 import tempfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
 from trame_server import Server
 from trame_server.utils.asynchronous import create_task
 from trame_server.utils.typed_state import TypedState
@@ -37,11 +39,13 @@ from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.segmentation import SegmentationOpacityEnum
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
-from ..image import (IMAGE_SUFFIXES, ImageError, case_name, check_data_file, label_map_levels, list_images,
-                     read_image, write_image)
+from ..image import (IMAGE_SUFFIXES, Geometry, ImageError, case_name, check_data_file, label_map_levels,
+                     list_images, read_image, write_image)
+from ..localise import Box
 from ..package import PackageError, available_packages
 from ..review import MERGE_MM, MIN_VOLUME_ML
-from ..slicer_logic import AttnSegLogic, Cancelled, CorrectionError, SegmentationTask, imageFromVolumeNode
+from ..slicer_logic import (AttnSegLogic, Cancelled, CorrectionError, SegmentationTask, imageFromVolumeNode,
+                            roiNodeFromBox, volumeGeometry)
 from .page import TAB_STATE, build_page, slice_view_overlay
 from .state import AttnSegState
 from .uploads import UploadError, check_upload, save_upload
@@ -51,6 +55,45 @@ log = logging.getLogger(__name__)
 LAYOUT_ID = "AttnSeg"
 POLL_INTERVAL_S = 0.25
 DOWNLOAD_FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
+
+
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d{1,3})?")
+
+
+def _number(value) -> float | None:
+    """A field's value as a finite float: a number, or text that is only a decimal number; else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str) and len(value) <= 32 and _NUMBER.fullmatch(value.strip()):
+        number = float(value.strip())
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def roi_from_fields(centre, size, geometry: Geometry) -> Box:
+    """The page's ROI fields (centre and size along R, A, S in mm) as an engine :class:`Box` (LPS), checked
+    against the image of ``geometry``: six finite numbers, positive sizes, the centre inside the image.
+    Raises ValueError with a one-line message naming the field to fix."""
+    centre = centre if isinstance(centre, list) and len(centre) == 3 else [None] * 3
+    size = size if isinstance(size, list) and len(size) == 3 else [None] * 3
+    for what, values in (("centre", centre), ("size", size)):
+        for axis, value in zip("RAS", values):
+            if _number(value) is None:
+                raise ValueError(f"the ROI's {what} {axis} is not a number; type a number of millimetres")
+    centre_ras = np.array([_number(v) for v in centre])
+    size_mm = np.array([_number(v) for v in size])
+    if np.any(size_mm <= 0):
+        raise ValueError("the ROI's sizes must be positive (mm); type the box's extent along R, A and S")
+    centre_lps = centre_ras * [-1.0, -1.0, 1.0]
+    index = np.linalg.inv(geometry.ijk_to_lps()) @ np.append(centre_lps, 1.0)
+    if np.any(index[:3] < -0.5) or np.any(index[:3] > np.asarray(geometry.size) - 0.5):
+        corners = geometry.corners_lps() * [-1.0, -1.0, 1.0]
+        span = ", ".join(f"{axis} {a:.0f}..{b:.0f}" for axis, a, b in zip("RAS", corners.min(0), corners.max(0)))
+        raise ValueError(f"the ROI's centre lies outside the image ({span} mm); move the centre inside it")
+    return Box.from_centre_size(centre_lps, size_mm)
 
 
 def attnseg_layout() -> Layout:
@@ -407,7 +450,8 @@ class AttnSegWebApp:
         segment.error, segment.summary, segment.notices = "", "", []
         try:
             package = self._selected_package()
-            job = self.logic.prepare(self._input_volumes(), package)
+            volumes = self._input_volumes()
+            job = self._prepare(volumes, package)
         except (PackageError, ImageError, ValueError) as err:
             segment.error = str(err)
             return
@@ -415,6 +459,19 @@ class AttnSegWebApp:
         self._task_model = self.data.model.selected
         segment.running, segment.cancelling, segment.percent, segment.stage, segment.eta = True, False, 0, "starting", ""
         create_task(self._follow(self._task))
+
+    def _prepare(self, volumes: list, package):
+        """The job for ``volumes``; with the ROI box ticked, inside it (given to the logic as a markups ROI
+        node, removed again once the job holds its box)."""
+        segment = self.data.segment
+        if segment.roi_enabled is not True or not volumes or volumes[0] is None:
+            return self.logic.prepare(volumes, package)
+        box = roi_from_fields(segment.roi_centre, segment.roi_size, volumeGeometry(volumes[0]))
+        roi = roiNodeFromBox(box, self.scene, "AttnSeg ROI")
+        try:
+            return self.logic.prepare(volumes, package, roiNode=roi)
+        finally:
+            self.scene.RemoveNode(roi)
 
     def cancel_segmentation(self) -> None:
         if self._task is not None:
