@@ -1,9 +1,12 @@
 """`attnseg segment --dicom-seg`: a DICOM Segmentation that references the source series and holds the labels.
 
 Real images written as real DICOM series, the shipped default model, the SEG read back with pydicom (frames
-decoded by hand, not by the library that wrote them) and highdicom.
+decoded by hand, not by the library that wrote them), highdicom, and dcmqi, the converter Slicer's DICOM
+module (QuantitativeReporting) reads a SEG with.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -108,6 +111,7 @@ def test_whole_head_series_gives_per_side_segments_with_snomed_codes(data_dir, t
         assert kind.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == side
         assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "123037004"
     _check_viewer_volume(out)
+    _check_dcmqi_reads_it(out, tmp_path / "dcmqi")
 
 
 def _check_viewer_volume(out) -> None:
@@ -130,4 +134,31 @@ def test_dicom_seg_of_a_nifti_input_is_refused_in_one_line(hippocampus_case, tmp
     assert main(["segment", "-i", str(hippocampus_case[0]), "-o", str(out), "--device", "cpu", "--dicom-seg"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--dicom-seg needs a DICOM series folder" in err
-    assert not any(out.glob("*")) if out.exists() else True
+    assert not out.exists() or not any(out.iterdir())  # refused before anything was written
+
+
+def _check_dcmqi_reads_it(out, folder) -> None:
+    """dcmqi's segimage2itkimage, the converter Slicer's QuantitativeReporting reads a SEG with, gives each
+    segment's label, codes and mask back, the mask equal to labels.nii.gz where it lies in patient space."""
+    import json
+    import subprocess
+    import sys
+
+    converter = Path(sys.executable).with_name("segimage2itkimage")
+    if not converter.exists():
+        pytest.skip("dcmqi is not installed (pip install 'attnseg[dev]')")
+    folder.mkdir()
+    done = subprocess.run([str(converter), "--inputDICOM", str(out / "segmentation.dcm"), "--outputDirectory",
+                           str(folder), "--outputType", "nrrd"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    meta = json.loads((folder / "meta.json").read_text())
+    segments = [group[0] for group in meta["segmentAttributes"]]
+    assert [s["SegmentLabel"] for s in segments][:2] == ["Left anterior hippocampus", "Left posterior hippocampus"]
+    assert segments[2]["SegmentedPropertyTypeModifierCodeSequence"]["CodeValue"] == "24028007"  # right
+    labels = read_image(out / "labels.nii.gz")
+    for segment in segments:
+        mask = sitk.ReadImage(str(folder / f"{segment['labelID']}.nrrd"))
+        on_labels = sitk.GetArrayFromImage(sitk.Resample(mask, labels.to_sitk(), sitk.Transform(),
+                                                         sitk.sitkNearestNeighbor, 0))
+        assert np.array_equal(on_labels > 0, labels.array == segment["labelID"])
+
