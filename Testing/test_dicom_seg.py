@@ -32,7 +32,8 @@ def write_scanner_series(image: Image, folder, uid_root: str) -> None:
     d = image.geometry.direction
     shared = {"0020|000d": f"{uid_root}.1", "0020|000e": f"{uid_root}.2", "0020|0052": f"{uid_root}.3",
               "0010|0010": "Test^Patient", "0010|0020": "ATTNSEG-TEST", "0008|0060": "MR", "0020|0011": "3",
-              "0008|0016": "1.2.840.10008.5.1.4.1.1.4", "0020|0037": "\\".join(map(str, (d[0], d[3], d[6], d[1], d[4], d[7])))}
+              "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
+              "0020|0037": "\\".join(map(str, (d[0], d[3], d[6], d[1], d[4], d[7])))}
     for k in range(volume.GetDepth()):
         plane = volume[:, :, k]
         for tag, value in shared.items():
@@ -65,7 +66,8 @@ def _check_segmentation(out, series_folder) -> pydicom.Dataset:
     assert {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence} == \
         set(slice_of)
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
-    assert algorithm.AlgorithmName == "hippocampus_difficulty_aware" and algorithm.AlgorithmVersion.startswith("sha256:")
+    assert algorithm.AlgorithmName == "hippocampus_difficulty_aware"
+    assert algorithm.AlgorithmVersion.startswith("sha256:")
     assert algorithm.AlgorithmSource.startswith("AttnSeg ")
 
     decoded = np.zeros((len(seg.SegmentSequence) + 1,) + labels.array.shape, dtype=bool)

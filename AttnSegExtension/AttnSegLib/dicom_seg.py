@@ -60,8 +60,9 @@ def slice_sources(geometry: Geometry, datasets: list) -> list:
         cosines = np.asarray([float(v) for v in datasets[nearest].ImageOrientationPatient])
         if distance[nearest] > _POSITION_TOLERANCE * spacing_k or \
                 np.abs(cosines - direction[:, :2].T.ravel()).max() > _ORIENTATION_TOLERANCE:
-            raise ImageError(f"label slice {k} matches no slice of the DICOM series (nearest {distance[nearest]:.3f} mm "
-                             "away or differently oriented); the labels are not on this series' grid")
+            raise ImageError(f"label slice {k} matches no slice of the DICOM series (nearest "
+                             f"{distance[nearest]:.3f} mm away or differently oriented); the labels are not on "
+                             "this series' grid")
         sources.append(datasets[nearest])
     for tag in ("StudyInstanceUID", "FrameOfReferenceUID"):
         if len({d.get(tag) for d in sources}) != 1 or sources[0].get(tag) is None:
