@@ -153,6 +153,7 @@ def _check_dcmqi_reads_it(out, folder) -> None:
     done = subprocess.run([str(converter), "--inputDICOM", str(out / "segmentation.dcm"), "--outputDirectory",
                            str(folder), "--outputType", "nrrd"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "absent" not in done.stdout + done.stderr, done.stdout[-2000:]  # dcmqi's word for a missing attribute
     meta = json.loads((folder / "meta.json").read_text())
     segments = [group[0] for group in meta["segmentAttributes"]]
     assert [s["SegmentLabel"] for s in segments][:2] == ["Left anterior hippocampus", "Left posterior hippocampus"]

@@ -130,5 +130,6 @@ def write_dicom_seg(result, package, folder: Path, path: Path) -> Path:
         manufacturer="AttnSeg", manufacturer_model_name=package.name[:64], software_versions=__version__,
         device_serial_number="none", content_label="ATTNSEG",
         content_description=f"AttnSeg {package.name}"[:64], series_description=f"AttnSeg {package.name}"[:64])
+    segmentation.ContentCreatorName = ""  # type 2: present, empty (no person made it)
     segmentation.save_as(path)
     return path
