@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -27,7 +28,8 @@ from .image import ImageError, case_name, dicom_series, list_images, read_image,
 from .package import PackageError, available_packages, default_package_name, load_package
 
 # Moved into place in this order: report.json last, so its presence marks a complete result.
-OUTPUT_FILES = ("labels.nii.gz", "probabilities.nii.gz", "maps", "preview.png", "volumes.csv", "report.json")
+OUTPUT_FILES = ("labels.nii.gz", "probabilities.nii.gz", "maps", "preview.png", "volumes.csv", "segmentation.dcm",
+                "report.json")
 MIN_FREE_BYTES = 64 * 2**20  # below this a disk is full for our purposes; refuse before any work
 _MODALITY_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<index>\d{4})$")
 
@@ -155,11 +157,12 @@ def _volumes_line(result, volumetry: dict | None) -> str:
 
 
 def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inputs: list[Path],
-                preview_image=None, report_extra: dict | None = None) -> None:
+                preview_image=None, report_extra: dict | None = None, dicom_series_folder: Path | None = None) -> None:
     """Write everything into a hidden staging folder, then move each output into ``out``.
 
     ``preview_image``: the first modality, to draw ``preview.png`` over (``--preview``);
-    ``report_extra``: more top-level entries for report.json (``refine`` adds its clicks).
+    ``report_extra``: more top-level entries for report.json (``refine`` adds its clicks);
+    ``dicom_series_folder``: the source series of a DICOM Segmentation ``segmentation.dcm`` (``--dicom-seg``).
     """
     volumetry = localise.volumetry(result.labels, result.classes)
     staging = Path(tempfile.mkdtemp(prefix=".attnseg-", dir=out))
@@ -181,6 +184,10 @@ def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inpu
                                class_names=[c["name"] for c in result.classes])
         if volumetry is not None:
             (staging / "volumes.csv").write_text(_volumes_csv(case_name(inputs[0]), volumetry))
+        if dicom_series_folder is not None:
+            from .dicom_seg import write_dicom_seg
+
+            write_dicom_seg(result, package, dicom_series_folder, staging / "segmentation.dcm")
         timings["write"] = time.perf_counter() - t0
         report = {
             "inputs": [str(p) for p in inputs],
@@ -277,6 +284,11 @@ def cmd_segment(args) -> int:
     for p in inputs:
         if not p.exists():
             raise UsageError(f"{p}: no such file or folder")
+    if args.dicom_seg and not _is_dicom(inputs[0]):
+        raise UsageError(f"--dicom-seg needs a DICOM series folder as the (first) --input, not {inputs[0]}; give the "
+                         "series folder or leave out --dicom-seg")
+    if args.dicom_seg and importlib.util.find_spec("highdicom") is None:
+        raise UsageError("--dicom-seg needs the highdicom package: pip install 'attnseg[dicom]'")
     cases = _group_cases(inputs, len(package.modalities))
     batch = len(inputs) == 1 and inputs[0].is_dir() and not _is_dicom(inputs[0])
     output = Path(args.output)
@@ -300,7 +312,7 @@ def cmd_segment(args) -> int:
                 bar.close()
             timings.update(result.timings)
             _write_case(result, package, targets[case], args.overwrite, timings, paths,
-                        images[0] if args.preview else None)
+                        images[0] if args.preview else None, dicom_series_folder=paths[0] if args.dicom_seg else None)
         except ImageError as err:
             if not batch:
                 raise
@@ -629,6 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "coordinates as ITK reads the file (Slicer shows RAS: negate x and y); default: the whole "
                           "input, or for an input much larger than the model's training field of view, boxes found "
                           "by registering the MNI152 template when the model card says how")
+    seg.add_argument("--dicom-seg", action="store_true",
+                     help="also write segmentation.dcm, a DICOM Segmentation referencing the input DICOM series")
     seg.add_argument("--whole-volume", action="store_true",
                      help="segment the whole input as given even when it is much larger than the model's training "
                           "field of view (a speed baseline: the answer is not meaningful there)")
