@@ -20,7 +20,7 @@ import vtkmodules.all as vtk
 
 from conftest import REPO
 
-API = json.loads((REPO / "Testing" / "slicer_api" / "slicer-5.6.2.json").read_text())
+API = json.loads((REPO / "Testing" / "slicer_api" / "slicer-5.6.2.json").read_text(encoding="utf-8"))
 VTK_CLASSES, PYTHON = API["vtk_classes"], API["python"]
 MODULE = REPO / "AttnSegExtension" / "AttnSeg.py"
 LOGIC = REPO / "AttnSegExtension" / "AttnSegLib" / "slicer_logic.py"
@@ -53,7 +53,7 @@ VTK_NAMES = set().union(*(set(dir(getattr(vtk, c))) for c in (
 
 def _calls(path: Path):
     """(line, receiver source, attribute, call node or None) of every attribute access in ``path``."""
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     calls = {id(n.func): n for n in ast.walk(tree) if isinstance(n, ast.Call)}
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute):
@@ -100,7 +100,7 @@ def check_slicer_calls(path: Path) -> list[str]:
         elif name[:1].isupper() and receiver.split(".")[0] not in NOT_SLICER:
             if name not in SLICER_NAMES and name not in VTK_NAMES:
                 problems.append(f"{where}: no Slicer 5.6 or VTK class has {name}")
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "slicer":
             for alias in node.names:
@@ -151,7 +151,7 @@ def test_the_api_list_is_slicer_5_6_2_with_python_3_9():
 
 
 def _shipped_python_files() -> list[Path]:
-    text = (REPO / "AttnSegExtension" / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "AttnSeg")
+    text = (REPO / "AttnSegExtension" / "CMakeLists.txt").read_text(encoding="utf-8").replace("${MODULE_NAME}", "AttnSeg")
     block = re.search(r"set\(MODULE_PYTHON_SCRIPTS(.*?)\)", text, re.S).group(1)
     return [REPO / "AttnSegExtension" / line.strip() for line in block.splitlines() if line.strip()]
 
@@ -159,7 +159,7 @@ def _shipped_python_files() -> list[Path]:
 @pytest.mark.parametrize("path", _shipped_python_files(), ids=lambda p: p.name)
 def test_code_slicer_runs_is_python_3_9(path):
     """Slicer 5.6 and 5.8 ship Python 3.9: no 3.10+ syntax, and no ``X | Y`` evaluated at run time."""
-    source = path.read_text()
+    source = path.read_text(encoding="utf-8")
     tree = ast.parse(source, feature_version=(3, 9))
     future = "from __future__ import annotations" in source
     for node in ast.walk(tree):

@@ -25,7 +25,7 @@ MODULE = REPO / "AttnSegExtension" / "AttnSeg.py"
 UI = REPO / "Resources" / "UI" / "AttnSeg.ui"
 MODULE_CMAKE = REPO / "AttnSegExtension" / "CMakeLists.txt"
 TOP_CMAKE = REPO / "CMakeLists.txt"
-TREE = ast.parse(MODULE.read_text())
+TREE = ast.parse(MODULE.read_text(encoding="utf-8"))
 CLASSES = {node.name: node for node in TREE.body if isinstance(node, ast.ClassDef)}
 FUNCTIONS = {node.name: node for node in TREE.body if isinstance(node, ast.FunctionDef)}
 # Parameters the widget sets by hand: their choices are only known at run time.
@@ -155,7 +155,7 @@ def test_ui_bindings_match_the_parameter_node():
             assert annotation == "pathlib.Path", parameter
         else:
             assert annotation == kind, parameter
-    source = MODULE.read_text()
+    source = MODULE.read_text(encoding="utf-8")
     for parameter in MANUAL_PARAMETERS:
         assert f"self._parameterNode.{parameter} =" in source
 
@@ -236,7 +236,7 @@ def test_resource_paths_resolve_in_the_source_tree_and_the_installed_layout(tmp_
 
 # -- dependencies -------------------------------------------------------------------------------------
 def test_dependencies_cover_the_engines_runtime_requirements(monkeypatch):
-    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     names = {re.split(r"[<>=!~ ]", spec)[0] for spec in declared}
     # numpy ships with Slicer; tqdm only draws the command line's progress bar.
     listed = {r.spec.split(">")[0] for r in (dependencies.TORCH, *dependencies.PIP_REQUIREMENTS)}
@@ -249,7 +249,7 @@ def test_dependencies_cover_the_engines_runtime_requirements(monkeypatch):
 
 # -- the extension's CMake files ----------------------------------------------------------------------
 def _module_files() -> tuple[list[str], list[str]]:
-    text = MODULE_CMAKE.read_text().replace("${MODULE_NAME}", "AttnSeg")
+    text = MODULE_CMAKE.read_text(encoding="utf-8").replace("${MODULE_NAME}", "AttnSeg")
     return _cmake_list(text, "MODULE_PYTHON_SCRIPTS"), _cmake_list(text, "MODULE_PYTHON_RESOURCES")
 
 
@@ -264,12 +264,12 @@ def test_module_cmake_lists_every_script_and_resource():
                for p in (REPO / "Resources" / folder).rglob("*") if p.is_file()}
     assert set(resources) == shipped, (f"add to MODULE_PYTHON_RESOURCES: {sorted(shipped - set(resources))}; "
                                        f"remove: {sorted(set(resources) - shipped)}")
-    text = MODULE_CMAKE.read_text()
+    text = MODULE_CMAKE.read_text(encoding="utf-8")
     assert re.search(r"slicerMacroBuildScriptedModule\(\s*NAME \$\{MODULE_NAME\}.*?WITH_GENERIC_TESTS", text, re.S)
 
 
 def test_extension_cmake_has_the_metadata_the_extension_index_needs():
-    text = TOP_CMAKE.read_text()
+    text = TOP_CMAKE.read_text(encoding="utf-8")
     values = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', text))
     assert {"EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
             "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"} <= set(values)
@@ -313,9 +313,9 @@ def test_cmake_configures_and_stages_resources_beside_the_module(tmp_path):
                           "-DBUILD_TESTING=ON"], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     scripts, resources = _module_files()
-    assert (build / "scripts.txt").read_text().split() == scripts
-    assert (build / "module.txt").read_text() == "AttnSeg TRUE"
-    assert (build / "unittest.txt").read_text() == "AttnSeg.py"
+    assert (build / "scripts.txt").read_text(encoding="utf-8").split() == scripts
+    assert (build / "module.txt").read_text(encoding="utf-8") == "AttnSeg TRUE"
+    assert (build / "unittest.txt").read_text(encoding="utf-8") == "AttnSeg.py"
     module_dir = build / "lib" / "Slicer-5.8" / "qt-scripted-modules"
     for resource in resources:
         assert (module_dir / resource).read_bytes() == (REPO / resource).read_bytes(), resource
@@ -330,12 +330,12 @@ CATALOG_REQUIRED = {"$schema", "category", "scm_url"}
 
 
 def _cmake_metadata() -> dict[str, str]:
-    return dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', TOP_CMAKE.read_text()))
+    return dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', TOP_CMAKE.read_text(encoding="utf-8")))
 
 
 def test_catalog_entry_follows_the_extensions_index_schema():
     """ExtensionsIndex/AttnSeg.json: what the index reads from Slicer 5.8 on (metadata from the CMake file)."""
-    entry = json.loads((REPO / "ExtensionsIndex" / "AttnSeg.json").read_text())
+    entry = json.loads((REPO / "ExtensionsIndex" / "AttnSeg.json").read_text(encoding="utf-8"))
     assert CATALOG_REQUIRED <= set(entry) <= CATALOG_KEYS
     assert entry["$schema"].endswith("/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json#")
     metadata = _cmake_metadata()
@@ -347,7 +347,7 @@ def test_catalog_entry_follows_the_extensions_index_schema():
 
 def test_s4ext_for_the_slicer_5_6_index_matches_the_cmake_metadata():
     """ExtensionsIndex/AttnSeg.s4ext: the Slicer 5.6 branch of the index still reads .s4ext files."""
-    lines = [line.split(" ", 1) for line in (REPO / "ExtensionsIndex" / "AttnSeg.s4ext").read_text().splitlines()
+    lines = [line.split(" ", 1) for line in (REPO / "ExtensionsIndex" / "AttnSeg.s4ext").read_text(encoding="utf-8").splitlines()
              if line.strip() and not line.startswith("#")]
     values = {parts[0]: parts[1].strip() if len(parts) > 1 else "" for parts in lines}
     metadata = _cmake_metadata()
@@ -356,7 +356,7 @@ def test_s4ext_for_the_slicer_5_6_index_matches_the_cmake_metadata():
                            ("screenshoturls", "SCREENSHOTURLS"), ("depends", "DEPENDS")):
         assert values[key] == metadata[f"EXTENSION_{cmake_key}"], key
     assert values["scm"] == "git" and values["scmurl"] == json.loads(
-        (REPO / "ExtensionsIndex" / "AttnSeg.json").read_text())["scm_url"]
+        (REPO / "ExtensionsIndex" / "AttnSeg.json").read_text(encoding="utf-8"))["scm_url"]
 
 
 def test_icon_and_screenshots_are_files_of_this_repository():

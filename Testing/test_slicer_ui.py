@@ -28,9 +28,9 @@ from conftest import REPO  # noqa: E402
 
 UI = REPO / "Resources" / "UI" / "AttnSeg.ui"
 MODULE = REPO / "AttnSegExtension" / "AttnSeg.py"
-API = json.loads((REPO / "Testing" / "slicer_api" / "slicer-5.6.2.json").read_text())
+API = json.loads((REPO / "Testing" / "slicer_api" / "slicer-5.6.2.json").read_text(encoding="utf-8"))
 QT_API = API["qt_classes"]
-TREE = ast.parse(MODULE.read_text())
+TREE = ast.parse(MODULE.read_text(encoding="utf-8"))
 WIDGET_CLASS = next(n for n in TREE.body if isinstance(n, ast.ClassDef) and n.name == "AttnSegWidget")
 # parameterNodeWrapper connectors of Slicer 5.6 (slicer/parameterNodeWrapper/guiConnectors.py), by widget
 CONNECTORS = {"qMRMLNodeComboBox": "qMRMLNodeComboBoxToNodeConnector",
