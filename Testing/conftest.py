@@ -17,6 +17,18 @@ REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tests (``pytestmark = pytest.mark.usefixtures(...)``): tiny
+    networks on a busy two-core machine run many times faster than with two (the second spins waiting
+    for a core), and with the same arithmetic as an ``attnseg`` subprocess under OMP_NUM_THREADS=1, so
+    their outputs can be compared exactly; restored for other modules."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def data_root() -> Path:
     root = Path(os.environ.get("ATTNSEG_DATA", REPO.parent / "shared" / "data"))
     if not (root / "hippocampus").is_dir():

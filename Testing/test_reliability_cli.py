@@ -41,14 +41,7 @@ def tiny_card(modalities: list[str]) -> dict:
             "inference": {"overlap": 0.25, "batch_size": 2}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny networks on a busy two-core machine: one intra-op thread is many times faster than two
-    (the second spins waiting for a core); restored for other modules."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -40,13 +40,7 @@ CLASSES = [{"value": 0, "name": "background"}, {"value": 1, "name": "Anterior"},
            {"value": 2, "name": "Posterior"}]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: small networks on a busy two-core machine run faster; restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_card(**inference) -> dict:

@@ -31,14 +31,7 @@ from AttnSegLib.package import default_package
 ATTNSEG = Path(sys.executable).with_name("attnseg")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: faster on a busy two-core machine, and the same arithmetic as the
-    ``attnseg`` subprocess (OMP_NUM_THREADS=1), so their outputs can be compared exactly."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def stored_in_another_axis_order(image: Image, order: tuple[int, int, int], flips: tuple[bool, bool, bool]):

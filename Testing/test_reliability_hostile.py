@@ -41,12 +41,7 @@ def tiny_card(modalities: list[str], classes: list[dict] = CLASSES, **extra) -> 
             "inference": {"overlap": 0.25, "batch_size": 2}, **extra}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -54,13 +54,7 @@ def _untrained_package(folder, architecture, kwargs, modalities, classes, name):
     return save_package(folder, card, network.state_dict())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These networks are tiny: one intra-op thread is fastest, and a second one stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

@@ -68,14 +68,7 @@ def render_preview(image: Image, result, path: str | Path, map_names: list[str] 
                           alpha=0.75, aspect=aspect, interpolation="bilinear")
         ax.set_title(name, fontsize=8)
         fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title, 9)
 
 
 def render_whole_head_preview(image: Image, result, path: str | Path, title: str = "") -> Path:
@@ -133,8 +126,15 @@ def render_whole_head_preview(image: Image, result, path: str | Path, title: str
              ("R", "L"))
     k = int(np.median(np.nonzero(labels)[0])) if labels.any() else labels.shape[0] // 2
     show(next(panels), volume[k], labels[k], spacing[1] / spacing[0], "axial, whole head", ("R", "L"))
+    return _save(fig, path, title, 8)
+
+
+def _save(fig, path, title: str | None, title_size: int) -> Path:
+    """Title, lay out, write ``fig`` to ``path`` (its folder made) and close it."""
+    import matplotlib.pyplot as plt
+
     if title:
-        fig.suptitle(title, fontsize=8)
+        fig.suptitle(title, fontsize=title_size)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
