@@ -15,6 +15,7 @@ an edge slab between tissue and zero, and no input voxel is left with probabilit
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -156,13 +157,23 @@ def normalise(array: np.ndarray, method: str) -> np.ndarray:
     return out
 
 
+MASKED_BACKGROUND_FRACTION = 0.01  # more exact zeros than this: a masked scan's background
+
+
 def normalise_in_place(array: np.ndarray, method: str) -> Profile | None:
     """:func:`normalise` overwriting a float32 array (no full-size copy beyond one temporary);
     -> the intensity profile of the voxels it normalised (None for ``none`` or no non-zero voxel)."""
     if method == "none":
         return None
     if method in ("zscore", "percentile_zscore"):
-        return clip_and_standardise(array)
+        background = array == 0
+        if background.mean() <= MASKED_BACKGROUND_FRACTION:
+            return clip_and_standardise(array)
+        # A brain-extracted or padded scan: its exact zeros are no tissue, so the profile the notices
+        # compare with the training cases' (crops of whole scans, no zeros) is measured on the rest.
+        tissue = array[~background]
+        profile = clip_and_standardise(array)
+        return dataclasses.replace(profile, quantiles=clip_and_standardise(tissue).quantiles)
     if method == "zscore_nonzero":
         mask = array != 0
         if not mask.any():
