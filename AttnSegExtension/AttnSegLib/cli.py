@@ -433,7 +433,7 @@ def cmd_evaluate(args) -> int:
 
 def _mean(values):
     values = [v for v in values if v is not None]
-    return round(sum(values) / len(values), 4) if values else None
+    return sum(values) / len(values) if values else None  # unrounded: the table rounds once, to 3 decimals
 
 
 def _fmt(value) -> str:
