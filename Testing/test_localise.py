@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from AttnSegLib.cli import main
 from AttnSegLib.image import Geometry, Image, read_image, write_image
 from AttnSegLib.inference import Predictor
-from AttnSegLib.localise import TARGETS, Box, LocalisationError, much_larger, volumetry
+from AttnSegLib.localise import TARGETS, Box, LocalisationError, much_larger, reference_image, volumetry
 from AttnSegLib.package import PackageError, default_package, load_package, validate_card
 
 MNI = "mni152/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
@@ -67,16 +67,8 @@ def moved_copy(image: Image, seed: int) -> tuple[Image, sitk.Transform]:
     direction = g.direction_matrix[:, order]
     origin = centre - direction @ (spacing * (size - 1) / 2)
     grid = Geometry(tuple(int(n) for n in size), tuple(spacing), tuple(origin), tuple(direction.ravel()))
-    moved = sitk.Resample(sitk.Cast(image.to_sitk(), sitk.sitkFloat32), _reference(grid), transform, sitk.sitkLinear, 0.0)
+    moved = sitk.Resample(sitk.Cast(image.to_sitk(), sitk.sitkFloat32), reference_image(grid), transform, sitk.sitkLinear, 0.0)
     return Image(sitk.GetArrayFromImage(moved), grid), transform
-
-
-def _reference(grid: Geometry) -> sitk.Image:
-    ref = sitk.Image(list(grid.size), sitk.sitkUInt8)
-    ref.SetSpacing(grid.spacing)
-    ref.SetOrigin(grid.origin)
-    ref.SetDirection(grid.direction)
-    return ref
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -132,7 +124,7 @@ def test_moved_rescaled_resampled_copy_gives_the_same_hippocampi(predictor, mni,
     copy, transform = moved_copy(mni, seed=1)
     assert not copy.geometry.same_grid(mni.geometry)
     result = predictor.predict([copy])
-    back = sitk.GetArrayFromImage(sitk.Resample(result.labels.to_sitk(), _reference(mni.geometry),
+    back = sitk.GetArrayFromImage(sitk.Resample(result.labels.to_sitk(), reference_image(mni.geometry),
                                                 transform.GetInverse(), sitk.sitkNearestNeighbor, 0))
     for value in range(1, 5):
         assert dice(back == value, mni_result.labels.array == value) >= 0.85, value
@@ -261,7 +253,7 @@ def test_whole_head_dicom_series_is_localised_like_the_nifti(predictor, data_dir
     assert "asymmetry index" in capsys.readouterr().out
     labels = read_image(out / "labels.nii.gz")  # on the series' own grid (its slices run head to foot)
     assert labels.geometry.size == nifti.geometry.size
-    on_nifti_grid = sitk.GetArrayFromImage(sitk.Resample(labels.to_sitk(), _reference(nifti.geometry), sitk.Transform(),
+    on_nifti_grid = sitk.GetArrayFromImage(sitk.Resample(labels.to_sitk(), reference_image(nifti.geometry), sitk.Transform(),
                                                          sitk.sitkNearestNeighbor, 0))
     reference = predictor.predict([nifti]).labels.array
     for values in ([1, 2], [3, 4]):

@@ -170,7 +170,8 @@ def sub_geometry(geometry: Geometry, index: tuple[slice, slice, slice]) -> Geome
     return Geometry(size, geometry.spacing, tuple(float(o) for o in origin[:3]), geometry.direction)
 
 
-def _reference(geometry: Geometry) -> sitk.Image:
+def reference_image(geometry: Geometry) -> sitk.Image:
+    """An empty uint8 SimpleITK image on ``geometry``: the output grid of a ``sitk.Resample``."""
     image = sitk.Image(list(geometry.size), sitk.sitkUInt8)
     image.SetSpacing(geometry.spacing)
     image.SetOrigin(geometry.origin)
@@ -183,7 +184,7 @@ def resample(channel: Image, grid: Geometry, default: float, interpolator=sitk.s
     source = channel.to_sitk()
     if source.GetPixelID() != sitk.sitkFloat32:
         source = sitk.Cast(source, sitk.sitkFloat32)
-    moved = sitk.Resample(source, _reference(grid), sitk.Transform(), interpolator, float(default), sitk.sitkFloat32)
+    moved = sitk.Resample(source, reference_image(grid), sitk.Transform(), interpolator, float(default), sitk.sitkFloat32)
     return sitk.GetArrayFromImage(moved)
 
 
