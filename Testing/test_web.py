@@ -235,7 +235,7 @@ def _pixels(locator) -> np.ndarray:
     return np.asarray(PILImage.open(io.BytesIO(locator.screenshot())).convert("RGB")).astype(np.int16)
 
 
-def _wait_for_change(locator, before: np.ndarray, timeout_s: float = 30) -> np.ndarray:
+def _wait_for_change(locator, before: np.ndarray, timeout_s: float = 90) -> np.ndarray:
     """The view's pixels once they differ from ``before`` (the server streams a new frame)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
