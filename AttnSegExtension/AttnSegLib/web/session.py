@@ -33,8 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     if not secret:
         raise SystemExit("session: no wslink secret on standard input; sessions are started by `attnseg serve`")
     # trame reads sys.argv itself: the session's options are not its own, the secret is (and changing
-    # sys.argv does not show it in the process's command line).
-    sys.argv = [sys.argv[0], "--authKey", secret]
+    # sys.argv does not show it in the process's command line). One word with "=": a secret that starts
+    # with "-" (token_urlsafe draws from A-Z a-z 0-9 - _) would otherwise read as an option and end the
+    # session with a usage error, one start in 64.
+    sys.argv = [sys.argv[0], f"--authKey={secret}"]
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s session %(name)s %(levelname)s %(message)s")
     prefer_offscreen_window()
 
