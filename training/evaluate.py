@@ -42,7 +42,7 @@ from AttnSegLib.metrics import (boundary_distance_doubt, calibration_bins, error
 from AttnSegLib.package import PackageError, load_package
 
 from .config import ConfigError, load_config, resolve_path
-from .data import (CaseFiles, DatasetError, check_label_values, detect_layout, find_cases, label_lookup,
+from .data import (LAYOUTS, CaseFiles, DatasetError, check_label_values, detect_layout, find_cases, label_lookup,
                    label_on_grid)
 from .plots import box_plot, effort_plot, reliability_diagram
 
@@ -224,7 +224,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model package (folder, .zip or installed name)")
     parser.add_argument("--data", help="dataset folder or training config (default: the card's dataset)")
-    parser.add_argument("--layout", choices=("msd", "iseg", "brats", "folder", "corrected"),
+    parser.add_argument("--layout", choices=LAYOUTS,
                         help="layout of --data (default: detected)")
     parser.add_argument("--split", choices=SPLITS, default="validation")
     parser.add_argument("--cases", nargs="+", metavar="CASE",

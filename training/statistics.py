@@ -24,7 +24,7 @@ from AttnSegLib.package import CARD_FILE, PackageError, load_package
 from AttnSegLib.preprocess import to_model_frame
 
 from .config import ConfigError
-from .data import CaseFiles, DatasetError, find_cases
+from .data import LAYOUTS, CaseFiles, DatasetError, find_cases
 from .evaluate import dataset_description, select_split
 
 
@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model package folder whose card gets the statistics")
     parser.add_argument("--data", help="dataset folder or training config (default: the card's dataset)")
-    parser.add_argument("--layout", choices=("msd", "iseg", "brats", "folder", "corrected"),
+    parser.add_argument("--layout", choices=LAYOUTS,
                         help="layout of --data (default: detected)")
     return parser.parse_args(argv)
 
