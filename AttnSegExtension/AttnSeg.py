@@ -2,7 +2,7 @@
 
 The module follows Slicer's scripted-module template and supports Slicer 5.6 to 5.12 (Python 3.9 and
 3.12). The widget only draws and calls the logic; all work is done by
-:class:`AttnSegLib.slicer_logic.AttnSegLogic`, which has no Qt and is tested on slicer-core. The network
+:class:`AttnSegLib.slicer_logic.SceneLogic`, which has no Qt and is tested on slicer-core. The network
 runs in a worker process started with Slicer's own Python (``PythonSlicer``) and kept alive with its
 model between runs; the widget polls it from a QTimer, so Slicer stays responsive, Cancel ends a run
 within a second, and a crash or out-of-memory kill of the worker leaves Slicer and the scene intact.
@@ -26,6 +26,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 from AttnSegLib.dependencies import PIP_REQUIREMENTS, TORCH, missing_requirements
+from AttnSegLib.errors import AttnSegError
 
 MAX_MODALITIES = 4
 DEVICES = ["auto", "cpu", "cuda", "mps"]
@@ -121,7 +122,7 @@ class AttnSegParameterNode:
         model's card says how and the volume is much larger than its training field of view).
     segmentation - the AttnSeg segmentation under review.
     mapName - the map shown over the image; mapOpacity - its opacity.
-    difficultyThreshold - voxels at or above it are doubtful (review and editing).
+    reviewThreshold - voxels whose review map is at or above it are doubtful (review and editing).
     editDoubtfulOnly - restrict Segment Editor effects to doubtful voxels.
     correctionDirectory - where corrected cases are saved for training.
     """
@@ -136,7 +137,7 @@ class AttnSegParameterNode:
     segmentation: vtkMRMLSegmentationNode
     mapName: str = ""
     mapOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
-    difficultyThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    reviewThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     editDoubtfulOnly: bool = False
     correctionDirectory: pathlib.Path = pathlib.Path.home() / "AttnSegCorrections"
 
@@ -189,7 +190,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.previousRegionButton.connect("clicked(bool)", lambda: self.onStepRegion(-1))
         self.ui.nextRegionButton.connect("clicked(bool)", lambda: self.onStepRegion(+1))
         self.ui.editDoubtfulOnlyCheckBox.connect("toggled(bool)", self.onEditDoubtfulOnly)
-        self.ui.difficultyThresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
+        self.ui.reviewThresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
         self.ui.openSegmentEditorButton.connect("clicked(bool)", self.onOpenSegmentEditor)
         self.ui.saveCorrectionButton.connect("clicked(bool)", self.onSaveCorrection)
         for selector in self.inputSelectors:
@@ -273,13 +274,13 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo = self.ui.modelComboBox
         wasBlocked = combo.blockSignals(True)
         combo.clear()
-        for name in self.logic.availableModels():
+        for name in self.logic.sceneLogic.availableModels():
             combo.addItem(name)
         wanted = self._parameterNode.modelName if self._parameterNode else ""
         if not wanted:
             try:
-                wanted = self.logic.defaultModelName()
-            except ValueError:  # no default configured: the first installed model is selected
+                wanted = self.logic.sceneLogic.defaultModelName()
+            except AttnSegError:  # no default configured: the first installed model is selected
                 wanted = ""
         if wanted:
             combo.setCurrentText(wanted)
@@ -293,14 +294,14 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.modelName = name
         self._modalityCount = 0
         with _showErrors(_("The model package cannot be used."), waitCursor=True):
-            package = self.logic.loadModel(name)
+            package = self.logic.sceneLogic.loadModel(name)
             self.ui.modelCardLabel.text = _modelCardHtml(package.summary())
             modalities = package.modalities
             if len(modalities) > MAX_MODALITIES:
                 raise ValueError(f"{name} takes {len(modalities)} modalities; this panel has room for "
                                  f"{MAX_MODALITIES} (segment with the attnseg command line instead)")
             self._modalityCount = len(modalities)
-            guesses = self.logic.guessInputVolumes(package)
+            guesses = self.logic.sceneLogic.guessInputVolumes(package)
             for i, (label, selector) in enumerate(zip(self.inputLabels, self.inputSelectors)):
                 used = i < len(modalities)
                 label.visible = selector.visible = used
@@ -336,13 +337,13 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 and volumes[0] is not None):
             return False
         try:
-            return self.logic.needsLocalisation(volumes[0], self._parameterNode.modelName)
-        except ValueError:  # an unusable package: onModelChanged has shown why
+            return self.logic.sceneLogic.needsLocalisation(volumes[0], self._parameterNode.modelName)
+        except AttnSegError:  # an unusable package: onModelChanged has shown why
             return False
 
     def onLocaliseButton(self) -> None:
         with _showErrors(_("Localisation failed."), waitCursor=True):
-            rois = self.logic.localisationROIs(self._inputVolumes()[0], self._parameterNode.modelName)
+            rois = self.logic.sceneLogic.localisationROIs(self._inputVolumes()[0], self._parameterNode.modelName)
             self.ui.statusLabel.text = _(
                 "Placed {names}. Segment with no region to segment them all (localised again); to segment "
                 "inside one box only, move it if needed and choose it under Region.").format(
@@ -359,8 +360,9 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._populateModels()
             return
         with _showErrors(_("Segmentation could not start."), waitCursor=True):
-            job = self.logic.prepare(self._inputVolumes(), self._parameterNode.modelName, self._parameterNode.device,
-                                     inProcess=False, roiNode=self._parameterNode.roi)
+            parameters = self._parameterNode
+            job = self.logic.sceneLogic.prepare(self._inputVolumes(), parameters.modelName, parameters.device,
+                                                inProcess=False, roiNode=parameters.roi)
             self._task = self.logic.startTask(job)
             self.ui.progressBar.value = 0
             self.ui.progressBar.show()
@@ -385,7 +387,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._task = None
         self.ui.progressBar.hide()
         try:
-            self._adding = (task, self.logic.addResultSteps(task.job, task.result()))
+            self._adding = (task, self.logic.sceneLogic.addResultSteps(task.job, task.result()))
         except Cancelled:
             task.close()
             self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
@@ -411,7 +413,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             seconds = sum(result.timings.values())
             notes = "".join(f"<br>{note}" for note in result.notices)
             self.ui.statusLabel.text = _("Done in {seconds:.1f} s.").format(seconds=seconds) + notes
-            self._parameterNode.mapName = result.difficultyName
+            self._parameterNode.mapName = result.reviewMapName
             self._parameterNode.segmentation = result.segmentationNode
         except Exception as error:
             self._adding = None
@@ -433,9 +435,9 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def _attnsegSegmentation(self):
-        """The selected segmentation when AttnSeg made it (only those have maps and a difficulty map)."""
+        """The selected segmentation when AttnSeg made it (only those have maps and a review map)."""
         node = self.ui.segmentationSelector.currentNode()
-        return node if self._engineReady and self.logic.isAttnSegSegmentation(node) else None
+        return node if self._engineReady and self.logic.sceneLogic.isAttnSegSegmentation(node) else None
 
     def _populateMaps(self) -> None:
         combo = self.ui.mapComboBox
@@ -443,7 +445,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo.clear()
         node = self._attnsegSegmentation()
         if node is not None:
-            for name in self.logic.mapNodes(node):
+            for name in self.logic.sceneLogic.mapNodes(node):
                 combo.addItem(name)
             combo.setCurrentText(self._parameterNode.mapName)
         combo.blockSignals(wasBlocked)
@@ -451,7 +453,8 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onMapChanged(self, index=None) -> None:
         node = self._attnsegSegmentation()
-        mapNode = self.logic.mapNodes(node).get(self.ui.mapComboBox.currentText) if node is not None else None
+        mapNodes = self.logic.sceneLogic.mapNodes(node) if node is not None else {}
+        mapNode = mapNodes.get(self.ui.mapComboBox.currentText)
         if mapNode is None:
             for label in (self.ui.legendBar, self.ui.legendMinimumLabel, self.ui.legendMaximumLabel,
                           self.ui.mapMeaningLabel):
@@ -460,8 +463,8 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if self._parameterNode is not None:
             self._parameterNode.mapName = self.ui.mapComboBox.currentText
-        self.logic.showMap(mapNode, self.ui.opacitySlider.value)
-        legend = self.logic.mapLegend(mapNode)
+        self.logic.sceneLogic.showMap(mapNode, self.ui.opacitySlider.value)
+        legend = self.logic.sceneLogic.mapLegend(mapNode)
         stops = ", ".join(f"stop:{position:.3f} rgb{color}" for position, color in legend.stops)
         self.ui.legendBar.styleSheet = f"background: qlineargradient(x1:0, y1:0, x2:1, y2:0, {stops});"
         self.ui.legendMinimumLabel.text = f"{legend.minimum:.3g}"
@@ -476,19 +479,20 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self._attnsegSegmentation()
         if node is None:
             return
-        threshold = self.ui.difficultyThresholdSlider.value
-        stepper = self.logic.nextDoubtfulRegion if step > 0 else self.logic.previousDoubtfulRegion
+        threshold = self.ui.reviewThresholdSlider.value
+        sceneLogic = self.logic.sceneLogic
+        stepper = sceneLogic.nextDoubtfulRegion if step > 0 else sceneLogic.previousDoubtfulRegion
         stop = stepper(node, threshold)
         if stop is None:
             self.ui.regionLabel.text = _("No region reaches {map} {threshold:.2f}.").format(
-                map=self.logic.reviewMapName(node), threshold=threshold)
+                map=sceneLogic.reviewMapName(node), threshold=threshold)
             return
-        self.logic.centerSliceViews(stop.markerRAS)
-        self.logic.markPoint(stop.markerRAS)
+        self.logic.sceneLogic.centerSliceViews(stop.markerRAS)
+        self.logic.sceneLogic.markPoint(stop.markerRAS)
         region = stop.region
         self.ui.regionLabel.text = _(
             "Region {n} of {count}: {volume:.2f} ml, mean {map} {mean:.2f} (max {peak:.2f})").format(
-            n=stop.index + 1, count=stop.count, volume=region.volume_ml, map=self.logic.reviewMapName(node),
+            n=stop.index + 1, count=stop.count, volume=region.volume_ml, map=sceneLogic.reviewMapName(node),
             mean=region.mean_difficulty, peak=region.max_difficulty)
 
     def onThresholdChanged(self, value) -> None:
@@ -500,9 +504,9 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if node is None:
             return
         if enabled:
-            self.logic.restrictEditingToDoubtfulVoxels(node, self.ui.difficultyThresholdSlider.value)
+            self.logic.sceneLogic.restrictEditingToDoubtfulVoxels(node, self.ui.reviewThresholdSlider.value)
         else:
-            self.logic.allowEditingEverywhere(node)
+            self.logic.sceneLogic.allowEditingEverywhere(node)
 
     def onOpenSegmentEditor(self) -> None:
         node = self._attnsegSegmentation()
@@ -519,23 +523,27 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         folder = self._parameterNode.correctionDirectory
         with _showErrors(_("The correction could not be saved."), waitCursor=True):
             try:
-                caseDir = self.logic.exportCorrection(node, folder)
+                caseDir = self.logic.sceneLogic.exportCorrection(node, folder)
             except FileExistsError:
                 if not slicer.util.confirmYesNoDisplay(
                         _("This case was saved before in {folder}. Replace it?").format(folder=folder)):
                     return
-                caseDir = self.logic.exportCorrection(node, folder, overwrite=True)
+                caseDir = self.logic.sceneLogic.exportCorrection(node, folder, overwrite=True)
             self.ui.statusLabel.text = _("Saved for training in {path}").format(path=caseDir)
 
 
 def _modelCardHtml(summary: dict) -> str:
-    """The model card as the panel shows it: description, inputs, classes, maps, validation scores."""
+    """The model card as the panel shows it: description, inputs, classes, maps, validation scores
+    (``summary``: :meth:`AttnSegLib.package.ModelPackage.summary`, whose ``validation_dice`` is the card's
+    :attr:`~AttnSegLib.card.ModelCard.validation_dice`)."""
     metrics = summary.get("metrics") or {}
     scores = ""
+    where = f" ({metrics.get('split', 'validation')}, {metrics['cases']} cases)" if "cases" in metrics else ""
+    if summary.get("validation_dice") is not None:
+        scores = f"<br><b>Dice{where}:</b> mean {summary['validation_dice']:.3f}"
     if isinstance(metrics.get("dice"), dict):
         perClass = ", ".join(f"{name} {value:.3f}" for name, value in metrics["dice"].items())
-        where = f" ({metrics.get('split', 'validation')}, {metrics['cases']} cases)" if "cases" in metrics else ""
-        scores = f"<br><b>Dice{where}:</b> {perClass}"
+        scores += f"; {perClass}" if scores else f"<br><b>Dice{where}:</b> {perClass}"
     if isinstance(metrics.get("hd95_mm"), dict):
         scores += "<br><b>HD95:</b> " + ", ".join(f"{n} {v:.2f} mm" for n, v in metrics["hd95_mm"].items())
     return (f"<b>{summary['name']}</b> ({summary['architecture']})<br>{summary.get('description', '')}"
@@ -550,44 +558,39 @@ def _modelCardHtml(summary: dict) -> str:
 
 
 class AttnSegLogic(ScriptedLoadableModuleLogic):
-    """The module's logic: keeps the parameter node and hands everything else to
-    :class:`AttnSegLib.slicer_logic.AttnSegLogic` (Qt-free, tested on slicer-core) on ``slicer.mrmlScene``.
-    It is created before the dependencies are installed, so the engine is imported on first use.
+    """The module's logic: keeps the parameter node and starts the worker process with Slicer's own
+    Python. Segmenting, reviewing and exporting are :attr:`sceneLogic`'s, a
+    :class:`AttnSegLib.slicer_logic.SceneLogic` (Qt-free, tested on slicer-core) on ``slicer.mrmlScene``,
+    made on first use: this class exists before the dependencies are installed.
     """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self._core = None
+        self._sceneLogic = None
 
     def getParameterNode(self):
         return AttnSegParameterNode(super().getParameterNode())
 
     @property
-    def core(self):
-        if self._core is None:
-            from AttnSegLib.slicer_logic import AttnSegLogic as CoreLogic
+    def sceneLogic(self):
+        if self._sceneLogic is None:
+            from AttnSegLib.slicer_logic import SceneLogic
 
-            self._core = CoreLogic(slicer.mrmlScene)
-        return self._core
+            self._sceneLogic = SceneLogic(slicer.mrmlScene)
+        return self._sceneLogic
 
     def startTask(self, job):
         """Run ``job`` in the worker process, started with Slicer's own Python and environment."""
-        if self.core.workerCommand is None:
+        if self.sceneLogic.workerCommand is None:
             from AttnSegLib.worker_client import workerCommand
 
-            self.core.workerCommand = workerCommand(_pythonSlicer())
-            self.core.workerEnvironment = slicer.util.startupEnvironment()
-        return self.core.startTask(job)
+            self.sceneLogic.workerCommand = workerCommand(_pythonSlicer())
+            self.sceneLogic.workerEnvironment = slicer.util.startupEnvironment()
+        return self.sceneLogic.startTask(job)
 
     def shutdownWorker(self) -> None:
-        if self._core is not None:  # no engine was used: nothing to stop
-            self._core.shutdownWorker()
-
-    def __getattr__(self, name: str):
-        # segment, prepare, addResult, loadVolume, mapNodes, showMap, nextDoubtfulRegion, exportCorrection...
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self.core, name)
+        if self._sceneLogic is not None:  # no engine was used: nothing to stop
+            self._sceneLogic.shutdownWorker()
 
 
 def _pythonSlicer() -> str:
@@ -629,32 +632,32 @@ class AttnSegTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Loading the sample")
         logic = AttnSegLogic()
-        volume = logic.loadVolume(_resourcePath("SampleData/hippocampus_001_image.nii.gz"))
+        volume = logic.sceneLogic.loadVolume(_resourcePath("SampleData/hippocampus_001_image.nii.gz"))
         reference = read_image(_resourcePath("SampleData/hippocampus_001_label.nii.gz"))
 
         self.delayDisplay("Segmenting")
         progress = []
-        result = logic.segment([volume], device="cpu", progress=lambda *report: progress.append(report))
+        result = logic.sceneLogic.segment([volume], device="cpu", progress=lambda *report: progress.append(report))
         self.assertEqual(progress[-1][0], 1.0)
-        labels = logic.correctedLabels(result.segmentationNode)
-        classes = logic.loadModel().classes
+        labels = logic.sceneLogic.correctedLabels(result.segmentationNode)
+        classes = logic.sceneLogic.loadModel().classes
         scores = evaluate_labels(labels, reference, labels={c["value"]: c["name"] for c in classes[1:]})
         for name, score in scores.items():
             self.assertGreater(score["dice"], 0.7, f"Dice of {name}")
         self.assertIn("uncertainty", result.mapNodes)
-        self.assertIs(result.segmentationNode.GetNodeReference("AttnSegDifficulty"), result.difficultyNode)
+        self.assertIs(result.segmentationNode.GetNodeReference("AttnSegReviewMap"), result.reviewMapNode)
 
         self.delayDisplay("Reviewing")
-        logic.showMap(result.difficultyNode, 0.5)
-        stop = logic.nextDoubtfulRegion(result.segmentationNode, 0.3)
+        logic.sceneLogic.showMap(result.reviewMapNode, 0.5)
+        stop = logic.sceneLogic.nextDoubtfulRegion(result.segmentationNode, 0.3)
         self.assertIsNotNone(stop)
-        logic.centerSliceViews(stop.markerRAS)
+        logic.sceneLogic.centerSliceViews(stop.markerRAS)
         red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
         self.assertAlmostEqual(red.GetSliceToRAS().GetElement(2, 3), stop.markerRAS[2], places=3)
 
         self.delayDisplay("Exporting")
         with tempfile.TemporaryDirectory() as folder:
-            caseDir = logic.exportCorrection(result.segmentationNode, folder)
+            caseDir = logic.sceneLogic.exportCorrection(result.segmentationNode, folder)
             record = json.loads((caseDir / "case.json").read_text())
             self.assertEqual(record["model_sha256"], result.segmentationNode.GetAttribute("AttnSeg.ModelSha256"))
             self.assertEqual(record["changed_voxels"], 0)

@@ -39,7 +39,7 @@ def test_result_is_on_the_input_grid(unet_predictor, hippocampus_case):
     assert result.probabilities.array.shape == (3, *image.array.shape)
     np.testing.assert_allclose(result.probabilities.array.sum(0), 1.0, atol=1e-4)
     np.testing.assert_array_equal(result.labels.array, result.probabilities.array.argmax(0))
-    assert set(result.maps) == {"uncertainty"} and result.difficulty_name == "uncertainty"
+    assert set(result.maps) == {"uncertainty"} and result.review_map_name == "uncertainty"
     assert result.provenance["device"] == "cpu" and result.provenance["versions"]["torch"]
 
 
@@ -135,9 +135,9 @@ def test_review_map_follows_the_card(hippocampus_case):
     card = card_for("difficulty_aware")
     card["patch_size_dhw"] = [2 * net.divisor] * 3
     image = read_image(hippocampus_case[0])
-    assert Predictor(net, card=card, device="cpu").predict([image]).difficulty_name == "difficulty"
+    assert Predictor(net, card=card, device="cpu").predict([image]).review_map_name == "difficulty"
     card["inference"]["review_map"] = "uncertainty"
-    assert Predictor(net, card=card, device="cpu").predict([image]).difficulty_name == "uncertainty"
+    assert Predictor(net, card=card, device="cpu").predict([image]).review_map_name == "uncertainty"
 
 
 @pytest.fixture(scope="module")

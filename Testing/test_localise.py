@@ -279,10 +279,11 @@ def test_whole_head_benchmark_reports_stages_and_the_ratio_to_the_whole_volume_b
 
 # -- the Slicer logic -------------------------------------------------------------------------------
 def test_slicer_logic_names_the_sides_and_segments_inside_a_markups_roi(data_dir):
-    from AttnSegLib.slicer_logic import AttnSegLogic, imageFromVolumeNode, newScene, roiBoxFromNode
+    from AttnSegLib.mrml import imageFromVolumeNode, newScene, roiBoxFromNode
+    from AttnSegLib.slicer_logic import SceneLogic
 
     scene = newScene()
-    logic = AttnSegLogic(scene)
+    logic = SceneLogic(scene)
     volume = logic.loadVolume(data_dir / MNI)
     whole = logic.segment([volume], default_package(), device="cpu")
     segmentation = whole.segmentationNode.GetSegmentation()

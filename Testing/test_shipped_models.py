@@ -53,7 +53,7 @@ def test_hippocampus_model_segments_the_held_out_sample(name, tmp_path, capsys):
     scores = evaluate_labels(labels, reference, reference.geometry.spacing, {1: "Anterior", 2: "Posterior"})
     assert all(s["dice"] > 0.8 for s in scores.values()), scores
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["difficulty_map"] == "uncertainty"
+    assert report["review_map"] == "uncertainty"
 
 
 @pytest.fixture

@@ -22,11 +22,12 @@ from AttnSegLib import models
 from AttnSegLib.image import Geometry, Image, ImageError, read_image
 from AttnSegLib.inference import Predictor
 from AttnSegLib.metrics import evaluate_labels
+from AttnSegLib.outputs import class_volumes_ml
 from AttnSegLib.package import default_package, save_package
-from AttnSegLib.slicer_logic import (ATTRIBUTE, DOUBTFUL_SEGMENT_ID, REF_DIFFICULTY, REF_INPUT, REF_MAP, REF_SEGMENTATION,
-                                     AttnSegLogic, Cancelled, CorrectionError, SegmentationTask, arrayToMatrix,
-                                     colorScale, imageFromVolumeNode, matrixToArray, newScene,
-                                     volumeNodeFromImage)
+from AttnSegLib.mrml import arrayToMatrix, colorScale, imageFromVolumeNode, matrixToArray, newScene, volumeNodeFromImage
+from AttnSegLib.segmentation_task import SegmentationTask
+from AttnSegLib.slicer_logic import (ATTRIBUTE, DOUBTFUL_SEGMENT_ID, REF_INPUT, REF_MAP, REF_REVIEW_MAP, REF_SEGMENTATION,
+                                     Cancelled, CorrectionError, SceneLogic)
 from AttnSegLib.screenshot import render_review
 from conftest import REPO
 
@@ -87,7 +88,7 @@ def scene():
 
 @pytest.fixture()
 def logic(scene):
-    return AttnSegLogic(scene)
+    return SceneLogic(scene)
 
 
 @pytest.fixture()
@@ -184,10 +185,10 @@ def test_a_volume_without_image_data_is_refused_with_a_clear_message(scene):
 def test_default_scene_is_slicer_mrml_scene(monkeypatch, plumbing_package):
     monkeypatch.delattr(slicer, "mrmlScene", raising=False)
     with pytest.raises(RuntimeError, match="no MRML scene"):
-        AttnSegLogic().scene
+        SceneLogic().scene
     scene = newScene()
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    logic = AttnSegLogic()
+    logic = SceneLogic()
     volume = logic.loadVolume(SAMPLE_IMAGE)
     assert volume.GetScene() is scene
     assert logic.segment([volume], plumbing_package, device="cpu").segmentationNode.GetScene() is scene
@@ -211,7 +212,7 @@ def test_segments_are_named_coloured_coded_and_match_the_engine(segmented, engin
     assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(segments[1].GetTerminology(), entry)
     assert entry.GetTypeObject().GetCodeMeaning() == "Tissue"  # no code in the card: Slicer's generic entry
 
-    logic_labels = AttnSegLogic(volume.GetScene()).correctedLabels(result.segmentationNode)
+    logic_labels = SceneLogic(volume.GetScene()).correctedLabels(result.segmentationNode)
     np.testing.assert_array_equal(logic_labels.array, engine_result.labels.array)
     assert logic_labels.geometry.same_grid(read_image(SAMPLE_IMAGE).geometry)
 
@@ -219,8 +220,8 @@ def test_segments_are_named_coloured_coded_and_match_the_engine(segmented, engin
 def test_provenance_is_stored_on_the_segmentation_node(segmented, plumbing_package, scene):
     _, result = segmented
     node = result.segmentationNode
-    assert AttnSegLogic.isAttnSegSegmentation(node)
-    assert not AttnSegLogic.isAttnSegSegmentation(scene.AddNewNodeByClass("vtkMRMLSegmentationNode"))
+    assert SceneLogic.isAttnSegSegmentation(node)
+    assert not SceneLogic.isAttnSegSegmentation(scene.AddNewNodeByClass("vtkMRMLSegmentationNode"))
     assert node.GetAttribute(ATTRIBUTE + "Model") == "plumbing"
     assert node.GetAttribute(ATTRIBUTE + "ModelSha256") == plumbing_package.sha256
     assert node.GetAttribute(ATTRIBUTE + "Architecture") == "difficulty_aware"
@@ -235,8 +236,8 @@ def test_map_nodes_have_references_colours_ranges_and_the_engine_values(segmente
     seg = result.segmentationNode
     assert list(result.mapNodes) == ["probability.anterior", "probability.posterior", "uncertainty", "confidence",
                                      "difficulty"]
-    assert result.difficultyName == "difficulty"
-    assert seg.GetNodeReference(REF_DIFFICULTY) is result.mapNodes["difficulty"]
+    assert result.reviewMapName == "difficulty"
+    assert seg.GetNodeReference(REF_REVIEW_MAP) is result.mapNodes["difficulty"]
     assert [seg.GetNthNodeReference(REF_MAP, i) for i in range(seg.GetNumberOfNodeReferences(REF_MAP))] == \
         list(result.mapNodes.values())
     assert seg.GetNodeReference(REF_INPUT) is volume
@@ -305,7 +306,7 @@ def test_a_reoriented_copy_gives_the_same_segmentation_in_physical_space(logic, 
     labels = logic.correctedLabels(result.segmentationNode)
     assert labels.geometry.same_grid(reoriented.geometry)  # results live on the input's own grid
     np.testing.assert_array_equal(_on_grid(labels, engine_result.labels), engine_result.labels.array)
-    difficulty = imageFromVolumeNode(result.difficultyNode).to_sitk()
+    difficulty = imageFromVolumeNode(result.reviewMapNode).to_sitk()
     expected = engine_result.maps["difficulty"]
     resampled = sitk.Resample(difficulty, expected.to_sitk(), sitk.Transform(), sitk.sitkLinear)
     np.testing.assert_allclose(sitk.GetArrayFromImage(resampled), expected.array, atol=1e-5)
@@ -421,7 +422,7 @@ def test_doubtful_regions_are_ranked_and_stepped_through(logic, scene, segmented
     assert len(regions) >= 3
     masses = [r.doubt_mass for r in regions]
     assert masses == sorted(masses, reverse=True)
-    difficulty = imageFromVolumeNode(result.difficultyNode)
+    difficulty = imageFromVolumeNode(result.reviewMapNode)
     ijk_to_ras = _ijk_to_ras(volume)
     stops = [logic.nextDoubtfulRegion(seg, threshold) for _ in range(3)]
     assert [s.index for s in stops] == [0, 1, 2] and all(s.count == len(regions) for s in stops)
@@ -495,7 +496,7 @@ def test_edit_only_doubtful_voxels_limits_painting_to_the_difficulty_threshold(l
     assert not seg.GetDisplayNode().GetSegmentVisibility(DOUBTFUL_SEGMENT_ID)
 
     before = logic.correctedLabels(seg)  # the mask segment is no class: it is not in the labels
-    doubtful = imageFromVolumeNode(result.difficultyNode).array >= threshold
+    doubtful = imageFromVolumeNode(result.reviewMapNode).array >= threshold
     assert 0 < doubtful.sum() < doubtful.size
     everything = before.with_array(np.ones_like(before.array, dtype=bool))
     _paint(scene, seg, "posterior", everything, None, editor=editor)
@@ -542,7 +543,7 @@ def test_exported_correction_is_readable_by_training(logic, scene, segmented, tm
     np.testing.assert_array_equal(files["model_label"].array, model.array)
     np.testing.assert_array_equal(files["difference"].array, corrected.array != model.array)
     assert files["difference"].array.sum() > 0
-    np.testing.assert_allclose(files["review_map"].array, imageFromVolumeNode(result.difficultyNode).array)
+    np.testing.assert_allclose(files["review_map"].array, imageFromVolumeNode(result.reviewMapNode).array)
     record = json.loads((case_dir / "case.json").read_text())
     assert record["model_name"] == "plumbing" and record["model_sha256"] == seg.GetAttribute(ATTRIBUTE + "ModelSha256")
     assert record["class_names"] == ["background", "Anterior", "Posterior"]
@@ -607,7 +608,7 @@ def trame_app():
 def test_runs_in_trame_slicers_scene_on_a_volume_slicer_itself_read(trame_app, plumbing_package, engine_result,
                                                                      tmp_path):
     node = trame_app.io_manager.load_volumes(str(SAMPLE_IMAGE))[0]  # Slicer's own reader, not ours
-    logic = AttnSegLogic(trame_app.scene)
+    logic = SceneLogic(trame_app.scene)
     result = logic.segment([node], plumbing_package, device="cpu")
     labels = logic.correctedLabels(result.segmentationNode)
     assert labels.geometry.same_grid(engine_result.labels.geometry)
@@ -624,7 +625,7 @@ def shipped():
 def test_shipped_model_segments_the_sample_and_its_doubtful_regions_hold_the_errors(shipped):
     """The sample is a held-out case: good Dice, and the few voxels the review points at hold many of
     the voxels the model got wrong."""
-    logic = AttnSegLogic(newScene())
+    logic = SceneLogic(newScene())
     result = logic.segment([logic.loadVolume(SAMPLE_IMAGE)], shipped, device="cpu")
     labels = logic.correctedLabels(result.segmentationNode)
     reference = read_image(SAMPLE_LABEL)
@@ -632,7 +633,7 @@ def test_shipped_model_segments_the_sample_and_its_doubtful_regions_hold_the_err
     assert all(s["dice"] >= 0.8 for s in scores.values()), scores
     threshold = 0.3
     errors = labels.array != reference.array
-    doubtful = imageFromVolumeNode(result.difficultyNode).array >= threshold
+    doubtful = imageFromVolumeNode(result.reviewMapNode).array >= threshold
     assert doubtful.mean() <= 0.05 and errors[doubtful].sum() >= 0.3 * errors.sum()
     stop = logic.nextDoubtfulRegion(result.segmentationNode, threshold)
     i, j, k = stop.region.marker_ijk
@@ -642,7 +643,7 @@ def test_shipped_model_segments_the_sample_and_its_doubtful_regions_hold_the_err
 def test_shipped_model_agrees_with_itself_on_an_oblique_anisotropic_copy(shipped):
     """The sample resampled onto a tilted grid with 1.5 mm slices: the segmentation, brought back to the
     original grid through physical space, matches the one of the original."""
-    logic = AttnSegLogic(newScene())
+    logic = SceneLogic(newScene())
     image = read_image(SAMPLE_IMAGE)
     original = logic.correctedLabels(logic.segment([logic.loadVolume(SAMPLE_IMAGE)], shipped,
                                                    device="cpu").segmentationNode)
@@ -676,7 +677,7 @@ def test_localisation_places_an_roi_on_each_hippocampus_and_segment_uses_the_cho
     """The MNI152 template (a whole head): one ROI per side where the hippocampi are in MNI space (RAS:
     the patient's left at x < 0), and segmenting inside the left one, moved 2 mm as a user would, gives a
     hippocampus of plausible volume inside that box only."""
-    logic = AttnSegLogic(newScene())
+    logic = SceneLogic(newScene())
     volume = logic.loadVolume(data_dir / MNI152_T1)
     assert logic.needsLocalisation(volume, shipped)
     assert not logic.needsLocalisation(logic.loadVolume(SAMPLE_IMAGE), shipped)  # already a crop
@@ -711,7 +712,7 @@ def test_localisation_places_an_roi_on_each_hippocampus_and_segment_uses_the_cho
 
 
 def test_localisation_refuses_an_image_that_is_no_whole_head_and_adds_no_roi(shipped):
-    logic = AttnSegLogic(newScene())
+    logic = SceneLogic(newScene())
     crop = logic.loadVolume(SAMPLE_IMAGE)  # one hippocampus, no brain around it to register
     with pytest.raises(ImageError, match="--roi|region"):
         logic.localisationROIs(crop, shipped)
@@ -729,3 +730,21 @@ def test_review_screenshot_shows_the_outlines_and_the_map(logic, segmented, tmp_
     anterior = np.abs(picture - [230, 159, 0]).sum(axis=2) < 30  # the Anterior outline colour
     assert anterior.sum() > 50
     assert result.segmentationNode.GetAttribute(ATTRIBUTE + "ReviewIndex") is None  # the review did not move
+
+
+def test_scenes_saved_with_the_earlier_review_map_reference_still_open(logic, segmented):
+    """Scenes saved before the review map was named so refer to it as ``AttnSegDifficulty`` with the
+    attribute ``AttnSeg.DifficultyMap``: they are still reviewed."""
+    _, result = segmented
+    node = result.segmentationNode
+    reviewMap = node.GetNodeReference("AttnSegReviewMap")
+    assert reviewMap is result.reviewMapNode
+    node.RemoveNodeReferenceIDs("AttnSegReviewMap")
+    node.SetNodeReferenceID("AttnSegDifficulty", reviewMap.GetID())
+    node.SetAttribute(ATTRIBUTE + "DifficultyMap", node.GetAttribute(ATTRIBUTE + "ReviewMap"))
+    node.RemoveAttribute(ATTRIBUTE + "ReviewMap")
+    assert logic.reviewMapNode(node) is reviewMap
+    assert logic.reviewMapName(node) == result.reviewMapName
+    regions = logic.doubtfulRegions(node, 0.0)  # every voxel is doubtful at 0: one region at least
+    assert regions and logic.nextDoubtfulRegion(node, 0.0).region == regions[0]
+    assert result.classVolumesMl == class_volumes_ml(imageFromVolumeNode(result.modelLabelNode), result.classes)

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from AttnSegLib.image import Geometry, Image, read_image
 from AttnSegLib.inference import Cancelled, Predictor
 from AttnSegLib.package import default_package, load_package, save_package
-from AttnSegLib.slicer_logic import AttnSegLogic, imageFromVolumeNode, newScene, volumeNodeFromImage
+from AttnSegLib.mrml import imageFromVolumeNode, newScene, volumeNodeFromImage
+from AttnSegLib.slicer_logic import SceneLogic
 from AttnSegLib.worker_client import CANCEL_GRACE_S, WorkerCrashed, WorkerError, WorkerProcess, WorkerTask, \
     workerCommand
 from test_slicer_logic import HIPPOCAMPUS_CLASSES, SAMPLE_IMAGE, _untrained_package
@@ -41,7 +42,7 @@ def package(tmp_path_factory):
 @pytest.fixture(scope="module")
 def logic():
     """One logic, hence one worker process, for the module: it is kept alive between runs."""
-    logic = AttnSegLogic(newScene(), workerEnvironment={**os.environ, "OMP_NUM_THREADS": "1"})
+    logic = SceneLogic(newScene(), workerEnvironment={**os.environ, "OMP_NUM_THREADS": "1"})
     yield logic
     logic.shutdownWorker()
 
@@ -94,7 +95,7 @@ def test_a_run_in_the_worker_gives_the_engines_result_and_keeps_the_model_loaded
     engine = Predictor(package, device="cpu").predict([imageFromVolumeNode(volume)])
     np.testing.assert_array_equal(result.labels.array, engine.labels.array)
     np.testing.assert_allclose(result.probabilities.array, engine.probabilities.array, atol=1e-6)
-    assert set(result.maps) == set(engine.maps) and result.difficulty_name == engine.difficulty_name
+    assert set(result.maps) == set(engine.maps) and result.review_map_name == engine.review_map_name
     assert result.labels.geometry.same_grid(engine.labels.geometry, tolerance=1e-9)
     added = logic.addResult(job, result)
     np.testing.assert_array_equal(logic.correctedLabels(added.segmentationNode).array, engine.labels.array)
@@ -115,7 +116,7 @@ def test_the_panels_roi_reaches_the_worker(logic, package):
     """The panel runs the job in the worker: a markups ROI (rotated, as one moved in the views can be)
     gives the engine's result inside that box."""
     from AttnSegLib.localise import Box
-    from AttnSegLib.slicer_logic import roiBoxFromNode, roiNodeFromBox
+    from AttnSegLib.mrml import roiBoxFromNode, roiNodeFromBox
 
     volume = logic.loadVolume(SAMPLE_IMAGE)
     image = imageFromVolumeNode(volume)
@@ -191,7 +192,7 @@ def test_a_worker_that_cannot_start_says_why(package, big_volume):
     and the last line it wrote to stderr."""
     broken = WorkerProcess([sys.executable, "-c", "import sys; sys.stderr.write('no module named torch\\n'); "
                                                   "sys.exit(3)"])
-    logic = AttnSegLogic(big_volume.GetScene())
+    logic = SceneLogic(big_volume.GetScene())
     task = WorkerTask(broken, logic.prepare([big_volume], package, device="cpu", inProcess=False)).start()
     assert task.wait(30)
     with pytest.raises(WorkerCrashed, match=r"^the segmentation worker exited with code 3; its last message: "
@@ -229,7 +230,7 @@ def test_a_worker_out_of_memory_leaves_the_caller_intact(package, big_volume, tm
            "resource.setrlimit(resource.RLIMIT_AS, (vm + (200 << 20), resource.RLIM_INFINITY)); w.main()")
     command = workerCommand()
     worker = WorkerProcess([command[0], "-c", cap, command[-1]], env={**os.environ, "OMP_NUM_THREADS": "1"})
-    scene_logic = AttnSegLogic(big_volume.GetScene())
+    scene_logic = SceneLogic(big_volume.GetScene())
     before = _nodes(scene_logic.scene)
     task = WorkerTask(worker, scene_logic.prepare([big_volume], package, device="cpu", inProcess=False)).start()
     try:
@@ -272,7 +273,7 @@ def test_main_thread_stall_while_a_whole_head_volume_segments(data_dir):
     """The widget's work on the main thread, timed call by call, while the shipped default model runs on
     the MNI152 T1 head (197 x 233 x 189, 1 mm) in the worker: the click (prepare + start), every poll,
     reading the result, and each step of adding its nodes (the widget runs one step per Qt event)."""
-    logic = AttnSegLogic(newScene(), workerEnvironment={**os.environ, "OMP_NUM_THREADS": "1"})
+    logic = SceneLogic(newScene(), workerEnvironment={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         volume = logic.loadVolume(data_dir / MNI_T1)
         package = default_package()

@@ -10,7 +10,8 @@ import numpy as np
 import slicer  # noqa: F401  (slicer-core: the real MRML the module runs on)
 
 from AttnSegLib.package import default_package
-from AttnSegLib.slicer_logic import AttnSegLogic, newScene
+from AttnSegLib.mrml import newScene
+from AttnSegLib.slicer_logic import SceneLogic
 from conftest import REPO
 from training.config import load_config
 from training.data import find_cases, load_case
@@ -22,7 +23,7 @@ SAMPLE_LABEL = REPO / "Resources" / "SampleData" / "hippocampus_001_label.nii.gz
 
 def test_a_saved_correction_is_shared_readable_and_feeds_fine_tuning(tmp_path):
     package = default_package()
-    logic = AttnSegLogic(newScene())
+    logic = SceneLogic(newScene())
     volume = logic.loadVolume(SAMPLE_IMAGE)
     result = logic.segment([volume], package, device="cpu")
     case_dir = logic.exportCorrection(result.segmentationNode, tmp_path)

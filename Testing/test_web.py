@@ -33,6 +33,7 @@ import SimpleITK as sitk
 import torch
 
 from AttnSegLib import models
+from AttnSegLib.card import ModelCard
 from AttnSegLib.image import label_map_levels, read_image
 from AttnSegLib.inference import Predictor
 from AttnSegLib.package import PackageError, default_package, load_package, save_package
@@ -93,12 +94,15 @@ def test_label_maps_are_told_from_images():
 
 
 def test_each_map_says_how_well_it_finds_errors_and_weak_ones_are_research_maps():
-    card = {"metrics": {"error_detection_auroc": {"uncertainty": 0.9501, "difficulty": 0.5853}}}
+    shipped = load_package("hippocampus_difficulty_aware").card.to_dict()
+    card = ModelCard.parse({**shipped, "metrics": {"error_detection_auroc": {"uncertainty": 0.9501,
+                                                                              "difficulty": 0.5853}}})
+    unscored = ModelCard.parse({**shipped, "metrics": {}})
     assert detection_note(card, "uncertainty") == ("Finds the model's wrong voxels with AUROC 0.95 on its "
                                                    "validation cases (model card).")
     assert detection_note(card, "difficulty").startswith("Research map: it finds the model's wrong voxels with "
                                                          "AUROC 0.59")
-    assert detection_note(card, "confidence") == "" and detection_note({}, "uncertainty") == ""
+    assert detection_note(card, "confidence") == "" and detection_note(unscored, "uncertainty") == ""
 
 
 def _sample_centre_ras() -> np.ndarray:
@@ -296,6 +300,10 @@ def test_segment_review_paint_and_download(browser, server, model_package, scree
 
     # Segment: progress then the overlay on the slices and the surface in 3D.
     _choose(page, "attnseg-model-select", model_package.name)
+    if model_package.card.validation_dice is not None:  # the accessor `attnseg info` and the panel use
+        dice = f"{model_package.card.validation_split} Dice {model_package.card.validation_dice:.3f}"
+        page.wait_for_function("t => document.querySelector('#attnseg-model-description')?.innerText.includes(t)",
+                               arg=dice, timeout=30_000)
     page.click("#attnseg-segment")
     page.wait_for_selector("#attnseg-summary", timeout=300_000)
     assert not page.is_visible("#attnseg-segment-error")
@@ -328,7 +336,7 @@ def test_segment_review_paint_and_download(browser, server, model_package, scree
     sample = read_image(SAMPLE)
     result = Predictor(load_package(model_package.path), device="cpu").predict([sample])
     model_labels = result.labels.array
-    regions = doubtful_regions(result.maps[result.difficulty_name])
+    regions = doubtful_regions(result.maps[result.review_map_name])
     image = sitk.ReadImage(str(SAMPLE))
     centre_lps = np.array(regions[0].marker_lps) if regions else _volume_centre_lps(image)
     k_in_view = image.TransformPhysicalPointToContinuousIndex([float(c) for c in centre_lps])[2]

@@ -6,7 +6,7 @@
 Cases: the first ``--cases`` validation cases the package's card lists (``training.validation_cases``),
 run through the product path (``Predictor.predict`` on the original image); the wrong voxels are
 where its labels differ from the expert label. The review map is the one the card names
-(``inference.review_map``, the Predictor's ``difficulty_name``).
+(``inference.review_map``, the Predictor's ``review_map_name``).
 
 Two groupings of the same voxels (review map >= ``--threshold``), both ranked by doubt mass:
 
@@ -57,7 +57,7 @@ def visits_to_target(wrong: np.ndarray, labels: np.ndarray, regions, reach_voxel
 def measure_case(result, reference, threshold: float, reach_mm: float) -> dict:
     from AttnSegLib.review import MERGE_MM, doubtful_regions, region_labels
 
-    review_map = result.maps[result.difficulty_name]
+    review_map = result.maps[result.review_map_name]
     wrong = result.labels.array != reference.array
     spacing_dhw = review_map.geometry.spacing[::-1]
     reach = tuple(int(round(reach_mm / s)) for s in spacing_dhw)
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         per_case[name] = measure_case(result, read_image(root / "labelsTr" / f"{name}.nii.gz"), args.threshold,
                                       args.reach_mm)
         print(name, json.dumps(per_case[name]), file=sys.stderr, flush=True)
-    report = {"model": package.name, "review_map": result.difficulty_name, "threshold": args.threshold,
+    report = {"model": package.name, "review_map": result.review_map_name, "threshold": args.threshold,
               "reach_mm": args.reach_mm, "cases": len(names), "target": TARGET, "machine": common.machine(args.threads),
               "summary": {g: {reach: summary(per_case, g, reach) for reach in ("inside", "nearby")}
                           for g in ("before", "after")},

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import yaml
 
+from AttnSegLib.errors import AttnSegError
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -121,7 +123,7 @@ FINE_TUNING_DEFAULTS = {"replay_fraction": 0.5, "replay_cases": None, "changed_v
                         "reference_tolerance": 0.005, "reference_cases": None}
 
 
-class ConfigError(ValueError):
+class ConfigError(AttnSegError, ValueError):
     """A configuration cannot be used; the message names the key and what to write instead."""
 
 

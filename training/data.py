@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from AttnSegLib import corrected_case
+from AttnSegLib.errors import AttnSegError
 from AttnSegLib.image import IMAGE_SUFFIXES, Geometry, Image, ImageError, case_name, read_image
 from AttnSegLib.preprocess import to_model_frame
 
@@ -42,7 +44,7 @@ _READABLE = IMAGE_SUFFIXES + (".hdr",)
 _BRATS_LABEL_PATTERNS = ("*_seg.nii*", "*-seg.nii*", "OTMultiClass*", "*label*")
 
 
-class DatasetError(ValueError):
+class DatasetError(AttnSegError, ValueError):
     """A dataset folder or file cannot be used; the message names the file and the fix."""
 
 
@@ -207,15 +209,15 @@ def corrected_cases(root: Path, modality_count: int, strict: bool = False) -> li
     cases = []
     for folder in _case_folders(root):
         try:
-            label = folder / "label.nii.gz"
-            if not label.is_file():
-                raise DatasetError(f"{folder}: no label.nii.gz; export the corrected segmentation from the "
-                                   "AttnSeg module")
-            images = _per_modality_files(folder, "image", modality_count, str(folder))
+            if not corrected_case.is_case_folder(folder):
+                raise DatasetError(f"{folder}: no {corrected_case.LABEL_FILE}; export the corrected segmentation "
+                                   "from the AttnSeg module")
+            label = folder / corrected_case.LABEL_FILE
+            images = _per_modality_files(folder, corrected_case.IMAGE_STEM, modality_count, str(folder))
         except DatasetError as err:
             skip_or_raise(err, strict)
             continue
-        optional = [folder / n if (folder / n).is_file() else None for n in ("difference.nii.gz", "case.json")]
+        optional = [folder / n if (folder / n).is_file() else None for n in corrected_case.OPTIONAL_FILES]
         cases.append(CaseFiles(folder.name, images, label, *optional))
     if not cases:
         raise DatasetError(f"{root}: no usable case folders exported from the AttnSeg module")
@@ -239,7 +241,7 @@ def detect_layout(root: Path) -> str:
     if any(re.match(r"subject-\d+-", p.name, re.IGNORECASE) for p in root.iterdir()):
         return "iseg"
     folders = _case_folders(root)
-    if folders and all((p / "label.nii.gz").is_file() for p in folders):
+    if folders and all(corrected_case.is_case_folder(p) for p in folders):
         return "corrected"
     if folders:
         return "brats"

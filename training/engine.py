@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from AttnSegLib import models
+from AttnSegLib.errors import AttnSegError
 from AttnSegLib.models import SegOutput
 from AttnSegLib.inference import Predictor, resolve_device
 from AttnSegLib.image import apply_umask
@@ -77,7 +78,7 @@ CHANGEABLE_ON_RESUME = ("name", "description", "output_dir", "training.iteration
                         "validation")
 
 
-class ResumeError(RuntimeError):
+class ResumeError(AttnSegError, RuntimeError):
     """A run cannot be resumed as asked; the message says why."""
 
 
@@ -426,7 +427,9 @@ class Trainer:
     def _mean_dice(self, cases: list[Case], desc: str) -> dict:
         """Mean foreground Dice of the network on ``cases`` (the product's Predictor): ``{"mean_dice",
         "dice": class -> Dice, "cases"}``."""
-        predictor = Predictor(self.network, card=self.card, device=str(self.device), with_maps=False)
+        # No out-of-memory fallback: validation never moves the network being trained (a CPU fallback
+        # would) nor validates with other settings than the card's; it fails with one clear line instead.
+        predictor = Predictor(self.network, card=self.card, device=str(self.device), with_maps=False, fallback=False)
         per_case = {}
         try:
             for case in tqdm(cases, desc=desc, leave=False, disable=not self.progress):

@@ -33,14 +33,15 @@ import SimpleITK as sitk
 from safetensors.torch import load_file
 
 from AttnSegLib import models
+from AttnSegLib.errors import AttnSegError
 from AttnSegLib.inference import Predictor
 from AttnSegLib.package import ModelPackage, PackageError, save_package
 
 from . import finetune
 from .calibrate import fit_on_cases
 from .card import model_card
-from .config import ConfigError, load_config, resolve_path
-from .data import DatasetError, find_cases
+from .config import load_config, resolve_path
+from .data import find_cases
 from .evaluate import evaluate_cases, summarize, summarize_error_detection
 from .statistics import measure
 
@@ -55,7 +56,7 @@ def compare_with_parent(network_predictor: Predictor, parent: ModelPackage, line
                         progress: bool) -> dict:
     """Both models on the parent's reference cases through the product path: the summary of the
     fine-tuned one with ``parent_mean_dice`` and ``difference`` (fine-tuned minus parent)."""
-    data = parent.card["training"]["config"]["data"]
+    data = parent.card.to_dict()["training"]["config"]["data"]
     names = set(lineage["reference_cases"])
     cases = [c for c in find_cases(data, resolve_path(data["root"])) if c.name in names]
     ours = summarize(evaluate_cases(network_predictor, cases, data, progress).scores, "reference")
@@ -166,14 +167,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         package = export_run(args.run, args.output, args.weights, args.name, args.device, force=args.force)
-    except (PackageError, ConfigError, DatasetError) as err:
+    except AttnSegError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    metrics = package.card["metrics"]
+    card, metrics = package.card, package.card.metrics
     size = sum(p.stat().st_size for p in Path(package.path).iterdir()) / 1e6
     print(f"wrote {package.path} ({size:.1f} MB, sha256 {package.sha256[:12]}...): validation mean Dice "
-          f"{metrics['mean_dice']:.4f} on {metrics['cases']} cases "
-          + ", ".join(f"{k} {v:.4f}" for k, v in metrics["dice"].items()))
+          f"{card.validation_dice:.4f} on {card.validation_cases} cases "
+          + ", ".join(f"{k} {v:.4f}" for k, v in card.per_class_dice().items()))
     if "reference" in metrics:
         reference = metrics["reference"]
         print(f"reference ({reference['cases']} validation cases of {reference['parent']}): mean Dice "

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from . import localise
+from .errors import AttnSegError
 from .image import ImageError, case_name, dicom_series, list_images, read_image, write_image
 from .package import PackageError, available_packages, default_package_name, load_package
 
@@ -34,7 +35,7 @@ MIN_FREE_BYTES = 64 * 2**20  # below this a disk is full for our purposes; refus
 _MODALITY_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<index>\d{4})$")
 
 
-class UsageError(Exception):
+class UsageError(AttnSegError):
     """A problem with the command line or the file system the user can fix."""
 
 
@@ -147,8 +148,10 @@ def _volumes_csv(case: str, volumetry: dict) -> str:
 
 
 def _volumes_line(result, volumetry: dict | None) -> str:
+    from .outputs import class_volumes_ml, volumes_text
+
     if volumetry is None:
-        return ", ".join(f"{k} {v:.2f} ml" for k, v in result.class_volumes_ml(result.class_names).items())
+        return volumes_text(class_volumes_ml(result.labels, result.classes))
     sides = [f"{side} {parts['total']:.2f} ml (" + ", ".join(f"{part.lower()} {ml:.2f}" for part, ml in parts.items()
                                                          if part != "total") + ")"
              for side, parts in volumetry.items() if side in ("Left", "Right")]
@@ -164,6 +167,8 @@ def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inpu
     ``report_extra``: more top-level entries for report.json (``refine`` adds its clicks);
     ``dicom_series_folder``: the source series of a DICOM Segmentation ``segmentation.dcm`` (``--dicom-seg``).
     """
+    from . import outputs
+
     volumetry = localise.volumetry(result.labels, result.classes)
     staging = Path(tempfile.mkdtemp(prefix=".attnseg-", dir=out))
     try:
@@ -189,22 +194,7 @@ def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inpu
 
             write_dicom_seg(result, package, dicom_series_folder, staging / "segmentation.dcm")
         timings["write"] = time.perf_counter() - t0
-        report = {
-            "inputs": [str(p) for p in inputs],
-            "timings_s": {k: round(v, 4) for k, v in timings.items()},
-            "total_s": round(sum(timings.values()), 4),
-            "provenance": result.provenance,
-            "package": {"name": package.name, "sha256": package.sha256, "path": str(package.path)},
-            "classes": result.classes,
-            "class_volumes_ml": result.class_volumes_ml(result.class_names),
-            "volumetry": volumetry,
-            "maps": {name: package.maps.get(name.split(".")[0], {}).get("meaning", "")
-                     if name != "uncertainty" else "normalised entropy of the class probabilities (0 certain, 1 maximal doubt)"
-                     for name in result.maps},
-            "difficulty_map": result.difficulty_name,
-            "notices": result.notices,
-            **(report_extra or {}),
-        }
+        report = outputs.report(result, package, inputs, timings, volumetry, report_extra)
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         with _interrupts_deferred():
             _swap_result_set(staging, out, overwrite)
@@ -383,7 +373,7 @@ def cmd_evaluate(args) -> int:
 
     pairs = _pairs(Path(args.prediction), Path(args.reference))
     if args.model:
-        classes = {c["value"]: c["name"] for c in load_package(args.model).classes if c["value"] != 0}
+        classes = {value: name for value, name in enumerate(load_package(args.model).card.class_names) if value}
     else:  # every class some reference holds, named by its value (read once more below: one case in memory)
         values = set()
         for _, ref_path in pairs.values():
@@ -443,18 +433,18 @@ def _fmt(value) -> str:
 # -- info ---------------------------------------------------------------------------------------
 def _package_description(package) -> list[str]:
     """What one package is, as lines: where it is, what it reads and writes, how it was made and scored."""
-    card, summary = package.card, package.summary()
-    arch = card["architecture"]
-    metrics, training = card.get("metrics") or {}, card.get("training") or {}
-    lines = [f"{package.name}  ({package.path})", f"  {summary['description']}",
+    card = package.card
+    metrics, training = card.metrics, card.training
+    spacing = list(card.spacing_xyz_mm) if card.spacing_xyz_mm else None
+    lines = [f"{package.name}  ({package.path})", f"  {card.description}",
              f"  weights sha256 {package.sha256}",
-             f"  architecture {arch['name']} {json.dumps(arch.get('kwargs', {}), sort_keys=True)}; patch "
-             f"{card['patch_size_dhw']} voxels at {card.get('spacing_xyz_mm')} mm, {card.get('orientation')}",
-             f"  modalities: {', '.join(summary['modalities'])}; classes: {', '.join(summary['classes'][1:])}; "
-             f"maps: {', '.join(summary['maps']) or '-'}"]
-    if "mean_dice" in metrics:
-        lines.append(f"  {metrics.get('split', 'validation')} mean Dice {metrics['mean_dice']:.4f} on "
-                     f"{metrics.get('cases')} cases")
+             f"  architecture {card.architecture} {json.dumps(card['architecture'].get('kwargs', {}), sort_keys=True)}; "
+             f"patch {list(card.patch_size_dhw)} voxels at {spacing} mm, {card.orientation}",
+             f"  modalities: {', '.join(card.modality_names)}; classes: {', '.join(card.class_names[1:])}; "
+             f"maps: {', '.join(sorted(card.maps)) or '-'}"]
+    if card.validation_dice is not None:
+        lines.append(f"  {card.validation_split} mean Dice {card.validation_dice:.4f} on "
+                     f"{card.validation_cases} cases")
     if "reference" in metrics:
         ref = metrics["reference"]
         lines.append(f"  reference mean Dice {ref['mean_dice']:.4f} on {ref['cases']} cases (parent "
@@ -475,7 +465,7 @@ def cmd_info(args) -> int:
 
     if args.model:  # one package, by name or path
         package = load_package(args.model)
-        print(json.dumps({**package.summary(), "card": package.card}, indent=2) if args.json
+        print(json.dumps({**package.summary(), "card": package.card.to_dict()}, indent=2) if args.json
               else "\n".join(_package_description(package)))
         return 0
     packages, problems = [], []
@@ -498,7 +488,7 @@ def cmd_info(args) -> int:
     print(f"AttnSeg {info['versions']['attnseg']} (torch {info['versions']['torch']}); devices: {', '.join(devices)}")
     for p in packages:
         star = "*" if p["name"] == default else " "
-        dice = p["metrics"].get("mean_dice")
+        dice = p["validation_dice"]
         print(f"{star} {p['name']:<28} {p['architecture']:<17} modalities: {', '.join(p['modalities'])}; "
               f"classes: {', '.join(p['classes'][1:])}; maps: {', '.join(p['maps']) or '-'}"
               + (f"; validation Dice {dice:.3f}" if dice is not None else ""))
@@ -559,7 +549,7 @@ def cmd_refine(args) -> int:
     report = json.loads((folder / "report.json").read_text())
     package = load_package(report["package"]["path"] if Path(report["package"]["path"]).exists()
                            else report["package"]["name"])
-    class_names = [c["name"] for c in package.classes]
+    class_names = package.card.class_names
     inputs = [Path(p) for p in args.input]
     images = [read_image(p) for p in inputs]
     if len(images) != len(package.modalities):
@@ -587,7 +577,7 @@ def cmd_refine(args) -> int:
     refiner = Refiner(method, refinement_package, device=str(resolve_device(args.device)))
     labels = probabilities.with_array(read_image(folder / "labels.nii.gz").array)
     current = Result(labels=labels, probabilities=probabilities, maps=maps,
-                     difficulty_name=report.get("difficulty_map", "uncertainty"), timings={},
+                     review_map_name=report.get("review_map", report.get("difficulty_map", "uncertainty")), timings={},
                      provenance=report.get("provenance", {}), notices=notices)
     result, refined = refiner.refine_result(images, current, clicks, history)
     all_clicks = history + clicks
@@ -709,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)  # a batch system's stop = Ctrl-C
     try:
         return args.func(args)
-    except (UsageError, ImageError, PackageError, ValueError) as err:
+    except AttnSegError as err:
         print(f"attnseg: error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (`attnseg info --json | head`): end quietly

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .errors import AttnSegError
+
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 _GZIP_CHUNK_BYTES = 1 << 23
@@ -39,7 +41,7 @@ _NRRD_HEADER_BYTES = 1 << 20
 _NIFTI_PAIR_SUFFIXES = (".hdr", ".hdr.gz", ".img", ".img.gz")
 
 
-class ImageError(ValueError):
+class ImageError(AttnSegError, ValueError):
     """An image cannot be used as given; the message names the problem and the fix."""
 
 

@@ -7,10 +7,12 @@ own maps, all blended with the same weights (without maps the network runs its `
 alone). Optional flip test-time augmentation (per window, all 8 axis flips), device ``auto|cpu|cuda|mps``,
 float16 autocast on CUDA, a progress callback (fraction, ETA, stage), a cancel
 flag checked between window batches, and an out-of-memory fallback (halve the window batch, then the
-CPU). Deterministic on the same device: no random ops, cuDNN autotuning off.
+CPU) that lasts for one call only: the Predictor keeps no state between calls. Deterministic on the
+same device: no random ops, cuDNN autotuning off (:func:`deterministic`, for the call's duration).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -24,6 +26,8 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from . import __version__
+from .card import UNCERTAINTY, ModelCard
+from .errors import InputError, OutOfMemory
 from .image import Image
 from .localise import (Box, LocalisationError, crop_images, cut, footprint, grid_in_box, localise_targets,
                        much_larger, plausible_volume, resample, sub_geometry, target_classes)
@@ -48,8 +52,7 @@ class Result:
 
     ``labels``: (D, H, W) uint8 (uint16 beyond 256 classes). ``probabilities``: (C, D, H, W) float32.
     ``maps``: name -> (D, H, W) float32 ("uncertainty" always; the model's own maps unless disabled).
-    ``difficulty_name``: the map doubtful regions are ranked by ("difficulty" when the model learns one,
-    else "uncertainty").
+    ``review_map_name``: the map doubtful regions are ranked by (the card's ``inference.review_map``).
     ``classes``: what each label value means (the card's classes, or for a localised whole head each
     target's copy of them, e.g. "Left anterior hippocampus" with its ``side`` and ``part``).
     """
@@ -57,7 +60,7 @@ class Result:
     labels: Image
     probabilities: Image
     maps: dict[str, Image]
-    difficulty_name: str
+    review_map_name: str
     timings: dict[str, float]
     provenance: dict
     notices: list[str] = field(default_factory=list)
@@ -67,10 +70,11 @@ class Result:
     def class_names(self) -> list[str]:
         return [c["name"] for c in self.classes]
 
-    def class_volumes_ml(self, class_names: list[str]) -> dict[str, float]:
-        counts = np.bincount(self.labels.array.ravel(), minlength=len(class_names))
-        voxel = self.labels.geometry.voxel_volume_ml
-        return {name: round(float(counts[i]) * voxel, 4) for i, name in enumerate(class_names) if i > 0}
+    def class_volumes_ml(self, class_names: list[str] | None = None) -> dict[str, float]:
+        """Foreground class name -> volume in ml (see :func:`AttnSegLib.outputs.class_volumes_ml`)."""
+        from .outputs import class_volumes_ml
+
+        return class_volumes_ml(self.labels, self.classes)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -82,11 +86,11 @@ def resolve_device(device: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
+        raise InputError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("device 'mps' was asked for but Apple MPS is not available; use --device cpu or auto")
+        raise InputError("device 'mps' was asked for but Apple MPS is not available; use --device cpu or auto")
     if device not in ("cpu", "mps") and not device.startswith("cuda"):
-        raise ValueError(f"unknown device {device!r}; choose auto, cpu, cuda or mps")
+        raise InputError(f"unknown device {device!r}; choose auto, cpu, cuda or mps")
     return torch.device(device)
 
 
@@ -165,10 +169,46 @@ class _WindowRunner:
         return {k: v / len(self.flips) for k, v in summed.items()}
 
 
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    return " ".join(str(err).split())[:limit]
+
+
 def _is_out_of_memory(err: RuntimeError) -> bool:
     """CUDA raises ``torch.OutOfMemoryError``; the CPU and MPS allocators raise a plain RuntimeError."""
     return isinstance(err, torch.OutOfMemoryError) or any(
         text in str(err) for text in ("out of memory", "can't allocate memory", "not enough memory", "Seems to be OOM"))
+
+
+@contextlib.contextmanager
+def deterministic(device: torch.device):
+    """Within the block, cuDNN picks the same algorithms every time (no autotuning, deterministic
+    kernels) on ``device``; the previous global settings come back afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    previous = cudnn.benchmark, cudnn.deterministic
+    cudnn.benchmark, cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = previous
+
+
+@dataclass
+class _Run:
+    """What one :meth:`Predictor.predict` call adjusted for itself: the window batch and device an
+    out-of-memory fallback settled on, and the notices saying so. Made fresh for every call, so nothing
+    carries over to the next."""
+
+    device: torch.device
+    batch_size: int
+    half: bool
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def autocast_dtype(self):
+        return torch.float16 if (self.half and self.device.type == "cuda") else None
 
 
 def label_dtype(classes: int) -> np.dtype:
@@ -189,81 +229,93 @@ def _argmax_labels(probabilities: np.ndarray, slab: int = 8) -> np.ndarray:
 class Predictor:
     """``Predictor(package)`` or ``Predictor(network, card=card)``; then :meth:`predict`.
 
-    ``overlap`` and ``batch_size`` default to the card's ``inference`` section (0.5 and 2); with
-    ``tta`` the windows are averaged over mirrorings along the card's ``inference.tta_flip_axes``
-    (default all three: 8 passes). ``localise=False`` segments every input whole, even one much larger
-    than the card's ``inference.training_field_of_view_mm`` (speed baselines only: such an answer is
-    meaningless).
+    ``overlap`` and ``batch_size`` default to the card's ``inference`` section; with ``tta`` the windows
+    are averaged over mirrorings along the card's ``inference.tta_flip_axes``. ``localise=False``
+    segments every input whole, even one much larger than the card's training field of view (speed
+    baselines only: such an answer is meaningless). ``fallback=False``: an out-of-memory error is raised
+    (:class:`~AttnSegLib.errors.OutOfMemory`) instead of retrying with fewer windows or on the CPU
+    (validation during training, whose network must stay where it is).
+
+    The settings here never change: an out-of-memory fallback lasts for the call that needed it
+    (its window batch, device and notices live in that call's :class:`_Run`).
     """
 
-    def __init__(self, model: ModelPackage | torch.nn.Module, card: dict | None = None,
+    def __init__(self, model: ModelPackage | torch.nn.Module, card: ModelCard | dict | None = None,
                  device: str = "auto", tta: bool = False, with_maps: bool = True,
                  overlap: float | None = None, batch_size: int | None = None, half: bool | None = None,
-                 localise: bool = True):
+                 localise: bool = True, fallback: bool = True):
         if isinstance(model, ModelPackage):
             self.package, self.card, network = model, model.card, model.build_network()
         else:
             if card is None:
-                raise ValueError("Predictor(network) needs the model card (card=...)")
-            self.package, self.card, network = None, card, model
-        settings = self.card.get("inference", {})
+                raise TypeError("Predictor(network) needs the model card (card=...)")
+            self.package, self.card, network = None, ModelCard.parse(card, saved=False), model
+        settings = self.card.inference
         self.device = resolve_device(device)
         self.network = network.eval().to(self.device)
-        self.tta, self.with_maps, self.localise = tta, with_maps, localise
-        self.flips = flip_combinations(settings.get("tta_flip_axes", (0, 1, 2))) if tta else [()]
-        self.overlap = float(overlap if overlap is not None else settings.get("overlap", 0.5))
-        self.batch_size = int(batch_size if batch_size is not None else settings.get("batch_size", 2))
+        self.tta, self.with_maps, self.localise, self.fallback = tta, with_maps, localise, fallback
+        self.flips = flip_combinations(settings.tta_flip_axes) if tta else [()]
+        self.overlap = float(overlap if overlap is not None else settings.overlap)
+        self.batch_size = int(batch_size if batch_size is not None else settings.batch_size)
         if not 0 <= self.overlap < 1:
-            raise ValueError(f"window overlap must be at least 0 and below 1, got {self.overlap}; 0.5 is usual")
+            raise InputError(f"window overlap must be at least 0 and below 1, got {self.overlap}; 0.5 is usual")
         if self.batch_size < 1:
-            raise ValueError(f"the window batch size must be at least 1, got {self.batch_size}")
+            raise InputError(f"the window batch size must be at least 1, got {self.batch_size}")
         self.half = (self.device.type == "cuda") if half is None else half
-        self.patch_size = tuple(self.card["patch_size_dhw"])
-        self.class_names = [c["name"] for c in self.card["classes"]]
-        self.notices: list[str] = []
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
+        self.patch_size = tuple(self.card.patch_size_dhw)
+        self.class_names = self.card.class_names
+
+    def _new_run(self) -> _Run:
+        return _Run(self.device, self.batch_size, self.half)
 
     # -- model frame -------------------------------------------------------------------------
-    def _sliding_window(self, x: torch.Tensor, progress, cancel) -> dict[str, torch.Tensor]:
-        while True:
-            runner = _WindowRunner(
-                self.network, self.flips, self.with_maps,
-                torch.float16 if (self.half and self.device.type == "cuda") else None,
-                count_windows(x.shape[2:], self.patch_size, self.overlap), progress, cancel,
-                float(self.card.get("inference", {}).get("temperature", 1.0)))
-            try:
-                with torch.inference_mode():
-                    return sliding_window_inference(
-                        x.to(self.device), self.patch_size, self.batch_size, runner, self.overlap,
-                        mode="gaussian", padding_mode="constant", cval=float(x.min()),
-                        device=torch.device("cpu"))
-            except RuntimeError as err:  # torch.OutOfMemoryError is one
-                if not _is_out_of_memory(err):
-                    raise
-                self._fall_back()
+    def _sliding_window(self, x: torch.Tensor, progress, cancel, run: _Run) -> dict[str, torch.Tensor]:
+        try:
+            while True:
+                runner = _WindowRunner(
+                    self.network, self.flips, self.with_maps, run.autocast_dtype,
+                    count_windows(x.shape[2:], self.patch_size, self.overlap), progress, cancel,
+                    self.card.inference.temperature)
+                try:
+                    with torch.inference_mode(), deterministic(run.device):
+                        return sliding_window_inference(
+                            x.to(run.device), self.patch_size, run.batch_size, runner, self.overlap,
+                            mode="gaussian", padding_mode="constant", cval=float(x.min()),
+                            device=torch.device("cpu"))
+                except RuntimeError as err:  # torch.OutOfMemoryError is one
+                    if not _is_out_of_memory(err):
+                        raise
+                    self._fall_back(run, err)
+        finally:
+            if run.device != self.device:  # the CPU fallback of this run: the network goes back
+                self.network.to(self.device)
 
-    def _fall_back(self) -> None:
-        """Out of memory: halve the window batch; at a batch of one, move to the CPU."""
-        if self.device.type == "cuda":
+    def _fall_back(self, run: _Run, err: RuntimeError) -> None:
+        """Out of memory: halve this run's window batch; at a batch of one, move it to the CPU."""
+        if run.device.type == "cuda":
             torch.cuda.empty_cache()
-        if self.batch_size > 1:
-            self.batch_size //= 2
-            self.notices.append(f"out of memory on {self.device}; retrying with {self.batch_size} window(s) per batch")
-        elif self.device.type != "cpu":
-            self.notices.append(f"out of memory on {self.device} with one window; falling back to the CPU")
-            self.device, self.half = torch.device("cpu"), False
-            self.network = self.network.to(self.device)
+        if not self.fallback:
+            raise OutOfMemory(f"out of memory on {run.device} with {run.batch_size} window(s) per batch "
+                              f"({_one_line(err)}); lower the window batch or the patch size") from None
+        if run.batch_size > 1:
+            run.batch_size //= 2
+            run.notices.append(f"out of memory on {run.device}; retrying with {run.batch_size} window(s) per batch")
+        elif run.device.type != "cpu":
+            run.notices.append(f"out of memory on {run.device} with one window; falling back to the CPU")
+            run.device, run.half = torch.device("cpu"), False
+            self.network.to(run.device)
         else:
-            raise MemoryError("out of memory on the CPU with one window at a time; close other programs or "
+            raise OutOfMemory("out of memory on the CPU with one window at a time; close other programs or "
                               "use a smaller volume")
 
     def predict_array(self, x: np.ndarray, progress: ProgressCallback | None = None,
                       cancel: CancelFlag | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(M, D, H, W) normalised, in the model frame -> ((C, D, H, W) probabilities, name -> (K, D, H, W))."""
+        return self._predict_array(x, progress, cancel, self._new_run())
+
+    def _predict_array(self, x: np.ndarray, progress, cancel, run: _Run):
         tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
-        out = self._sliding_window(tensor, progress, cancel)
+        out = self._sliding_window(tensor, progress, cancel, run)
         probabilities = out.pop("probabilities")[0].numpy()
         maps = {key.removeprefix("map:"): value[0].numpy() for key, value in out.items()}
         return probabilities, maps
@@ -278,37 +330,36 @@ class Predictor:
         card's ``inference.localisation`` says (:mod:`AttnSegLib.localise`), or refused with
         :class:`LocalisationError` when the card gives no way.
         """
-        settings = self.card.get("inference", {})
-        field_of_view = settings.get("training_field_of_view_mm")
-        if len(images) != len(self.card["modalities"]):
-            return self._predict_grid(images, progress, cancel)  # which refuses with the usual message
+        settings, run = self.card.inference, self._new_run()
+        field_of_view = settings.training_field_of_view_mm
+        if len(images) != len(self.card.modalities):
+            return self._predict_grid(images, progress, cancel, run)  # which refuses with the usual message
         if roi is not None:
-            return self._predict_roi(images, roi, progress, cancel)
+            return self._predict_roi(images, roi, progress, cancel, run)
         if not (self.localise and field_of_view and much_larger(images[0].geometry, field_of_view)):
-            return self._predict_grid(images, progress, cancel)
-        localisation = settings.get("localisation")
-        if not localisation:
+            return self._predict_grid(images, progress, cancel, run)
+        if not settings.localisation:
             extent = " x ".join(f"{e:.0f}" for e in np.asarray(images[0].geometry.size) * images[0].geometry.spacing)
             raise LocalisationError(
                 f"the image ({extent} mm) is much larger than the {' x '.join(f'{v:g}' for v in field_of_view)} mm "
-                f"field of view model {self.card['name']!r} was trained on, and its card says no way to localise "
+                f"field of view model {self.card.name!r} was trained on, and its card says no way to localise "
                 "the structure; give the region with --roi CX,CY,CZ,SX,SY,SZ (LPS mm) or crop the image")
-        return self._predict_localised(images, progress, cancel)
+        return self._predict_localised(images, progress, cancel, run)
 
-    def _predict_localised(self, images: list[Image], progress, cancel) -> Result:
+    def _predict_localised(self, images: list[Image], progress, cancel, run: _Run) -> Result:
         """Register the template, segment one crop per target, bring every crop back (see localise.py)."""
         timings: dict[str, float] = {"localise": 0.0, "preprocess": 0.0, "predict": 0.0, "postprocess": 0.0}
         t0 = time.perf_counter()
         if progress is not None:
             progress(0.0, None, "localise")
-        images, notices = align_modalities(images, [m["name"] for m in self.card["modalities"]])
+        images, notices = align_modalities(images, self.card.modality_names)
         registration, placed = localise_targets(images[0], self.card)
         targets = [target for target, _ in placed]
-        classes = target_classes(self.card["classes"], targets)
+        classes = target_classes(self.card.class_dicts, targets)
         geometry = images[0].geometry
-        spacing = self.card.get("spacing_xyz_mm") or geometry.spacing
+        spacing = self.card.spacing_xyz_mm or geometry.spacing
         timings["localise"] = time.perf_counter() - t0
-        parts = len(self.card["classes"]) - 1
+        parts = len(self.card.classes) - 1
         shape = tuple(reversed(geometry.size))
         foreground = np.zeros((len(classes) - 1,) + shape, dtype=np.float32)
         maps: dict[str, np.ndarray] = {}
@@ -324,7 +375,7 @@ class Predictor:
             timings["localise"] += time.perf_counter() - t0
             step = None if progress is None else (
                 lambda f, eta, stage, n=n: progress((n + f) / len(targets), None, f"{target.name}: {stage}"))
-            result = self._predict_grid(crop, step, cancel)
+            result = self._predict_grid(crop, step, cancel, run)
             for stage in ("preprocess", "predict", "postprocess"):
                 timings[stage] += result.timings[stage]
             volume = plausible_volume(result.labels.array, grid.voxel_volume_ml, target)
@@ -336,7 +387,7 @@ class Predictor:
             for name, image in result.maps.items():
                 on_grid = maps.setdefault(name, np.zeros(shape, dtype=np.float32))
                 np.maximum(on_grid[index], resample(image, region, 0.0), out=on_grid[index])
-            notices += [f"{target.name}: {text}" for text in result.notices]
+            notices += [f"{target.name}: {text}" for text in result.notices if text not in run.notices]
             boxes[target.name] = {**box.as_dict(), "crop_volume_ml": round(volume, 3)}
             timings["postprocess"] += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -346,15 +397,16 @@ class Predictor:
         np.clip(1.0 - probabilities[1:].sum(axis=0), 0.0, 1.0, out=probabilities[0])
         labels = _argmax_labels(probabilities)
         timings["postprocess"] += time.perf_counter() - t0
-        provenance = {**self.provenance(), "localisation": {**registration.as_dict(), "targets": boxes}}
+        provenance = {**self.provenance(run), "localisation": {**registration.as_dict(), "targets": boxes}}
         image_maps = {name: Image(values, geometry) for name, values in maps.items()}
         return Result(Image(labels, geometry), Image(probabilities, geometry), image_maps,
-                      self.review_map_name(image_maps), timings, provenance, list(dict.fromkeys(notices)), classes)
+                      self.review_map_name(image_maps), timings, provenance,
+                      list(dict.fromkeys(notices + run.notices)), classes)
 
-    def _predict_roi(self, images: list[Image], roi: Box, progress, cancel) -> Result:
+    def _predict_roi(self, images: list[Image], roi: Box, progress, cancel, run: _Run) -> Result:
         """Segment the part of the input inside ``roi`` (cut on its own grid, no interpolation); background
         elsewhere."""
-        images, notices = align_modalities(images, [m["name"] for m in self.card["modalities"]])
+        images, notices = align_modalities(images, self.card.modality_names)
         geometry = images[0].geometry
         index = footprint(roi.corners(), geometry)
         if index is None:
@@ -363,7 +415,7 @@ class Predictor:
                 f"the ROI (centre {', '.join(f'{c:g}' for c in roi.centre)} mm LPS) lies outside the image, which "
                 f"spans {', '.join(f'{a:.0f}..{b:.0f}' for a, b in zip(corners.min(0), corners.max(0)))} mm (LPS x, y, z); "
                 "give the centre in the image's LPS coordinates")
-        result = self._predict_grid(cut(images, index), progress, cancel)
+        result = self._predict_grid(cut(images, index), progress, cancel, run)
         t0 = time.perf_counter()
         shape = tuple(reversed(geometry.size))
         labels = np.zeros(shape, dtype=result.labels.array.dtype)
@@ -378,22 +430,22 @@ class Predictor:
         result.timings["postprocess"] += time.perf_counter() - t0
         provenance = {**result.provenance, "roi": roi.as_dict()}
         return Result(Image(labels, geometry), Image(probabilities, geometry),
-                      {name: Image(values, geometry) for name, values in maps.items()}, result.difficulty_name,
+                      {name: Image(values, geometry) for name, values in maps.items()}, result.review_map_name,
                       result.timings, provenance, notices + result.notices, result.classes)
 
-    def _predict_grid(self, images: list[Image], progress: ProgressCallback | None = None,
-                      cancel: CancelFlag | None = None) -> Result:
+    def _predict_grid(self, images: list[Image], progress: ProgressCallback | None, cancel: CancelFlag | None,
+                      run: _Run) -> Result:
         """The whole input, as given, through the model frame and back."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        prepared = to_model_frame(images, self.card["modalities"], self.card.get("spacing_xyz_mm"),
-                                  self.card.get("orientation"), self.card.get("crop_to_nonzero", False),
-                                  self.card.get("input_statistics"))
+        card = self.card
+        prepared = to_model_frame(images, card.modality_dicts, card.spacing_xyz_mm, card.orientation,
+                                  card.crop_to_nonzero, card.input_statistics)
         timings["preprocess"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         model_input, prepared.array = prepared.array, None  # freed once predicted: postprocessing never needs it
-        probabilities, raw_maps = self.predict_array(model_input, progress, cancel)
+        probabilities, raw_maps = self._predict_array(model_input, progress, cancel, run)
         del model_input
         timings["predict"] = time.perf_counter() - t0
         if cancel is not None and cancel.is_set():
@@ -408,7 +460,7 @@ class Predictor:
         del probabilities  # the model-frame copy, when the input grid differs
         labels = _argmax_labels(probs_grid)
         geometry = prepared.input_geometry
-        maps = {"uncertainty": Image(normalized_entropy(probs_grid), geometry)}
+        maps = {UNCERTAINTY: Image(normalized_entropy(probs_grid), geometry)}
         class_channel = set(getattr(self.network, "class_channel_maps", ()))
         tokens = [volume_name(n) for n in self.class_names]
         for name in list(raw_maps):
@@ -420,31 +472,33 @@ class Predictor:
             labels=Image(labels, geometry),
             probabilities=Image(probs_grid.astype(np.float32, copy=False), geometry),
             maps=maps,
-            difficulty_name=self.review_map_name(maps),
+            review_map_name=self.review_map_name(maps),
             timings=timings,
-            provenance=self.provenance(),
-            notices=prepared.notices + self.notices,
-            classes=[dict(c) for c in self.card["classes"]],
+            provenance=self.provenance(run),
+            notices=prepared.notices + run.notices,
+            classes=card.class_dicts,
         )
 
     def review_map_name(self, maps: dict) -> str:
         """The map that ranks doubtful regions: the card's ``inference.review_map`` (chosen at export as
         the map that found the validation errors best), else ``difficulty`` when the model has one, else
         ``uncertainty``."""
-        chosen = self.card.get("inference", {}).get("review_map")
+        chosen = self.card.inference.review_map
         if chosen in maps:
             return chosen
-        return "difficulty" if "difficulty" in maps else "uncertainty"
+        return "difficulty" if "difficulty" in maps else UNCERTAINTY
 
-    def provenance(self) -> dict:
+    def provenance(self, run: _Run | None = None) -> dict:
+        """How a result was made: the model, the settings, and what ``run`` (default: none yet) used."""
+        run = run or self._new_run()
         return {
-            "model": self.card["name"],
-            "architecture": self.card["architecture"]["name"],
-            "weights_sha256": self.card.get("weights_sha256"),
+            "model": self.card.name,
+            "architecture": self.card.architecture,
+            "weights_sha256": self.card.weights_sha256 or None,
             "package_path": str(self.package.path) if self.package else None,
-            "device": str(self.device),
-            "half_precision": bool(self.half and self.device.type == "cuda"),
-            "tta": self.tta, "tta_flips": len(self.flips), "overlap": self.overlap, "window_batch": self.batch_size,
+            "device": str(run.device),
+            "half_precision": run.autocast_dtype is not None,
+            "tta": self.tta, "tta_flips": len(self.flips), "overlap": self.overlap, "window_batch": run.batch_size,
             "patch_size_dhw": list(self.patch_size),
             "versions": versions(),
         }

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
-import math
 import os
 import zipfile
 import zlib
@@ -26,31 +25,17 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from . import models
+from .card import SCHEMA_VERSION, ModelCard
+# The card's schema lives in .card; these names stay importable from here, where they were defined before.
+from .card import CARD_FILE, MAX_CLASSES, PackageError, validate_card  # noqa: F401
 from .image import apply_umask
-from .localise import METHOD as LOCALISATION_METHOD
-from .localise import TARGETS as LOCALISATION_TARGETS
-from .preprocess import NORMALISATIONS
 
-SCHEMA_VERSION = 1
-CARD_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
-REQUIRED_KEYS = ("schema_version", "name", "architecture", "modalities", "classes", "patch_size_dhw",
-                 "weights_sha256")
 MAX_ZIP_BYTES = 512 * 1024 * 1024
-MAX_PATCH_SIDE = 1024
-MAX_PATCH_VOXELS = 256**3  # a window's activations grow with its voxels; nnU-Net's largest 3D patches are ~2e6
-SPACING_RANGE_MM = (0.01, 50.0)  # voxel sides of medical volumes; outside it the card's units are wrong
-MAX_WINDOW_BATCH = 512
-MAX_CLASSES = 2**16  # label maps are written as uint8 up to 256 classes, uint16 up to 65536
-_ORIENTATION_AXES = ({"R", "L"}, {"A", "P"}, {"S", "I"})
 # What a damaged or hostile zip can raise while being listed or read.
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, lzma.LZMAError, EOFError,
                NotImplementedError, RuntimeError, OSError, ValueError, OverflowError, KeyError)
 DEFAULT_FILE = "default.txt"
-
-
-class PackageError(ValueError):
-    """A model package cannot be used; the message says which and why."""
 
 
 def _shipped_models_dirs() -> list[Path]:
@@ -68,30 +53,32 @@ def search_dirs() -> list[Path]:
 
 @dataclass
 class ModelPackage:
-    """A validated package. ``card``: the parsed model.json; ``weights``: name -> tensor (CPU)."""
+    """A validated package. ``card``: the parsed model.json (:class:`~AttnSegLib.card.ModelCard`);
+    ``weights``: name -> tensor (CPU)."""
 
     path: Path
-    card: dict
+    card: ModelCard
     weights: dict[str, torch.Tensor]
 
     @property
     def name(self) -> str:
-        return self.card["name"]
+        return self.card.name
 
     @property
     def sha256(self) -> str:
-        return self.card["weights_sha256"]
+        return self.card.weights_sha256
 
     @property
     def classes(self) -> list[dict]:
-        return self.card["classes"]
+        return self.card.class_dicts
 
     @property
     def modalities(self) -> list[dict]:
-        return self.card["modalities"]
+        return self.card.modality_dicts
 
     @property
     def maps(self) -> dict[str, dict]:
+        """The card's ``maps`` section as JSON data (name -> {meaning, read, ...})."""
         return self.card.get("maps", {})
 
     def build_network(self) -> torch.nn.Module:
@@ -101,26 +88,27 @@ class ModelPackage:
         return network.eval()
 
     def summary(self) -> dict:
+        card = self.card
         return {
-            "name": self.name, "path": str(self.path), "architecture": self.card["architecture"]["name"],
-            "description": self.card.get("description", ""),
-            "modalities": [m["name"] for m in self.modalities],
-            "classes": [c["name"] for c in self.classes],
-            "maps": sorted(self.maps), "metrics": self.card.get("metrics", {}), "sha256": self.sha256,
+            "name": self.name, "path": str(self.path), "architecture": card.architecture,
+            "description": card.description, "modalities": card.modality_names, "classes": card.class_names,
+            "maps": sorted(card.maps), "metrics": card.get("metrics", {}), "validation_dice": card.validation_dice,
+            "sha256": self.sha256,
         }
 
 
-def build_from_card(card: dict, where: str = "model card", device: str | torch.device = "cpu") -> torch.nn.Module:
+def build_from_card(card: ModelCard | dict, where: str = "model card",
+                    device: str | torch.device = "cpu") -> torch.nn.Module:
     """The card's architecture; on ``device="meta"`` only its tensor shapes exist (no memory, no init)."""
-    arch = card["architecture"]
+    card = ModelCard.parse(card, where, saved=False)
     try:
         with torch.device(device):
-            return models.build(arch["name"], in_channels=len(card["modalities"]),
-                                num_classes=len(card["classes"]), **arch.get("kwargs", {}))
+            return models.build(card.architecture, in_channels=len(card.modalities),
+                                num_classes=len(card.classes), **card.architecture_kwargs)
     except models.UnknownArchitectureError as err:
         raise PackageError(f"{where}: {err}; update AttnSeg or use a package built for this version") from None
     except Exception as err:  # the card is untrusted input to the constructor: any failure is the card's
-        raise PackageError(f"{where}: architecture {arch['name']!r} cannot be built from the card's kwargs "
+        raise PackageError(f"{where}: architecture {card.architecture!r} cannot be built from the card's kwargs "
                            f"({type(err).__name__}: {_one_line(err)})") from None
 
 
@@ -148,104 +136,6 @@ def _check_shapes(network: torch.nn.Module, weights: dict[str, torch.Tensor], wh
 def _one_line(err: BaseException, limit: int = 200) -> str:
     """An exception's text as one short line (library messages may span lines or quote huge input)."""
     return " ".join(str(err).split())[:limit]
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_orientation(value) -> bool:
-    return (isinstance(value, str) and len(value) == 3
-            and all(sum(letter in axis for letter in value) == 1 for axis in _ORIENTATION_AXES))
-
-
-def _is_color(value) -> bool:
-    return isinstance(value, list) and len(value) == 3 and all(_is_int(v) and 0 <= v <= 255 for v in value)
-
-
-def validate_card(card: dict, where: str) -> None:
-    """Check every card field the engine reads, so a bad card fails here and not mid-prediction."""
-    def require(condition: bool, message: str) -> None:
-        if not condition:
-            raise PackageError(f"{where}: {message}")
-
-    require(isinstance(card, dict), f"{CARD_FILE} must hold a JSON object")
-    missing = [k for k in REQUIRED_KEYS if k not in card]
-    require(not missing, f"{CARD_FILE} lacks required key(s) {', '.join(missing)}")
-    require(card["schema_version"] == SCHEMA_VERSION,
-            f"schema version {card['schema_version']!r} is not supported (this AttnSeg reads version "
-            f"{SCHEMA_VERSION}); re-export the package")
-    require(isinstance(card["name"], str) and card["name"].strip() != "", "'name' must be a non-empty string")
-    arch = card["architecture"]
-    require(isinstance(arch, dict) and isinstance(arch.get("name"), str)
-            and isinstance(arch.get("kwargs", {}), dict),
-            "'architecture' must be an object with a 'name' string and optional 'kwargs' object")
-    modalities = card["modalities"]
-    require(isinstance(modalities, list) and modalities != []
-            and all(isinstance(m, dict) and isinstance(m.get("name"), str) for m in modalities),
-            "'modalities' must be a non-empty list of objects with a 'name'")
-    unknown = [repr(m["normalization"]) for m in modalities if m.get("normalization", "zscore") not in NORMALISATIONS]
-    require(not unknown, f"unknown normalisation {', '.join(unknown)} in 'modalities'; known: {', '.join(NORMALISATIONS)}")
-    classes = card["classes"]
-    require(isinstance(classes, list) and 2 <= len(classes) <= MAX_CLASSES
-            and all(isinstance(c, dict) and _is_int(c.get("value")) and isinstance(c.get("name"), str) for c in classes)
-            and [c["value"] for c in classes] == list(range(len(classes))),
-            f"'classes' must list 2 to {MAX_CLASSES} objects with a 'name' and values 0..C-1 in order "
-            "(background first)")
-    require(all(_is_color(c.get("color", [0, 0, 0])) for c in classes),
-            "a class 'color' must be three integers from 0 to 255")
-    patch = card["patch_size_dhw"]
-    require(isinstance(patch, list) and len(patch) == 3 and all(_is_int(p) and 0 < p <= MAX_PATCH_SIDE for p in patch),
-            f"'patch_size_dhw' must be three integers from 1 to {MAX_PATCH_SIDE}")
-    require(math.prod(patch) <= MAX_PATCH_VOXELS,
-            f"'patch_size_dhw' {patch} holds {math.prod(patch)} voxels, more than the {MAX_PATCH_VOXELS} (256^3) "
-            "a window can have")
-    spacing = card.get("spacing_xyz_mm")
-    low, high = SPACING_RANGE_MM
-    require(spacing is None or (isinstance(spacing, list) and len(spacing) == 3
-                                and all(_is_number(v) and low <= v <= high for v in spacing)),
-            f"'spacing_xyz_mm' must be null or three numbers from {low} to {high} (mm), not {spacing!r:.80}")
-    require(card.get("orientation") is None or _is_orientation(card["orientation"]),
-            f"'orientation' must be null or three letters such as 'RAS' (one of R/L, A/P, S/I each), "
-            f"not {card.get('orientation')!r}")
-    require(isinstance(card.get("crop_to_nonzero", False), bool), "'crop_to_nonzero' must be true or false")
-    settings = card.get("inference", {})
-    require(isinstance(settings, dict), "'inference' must be an object")
-    require(_is_number(settings.get("overlap", 0.5)) and 0 <= settings.get("overlap", 0.5) < 1,
-            "'inference.overlap' must be a number from 0 to below 1")
-    require(_is_int(settings.get("batch_size", 2)) and 1 <= settings.get("batch_size", 2) <= MAX_WINDOW_BATCH,
-            f"'inference.batch_size' must be an integer from 1 to {MAX_WINDOW_BATCH}")
-    axes = settings.get("tta_flip_axes", [0, 1, 2])
-    require(isinstance(axes, list) and all(_is_int(a) and 0 <= a <= 2 for a in axes) and len(set(axes)) == len(axes),
-            "'inference.tta_flip_axes' must list distinct axes among 0, 1, 2")
-    temperature = settings.get("temperature", 1.0)
-    require(_is_number(temperature) and 0.05 <= temperature <= 20,
-            f"'inference.temperature' must be a number from 0.05 to 20 (the logits' calibration scale, 1 = none), "
-            f"not {temperature!r}")
-    field_of_view = settings.get("training_field_of_view_mm")
-    require(field_of_view is None or (isinstance(field_of_view, list) and len(field_of_view) == 3
-                                      and all(_is_number(v) and v > 0 for v in field_of_view)),
-            "'inference.training_field_of_view_mm' must be null or three positive numbers (x, y, z mm)")
-    localisation = settings.get("localisation")
-    require(localisation is None or (isinstance(localisation, dict)
-                                     and localisation.get("method") == LOCALISATION_METHOD
-                                     and isinstance(localisation.get("targets"), list) and localisation["targets"]
-                                     and all(t in LOCALISATION_TARGETS for t in localisation["targets"])),
-            f"'inference.localisation' must be null or {{\"method\": \"{LOCALISATION_METHOD}\", \"targets\": [...]}} "
-            f"with targets among {', '.join(LOCALISATION_TARGETS)}")
-    require(localisation is None or field_of_view is not None,
-            "'inference.localisation' needs 'inference.training_field_of_view_mm' (what to localise to)")
-    maps = card.get("maps", {})
-    require(isinstance(maps, dict) and all(isinstance(v, dict) for v in maps.values()),
-            "'maps' must be an object of map name -> {meaning, read}")
-    review = settings.get("review_map", "uncertainty")
-    require(review == "uncertainty" or review in maps,
-            f"'inference.review_map' must be 'uncertainty' or one of the card's maps, not {review!r}")
-    require(isinstance(card["weights_sha256"], str), "'weights_sha256' must be a hex string")
 
 
 def _read_zip(path: Path) -> tuple[bytes, bytes]:
@@ -307,11 +197,11 @@ def load_package(name_or_path: str | os.PathLike) -> ModelPackage:
         card = json.loads(card_bytes)
     except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, absurd numbers or nesting
         raise PackageError(f"{path}: {CARD_FILE} is not valid JSON ({_one_line(err)})") from None
-    validate_card(card, str(path))
+    card = ModelCard.parse(card, str(path))
     digest = hashlib.sha256(weight_bytes).hexdigest()
-    if digest != card["weights_sha256"]:
+    if digest != card.weights_sha256:
         raise PackageError(f"{path}: weights sha256 {digest[:12]}... does not match the card's "
-                           f"{str(card['weights_sha256'])[:12]}...; the file was altered or damaged")
+                           f"{card.weights_sha256[:12]}...; the file was altered or damaged")
     try:
         weights = load_safetensors(weight_bytes)
     except (SafetensorError, ValueError) as err:
@@ -319,14 +209,16 @@ def load_package(name_or_path: str | os.PathLike) -> ModelPackage:
     # Shapes are checked on the meta device: a hostile card cannot make us allocate a huge network.
     network = build_from_card(card, str(path), device="meta")
     _check_shapes(network, weights, str(path))
-    if any(side % network.divisor for side in card["patch_size_dhw"]):
-        raise PackageError(f"{path}: 'patch_size_dhw' {card['patch_size_dhw']} must be multiples of "
-                           f"{network.divisor} for architecture {card['architecture']['name']!r}")
+    if any(side % network.divisor for side in card.patch_size_dhw):
+        raise PackageError(f"{path}: 'patch_size_dhw' {list(card.patch_size_dhw)} must be multiples of "
+                           f"{network.divisor} for architecture {card.architecture!r}")
     return ModelPackage(path, card, weights)
 
 
-def save_package(out_dir: str | os.PathLike, card: dict, state_dict: dict[str, torch.Tensor]) -> ModelPackage:
+def save_package(out_dir: str | os.PathLike, card: ModelCard | dict,
+                 state_dict: dict[str, torch.Tensor]) -> ModelPackage:
     """Write ``card`` (completed with schema version and weights hash) and the weights; reload to check."""
+    card = card.to_dict() if isinstance(card, ModelCard) else card
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from .errors import AttnSegError
 from .image import Geometry, Image
 from .inference import Result
 from .maps import normalized_entropy
@@ -52,7 +53,7 @@ PURPOSE = "refinement"  # the card key "purpose" of a refinement package
 REFINEMENT_DIR = "refinement"
 
 
-class ClickError(ValueError):
+class ClickError(AttnSegError, ValueError):
     """A click cannot be used (outside the image, unknown class, malformed); the message says why."""
 
 

@@ -1,4 +1,4 @@
-"""A picture of a segmentation under review, drawn from the MRML nodes :class:`AttnSegLogic` made:
+"""A picture of a segmentation under review, drawn from the MRML nodes :class:`SceneLogic` made:
 axial, coronal and sagittal slices through the most doubtful region, each with the segment outlines and
 one map as a coloured overlay, and the map's colour bar. For the README and the extension's screenshot.
 
@@ -17,7 +17,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .image import Image
-from .slicer_logic import AttnSegLogic, colorScale, imageFromVolumeNode, newScene
+from .mrml import colorScale, imageFromVolumeNode, newScene
+from .slicer_logic import SceneLogic
 
 # DICOMOrient to this code puts voxel axes i, j, k along patient left, posterior, superior.
 _DISPLAY_ORIENTATION = "LPS"
@@ -35,7 +36,7 @@ def _views(volume: np.ndarray, index_kji) -> list[np.ndarray]:
     return [volume[k], np.flipud(volume[:, j, :]), np.flipud(volume[:, :, i])]
 
 
-def render_review(logic: AttnSegLogic, segmentation_node, path: str | Path, map_name: str | None = None,
+def render_review(logic: SceneLogic, segmentation_node, path: str | Path, map_name: str | None = None,
                   opacity: float = 0.55, threshold: float = 0.3, title: str = "") -> Path:
     """Write a PNG of ``segmentation_node`` with ``map_name`` (default: the review map) over its
     first input, through the marker of the most doubtful region at ``threshold`` (else the centre)."""
@@ -103,10 +104,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", nargs="+", required=True, help="one image per modality of the model")
     parser.add_argument("--model", default=None, help="package name or path (default: the default package)")
-    parser.add_argument("--map", default=None, help="map to overlay (default: the difficulty map)")
+    parser.add_argument("--map", default=None, help="map to overlay (default: the review map)")
     parser.add_argument("--output", required=True, help="PNG to write")
     args = parser.parse_args(argv)
-    logic = AttnSegLogic(newScene())
+    logic = SceneLogic(newScene())
     volumes = [logic.loadVolume(p) for p in args.image]
     result = logic.segment(volumes, args.model, device="cpu")
     return render_review(logic, result.segmentationNode, args.output, args.map)

@@ -25,10 +25,12 @@ Worker -> caller::
     {"event": "progress", "id", "fraction": 0..1, "eta_s": float | null, "stage": str}
     {"event": "result", "id", "geometry": GEOMETRY, "labels": .npy (D, H, W) uint8 or uint16,
      "probabilities": .npy (C, D, H, W) float32, "maps": {name: .npy (D, H, W) float32},
-     "classes": [card class entries, per side for a localised whole head], "difficulty_name": str,
+     "classes": [card class entries, per side for a localised whole head], "review_map_name": str,
      "timings": {...}, "provenance": {...}, "notices": [str]}
     {"event": "cancelled", "id"}
-    {"event": "error", "id": str | null, "kind": exception class name, "message": one line}
+    {"event": "error", "id": str | null, "kind": exception class name, "message": one line,
+     "internal": bool}                      internal: a programming error (traceback on the worker's stderr),
+                                            not the user's input (an AttnSegError)
 
 ``GEOMETRY`` is :class:`AttnSegLib.image.Geometry` as ``{"size", "spacing", "origin", "direction"}``
 (LPS, ITK order); ``BOX`` is :meth:`AttnSegLib.localise.Box.as_dict`. Anything a library prints goes to stderr: stdout carries the protocol only.
@@ -42,10 +44,12 @@ import queue
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 
+from .errors import AttnSegError
 from .image import Geometry, Image
 
 PROGRESS_INTERVAL_S = 0.1  # at most ~10 progress lines a second
@@ -200,8 +204,12 @@ class Worker:
             self._predictor = self._predictorKey = None
             self.channel.send(event="error", id=requestId, kind="MemoryError",
                               message=f"out of memory: {oneLine(error)}")
-        except Exception as error:  # one line to the caller; the worker serves the next request
+        except AttnSegError as error:  # the user's input or machine: one line to the caller
             self.channel.send(event="error", id=requestId, kind=type(error).__name__, message=oneLine(error))
+        except Exception as error:  # a bug: its traceback to stderr, and the worker serves the next request
+            traceback.print_exc()
+            self.channel.send(event="error", id=requestId, kind=type(error).__name__, internal=True,
+                              message=f"internal error ({type(error).__name__}: {oneLine(error)}); please report it")
 
     def _progress(self, requestId: str):
         last = [0.0, ""]
@@ -224,8 +232,8 @@ def _writeResult(result, folder: Path) -> dict:
             "labels": saveArray(result.labels.array, folder / "labels.npy"),
             "probabilities": saveArray(result.probabilities.array.astype(np.float32, copy=False),
                                        folder / "probabilities.npy"),
-            "maps": maps, "classes": result.classes, "difficulty_name": result.difficulty_name, "timings": result.timings,
-            "provenance": result.provenance, "notices": list(result.notices)}
+            "maps": maps, "classes": result.classes, "review_map_name": result.review_map_name,
+            "timings": result.timings, "provenance": result.provenance, "notices": list(result.notices)}
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ import uuid
 import weakref
 from pathlib import Path
 
+from .errors import AttnSegError
 from .image import Image
 from .inference import Cancelled, Result
 from .worker import geometryFromDict, geometryToDict, loadArray, saveArray
@@ -30,7 +31,7 @@ _LIB_PARENT = str(Path(__file__).resolve().parents[1])  # the folder holding Att
 _BOOTSTRAP = "import sys; sys.path.insert(0, sys.argv[1]); from AttnSegLib.worker import main; main()"
 
 
-class WorkerError(RuntimeError):
+class WorkerError(AttnSegError, RuntimeError):
     """A run failed in the worker; the message is one line naming the problem."""
 
 
@@ -183,9 +184,9 @@ class WorkerProcess:
 
 
 class WorkerTask:
-    """One :class:`AttnSegLib.slicer_logic.SegmentationJob` run by a :class:`WorkerProcess`.
+    """One :class:`AttnSegLib.segmentation_task.SegmentationJob` run by a :class:`WorkerProcess`.
 
-    Same surface as :class:`AttnSegLib.slicer_logic.SegmentationTask`: ``start()``, ``cancel()``,
+    Same surface as :class:`AttnSegLib.segmentation_task.SegmentationTask`: ``start()``, ``cancel()``,
     ``progress``, ``done()``, ``result()``; reading ``progress`` or calling ``done()`` reads what the
     worker wrote so far. Inputs and outputs are ``.npy`` files in a temporary folder; the result's
     arrays are memory-mapped from it (read when the nodes are made), and :meth:`close` (or the task
@@ -242,7 +243,7 @@ class WorkerTask:
 
     def result(self) -> Result:
         """The prediction read back from the worker's files; raises :class:`Cancelled`, :class:`WorkerError`
-        (the worker's one-line message) or :class:`WorkerCrashed`."""
+        (the worker's one-line message), :class:`WorkerCrashed`, or RuntimeError for a bug in the worker."""
         if not self.done():
             raise RuntimeError("the segmentation is still running; poll done() first")
         outcome = self._outcome
@@ -251,6 +252,8 @@ class WorkerTask:
         if outcome["event"] == "crashed":
             raise WorkerCrashed(outcome["message"])
         if outcome["event"] == "error":
+            if outcome.get("internal"):  # a bug in the worker, not the user's input
+                raise RuntimeError(outcome["message"])
             raise (MemoryError if outcome.get("kind") == "MemoryError" else WorkerError)(outcome["message"])
         geometry = geometryFromDict(outcome["geometry"])
 
@@ -259,7 +262,7 @@ class WorkerTask:
 
         return Result(labels=mapped(outcome["labels"]), probabilities=mapped(outcome["probabilities"]),
                       maps={name: mapped(path) for name, path in outcome["maps"].items()}, classes=outcome["classes"],
-                      difficulty_name=outcome["difficulty_name"], timings=outcome["timings"],
+                      review_map_name=outcome["review_map_name"], timings=outcome["timings"],
                       provenance=outcome["provenance"], notices=outcome["notices"] + self.notices)
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import InputError
 from .access import AccessPolicy, access_token
 from .gateway import GatewayConfig, run_gateway
 from .rendering import check_offscreen_rendering
@@ -32,7 +33,7 @@ def _positive_int_from_env(name: str, default: int) -> int:
     if not raw:
         return default
     if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"${name}={raw!r}: expected a whole number of at least 1")
+        raise InputError(f"${name}={raw!r}: expected a whole number of at least 1")
     return int(raw)
 
 
@@ -49,7 +50,7 @@ def serve(host: str = "127.0.0.1", port: int = 8080, data_dir: str | os.PathLike
     access = AccessPolicy.build(allowed_origins, access_token(host, token))
     folder = Path(data_dir).expanduser().resolve() if data_dir else default_data_dir()
     if not folder.is_dir():
-        raise ValueError(f"--data {data_dir}: no such folder; give a folder of volumes (.nii.gz, .nrrd, ...)")
+        raise InputError(f"--data {data_dir}: no such folder; give a folder of volumes (.nii.gz, .nrrd, ...)")
     config = GatewayConfig(
         data_dir=folder,
         max_sessions=_positive_int_from_env("ATTNSEG_WEB_MAX_SESSIONS", GatewayConfig.max_sessions),

@@ -175,7 +175,8 @@ def _segment_step(server: Server, app, n) -> None:
     _section("2 · Model")
     v3.VSelect(v_model=(n.model.selected,), items=(n.model.choices,), label="Model package", density="compact",
                hide_details=True, id="attnseg-model-select")
-    html.Div(f"{{{{ {n.model.description} }}}}", v_if=(n.model.description,), classes="attnseg-hint mt-2")
+    html.Div(f"{{{{ {n.model.description} }}}}", v_if=(n.model.description,), classes="attnseg-hint mt-2",
+             id="attnseg-model-description")
     with html.Div(v_if=(f"{n.model.inputs}.length > 1",), classes="mt-2"):
         v3.VSelect(v_for=f"(input, i) in {n.model.inputs}", key="i", v_model=("input.volume",),
                    items=(n.volume.opened,), label=("`Input: ${input.modality}`",), density="compact",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..errors import AttnSegError
 from ..image import ImageError, check_data_file, read_image
 
 # Single-file formats only: a browser upload cannot keep a header and its detached data file together,
@@ -17,7 +18,7 @@ UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-class UploadError(ValueError):
+class UploadError(AttnSegError, ValueError):
     """An uploaded file cannot be used; the message says why and what to do instead."""
 
 

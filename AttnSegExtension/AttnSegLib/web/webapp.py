@@ -1,9 +1,9 @@
-"""One browser session of AttnSeg: a trame-slicer scene driven by :class:`AttnSegLogic`.
+"""One browser session of AttnSeg: a trame-slicer scene driven by :class:`SceneLogic`.
 
 The page (built by :mod:`.page`) calls the methods here; they read and write the scene only through
-the same :class:`~AttnSegLib.slicer_logic.AttnSegLogic` the Slicer module uses, and report back through
+the same :class:`~AttnSegLib.slicer_logic.SceneLogic` the Slicer module uses, and report back through
 the typed state (:mod:`.state`). The network runs on a worker thread
-(:class:`~AttnSegLib.slicer_logic.SegmentationTask`) that the server loop polls, so the views stay
+(:class:`~AttnSegLib.segmentation_task.SegmentationTask`) that the server loop polls, so the views stay
 interactive and the progress bar moves while a volume is segmented; its result is added to the scene
 on the server loop, the scene's only thread.
 
@@ -39,13 +39,16 @@ from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.segmentation import SegmentationOpacityEnum
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
+from ..errors import AttnSegError, InputError
 from ..image import (IMAGE_SUFFIXES, Geometry, ImageError, case_name, check_data_file, label_map_levels,
                      list_images, read_image, write_image)
+from ..card import ModelCard
 from ..localise import Box
+from ..outputs import doubtful_rule, map_title, volumes_text
 from ..package import PackageError, available_packages
-from ..review import MERGE_MM, MIN_VOLUME_ML
-from ..slicer_logic import (AttnSegLogic, Cancelled, CorrectionError, SegmentationTask, imageFromVolumeNode,
-                            roiNodeFromBox, volumeGeometry)
+from ..mrml import roiNodeFromBox, volumeGeometry
+from ..segmentation_task import SegmentationTask
+from ..slicer_logic import Cancelled, SceneLogic
 from .page import TAB_STATE, build_page, slice_view_overlay
 from .state import AttnSegState
 from .uploads import UploadError, check_upload, save_upload
@@ -76,23 +79,23 @@ def _number(value) -> float | None:
 def roi_from_fields(centre, size, geometry: Geometry) -> Box:
     """The page's ROI fields (centre and size along R, A, S in mm) as an engine :class:`Box` (LPS), checked
     against the image of ``geometry``: six finite numbers, positive sizes, the centre inside the image.
-    Raises ValueError with a one-line message naming the field to fix."""
+    Raises InputError with a one-line message naming the field to fix."""
     centre = centre if isinstance(centre, list) and len(centre) == 3 else [None] * 3
     size = size if isinstance(size, list) and len(size) == 3 else [None] * 3
     for what, values in (("centre", centre), ("size", size)):
         for axis, value in zip("RAS", values):
             if _number(value) is None:
-                raise ValueError(f"the ROI's {what} {axis} is not a number; type a number of millimetres")
+                raise InputError(f"the ROI's {what} {axis} is not a number; type a number of millimetres")
     centre_ras = np.array([_number(v) for v in centre])
     size_mm = np.array([_number(v) for v in size])
     if np.any(size_mm <= 0):
-        raise ValueError("the ROI's sizes must be positive (mm); type the box's extent along R, A and S")
+        raise InputError("the ROI's sizes must be positive (mm); type the box's extent along R, A and S")
     centre_lps = centre_ras * [-1.0, -1.0, 1.0]
     index = np.linalg.inv(geometry.ijk_to_lps()) @ np.append(centre_lps, 1.0)
     if np.any(index[:3] < -0.5) or np.any(index[:3] > np.asarray(geometry.size) - 0.5):
         corners = geometry.corners_lps() * [-1.0, -1.0, 1.0]
         span = ", ".join(f"{axis} {a:.0f}..{b:.0f}" for axis, a, b in zip("RAS", corners.min(0), corners.max(0)))
-        raise ValueError(f"the ROI's centre lies outside the image ({span} mm); move the centre inside it")
+        raise InputError(f"the ROI's centre lies outside the image ({span} mm); move the centre inside it")
     return Box.from_centre_size(centre_lps, size_mm)
 
 
@@ -103,14 +106,6 @@ def attnseg_layout() -> Layout:
         Layout(LayoutDirection.Vertical, [ViewLayoutDefinition.threed_view(), ViewLayoutDefinition.coronal_view(),
                                           ViewLayoutDefinition.sagittal_view()]),
     ])
-
-
-def map_title(name: str) -> str:
-    """``spatial_attention.level1`` -> ``Spatial attention · level1``; ``probability.anterior`` ->
-    ``Probability · anterior``."""
-    head, _, tail = name.partition(".")
-    title = head.replace("_", " ").capitalize()
-    return f"{title} · {tail.replace('_', ' ')}" if tail else title
 
 
 def format_value(value: float) -> str:
@@ -141,11 +136,11 @@ def label_map_note(path: Path) -> str:
 RESEARCH_MAP_AUROC = 0.75  # a map that finds the wrong voxels less well than this is labelled a research map
 
 
-def detection_note(card: dict, map_name: str) -> str:
+def detection_note(card: ModelCard, map_name: str) -> str:
     """How well ``map_name`` finds the model's wrong voxels, as the card measured it (AUROC on its
     validation cases), or ``""`` where the card has no figure for it."""
-    score = (card.get("metrics") or {}).get("error_detection_auroc", {}).get(map_name)
-    if not isinstance(score, (int, float)):
+    score = card.error_detection_auroc(map_name)
+    if score is None:
         return ""
     note = f"Finds the model's wrong voxels with AUROC {score:.2f} on its validation cases (model card)."
     return note if score >= RESEARCH_MAP_AUROC else (f"Research map: it {note[0].lower()}{note[1:-1]}; 0.5 is "
@@ -173,7 +168,7 @@ class AttnSegWebApp:
         server.enable_module(trame_slicer_module)
 
         self.slicer_app = SlicerApp()
-        self.logic = AttnSegLogic(self.slicer_app.scene)
+        self.logic = SceneLogic(self.slicer_app.scene)
         register_rca_factories(self.slicer_app.view_manager, server, slice_view_ui_f=slice_view_overlay)
         self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, server)
         self.layout_manager.register_layout(LAYOUT_ID, attnseg_layout())
@@ -340,7 +335,7 @@ class AttnSegWebApp:
 
     # -- models ---------------------------------------------------------------------------------
     def _offer_models(self) -> None:
-        # Named as AttnSegLogic.availableModels names them: a folder's name, a .zip's stem.
+        # Named as SceneLogic.availableModels names them: a folder's name, a .zip's stem.
         self._models = {p.stem if p.suffix == ".zip" else p.name: p for p in available_packages()}
         names = list(self._models)
         self.data.model.choices = [{"title": n, "value": n} for n in names]
@@ -349,7 +344,7 @@ class AttnSegWebApp:
                                      "named in $ATTNSEG_MODELS, then reload")
             return
         try:
-            default = AttnSegLogic.defaultModelName()
+            default = SceneLogic.defaultModelName()
         except PackageError:
             default = names[0]
         self.data.model.selected = default if default in names else names[0]
@@ -384,13 +379,11 @@ class AttnSegWebApp:
             self.data.model.error = str(err)
             return
         card = package.card
-        maps = ", ".join(package.maps) or "uncertainty only"
-        classes = ", ".join(c["name"] for c in package.classes[1:])
-        dice = card.get("metrics", {}).get("validation", {}).get("mean_foreground_dice")
-        parts = [card.get("description", "").strip(), f"{card['architecture']['name']} · classes: {classes} · "
-                 f"inputs: {', '.join(m['name'] for m in package.modalities)} · maps: {maps}"]
-        if dice is not None:
-            parts.append(f"validation Dice {dice:.3f}")
+        maps = ", ".join(card.maps) or "uncertainty only"
+        parts = [card.description.strip(), f"{card.architecture} · classes: {', '.join(card.class_names[1:])} · "
+                 f"inputs: {', '.join(card.modality_names)} · maps: {maps}"]
+        if card.validation_dice is not None:
+            parts.append(f"{card.validation_split} Dice {card.validation_dice:.3f}")
         self.data.model.description = " — ".join(p for p in parts if p)
         self._assign_inputs()
 
@@ -401,7 +394,7 @@ class AttnSegWebApp:
             package = self._selected_package()
         except PackageError:
             return
-        modalities = [m["name"] for m in package.modalities]
+        modalities = package.card.modality_names
         if len(modalities) == 1:
             volumes = [self.data.volume.loaded or None]
         else:
@@ -419,7 +412,7 @@ class AttnSegWebApp:
 
     def _check_inputs(self, inputs) -> None:
         try:
-            modalities = [m["name"] for m in self._selected_package().modalities]
+            modalities = self._selected_package().card.modality_names
         except PackageError:
             return
         chosen = {i["modality"] for i in self._chosen_inputs()}
@@ -431,7 +424,7 @@ class AttnSegWebApp:
     def _input_volumes(self) -> list:
         """One opened volume node (or None) per modality of the model, as the client chose them."""
         chosen = {i["modality"]: self._volumes[i["volume"]] for i in self._chosen_inputs()}
-        return [chosen.get(m["name"]) for m in self._selected_package().modalities]
+        return [chosen.get(m) for m in self._selected_package().card.modality_names]
 
     # -- segmenting -----------------------------------------------------------------------------
     def segment(self) -> None:
@@ -452,7 +445,7 @@ class AttnSegWebApp:
             package = self._selected_package()
             volumes = self._input_volumes()
             job = self._prepare(volumes, package)
-        except (PackageError, ImageError, ValueError) as err:
+        except AttnSegError as err:
             segment.error = str(err)
             return
         self._task = SegmentationTask(job).start()
@@ -508,7 +501,7 @@ class AttnSegWebApp:
         try:
             changed = self.logic.correctedVoxelCount(self._result.segmentationNode)
             what = f"{changed} voxel{'s' if changed != 1 else ''} you corrected"
-        except (CorrectionError, ValueError):
+        except AttnSegError:
             changed, what = 1, "segments you added or renamed"
         if not changed:
             return True
@@ -570,13 +563,13 @@ class AttnSegWebApp:
         self.editor.set_surface_representation_enabled(True)
         if previous is not None:
             self._remove_result(previous)
-        volumes = self._class_volumes(result, package)
+        volumes = volumes_text(result.classVolumesMl)
         total = sum(result.timings.values())
         self.data.segment.summary = (f"{volumes} · {total:.1f} s on {result.provenance.get('device', '?')}")
         self.data.segment.notices = list(result.notices)
         self.data.maps.choices = [{"title": "None", "value": ""}] + [
             {"title": map_title(name), "value": name} for name in result.mapNodes]
-        self.data.maps.selected = result.difficultyName
+        self.data.maps.selected = result.reviewMapName
         self._on_map_changed()
         self._describe_regions()
         self.data.export.message, self.data.export.error = "", ""
@@ -593,13 +586,6 @@ class AttnSegWebApp:
         for node in removed:
             if node is not None and self.scene.GetNodeByID(node.GetID()) is not None:
                 self.scene.RemoveNode(node)
-
-    @staticmethod
-    def _class_volumes(result, package) -> str:
-        labels = imageFromVolumeNode(result.modelLabelNode)
-        voxel_ml = labels.geometry.voxel_volume_ml
-        return ", ".join(f"{c['name']} {float((labels.array == c['value']).sum()) * voxel_ml:.2f} ml"
-                         for c in (result.classes or package.classes)[1:])
 
     # -- maps -----------------------------------------------------------------------------------
     def _on_map_changed(self, *_) -> None:
@@ -622,7 +608,7 @@ class AttnSegWebApp:
             return
         legend = self.logic.mapLegend(node)
         maps.meaning = legend.meaning
-        maps.how_to_read = self._package.maps.get(legend.name.split(".")[0], {}).get("read", "")
+        maps.how_to_read = self._package.card.map_reading(legend.name)
         maps.detection = detection_note(self._package.card, legend.name)
         maps.legend_gradient = legend_gradient(legend.stops)
         maps.legend_low, maps.legend_high = format_value(legend.minimum), format_value(legend.maximum)
@@ -633,7 +619,7 @@ class AttnSegWebApp:
         return float(value) if isinstance(value, (int, float)) and 0 <= value <= 1 else 0.5
 
     def _review_map_title(self) -> str:
-        return map_title(self._result.difficultyName).lower()
+        return map_title(self._result.reviewMapName).lower()
 
     def _on_threshold_changed(self, *_) -> None:
         if self._result is not None and self._result.segmentationNode is not None:
@@ -645,8 +631,7 @@ class AttnSegWebApp:
         count = len(self.logic.doubtfulRegions(self._result.segmentationNode, threshold))
         review = self.data.review
         review.count = count
-        rule = (f"{self._review_map_title()} ≥ {threshold:.2f}; fragments within {MERGE_MM:g} mm joined, "
-                f"regions under {MIN_VOLUME_ML:g} ml left out")
+        rule = doubtful_rule(self._result.reviewMapName, threshold)
         review.description = (f"{count} doubtful region{'s' if count != 1 else ''} ({rule}); the most doubtful "
                               "comes first." if count else f"No region ({rule}).")
 
@@ -700,7 +685,7 @@ class AttnSegWebApp:
             return None
         try:
             labels = self.logic.correctedLabels(node)
-        except (CorrectionError, ValueError) as err:
+        except AttnSegError as err:
             export.error = str(err)
             return None
         base = re.sub(r"[^A-Za-z0-9_.-]+", "_", node.GetName()).strip("_") if kept else self._base_name()
@@ -711,7 +696,7 @@ class AttnSegWebApp:
         return {"name": name, "content": self.server.protocol.addAttachment(content)}
 
     def download_training_case(self) -> dict | None:
-        """The corrected case as ``training/`` reads it (see ``AttnSegLogic.exportCorrection``), zipped."""
+        """The corrected case as ``training/`` reads it (see ``SceneLogic.exportCorrection``), zipped."""
         export = self.data.export
         export.error = export.message = ""
         if self._result is None:
@@ -720,7 +705,7 @@ class AttnSegWebApp:
         cases = self.work_dir / "cases"
         try:
             folder = self.logic.exportCorrection(self._result.segmentationNode, cases, overwrite=True)
-        except (CorrectionError, ValueError, OSError) as err:
+        except (AttnSegError, OSError) as err:
             export.error = str(err)
             return None
         buffer = io.BytesIO()

@@ -1,0 +1,136 @@
+"""What a run produces, described once for every front end.
+
+A :class:`~AttnSegLib.inference.Result` becomes the same named outputs everywhere: the ``attnseg``
+command writes them (``labels.nii.gz``, ``probabilities.nii.gz``, ``maps/<name>.nii.gz``, report.json),
+the Slicer logic turns them into nodes and the web app lists them. Each map (:class:`OutputMap`) has one
+name in all three (``probability.<class>``, ``uncertainty``, the model's own such as
+``spatial_attention.level1``), one meaning, one display range; class volumes, the doubtful-region rule and
+the report are computed here and nowhere else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .card import UNCERTAINTY, ModelCard
+from .image import Image
+
+UNCERTAINTY_MEANING = ("normalised entropy of the class probabilities, in [0, 1]: 0 where the network is "
+                       "certain, 1 where all classes are equally likely")
+PROBABILITY_MEANING = "probability the network gives class {name!r}, in [0, 1]"
+PROBABILITY_PREFIX = "probability."
+# Maps whose values are probabilities or fractions: shown on the fixed range [0, 1], so a colour
+# means the same value in every case. Other maps are shown on their own robust range.
+UNIT_RANGE_MAPS = ("uncertainty", "difficulty", "confidence")
+ROBUST_PERCENTILES = (0.5, 99.5)
+
+
+@dataclass(frozen=True)
+class OutputMap:
+    """One map of a run on the input grid. ``kind``: ``probability`` (one class's), ``uncertainty`` or
+    ``model`` (the network's own); ``image``: (D, H, W) float32; ``display_range``: the values shown
+    from the first to the last colour."""
+
+    name: str
+    kind: str
+    image: Image
+    meaning: str
+    reading: str
+    display_range: tuple[float, float]
+    unit: str | None = None
+
+
+def volume_token(name: str) -> str:
+    """A class name as it appears in map and file names (``Left anterior`` -> ``left_anterior``)."""
+    from .maps import volume_name  # imports torch; the command line's light commands start without it
+
+    return volume_name(name)
+
+
+def map_meaning(name: str, card: ModelCard | None) -> str:
+    """What map ``name`` means: the uncertainty and class probabilities by definition, the model's maps
+    as its card says."""
+    if name == UNCERTAINTY:
+        return UNCERTAINTY_MEANING
+    if name.startswith(PROBABILITY_PREFIX):
+        return PROBABILITY_MEANING.format(name=name[len(PROBABILITY_PREFIX):])
+    return card.map_meaning(name) if card is not None else ""
+
+
+def display_range(name: str, values: np.ndarray, card: ModelCard | None = None) -> tuple[float, float]:
+    """The card's ``display_range`` for the map; [0, 1] for probabilities and the unit-range maps; else
+    the 0.5-99.5 percentile range of ``values``."""
+    spec = card.map_spec(name) if card is not None and not name.startswith(PROBABILITY_PREFIX) else None
+    if spec is not None and spec.display_range is not None:
+        return spec.display_range
+    if name.startswith(PROBABILITY_PREFIX) or name.split(".")[0] in UNIT_RANGE_MAPS:
+        return 0.0, 1.0
+    low, high = (float(v) for v in np.percentile(values, ROBUST_PERCENTILES))
+    return (low, high) if high > low else (low, low + 1e-6)
+
+
+def output_maps(result, card: ModelCard | None) -> list[OutputMap]:
+    """Every map of ``result``: one probability per foreground class, then the uncertainty and the
+    model's maps, in the result's order."""
+    out = []
+    probabilities = result.probabilities
+    for cls in result.classes[1:]:
+        name = f"{PROBABILITY_PREFIX}{volume_token(cls['name'])}"
+        image = Image(probabilities.array[cls["value"]], probabilities.geometry)
+        out.append(OutputMap(name, "probability", image, PROBABILITY_MEANING.format(name=cls["name"]), "",
+                             (0.0, 1.0)))
+    for name, image in result.maps.items():
+        spec = card.map_spec(name) if card is not None and name != UNCERTAINTY else None
+        out.append(OutputMap(name, "uncertainty" if name == UNCERTAINTY else "model", image, map_meaning(name, card),
+                             spec.read if spec is not None else "", display_range(name, image.array, card),
+                             spec.unit if spec is not None else None))
+    return out
+
+
+def class_volumes_ml(labels: Image, classes: list[dict]) -> dict[str, float]:
+    """Foreground class name -> volume (ml, 4 decimals) of a (D, H, W) label map."""
+    counts = np.bincount(np.asarray(labels.array).ravel(), minlength=len(classes))
+    voxel = labels.geometry.voxel_volume_ml
+    return {c["name"]: round(float(counts[c["value"]]) * voxel, 4) for c in classes[1:]}
+
+
+def volumes_text(volumes: dict[str, float]) -> str:
+    """``anterior 1.23 ml, posterior 0.98 ml``."""
+    return ", ".join(f"{name} {ml:.2f} ml" for name, ml in volumes.items())
+
+
+def map_title(name: str) -> str:
+    """``spatial_attention.level1`` -> ``Spatial attention · level1``; ``probability.anterior`` ->
+    ``Probability · anterior``."""
+    head, _, tail = name.partition(".")
+    title = head.replace("_", " ").capitalize()
+    return f"{title} · {tail.replace('_', ' ')}" if tail else title
+
+
+def doubtful_rule(review_map_name: str, threshold: float) -> str:
+    """The rule that makes the doubtful regions, in words (the same in the panel, the page and reports)."""
+    from .review import MERGE_MM, MIN_VOLUME_ML
+
+    return (f"{map_title(review_map_name).lower()} ≥ {threshold:.2f}; fragments within {MERGE_MM:g} mm joined, "
+            f"regions under {MIN_VOLUME_ML:g} ml left out")
+
+
+def report(result, package, inputs: list, timings: dict[str, float], volumetry: dict | None,
+           extra: dict | None = None) -> dict:
+    """The run as ``report.json`` records it."""
+    card = package.card
+    return {
+        "inputs": [str(p) for p in inputs],
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "total_s": round(sum(timings.values()), 4),
+        "provenance": result.provenance,
+        "package": {"name": package.name, "sha256": package.sha256, "path": str(package.path)},
+        "classes": result.classes,
+        "class_volumes_ml": class_volumes_ml(result.labels, result.classes),
+        "volumetry": volumetry,
+        "maps": {name: map_meaning(name, card) for name in result.maps},
+        "review_map": result.review_map_name,
+        "notices": result.notices,
+        **(extra or {}),
+    }

@@ -1,0 +1,91 @@
+"""The model card parsed once into a frozen ModelCard: shipped cards round-trip unchanged, defaults live in
+one place, the map entries' optional display range and unit are read, and ``attnseg info`` shows each
+package's validation Dice through :attr:`ModelCard.validation_dice` (as the web page and the panel do)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from AttnSegLib import cli
+from AttnSegLib.card import InferenceSettings, ModelCard, PackageError
+from AttnSegLib.errors import AttnSegError
+from AttnSegLib.outputs import display_range, map_meaning
+from AttnSegLib.package import available_packages, load_package
+from conftest import REPO
+
+SHIPPED = sorted(p for p in (REPO / "Resources" / "Models").iterdir() if (p / "model.json").is_file())
+
+
+@pytest.mark.parametrize("folder", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_card_round_trips_unchanged(folder: Path):
+    raw = json.loads((folder / "model.json").read_text())
+    card = load_package(folder).card  # also checks the weights' sha256 against the card
+    assert card.to_dict() == raw and card == raw
+    assert card.name == raw["name"] and card.architecture == raw["architecture"]["name"]
+    assert card.class_names == [c["name"] for c in raw["classes"]]
+    assert card.validation_dice == raw["metrics"]["mean_dice"]  # the key training/export.py writes
+
+
+def test_the_card_is_frozen_and_hands_out_copies():
+    card = load_package(SHIPPED[0]).card
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        card.name = "other"
+    with pytest.raises(TypeError):
+        card.classes[0]["name"] = "other"
+    card["classes"][0]["name"] = "changed"  # a copy
+    assert card.class_names[0] == card.to_dict()["classes"][0]["name"] != "changed"
+
+
+def test_defaults_are_the_inference_settings():
+    card = dict(json.loads((SHIPPED[0] / "model.json").read_text()))
+    card.pop("inference")
+    parsed = ModelCard.parse(card)
+    assert parsed.inference == InferenceSettings()
+    assert (parsed.inference.overlap, parsed.inference.batch_size, parsed.inference.tta_flip_axes) == (0.5, 2, (0, 1, 2))
+
+
+def test_map_entries_may_carry_a_display_range_and_a_unit():
+    raw = json.loads((REPO / "Resources" / "Models" / "hippocampus_difficulty_aware" / "model.json").read_text())
+    raw["maps"]["confidence"] = {**raw["maps"]["confidence"], "display_range": [0.2, 0.9], "unit": "fraction"}
+    card = ModelCard.parse(raw)
+    assert card.map_spec("confidence").display_range == (0.2, 0.9) and card.map_spec("confidence").unit == "fraction"
+    import numpy as np
+
+    assert display_range("confidence", np.zeros(3), card) == (0.2, 0.9)
+    assert map_meaning("difficulty", card) == raw["maps"]["difficulty"]["meaning"]
+    raw["maps"]["confidence"]["display_range"] = [1.0, 0.0]
+    with pytest.raises(PackageError, match="'maps' must be an object") as error:
+        ModelCard.parse(raw)
+    assert isinstance(error.value, AttnSegError)
+
+
+def test_info_shows_each_packages_validation_dice(capsys, monkeypatch):
+    monkeypatch.delenv("ATTNSEG_MODELS", raising=False)
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    shipped = [load_package(p) for p in available_packages() if p.parent == REPO / "Resources" / "Models"]
+    assert shipped
+    for package in shipped:
+        line = next(line for line in out.splitlines() if f" {package.name} " in line)
+        assert f"validation Dice {package.card.validation_dice:.3f}" in line, line
+    assert cli.main(["info", "--model", "hippocampus_unet"]) == 0
+    card = load_package("hippocampus_unet").card
+    assert f"validation mean Dice {card.validation_dice:.4f} on {card.validation_cases} cases" in capsys.readouterr().out
+
+
+def test_a_programming_error_is_not_taken_for_a_user_error(monkeypatch, capsys):
+    """FAULT INJECTION — a bug cannot be made on purpose in shipped code: ``info`` is replaced by a command
+    that fails as a bug would. The CLI answers an AttnSegError with exit 2 and one line; anything else is
+    raised (a traceback), never printed as the user's mistake."""
+    def buggy(args):
+        raise ValueError("a bug, not the user's mistake")
+
+    monkeypatch.setattr(cli, "cmd_info", buggy)
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["info"])
+    assert "attnseg: error" not in capsys.readouterr().err
+    monkeypatch.undo()
+    assert cli.main(["info", "--model", str(REPO / "no_such_package")]) == 2  # a user error: one line, exit 2
