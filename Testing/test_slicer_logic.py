@@ -22,7 +22,7 @@ from AttnSegLib import models
 from AttnSegLib.image import Geometry, Image, ImageError, read_image
 from AttnSegLib.inference import Predictor
 from AttnSegLib.metrics import evaluate_labels
-from AttnSegLib.outputs import class_volumes_ml
+from AttnSegLib.outputs import class_volumes_ml, map_meanings
 from AttnSegLib.package import default_package, save_package
 from AttnSegLib.mrml import arrayToMatrix, colorScale, imageFromVolumeNode, matrixToArray, newScene, volumeNodeFromImage
 from AttnSegLib.segmentation_task import SegmentationTask
@@ -231,7 +231,8 @@ def test_provenance_is_stored_on_the_segmentation_node(segmented, plumbing_packa
     assert json.loads(node.GetAttribute(ATTRIBUTE + "Provenance"))["weights_sha256"] == plumbing_package.sha256
 
 
-def test_map_nodes_have_references_colours_ranges_and_the_engine_values(segmented, engine_result, scene):
+def test_map_nodes_have_references_colours_ranges_and_the_engine_values(segmented, engine_result, scene,
+                                                                         plumbing_package):
     volume, result = segmented
     seg = result.segmentationNode
     assert list(result.mapNodes) == ["probability.anterior", "probability.posterior", "uncertainty", "confidence",
@@ -258,6 +259,9 @@ def test_map_nodes_have_references_colours_ranges_and_the_engine_values(segmente
         if name in ("probability.anterior", "uncertainty", "difficulty"):
             assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (0.0, 1.0)
         assert node.GetAttribute(ATTRIBUTE + "MapMeaning")
+    # The names and meanings `attnseg segment` writes into report.json (the same description of a run).
+    assert {name: node.GetAttribute(ATTRIBUTE + "MapMeaning") for name, node in result.mapNodes.items()} == \
+        map_meanings(engine, plumbing_package.card)
     assert len(color_tables) == 1
     table = scene.GetNodeByID(color_tables.pop())
     assert table.GetNumberOfColors() == 256 and table.GetName() == "AttnSeg inferno"

@@ -253,9 +253,9 @@ class Trainer:
         error that says which differs); load its replay and reference cases; freeze what is asked."""
         self.parent = parent = finetune.load_parent(self.config)
         model_cfg, data = self.config["model"], self.config["data"]
-        theirs = parent.card["architecture"]
-        same_network = theirs["name"] == model_cfg["architecture"] and _same_json(
-            models.resolved_kwargs(theirs["name"], **theirs.get("kwargs", {})),
+        theirs = parent.card
+        same_network = theirs.architecture == model_cfg["architecture"] and _same_json(
+            models.resolved_kwargs(theirs.architecture, **theirs.network_kwargs),
             models.resolved_kwargs(model_cfg["architecture"], **model_cfg["kwargs"]))
         differences = [what for what, same in (
             ("architecture or model kwargs (the network they build)", same_network),

@@ -156,6 +156,11 @@ class ModelCard(Mapping):
         return [m["name"] for m in self.modalities]
 
     @property
+    def network_kwargs(self) -> dict:
+        """The architecture's keyword arguments as plain (new) JSON data, to build the network with."""
+        return _thawed(self.architecture_kwargs)
+
+    @property
     def class_dicts(self) -> list[dict]:
         """The classes as plain (new) dictionaries, e.g. for a :class:`~AttnSegLib.inference.Result`."""
         return [_thawed(c) for c in self.classes]

@@ -438,7 +438,7 @@ def _package_description(package) -> list[str]:
     spacing = list(card.spacing_xyz_mm) if card.spacing_xyz_mm else None
     lines = [f"{package.name}  ({package.path})", f"  {card.description}",
              f"  weights sha256 {package.sha256}",
-             f"  architecture {card.architecture} {json.dumps(card['architecture'].get('kwargs', {}), sort_keys=True)}; "
+             f"  architecture {card.architecture} {json.dumps(card.network_kwargs, sort_keys=True)}; "
              f"patch {list(card.patch_size_dhw)} voxels at {spacing} mm, {card.orientation}",
              f"  modalities: {', '.join(card.modality_names)}; classes: {', '.join(card.class_names[1:])}; "
              f"maps: {', '.join(sorted(card.maps)) or '-'}"]

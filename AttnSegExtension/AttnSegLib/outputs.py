@@ -70,13 +70,24 @@ def display_range(name: str, values: np.ndarray, card: ModelCard | None = None) 
     return (low, high) if high > low else (low, low + 1e-6)
 
 
+def probability_map_name(class_name: str) -> str:
+    """``Left anterior`` -> ``probability.left_anterior``."""
+    return f"{PROBABILITY_PREFIX}{volume_token(class_name)}"
+
+
+def map_meanings(result, card: ModelCard | None) -> dict[str, str]:
+    """Name -> meaning of every map :func:`output_maps` gives, in its order (without computing them)."""
+    meanings = {probability_map_name(c["name"]): PROBABILITY_MEANING.format(name=c["name"]) for c in result.classes[1:]}
+    return {**meanings, **{name: map_meaning(name, card) for name in result.maps}}
+
+
 def output_maps(result, card: ModelCard | None) -> list[OutputMap]:
     """Every map of ``result``: one probability per foreground class, then the uncertainty and the
     model's maps, in the result's order."""
     out = []
     probabilities = result.probabilities
     for cls in result.classes[1:]:
-        name = f"{PROBABILITY_PREFIX}{volume_token(cls['name'])}"
+        name = probability_map_name(cls["name"])
         image = Image(probabilities.array[cls["value"]], probabilities.geometry)
         out.append(OutputMap(name, "probability", image, PROBABILITY_MEANING.format(name=cls["name"]), "",
                              (0.0, 1.0)))
@@ -129,7 +140,9 @@ def report(result, package, inputs: list, timings: dict[str, float], volumetry: 
         "classes": result.classes,
         "class_volumes_ml": class_volumes_ml(result.labels, result.classes),
         "volumetry": volumetry,
-        "maps": {name: map_meaning(name, card) for name in result.maps},
+        # every map by the name the Slicer and web front ends give it; probability.<class> is a channel of
+        # probabilities.nii.gz, the others are maps/<name>.nii.gz
+        "maps": map_meanings(result, card),
         "review_map": result.review_map_name,
         "notices": result.notices,
         **(extra or {}),

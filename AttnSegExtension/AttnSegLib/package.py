@@ -104,7 +104,7 @@ def build_from_card(card: ModelCard | dict, where: str = "model card",
     try:
         with torch.device(device):
             return models.build(card.architecture, in_channels=len(card.modalities),
-                                num_classes=len(card.classes), **card.architecture_kwargs)
+                                num_classes=len(card.classes), **card.network_kwargs)
     except models.UnknownArchitectureError as err:
         raise PackageError(f"{where}: {err}; update AttnSeg or use a package built for this version") from None
     except Exception as err:  # the card is untrusted input to the constructor: any failure is the card's
