@@ -333,6 +333,37 @@ def test_more_than_255_classes_keep_their_values(image, tmp_path):
     assert set(np.unique(read_image(tmp_path / "labels.nii.gz").array)) == {290}
 
 
+def test_more_than_255_classes_survive_training_loading_and_patches(hippocampus_case, tmp_path):
+    """A label map with class 290 is read, looked up and cropped into training patches as 290 (the
+    loader's uint8 table stored it as 34)."""
+    from training.data import CaseFiles, load_case
+    from training.patches import PatchDataset
+
+    classes = [{"value": v, "name": f"c{v}"} for v in range(300)]
+    label = read_image(hippocampus_case[1])
+    wide = label.array.astype(np.uint16)
+    wide[wide == 2] = 290
+    write_image(label.with_array(wide), tmp_path / "label.nii.gz")
+    case = load_case(CaseFiles("wide", (hippocampus_case[0],), tmp_path / "label.nii.gz"),
+                     {"modalities": [{"name": "T1", "normalization": "zscore"}], "classes": classes,
+                      "spacing_xyz_mm": [1.0] * 3, "orientation": "RAS"})
+    assert set(np.unique(case.label)) == {0, 1, 290}
+    augmentation = {"affine_prob": 1.0, "rotate_deg": 10, "scale": [0.9, 1.1], "flip_axes": [0, 1, 2], "flip_prob": 0.5}
+    patches = PatchDataset([case], [16, 32, 16], 300, {"foreground_ratio": 1.0}, augmentation, seed=0)
+    seen = set().union(*(np.unique(patches[i]["label"].numpy()).tolist() for i in range(4)))
+    assert 290 in seen and seen <= {0, 1, 290}
+
+
+def test_more_than_255_classes_survive_click_refinement(image):
+    from AttnSegLib.refine import Click, Refiner
+    classes = 300
+    probabilities = np.full((classes,) + image.array.shape, 0.1 / (classes - 1), dtype=np.float32)
+    probabilities[290] = 0.9
+    refined = Refiner("sphere").refine(image.array[None].astype(np.float32), probabilities, image.geometry,
+                               [Click(tuple(image.geometry.ijk_to_lps()[:3, 3]), 0)])
+    assert refined.labels.dtype == np.uint16 and 290 in np.unique(refined.labels)
+
+
 # -- 7. attnseg evaluate ------------------------------------------------------------------------------
 @pytest.fixture
 def evaluation_folders(hippocampus_dir, tmp_path) -> tuple[Path, Path, dict[str, Path]]:

@@ -24,7 +24,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from . import __version__
-from .image import Image
+from .image import Image, label_dtype
 from .localise import (Box, LocalisationError, crop_images, cut, footprint, grid_in_box, localise_targets,
                        much_larger, plausible_volume, resample, sub_geometry, target_classes)
 from .maps import normalized_entropy, resize_map, split_channels, volume_name
@@ -169,12 +169,6 @@ def _is_out_of_memory(err: RuntimeError) -> bool:
     """CUDA raises ``torch.OutOfMemoryError``; the CPU and MPS allocators raise a plain RuntimeError."""
     return isinstance(err, torch.OutOfMemoryError) or any(
         text in str(err) for text in ("out of memory", "can't allocate memory", "not enough memory", "Seems to be OOM"))
-
-
-def label_dtype(classes: int) -> np.dtype:
-    """The unsigned integer type holding class indices 0..classes-1: uint8 up to 256 classes, else uint16
-    (a card has at most 65536, ``package.MAX_CLASSES``)."""
-    return np.dtype(np.uint8) if classes <= 256 else np.dtype(np.uint16)
 
 
 def _argmax_labels(probabilities: np.ndarray, slab: int = 8) -> np.ndarray:

@@ -49,7 +49,7 @@ from vtkmodules.vtkCommonDataModel import vtkImageData
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
 from . import __version__
-from .image import Geometry, Image, ImageError, apply_umask, case_name, read_image, write_image
+from .image import Geometry, Image, ImageError, apply_umask, case_name, label_dtype, read_image, write_image
 from .inference import Cancelled, Predictor, Result, resolve_device
 from .localise import Box, localise_targets, needs_localisation
 from .maps import volume_name
@@ -192,11 +192,12 @@ def volumeNodeFromImage(image: Image, scene, name: str, className: str = "vtkMRM
 
 
 def _orientedMask(geometry: Geometry, mask: np.ndarray):
-    """A labelmap (``vtkOrientedImageData``, uint8) of a (D, H, W) ``mask`` (or label values) on ``geometry``."""
+    """A labelmap (``vtkOrientedImageData``, uint8, or uint16 for label values beyond 255) of a (D, H, W)
+    ``mask`` (or label values) on ``geometry``."""
     oriented = slicer.vtkOrientedImageData()
     oriented.SetDimensions(*geometry.size)
     oriented.SetImageToWorldMatrix(arrayToMatrix(geometry.ijk_to_ras()))
-    values = np.ascontiguousarray(mask, dtype=np.uint8).ravel()
+    values = np.ascontiguousarray(mask, dtype=label_dtype(int(mask.max(initial=0)) + 1)).ravel()
     oriented.GetPointData().SetScalars(numpy_support.numpy_to_vtk(values, deep=True))
     return oriented
 
@@ -895,7 +896,8 @@ class AttnSegLogic:
             display.SetSegmentVisibility(DOUBTFUL_SEGMENT_ID, False)
 
     def correctedLabels(self, segmentationNode=None) -> Image:
-        """The segmentation as it is now, as class values on the model output's grid (uint8).
+        """The segmentation as it is now, as class values on the model output's grid (of
+        :func:`~.image.label_dtype`: uint16 beyond 256 classes).
 
         Segments count by their ``AttnSeg.ClassValue`` tag, or by a name equal to a class name (for
         segments the user added); any other segment is an error, since training could not use it.
@@ -906,6 +908,7 @@ class AttnSegLogic:
             raise CorrectionError("the model output of this segmentation was deleted; segment again to export")
         classes = {c["name"].lower(): int(c["value"])
                    for c in json.loads(node.GetAttribute(ATTRIBUTE + "Classes"))}
+        dtype = label_dtype(max(classes.values(), default=0) + 1)
         segmentation = node.GetSegmentation()
         ids, values = vtkStringArray(), []
         for index in range(segmentation.GetNumberOfSegments()):
@@ -930,7 +933,7 @@ class AttnSegLogic:
                 raise CorrectionError(f"Slicer could not export segmentation {node.GetName()!r} to a label map")
             grid = imageFromVolumeNode(reference)
             if not values:
-                return grid.with_array(np.zeros_like(grid.array, dtype=np.uint8))
+                return grid.with_array(np.zeros_like(grid.array, dtype=dtype))
             exported = imageFromVolumeNode(labelmap)
         finally:  # the temporary label map, and the display node and colour table Slicer made for it
             added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
@@ -939,7 +942,7 @@ class AttnSegLogic:
         if exported.array.shape != grid.array.shape:
             raise CorrectionError(f"exported label map {exported.array.shape} is not on the model output grid "
                                   f"{grid.array.shape}")
-        lookup = np.zeros(len(values) + 1, dtype=np.uint8)
+        lookup = np.zeros(len(values) + 1, dtype=dtype)
         lookup[1:] = values
         return grid.with_array(lookup[exported.array.astype(np.int64)])
 
@@ -983,7 +986,7 @@ class AttnSegLogic:
                 write_image(imageFromVolumeNode(volume), staging / f"image_{index:04d}.nii.gz")
             difference = (label.array != modelLabel.array).astype(np.uint8)
             write_image(label, staging / "label.nii.gz")
-            write_image(modelLabel.with_array(modelLabel.array.astype(np.uint8)), staging / "model_label.nii.gz")
+            write_image(modelLabel.with_array(modelLabel.array.astype(label.array.dtype)), staging / "model_label.nii.gz")
             write_image(label.with_array(difference), staging / "difference.nii.gz")
             write_image(reviewMap.with_array(reviewMap.array.astype(np.float32)), staging / "review_map.nii.gz")
             record = self._caseRecord(node, case, inputs, label, difference)
