@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -455,6 +456,7 @@ def test_overwrite_that_cannot_finish_leaves_the_previous_results(package, hippo
     out = tmp_path / "out"
     base = ("segment", "-i", str(hippocampus_case[0]), "-o", str(out), "--model", str(package))
     assert run_main(capsys, *base, "--preview")[0] == 0
+    (out / "notes.txt").write_text("the user's own file")  # so the results move one by one, not the folder whole
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     if subprocess.run(["chattr", "+i", str(out / "report.json")], capture_output=True).returncode != 0:
         pytest.skip("chattr +i (an immutable file, so that a rename fails for real) is not available here")
@@ -466,6 +468,93 @@ def test_overwrite_that_cannot_finish_leaves_the_previous_results(package, hippo
     one_error(lines, f"could not write the results into {out} (Operation not permitted); it was left as it was")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_overwrite_of_a_results_folder_swaps_it_whole_and_leaves_a_linked_maps_folder_alone(
+        package, hippocampus_case, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ("segment", "-i", str(hippocampus_case[0]), "-o", str(out), "--model", str(package))
+    assert run_main(capsys, *base, "--preview")[0] == 0
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(out / "maps", elsewhere)
+    os.symlink(elsewhere, out / "maps")
+    kept = {p.name: p.read_bytes() for p in elsewhere.iterdir()}
+    assert run_main(capsys, *base, "--overwrite")[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["labels.nii.gz", "maps", "probabilities.nii.gz", "report.json"]
+    assert not (out / "maps").is_symlink() and {p.name: p.read_bytes() for p in elsewhere.iterdir()} == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "out"]  # nothing staged is left
+
+
+@pytest.mark.parametrize("atomic", [True, False])
+def test_replace_folder_swaps_whole_folders(atomic, tmp_path, monkeypatch):
+    """One system call where there is one; else two renames, the previous folder whole under its aside
+    name in between (a system without renameat2 / renamex_np is simulated)."""
+    from AttnSegLib import swap
+    if not atomic:
+        monkeypatch.setattr(swap, "exchange", lambda first, second: False)
+    new, target = tmp_path / ".staged", tmp_path / "results"
+    for folder, run in ((new, "new"), (target, "previous")):
+        (folder / "maps").mkdir(parents=True)
+        (folder / "report.json").write_text(run)
+        (folder / "maps" / "m.nii.gz").write_text(run)
+    swap.replace_folder(new, target)
+    assert (target / "report.json").read_text() == (target / "maps" / "m.nii.gz").read_text() == "new"
+    assert (new / "report.json").read_text() == (new / "maps" / "m.nii.gz").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".staged", "results"]
+
+
+def _text_or_empty(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _fingerprint(out: Path) -> tuple:
+    """What identifies a result set: every name under ``out`` (hidden ones too), the input its report
+    names, and its labels."""
+    report = json.loads((out / "report.json").read_text())
+    return tuple(tree(out)), tuple(report["inputs"]), read_image(out / "labels.nii.gz").array.tobytes()
+
+
+def _staged(tmp_path: Path, name: str) -> bool:
+    """``name`` is in a staging folder (beside the output folder, or inside it as before)."""
+    return any(tmp_path.glob(f".attnseg-*/{name}")) or any(tmp_path.glob(f"out/.attnseg-*/{name}"))
+
+
+def test_overwrite_killed_at_any_moment_leaves_one_whole_result_set(package, hippocampus_dir, tmp_path):
+    """A real `attnseg segment --overwrite` killed with SIGKILL while it starts, once its staging folder
+    exists, once the labels are staged, once everything is staged (the swap imminent) and just after the
+    swap: the folder holds the previous run's results or the new run's, each whole (per-file moves left
+    a mix, and their staging folder, behind)."""
+    first, second = sorted((hippocampus_dir / "imagesTr").glob("hippocampus_0*.nii.gz"))[:2]
+    previous, new = tmp_path / "previous", tmp_path / "new"
+    assert attnseg("segment", "-i", first, "-o", previous, "--model", package, "--preview").returncode == 0
+    assert attnseg("segment", "-i", second, "-o", new, "--model", package).returncode == 0
+    expected = {_fingerprint(previous): "previous", _fingerprint(new): "new"}
+    outcomes = []
+    reached = {"starting": lambda: time.monotonic() - started > 0.5, "staging": lambda: _staged(tmp_path, ""),
+               "labels staged": lambda: _staged(tmp_path, "labels.nii.gz"),
+               "all staged": lambda: _staged(tmp_path, "report.json"),
+               "swapped": lambda: str(second) in _text_or_empty(tmp_path / "out" / "report.json")}
+    for moment, condition in reached.items():
+        out = tmp_path / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(previous, out, symlinks=True)
+        process = subprocess.Popen([str(ATTNSEG), "segment", "-i", str(second), "-o", str(out), "--model",
+                                    str(package), "--overwrite"], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        started = time.monotonic()
+        while process.poll() is None and not condition():
+            time.sleep(0.0005)
+        alive = process.poll() is None
+        process.kill()
+        process.wait()
+        assert alive, f"the run ended before the moment {moment}"
+        outcomes.append(expected.get(_fingerprint(out), f"a mix at {moment}: {tree(out)}"))
+        for leftover in tmp_path.glob(".attnseg-*"):  # the previous set, whole, when killed just after the swap
+            shutil.rmtree(leftover)
+    assert outcomes == ["previous"] * 4 + ["new"], outcomes
 
 
 def test_a_closed_stdout_pipe_ends_quietly():
