@@ -147,6 +147,17 @@ def test_spacing_in_the_wrong_units_is_refused_before_resampling(spacing, phrase
     assert not (tmp_path / "out").exists() or tree(tmp_path / "out") == []
 
 
+def test_spacing_in_the_wrong_units_is_refused_before_localising(image, tmp_path, capsys):
+    """The default (localising) model: 100 mm voxels make the crop look like a whole body, and the
+    registration's resampling to 2 mm used to fail allocating ("Failed to allocate memory for image")."""
+    path = tmp_path / "units.nii.gz"
+    write_image(Image(image.array, Geometry(image.geometry.size, (100.0,) * 3, image.geometry.origin,
+                                            image.geometry.direction)), path)
+    status, _, lines = run_main(capsys, "segment", "-i", str(path), "-o", str(tmp_path / "out"))
+    assert status == 2
+    one_error(lines, "are 100 times finer or coarser than the model's (1, 1, 1 mm)")
+
+
 def test_a_model_frame_too_large_for_memory_is_refused_before_allocating():
     """The resampled grid is estimated from the header: a 10x upsampling of a grid that fits (by the
     header check) would not."""

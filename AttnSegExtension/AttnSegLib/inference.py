@@ -29,7 +29,7 @@ from .localise import (Box, LocalisationError, crop_images, cut, footprint, grid
                        much_larger, plausible_volume, resample, sub_geometry, target_classes)
 from .maps import normalized_entropy, resize_map, split_channels, volume_name
 from .package import ModelPackage
-from .preprocess import align_modalities, to_model_frame
+from .preprocess import align_modalities, check_spacing_units, to_model_frame
 
 ProgressCallback = Callable[[float, "float | None", str], None]
 
@@ -276,6 +276,8 @@ class Predictor:
         field_of_view = settings.get("training_field_of_view_mm")
         if len(images) != len(self.card["modalities"]):
             return self._predict_grid(images, progress, cancel)  # which refuses with the usual message
+        if self.card.get("spacing_xyz_mm"):
+            check_spacing_units(images[0].geometry, self.card["spacing_xyz_mm"])
         if roi is not None:
             return self._predict_roi(images, roi, progress, cancel)
         if not (self.localise and field_of_view and much_larger(images[0].geometry, field_of_view)):

@@ -211,6 +211,18 @@ def _normalise_and_profile(array: np.ndarray, method: str) -> Profile | None:
     raise ImageError(f"unknown normalisation {method!r} in the model card; known: {', '.join(NORMALISATIONS)}")
 
 
+def check_spacing_units(geometry: Geometry, spacing) -> None:
+    """Refuse an input whose voxels are implausibly finer or coarser than the model's (x, y, z)
+    ``spacing`` mm: a header in the wrong units. Checked before anything resamples it, localisation's
+    registration included."""
+    source, target = np.asarray(geometry.spacing, dtype=float), np.asarray(spacing, dtype=float)
+    ratio = max(source.max() / target.min(), target.max() / source.min())
+    if ratio > _MAX_RESOLUTION_RATIO:
+        raise ImageError(f"the image's voxels ({', '.join(f'{v:.3g}' for v in source)} mm) are {ratio:.3g} times "
+                         f"finer or coarser than the model's ({', '.join(f'{v:.3g}' for v in target)} mm); the "
+                         "header's spacing is probably in the wrong units (mm expected) — fix the header")
+
+
 def check_model_frame_size(geometry: Geometry, spacing, channels: int) -> None:
     """Refuse, before anything is allocated, an input whose voxels are implausibly finer or coarser
     than the model's (a header in the wrong units) or whose model-frame copy cannot fit in memory.
@@ -218,12 +230,8 @@ def check_model_frame_size(geometry: Geometry, spacing, channels: int) -> None:
     ``spacing``: the model's (x, y, z) mm; ``channels``: the modalities. The model frame holds about
     the input's physical volume over the model's voxel volume (whatever the reorientation).
     """
+    check_spacing_units(geometry, spacing)
     source, target = np.asarray(geometry.spacing, dtype=float), np.asarray(spacing, dtype=float)
-    ratio = max(source.max() / target.min(), target.max() / source.min())
-    if ratio > _MAX_RESOLUTION_RATIO:
-        raise ImageError(f"the image's voxels ({', '.join(f'{v:.3g}' for v in source)} mm) are {ratio:.3g} times "
-                         f"finer or coarser than the model's ({', '.join(f'{v:.3g}' for v in target)} mm); the "
-                         "header's spacing is probably in the wrong units (mm expected) — fix the header")
     voxels = math.prod(float(n) * s / t for n, s, t in zip(geometry.size, source, target))
     needed = voxels * 4 * (channels + 1) + math.prod(geometry.size) * 4 * channels
     if needed > physical_memory_bytes():
