@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,17 @@ def test_spacing_in_the_wrong_units_is_refused_before_resampling(spacing, phrase
     one_error(lines, phrase)
     assert "probably in the wrong units (mm expected) — fix the header" in lines[0]
     assert not (tmp_path / "out").exists() or tree(tmp_path / "out") == []
+
+
+def test_spacing_in_the_wrong_units_is_refused_before_localising(image, tmp_path, capsys):
+    """The default (localising) model: 100 mm voxels make the crop look like a whole body, and the
+    registration's resampling to 2 mm used to fail allocating ("Failed to allocate memory for image")."""
+    path = tmp_path / "units.nii.gz"
+    write_image(Image(image.array, Geometry(image.geometry.size, (100.0,) * 3, image.geometry.origin,
+                                            image.geometry.direction)), path)
+    status, _, lines = run_main(capsys, "segment", "-i", str(path), "-o", str(tmp_path / "out"))
+    assert status == 2
+    one_error(lines, "are 100 times finer or coarser than the model's (1, 1, 1 mm)")
 
 
 def test_a_model_frame_too_large_for_memory_is_refused_before_allocating():
@@ -293,10 +305,57 @@ def test_a_modality_covering_half_the_field_of_view_is_noticed(brats):
             "there is unreliable — give images of the same region") in notices
 
 
+BRATS_SWAP_NOTICE = ("the modalities look swapped: input 1 (given as FLAIR) looks like T1c, input 2 (given as T1c) "
+                     "looks like FLAIR; give them in the model's order (FLAIR, T1c)")
+
+
+def test_the_brats_models_inputs_swapped_are_noticed(brats):
+    """The held-out case with FLAIR and T1c swapped (enhancing tumour Dice 0.66 -> 0.10 without a word):
+    their histograms, z-scored inside the brain by the data's providers, are alike, but T1c is the
+    rougher contrast in every training case, and here."""
+    predictor, (flair, t1c) = brats
+    assert BRATS_SWAP_NOTICE in predictor.predict([t1c, flair]).notices
+
+
+def test_no_brats_case_is_flagged_in_the_right_order_and_every_one_swapped(data_dir):
+    card = load_package("brats_sample_unet").card
+    for case in sorted((data_dir / "brats_sample").iterdir()):
+        flair, t1c = (read_image(next(case.glob(f"{m}*"))) for m in ("Flair", "T1c"))
+        for images, swapped in (([flair, t1c], False), ([t1c, flair], True)):
+            prepared = to_model_frame(images, card["modalities"], card["spacing_xyz_mm"], card["orientation"],
+                                      card["crop_to_nonzero"], card["input_statistics"])
+            unusual = [n for n in prepared.notices if "brought back to the input grid" not in n]
+            assert unusual == ([BRATS_SWAP_NOTICE] if swapped else []), (case.name, unusual)
+
+
+@pytest.mark.parametrize("copy", ["rescaled", "int16"])
+def test_a_copy_of_one_modality_given_for_another_is_noticed(copy, brats):
+    """FLAIR given twice, the second copy rescaled or stored as int16 (not equal voxel for voxel)."""
+    predictor, (flair, _) = brats
+    second = flair.array * np.float32(1.5) + np.float32(0.2) if copy == "rescaled" else \
+        np.round(flair.array * 1000).astype(np.int16)
+    prepared = to_model_frame([flair, flair.with_array(second)], predictor.card["modalities"])
+    assert any(n.startswith("T1c looks like a copy of FLAIR (their voxels correlate 1.0000); the model needs a "
+                            "different image per modality — give the T1c file") for n in prepared.notices), \
+        prepared.notices
+
+
+@pytest.mark.parametrize("padding", ["background", "zero"])
+def test_a_modality_scanned_over_half_the_region_and_padded_onto_the_same_grid_is_noticed(padding, brats):
+    predictor, (flair, t1c) = brats
+    half = t1c.array.copy()
+    half[:, :, half.shape[2] // 2:] = half.min() if padding == "background" else 0
+    prepared = to_model_frame([flair, t1c.with_array(half)], predictor.card["modalities"])
+    partial = [n for n in prepared.notices if n.startswith("T1c covers only ")]
+    assert len(partial) == 1 and partial[0].endswith(
+        "% of FLAIR's field of view; the model sees zeros beyond it, so the segmentation there is unreliable — "
+        "give images of the same region"), prepared.notices
+    assert 45 <= int(partial[0].split()[3].rstrip("%")) <= 55
+
+
 def test_swapped_modalities_are_noticed_when_their_intensities_differ(image, hippocampus_dir, tmp_path):
     """Two modalities with different histograms (a T1 crop and its square root, inverted), statistics
-    measured on training cases: given in the wrong order, a notice; in the right order, none.
-    (FLAIR and T1c of the BraTS sample are too alike in histogram for this check to tell them apart.)"""
+    measured on training cases: given in the wrong order, a notice; in the right order, none."""
     from training.statistics import measure
     from training.data import CaseFiles
 
@@ -331,6 +390,37 @@ def test_more_than_255_classes_keep_their_values(image, tmp_path):
     assert result.labels.array.dtype == np.uint16 and set(np.unique(result.labels.array)) == {290}
     write_image(result.labels, tmp_path / "labels.nii.gz")
     assert set(np.unique(read_image(tmp_path / "labels.nii.gz").array)) == {290}
+
+
+def test_more_than_255_classes_survive_training_loading_and_patches(hippocampus_case, tmp_path):
+    """A label map with class 290 is read, looked up and cropped into training patches as 290 (the
+    loader's uint8 table stored it as 34)."""
+    from training.data import CaseFiles, load_case
+    from training.patches import PatchDataset
+
+    classes = [{"value": v, "name": f"c{v}"} for v in range(300)]
+    label = read_image(hippocampus_case[1])
+    wide = label.array.astype(np.uint16)
+    wide[wide == 2] = 290
+    write_image(label.with_array(wide), tmp_path / "label.nii.gz")
+    case = load_case(CaseFiles("wide", (hippocampus_case[0],), tmp_path / "label.nii.gz"),
+                     {"modalities": [{"name": "T1", "normalization": "zscore"}], "classes": classes,
+                      "spacing_xyz_mm": [1.0] * 3, "orientation": "RAS"})
+    assert set(np.unique(case.label)) == {0, 1, 290}
+    augmentation = {"affine_prob": 1.0, "rotate_deg": 10, "scale": [0.9, 1.1], "flip_axes": [0, 1, 2], "flip_prob": 0.5}
+    patches = PatchDataset([case], [16, 32, 16], 300, {"foreground_ratio": 1.0}, augmentation, seed=0)
+    seen = set().union(*(np.unique(patches[i]["label"].numpy()).tolist() for i in range(4)))
+    assert 290 in seen and seen <= {0, 1, 290}
+
+
+def test_more_than_255_classes_survive_click_refinement(image):
+    from AttnSegLib.refine import Click, Refiner
+    classes = 300
+    probabilities = np.full((classes,) + image.array.shape, 0.1 / (classes - 1), dtype=np.float32)
+    probabilities[290] = 0.9
+    refined = Refiner("sphere").refine(image.array[None].astype(np.float32), probabilities, image.geometry,
+                               [Click(tuple(image.geometry.ijk_to_lps()[:3, 3]), 0)])
+    assert refined.labels.dtype == np.uint16 and 290 in np.unique(refined.labels)
 
 
 # -- 7. attnseg evaluate ------------------------------------------------------------------------------
@@ -424,6 +514,7 @@ def test_overwrite_that_cannot_finish_leaves_the_previous_results(package, hippo
     out = tmp_path / "out"
     base = ("segment", "-i", str(hippocampus_case[0]), "-o", str(out), "--model", str(package))
     assert run_main(capsys, *base, "--preview")[0] == 0
+    (out / "notes.txt").write_text("the user's own file")  # so the results move one by one, not the folder whole
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     if subprocess.run(["chattr", "+i", str(out / "report.json")], capture_output=True).returncode != 0:
         pytest.skip("chattr +i (an immutable file, so that a rename fails for real) is not available here")
@@ -435,6 +526,93 @@ def test_overwrite_that_cannot_finish_leaves_the_previous_results(package, hippo
     one_error(lines, f"could not write the results into {out} (Operation not permitted); it was left as it was")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_overwrite_of_a_results_folder_swaps_it_whole_and_leaves_a_linked_maps_folder_alone(
+        package, hippocampus_case, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ("segment", "-i", str(hippocampus_case[0]), "-o", str(out), "--model", str(package))
+    assert run_main(capsys, *base, "--preview")[0] == 0
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(out / "maps", elsewhere)
+    os.symlink(elsewhere, out / "maps")
+    kept = {p.name: p.read_bytes() for p in elsewhere.iterdir()}
+    assert run_main(capsys, *base, "--overwrite")[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["labels.nii.gz", "maps", "probabilities.nii.gz", "report.json"]
+    assert not (out / "maps").is_symlink() and {p.name: p.read_bytes() for p in elsewhere.iterdir()} == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "out"]  # nothing staged is left
+
+
+@pytest.mark.parametrize("atomic", [True, False])
+def test_replace_folder_swaps_whole_folders(atomic, tmp_path, monkeypatch):
+    """One system call where there is one; else two renames, the previous folder whole under its aside
+    name in between (a system without renameat2 / renamex_np is simulated)."""
+    from AttnSegLib import swap
+    if not atomic:
+        monkeypatch.setattr(swap, "exchange", lambda first, second: False)
+    new, target = tmp_path / ".staged", tmp_path / "results"
+    for folder, run in ((new, "new"), (target, "previous")):
+        (folder / "maps").mkdir(parents=True)
+        (folder / "report.json").write_text(run)
+        (folder / "maps" / "m.nii.gz").write_text(run)
+    swap.replace_folder(new, target)
+    assert (target / "report.json").read_text() == (target / "maps" / "m.nii.gz").read_text() == "new"
+    assert (new / "report.json").read_text() == (new / "maps" / "m.nii.gz").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".staged", "results"]
+
+
+def _text_or_empty(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _fingerprint(out: Path) -> tuple:
+    """What identifies a result set: every name under ``out`` (hidden ones too), the input its report
+    names, and its labels."""
+    report = json.loads((out / "report.json").read_text())
+    return tuple(tree(out)), tuple(report["inputs"]), read_image(out / "labels.nii.gz").array.tobytes()
+
+
+def _staged(tmp_path: Path, name: str) -> bool:
+    """``name`` is in a staging folder (beside the output folder, or inside it as before)."""
+    return any(tmp_path.glob(f".attnseg-*/{name}")) or any(tmp_path.glob(f"out/.attnseg-*/{name}"))
+
+
+def test_overwrite_killed_at_any_moment_leaves_one_whole_result_set(package, hippocampus_dir, tmp_path):
+    """A real `attnseg segment --overwrite` killed with SIGKILL while it starts, once its staging folder
+    exists, once the labels are staged, once everything is staged (the swap imminent) and just after the
+    swap: the folder holds the previous run's results or the new run's, each whole (per-file moves left
+    a mix, and their staging folder, behind)."""
+    first, second = sorted((hippocampus_dir / "imagesTr").glob("hippocampus_0*.nii.gz"))[:2]
+    previous, new = tmp_path / "previous", tmp_path / "new"
+    assert attnseg("segment", "-i", first, "-o", previous, "--model", package, "--preview").returncode == 0
+    assert attnseg("segment", "-i", second, "-o", new, "--model", package).returncode == 0
+    expected = {_fingerprint(previous): "previous", _fingerprint(new): "new"}
+    outcomes = []
+    reached = {"starting": lambda: time.monotonic() - started > 0.5, "staging": lambda: _staged(tmp_path, ""),
+               "labels staged": lambda: _staged(tmp_path, "labels.nii.gz"),
+               "all staged": lambda: _staged(tmp_path, "report.json"),
+               "swapped": lambda: str(second) in _text_or_empty(tmp_path / "out" / "report.json")}
+    for moment, condition in reached.items():
+        out = tmp_path / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(previous, out, symlinks=True)
+        process = subprocess.Popen([str(ATTNSEG), "segment", "-i", str(second), "-o", str(out), "--model",
+                                    str(package), "--overwrite"], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        started = time.monotonic()
+        while process.poll() is None and not condition():
+            time.sleep(0.0005)
+        alive = process.poll() is None
+        process.kill()
+        process.wait()
+        assert alive, f"the run ended before the moment {moment}"
+        outcomes.append(expected.get(_fingerprint(out), f"a mix at {moment}: {tree(out)}"))
+        for leftover in tmp_path.glob(".attnseg-*"):  # the previous set, whole, when killed just after the swap
+            shutil.rmtree(leftover)
+    assert outcomes == ["previous"] * 4 + ["new"], outcomes
 
 
 def test_a_closed_stdout_pipe_ends_quietly():

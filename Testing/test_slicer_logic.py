@@ -564,6 +564,28 @@ def test_exported_correction_is_readable_by_training(logic, scene, segmented, tm
     np.testing.assert_array_equal(loaded.label, corrected.array)  # the sample is already RAS at 1 mm
 
 
+def test_more_than_255_classes_keep_their_values_in_the_scene_and_the_export(logic, tmp_path):
+    """A model with 300 classes whose answer is class 290 everywhere: the segment, the corrected labels
+    and every exported label map hold 290 (Slicer's labelmap and the export's lookup were uint8: 34)."""
+    classes = [{"value": v, "name": f"c{v}"} for v in range(300)]
+    package = _untrained_package(tmp_path / "wide", "unet", {"features": [4, 8]},
+                                 [{"name": "T1", "normalization": "zscore"}], classes, "wide")
+    weights = {k: v.clone() for k, v in package.weights.items()}
+    last = [k for k, v in weights.items() if k.endswith("bias") and v.shape == (300,)][-1]
+    weights[last][290] = 1e4
+    package = save_package(tmp_path / "wide290", package.card, weights)
+    volume = logic.loadVolume(SAMPLE_IMAGE)
+    seg = logic.segment([volume], package, device="cpu").segmentationNode
+    segment = seg.GetSegmentation().GetSegment("c290")
+    assert segment is not None and segment.GetLabelValue() == 290
+    shared = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    assert set(np.unique(numpy_support.vtk_to_numpy(shared.GetPointData().GetScalars()))) == {290}
+    assert set(np.unique(logic.correctedLabels(seg).array)) == {290}
+    case = logic.exportCorrection(seg, tmp_path / "export")
+    for name in ("label", "model_label"):
+        assert set(np.unique(read_image(case / f"{name}.nii.gz").array)) == {290}, name
+
+
 def test_export_never_overwrites_unless_asked(logic, segmented, tmp_path):
     _, result = segmented
     first = logic.exportCorrection(result.segmentationNode, tmp_path, caseName="case 7/a")

@@ -35,7 +35,7 @@ import SimpleITK as sitk
 
 from AttnSegLib import corrected_case
 from AttnSegLib.errors import AttnSegError
-from AttnSegLib.image import IMAGE_SUFFIXES, Geometry, Image, ImageError, case_name, read_image
+from AttnSegLib.image import IMAGE_SUFFIXES, Geometry, Image, ImageError, case_name, label_dtype, read_image
 from AttnSegLib.preprocess import to_model_frame
 
 LAYOUTS = ("msd", "iseg", "brats", "folder", "corrected")
@@ -72,7 +72,8 @@ class CaseFiles:
 class Case:
     """One case in the model frame, kept in memory.
 
-    ``image``: (M, D, H, W) float32, normalised. ``label``: (D, H, W) uint8 class indices.
+    ``image``: (M, D, H, W) float32, normalised. ``label``: (D, H, W) class indices
+    (uint8, uint16 beyond 256 classes).
     ``changed``: (D, H, W) bool, the voxels a correction changed (corrected cases with a difference map).
     """
 
@@ -311,7 +312,8 @@ def label_lookup(classes: list[dict]) -> dict[int, int]:
 
 
 def check_label_values(array: np.ndarray, lookup: dict[int, int], where: str) -> np.ndarray:
-    """(D, H, W) stored label values -> uint8 class indices; :class:`LabelError` for anything else."""
+    """(D, H, W) stored label values -> class indices (:func:`~AttnSegLib.image.label_dtype`: uint16 beyond
+    256 classes); :class:`LabelError` for anything else."""
     values = np.unique(array)
     fractional = values[values != np.round(values)] if np.issubdtype(values.dtype, np.floating) else []
     if len(fractional):
@@ -324,7 +326,7 @@ def check_label_values(array: np.ndarray, lookup: dict[int, int], where: str) ->
         raise LabelError(f"{where}: label values {unknown} are not among the dataset's classes "
                          f"{sorted(lookup)}; fix the label file or add the classes (with source_value) "
                          "to data.classes in the config")
-    table = np.zeros(max(lookup) + 1, dtype=np.uint8)
+    table = np.zeros(max(lookup) + 1, dtype=label_dtype(max(lookup.values()) + 1))
     for stored, index in lookup.items():
         table[stored] = index
     return table[array.astype(np.int64)]
@@ -366,7 +368,7 @@ def load_case(files: CaseFiles, data: dict) -> Case:
     if files.difference is not None:
         difference = read_image(files.difference)
         changed = _on_model_grid(difference.with_array((difference.array > 0).astype(np.uint8)), prepared) > 0
-    return Case(files.name, prepared.array.astype(np.float32, copy=False), np.ascontiguousarray(label, dtype=np.uint8),
+    return Case(files.name, prepared.array.astype(np.float32, copy=False), np.ascontiguousarray(label),
                 changed)
 
 

@@ -40,7 +40,7 @@ FEATURES = (8, 16, 32, 64)
 
 
 class Sample:
-    """One training case on its input grid: ``image`` (1, D, H, W) float32, ``label`` (D, H, W) uint8,
+    """One training case on its input grid: ``image`` (1, D, H, W) float32, ``label`` (D, H, W) class indices,
     ``base`` model name -> (C, D, H, W) float16 probabilities."""
 
     def __init__(self, name: str, image: np.ndarray, label: np.ndarray, geometry: Geometry, base: dict):

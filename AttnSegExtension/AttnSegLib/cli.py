@@ -27,6 +27,7 @@ from . import localise
 from .errors import AttnSegError
 from .image import ImageError, case_name, dicom_series, list_images, read_image, write_image
 from .package import PackageError, available_packages, default_package_name, load_package
+from .swap import replace_folder
 
 # Moved into place in this order: report.json last, so its presence marks a complete result.
 OUTPUT_FILES = ("labels.nii.gz", "probabilities.nii.gz", "maps", "preview.png", "volumes.csv", "segmentation.dcm",
@@ -161,7 +162,8 @@ def _volumes_line(result, volumetry: dict | None) -> str:
 
 def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inputs: list[Path],
                 preview_image=None, report_extra: dict | None = None, dicom_series_folder: Path | None = None) -> None:
-    """Write everything into a hidden staging folder, then move each output into ``out``.
+    """Write everything into a hidden staging folder (:func:`_staging_folder`), then swap it in as one
+    result set (:func:`_swap_result_set`).
 
     ``preview_image``: the first modality, to draw ``preview.png`` over (``--preview``);
     ``report_extra``: more top-level entries for report.json (``refine`` adds its clicks);
@@ -170,7 +172,7 @@ def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inpu
     from . import outputs
 
     volumetry = localise.volumetry(result.labels, result.classes)
-    staging = Path(tempfile.mkdtemp(prefix=".attnseg-", dir=out))
+    staging = _staging_folder(out)
     try:
         t0 = time.perf_counter()
         write_image(result.labels, staging / "labels.nii.gz")
@@ -205,15 +207,46 @@ def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inpu
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _holds_only_results(folder: Path) -> bool:
+    """True when ``folder`` holds nothing but names of :data:`OUTPUT_FILES` (or nothing)."""
+    return all(name in OUTPUT_FILES for name in os.listdir(folder))
+
+
+def _staging_folder(out: Path) -> Path:
+    """A new hidden folder for a case's results: beside ``out`` (in its parent, on its file system) when
+    ``out`` holds nothing but a result set, so that the new set replaces the folder whole; else (the
+    user's own files in ``out``, or its parent not writable) inside ``out``."""
+    real = out.resolve()
+    if _holds_only_results(real) and real.parent != real:
+        with contextlib.suppress(OSError):
+            staging = Path(tempfile.mkdtemp(prefix=f".attnseg-{real.name}-", dir=real.parent))
+            if os.stat(staging).st_dev == os.stat(real).st_dev:
+                return staging
+            staging.rmdir()
+    return Path(tempfile.mkdtemp(prefix=".attnseg-", dir=out))
+
+
 def _swap_result_set(staging: Path, out: Path, overwrite: bool) -> None:
     """Replace the whole result set in ``out`` (every name of :data:`OUTPUT_FILES`) by the one in
     ``staging``, or leave ``out`` as it was.
 
-    The previous results (a file, a folder or a symbolic link: renamed, never followed) first move
-    aside into ``staging``, then the new ones move in, report.json last; any failure moves everything
-    back, so ``out`` never holds a mix of two runs (a stale preview.png beside new labels). Every move
-    is a rename within one folder's file system.
+    Staged beside ``out`` (which held nothing but results): the two folders swap in one step
+    (:func:`.swap.replace_folder`), so a process killed at any moment leaves ``out`` holding one run's
+    results, whole; ``staging`` then names the previous set. Otherwise (the user's own files in
+    ``out``) the previous results (a file, a folder or a symbolic link: renamed, never followed) first
+    move aside into ``staging``, then the new ones move in, report.json last; any failure moves
+    everything back, so ``out`` never holds a mix of two runs (a stale preview.png beside new labels).
+    Every move is a rename within one file system.
     """
+    real = out.resolve()
+    if staging.parent != real:
+        appeared = [name for name in OUTPUT_FILES if os.path.lexists(real / name)]
+        if appeared and not overwrite:
+            raise UsageError(f"{out / appeared[0]} appeared during the run; nothing was overwritten")
+        if _holds_only_results(real):
+            os.chmod(staging, os.stat(real).st_mode & 0o7777)
+            replace_folder(staging, real)
+            return
     previous = staging / ".previous"
     previous.mkdir()
     moved_aside, moved_in = [], []

@@ -61,7 +61,7 @@ def write_case(target: Path, images: list[Image], label: Image, model_label: Ima
         for index, image in enumerate(images):
             write_image(image, staging / image_file(index))
         write_image(label, staging / LABEL_FILE)
-        write_image(model_label.with_array(model_label.array.astype(np.uint8)), staging / MODEL_LABEL_FILE)
+        write_image(model_label.with_array(model_label.array.astype(label.array.dtype)), staging / MODEL_LABEL_FILE)
         write_image(label.with_array(difference(label, model_label)), staging / DIFFERENCE_FILE)
         write_image(review_map.with_array(review_map.array.astype(np.float32)), staging / REVIEW_MAP_FILE)
         (staging / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")

@@ -148,6 +148,13 @@ class Image:
         return Image(array, self.geometry)
 
 
+def label_dtype(classes: int) -> np.dtype:
+    """The unsigned integer type holding class indices 0..classes-1: uint8 up to 256 classes, else uint16
+    (a card has at most 65536, ``package.MAX_CLASSES``). Every label map (inference, Slicer, training)
+    takes its type from here, so that class 290 is never stored as 34."""
+    return np.dtype(np.uint8) if classes <= 256 else np.dtype(np.uint16)
+
+
 def dicom_series(path: Path) -> tuple[str, ...]:
     """The DICOM series UIDs in folder ``path`` (empty when it holds none), without ITK's console warnings."""
     if not path.is_dir():

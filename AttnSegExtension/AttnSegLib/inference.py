@@ -28,12 +28,12 @@ from monai.inferers import sliding_window_inference
 from . import __version__
 from .card import UNCERTAINTY, ModelCard
 from .errors import InputError, OutOfMemory
-from .image import Image
+from .image import Image, label_dtype
 from .localise import (Box, LocalisationError, crop_images, cut, footprint, grid_in_box, localise_targets,
                        much_larger, plausible_volume, resample, sub_geometry, target_classes)
 from .maps import normalized_entropy, resize_map, split_channels, volume_name
 from .package import ModelPackage
-from .preprocess import align_modalities, to_model_frame
+from .preprocess import align_modalities, check_spacing_units, to_model_frame
 
 ProgressCallback = Callable[[float, "float | None", str], None]
 
@@ -211,12 +211,6 @@ class _Run:
         return torch.float16 if (self.half and self.device.type == "cuda") else None
 
 
-def label_dtype(classes: int) -> np.dtype:
-    """The unsigned integer type holding class indices 0..classes-1: uint8 up to 256 classes, else uint16
-    (a card has at most 65536, ``package.MAX_CLASSES``)."""
-    return np.dtype(np.uint8) if classes <= 256 else np.dtype(np.uint16)
-
-
 def _argmax_labels(probabilities: np.ndarray, slab: int = 8) -> np.ndarray:
     """(C, D, H, W) -> (D, H, W) class indices of :func:`label_dtype`, ``slab`` slices at a time:
     ``np.argmax`` of the whole volume would make an int64 copy twice the size of a float32 volume."""
@@ -334,6 +328,8 @@ class Predictor:
         field_of_view = settings.training_field_of_view_mm
         if len(images) != len(self.card.modalities):
             return self._predict_grid(images, progress, cancel, run)  # which refuses with the usual message
+        if self.card.spacing_xyz_mm:
+            check_spacing_units(images[0].geometry, self.card.spacing_xyz_mm)
         if roi is not None:
             return self._predict_roi(images, roi, progress, cancel, run)
         if not (self.localise and field_of_view and much_larger(images[0].geometry, field_of_view)):

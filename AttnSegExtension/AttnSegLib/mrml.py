@@ -16,7 +16,7 @@ from vtkmodules.util import numpy_support
 from vtkmodules.vtkCommonDataModel import vtkImageData
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
-from .image import Geometry, Image, ImageError, case_name, read_image
+from .image import Geometry, Image, ImageError, case_name, label_dtype, read_image
 from .localise import Box
 
 # Perceptually uniform "inferno" colour scale (matplotlib), sampled at 17 equally spaced points.
@@ -125,11 +125,12 @@ def volumeNodeFromImage(image: Image, scene, name: str, className: str = "vtkMRM
 
 
 def orientedMask(geometry: Geometry, mask: np.ndarray):
-    """A labelmap (``vtkOrientedImageData``, uint8) of a (D, H, W) ``mask`` (or label values) on ``geometry``."""
+    """A labelmap (``vtkOrientedImageData``, uint8, or uint16 for label values beyond 255) of a (D, H, W)
+    ``mask`` (or label values) on ``geometry``."""
     oriented = slicer.vtkOrientedImageData()
     oriented.SetDimensions(*geometry.size)
     oriented.SetImageToWorldMatrix(arrayToMatrix(geometry.ijk_to_ras()))
-    values = np.ascontiguousarray(mask, dtype=np.uint8).ravel()
+    values = np.ascontiguousarray(mask, dtype=label_dtype(int(mask.max(initial=0)) + 1)).ravel()
     oriented.GetPointData().SetScalars(numpy_support.numpy_to_vtk(values, deep=True))
     return oriented
 

@@ -22,7 +22,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .image import Geometry, Image, ImageError, physical_memory_bytes
-from .intensity import Profile, clip_and_standardise, input_notices
+from .intensity import (MASKED_BACKGROUND_FRACTION, Profile, clip_and_standardise, input_notices, roughness, sample,
+                        tissue_mask)
 
 NORMALISATIONS = ("zscore", "zscore_nonzero", "percentile_zscore", "none")
 _SPACING_TOLERANCE = 1e-3  # relative; below this an input is taken to be at the model spacing
@@ -109,9 +110,28 @@ def align_modalities(images: list[Image], names: list[str] | None = None) -> tup
         notices.append(f"{name} had a different grid from {names[0]} and was resampled onto it")
         covered = _coverage(img.geometry, ref)
         if covered < _MIN_COVERAGE:
-            notices.append(f"{name} covers only {covered:.0%} of {names[0]}'s field of view; the model sees zeros "
-                           "beyond it, so the segmentation there is unreliable — give images of the same region")
+            notices.append(_partial_notice(name, names[0], covered))
     return aligned, notices
+
+
+def _partial_notice(name: str, reference: str, covered: float) -> str:
+    return (f"{name} covers only {covered:.0%} of {reference}'s field of view; the model sees zeros beyond it, so "
+            "the segmentation there is unreliable — give images of the same region")
+
+
+def _tissue_coverage_notices(images: list[Image], names: list[str], notices: list[str]) -> list[str]:
+    """A notice for each modality (on the first one's grid) whose image data covers only part of the
+    first one's tissue (:func:`.intensity.tissue_mask`): a scan of part of the region padded with its
+    background value onto the same grid; none where the grid check already said so."""
+    reference = sample(tissue_mask(images[0].array))
+    found = []
+    for img, name in zip(images[1:], names[1:]):
+        if any(n.startswith(f"{name} covers only") for n in notices) or not reference.any():
+            continue
+        covered = float((sample(tissue_mask(img.array)) & reference).sum() / reference.sum())
+        if covered < _MIN_COVERAGE:
+            found.append(_partial_notice(name, names[0], covered))
+    return found
 
 
 def _coverage(geometry: Geometry, reference: Geometry) -> float:
@@ -157,14 +177,20 @@ def normalise(array: np.ndarray, method: str) -> np.ndarray:
     return out
 
 
-MASKED_BACKGROUND_FRACTION = 0.01  # more exact zeros than this: a masked scan's background
-
-
 def normalise_in_place(array: np.ndarray, method: str) -> Profile | None:
     """:func:`normalise` overwriting a float32 array (no full-size copy beyond one temporary);
-    -> the intensity profile of the voxels it normalised (None for ``none`` or no non-zero voxel)."""
+    -> the intensity profile of the voxels it normalised (None for ``none`` or no non-zero voxel), with
+    the (D, H, W) array's roughness (:func:`.intensity.roughness`)."""
     if method == "none":
         return None
+    tissue = tissue_mask(array) if array.ndim == 3 else None
+    profile = _normalise_and_profile(array, method)
+    if profile is None or tissue is None:
+        return profile
+    return dataclasses.replace(profile, roughness=roughness(array, tissue))
+
+
+def _normalise_and_profile(array: np.ndarray, method: str) -> Profile | None:
     if method in ("zscore", "percentile_zscore"):
         background = array == 0
         if background.mean() <= MASKED_BACKGROUND_FRACTION:
@@ -185,6 +211,18 @@ def normalise_in_place(array: np.ndarray, method: str) -> Profile | None:
     raise ImageError(f"unknown normalisation {method!r} in the model card; known: {', '.join(NORMALISATIONS)}")
 
 
+def check_spacing_units(geometry: Geometry, spacing) -> None:
+    """Refuse an input whose voxels are implausibly finer or coarser than the model's (x, y, z)
+    ``spacing`` mm: a header in the wrong units. Checked before anything resamples it, localisation's
+    registration included."""
+    source, target = np.asarray(geometry.spacing, dtype=float), np.asarray(spacing, dtype=float)
+    ratio = max(source.max() / target.min(), target.max() / source.min())
+    if ratio > _MAX_RESOLUTION_RATIO:
+        raise ImageError(f"the image's voxels ({', '.join(f'{v:.3g}' for v in source)} mm) are {ratio:.3g} times "
+                         f"finer or coarser than the model's ({', '.join(f'{v:.3g}' for v in target)} mm); the "
+                         "header's spacing is probably in the wrong units (mm expected) — fix the header")
+
+
 def check_model_frame_size(geometry: Geometry, spacing, channels: int) -> None:
     """Refuse, before anything is allocated, an input whose voxels are implausibly finer or coarser
     than the model's (a header in the wrong units) or whose model-frame copy cannot fit in memory.
@@ -192,12 +230,8 @@ def check_model_frame_size(geometry: Geometry, spacing, channels: int) -> None:
     ``spacing``: the model's (x, y, z) mm; ``channels``: the modalities. The model frame holds about
     the input's physical volume over the model's voxel volume (whatever the reorientation).
     """
+    check_spacing_units(geometry, spacing)
     source, target = np.asarray(geometry.spacing, dtype=float), np.asarray(spacing, dtype=float)
-    ratio = max(source.max() / target.min(), target.max() / source.min())
-    if ratio > _MAX_RESOLUTION_RATIO:
-        raise ImageError(f"the image's voxels ({', '.join(f'{v:.3g}' for v in source)} mm) are {ratio:.3g} times "
-                         f"finer or coarser than the model's ({', '.join(f'{v:.3g}' for v in target)} mm); the "
-                         "header's spacing is probably in the wrong units (mm expected) — fix the header")
     voxels = math.prod(float(n) * s / t for n, s, t in zip(geometry.size, source, target))
     needed = voxels * 4 * (channels + 1) + math.prod(geometry.size) * 4 * channels
     if needed > physical_memory_bytes():
@@ -268,6 +302,7 @@ def to_model_frame(images: list[Image], modalities: list[dict], spacing_xyz_mm=N
     names = [m["name"] for m in modalities]
     images, notices = align_modalities(images, names)
     notices += _duplicate_notices(images, names)
+    notices += _tissue_coverage_notices(images, names, notices)
     input_geometry = frame = images[0].geometry
     resampled = needs_resampling(input_geometry, orientation, spacing_xyz_mm)
     if resampled and spacing_xyz_mm is not None:
@@ -298,8 +333,13 @@ def to_model_frame(images: list[Image], modalities: list[dict], spacing_xyz_mm=N
     return Prepared(stacked, input_geometry, frame, crop, resampled, notices, profiles)
 
 
+_DUPLICATE_CORRELATION = 0.995  # two contrasts of one case correlate less inside the tissue: 0.25-0.59 for the
+                                # BraTS sample's FLAIR and T1c, 0.96 for the MS data's T1 and T1 post-contrast
+
+
 def _duplicate_notices(images: list[Image], names: list[str]) -> list[str]:
-    """A notice for each modality given as the same image as an earlier one (the grids already agree)."""
+    """A notice for each modality given as the same image as an earlier one, or as a copy of it rescaled
+    or stored in another type (their tissue voxels correlate almost perfectly); the grids already agree."""
     notices = []
     for later in range(1, len(images)):
         for earlier in range(later):
@@ -307,7 +347,25 @@ def _duplicate_notices(images: list[Image], names: list[str]) -> list[str]:
                 notices.append(f"{names[later]} is the same image as {names[earlier]}; the model needs a different "
                                f"image per modality — give the {names[later]} file")
                 break
+            correlation = _tissue_correlation(images[later].array, images[earlier].array)
+            if correlation > _DUPLICATE_CORRELATION:
+                notices.append(f"{names[later]} looks like a copy of {names[earlier]} (their voxels correlate "
+                               f"{correlation:.4f}); the model needs a different image per modality — give the "
+                               f"{names[later]} file")
+                break
     return notices
+
+
+def _tissue_correlation(first: np.ndarray, second: np.ndarray) -> float:
+    """Pearson correlation of two (D, H, W) arrays over the voxels that are tissue in both
+    (:func:`.intensity.tissue_mask`), on an evenly strided sample of at most ~4 M voxels; 0 when
+    either is constant there."""
+    a, b = sample(first), sample(second)
+    both = sample(tissue_mask(first)) & sample(tissue_mask(second))
+    a, b = a[both].astype(np.float64), b[both].astype(np.float64)
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 def _resampling_notice(source: Geometry, frame: Geometry, orientation: str | None, interpolated: bool) -> str:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .errors import AttnSegError
-from .image import Geometry, Image
+from .image import Geometry, Image, label_dtype
 from .inference import Result
 from .maps import normalized_entropy
 from .package import CARD_FILE, ModelPackage, PackageError, load_package, search_dirs
@@ -69,8 +69,8 @@ class Click:
 @dataclass
 class Refined:
     """The corrected result on the input grid. ``probabilities`` (C, D, H, W) float32, ``labels``
-    (D, H, W) uint8, ``uncertainty`` (D, H, W) float32; ``changed``: (D, H, W) bool, the voxels whose
-    probabilities moved; ``seconds``: wall time of the update."""
+    (D, H, W) uint8 (uint16 beyond 256 classes), ``uncertainty`` (D, H, W) float32; ``changed``:
+    (D, H, W) bool, the voxels whose probabilities moved; ``seconds``: wall time of the update."""
 
     probabilities: np.ndarray
     labels: np.ndarray
@@ -422,7 +422,8 @@ class Refiner:
             if not 0 <= label < classes:
                 raise ClickError(f"click class {label} is not one of the {classes} classes")
         probs = probabilities.astype(np.float32, copy=True)
-        labels = probs.argmax(axis=0).astype(np.uint8) if labels is None else labels.astype(np.uint8, copy=True)
+        dtype = label_dtype(classes)
+        labels = probs.argmax(axis=0).astype(dtype) if labels is None else labels.astype(dtype, copy=True)
         doubt = normalized_entropy(probs) if uncertainty is None else uncertainty.astype(np.float32, copy=True)
         changed = np.zeros(labels.shape, dtype=bool)
         for voxel, label in new:

@@ -48,7 +48,7 @@ from vtkmodules.vtkCommonCore import reference as vtkReference, vtkStringArray
 from . import __version__
 from .corrected_case import difference, safe_case_name, write_case
 from .errors import AttnSegError, InputError
-from .image import Image
+from .image import Image, label_dtype
 from .inference import Cancelled, Predictor, Result, resolve_device
 from .localise import localise_targets, needs_localisation
 from .maps import volume_name
@@ -577,7 +577,8 @@ class SceneLogic:
             display.SetSegmentVisibility(DOUBTFUL_SEGMENT_ID, False)
 
     def correctedLabels(self, segmentationNode=None) -> Image:
-        """The segmentation as it is now, as class values on the model output's grid (uint8).
+        """The segmentation as it is now, as class values on the model output's grid (of
+        :func:`~.image.label_dtype`: uint16 beyond 256 classes).
 
         Segments count by their ``AttnSeg.ClassValue`` tag, or by a name equal to a class name (for
         segments the user added); any other segment is an error, since training could not use it.
@@ -588,6 +589,7 @@ class SceneLogic:
             raise CorrectionError("the model output of this segmentation was deleted; segment again to export")
         classes = {c["name"].lower(): int(c["value"])
                    for c in json.loads(node.GetAttribute(ATTRIBUTE + "Classes"))}
+        dtype = label_dtype(max(classes.values(), default=0) + 1)
         segmentation = node.GetSegmentation()
         ids, values = vtkStringArray(), []
         for index in range(segmentation.GetNumberOfSegments()):
@@ -612,7 +614,7 @@ class SceneLogic:
                 raise CorrectionError(f"Slicer could not export segmentation {node.GetName()!r} to a label map")
             grid = imageFromVolumeNode(reference)
             if not values:
-                return grid.with_array(np.zeros_like(grid.array, dtype=np.uint8))
+                return grid.with_array(np.zeros_like(grid.array, dtype=dtype))
             exported = imageFromVolumeNode(labelmap)
         finally:  # the temporary label map, and the display node and colour table Slicer made for it
             added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
@@ -621,7 +623,7 @@ class SceneLogic:
         if exported.array.shape != grid.array.shape:
             raise CorrectionError(f"exported label map {exported.array.shape} is not on the model output grid "
                                   f"{grid.array.shape}")
-        lookup = np.zeros(len(values) + 1, dtype=np.uint8)
+        lookup = np.zeros(len(values) + 1, dtype=dtype)
         lookup[1:] = values
         return grid.with_array(lookup[exported.array.astype(np.int64)])
 
