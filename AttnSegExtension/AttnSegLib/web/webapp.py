@@ -43,7 +43,7 @@ from ..image import (IMAGE_SUFFIXES, Geometry, ImageError, case_name, check_data
                      list_images, read_image, write_image)
 from ..localise import Box
 from ..package import PackageError, available_packages
-from ..review import MERGE_MM, MIN_VOLUME_ML
+from ..review import describe_rule
 from ..slicer_logic import (AttnSegLogic, Cancelled, CorrectionError, SegmentationTask, imageFromVolumeNode,
                             roiNodeFromBox, volumeGeometry)
 from .page import TAB_STATE, build_page, slice_view_overlay
@@ -645,8 +645,7 @@ class AttnSegWebApp:
         count = len(self.logic.doubtfulRegions(self._result.segmentationNode, threshold))
         review = self.data.review
         review.count = count
-        rule = (f"{self._review_map_title()} ≥ {threshold:.2f}; fragments within {MERGE_MM:g} mm joined, "
-                f"regions under {MIN_VOLUME_ML:g} ml left out")
+        rule = describe_rule(threshold, self._review_map_title())
         review.description = (f"{count} doubtful region{'s' if count != 1 else ''} ({rule}); the most doubtful "
                               "comes first." if count else f"No region ({rule}).")
 
