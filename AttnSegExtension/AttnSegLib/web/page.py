@@ -17,7 +17,9 @@ from trame_slicer.app.ui import (FlexContainer, SegmentEditorUI, SegmentEditorUn
                                  create_vertical_slice_view_gutter_ui)
 from trame_slicer.core import LayoutManager
 
+from .regions_table import build_region_table
 from .state import AttnSegState
+from .viewer import build_cursor_line, build_display_controls
 
 PANEL_WIDTH = 400
 TAB_STATE = "attnseg_tab"  # the step the panel shows: a value of TABS
@@ -29,6 +31,8 @@ html { overflow-y: hidden; }
 .attnseg-hint { font-size: 0.8rem; opacity: 0.75; line-height: 1.25; }
 .attnseg-panel .v-alert { overflow-wrap: anywhere; }
 .attnseg-editor { height: calc(100vh - 210px); }
+.attnseg-swatch { display: inline-block; width: 14px; height: 14px; border-radius: 3px; }
+.attnseg-region-table td, .attnseg-region-table th { font-size: 0.75rem; height: 26px !important; }
 """
 
 
@@ -107,6 +111,7 @@ def build_page(server: Server, app, typed_state: TypedState[AttnSegState], layou
             html.Span("attention-based 3D segmentation · where the network looked, and where it is unsure",
                       classes="text-caption text-medium-emphasis d-none d-md-inline")
             v3.VSpacer()
+            build_cursor_line(n)
             v3.VChip(v_if=(n.volume.loaded,), text=(n.volume.loaded,), prepend_icon="mdi-cube-outline",
                      size="small", classes="mr-2", id="attnseg-loaded-volume")
             v3.VChip("Research use · not for diagnosis", size="small", color="warning", variant="outlined",
@@ -215,6 +220,8 @@ def _segment_step(server: Server, app, n) -> None:
 
 
 def _review_step(app, n) -> None:
+    _section("Display")
+    build_display_controls(n)
     _section("Map over the slices")
     v3.VSelect(v_model=(n.maps.selected,), items=(n.maps.choices,), label="Map", density="compact",
                hide_details=True, id="attnseg-map-select")
@@ -240,6 +247,7 @@ def _review_step(app, n) -> None:
                 disabled=(f"!{n.review.count}",), classes="mr-2", id="attnseg-previous-region")
         v3.VBtn("Next", click=app.next_region, append_icon="mdi-chevron-right", variant="tonal",
                 disabled=(f"!{n.review.count}",), id="attnseg-next-region")
+    build_region_table(app, n)
 
 
 def _correct_step() -> SegmentEditorUI:

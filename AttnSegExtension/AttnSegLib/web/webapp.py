@@ -36,7 +36,6 @@ from trame_slicer.app.logic import SegmentEditorLogic
 from trame_slicer.app.ui import PaintEffectState, SegmentEditorState
 from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
-from trame_slicer.segmentation import SegmentationOpacityEnum
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
 from ..image import (IMAGE_SUFFIXES, Geometry, ImageError, case_name, check_data_file, label_map_levels,
@@ -47,8 +46,10 @@ from ..review import describe_rule
 from ..slicer_logic import (AttnSegLogic, Cancelled, CorrectionError, SegmentationTask, imageFromVolumeNode,
                             roiNodeFromBox, volumeGeometry)
 from .page import TAB_STATE, build_page, slice_view_overlay
+from .regions_table import next_sort, region_rows, sorted_regions
 from .state import AttnSegState
 from .uploads import UploadError, check_upload, save_upload
+from .viewer import CursorReadout, class_legend, segment_mode, set_interpolation
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,10 @@ class AttnSegWebApp:
             self.typed_state.name.maps.selected: self._on_map_changed,
             self.typed_state.name.maps.opacity: self._on_map_changed,
             self.typed_state.name.review.threshold: self._on_threshold_changed,
+            self.typed_state.name.viewer.interpolate: self._on_interpolate_changed,
+            self.typed_state.name.viewer.segment_style: self._on_map_changed,
         })
+        self._cursor = CursorReadout(server, self.scene, self.data.viewer, map_title)
         server.state.change(TAB_STATE)(self._on_tab_changed)
         server.state["trame__title"] = "AttnSeg"
         self._offer_volumes()
@@ -337,6 +341,7 @@ class AttnSegWebApp:
         for view in self.slicer_app.view_manager.get_slice_views():
             view.set_visible_in_3d(True)
         display.reset_views()
+        self._on_interpolate_changed()
 
     # -- models ---------------------------------------------------------------------------------
     def _offer_models(self) -> None:
@@ -558,6 +563,7 @@ class AttnSegWebApp:
         data.maps.meaning = data.maps.how_to_read = data.maps.legend_gradient = data.maps.detection = ""
         data.maps.legend_low = data.maps.legend_high = ""
         data.review.count, data.review.description = 0, ""
+        data.review.rows, data.review.current, data.viewer.legend = [], -1, []
         data.export.message, data.export.error = "", ""
         self.server.state[TAB_STATE] = "segment"
 
@@ -577,6 +583,8 @@ class AttnSegWebApp:
         self.data.maps.choices = [{"title": "None", "value": ""}] + [
             {"title": map_title(name), "value": name} for name in result.mapNodes]
         self.data.maps.selected = result.difficultyName
+        self.data.viewer.legend = class_legend(result.segmentationNode)
+        self._on_interpolate_changed()
         self._on_map_changed()
         self._describe_regions()
         self.data.export.message, self.data.export.error = "", ""
@@ -612,7 +620,7 @@ class AttnSegWebApp:
         for view in self.slicer_app.view_manager.get_slice_views():
             view.schedule_render()  # the views redraw on their own for a new layer, not for a new opacity
         # Over a map the segmentation is drawn as its outline, so the map's colours stay readable.
-        mode = SegmentationOpacityEnum.OUTLINE if node is not None else SegmentationOpacityEnum.BOTH
+        mode = segment_mode(self.data.viewer.segment_style, node is not None)
         self._segment_display.opacity_mode = mode  # the editor's Rendering panel shows it
         if self.editor.active_segmentation_display:  # a new segmentation's display starts filled
             self.editor.active_segmentation_display.set_opacity_mode(mode)
@@ -642,12 +650,35 @@ class AttnSegWebApp:
     def _describe_regions(self) -> None:
         """The true count of regions at the chosen threshold, and the rule that made them."""
         threshold = self._threshold()
-        count = len(self.logic.doubtfulRegions(self._result.segmentationNode, threshold))
+        regions = self.logic.doubtfulRegions(self._result.segmentationNode, threshold)
+        count = len(regions)
         review = self.data.review
-        review.count = count
+        review.count, review.current = count, -1
+        review.rows = region_rows(sorted_regions(regions, review.sort_by, review.sort_descending))
         rule = describe_rule(threshold, self._review_map_title())
         review.description = (f"{count} doubtful region{'s' if count != 1 else ''} ({rule}); the most doubtful "
                               "comes first." if count else f"No region ({rule}).")
+
+    def sort_regions(self, key: str) -> None:
+        """A click on the region table's header ``key``: sort by it (again: the other way)."""
+        if self._result is None or self._result.segmentationNode is None:
+            return
+        review = self.data.review
+        review.sort_by, review.sort_descending = next_sort(review.sort_by, review.sort_descending, key)
+        regions = self.logic.doubtfulRegions(self._result.segmentationNode, self._threshold())
+        review.rows = region_rows(sorted_regions(regions, review.sort_by, review.sort_descending))
+
+    def go_to_region(self, index) -> None:
+        """A click on the region table's row of region ``index`` (0 = the most doubtful)."""
+        if self._result is None or self._result.segmentationNode is None or not isinstance(index, int) \
+                or isinstance(index, bool):
+            return
+        self._go_to_region(self.logic.goToDoubtfulRegion(self._result.segmentationNode, self._threshold(), index))
+
+    def _on_interpolate_changed(self, *_) -> None:
+        set_interpolation(self.scene, self.data.viewer.interpolate is True)
+        for view in self.slicer_app.view_manager.get_slice_views():
+            view.schedule_render()
 
     def next_region(self) -> None:
         self._go_to_region(self.logic.nextDoubtfulRegion(self._result.segmentationNode, self._threshold()))
@@ -663,7 +694,7 @@ class AttnSegWebApp:
         self.logic.centerSliceViews(stop.markerRAS)
         self.logic.markPoint(stop.markerRAS)
         region = stop.region
-        review.count = stop.count
+        review.count, review.current = stop.count, stop.index
         name = self._review_map_title()
         review.description = (f"Region {stop.index + 1} of {stop.count}: {region.volume_ml:.3f} ml, mean {name} "
                               f"{region.mean_difficulty:.2f} (peak {region.max_difficulty:.2f}); the cross marks it.")
