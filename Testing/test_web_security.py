@@ -331,12 +331,14 @@ def test_a_client_cannot_name_server_paths(server, session):
         assert state[MODEL_KEY + "error"].startswith("choose a model from the list"), state[MODEL_KEY + "error"]
         assert path not in state[MODEL_KEY + "error"] and not state[MODEL_KEY + "description"]
     offered = run(_state(session_url, cookies))[VOLUME_KEY + "choices"]
+    preloaded = run(_state(session_url, cookies))[VOLUME_KEY + "loaded"]  # the first volume offered
+    assert preloaded == offered[0]["value"].removesuffix(".nii.gz")
     template = run(_state(session_url, cookies))["trame__template_main"]
     open_trigger = re.search(r"id=\"attnseg-open\"[^>]*@click=\"trigger\('([^']+)'\)\"", template).group(1)
     for name in ("../../../../etc/passwd", "/etc/passwd", ".."):
         state = run(_state(session_url, cookies, {VOLUME_KEY + "selected": name}, trigger=open_trigger))
         assert state[VOLUME_KEY + "error"] == "choose a volume from the list first"
-        assert not state[VOLUME_KEY + "loaded"]
+        assert state[VOLUME_KEY + "loaded"] == preloaded  # nothing else was opened
     # What the server offered still works.
     state = run(_state(session_url, cookies, {VOLUME_KEY + "selected": offered[0]["value"]}, trigger=open_trigger))
     assert state[VOLUME_KEY + "loaded"] and not state[VOLUME_KEY + "error"]

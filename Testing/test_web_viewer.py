@@ -182,3 +182,42 @@ def test_region_table_cursor_values_legend_and_display_controls_in_the_browser(b
     changed = int((np.abs(outlined - filled).max(axis=-1) > 40).sum())
     assert changed > 500, f"fill -> outline changed only {changed} pixels"
     page.close()
+
+
+def _inside_viewport(page, selector: str, size: dict) -> bool:
+    box = page.locator(selector).first.bounding_box()
+    return box is not None and box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= size["width"] \
+        and box["y"] + box["height"] <= size["height"]
+
+
+@pytest.mark.browser
+def test_the_page_fits_1366x768_and_opens_with_the_sample(browser, server, model_package):
+    size = {"width": 1366, "height": 768}
+    page = browser.new_page(viewport=size)
+    page.goto(server)
+    page.wait_for_selector("#attnseg-open", timeout=180_000)
+    # The shipped sample is on screen before any click (the README says it is preloaded).
+    page.wait_for_selector("#attnseg-loaded-volume", timeout=30_000)
+    assert "hippocampus_001_image" in page.inner_text("#attnseg-loaded-volume")
+    axial = _views(page)[0]
+    deadline = page.evaluate("Date.now()") + 60_000
+    while _pixels(axial).std() < 20:  # black until the first frame of the volume arrives
+        assert page.evaluate("Date.now()") < deadline, "the axial view stayed black"
+        page.wait_for_timeout(500)
+    # Everything fits: no page scroll; the controls of each step are in view.
+    assert page.evaluate("[document.documentElement.scrollWidth, document.documentElement.scrollHeight]") == \
+        [size["width"], size["height"]]
+    for tab in ("segment", "review", "correct", "export"):
+        assert _inside_viewport(page, f"#attnseg-tab-{tab}", size)
+    _choose(page, "attnseg-model-select", model_package.name)
+    assert _inside_viewport(page, "#attnseg-segment", size)
+    page.click("#attnseg-segment")
+    page.wait_for_selector("#attnseg-summary", timeout=300_000)
+    page.click("#attnseg-tab-review")
+    page.wait_for_selector("#attnseg-next-region")
+    assert _inside_viewport(page, "#attnseg-next-region", size)
+    page.click("#attnseg-tab-correct")
+    page.wait_for_selector(".attnseg-editor button:has(.mdi-undo)")
+    for icon in ("mdi-undo", "mdi-redo"):  # undo and redo were cut in half at the bottom of the panel
+        assert _inside_viewport(page, f".attnseg-editor button:has(.{icon})", size)
+    page.close()

@@ -251,11 +251,12 @@ def _review_step(app, n) -> None:
 
 
 def _correct_step() -> SegmentEditorUI:
-    html.Div("Pick a segment, then Paint or Erase in a slice view. Undo and redo are below the list.",
+    html.Div("Pick a segment, then Paint or Erase in a slice view. Undo and redo are at the top.",
              classes="attnseg-hint mt-3")
     with html.Div(classes="attnseg-editor d-flex flex-column"):
         editor = SegmentEditorUI()
-        with FlexContainer(row=True, justify="center"):
+        # First on screen (CSS order), so they stay in view however long the editor's panel is.
+        with FlexContainer(row=True, justify="center", style="order: -1;", classes="attnseg-undo-redo"):
             SegmentEditorUndoRedoUI(editor_ui=editor, row=True)
     return editor
 

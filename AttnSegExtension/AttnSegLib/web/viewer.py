@@ -92,6 +92,26 @@ def _nodes(scene, class_name: str) -> list:
     return [scene.GetNthNodeByClass(i, class_name) for i in range(scene.GetNumberOfNodesByClass(class_name))]
 
 
+MIN_VIEW_PX = 64  # the browser sizes a view 10x10 before its layout is known
+
+
+def fit_when_sized(views) -> None:
+    """Fit each view to its content once, when the browser first gives it its real size: a volume shown
+    before the page connected was fitted to a view of the default size (zoomed in and cut)."""
+    for view in views:
+        interactor = view.interactor()
+        tag = []
+
+        def fit(*_, view=view, interactor=interactor, tag=tag) -> None:
+            if min(interactor.GetSize()) < MIN_VIEW_PX:
+                return
+            interactor.RemoveObserver(tag[0])
+            view.fit_view_to_content()
+            view.schedule_render()
+
+        tag.append(interactor.AddObserver("WindowResizeEvent", fit))
+
+
 class CursorReadout:
     """Writes :func:`cursor_text` to ``data.viewer.cursor`` whenever the mouse moves over a slice view
     (the scene's crosshair node receives the cursor position from trame-slicer's crosshair

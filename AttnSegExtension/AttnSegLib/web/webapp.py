@@ -49,7 +49,7 @@ from .page import TAB_STATE, build_page, slice_view_overlay
 from .regions_table import next_sort, region_rows, sorted_regions
 from .state import AttnSegState
 from .uploads import UploadError, check_upload, save_upload
-from .viewer import CursorReadout, class_legend, segment_mode, set_interpolation
+from .viewer import CursorReadout, class_legend, fit_when_sized, segment_mode, set_interpolation
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,9 @@ class AttnSegWebApp:
         server.state["trame__title"] = "AttnSeg"
         self._offer_volumes()
         self._offer_models()
+        if self.data.volume.selected:  # the first volume offered (the shipped sample) is open from the start
+            self.open_selected_volume()
+            fit_when_sized(self.slicer_app.view_manager.get_views())
 
     @property
     def scene(self):
