@@ -51,6 +51,7 @@ _REAP_INTERVAL_S = 1.0
 @dataclass(frozen=True)
 class GatewayConfig:
     data_dir: Path
+    corrections_dir: Path | None = None  # where sessions save corrected cases (web.corrections)
     max_sessions: int = 4
     upload_limit_bytes: int = 512 * 2**20
     session_idle_timeout_s: int = 60
@@ -241,6 +242,8 @@ class Gateway:
                    "--data", str(self.config.data_dir),
                    "--upload-limit-bytes", str(self.config.upload_limit_bytes),
                    "--idle-timeout", str(self.config.session_idle_timeout_s)]
+        if self.config.corrections_dir is not None:
+            command += ["--corrections", str(self.config.corrections_dir)]
         secret = secrets.token_urlsafe(32)
         process = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.PIPE)
         process.stdin.write(secret.encode() + b"\n")  # not on the command line, where `ps` shows it

@@ -275,8 +275,13 @@ def _export_step(server: Server, app, n) -> None:
                            f".finally(() => {{ {n.export.busy} = false; }})"))
     _section("Training case")
     html.Div("The image, the corrected label, the model's own label, their difference and the review map, "
-             "zipped in the folder layout training/ reads.", classes="attnseg-hint mb-2")
-    v3.VBtn("Export as training case", prepend_icon="mdi-folder-zip-outline", variant="tonal",
+             "in the folder layout training/ reads: saved in the server's corrections folder.",
+             v_if=(n.export.to_server,), classes="attnseg-hint mb-2")
+    html.Div("The image, the corrected label, the model's own label, their difference and the review map, "
+             "zipped in the folder layout training/ reads.", v_if=(f"!{n.export.to_server}",),
+             classes="attnseg-hint mb-2")
+    v3.VBtn(text=(f"{n.export.to_server} ? 'Save as training case' : 'Export as training case'",),
+            prepend_icon="mdi-folder-zip-outline", variant="tonal",
             id="attnseg-export-case", disabled=(n.export.busy,),
             click=(f"{n.export.busy} = true; trigger('{case}', []).then({save})"
                    f".finally(() => {{ {n.export.busy} = false; }})"))

@@ -93,6 +93,7 @@ class ExportPanel:
     message: str = ""
     error: str = ""
     kept: list[str] = field(default_factory=list)  # corrected segmentations kept beside a newer result
+    to_server: bool = False  # training cases are saved in the server's corrections folder, not downloaded
 
 
 @dataclass

@@ -46,6 +46,7 @@ from ..review import describe_rule
 from ..slicer_logic import (AttnSegLogic, Cancelled, CorrectionError, SegmentationTask, imageFromVolumeNode,
                             roiNodeFromBox, volumeGeometry)
 from .page import TAB_STATE, build_page, slice_view_overlay
+from .corrections import CorrectionsFolder, CorrectionsFull
 from .regions_table import next_sort, region_rows, sorted_regions
 from .state import AttnSegState
 from .uploads import UploadError, check_upload, save_upload
@@ -166,8 +167,10 @@ class AttnSegWebApp:
     folder (uploads, exports), removed with the session.
     """
 
-    def __init__(self, server: Server, data_dir: Path, work_dir: Path, upload_limit_bytes: int):
+    def __init__(self, server: Server, data_dir: Path, work_dir: Path, upload_limit_bytes: int,
+                 corrections_dir: Path | None = None):
         self.server = server
+        self._corrections = CorrectionsFolder(corrections_dir) if corrections_dir is not None else None
         self.data_dir = Path(data_dir)
         self.work_dir = Path(work_dir)
         self.upload_limit_bytes = upload_limit_bytes
@@ -184,6 +187,7 @@ class AttnSegWebApp:
         self.typed_state = TypedState(server.state, AttnSegState, namespace="attnseg")
         self.data = self.typed_state.data
         self.data.upload_limit_mb = round(upload_limit_bytes / 2**20)
+        self.data.export.to_server = self._corrections is not None
         self.page = build_page(server, self, self.typed_state, self.layout_manager)
         self.segment_editor.set_ui(self.page.segment_editor)
         # Corrections are drawn slice by slice: a 2D brush, not trame-slicer's default sphere.
@@ -749,6 +753,14 @@ class AttnSegWebApp:
         export.error = export.message = ""
         if self._result is None:
             export.error = "segment a volume first"
+            return None
+        if self._corrections is not None:  # saved on the server, nothing to download
+            try:
+                name = self._corrections.save(self.logic, self._result.segmentationNode, self._base_name())
+            except (CorrectionError, CorrectionsFull, ValueError, OSError) as err:
+                export.error = str(err).replace(str(self._corrections.root), "the corrections folder")
+                return None
+            export.message = f"Saved as {name} in the server's corrections folder, ready for training/."
             return None
         cases = self.work_dir / "cases"
         try:
