@@ -212,6 +212,11 @@ def test_the_page_fits_1366x768_and_opens_with_the_sample(browser, server, model
     _choose(page, "attnseg-model-select", model_package.name)
     assert _inside_viewport(page, "#attnseg-segment", size)
     page.click("#attnseg-segment")
+    # Progress names the stage from the start (it showed "starting · 0 %" until the result came).
+    seen = page.wait_for_function(
+        "() => /preprocess|first window|predict/.test((document.querySelector('#attnseg-progress') || {}).innerText"
+        " || '') ? 'stage' : (document.querySelector('#attnseg-summary') ? 'result' : null)", timeout=300_000)
+    assert seen.json_value() == "stage", "the result came before any stage was shown"
     page.wait_for_selector("#attnseg-summary", timeout=300_000)
     page.click("#attnseg-tab-review")
     page.wait_for_selector("#attnseg-next-region")

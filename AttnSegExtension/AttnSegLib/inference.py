@@ -227,6 +227,8 @@ class Predictor:
 
     # -- model frame -------------------------------------------------------------------------
     def _sliding_window(self, x: torch.Tensor, progress, cancel) -> dict[str, torch.Tensor]:
+        if progress is not None:  # the first window can take seconds (a volume of one window: all of it)
+            progress(0.0, None, "first window")
         while True:
             runner = _WindowRunner(
                 self.network, self.flips, self.with_maps,
@@ -386,6 +388,8 @@ class Predictor:
         """The whole input, as given, through the model frame and back."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        if progress is not None:
+            progress(0.0, None, "preprocess")
         prepared = to_model_frame(images, self.card["modalities"], self.card.get("spacing_xyz_mm"),
                                   self.card.get("orientation"), self.card.get("crop_to_nonzero", False),
                                   self.card.get("input_statistics"))
