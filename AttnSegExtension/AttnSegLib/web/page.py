@@ -163,7 +163,8 @@ def _segment_step(server: Server, app, n) -> None:
     check = server.trigger_name(app.upload_problem)
     send = server.trigger_name(app.receive_upload)
     v3.VFileInput(
-        label=(f"'Or upload one (.nii.gz, .nii, .nrrd, .mha; at most ' + {n.upload_limit_mb} + ' MiB)'",),
+        label=(f"'Or upload one (.nii.gz, .nii, .nrrd, .mha, a .zip of a DICOM series; at most ' + "
+               f"{n.upload_limit_mb} + ' MiB)'",),
         density="compact", hide_details=True, prepend_icon="mdi-upload", classes="mt-3", show_size=True,
         loading=(n.volume.busy,), disabled=(n.volume.busy,), id="attnseg-upload",
         change=(f"const file = $event.target.files && $event.target.files[0];"

@@ -39,7 +39,7 @@ from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
 from ..image import (IMAGE_SUFFIXES, Geometry, ImageError, case_name, check_data_file, label_map_levels,
-                     list_images, read_image, write_image)
+                     read_image, write_image)
 from ..localise import Box
 from ..package import PackageError, available_packages
 from ..review import describe_rule
@@ -47,6 +47,7 @@ from ..slicer_logic import (AttnSegLogic, Cancelled, CorrectionError, Segmentati
                             roiNodeFromBox, volumeGeometry)
 from .page import TAB_STATE, build_page, slice_view_overlay
 from .corrections import CorrectionsFolder, CorrectionsFull
+from .data_folder import offered_volumes, volume_title
 from .regions_table import next_sort, region_rows, sorted_regions
 from .state import AttnSegState
 from .uploads import UploadError, check_upload, save_upload
@@ -234,12 +235,12 @@ class AttnSegWebApp:
 
     # -- volumes --------------------------------------------------------------------------------
     def _offer_volumes(self) -> None:
-        files = list_images(self.data_dir) if self.data_dir.is_dir() else []
+        files = offered_volumes(self.data_dir)
         notes = {f: label_map_note(f) for f in files}
         files = [f for f in files if not notes[f]]
         self.data.volume.notice = "Left out: " + "; ".join(n for n in notes.values() if n) if any(notes.values()) else ""
         self._data_files = {f.name: f for f in files}
-        self.data.volume.choices = [{"title": f.name, "value": f.name} for f in files]
+        self.data.volume.choices = [{"title": volume_title(f), "value": f.name} for f in files]
         self.data.volume.selected = files[0].name if files else None
         if not files:
             self.data.volume.error = (f"no volumes ({', '.join(IMAGE_SUFFIXES)}) in {self.data_dir}; "
