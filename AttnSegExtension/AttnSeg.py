@@ -74,7 +74,7 @@ class AttnSeg(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("AttnSeg")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["Segmentations"]  # its Segment Editor widget is in the panel
         self.parent.contributors = ["AttnSeg contributors"]
         self.parent.helpText = _("""
 Segments 3D images with attention-based networks and shows, next to the segmentation, the class
@@ -174,6 +174,10 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.inputLabels = [getattr(self.ui, f"inputVolumeLabel{i}") for i in range(MAX_MODALITIES)]
 
         self.logic = AttnSegLogic()
+        # The Segment Editor inside the panel, on the Segment Editor module's own parameter node (so
+        # "Edit only doubtful voxels" applies to it), set before the scene as the Segment Editor module does.
+        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.sceneLogic.segmentEditorNode())
+        self.ui.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onPollTask)
@@ -191,7 +195,6 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.nextRegionButton.connect("clicked(bool)", lambda: self.onStepRegion(+1))
         self.ui.editDoubtfulOnlyCheckBox.connect("toggled(bool)", self.onEditDoubtfulOnly)
         self.ui.reviewThresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
-        self.ui.openSegmentEditorButton.connect("clicked(bool)", self.onOpenSegmentEditor)
         self.ui.saveCorrectionButton.connect("clicked(bool)", self.onSaveCorrection)
         for selector in self.inputSelectors:
             selector.connect("currentNodeChanged(vtkMRMLNode*)", self._updateButtons)
@@ -210,11 +213,18 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self._connectEditor()
+        self.ui.segmentEditorWidget.installKeyboardShortcuts()
+        self.ui.segmentEditorWidget.setupViewObservations()
 
     def exit(self) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
+        # As the Segment Editor module leaves: no effect stays active in the views, no shortcut stays taken.
+        self.ui.segmentEditorWidget.setActiveEffect(None)
+        self.ui.segmentEditorWidget.uninstallKeyboardShortcuts()
+        self.ui.segmentEditorWidget.removeViewObservations()
 
     def onSceneStartClose(self, caller, event) -> None:
         self._adding = None  # nodes of a result are not added to the next scene
@@ -326,7 +336,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.localiseButton.enabled = not running and not adding and self._localisable()
         hasSegmentation = self._attnsegSegmentation() is not None
         for button in (self.ui.previousRegionButton, self.ui.nextRegionButton, self.ui.saveCorrectionButton,
-                       self.ui.openSegmentEditorButton, self.ui.editDoubtfulOnlyCheckBox):
+                       self.ui.segmentEditorWidget, self.ui.editDoubtfulOnlyCheckBox):
             button.enabled = hasSegmentation and not running and not adding
 
     def _localisable(self) -> bool:
@@ -432,7 +442,20 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- review -----------------------------------------------------------------------------------
     def onSegmentationChanged(self, node) -> None:
         self._populateMaps()
+        self._connectEditor()
         self._updateButtons()
+
+    def _connectEditor(self) -> None:
+        """The embedded Segment Editor edits the AttnSeg segmentation on screen over its first input, so
+        Previous/Next region stay in view while correcting."""
+        editor = self.ui.segmentEditorWidget
+        editorNode = self.logic.sceneLogic.segmentEditorNode()  # a new scene has a new one
+        if editor.mrmlSegmentEditorNode() != editorNode:
+            editor.setMRMLSegmentEditorNode(editorNode)
+        node = self._attnsegSegmentation()
+        inputs = self.logic.sceneLogic.inputNodes(node) if node is not None else []
+        editor.setSegmentationNode(node)
+        editor.setSourceVolumeNode(inputs[0] if inputs else None)
 
     def _attnsegSegmentation(self):
         """The selected segmentation when AttnSeg made it (only those have maps and a review map)."""
@@ -507,13 +530,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.sceneLogic.restrictEditingToDoubtfulVoxels(node, self.ui.reviewThresholdSlider.value)
         else:
             self.logic.sceneLogic.allowEditingEverywhere(node)
-
-    def onOpenSegmentEditor(self) -> None:
-        node = self._attnsegSegmentation()
-        if node is None:
-            return
-        slicer.util.selectModule("SegmentEditor")  # first: entering the module sets up its editor node
-        self.onEditDoubtfulOnly(self.ui.editDoubtfulOnlyCheckBox.checked)
+        self.ui.segmentEditorWidget.updateWidgetFromMRML()
 
     # -- export -----------------------------------------------------------------------------------
     def onSaveCorrection(self) -> None:

@@ -132,16 +132,19 @@ def test_quick_accuracy_scores_a_package_against_the_unet_and_its_doubt_maps(tmp
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_review_effort_counts_visits_before_and_after_merging(tmp_path, data_dir):
+def test_review_effort_counts_visits_for_each_grouping(tmp_path, data_dir):
     report = run_script("review_effort.py", "--cases", "2", "--output", str(tmp_path / "review_effort.json"))
     assert report["cases"] == 2 and report["review_map"] == "uncertainty"
-    for grouping in ("before", "after"):
+    for grouping in ("components", "merged", "compact"):
         for reach in ("inside", "nearby"):
             summary = report["summary"][grouping][reach]
             assert 0 <= summary["mean_seen_fraction"] <= 1 and summary["median_regions"] >= 1
-    # Merging fragments leaves fewer regions than the raw components, and regions seen with their
-    # surroundings hold more of the errors than the regions alone.
-    assert report["summary"]["after"]["inside"]["median_regions"] < report["summary"]["before"]["inside"]["median_regions"]
-    after = report["summary"]["after"]
-    assert after["nearby"]["mean_seen_fraction"] >= after["inside"]["mean_seen_fraction"]
+    # Merging fragments leaves fewer regions than the raw components; cutting the merged groups into
+    # compact places leaves regions no wider than 15 mm, and regions seen with their surroundings
+    # hold more of the errors than the regions alone.
+    summary = {g: report["summary"][g]["inside"] for g in ("components", "merged", "compact")}
+    assert summary["merged"]["median_regions"] < summary["components"]["median_regions"]
+    assert summary["compact"]["widest_mm"] <= 15 < summary["merged"]["widest_mm"]
+    compact = report["summary"]["compact"]
+    assert compact["nearby"]["mean_seen_fraction"] >= compact["inside"]["mean_seen_fraction"]
     assert (tmp_path / "review_effort.md").read_text().startswith("Review effort of")

@@ -58,12 +58,12 @@ def test_doubtful_regions_are_ranked_by_doubt_mass():
     difficulty[10:16, 10:16, 10:16] = 0.6  # 216 voxels, doubtful: mass 129.6
     difficulty[18, 18, 18] = 0.4          # below threshold
     geometry = Geometry((20, 20, 20), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    regions = doubtful_regions(Image(difficulty, geometry), threshold=0.5)
+    regions = doubtful_regions(Image(difficulty, geometry), threshold=0.5, radius_mm=None)  # each cube whole
     assert len(regions) == 2
     big, small = regions
     assert big.rank == 0 and big.volume_ml == pytest.approx(216 * 8 / 1000)
     assert big.mean_difficulty == pytest.approx(0.6)
-    assert set(big.marker_ijk) <= {12, 13}  # one of the 8 voxels deepest inside the cube
+    assert set(big.marker_ijk) <= {12, 13}  # one of the 8 voxels of highest local doubt: the cube's middle
     assert big.marker_lps == pytest.approx([2.0 * v for v in big.marker_ijk])
     assert big.marker_ras == pytest.approx((-big.marker_lps[0], -big.marker_lps[1], big.marker_lps[2]))
     assert big.voxels == 216
@@ -132,7 +132,8 @@ def test_fragments_closer_than_the_merge_distance_are_one_region_and_specks_are_
     review[5, 5, 2:20:2] = 0.8  # a dotted line: 9 one-voxel fragments 1 voxel (1 mm) apart
     review[5, 25, 25] = 0.9  # a lone speck, 5 mm from everything
     geometry = _unit_geometry(review.shape)
-    regions = doubtful_regions(Image(review, geometry), threshold=0.5, min_volume_ml=0.005, merge_mm=2.0)
+    regions = doubtful_regions(Image(review, geometry), threshold=0.5, min_volume_ml=0.005, merge_mm=2.0,
+                               radius_mm=None)
     assert len(regions) == 1 and regions[0].voxels == 9
     unmerged = doubtful_regions(Image(review, geometry), threshold=0.5, min_volume_ml=0.0, merge_mm=0.0)
     assert len(unmerged) == 10
@@ -145,15 +146,15 @@ def test_every_region_is_returned_and_its_marker_lies_inside_it():
         review[2:4, 4 + 6 * j:6 + 6 * j, 4 + 6 * i:6 + 6 * i] = 0.7
     geometry = _unit_geometry(review.shape)
     assert len(doubtful_regions(Image(review, geometry), threshold=0.5, min_volume_ml=0.0, merge_mm=2.0)) == 64
-    # A thick arc (a half ring): its centre of mass lies in the hole, its marker on the arc.
+    # A thick arc (a half ring) left whole: its centre of mass lies in the hole, its marker on the arc.
     arc = np.zeros((9, 41, 41), dtype=np.float32)
     kk, jj, ii = np.mgrid[0:9, 0:41, 0:41]
     radius = np.hypot(jj - 20, ii - 20)
     arc[(radius >= 14) & (radius <= 18) & (jj >= 20) & (kk >= 2) & (kk <= 6)] = 0.6
     arc[4, 36, 20] = 0.95  # the peak, on the arc's middle line
-    region, = doubtful_regions(Image(arc, _unit_geometry(arc.shape)), threshold=0.5)
+    region, = doubtful_regions(Image(arc, _unit_geometry(arc.shape)), threshold=0.5, radius_mm=None)
     i, j, k = region.marker_ijk
     assert arc[k, j, i] >= 0.5
-    assert (i, j, k) == (20, 36, 4)  # deepest voxels tie; the most doubtful of them wins
+    assert k == 4 and 14 <= np.hypot(j - 20, i - 20) <= 18  # on the arc, midway through its thickness
     centre_of_mass = np.round(np.argwhere(arc >= 0.5).mean(axis=0)).astype(int)
     assert arc[tuple(centre_of_mass)] < 0.5

@@ -37,7 +37,7 @@ CONNECTORS = {"qMRMLNodeComboBox": "qMRMLNodeComboBoxToNodeConnector",
               "ctkSliderWidget": "QDoubleSpinBoxCtkSliderWidgetToFloatConnector",
               "QCheckBox": "QCheckBoxToBoolConnector", "QComboBox": "QComboBoxToStringableConnector",
               "ctkDirectoryButton": "ctkDirectoryButtonToPathConnector"}
-SECTIONS = ["Model", "Inputs", "Review", "Save correction for training"]
+SECTIONS = ["Model", "Inputs", "Review", "Correct", "Save correction for training"]
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +166,9 @@ def test_object_names_are_unique(panel):
 def test_the_panel_has_one_section_per_step(panel):
     sections = [w for w in panel.findChildren(QtWidgets.QWidget) if _xml_classes().get(w.objectName()) ==
                 "ctkCollapsibleButton"]
-    assert sorted(w.objectName() for w in sections) == ["correctionCollapsibleButton", "inputsCollapsibleButton",
-                                                        "modelCollapsibleButton", "reviewCollapsibleButton"]
+    assert sorted(w.objectName() for w in sections) == ["correctionCollapsibleButton", "editorCollapsibleButton",
+                                                        "inputsCollapsibleButton", "modelCollapsibleButton",
+                                                        "reviewCollapsibleButton"]
     root = ElementTree.parse(UI).getroot()
     texts = [w.find("property[@name='text']/string").text for w in root.iter("widget")
              if w.get("class") == "ctkCollapsibleButton"]
@@ -242,3 +243,29 @@ def test_parameter_names_match_the_parameter_node(panel):
     connectors = API["python"]["slicer.parameterNodeWrapper"]["classes"]
     for parameter, cls in bound.items():
         assert CONNECTORS[cls] in connectors, f"{parameter}: Slicer 5.6 cannot connect a {cls}"
+
+
+def test_the_segment_editor_is_in_the_panel_under_the_review_and_the_module_never_leaves(panel):
+    """Slicer's Segment Editor widget (as the Segment Editor module itself builds it) sits in the panel's
+    Correct section right under Review, so Previous/Next region stay in view while correcting; the code
+    hands it the editor node before the scene, the AttnSeg segmentation and its input, sets it up on
+    enter and releases effects, shortcuts and view observations on exit; no button leaves the module."""
+    classes = _xml_classes()
+    assert classes["segmentEditorWidget"] == "qMRMLSegmentEditorWidget"
+    editor = panel.findChild(QtWidgets.QWidget, "segmentEditorWidget")
+    assert editor.parent().objectName() == "editorCollapsibleButton"
+    order = [w.get("name") for w in ElementTree.parse(UI).getroot().iter("widget")
+             if w.get("class") == "ctkCollapsibleButton"]
+    assert order.index("editorCollapsibleButton") == order.index("reviewCollapsibleButton") + 1
+    used = collections.defaultdict(list)
+    for line, name, member, _ in widget_uses():
+        if name == "segmentEditorWidget":
+            used[member].append(line)
+    for member in ("setMRMLSegmentEditorNode", "setMRMLScene", "setSegmentationNode", "setSourceVolumeNode",
+                   "installKeyboardShortcuts", "setupViewObservations", "setActiveEffect",
+                   "uninstallKeyboardShortcuts", "removeViewObservations"):
+        assert used[member], f"AttnSeg.py never calls segmentEditorWidget.{member}"
+    assert min(used["setMRMLSegmentEditorNode"]) < min(used["setMRMLScene"])
+    methods = {f.name: ast.unparse(f) for f in WIDGET_CLASS.body if isinstance(f, ast.FunctionDef)}
+    assert "installKeyboardShortcuts" in methods["enter"] and "removeViewObservations" in methods["exit"]
+    assert "selectModule" not in ast.unparse(WIDGET_CLASS) and "openSegmentEditorButton" not in classes

@@ -167,7 +167,7 @@ async def _get(url: str, **kwargs) -> tuple[int, str, dict]:
 def session(server):
     """(session URL, token cookie) of one session opened with the token, as a browser opens it."""
     _, url = server
-    status, _, headers = run(_get(f"{url}/?token={TOKEN}", timeout=aiohttp.ClientTimeout(total=SESSION_START_S)))
+    status, _, headers = run(_get(f"{url}/start?token={TOKEN}", timeout=aiohttp.ClientTimeout(total=SESSION_START_S)))
     assert status == 303, status
     cookie = re.search(r"attnseg_token=([^;]+)", headers["Set-Cookie"]).group(1)
     assert "HttpOnly" in headers["Set-Cookie"] and "SameSite=Strict" in headers["Set-Cookie"]
@@ -217,7 +217,7 @@ def test_foreign_hosts_origins_and_missing_tokens_are_refused(server, session):
         ({}, {}, "Access token needed"),
         ({}, {"attnseg_token": TOKEN[:-1] + "x"}, "Access token needed"),
     ]
-    for target in (url + "/", session_url):
+    for target in (url + "/", url + "/start", session_url):
         for headers, cookie, message in refusals:
             status, text, _ = run(_get(target, headers=headers, cookies=cookie))
             assert status == 403 and message in text, (target, headers, status, text[:300])
@@ -331,12 +331,14 @@ def test_a_client_cannot_name_server_paths(server, session):
         assert state[MODEL_KEY + "error"].startswith("choose a model from the list"), state[MODEL_KEY + "error"]
         assert path not in state[MODEL_KEY + "error"] and not state[MODEL_KEY + "description"]
     offered = run(_state(session_url, cookies))[VOLUME_KEY + "choices"]
+    preloaded = run(_state(session_url, cookies))[VOLUME_KEY + "loaded"]  # the first volume offered
+    assert preloaded == offered[0]["value"].removesuffix(".nii.gz")
     template = run(_state(session_url, cookies))["trame__template_main"]
     open_trigger = re.search(r"id=\"attnseg-open\"[^>]*@click=\"trigger\('([^']+)'\)\"", template).group(1)
     for name in ("../../../../etc/passwd", "/etc/passwd", ".."):
         state = run(_state(session_url, cookies, {VOLUME_KEY + "selected": name}, trigger=open_trigger))
         assert state[VOLUME_KEY + "error"] == "choose a volume from the list first"
-        assert not state[VOLUME_KEY + "loaded"]
+        assert state[VOLUME_KEY + "loaded"] == preloaded  # nothing else was opened
     # What the server offered still works.
     state = run(_state(session_url, cookies, {VOLUME_KEY + "selected": offered[0]["value"]}, trigger=open_trigger))
     assert state[VOLUME_KEY + "loaded"] and not state[VOLUME_KEY + "error"]
@@ -347,14 +349,20 @@ def test_sessions_nobody_connects_to_are_reaped_within_seconds():
                                   "ATTNSEG_WEB_CONNECT_TIMEOUT_S": str(CONNECT_TIMEOUT_S)}, [])
     try:
         timeout = aiohttp.ClientTimeout(total=SESSION_START_S)
-        assert run(_get(url + "/", timeout=timeout))[0] == 303  # a visit that never opens the page
+        assert run(_get(url + "/start", timeout=timeout))[0] == 303  # a visit that never opens the page
         ready = time.monotonic()
-        status, text, _ = run(_get(url + "/"))
+        status, text, _ = run(_get(url + "/start"))
         assert status == 503 and "All sessions are in use" in text
+        # The front page answers at once, full or not: it says a session is starting and asks /start
+        # (again every 5 s while the server is full).
+        asked = time.monotonic()
+        front, page, _ = run(_get(url + "/"))
+        assert front == 200 and "Starting your AttnSeg session" in page and "fetch('/start'" in page
+        assert time.monotonic() - asked < 5
         while status == 503 and time.monotonic() - ready < 60:
             time.sleep(0.2)
             freed = time.monotonic()
-            status, _, _ = run(_get(url + "/", timeout=timeout))  # starts a session once the slot is free
+            status, _, _ = run(_get(url + "/start", timeout=timeout))  # starts a session once the slot is free
         assert status == 303, "the slot was never given back"
         print(f"unconnected session reaped {freed - ready:.1f} s after it was ready (timeout {CONNECT_TIMEOUT_S} s)")
         assert freed - ready < CONNECT_TIMEOUT_S + 4
@@ -377,6 +385,8 @@ def test_a_browser_needs_the_token_once_and_then_works(server, browser):
     response = page.goto(url + "/")
     assert response.status == 403 and "Access token needed" in page.inner_text("body")
     page.goto(f"{url}/?token={TOKEN}", timeout=SESSION_START_S * 1000)
+    # While the session starts the page says so (it used to stay blank for 12-16 s), then moves on by itself.
+    assert "Starting your AttnSeg session" in page.inner_text("#attnseg-starting")
     page.wait_for_selector("#attnseg-open", timeout=SESSION_START_S * 1000)
     assert TOKEN not in page.url  # the cookie carries it from here on: page, assets and websocket
     page.click("#attnseg-open")

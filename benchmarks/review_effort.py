@@ -8,12 +8,14 @@ run through the product path (``Predictor.predict`` on the original image); the 
 where its labels differ from the expert label. The review map is the one the card names
 (``inference.review_map``, the Predictor's ``review_map_name``).
 
-Two groupings of the same voxels (review map >= ``--threshold``), both ranked by doubt mass:
+Three groupings of the same voxels (review map >= ``--threshold``), each ranked by doubt mass:
 
-* **before**: every 26-connected component, however small, the first 50 of them (what the panels
-  listed until now: ``doubtful_regions(..., min_volume_ml=0, merge_mm=0)`` capped at 50);
-* **after**: the review's defaults (``AttnSegLib.review``: fragments closer than ``MERGE_MM`` joined,
-  regions under ``MIN_VOLUME_ML`` left out, no cap).
+* **components**: every 26-connected component, however small, the first 50 of them (what the panels
+  listed first: ``doubtful_regions(..., min_volume_ml=0, merge_mm=0, radius_mm=None)`` capped at 50);
+* **merged**: fragments closer than ``MERGE_MM`` joined, regions under ``MIN_VOLUME_ML`` left out, no
+  cap, each group whole (``radius_mm=None``): on these cases one band around the whole structure;
+* **compact**: the review's defaults (``AttnSegLib.review``): the merged groups cut into regions at
+  most ``2 * RADIUS_MM`` across, centred where the doubt is densest.
 
 A reader visits regions in rank order. A wrong voxel counts as *seen* when it lies in a visited
 region (``inside``) or within ``--reach-mm`` of one (``nearby``: what the slice views show around a
@@ -35,17 +37,17 @@ import common  # noqa: E402
 
 TARGET = 0.8
 BEFORE_CAP = 50
+GROUPINGS = ("components", "merged", "compact")
 
 
 def visits_to_target(wrong: np.ndarray, labels: np.ndarray, regions, reach_voxels: tuple[int, int, int]) -> dict:
     """Visits (rank order) until ``TARGET`` of ``wrong`` (D, H, W bool) is seen; ``labels`` from
-    ``region_labels``, each region found by the label at its marker."""
+    ``region_labels`` (``rank + 1`` on each region's voxels)."""
     total = int(wrong.sum())
     seen = np.zeros_like(wrong)
     structure = np.ones([2 * r + 1 for r in reach_voxels], bool)
     for visit, region in enumerate(regions, 1):
-        i, j, k = region.marker_ijk
-        footprint = labels == labels[k, j, i]
+        footprint = labels == region.rank + 1
         if any(reach_voxels):
             footprint = ndimage.binary_dilation(footprint, structure)
         seen |= footprint
@@ -55,7 +57,7 @@ def visits_to_target(wrong: np.ndarray, labels: np.ndarray, regions, reach_voxel
 
 
 def measure_case(result, reference, threshold: float, reach_mm: float) -> dict:
-    from AttnSegLib.review import MERGE_MM, doubtful_regions, region_labels
+    from AttnSegLib.review import region_labels
 
     review_map = result.maps[result.review_map_name]
     wrong = result.labels.array != reference.array
@@ -63,17 +65,20 @@ def measure_case(result, reference, threshold: float, reach_mm: float) -> dict:
     reach = tuple(int(round(reach_mm / s)) for s in spacing_dhw)
     out = {"wrong_voxels": int(wrong.sum()),
            "wrong_at_or_above_threshold": round(float((review_map.array[wrong] >= threshold).mean()), 3)}
-    groupings = {"before": (doubtful_regions(review_map, threshold, min_volume_ml=0.0, merge_mm=0.0), 0.0),
-                 "after": (doubtful_regions(review_map, threshold), MERGE_MM)}
-    for name, (regions, merge_mm) in groupings.items():
-        labels = region_labels(review_map, threshold, merge_mm)
-        listed = regions[:BEFORE_CAP] if name == "before" else regions
+    groupings = {"components": dict(min_volume_ml=0.0, merge_mm=0.0, radius_mm=None),
+                 "merged": dict(radius_mm=None), "compact": {}}
+    for name, options in groupings.items():
+        labels, regions = region_labels(review_map, threshold, **options)
+        listed = regions[:BEFORE_CAP] if name == "components" else regions
         voxel_counts = [r.voxels for r in regions]
         out[name] = {"regions": len(regions), "listed": len(listed),
                      "regions_under_5_voxels": int(sum(c < 5 for c in voxel_counts)),
                      "largest_ml": round(max((r.volume_ml for r in regions), default=0.0), 4),
                      "first_extent_mm": [round((stop - start) * s, 1) for (start, stop), s in
                                          zip(regions[0].bbox_ijk, review_map.geometry.spacing)] if regions else None,
+                     "widest_mm": round(max((max((stop - start) * s for (start, stop), s in
+                                                 zip(r.bbox_ijk, review_map.geometry.spacing)) for r in regions),
+                                            default=0.0), 1),
                      "inside": visits_to_target(wrong, labels, listed, (0, 0, 0)),
                      "nearby": visits_to_target(wrong, labels, listed, reach)}
     return out
@@ -86,7 +91,8 @@ def summary(per_case: dict, grouping: str, reach: str) -> dict:
     return {"cases_reaching_80": len(reached), "median_visits": float(np.median(reached)) if reached else None,
             "max_visits": max(reached) if reached else None,
             "mean_seen_fraction": round(float(np.mean([r[reach]["seen_fraction"] for r in rows])), 3),
-            "median_regions": float(np.median([r["regions"] for r in rows]))}
+            "median_regions": float(np.median([r["regions"] for r in rows])),
+            "widest_mm": max(r["widest_mm"] for r in rows)}
 
 
 def markdown(report: dict) -> str:
@@ -94,12 +100,14 @@ def markdown(report: dict) -> str:
              f"on {report['cases']} validation cases of MSD Task04 Hippocampus: regions a reader visits, most "
              f"doubtful first, until 80 % of the wrong voxels are seen inside the visited regions or within "
              f"{report['reach_mm']} mm of them.", "",
-             "| grouping | regions per case (median) | cases reaching 80 % inside | mean seen inside, all regions "
-             "| cases reaching 80 % within reach | visits to 80 % within reach (median / max) |",
-             "|---|---|---|---|---|---|"]
-    for grouping in ("before", "after"):
+             "| grouping | regions per case (median) | widest region (mm) | cases reaching 80 % inside "
+             "| mean seen inside, all regions | cases reaching 80 % within reach "
+             "| visits to 80 % within reach (median / max) |",
+             "|---|---|---|---|---|---|---|"]
+    for grouping in GROUPINGS:
         inside, nearby = report["summary"][grouping]["inside"], report["summary"][grouping]["nearby"]
-        lines.append(f"| {grouping} | {inside['median_regions']:g} | {inside['cases_reaching_80']} / {report['cases']} "
+        lines.append(f"| {grouping} | {inside['median_regions']:g} | {inside['widest_mm']:g} "
+                     f"| {inside['cases_reaching_80']} / {report['cases']} "
                      f"| {100 * inside['mean_seen_fraction']:.0f} % | {nearby['cases_reaching_80']} / {report['cases']} "
                      f"| {nearby['median_visits']} / {nearby['max_visits']} |")
     return "\n".join(lines) + "\n"
@@ -138,7 +146,7 @@ def main(argv=None) -> int:
     report = {"model": package.name, "review_map": result.review_map_name, "threshold": args.threshold,
               "reach_mm": args.reach_mm, "cases": len(names), "target": TARGET, "machine": common.machine(args.threads),
               "summary": {g: {reach: summary(per_case, g, reach) for reach in ("inside", "nearby")}
-                          for g in ("before", "after")},
+                          for g in GROUPINGS},
               "per_case": per_case}
     common.write_report(args.output, report, markdown(report))
     print(json.dumps({k: report[k] for k in ("model", "review_map", "threshold", "cases", "summary")}))

@@ -636,7 +636,7 @@ def cmd_serve(args) -> int:
     from .web.app import serve
 
     serve(host=args.host, port=args.port, data_dir=args.data, allowed_origins=tuple(args.allow_origin),
-          token=args.token)
+          token=args.token, corrections_dir=args.corrections)
     return 0
 
 
@@ -703,6 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="address to listen on (default loopback only; any other needs an access token)")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--data", help="folder of volumes to offer (default: the shipped sample)")
+    serve.add_argument("--corrections", metavar="FOLDER",
+                       help="folder where 'Save as training case' writes corrected cases (layout 'corrected' of "
+                            "training/); without it the page downloads each case as a zip")
     serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                        help="a web origin besides the server's own that may use it, e.g. the https://NAME of a "
                             "reverse proxy (repeatable; its host name is then accepted in Host too)")

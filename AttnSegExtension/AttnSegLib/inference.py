@@ -264,6 +264,8 @@ class Predictor:
 
     # -- model frame -------------------------------------------------------------------------
     def _sliding_window(self, x: torch.Tensor, progress, cancel, run: _Run) -> dict[str, torch.Tensor]:
+        if progress is not None:  # the first window can take seconds (a volume of one window: all of it)
+            progress(0.0, None, "first window")
         try:
             while True:
                 runner = _WindowRunner(
@@ -434,6 +436,8 @@ class Predictor:
         """The whole input, as given, through the model frame and back."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        if progress is not None:
+            progress(0.0, None, "preprocess")
         card = self.card
         prepared = to_model_frame(images, card.modality_dicts, card.spacing_xyz_mm, card.orientation,
                                   card.crop_to_nonzero, card.input_statistics)

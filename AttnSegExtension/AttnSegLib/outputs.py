@@ -121,10 +121,10 @@ def map_title(name: str) -> str:
 
 def doubtful_rule(review_map_name: str, threshold: float) -> str:
     """The rule that makes the doubtful regions, in words (the same in the panel, the page and reports)."""
-    from .review import MERGE_MM, MIN_VOLUME_ML
+    from .review import MERGE_MM, MIN_VOLUME_ML, RADIUS_MM
 
-    return (f"{map_title(review_map_name).lower()} ≥ {threshold:.2f}; fragments within {MERGE_MM:g} mm joined, "
-            f"regions under {MIN_VOLUME_ML:g} ml left out")
+    return (f"{map_title(review_map_name).lower()} ≥ {threshold:.2f}; fragments within {MERGE_MM:g} mm joined and cut "
+            f"into places at most {2 * RADIUS_MM:g} mm across; regions under {MIN_VOLUME_ML:g} ml left out")
 
 
 def report(result, package, inputs: list, timings: dict[str, float], volumetry: dict | None,

@@ -487,6 +487,15 @@ class SceneLogic:
             index = 0 if step > 0 else len(regions) - 1
         else:
             index = (current + step) % len(regions)
+        return self.goToDoubtfulRegion(node, threshold, index)
+
+    def goToDoubtfulRegion(self, segmentationNode=None, threshold: float = 0.5, index: int = 0) -> DoubtfulRegion | None:
+        """Region ``index`` (0 = the most doubtful) at ``threshold``, made the review's current stop (Next
+        and Previous go on from it); None when there is no such region."""
+        node = self._resolve(segmentationNode)
+        regions = self.doubtfulRegions(node, threshold)
+        if not 0 <= index < len(regions):
+            return None
         node.SetAttribute(ATTRIBUTE + "ReviewThreshold", repr(float(threshold)))
         node.SetAttribute(ATTRIBUTE + "ReviewIndex", str(index))
         return DoubtfulRegion(index, len(regions), regions[index])

@@ -34,7 +34,8 @@ CPP_FOLDERS = (
     "Modules/Loadable/Terminologies/Logic", "Modules/Loadable/Colors/Logic", "Modules/Loadable/Volumes/Logic",
     "Modules/Loadable/Markups/MRML",
 )
-QT_FOLDERS = ("Libs/MRML/Widgets", "Base/QTGUI", "Modules/Loadable/Markups/Widgets")
+QT_FOLDERS = ("Libs/MRML/Widgets", "Base/QTGUI", "Modules/Loadable/Markups/Widgets",
+              "Modules/Loadable/Segmentations/Widgets")
 CTK_FOLDERS = ("Libs/Widgets", "Libs/Core")
 PYTHON_MODULES = ("util.py", "i18n.py", "ScriptedLoadableModule.py", "parameterNodeWrapper")
 

@@ -38,12 +38,14 @@ def _positive_int_from_env(name: str, default: int) -> int:
 
 
 def serve(host: str = "127.0.0.1", port: int = 8080, data_dir: str | os.PathLike | None = None,
-          allowed_origins: tuple[str, ...] = (), token: str | None = None) -> None:
+          allowed_origins: tuple[str, ...] = (), token: str | None = None,
+          corrections_dir: str | os.PathLike | None = None) -> None:
     """Serve the AttnSeg web app on ``host:port`` until interrupted.
 
     ``data_dir``: folder whose volumes the page offers (default: the shipped sample).
     ``allowed_origins``: web origins besides the server's own that may use it (e.g. a TLS reverse
-    proxy's ``https://seg.example.org``). ``token``: see :func:`access_token`. Raises ``ValueError``
+    proxy's ``https://seg.example.org``). ``token``: see :func:`access_token`. ``corrections_dir``: an
+    existing folder where sessions save corrected cases (:mod:`.corrections`). Raises ``ValueError``
     for a missing folder, bad limits, origins or token, and ``RenderingUnavailable`` when VTK cannot
     draw offscreen (the message names the Debian packages to install).
     """
@@ -51,8 +53,12 @@ def serve(host: str = "127.0.0.1", port: int = 8080, data_dir: str | os.PathLike
     folder = Path(data_dir).expanduser().resolve() if data_dir else default_data_dir()
     if not folder.is_dir():
         raise InputError(f"--data {data_dir}: no such folder; give a folder of volumes (.nii.gz, .nrrd, ...)")
+    corrections = Path(corrections_dir).expanduser().resolve() if corrections_dir else None
+    if corrections is not None and not corrections.is_dir():
+        raise InputError(f"--corrections {corrections_dir}: no such folder; create it first (mkdir -p)")
     config = GatewayConfig(
         data_dir=folder,
+        corrections_dir=corrections,
         max_sessions=_positive_int_from_env("ATTNSEG_WEB_MAX_SESSIONS", GatewayConfig.max_sessions),
         upload_limit_bytes=_positive_int_from_env("ATTNSEG_WEB_MAX_UPLOAD_MB", 512) * 2**20,
         connect_timeout_s=_positive_int_from_env("ATTNSEG_WEB_CONNECT_TIMEOUT_S", int(GatewayConfig.connect_timeout_s)),

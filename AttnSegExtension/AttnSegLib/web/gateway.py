@@ -2,9 +2,12 @@
 
 A trame server shares one state among every browser connected to it, so two people on one process
 would see each other's volumes. The gateway therefore starts a separate session process (its own
-MRML scene, uploads and temporary folder; see :mod:`AttnSegLib.web.session`) for every visit to
-``/``, on a free loopback port, and relays that session's page and websocket under
-``/session/<token>/``, where the token is 128 random bits. A session process exits by itself a short
+MRML scene, uploads and temporary folder; see :mod:`AttnSegLib.web.session`) for every visit, on a
+free loopback port, and relays that session's page and websocket under ``/session/<token>/``, where
+the token is 128 random bits. ``/`` answers at once with a page that says the session is starting
+and asks ``/start`` for one (a session takes seconds to start; ``/start`` answers with a redirect to
+it once it is ready, or says why not); while every slot is in use, that page tries again every few
+seconds. A session process exits by itself a short
 while after its last browser tab closed (trame's idle timeout); the gateway then forgets it.
 
 Every request passes the checks of :mod:`.access` (Host, Origin, access token) first. Uploads travel
@@ -48,6 +51,7 @@ _REAP_INTERVAL_S = 1.0
 @dataclass(frozen=True)
 class GatewayConfig:
     data_dir: Path
+    corrections_dir: Path | None = None  # where sessions save corrected cases (web.corrections)
     max_sessions: int = 4
     upload_limit_bytes: int = 512 * 2**20
     session_idle_timeout_s: int = 60
@@ -98,6 +102,39 @@ def _page(title: str, text: str, status: int, link: bool = True) -> web.Response
     return web.Response(text=body, status=status, content_type="text/html")
 
 
+STARTING_PAGE = """<!doctype html><html><head><meta charset='utf-8'><title>AttnSeg: starting your session</title>
+<style>body{font-family:sans-serif;background:#1e1e1e;color:#eee;margin:4em}a{color:#8cf}
+.spinner{width:28px;height:28px;border:4px solid #555;border-top-color:#8cf;border-radius:50%;
+animation:spin 1s linear infinite;display:inline-block;vertical-align:middle;margin-right:12px}
+@keyframes spin{to{transform:rotate(360deg)}}</style></head>
+<body><h2 id="attnseg-starting"><span class="spinner"></span>Starting your AttnSeg session&hellip;</h2>
+<p id="attnseg-starting-text">Each visit gets its own session (its own scene, uploads and results); it takes
+about 10 to 20 seconds to start. This page moves on by itself.</p>
+<script>
+async function start() {
+  const text = document.getElementById('attnseg-starting-text');
+  let response;
+  try {
+    response = await fetch('/start' + location.search, {credentials: 'same-origin', cache: 'no-store'});
+  } catch (error) {
+    text.textContent = 'The server does not answer; trying again in 5 s.';
+    setTimeout(start, 5000);
+    return;
+  }
+  if (response.ok && response.url.includes('/session/')) {
+    location.replace(response.url);
+    return;
+  }
+  const page = new DOMParser().parseFromString(await response.text(), 'text/html');
+  const why = page.querySelector('p') ? page.querySelector('p').textContent : 'status ' + response.status;
+  text.textContent = why + (response.status === 503 ? ' Trying again in 5 s.' : '');
+  if (response.status === 503) setTimeout(start, 5000);
+}
+start();
+</script></body></html>
+"""
+
+
 def _redirect(location: str, status: int) -> web.Response:
     """A redirect returned, not raised, so the access check can add its cookie."""
     return web.Response(status=status, headers={"Location": location})
@@ -117,7 +154,8 @@ class Gateway:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=2**20, middlewares=[self._check_access])
-        app.router.add_get("/", self.new_session)
+        app.router.add_get("/", self.starting_page)
+        app.router.add_get("/start", self.new_session)
         app.router.add_get("/session/{token}", self.add_slash)
         app.router.add_get("/session/{token}/ws", self.relay_websocket)
         app.router.add_route("*", "/session/{token}/{tail:.*}", self.relay_http)
@@ -204,6 +242,8 @@ class Gateway:
                    "--data", str(self.config.data_dir),
                    "--upload-limit-bytes", str(self.config.upload_limit_bytes),
                    "--idle-timeout", str(self.config.session_idle_timeout_s)]
+        if self.config.corrections_dir is not None:
+            command += ["--corrections", str(self.config.corrections_dir)]
         secret = secrets.token_urlsafe(32)
         process = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.PIPE)
         process.stdin.write(secret.encode() + b"\n")  # not on the command line, where `ps` shows it
@@ -228,6 +268,9 @@ class Gateway:
         raise RuntimeError(f"the session did not start within {self.config.session_start_timeout_s:.0f} s")
 
     # -- routes ---------------------------------------------------------------------------------
+    async def starting_page(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(text=STARTING_PAGE, content_type="text/html", headers={"Cache-Control": "no-store"})
+
     async def new_session(self, request: web.Request) -> web.StreamResponse:
         self._forget_ended()
         if len(self.sessions) + self._starting >= self.config.max_sessions:

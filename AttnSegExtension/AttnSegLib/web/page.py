@@ -17,7 +17,9 @@ from trame_slicer.app.ui import (FlexContainer, SegmentEditorUI, SegmentEditorUn
                                  create_vertical_slice_view_gutter_ui)
 from trame_slicer.core import LayoutManager
 
+from .regions_table import build_region_table
 from .state import AttnSegState
+from .viewer import build_cursor_line, build_display_controls
 
 PANEL_WIDTH = 400
 TAB_STATE = "attnseg_tab"  # the step the panel shows: a value of TABS
@@ -29,6 +31,8 @@ html { overflow-y: hidden; }
 .attnseg-hint { font-size: 0.8rem; opacity: 0.75; line-height: 1.25; }
 .attnseg-panel .v-alert { overflow-wrap: anywhere; }
 .attnseg-editor { height: calc(100vh - 210px); }
+.attnseg-swatch { display: inline-block; width: 14px; height: 14px; border-radius: 3px; }
+.attnseg-region-table td, .attnseg-region-table th { font-size: 0.75rem; height: 26px !important; }
 """
 
 
@@ -107,6 +111,7 @@ def build_page(server: Server, app, typed_state: TypedState[AttnSegState], layou
             html.Span("attention-based 3D segmentation · where the network looked, and where it is unsure",
                       classes="text-caption text-medium-emphasis d-none d-md-inline")
             v3.VSpacer()
+            build_cursor_line(n)
             v3.VChip(v_if=(n.volume.loaded,), text=(n.volume.loaded,), prepend_icon="mdi-cube-outline",
                      size="small", classes="mr-2", id="attnseg-loaded-volume")
             v3.VChip("Research use · not for diagnosis", size="small", color="warning", variant="outlined",
@@ -158,7 +163,8 @@ def _segment_step(server: Server, app, n) -> None:
     check = server.trigger_name(app.upload_problem)
     send = server.trigger_name(app.receive_upload)
     v3.VFileInput(
-        label=(f"'Or upload one (.nii.gz, .nii, .nrrd, .mha; at most ' + {n.upload_limit_mb} + ' MiB)'",),
+        label=(f"'Or upload one (.nii.gz, .nii, .nrrd, .mha, a .zip of a DICOM series; at most ' + "
+               f"{n.upload_limit_mb} + ' MiB)'",),
         density="compact", hide_details=True, prepend_icon="mdi-upload", classes="mt-3", show_size=True,
         loading=(n.volume.busy,), disabled=(n.volume.busy,), id="attnseg-upload",
         change=(f"const file = $event.target.files && $event.target.files[0];"
@@ -216,6 +222,8 @@ def _segment_step(server: Server, app, n) -> None:
 
 
 def _review_step(app, n) -> None:
+    _section("Display")
+    build_display_controls(n)
     _section("Map over the slices")
     v3.VSelect(v_model=(n.maps.selected,), items=(n.maps.choices,), label="Map", density="compact",
                hide_details=True, id="attnseg-map-select")
@@ -241,14 +249,16 @@ def _review_step(app, n) -> None:
                 disabled=(f"!{n.review.count}",), classes="mr-2", id="attnseg-previous-region")
         v3.VBtn("Next", click=app.next_region, append_icon="mdi-chevron-right", variant="tonal",
                 disabled=(f"!{n.review.count}",), id="attnseg-next-region")
+    build_region_table(app, n)
 
 
 def _correct_step() -> SegmentEditorUI:
-    html.Div("Pick a segment, then Paint or Erase in a slice view. Undo and redo are below the list.",
+    html.Div("Pick a segment, then Paint or Erase in a slice view. Undo and redo are at the top.",
              classes="attnseg-hint mt-3")
     with html.Div(classes="attnseg-editor d-flex flex-column"):
         editor = SegmentEditorUI()
-        with FlexContainer(row=True, justify="center"):
+        # First on screen (CSS order), so they stay in view however long the editor's panel is.
+        with FlexContainer(row=True, justify="center", style="order: -1;", classes="attnseg-undo-redo"):
             SegmentEditorUndoRedoUI(editor_ui=editor, row=True)
     return editor
 
@@ -267,8 +277,13 @@ def _export_step(server: Server, app, n) -> None:
                            f".finally(() => {{ {n.export.busy} = false; }})"))
     _section("Training case")
     html.Div("The image, the corrected label, the model's own label, their difference and the review map, "
-             "zipped in the folder layout training/ reads.", classes="attnseg-hint mb-2")
-    v3.VBtn("Export as training case", prepend_icon="mdi-folder-zip-outline", variant="tonal",
+             "in the folder layout training/ reads: saved in the server's corrections folder.",
+             v_if=(n.export.to_server,), classes="attnseg-hint mb-2")
+    html.Div("The image, the corrected label, the model's own label, their difference and the review map, "
+             "zipped in the folder layout training/ reads.", v_if=(f"!{n.export.to_server}",),
+             classes="attnseg-hint mb-2")
+    v3.VBtn(text=(f"{n.export.to_server} ? 'Save as training case' : 'Export as training case'",),
+            prepend_icon="mdi-folder-zip-outline", variant="tonal",
             id="attnseg-export-case", disabled=(n.export.busy,),
             click=(f"{n.export.busy} = true; trigger('{case}', []).then({save})"
                    f".finally(() => {{ {n.export.busy} = false; }})"))

@@ -24,6 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--upload-limit-bytes", type=int, default=512 * 2**20)
     parser.add_argument("--idle-timeout", type=int, default=60,
                         help="seconds without a connected browser before the session ends")
+    parser.add_argument("--corrections", type=Path, default=None, help="the server's corrections folder")
     return parser.parse_args(argv)
 
 
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="attnseg-session-") as work_dir:
         server = get_server(client_type="vue3")
-        AttnSegWebApp(server, args.data.resolve(), Path(work_dir), args.upload_limit_bytes)
+        AttnSegWebApp(server, args.data.resolve(), Path(work_dir), args.upload_limit_bytes,
+                      corrections_dir=args.corrections)
         server.start(host="127.0.0.1", port=args.port, open_browser=False, show_connection_info=False,
                      timeout=args.idle_timeout)
 

@@ -64,6 +64,19 @@ class ReviewPanel:
     threshold: float = 0.5  # voxels where the review map is at least this are doubtful
     count: int = 0
     description: str = ""
+    rows: list[dict] = field(default_factory=list)  # the region table (:mod:`.regions_table`), sorted
+    sort_by: str = "rank"  # a key of regions_table.SORT_KEYS
+    sort_descending: bool = False
+    current: int = -1  # rank (0-based) of the region the views show; -1: none
+
+
+@dataclass
+class ViewerPanel:
+    """The slice views' cues (:mod:`.viewer`)."""
+    interpolate: bool = False  # False: nearest-neighbour, each voxel a sharp square
+    segment_style: str = "auto"  # a key of viewer.SEGMENT_STYLES
+    legend: list[dict] = field(default_factory=list)  # {"name": class, "color": "#rrggbb"}
+    cursor: str = ""  # position and values under the mouse
 
 
 @dataclass
@@ -80,6 +93,7 @@ class ExportPanel:
     message: str = ""
     error: str = ""
     kept: list[str] = field(default_factory=list)  # corrected segmentations kept beside a newer result
+    to_server: bool = False  # training cases are saved in the server's corrections folder, not downloaded
 
 
 @dataclass
@@ -91,5 +105,6 @@ class AttnSegState:
     review: ReviewPanel = field(default_factory=ReviewPanel)
     export: ExportPanel = field(default_factory=ExportPanel)
     confirm: ConfirmPanel = field(default_factory=ConfirmPanel)
+    viewer: ViewerPanel = field(default_factory=ViewerPanel)
     has_result: bool = False
     upload_limit_mb: int = 512

@@ -36,22 +36,25 @@ from trame_slicer.app.logic import SegmentEditorLogic
 from trame_slicer.app.ui import PaintEffectState, SegmentEditorState
 from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
-from trame_slicer.segmentation import SegmentationOpacityEnum
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
 from ..errors import AttnSegError, InputError
 from ..image import (IMAGE_SUFFIXES, Geometry, ImageError, case_name, check_data_file, label_map_levels,
-                     list_images, read_image, write_image)
+                     read_image, write_image)
 from ..card import ModelCard
 from ..localise import Box
 from ..outputs import doubtful_rule, map_title, volumes_text
 from ..package import PackageError, available_packages
 from ..mrml import roiNodeFromBox, volumeGeometry
 from ..segmentation_task import SegmentationTask
-from ..slicer_logic import Cancelled, SceneLogic
+from ..slicer_logic import Cancelled, CorrectionError, SceneLogic
 from .page import TAB_STATE, build_page, slice_view_overlay
+from .corrections import CorrectionsFolder, CorrectionsFull
+from .data_folder import offered_volumes, volume_title
+from .regions_table import next_sort, region_rows, sorted_regions
 from .state import AttnSegState
 from .uploads import UploadError, check_upload, save_upload
+from .viewer import CursorReadout, class_legend, fit_when_sized, segment_mode, set_interpolation
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +163,10 @@ class AttnSegWebApp:
     folder (uploads, exports), removed with the session.
     """
 
-    def __init__(self, server: Server, data_dir: Path, work_dir: Path, upload_limit_bytes: int):
+    def __init__(self, server: Server, data_dir: Path, work_dir: Path, upload_limit_bytes: int,
+                 corrections_dir: Path | None = None):
         self.server = server
+        self._corrections = CorrectionsFolder(corrections_dir) if corrections_dir is not None else None
         self.data_dir = Path(data_dir)
         self.work_dir = Path(work_dir)
         self.upload_limit_bytes = upload_limit_bytes
@@ -178,6 +183,7 @@ class AttnSegWebApp:
         self.typed_state = TypedState(server.state, AttnSegState, namespace="attnseg")
         self.data = self.typed_state.data
         self.data.upload_limit_mb = round(upload_limit_bytes / 2**20)
+        self.data.export.to_server = self._corrections is not None
         self.page = build_page(server, self, self.typed_state, self.layout_manager)
         self.segment_editor.set_ui(self.page.segment_editor)
         # Corrections are drawn slice by slice: a 2D brush, not trame-slicer's default sphere.
@@ -202,11 +208,17 @@ class AttnSegWebApp:
             self.typed_state.name.maps.selected: self._on_map_changed,
             self.typed_state.name.maps.opacity: self._on_map_changed,
             self.typed_state.name.review.threshold: self._on_threshold_changed,
+            self.typed_state.name.viewer.interpolate: self._on_interpolate_changed,
+            self.typed_state.name.viewer.segment_style: self._on_map_changed,
         })
+        self._cursor = CursorReadout(server, self.scene, self.data.viewer, map_title)
         server.state.change(TAB_STATE)(self._on_tab_changed)
         server.state["trame__title"] = "AttnSeg"
         self._offer_volumes()
         self._offer_models()
+        if self.data.volume.selected:  # the first volume offered (the shipped sample) is open from the start
+            self.open_selected_volume()
+            fit_when_sized(self.slicer_app.view_manager.get_views())
 
     @property
     def scene(self):
@@ -218,12 +230,12 @@ class AttnSegWebApp:
 
     # -- volumes --------------------------------------------------------------------------------
     def _offer_volumes(self) -> None:
-        files = list_images(self.data_dir) if self.data_dir.is_dir() else []
+        files = offered_volumes(self.data_dir)
         notes = {f: label_map_note(f) for f in files}
         files = [f for f in files if not notes[f]]
         self.data.volume.notice = "Left out: " + "; ".join(n for n in notes.values() if n) if any(notes.values()) else ""
         self._data_files = {f.name: f for f in files}
-        self.data.volume.choices = [{"title": f.name, "value": f.name} for f in files]
+        self.data.volume.choices = [{"title": volume_title(f), "value": f.name} for f in files]
         self.data.volume.selected = files[0].name if files else None
         if not files:
             self.data.volume.error = (f"no volumes ({', '.join(IMAGE_SUFFIXES)}) in {self.data_dir}; "
@@ -332,6 +344,7 @@ class AttnSegWebApp:
         for view in self.slicer_app.view_manager.get_slice_views():
             view.set_visible_in_3d(True)
         display.reset_views()
+        self._on_interpolate_changed()
 
     # -- models ---------------------------------------------------------------------------------
     def _offer_models(self) -> None:
@@ -551,6 +564,7 @@ class AttnSegWebApp:
         data.maps.meaning = data.maps.how_to_read = data.maps.legend_gradient = data.maps.detection = ""
         data.maps.legend_low = data.maps.legend_high = ""
         data.review.count, data.review.description = 0, ""
+        data.review.rows, data.review.current, data.viewer.legend = [], -1, []
         data.export.message, data.export.error = "", ""
         self.server.state[TAB_STATE] = "segment"
 
@@ -570,6 +584,8 @@ class AttnSegWebApp:
         self.data.maps.choices = [{"title": "None", "value": ""}] + [
             {"title": map_title(name), "value": name} for name in result.mapNodes]
         self.data.maps.selected = result.reviewMapName
+        self.data.viewer.legend = class_legend(result.segmentationNode)
+        self._on_interpolate_changed()
         self._on_map_changed()
         self._describe_regions()
         self.data.export.message, self.data.export.error = "", ""
@@ -598,7 +614,7 @@ class AttnSegWebApp:
         for view in self.slicer_app.view_manager.get_slice_views():
             view.schedule_render()  # the views redraw on their own for a new layer, not for a new opacity
         # Over a map the segmentation is drawn as its outline, so the map's colours stay readable.
-        mode = SegmentationOpacityEnum.OUTLINE if node is not None else SegmentationOpacityEnum.BOTH
+        mode = segment_mode(self.data.viewer.segment_style, node is not None)
         self._segment_display.opacity_mode = mode  # the editor's Rendering panel shows it
         if self.editor.active_segmentation_display:  # a new segmentation's display starts filled
             self.editor.active_segmentation_display.set_opacity_mode(mode)
@@ -628,12 +644,35 @@ class AttnSegWebApp:
     def _describe_regions(self) -> None:
         """The true count of regions at the chosen threshold, and the rule that made them."""
         threshold = self._threshold()
-        count = len(self.logic.doubtfulRegions(self._result.segmentationNode, threshold))
+        regions = self.logic.doubtfulRegions(self._result.segmentationNode, threshold)
+        count = len(regions)
         review = self.data.review
-        review.count = count
+        review.count, review.current = count, -1
+        review.rows = region_rows(sorted_regions(regions, review.sort_by, review.sort_descending))
         rule = doubtful_rule(self._result.reviewMapName, threshold)
         review.description = (f"{count} doubtful region{'s' if count != 1 else ''} ({rule}); the most doubtful "
                               "comes first." if count else f"No region ({rule}).")
+
+    def sort_regions(self, key: str) -> None:
+        """A click on the region table's header ``key``: sort by it (again: the other way)."""
+        if self._result is None or self._result.segmentationNode is None:
+            return
+        review = self.data.review
+        review.sort_by, review.sort_descending = next_sort(review.sort_by, review.sort_descending, key)
+        regions = self.logic.doubtfulRegions(self._result.segmentationNode, self._threshold())
+        review.rows = region_rows(sorted_regions(regions, review.sort_by, review.sort_descending))
+
+    def go_to_region(self, index) -> None:
+        """A click on the region table's row of region ``index`` (0 = the most doubtful)."""
+        if self._result is None or self._result.segmentationNode is None or not isinstance(index, int) \
+                or isinstance(index, bool):
+            return
+        self._go_to_region(self.logic.goToDoubtfulRegion(self._result.segmentationNode, self._threshold(), index))
+
+    def _on_interpolate_changed(self, *_) -> None:
+        set_interpolation(self.scene, self.data.viewer.interpolate is True)
+        for view in self.slicer_app.view_manager.get_slice_views():
+            view.schedule_render()
 
     def next_region(self) -> None:
         self._go_to_region(self.logic.nextDoubtfulRegion(self._result.segmentationNode, self._threshold()))
@@ -649,7 +688,7 @@ class AttnSegWebApp:
         self.logic.centerSliceViews(stop.markerRAS)
         self.logic.markPoint(stop.markerRAS)
         region = stop.region
-        review.count = stop.count
+        review.count, review.current = stop.count, stop.index
         name = self._review_map_title()
         review.description = (f"Region {stop.index + 1} of {stop.count}: {region.volume_ml:.3f} ml, mean {name} "
                               f"{region.mean_difficulty:.2f} (peak {region.max_difficulty:.2f}); the cross marks it.")
@@ -701,6 +740,14 @@ class AttnSegWebApp:
         export.error = export.message = ""
         if self._result is None:
             export.error = "segment a volume first"
+            return None
+        if self._corrections is not None:  # saved on the server, nothing to download
+            try:
+                name = self._corrections.save(self.logic, self._result.segmentationNode, self._base_name())
+            except (CorrectionError, CorrectionsFull, ValueError, OSError) as err:
+                export.error = str(err).replace(str(self._corrections.root), "the corrections folder")
+                return None
+            export.message = f"Saved as {name} in the server's corrections folder, ready for training/."
             return None
         cases = self.work_dir / "cases"
         try:
