@@ -253,14 +253,15 @@ def write_csv(per_case: dict[str, dict[str, dict]], path: Path) -> Path:
 
 
 def print_map_information(information: dict[str, dict]) -> None:
+    """One line per map volume of :func:`summarize_map_information`'s figures."""
     if information:
-        print("  map information (entropy / flat, ratio to uniform p5-p95, mean in target / outside, "
-              "enrichment in target, wrong - right):")
+        print("  map information (entropy, 1 = flat; ratio to uniform p5-p95; mean in target / outside; "
+              "enrichment in target; wrong - right):")
     for volume, f in information.items():
         def show(name, digits=3):
             return "-" if f[name] is None else f"{f[name]:.{digits}f}"
-        print(f"    {volume}: {show('entropy_ratio', 4)}, {show('uniform_p05')}-{show('uniform_p95')}, "
-              f"{show('mean_in_target')} / {show('mean_outside')}, x{show('enrichment', 2)}, "
+        print(f"    {volume}: {show('entropy_ratio', 4)}; {show('uniform_p05')}-{show('uniform_p95')}; "
+              f"{show('mean_in_target')} / {show('mean_outside')}; x{show('enrichment', 2)}; "
               f"{show('wrong_minus_right')}")
 
 
