@@ -7,7 +7,10 @@ summary (JSON) and a box plot (PNG); with ``--maps``, also what a reviewer needs
 * the review effort curve: the share of the wrong voxels inside the most doubtful voxels covering up
   to 20 % of the volume (``review_effort.png``), and the share found within 5 %;
 * the expected calibration error of the foreground probabilities, and its reliability diagram
-  (``reliability.png``).
+  (``reliability.png``);
+* per model map (each channel of a multi-channel one), how much it says (``AttnSegLib.map_information``):
+  its entropy relative to a flat map, its variation around its uniform level, the share of its mass inside
+  the target (its own class for a class channel) and how it differs between right and wrong voxels.
 
 Per-case figures are averaged over the cases with errors; the calibration bins are pooled.
 
@@ -35,7 +38,8 @@ from tqdm import tqdm
 
 from AttnSegLib.image import ImageError, read_image
 from AttnSegLib.inference import Predictor
-from AttnSegLib.maps import DOUBT_MAPS
+from AttnSegLib.map_information import map_information, mean_figures
+from AttnSegLib.maps import DOUBT_MAPS, volume_name
 from AttnSegLib.metrics import (boundary_distance_doubt, calibration_bins, error_detection_auroc,
                                 error_detection_average_precision, evaluate_labels, expected_calibration_error,
                                 review_effort_curve, volume_to_find)
@@ -137,7 +141,36 @@ def evaluate_case(predictor: Predictor, case: CaseFiles,
     if not predictor.with_maps:
         return scores, {}, None
     bins = calibration_bins(result.probabilities.array, reference, CALIBRATION_BINS)
-    return scores, review_case(result, reference), bins
+    review = review_case(result, reference)
+    review["map_information"] = case_map_information(predictor, result, reference)
+    return scores, review, bins
+
+
+def case_map_information(predictor: Predictor, result, reference: np.ndarray) -> dict[str, dict]:
+    """Map volume (``category_attention.anterior``, ``slice_attention.axial``, ...) -> its
+    :func:`AttnSegLib.map_information.map_information` figures on this case, for every map of the model
+    (``uncertainty`` is the engine's, not the model's, and left out). A channel of a map the network
+    lists in ``class_channel_maps`` is measured against its own class, any other map against the foreground."""
+    names = predictor.network.map_descriptions()
+    class_channel = set(getattr(predictor.network, "class_channel_maps", ()))
+    class_value = {volume_name(name): value for value, name in enumerate(predictor.class_names)}
+    figures = {}
+    for volume, image in result.maps.items():
+        key, _, channel = volume.rpartition(".")
+        if volume not in names and key not in names:
+            continue
+        target = class_value.get(channel) if key in class_channel else None
+        figures[volume] = map_information(image.array, reference, result.labels.array, target)
+    return figures
+
+
+def summarize_map_information(evaluation: Evaluation) -> dict[str, dict]:
+    """Map volume -> the mean of each :func:`map_information` figure over the cases."""
+    per_volume: dict[str, list[dict]] = {}
+    for case in evaluation.review.values():
+        for volume, figures in case.get("map_information", {}).items():
+            per_volume.setdefault(volume, []).append(figures)
+    return {volume: mean_figures(figures) for volume, figures in per_volume.items()}
 
 
 def evaluate_cases(predictor: Predictor, cases: list[CaseFiles], data: dict, progress: bool = True) -> Evaluation:
@@ -219,6 +252,19 @@ def write_csv(per_case: dict[str, dict[str, dict]], path: Path) -> Path:
     return path
 
 
+def print_map_information(information: dict[str, dict]) -> None:
+    """One line per map volume of :func:`summarize_map_information`'s figures."""
+    if information:
+        print("  map information (entropy, 1 = flat; ratio to uniform p5-p95; mean in target / outside; "
+              "enrichment in target; wrong - right):")
+    for volume, f in information.items():
+        def show(name, digits=3):
+            return "-" if f[name] is None else f"{f[name]:.{digits}f}"
+        print(f"    {volume}: {show('entropy_ratio', 4)}; {show('uniform_p05')}-{show('uniform_p95')}; "
+              f"{show('mean_in_target')} / {show('mean_outside')}; x{show('enrichment', 2)}; "
+              f"{show('wrong_minus_right')}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -234,7 +280,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     parser.add_argument("--maps", action="store_true",
                         help="also measure how well each doubt map finds the wrong voxels (AUROC, average "
-                             "precision, review effort) and the calibration (ECE), with their plots")
+                             "precision, review effort), the calibration (ECE), with their plots, and how much "
+                             "each model map says (AttnSegLib.map_information)")
     return parser.parse_args(argv)
 
 
@@ -258,6 +305,7 @@ def main(argv=None) -> int:
     if evaluation.error_detection:
         summary["error_detection_auroc"] = summarize_error_detection(evaluation.error_detection)
         summary["review"] = summarize_review(evaluation)
+        summary["map_information"] = summarize_map_information(evaluation)
         title = f"{package.name}: {args.split} ({len(per_case)} cases)"
         reliability_diagram({package.name: evaluation.calibration}, out / "reliability.png", title)
         effort_plot(EFFORT_FRACTIONS, {name: m["effort_curve"] for name, m in summary["review"]["maps"].items()},
@@ -278,6 +326,7 @@ def main(argv=None) -> int:
             print(f"  {name}: AUROC {m['auroc']:.4f}, average precision {m['average_precision']:.4f}, "
                   f"{100 * m[f'found_within_{REVIEW_BUDGET:g}']:.1f} % of the errors within "
                   f"{100 * REVIEW_BUDGET:g} % of the volume")
+    print_map_information(summary.get("map_information") or {})
     print(f"results in {out}")
     return 0
 

@@ -8,7 +8,8 @@ metrics measured on the exported network through the product path (``Predictor.p
 original validation images, Dice / ASD / HD95 on the input grid; see :mod:`training.evaluate`), the
 training cases' intensity statistics inference checks inputs against (:mod:`training.statistics`), with
 how well each doubt map finds the wrongly labelled voxels (AUROC); the best of them becomes the card's
-``inference.review_map``, the map the review ranks doubtful regions by.
+``inference.review_map``, the map the review ranks doubtful regions by; each map's unit, display range
+and measured information (:mod:`training.map_display`).
 A fine-tuned run (``model.init_from``) is also measured, with its parent, on the parent's reference
 cases (its validation cases not among the corrections): the card gets both (``metrics.reference``), its
 lineage (parent name and sha256, the corrections and the model each came from, the data mix) and a
@@ -43,6 +44,7 @@ from .card import model_card
 from .config import load_config, resolve_path
 from .data import find_cases
 from .evaluate import evaluate_cases, summarize, summarize_error_detection
+from .map_display import apply_to_card
 from .statistics import measure
 
 WEIGHTS = {"best": "best.safetensors", "last": "last.safetensors"}
@@ -101,6 +103,7 @@ def export_run(run: str | Path, output: str | Path, weights: str = "best", name:
     card["metrics"] = {**summarize(evaluation.scores, "validation"), "error_detection_auroc": detection,
                        "calibration": {name: calibration[name]["ece_foreground"] for name in ("before", "after")},
                        "weights": weights}
+    apply_to_card(card, network, evaluation)
     if detection:  # review the regions of the map that found the validation errors best
         card["inference"]["review_map"] = max(detection, key=detection.get)
     metrics_file = run / "metrics.json"

@@ -32,7 +32,8 @@ class SegmentationNetwork(nn.Module):
 
     ``divisor``: every spatial size of the input must be a multiple of it (the product of the
     down-sampling strides). ``map_descriptions()``: map name -> what it means and how to read it;
-    the names are exactly the keys of ``SegOutput.maps``. ``class_channel_maps``: names of maps
+    the names are exactly the keys of ``SegOutput.maps``. ``map_units()``: map name -> the unit its
+    values are in, for a legend. ``class_channel_maps``: names of maps
     with one channel per class (e.g. a category attention map), so viewers can label them by class.
     """
 
@@ -40,6 +41,9 @@ class SegmentationNetwork(nn.Module):
     class_channel_maps: tuple[str, ...] = ()  # maps whose K channels are the C classes, in order
 
     def map_descriptions(self) -> dict[str, str]:
+        return {}
+
+    def map_units(self) -> dict[str, str]:
         return {}
 
     def segment(self, x: torch.Tensor) -> torch.Tensor:

@@ -165,6 +165,8 @@ class CGAUNet(SegmentationNetwork):
     ``norm``, ``act``. The inter-class switch and its start epoch are the loss's.
     """
 
+    class_channel_maps = ("category_attention",)  # channel k is class k: shown as category_attention.<class>
+
     def __init__(self, in_channels: int, num_classes: int, base_features: int = 8, blocks=(1, 2, 2, 2),
                  downsampling: int = 8, attention_features: int = 16, intra_class_update: bool = True,
                  dropout: float = 0.2, norm: str = "group", act: str = "relu"):
@@ -198,6 +200,9 @@ class CGAUNet(SegmentationNetwork):
             "supervised category attention map S (one channel per class, at 1/downsampling of the patch), "
             "in [0, 1]: channel k ~1 where the attention path places class k, ~0 elsewhere; it decides "
             "which voxels share a class prototype in the intra-class update")}
+
+    def map_units(self) -> dict[str, str]:
+        return {"category_attention": "attention score (1 = its class, 0 = another class)"}
 
     def forward(self, x: torch.Tensor) -> SegOutput:
         self.check_input(x)

@@ -25,7 +25,8 @@ Instance norm and leaky ReLU throughout, as in the paper (Sec. 3.2).
   the latest forward pass in any mode.
 
 The hard-case attention loss (Eq. 6-7) is ``training/losses/dam_al.py``; its surface weight map
-W = 1/(d + 1) is ``surface_weight_map`` here, so the engine can show it for a reference label.
+W = 1/(d + 1) is ``surface_weight_map`` here. W needs a reference label, so it is a training weight,
+not a map of a prediction: no front end shows it, nor the channel weights.
 
 Choices where the paper is open (its Fig. 1-3 are not in the text; the authors' code,
 DinhHieuHoang/DAM-CA-InfantBrain, was read for the layout):
@@ -153,6 +154,10 @@ class DamAl(SegmentationNetwork):
         read = ("spatial attention F_sa of encoder level {l} (Eq. 1), in (0, 1): near 1 where the "
                 "network keeps the level-{l} features (structure, surfaces), near 0 where it suppresses them")
         return {f"spatial_attention.level{l}": read.format(l=l) for l in range(1, LOW_LEVELS + 1)}
+
+    def map_units(self) -> dict[str, str]:
+        return {f"spatial_attention.level{l}": "gate (1 = features kept, 0 = suppressed)"
+                for l in range(1, LOW_LEVELS + 1)}
 
     def last_channel_weights(self) -> dict[str, torch.Tensor]:
         """Channel weights F_ca (Eq. 2) of the latest forward pass: ``channel_weights.level{l}`` ->

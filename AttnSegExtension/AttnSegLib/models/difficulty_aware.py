@@ -167,6 +167,9 @@ class DifficultyAwareNetwork(SegmentationNetwork):
                           "voxel; high values are the hard, low-confidence regions to review first.",
         }
 
+    def map_units(self) -> dict[str, str]:
+        return {"confidence": "confidence (1 = looks manual)", "difficulty": "training weight (1 = hardest)"}
+
     def confidence_logits(self, probabilities: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """D(P U X): probabilities or one-hot labels (N, C, D, H, W) and image (N, M, D, H, W) ->
         confidence logits (N, 1, D, H, W)."""

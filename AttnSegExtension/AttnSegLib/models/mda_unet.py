@@ -128,10 +128,16 @@ class MDAUNet(SegmentationNetwork):
         return {
             "position_attention": f"Dense spatial position attention of the finest level, one channel per "
                                   f"dense feature (K = {self.dense_features}); at each voxel the K values sum "
-                                  "to 1 and show which learned region prototype the voxel draws on.",
+                                  "to 1 and show which learned region prototype the voxel draws on (above "
+                                  f"1/{self.dense_features}: more than on average).",
             "coarse_segmentation": "Class probabilities of the additional expansive path (the coarse "
-                                   "segmentation the final path refines), one channel per class, in [0, 1].",
+                                   "segmentation the final path refines), one channel per class, in [0, 1]: "
+                                   "high where the coarse path places that class.",
         }
+
+    def map_units(self) -> dict[str, str]:
+        return {"position_attention": f"weight of a dense feature (uniform: 1 / {self.dense_features})",
+                "coarse_segmentation": "probability"}
 
     def forward(self, x: torch.Tensor) -> SegOutput:
         self.check_input(x)

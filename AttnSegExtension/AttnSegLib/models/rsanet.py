@@ -105,6 +105,10 @@ class RSANet(SegmentationNetwork):
                 "1/(number of slices) is uniform, higher slices are the ones the network draws context from")
         return {f"slice_attention.{axis}": read.format(axis=axis) for axis, _ in RecurrentSliceAttention.AXES}
 
+    def map_units(self) -> dict[str, str]:
+        return {f"slice_attention.{axis}": "share of the attention a slice receives (uniform: 1 / slices)"
+                for axis, _ in RecurrentSliceAttention.AXES}
+
     def _attend(self, position: str, h: torch.Tensor, matrices: dict, maps: dict) -> torch.Tensor:
         if position not in self.rsa:
             return h

@@ -1,0 +1,100 @@
+"""How a card shows each map: its unit and a display range, with its measured information.
+
+    python -m training.map_display --model Resources/Models/hippocampus_rsanet [--cases A B ...]
+
+``training.export`` does this for every package it writes; this command does it again for a package
+already shipped, from its validation cases (the card's ``validation_cases``, through the product path
+as in ``training.evaluate --maps``). It sets, in the card:
+
+* ``maps.<name>.meaning`` and ``unit``: what the map shows (high values included) and the unit of its
+  values, as the network gives them (``map_descriptions()``, ``map_units()``);
+* ``maps.<name>.display_range`` [lo, hi]: the mean over the cases of the 1st and 99th percentiles of
+  the map's values (the lowest and highest over its channels), the window that shows its structure;
+* ``metrics.map_information``: per map volume (each channel of a multi-channel map), the mean of the
+  figures of ``AttnSegLib.map_information`` over the cases (entropy relative to a flat map, ratio to
+  uniform, share of the mass in the target, right against wrong voxels).
+
+Only ``model.json`` is rewritten (as ``AttnSegLib.package.save_package`` writes it); the weights are
+untouched, and the package is reloaded to check the card.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from AttnSegLib.inference import Predictor
+from AttnSegLib.package import CARD_FILE, PackageError, load_package
+
+from .config import ConfigError
+from .data import DatasetError, find_cases
+from .evaluate import Evaluation, dataset_description, evaluate_cases, select_cases, select_split, \
+    summarize_map_information
+
+
+def _significant(value: float, digits: int = 3) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def display_ranges(map_names, information: dict[str, dict]) -> dict[str, list[float]]:
+    """Card map name -> [lo, hi]: over the map's volumes (``name`` itself or ``name.<channel>``), the
+    lowest mean 1st percentile and the highest mean 99th percentile, to 3 significant digits."""
+    ranges = {}
+    for name in map_names:
+        volumes = [f for volume, f in information.items() if volume == name or volume.rpartition(".")[0] == name]
+        if volumes:
+            low = min(f["value_p01"] for f in volumes)
+            high = max(f["value_p99"] for f in volumes)
+            ranges[name] = [_significant(low), _significant(high) if high > low else _significant(low) + 1e-3]
+    return ranges
+
+
+def apply_to_card(card: dict, network, evaluation: Evaluation) -> dict:
+    """``card`` with the meanings, units, display ranges and map information of ``evaluation`` (cases
+    evaluated with maps); returns the information."""
+    information = summarize_map_information(evaluation)
+    meanings, units = network.map_descriptions(), network.map_units()
+    ranges = display_ranges(card.get("maps", {}), information)
+    for name, entry in card.get("maps", {}).items():
+        if name in meanings:
+            entry["meaning"] = meanings[name]
+        if name in units:
+            entry["unit"] = units[name]
+        if name in ranges:
+            entry["display_range"] = ranges[name]
+    card.setdefault("metrics", {})["map_information"] = information
+    return information
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.map_display", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model package folder to update")
+    parser.add_argument("--cases", nargs="+", metavar="CASE", help="only these validation cases")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    try:
+        package = load_package(args.model)
+        if package.path.is_file():
+            raise PackageError(f"{package.path}: update a package folder, not a .zip")
+        data, root = dataset_description(package.card, None, None)
+        cases = select_split(find_cases(data, root), package.card, "validation")
+        if args.cases:
+            cases = select_cases(cases, args.cases, "validation")
+        predictor = Predictor(package, device=args.device, with_maps=True)
+        evaluation = evaluate_cases(predictor, cases, data)
+    except (PackageError, ConfigError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    card = json.loads(json.dumps(package.card))
+    apply_to_card(card, predictor.network, evaluation)
+    (package.path / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    saved = load_package(package.path)
+    for name, entry in saved.maps.items():
+        print(f"{name}: {entry.get('display_range')} {entry.get('unit', '')}")
+    print(f"updated {saved.path} from {len(cases)} validation cases")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
