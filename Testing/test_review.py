@@ -87,7 +87,7 @@ def test_the_shipped_model_review_of_the_sample_leads_to_its_errors_in_a_few_com
     the ten most doubtful of them, with 2 mm around them (what a slice view shows about a region),
     hold 80 % of the voxels the model got wrong (8 visits were needed when this was written)."""
     result, reference = sample_review
-    review_map = result.maps[result.difficulty_name]
+    review_map = result.maps[result.review_map_name]
     labels, regions = region_labels(review_map, threshold=0.5)
     spacing = review_map.geometry.spacing
     assert 6 <= len(regions) <= 40

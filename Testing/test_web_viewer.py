@@ -106,7 +106,7 @@ def test_region_table_cursor_values_legend_and_display_controls_in_the_browser(b
 
     # The engine's own review of the same image: the table lists its regions, most doubtful first.
     result = Predictor(load_package(model_package.path), device="cpu").predict([read_image(SAMPLE)])
-    review_map = result.maps[result.difficulty_name]
+    review_map = result.maps[result.review_map_name]
     regions = doubtful_regions(review_map)
     page.wait_for_selector("#attnseg-region-table", timeout=30_000)
     rows = _rows(page)
