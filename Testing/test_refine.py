@@ -216,7 +216,7 @@ def test_training_examples_align_image_clicks_and_target(sample, package):
     """``training.refine_train.make_example`` on the real sample with the shipped refinement network:
     the click maps peak exactly where the expert label holds the clicked class (after the simulated
     rounds and the random mirror), and the channels are image, probabilities, click maps."""
-    from AttnSegLib.refine import CROP_VOXELS, LearnedUpdate
+    from AttnSegLib.refine import LearnedUpdate
     from training.refine_train import Sample, make_example
 
     image, truth, result = sample
@@ -225,8 +225,10 @@ def test_training_examples_align_image_clicks_and_target(sample, package):
     updater = LearnedUpdate.from_package(find_refinement_package(package.card))
     rng = np.random.default_rng(0)
     for _ in range(3):
-        x, y = make_example(case, updater, rng)
-        assert x.shape == (1, 7, CROP_VOXELS, CROP_VOXELS, CROP_VOXELS) and y.shape == (1,) + (CROP_VOXELS,) * 3
+        x, y, weight = make_example(case, updater, rng)
+        size = updater.size
+        assert x.shape == (1, 7, size, size, size) and y.shape == weight.shape == (1,) + (size,) * 3
+        assert weight[0, size // 2, size // 2, size // 2] >= 1.0 and weight.min() >= 0.0
         assert torch.allclose(x[0, 1:4].sum(dim=0), torch.ones(()), atol=1e-3)
         for label in range(3):
             peaks = x[0, 4 + label] == 1.0

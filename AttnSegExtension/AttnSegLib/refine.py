@@ -45,7 +45,7 @@ PAINT_RADIUS_MM = 3.0   # the ball the ``sphere`` method paints
 FREE_RADIUS_MM = 3.0    # random walker: the network's sure voxels nearer the click than this are not seeds
 SURE_UNCERTAINTY = 0.5  # random walker: voxels below this uncertainty keep their label as seeds
 CLICK_SIGMA_MM = 3.0    # learned: width of the Gaussian click maps
-CROP_VOXELS = 32        # learned: the cube the network sees, in its frame
+CROP_VOXELS = 32        # learned: the cube the network sees, in its frame, when the card gives no patch_size_dhw
 METHODS = ("learned", "random_walker", "sphere")
 DEFAULT_METHOD = "learned"
 PURPOSE = "refinement"  # the card key "purpose" of a refinement package
@@ -250,11 +250,13 @@ def walker_seeds(probabilities: np.ndarray, uncertainty: np.ndarray, distance: n
 
 
 class LearnedUpdate:
-    """A refinement network run on a CROP_VOXELS cube around a click, in the frame of its ``card``.
+    """A refinement network run on a cube of ``size`` voxels around a click, in the frame of its ``card``.
 
-    The card's ``orientation`` (e.g. ``RAS``) and ``spacing_xyz_mm`` define the frame: the crop is taken
-    on the input grid (physical size CROP_VOXELS * spacing), its axes permuted and flipped to the card's
-    orientation and resized to CROP_VOXELS^3 when the spacing differs; the output goes back the same way.
+    ``size`` is the card's ``patch_size_dhw`` (a cube; CROP_VOXELS when absent). The card's
+    ``orientation`` (e.g. ``RAS``) and ``spacing_xyz_mm`` define the frame: the crop is taken on the input
+    grid (physical size ``size`` * spacing), its axes permuted and flipped to the card's orientation and
+    resized to ``size``^3 when the spacing differs; the output goes back the same way. Voxels of the
+    update box outside the crop keep their probabilities.
     """
 
     def __init__(self, network: torch.nn.Module, card: dict, device: str = "cpu"):
@@ -262,6 +264,7 @@ class LearnedUpdate:
         self.network = network.eval().to(self.device)
         self.spacing_dhw = np.asarray(card.get("spacing_xyz_mm") or (1.0, 1.0, 1.0), dtype=float)[::-1]
         self.orientation = card.get("orientation") or "RAS"
+        self.size = int((card.get("patch_size_dhw") or [CROP_VOXELS])[0])
 
     @classmethod
     def from_package(cls, package: ModelPackage, device: str = "cpu") -> "LearnedUpdate":
@@ -273,18 +276,18 @@ class LearnedUpdate:
         frame = frame_axes(geometry.direction, self.orientation)
         extent = np.empty(3, dtype=int)
         for frame_axis, (input_axis, _) in enumerate(frame):
-            extent[input_axis] = max(2, round(CROP_VOXELS * self.spacing_dhw[frame_axis] / spacing[input_axis]))
+            extent[input_axis] = max(2, round(self.size * self.spacing_dhw[frame_axis] / spacing[input_axis]))
         return np.round(voxel).astype(int) - extent // 2, extent, frame
 
     def inputs(self, image: np.ndarray, probabilities: np.ndarray, geometry: Geometry, voxel: np.ndarray,
                clicks: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, np.ndarray, list[tuple[int, bool]]]:
-        """-> ((1, M + 2C, CROP_VOXELS, CROP_VOXELS, CROP_VOXELS) network input, crop start, frame axes)."""
+        """-> ((1, M + 2C, size, size, size) network input, crop start, frame axes)."""
         start, extent, frame = self.crop(geometry, voxel)
         spacing = np.asarray(geometry.spacing, dtype=float)[::-1]
         stacked = network_input(image, probabilities, clicks, start, extent, spacing)
         x = torch.from_numpy(to_frame(stacked, frame))[None]
-        if tuple(x.shape[2:]) != (CROP_VOXELS,) * 3:
-            x = F.interpolate(x, size=(CROP_VOXELS,) * 3, mode="trilinear", align_corners=False)
+        if tuple(x.shape[2:]) != (self.size,) * 3:
+            x = F.interpolate(x, size=(self.size,) * 3, mode="trilinear", align_corners=False)
         return x, start, frame
 
     def __call__(self, image: np.ndarray, probabilities: np.ndarray, geometry: Geometry, voxel: np.ndarray,
@@ -298,8 +301,14 @@ class LearnedUpdate:
         if tuple(out.shape[2:]) != native:
             out = F.interpolate(out, size=native, mode="trilinear", align_corners=False)
         crop = from_frame(out[0].float().cpu().numpy(), frame)
-        take = tuple(slice(s.start - a, s.stop - a) for s, a in zip(box, start))
-        return crop[(slice(None),) + take]
+        proposal = probabilities[(slice(None),) + box].copy()
+        lo = [max(s.start, a) for s, a in zip(box, start)]
+        hi = [min(s.stop, a + e) for s, a, e in zip(box, start, extent)]
+        if all(h > l for l, h in zip(lo, hi)):
+            into = tuple(slice(l - s.start, h - s.start) for l, h, s in zip(lo, hi, box))
+            take = tuple(slice(l - a, h - a) for l, h, a in zip(lo, hi, start))
+            proposal[(slice(None),) + into] = crop[(slice(None),) + take]
+        return proposal
 
 
 def frame_axes(direction, orientation: str) -> list[tuple[int, bool]]:
