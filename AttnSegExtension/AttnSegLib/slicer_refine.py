@@ -21,7 +21,7 @@ from vtkmodules.vtkCommonCore import reference as vtkReference
 from .image import Image
 from .maps import volume_name
 from .package import PackageError, load_package
-from .refine import Click, ClickError, Refined, Refiner, class_index, find_refinement_package
+from .refine import Click, ClickError, Refined, Refiner, class_index, class_parts, find_refinement_package
 from .slicer_logic import ATTRIBUTE, CLASS_VALUE_TAG, _orientedMask, imageFromVolumeNode
 
 CLICKS_ATTRIBUTE = ATTRIBUTE + "Clicks"
@@ -71,9 +71,15 @@ def refineSegmentation(logic, segmentationNode, clicks: list[Click], refiner: Re
     uncertaintyNode = maps.get("uncertainty")
     uncertainty = None if uncertaintyNode is None else imageFromVolumeNode(uncertaintyNode).array
     refiner = refiner or refinerFor(segmentationNode)
+    parts = None
+    if refiner.learned is not None:
+        try:
+            parts = class_parts(classes, refiner.learned.class_names)
+        except ClickError:  # classes the network was not trained on: the non-learned update serves them
+            refiner = Refiner("random_walker")
     history = recordedClicks(segmentationNode)
     refined = refiner.refine(np.stack([img.array.astype(np.float32) for img in images]), probabilities,
-                             labels.geometry, clicks, history, uncertainty, labels.array)
+                             labels.geometry, clicks, history, uncertainty, labels.array, parts)
     _writeLabels(segmentationNode, labels.with_array(refined.labels), refined.changed)
     for node, channel in zip(probabilityNodes, refined.probabilities[1:]):
         _writeVolume(node, channel)
