@@ -99,6 +99,41 @@ def test_nothing_farther_than_15_mm_from_the_clicks_changes(method, sample, refi
     assert np.array_equal(before, result.probabilities.array)  # the input is not modified
 
 
+def test_a_localised_result_with_left_and_right_classes_is_refined_in_place_and_as_a_copy(sample, refiners):
+    """A whole-head result has a left and a right copy of each class (their ``part`` is the card's class):
+    the learned network refines it through ``class_parts``; the clicked side's class wins at the click,
+    the other side's classes stay zero there, probabilities still sum to 1, and ``in_place`` gives the
+    same arrays as a copy, in the caller's own arrays."""
+    from AttnSegLib.maps import normalized_entropy
+    from AttnSegLib.refine import ClickError, class_parts
+
+    image, truth, result = sample
+    localised = [{"name": "background"}] + [{"name": f"{side} {part.lower()} hippocampus", "part": part}
+                                            for side in ("Left", "Right") for part in ("Anterior", "Posterior")]
+    learned = refiners["learned"]
+    parts = class_parts(localised, learned.learned.class_names)
+    assert parts.tolist() == [0, 1, 2, 1, 2]
+    assert class_parts([{"name": n} for n in ("background", "Anterior", "Posterior")],
+                       learned.learned.class_names) is None
+    with pytest.raises(ClickError, match="knows no class 'Tumour'"):
+        class_parts([{"name": "background"}, {"name": "Tumour"}], learned.learned.class_names)
+    three = result.probabilities.array
+    five = np.zeros((5, *three.shape[1:]), dtype=np.float32)  # the whole crop is the "right" side
+    five[0], five[3], five[4] = three
+    stack = image.array[None].astype(np.float32)
+    voxel = (17, 25, 17)
+    click = voxel_click(voxel, 4, image.geometry)  # Right posterior
+    copy = learned.refine(stack, five, image.geometry, [click], parts=parts)
+    assert copy.labels[voxel] == 4 and copy.changed.any()
+    assert not copy.probabilities[1:3].any()  # no left class appears on the right side
+    assert np.allclose(copy.probabilities.sum(axis=0), 1.0, atol=1e-4)
+    own, labels, uncertainty = five.copy(), five.argmax(axis=0).astype(np.uint8), normalized_entropy(five)
+    same = learned.refine(stack, own, image.geometry, [click], [], uncertainty, labels, parts, in_place=True)
+    assert same.probabilities is own and same.labels is labels
+    np.testing.assert_array_equal(own, copy.probabilities)
+    np.testing.assert_array_equal(labels, copy.labels)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_a_positive_click_in_a_missed_region_raises_dice(method, sample, refiners):
     """The model's probabilities with a ball of the anterior hippocampus missed (made background); one
@@ -216,7 +251,7 @@ def test_training_examples_align_image_clicks_and_target(sample, package):
     """``training.refine_train.make_example`` on the real sample with the shipped refinement network:
     the click maps peak exactly where the expert label holds the clicked class (after the simulated
     rounds and the random mirror), and the channels are image, probabilities, click maps."""
-    from AttnSegLib.refine import CROP_VOXELS, LearnedUpdate
+    from AttnSegLib.refine import LearnedUpdate
     from training.refine_train import Sample, make_example
 
     image, truth, result = sample
@@ -225,8 +260,10 @@ def test_training_examples_align_image_clicks_and_target(sample, package):
     updater = LearnedUpdate.from_package(find_refinement_package(package.card))
     rng = np.random.default_rng(0)
     for _ in range(3):
-        x, y = make_example(case, updater, rng)
-        assert x.shape == (1, 7, CROP_VOXELS, CROP_VOXELS, CROP_VOXELS) and y.shape == (1,) + (CROP_VOXELS,) * 3
+        x, y, weight = make_example(case, updater, rng)
+        size = updater.size
+        assert x.shape == (1, 7, size, size, size) and y.shape == weight.shape == (1,) + (size,) * 3
+        assert weight[0, size // 2, size // 2, size // 2] >= 1.0 and weight.min() >= 0.0
         assert torch.allclose(x[0, 1:4].sum(dim=0), torch.ones(()), atol=1e-3)
         for label in range(3):
             peaks = x[0, 4 + label] == 1.0

@@ -4,13 +4,15 @@ Samples are made the way DeepEdit and nnInteractive train: a training case, the 
 of a shipped segmentation model on it (sometimes perturbed by a smooth random field, so the errors are
 as varied as on unseen cases), 0 to ``MAX_ROUNDS`` rounds of simulated clicks each applied with the
 network being trained (no gradient), then one more click whose crop is the training example: input
-image + current probabilities + click maps, target the expert label. Clicks are the standard simulated
+image + current probabilities + click maps, target the expert label. The loss is weighted as the
+update is applied (1 up to FULL_UPDATE_MM from the click, nothing from RADIUS_MM on) and
+``COMPONENT_WEIGHT`` times more on the clicked error region, the part the user asked to fix. Clicks are the standard simulated
 user's (deepest point of the largest error) or, for variety, a random point of a random error region.
 Only training-split cases are read: the validation cases of the base models' cards are excluded.
 
     python -m training.refine_train --data ../shared/data/hippocampus \\
-        --base hippocampus_difficulty_aware hippocampus_unet hippocampus_rsanet --minutes 30 \\
-        --out runs/refine_hippocampus
+        --base hippocampus_difficulty_aware hippocampus_unet --minutes 30 --crop 24 \\
+        --init Resources/Models/refinement/hippocampus_click_refiner --out runs/refine_hippocampus
     python -m training.refine_train --record-metrics Resources/Models/refinement/<name> \
         benchmarks/results/interactive.json
 """
@@ -30,12 +32,13 @@ from AttnSegLib import models
 from AttnSegLib.image import Geometry, read_image
 from AttnSegLib.inference import Predictor
 from AttnSegLib.package import load_package, save_package
-from AttnSegLib.refine import (CROP_VOXELS, PURPOSE, LearnedUpdate, Refiner, click_voxel,
+from AttnSegLib.refine import (FULL_UPDATE_MM, PURPOSE, RADIUS_MM, LearnedUpdate, Refiner, click_voxel,
                                refined_probabilities, simulated_click, to_frame, voxel_click)
 
 from .data import check_label_values, label_lookup, msd_cases
 
-MAX_ROUNDS = 2
+MAX_ROUNDS = 3
+COMPONENT_WEIGHT = 4.0
 FEATURES = (8, 16, 32, 64)
 
 
@@ -99,8 +102,9 @@ def training_click(labels: np.ndarray, truth: np.ndarray, spacing, rng) -> tuple
     return index, int(truth[index])
 
 
-def make_example(sample: Sample, updater: LearnedUpdate, rng) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> ((1, M + 2C, S, S, S) input, (1, S, S, S) target) after 0..MAX_ROUNDS simulated rounds."""
+def make_example(sample: Sample, updater: LearnedUpdate, rng) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> ((1, M + 2C, S, S, S) input, (1, S, S, S) target, (1, S, S, S) loss weight) after
+    0..MAX_ROUNDS simulated rounds; S = ``updater.size``."""
     spacing = np.asarray(sample.geometry.spacing)[::-1]
     probs = sample.base[list(sample.base)[rng.integers(len(sample.base))]].astype(np.float32)
     if rng.random() < 0.5:
@@ -118,11 +122,28 @@ def make_example(sample: Sample, updater: LearnedUpdate, rng) -> tuple[torch.Ten
     voxel = np.asarray(index, dtype=float)
     seen = [(click_voxel(c, sample.geometry), c.label) for c in history] + [(voxel, label)]
     x, start, frame = updater.inputs(sample.image, probs, sample.geometry, voxel, seen)
-    target = crop_label(sample.label, start, CROP_VOXELS)
+    target = crop_label(sample.label, start, updater.size)
     y = torch.from_numpy(to_frame(target[None], frame)[0].astype(np.int64))[None]
+    weight = torch.from_numpy(to_frame(loss_weight(labels, sample.label, voxel, start, updater.size, spacing)[None],
+                                       frame)[0])[None]
     if rng.random() < 0.5:  # left-right mirror: the last frame axis is R-L
-        x, y = torch.flip(x, [4]), torch.flip(y, [3])
-    return x, y
+        x, y, weight = torch.flip(x, [4]), torch.flip(y, [3]), torch.flip(weight, [3])
+    return x, y, weight
+
+
+def loss_weight(labels: np.ndarray, truth: np.ndarray, voxel: np.ndarray, start: np.ndarray, size: int,
+                spacing) -> np.ndarray:
+    """(size,)*3 float32 from ``start``: the update's weight around the click at ``voxel`` (1 up to
+    FULL_UPDATE_MM, 0 from RADIUS_MM on), times 1 + COMPONENT_WEIGHT on the clicked error region."""
+    grids = np.meshgrid(*[(np.arange(size) + s - v) * sp for s, v, sp in zip(start, voxel, spacing)],
+                        indexing="ij", sparse=True)
+    distance = np.sqrt(sum(g ** 2 for g in grids))
+    weight = np.clip((RADIUS_MM - distance) / (RADIUS_MM - FULL_UPDATE_MM), 0.0, 1.0).astype(np.float32)
+    components, _ = ndimage.label(labels != truth)
+    clicked = components[tuple(np.round(voxel).astype(int))]
+    if clicked:
+        weight *= 1.0 + COMPONENT_WEIGHT * crop_label(components == clicked, start, size)
+    return weight
 
 
 def crop_label(label: np.ndarray, start: np.ndarray, size: int) -> np.ndarray:
@@ -134,12 +155,16 @@ def crop_label(label: np.ndarray, start: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def loss_fn(probabilities: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy plus soft Dice over the foreground classes; (N, C, S, S, S) and (N, S, S, S)."""
-    ce = F.nll_loss(probabilities.clamp_min(1e-6).log(), target)
+def loss_fn(probabilities: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted cross-entropy plus weighted soft Dice over the foreground classes; probabilities
+    (N, C, S, S, S), target and weight (N, S, S, S)."""
+    ce = F.nll_loss(probabilities.clamp_min(1e-6).log(), target, reduction="none")
+    ce = (ce * weight).sum() / weight.sum().clamp_min(1e-6)
     one_hot = F.one_hot(target, probabilities.shape[1]).permute(0, 4, 1, 2, 3).float()
+    w = weight[:, None]
     dims = (0, 2, 3, 4)
-    dice = (2 * (probabilities * one_hot).sum(dims) + 1) / (probabilities.sum(dims) + one_hot.sum(dims) + 1)
+    dice = ((2 * (w * probabilities * one_hot).sum(dims) + 1)
+            / ((w * probabilities).sum(dims) + (w * one_hot).sum(dims) + 1))
     return ce + (1 - dice[1:]).mean()
 
 
@@ -148,7 +173,7 @@ def refinement_card(base_card: dict, split: dict, args) -> dict:
         "name": args.name,
         "purpose": PURPOSE,
         "description": ("Click refinement network for the anterior and posterior hippocampus: image + current "
-                        "class probabilities + Gaussian click maps (one per class) in a 32 mm cube -> new "
+                        f"class probabilities + Gaussian click maps (one per class) in a {args.crop} mm cube -> new "
                         "probabilities (AttnSegLib.refine, method 'learned')."),
         "architecture": {"name": "click_refiner", "kwargs": {"features": list(FEATURES)}},
         "modalities": base_card["modalities"],
@@ -156,13 +181,16 @@ def refinement_card(base_card: dict, split: dict, args) -> dict:
         "spacing_xyz_mm": base_card["spacing_xyz_mm"],
         "orientation": base_card["orientation"],
         "crop_to_nonzero": False,
-        "patch_size_dhw": [CROP_VOXELS] * 3,
+        "patch_size_dhw": [args.crop] * 3,
         "training": {
             "dataset": base_card["training"]["dataset"], "licence": base_card["training"]["licence"],
             "attribution": base_card["training"]["attribution"],
             "base_models": args.base, "cases_train": len(split["train"]),
             "validation_cases": split["held_out"],
             "simulated_rounds": f"0..{MAX_ROUNDS} earlier clicks per sample, then the trained click",
+            "loss": (f"cross-entropy + soft Dice weighted by the update's weight, x{1 + COMPONENT_WEIGHT:g} on the "
+                     "clicked error region"),
+            "initialised_from": args.init,
             "iterations": args.iterations_done, "batch_size": args.batch_size, "minutes": round(args.minutes_done, 1),
             "lr": args.lr, "seed": args.seed, "command": "python -m training.refine_train " + " ".join(args.argv),
         },
@@ -199,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="hippocampus_click_refiner")
+    parser.add_argument("--crop", type=int, default=24, help="cube the network sees, voxels of the card's spacing")
+    parser.add_argument("--init", help="a refinement package whose weights start the training")
     parser.add_argument("--out", help="run folder (probability cache, log, package/)")
     args = parser.parse_args(argv)
     if args.record_metrics:
@@ -216,17 +246,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(samples)} training cases; {len(split['held_out'])} held out", flush=True)
     card_classes = len(split["card"]["classes"])
     network = models.build("click_refiner", 1, card_classes, features=FEATURES)
-    updater = LearnedUpdate(network, split["card"])
+    if args.init:
+        network.load_state_dict(load_package(args.init).build_network().state_dict())
+    updater = LearnedUpdate(network, {**split["card"], "patch_size_dhw": [args.crop] * 3})
     optimizer = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=1e-4)
     budget, started, step, log = args.minutes * 60, time.perf_counter(), 0, []
     while (elapsed := time.perf_counter() - started) < budget:
         network.eval()
         batch = [make_example(samples[rng.integers(len(samples))], updater, rng) for _ in range(args.batch_size)]
-        x, y = torch.cat([b[0] for b in batch]), torch.cat([b[1] for b in batch])
+        x, y, weight = (torch.cat([b[i] for b in batch]) for i in range(3))
         network.train()
         for group in optimizer.param_groups:
             group["lr"] = args.lr * (1 - elapsed / budget) ** 0.9
-        loss = loss_fn(refined_probabilities(network, x, card_classes), y)
+        loss = loss_fn(refined_probabilities(network, x, card_classes), y, weight)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)

@@ -46,7 +46,7 @@ PAINT_RADIUS_MM = 3.0   # the ball the ``sphere`` method paints
 FREE_RADIUS_MM = 3.0    # random walker: the network's sure voxels nearer the click than this are not seeds
 SURE_UNCERTAINTY = 0.5  # random walker: voxels below this uncertainty keep their label as seeds
 CLICK_SIGMA_MM = 3.0    # learned: width of the Gaussian click maps
-CROP_VOXELS = 32        # learned: the cube the network sees, in its frame
+CROP_VOXELS = 32        # learned: the cube the network sees, in its frame, when the card gives no patch_size_dhw
 METHODS = ("learned", "random_walker", "sphere")
 DEFAULT_METHOD = "learned"
 PURPOSE = "refinement"  # the card key "purpose" of a refinement package
@@ -251,11 +251,13 @@ def walker_seeds(probabilities: np.ndarray, uncertainty: np.ndarray, distance: n
 
 
 class LearnedUpdate:
-    """A refinement network run on a CROP_VOXELS cube around a click, in the frame of its ``card``.
+    """A refinement network run on a cube of ``size`` voxels around a click, in the frame of its ``card``.
 
-    The card's ``orientation`` (e.g. ``RAS``) and ``spacing_xyz_mm`` define the frame: the crop is taken
-    on the input grid (physical size CROP_VOXELS * spacing), its axes permuted and flipped to the card's
-    orientation and resized to CROP_VOXELS^3 when the spacing differs; the output goes back the same way.
+    ``size`` is the card's ``patch_size_dhw`` (a cube; CROP_VOXELS when absent). The card's
+    ``orientation`` (e.g. ``RAS``) and ``spacing_xyz_mm`` define the frame: the crop is taken on the input
+    grid (physical size ``size`` * spacing), its axes permuted and flipped to the card's orientation and
+    resized to ``size``^3 when the spacing differs; the output goes back the same way. Voxels of the
+    update box outside the crop keep their probabilities.
     """
 
     def __init__(self, network: torch.nn.Module, card: dict, device: str = "cpu"):
@@ -263,6 +265,8 @@ class LearnedUpdate:
         self.network = network.eval().to(self.device)
         self.spacing_dhw = np.asarray(card.get("spacing_xyz_mm") or (1.0, 1.0, 1.0), dtype=float)[::-1]
         self.orientation = card.get("orientation") or "RAS"
+        self.size = int((card.get("patch_size_dhw") or [CROP_VOXELS])[0])
+        self.class_names = [c["name"] for c in card.get("classes", [])]
 
     @classmethod
     def from_package(cls, package: ModelPackage, device: str = "cpu") -> "LearnedUpdate":
@@ -274,23 +278,34 @@ class LearnedUpdate:
         frame = frame_axes(geometry.direction, self.orientation)
         extent = np.empty(3, dtype=int)
         for frame_axis, (input_axis, _) in enumerate(frame):
-            extent[input_axis] = max(2, round(CROP_VOXELS * self.spacing_dhw[frame_axis] / spacing[input_axis]))
+            extent[input_axis] = max(2, round(self.size * self.spacing_dhw[frame_axis] / spacing[input_axis]))
         return np.round(voxel).astype(int) - extent // 2, extent, frame
 
     def inputs(self, image: np.ndarray, probabilities: np.ndarray, geometry: Geometry, voxel: np.ndarray,
                clicks: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, np.ndarray, list[tuple[int, bool]]]:
-        """-> ((1, M + 2C, CROP_VOXELS, CROP_VOXELS, CROP_VOXELS) network input, crop start, frame axes)."""
+        """-> ((1, M + 2C, size, size, size) network input, crop start, frame axes)."""
         start, extent, frame = self.crop(geometry, voxel)
         spacing = np.asarray(geometry.spacing, dtype=float)[::-1]
         stacked = network_input(image, probabilities, clicks, start, extent, spacing)
         x = torch.from_numpy(to_frame(stacked, frame))[None]
-        if tuple(x.shape[2:]) != (CROP_VOXELS,) * 3:
-            x = F.interpolate(x, size=(CROP_VOXELS,) * 3, mode="trilinear", align_corners=False)
+        if tuple(x.shape[2:]) != (self.size,) * 3:
+            x = F.interpolate(x, size=(self.size,) * 3, mode="trilinear", align_corners=False)
         return x, start, frame
 
     def __call__(self, image: np.ndarray, probabilities: np.ndarray, geometry: Geometry, voxel: np.ndarray,
-                 clicks: list[tuple[np.ndarray, int]], box: tuple[slice, slice, slice]) -> np.ndarray:
-        """-> (C, *box shape) new probabilities on the input grid over ``box``."""
+                 clicks: list[tuple[np.ndarray, int]], box: tuple[slice, slice, slice],
+                 parts: np.ndarray | None = None) -> np.ndarray:
+        """-> (C, *box shape) new probabilities on the input grid over ``box``.
+
+        ``parts`` (C,) int: the network's class of each of the C result classes (a localised whole head
+        has a left and a right copy of each class, see :func:`class_parts`); None: the same classes."""
+        if parts is not None:
+            start, extent, _ = self.crop(geometry, voxel)  # the crop and the box, where the network's classes are read
+            region = tuple(slice(max(0, min(a, s.start)), max(a + e, s.stop)) for a, e, s in zip(start, extent, box))
+            full = probabilities
+            probabilities = np.zeros((len(self.class_names), *full.shape[1:]), dtype=np.float32)
+            np.add.at(probabilities, (parts, *region), full[(slice(None), *region)])
+            clicks = [(v, int(parts[label])) for v, label in clicks]
         x, start, frame = self.inputs(image, probabilities, geometry, voxel, clicks)
         _, extent, _ = self.crop(geometry, voxel)
         with torch.inference_mode():
@@ -299,8 +314,26 @@ class LearnedUpdate:
         if tuple(out.shape[2:]) != native:
             out = F.interpolate(out, size=native, mode="trilinear", align_corners=False)
         crop = from_frame(out[0].float().cpu().numpy(), frame)
-        take = tuple(slice(s.start - a, s.stop - a) for s, a in zip(box, start))
-        return crop[(slice(None),) + take]
+        proposal = probabilities[(slice(None),) + box].copy()
+        lo = [max(s.start, a) for s, a in zip(box, start)]
+        hi = [min(s.stop, a + e) for s, a, e in zip(box, start, extent)]
+        if all(h > l for l, h in zip(lo, hi)):
+            into = tuple(slice(l - s.start, h - s.start) for l, h, s in zip(lo, hi, box))
+            take = tuple(slice(l - a, h - a) for l, h, a in zip(lo, hi, start))
+            proposal[(slice(None),) + into] = crop[(slice(None),) + take]
+        if parts is None:
+            return proposal
+        # each result class gets its network class's probability, shared as the classes of that part shared it
+        current = full[(slice(None),) + box]
+        totals = np.zeros_like(proposal)
+        np.add.at(totals, parts, current)
+        share = current / np.maximum(totals[parts], 1e-12)
+        mass = current.sum(axis=(1, 2, 3))
+        for part in np.unique(parts):  # where a part had nothing, it goes to its class holding most in the box
+            members = np.flatnonzero(parts == part)
+            best = members[mass[members].argmax()]
+            share[best][totals[part] == 0] = 1.0
+        return (proposal[parts] * share).astype(np.float32)
 
 
 def frame_axes(direction, orientation: str) -> list[tuple[int, bool]]:
@@ -357,6 +390,21 @@ def refined_probabilities(network: torch.nn.Module, x: torch.Tensor, classes: in
     return torch.softmax(network(x).logits + prior, dim=1)
 
 
+def class_parts(classes: list[dict], network_classes: list[str]) -> np.ndarray | None:
+    """(C,) the refinement network's class index of each result class, matched by the class's ``part``
+    (a localised result's "Left anterior hippocampus" is part ``Anterior``) or name; None when the
+    result has the network's own classes (or names none). :class:`ClickError` when a class has no
+    counterpart."""
+    names = [c.get("part", c["name"]).lower() for c in classes]
+    lowered = [n.lower() for n in network_classes]
+    if not names or names == lowered:
+        return None
+    missing = [c["name"] for c, n in zip(classes, names) if n not in lowered]
+    if missing:
+        raise ClickError(f"the refinement network knows no class {missing[0]!r}; use --method random_walker")
+    return np.array([lowered.index(n) for n in names], dtype=np.int64)
+
+
 def refinement_packages() -> list[Path]:
     """Refinement package folders: ``refinement/<name>`` in every package search directory (kept apart
     from the segmentation models, so model lists never offer them for segmentation)."""
@@ -402,13 +450,17 @@ class Refiner:
 
     def refine(self, image: np.ndarray, probabilities: np.ndarray, geometry: Geometry, clicks: list[Click],
                history: list[Click] = (), uncertainty: np.ndarray | None = None,
-               labels: np.ndarray | None = None) -> Refined:
+               labels: np.ndarray | None = None, parts: np.ndarray | None = None,
+               in_place: bool = False) -> Refined:
         """Apply ``clicks`` (new) one after the other, each seeing every earlier click of ``history``.
 
         ``image``: (M, D, H, W) intensities on the grid of ``geometry``; ``probabilities``: (C, D, H, W)
         on the same grid. ``uncertainty`` (its normalised entropy) and ``labels`` (its argmax) are
         computed when not given; pass them (e.g. from the previous :class:`Refined`) to keep a click on
-        a large volume local in time too. None of the inputs is modified.
+        a large volume local in time too. ``parts``: see :meth:`LearnedUpdate.__call__`. None of the
+        inputs is modified, unless ``in_place``: then ``probabilities`` (float32), ``uncertainty``
+        (float32) and ``labels`` (uint8), all given, are updated and returned, with no copy of the
+        volume (a session that owns its arrays; on a whole head the copies cost more than the click).
         """
         t0 = time.perf_counter()
         if image.shape[1:] != probabilities.shape[1:]:
@@ -421,10 +473,15 @@ class Refiner:
         for _, label in seen + new:
             if not 0 <= label < classes:
                 raise ClickError(f"click class {label} is not one of the {classes} classes")
-        probs = probabilities.astype(np.float32, copy=True)
-        dtype = label_dtype(classes)
-        labels = probs.argmax(axis=0).astype(dtype) if labels is None else labels.astype(dtype, copy=True)
-        doubt = normalized_entropy(probs) if uncertainty is None else uncertainty.astype(np.float32, copy=True)
+        if in_place:
+            if uncertainty is None or labels is None:
+                raise ValueError("in_place needs the uncertainty and the labels")
+            probs, doubt = probabilities, uncertainty
+        else:
+            probs = probabilities.astype(np.float32, copy=True)
+            dtype = label_dtype(classes)
+            labels = probs.argmax(axis=0).astype(dtype) if labels is None else labels.astype(dtype, copy=True)
+            doubt = normalized_entropy(probs) if uncertainty is None else uncertainty.astype(np.float32, copy=True)
         changed = np.zeros(labels.shape, dtype=bool)
         for voxel, label in new:
             seen.append((voxel, label))
@@ -439,7 +496,7 @@ class Refiner:
                 seeds = walker_seeds(current, doubt[box], near.distance, local, origin, spacing)
                 proposal = random_walker(image[(slice(None),) + box], current, seeds, spacing)
             else:
-                proposal = self.learned(image, probs, geometry, voxel, seen, box)
+                proposal = self.learned(image, probs, geometry, voxel, seen, box, parts)
             # the convex blend keeps each voxel's probabilities summing to 1; untouched voxels stay bitwise equal
             updated = np.where((near.weight > 0) & (proposal != current),
                                near.weight * proposal + (1.0 - near.weight) * current, current)
@@ -459,8 +516,9 @@ class Refiner:
         model's own maps kept as they were. ``images``: the modalities the result was made from."""
         stack = np.stack([img.array.astype(np.float32, copy=False) for img in images])
         uncertainty = result.maps.get("uncertainty")
+        parts = None if self.learned is None else class_parts(result.classes, self.learned.class_names)
         refined = self.refine(stack, result.probabilities.array, result.labels.geometry, clicks, history,
-                              None if uncertainty is None else uncertainty.array, result.labels.array)
+                              None if uncertainty is None else uncertainty.array, result.labels.array, parts)
         geometry = result.labels.geometry
         corrected = replace(result, labels=Image(refined.labels, geometry),
                             probabilities=Image(refined.probabilities, geometry),
