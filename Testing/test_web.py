@@ -423,9 +423,12 @@ def test_bad_uploads_get_an_error_and_the_session_goes_on(browser, server, tmp_p
                                arg=message, timeout=60_000)
         assert name in page.inner_text("#attnseg-volume-error")
         page.screenshot(path=screenshots / f"web_upload_{name}.png")
-    # The same session still works: a good upload opens.
-    upload.set_input_files(str(SAMPLE))
-    page.wait_for_selector("#attnseg-loaded-volume", timeout=60_000)
+    # The same session still works: a good upload opens (the preloaded sample was on screen all along).
+    good = tmp_path / "good_case.nii.gz"
+    shutil.copy(SAMPLE, good)
+    upload.set_input_files(str(good))
+    page.wait_for_function("() => document.querySelector('#attnseg-loaded-volume').innerText.includes('good_case')",
+                           timeout=60_000)
     assert not page.is_visible("#attnseg-volume-error")
     page.close()
 
@@ -443,12 +446,18 @@ async def _announce_message(socket_url: str, total_bytes: int) -> int:
 
 
 @pytest.mark.browser
-def test_sessions_are_isolated_and_refuse_oversized_messages(browser, server):
+def test_sessions_are_isolated_and_refuse_oversized_messages(browser, server, tmp_path):
     first, second = _open_session(browser, server), _open_session(browser, server)
     assert first.url != second.url and "/session/" in first.url
-    _open_sample(first)
+    # Both start with the sample; what the first uploads never shows in the second.
+    private = tmp_path / "first_only.nii.gz"
+    shutil.copy(SAMPLE, private)
+    first.locator("input#attnseg-upload").set_input_files(str(private))
+    first.wait_for_function("() => document.querySelector('#attnseg-loaded-volume').innerText.includes('first_only')",
+                            timeout=60_000)
     second.wait_for_timeout(1500)
-    assert not second.is_visible("#attnseg-loaded-volume")
+    assert "hippocampus_001_image" in second.inner_text("#attnseg-loaded-volume")
+    assert "first_only" not in second.inner_text("body")
     # A guessed session address gets nothing.
     response = second.request.get(server + "session/not-a-session/")
     assert response.status == 404 and "has ended" in response.text()
