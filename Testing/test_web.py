@@ -223,9 +223,20 @@ def _open_sample(page) -> None:
 
 
 def _views(page):
-    """The four RCA images: the layout puts the axial view first, then 3D, coronal, sagittal."""
+    """The four RCA images: the layout puts the axial view first, then 3D, coronal, sagittal; returned
+    once the axial one keeps its size for a second (the first frames of the preloaded sample come at
+    a provisional size, and pixels are only compared between frames of one size)."""
     views = page.locator("img.image-display-area")
     views.first.wait_for(timeout=30_000)
+    deadline, last, steady_since = time.monotonic() + 30, None, time.monotonic()
+    while time.monotonic() < deadline:
+        box = views.first.bounding_box()
+        size = (round(box["width"]), round(box["height"])) if box else None
+        if size != last:
+            last, steady_since = size, time.monotonic()
+        elif size and time.monotonic() - steady_since >= 1.0:
+            break
+        time.sleep(0.2)
     return [views.nth(i) for i in range(views.count())]
 
 
@@ -321,7 +332,11 @@ def test_segment_review_paint_and_download(browser, server, model_package, scree
     page.wait_for_function("() => document.querySelector('#attnseg-review-text').innerText.match(/Region 1 of|No region/)")
     if "Region 1 of" in page.inner_text("#attnseg-review-text"):
         _wait_for_change(axial, on_map)
+    box = axial.bounding_box()  # the mouse over the axial view: the values under it show in the app bar
+    page.mouse.move(box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.45, steps=3)
+    page.wait_for_selector("#attnseg-cursor", timeout=30_000)
     page.screenshot(path=screenshots / "web_app.png")
+    page.mouse.move(10, box["y"] + 10, steps=3)  # off the views again (over the panel)
 
     # The model's output and its most doubtful region, computed here with the engine: "Next" centred
     # the slice views on that region (on the volume's centre when there is none), at the same zoom.
