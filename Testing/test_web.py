@@ -227,9 +227,20 @@ def _open_sample(page) -> None:
 
 
 def _views(page):
-    """The four RCA images: the layout puts the axial view first, then 3D, coronal, sagittal."""
+    """The four RCA images: the layout puts the axial view first, then 3D, coronal, sagittal; returned
+    once the axial one keeps its size for a second (the first frames of the preloaded sample come at
+    a provisional size, and pixels are only compared between frames of one size)."""
     views = page.locator("img.image-display-area")
     views.first.wait_for(timeout=30_000)
+    deadline, last, steady_since = time.monotonic() + 30, None, time.monotonic()
+    while time.monotonic() < deadline:
+        box = views.first.bounding_box()
+        size = (round(box["width"]), round(box["height"])) if box else None
+        if size != last:
+            last, steady_since = size, time.monotonic()
+        elif size and time.monotonic() - steady_since >= 1.0:
+            break
+        time.sleep(0.2)
     return [views.nth(i) for i in range(views.count())]
 
 
@@ -329,7 +340,11 @@ def test_segment_review_paint_and_download(browser, server, model_package, scree
     page.wait_for_function("() => document.querySelector('#attnseg-review-text').innerText.match(/Region 1 of|No region/)")
     if "Region 1 of" in page.inner_text("#attnseg-review-text"):
         _wait_for_change(axial, on_map)
+    box = axial.bounding_box()  # the mouse over the axial view: the values under it show in the app bar
+    page.mouse.move(box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.45, steps=3)
+    page.wait_for_selector("#attnseg-cursor", timeout=30_000)
     page.screenshot(path=screenshots / "web_app.png")
+    page.mouse.move(10, box["y"] + 10, steps=3)  # off the views again (over the panel)
 
     # The model's output and its most doubtful region, computed here with the engine: "Next" centred
     # the slice views on that region (on the volume's centre when there is none), at the same zoom.
@@ -431,9 +446,12 @@ def test_bad_uploads_get_an_error_and_the_session_goes_on(browser, server, tmp_p
                                arg=message, timeout=60_000)
         assert name in page.inner_text("#attnseg-volume-error")
         page.screenshot(path=screenshots / f"web_upload_{name}.png")
-    # The same session still works: a good upload opens.
-    upload.set_input_files(str(SAMPLE))
-    page.wait_for_selector("#attnseg-loaded-volume", timeout=60_000)
+    # The same session still works: a good upload opens (the preloaded sample was on screen all along).
+    good = tmp_path / "good_case.nii.gz"
+    shutil.copy(SAMPLE, good)
+    upload.set_input_files(str(good))
+    page.wait_for_function("() => document.querySelector('#attnseg-loaded-volume').innerText.includes('good_case')",
+                           timeout=60_000)
     assert not page.is_visible("#attnseg-volume-error")
     page.close()
 
@@ -451,12 +469,18 @@ async def _announce_message(socket_url: str, total_bytes: int) -> int:
 
 
 @pytest.mark.browser
-def test_sessions_are_isolated_and_refuse_oversized_messages(browser, server):
+def test_sessions_are_isolated_and_refuse_oversized_messages(browser, server, tmp_path):
     first, second = _open_session(browser, server), _open_session(browser, server)
     assert first.url != second.url and "/session/" in first.url
-    _open_sample(first)
+    # Both start with the sample; what the first uploads never shows in the second.
+    private = tmp_path / "first_only.nii.gz"
+    shutil.copy(SAMPLE, private)
+    first.locator("input#attnseg-upload").set_input_files(str(private))
+    first.wait_for_function("() => document.querySelector('#attnseg-loaded-volume').innerText.includes('first_only')",
+                            timeout=60_000)
     second.wait_for_timeout(1500)
-    assert not second.is_visible("#attnseg-loaded-volume")
+    assert "hippocampus_001_image" in second.inner_text("#attnseg-loaded-volume")
+    assert "first_only" not in second.inner_text("body")
     # A guessed session address gets nothing.
     response = second.request.get(server + "session/not-a-session/")
     assert response.status == 404 and "has ended" in response.text()

@@ -84,7 +84,8 @@ class _Balls:
         self.spacing = np.asarray(spacing_dhw, float)
         self.radius2 = math.inf if radius_mm is None else radius_mm ** 2
         shape = np.asarray(groups.shape)
-        self.half = shape if radius_mm is None else np.minimum(np.floor(radius_mm / self.spacing + 1e-9).astype(int), shape)
+        self.half = shape if radius_mm is None else np.minimum(
+            np.floor(radius_mm / self.spacing + 1e-9).astype(int), shape)
 
     def around(self, centre: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray]:
         """The box around ``centre`` (k, j, i indices), the squared distances (mm²) in it, and which
@@ -130,7 +131,8 @@ def region_labels(review_map: Image, threshold: float = 0.5, min_volume_ml: floa
     if not groups.any():
         return np.zeros(groups.shape, np.int32), []
     geometry = review_map.geometry
-    owner, centres = _cut(groups, _local_doubt(review_map, groups > 0), _Balls(groups, geometry.spacing[::-1], radius_mm))
+    balls = _Balls(groups, geometry.spacing[::-1], radius_mm)
+    owner, centres = _cut(groups, _local_doubt(review_map, groups > 0), balls)
     values = review_map.array.astype(np.float64)
     voxel_ml = geometry.voxel_volume_ml
     counts = np.bincount(owner.ravel(), minlength=len(centres) + 1)

@@ -62,7 +62,8 @@ def build_region_table(app, n) -> None:
         with html.Tbody():
             with html.Tr(v_for=f"row in {n.review.rows}", key="row.index", style="cursor: pointer;",
                          click=(app.go_to_region, "[row.index]"),
-                         classes=(f"{{ 'bg-primary': row.index === {n.review.current}, 'attnseg-region-row': true }}",)):
+                         classes=(f"{{ 'bg-primary': row.index === {n.review.current}, "
+                                  "'attnseg-region-row': true }",)):
                 for key in SORT_KEYS:
                     html.Td(f"{{{{ row.{key} }}}}", classes="px-1")
     html.Div(f"the first {MAX_ROWS} of {{{{ {n.review.count} }}}} regions in this order", classes="attnseg-hint",
