@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from AttnSegLib.image import check_data_file, read_image
-from AttnSegLib.slicer_logic import loadVolume, newScene
+from AttnSegLib.mrml import loadVolume, newScene
 from AttnSegLib.web.data_folder import offered_volumes, volume_title
 from AttnSegLib.web.uploads import UploadError, check_upload, save_upload
 from AttnSegLib.web.webapp import label_map_note
