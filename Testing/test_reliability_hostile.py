@@ -561,6 +561,20 @@ def test_replace_folder_swaps_whole_folders(atomic, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".staged", "results"]
 
 
+def test_overwrite_of_the_working_folder_leaves_the_shell_in_it(package, hippocampus_case, tmp_path, capsys,
+                                                                monkeypatch):
+    """`attnseg segment -o . --overwrite` inside a results folder: swapping the folder whole would leave
+    the user's shell in the deleted previous one; the results move in one by one instead."""
+    out = tmp_path / "out"
+    base = ("segment", "-i", str(hippocampus_case[0]), "--model", str(package))
+    assert run_main(capsys, *base, "-o", str(out), "--preview")[0] == 0
+    inode = os.stat(out).st_ino
+    monkeypatch.chdir(out)
+    assert run_main(capsys, *base, "-o", ".", "--overwrite")[0] == 0
+    assert os.stat(".").st_ino == os.stat(out).st_ino == inode
+    assert sorted(os.listdir(".")) == ["labels.nii.gz", "maps", "probabilities.nii.gz", "report.json"]
+
+
 def _text_or_empty(path: Path) -> str:
     try:
         return path.read_text()
