@@ -55,7 +55,6 @@ from .localise import Box, localise_targets, needs_localisation
 from .maps import volume_name
 from .package import ModelPackage, available_packages, default_package_name, load_package
 from .review import MIN_VOLUME_ML, Region, doubtful_regions
-from .swap import replace_folder
 
 __all__ = ["AttnSegLogic", "Cancelled", "CorrectionError", "DoubtfulRegion", "MapLegend", "SegmentationJob",
            "SegmentationResult", "SegmentationTask", "colorScale", "imageFromVolumeNode", "loadVolume", "newScene",
@@ -966,9 +965,8 @@ class AttnSegLogic:
                                case.json               model name and hash, class names, provenance,
                                                        refinement clicks (attribute ``Clicks``)
 
-        The case folder is written beside its final place and moved in whole (over an existing one in
-        one step, :func:`.swap.replace_folder`). An existing case is replaced only with
-        ``overwrite=True`` (else :class:`FileExistsError`). Returns the case folder.
+        The case folder is written beside its final place and moved in whole. An existing case is
+        replaced only with ``overwrite=True`` (else :class:`FileExistsError`). Returns the case folder.
         """
         node = self._resolve(segmentationNode)
         inputs = self.inputNodes(node)
@@ -994,10 +992,9 @@ class AttnSegLogic:
             record = self._caseRecord(node, case, inputs, label, difference)
             (staging / "case.json").write_text(json.dumps(record, indent=2) + "\n")
             apply_umask(staging)  # mkdtemp makes it 0700: the case folder gets the user's usual mode
-            if target.is_dir() and not target.is_symlink():
-                replace_folder(staging, target)  # in one step; the previous case ends in staging, deleted below
-            else:
-                os.replace(staging, target)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target
