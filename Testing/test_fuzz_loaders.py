@@ -392,3 +392,52 @@ def test_card_values_that_load_also_predict(seed_package, edits):
     event("segmented")
     assert result.labels.geometry.same_grid(image.geometry)
     np.testing.assert_allclose(result.probabilities.array.sum(axis=0), 1.0, atol=1e-4)
+
+
+# -- batch folders of any file names -----------------------------------------------------------------
+@FUZZ
+@given(stems=st.lists(NAME_BYTES | st.sampled_from([b"..", b".", b"a", b"A", b"~", b" "]), min_size=1, max_size=4),
+       suffixes=st.lists(st.sampled_from([".nii", ".nii.gz", ".nrrd", ".mha"]), min_size=4, max_size=4))
+def test_batch_case_names_from_any_file_names_are_unique_and_inside_the_output(stems, suffixes):
+    """Whatever a batch folder's files are called, every case gets its own folder directly inside
+    --output (names equal but for letter case collide on Windows and macOS disks), or the batch is
+    refused in one line before anything is written."""
+    from AttnSegLib.cli import UsageError, _group_cases
+
+    with tempfile.TemporaryDirectory() as root:
+        folder = os.path.join(os.fsencode(root), b"cases")
+        os.mkdir(folder)
+        for stem, suffix in zip(stems, suffixes):
+            open(os.path.join(folder, stem + suffix.encode()), "wb").close()
+        output = Path(root) / "out"
+        try:
+            cases = _group_cases([Path(os.fsdecode(folder))], 1)
+        except UsageError as err:
+            assert "\n" not in str(err)
+            event("refused")
+            return
+        event("grouped")
+        assert len({case.casefold() for case in cases}) == len(cases)
+        for case in cases:
+            assert os.path.dirname(os.path.normpath(output / case)) == os.path.normpath(output), case
+
+
+# -- image spacings in any units -----------------------------------------------------------------------
+@settings(max_examples=int(os.environ.get("ATTNSEG_FUZZ_EXAMPLES", "12")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(spacing=st.lists(st.sampled_from([1e-300, 1e-6, 1e-3, 0.04, 0.3, 1.0, 3.0, 19.0, 25.0, 100.0, 1e4, 1e300]),
+                        min_size=3, max_size=3))
+def test_images_of_any_spacing_segment_or_are_refused_in_one_line(spacing):
+    """The default (localising) model: a header's spacing in any units either segments onto the
+    image's own grid or is refused in one line (100 mm voxels ended in an allocation failure inside
+    the localisation's resampling)."""
+    image = Image(np.random.default_rng(0).normal(100, 20, (12, 14, 10)).astype(np.float32),
+                  Geometry((10, 14, 12), tuple(spacing), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    try:
+        result = Predictor(load_package("hippocampus_difficulty_aware"), device="cpu", with_maps=False).predict([image])
+    except ImageError as err:
+        assert "\n" not in str(err)
+        event("refused")
+        return
+    event("segmented")
+    assert result.labels.geometry.same_grid(image.geometry)

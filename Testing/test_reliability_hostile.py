@@ -561,6 +561,20 @@ def test_replace_folder_swaps_whole_folders(atomic, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".staged", "results"]
 
 
+def test_overwrite_of_the_working_folder_leaves_the_shell_in_it(package, hippocampus_case, tmp_path, capsys,
+                                                                monkeypatch):
+    """`attnseg segment -o . --overwrite` inside a results folder: swapping the folder whole would leave
+    the user's shell in the deleted previous one; the results move in one by one instead."""
+    out = tmp_path / "out"
+    base = ("segment", "-i", str(hippocampus_case[0]), "--model", str(package))
+    assert run_main(capsys, *base, "-o", str(out), "--preview")[0] == 0
+    inode = os.stat(out).st_ino
+    monkeypatch.chdir(out)
+    assert run_main(capsys, *base, "-o", ".", "--overwrite")[0] == 0
+    assert os.stat(".").st_ino == os.stat(out).st_ino == inode
+    assert sorted(os.listdir(".")) == ["labels.nii.gz", "maps", "probabilities.nii.gz", "report.json"]
+
+
 def _text_or_empty(path: Path) -> str:
     try:
         return path.read_text()
@@ -584,35 +598,40 @@ def test_overwrite_killed_at_any_moment_leaves_one_whole_result_set(package, hip
     """A real `attnseg segment --overwrite` killed with SIGKILL while it starts, once its staging folder
     exists, once the labels are staged, once everything is staged (the swap imminent) and just after the
     swap: the folder holds the previous run's results or the new run's, each whole (per-file moves left
-    a mix, and their staging folder, behind)."""
+    a mix, and their staging folder, behind). The moment everything is staged lasts microseconds: up
+    to three tries each to kill the run alive there; a run that ended first must have left the new set."""
     first, second = sorted((hippocampus_dir / "imagesTr").glob("hippocampus_0*.nii.gz"))[:2]
     previous, new = tmp_path / "previous", tmp_path / "new"
     assert attnseg("segment", "-i", first, "-o", previous, "--model", package, "--preview").returncode == 0
     assert attnseg("segment", "-i", second, "-o", new, "--model", package).returncode == 0
     expected = {_fingerprint(previous): "previous", _fingerprint(new): "new"}
-    outcomes = []
     reached = {"starting": lambda: time.monotonic() - started > 0.5, "staging": lambda: _staged(tmp_path, ""),
                "labels staged": lambda: _staged(tmp_path, "labels.nii.gz"),
                "all staged": lambda: _staged(tmp_path, "report.json"),
                "swapped": lambda: str(second) in _text_or_empty(tmp_path / "out" / "report.json")}
+    outcomes, killed = {}, {}
     for moment, condition in reached.items():
-        out = tmp_path / "out"
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(previous, out, symlinks=True)
-        process = subprocess.Popen([str(ATTNSEG), "segment", "-i", str(second), "-o", str(out), "--model",
-                                    str(package), "--overwrite"], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        started = time.monotonic()
-        while process.poll() is None and not condition():
-            time.sleep(0.0005)
-        alive = process.poll() is None
-        process.kill()
-        process.wait()
-        assert alive, f"the run ended before the moment {moment}"
-        outcomes.append(expected.get(_fingerprint(out), f"a mix at {moment}: {tree(out)}"))
-        for leftover in tmp_path.glob(".attnseg-*"):  # the previous set, whole, when killed just after the swap
-            shutil.rmtree(leftover)
-    assert outcomes == ["previous"] * 4 + ["new"], outcomes
+        for _ in range(3):
+            out = tmp_path / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.copytree(previous, out, symlinks=True)
+            process = subprocess.Popen([str(ATTNSEG), "segment", "-i", str(second), "-o", str(out), "--model",
+                                        str(package), "--overwrite"], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            started = time.monotonic()
+            while process.poll() is None and not condition():
+                time.sleep(0.0002)
+            killed[moment] = process.poll() is None
+            process.kill()
+            process.wait()
+            outcomes[moment] = expected.get(_fingerprint(out), f"a mix: {tree(out)}")
+            for leftover in tmp_path.glob(".attnseg-*"):  # the previous set, whole, when killed after the swap
+                shutil.rmtree(leftover)
+            if killed[moment]:
+                break
+    assert outcomes == {"starting": "previous", "staging": "previous", "labels staged": "previous",
+                        "all staged": "previous" if killed["all staged"] else "new", "swapped": "new"}, outcomes
+    assert all(alive for moment, alive in killed.items() if moment != "all staged"), killed
 
 
 def test_a_closed_stdout_pipe_ends_quietly():

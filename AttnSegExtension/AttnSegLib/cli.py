@@ -212,12 +212,21 @@ def _holds_only_results(folder: Path) -> bool:
     return all(name in OUTPUT_FILES for name in os.listdir(folder))
 
 
+def _holds_working_folder(folder: Path) -> bool:
+    """True when the working folder is ``folder`` or inside it (or cannot be told)."""
+    try:
+        return Path.cwd().resolve().is_relative_to(folder)
+    except OSError:
+        return True
+
+
 def _staging_folder(out: Path) -> Path:
     """A new hidden folder for a case's results: beside ``out`` (in its parent, on its file system) when
     ``out`` holds nothing but a result set, so that the new set replaces the folder whole; else (the
-    user's own files in ``out``, or its parent not writable) inside ``out``."""
+    user's own files in ``out``, its parent not writable, or ``out`` the working folder, which the user's
+    shell would be left in after the old one is deleted) inside ``out``."""
     real = out.resolve()
-    if _holds_only_results(real) and real.parent != real:
+    if _holds_only_results(real) and real.parent != real and not _holds_working_folder(real):
         with contextlib.suppress(OSError):
             staging = Path(tempfile.mkdtemp(prefix=f".attnseg-{real.name}-", dir=real.parent))
             if os.stat(staging).st_dev == os.stat(real).st_dev:
