@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .image import Image, apply_umask, write_image
+from .swap import replace_folder
 
 IMAGE_STEM = "image"  # image_0000.nii.gz, image_0001.nii.gz ... (nnU-Net numbering)
 LABEL_FILE = "label.nii.gz"
@@ -66,9 +67,10 @@ def write_case(target: Path, images: list[Image], label: Image, model_label: Ima
         write_image(review_map.with_array(review_map.array.astype(np.float32)), staging / REVIEW_MAP_FILE)
         (staging / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
         apply_umask(staging)  # mkdtemp makes it 0700: the case folder gets the user's usual mode
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        if target.is_dir() and not target.is_symlink():
+            replace_folder(staging, target)  # in one step; staging now holds the previous case
+        else:
+            os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
