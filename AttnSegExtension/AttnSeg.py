@@ -516,7 +516,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.regionLabel.text = _(
             "Region {n} of {count}: {volume:.2f} ml, mean {map} {mean:.2f} (max {peak:.2f})").format(
             n=stop.index + 1, count=stop.count, volume=region.volume_ml, map=sceneLogic.reviewMapName(node),
-            mean=region.mean_difficulty, peak=region.max_difficulty)
+            mean=region.mean_value, peak=region.peak_value)
 
     def onThresholdChanged(self, value) -> None:
         if self.ui.editDoubtfulOnlyCheckBox.checked:

@@ -62,13 +62,13 @@ def test_doubtful_regions_are_ranked_by_doubt_mass():
     assert len(regions) == 2
     big, small = regions
     assert big.rank == 0 and big.volume_ml == pytest.approx(216 * 8 / 1000)
-    assert big.mean_difficulty == pytest.approx(0.6)
+    assert big.mean_value == pytest.approx(0.6)
     assert set(big.marker_ijk) <= {12, 13}  # one of the 8 voxels of highest local doubt: the cube's middle
     assert big.marker_lps == pytest.approx([2.0 * v for v in big.marker_ijk])
     assert big.marker_ras == pytest.approx((-big.marker_lps[0], -big.marker_lps[1], big.marker_lps[2]))
     assert big.voxels == 216
     assert big.bbox_ijk == ((10, 16), (10, 16), (10, 16))
-    assert small.max_difficulty == pytest.approx(0.9)
+    assert small.peak_value == pytest.approx(0.9)
     assert doubtful_regions(Image(difficulty, geometry), threshold=0.95) == []
 
 

@@ -39,6 +39,29 @@ def test_the_card_is_frozen_and_hands_out_copies():
     assert card.class_names[0] == card.to_dict()["classes"][0]["name"] != "changed"
 
 
+@pytest.mark.parametrize("folder", SHIPPED, ids=lambda p: p.name)
+def test_training_record_is_read_through_the_fields(folder: Path):
+    raw = json.loads((folder / "model.json").read_text())
+    card = load_package(folder).card
+    training = raw.get("training") or {}
+    assert card.training_config == training.get("config")
+    assert card.held_out_case_names == (training.get("validation_cases") or [])
+    assert card.training_dataset == training.get("dataset")
+    if card.training_config is not None:
+        card.training_config["data"]["root"] = "changed"  # a new copy each time
+        assert card.training_config == training["config"]
+
+
+def test_with_temperature_changes_only_the_temperature():
+    card = load_package(SHIPPED[0]).card
+    scaled = card.with_temperature(2.5)
+    assert scaled.inference.temperature == 2.5 and card.inference == dataclasses.replace(
+        scaled.inference, temperature=card.inference.temperature)
+    expected = card.to_dict()
+    expected["inference"] = {**expected.get("inference", {}), "temperature": 2.5}
+    assert scaled.to_dict() == expected
+
+
 def test_defaults_are_the_inference_settings():
     card = dict(json.loads((SHIPPED[0] / "model.json").read_text()))
     card.pop("inference")

@@ -51,7 +51,7 @@ def test_a_band_around_a_structure_is_cut_into_compact_regions_densest_first():
     assert masses == sorted(masses, reverse=True)
     first = regions[0]
     assert patch[first.marker_ijk[2], first.marker_ijk[1], first.marker_ijk[0]]  # the densest doubt comes first
-    assert first.max_difficulty == pytest.approx(0.95)
+    assert first.peak_value == pytest.approx(0.95)
     # Left whole, the band is one region, as wide as the shell.
     whole, = doubtful_regions(Image(review, geometry), threshold=0.5, radius_mm=None)
     assert _extent_mm(whole, spacing) >= 28 and whole.voxels == int((review >= 0.5).sum())

@@ -113,8 +113,8 @@ def test_region_table_cursor_values_legend_and_display_controls_in_the_browser(b
     assert f"{len(regions)} doubtful regions" in page.inner_text("#attnseg-review-text")
     assert len(rows) == min(len(regions), MAX_ROWS)
     for row, region in zip(rows, regions):
-        assert row == [str(region.rank + 1), f"{region.volume_ml:.3f}", f"{region.mean_difficulty:.2f}",
-                       f"{region.max_difficulty:.2f}", " ".join(f"{v:.0f}" for v in region.marker_ras)]
+        assert row == [str(region.rank + 1), f"{region.volume_ml:.3f}", f"{region.mean_value:.2f}",
+                       f"{region.peak_value:.2f}", " ".join(f"{v:.0f}" for v in region.marker_ras)]
 
     # Headers sort (an arrow marks the column and its direction; the rows come in the same update): size
     # largest first, again smallest first; position in slice order (S).

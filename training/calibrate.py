@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from AttnSegLib.card import ModelCard
 from AttnSegLib.image import read_image
 from AttnSegLib.inference import Predictor
 from AttnSegLib.metrics import calibration_bins, expected_calibration_error
@@ -84,18 +85,19 @@ def calibration_report(predicted: list[tuple[np.ndarray, np.ndarray]]) -> dict:
     return {"ece_foreground": round(expected_calibration_error(bins), 5), "mean_dice": round(float(np.mean(dice)), 4)}
 
 
-def fit_on_cases(network, card: dict, cases: list[CaseFiles], data: dict, device: str = "auto",
+def fit_on_cases(network, card: ModelCard | dict, cases: list[CaseFiles], data: dict, device: str = "auto",
                  progress: bool = True) -> tuple[float, dict]:
     """Fit T on ``cases`` through the product path of ``network`` with ``card`` (T = 1 during the fit),
     then measure with T applied: (T, {"before": calibration_report, "after": calibration_report,
     "labels_changed_voxels": voxels whose argmax label differs, "voxels": all voxels})."""
-    plain = {**card, "inference": {**card.get("inference", {}), "temperature": 1.0}}
-    before = predict_cases(Predictor(network, card=plain, device=device, with_maps=False), cases, data, progress)
+    card = ModelCard.parse(card, saved=False)
+    before = predict_cases(Predictor(network, card=card.with_temperature(1.0), device=device, with_maps=False),
+                           cases, data, progress)
     log_p = torch.cat([torch.from_numpy(np.log(np.clip(p, 1e-7, 1.0)).reshape(p.shape[0], -1).T) for p, _ in before])
     labels = torch.cat([torch.from_numpy(y.reshape(-1).astype(np.int64)) for _, y in before])
     temperature = fit_temperature(log_p, labels)
-    scaled = {**card, "inference": {**card.get("inference", {}), "temperature": temperature}}
-    after = predict_cases(Predictor(network, card=scaled, device=device, with_maps=False), cases, data, progress)
+    after = predict_cases(Predictor(network, card=card.with_temperature(temperature), device=device, with_maps=False),
+                          cases, data, progress)
     changed = sum(int(np.sum(a.argmax(axis=0) != b.argmax(axis=0))) for (a, _), (b, _) in zip(after, before))
     return temperature, {"before": calibration_report(before), "after": calibration_report(after),
                          "labels_changed_voxels": changed, "voxels": int(labels.numel())}

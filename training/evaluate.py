@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from AttnSegLib.card import ModelCard
 from AttnSegLib.image import ImageError, read_image
 from AttnSegLib.inference import Predictor
 from AttnSegLib.map_information import map_information, mean_figures
@@ -58,12 +59,12 @@ REVIEW_BUDGET, ERRORS_TO_FIND = 0.05, 0.8  # the target: 80 % of the errors with
 CALIBRATION_BINS = 15
 
 
-def dataset_description(card: dict, data_arg: str | None, layout: str | None) -> tuple[dict, Path]:
+def dataset_description(card: ModelCard, data_arg: str | None, layout: str | None) -> tuple[dict, Path]:
     """(data section, root): from a config file, or the card's training config with another root."""
     if data_arg and data_arg.endswith((".yaml", ".yml")):
         data = load_config(data_arg)["data"]
         return data, resolve_path(data["root"])
-    stored = (card.get("training") or {}).get("config")
+    stored = card.training_config
     if stored is None:
         raise ConfigError("the package's card holds no training config; pass --data CONFIG.yaml to describe the dataset")
     data = dict(stored["data"])
@@ -72,10 +73,10 @@ def dataset_description(card: dict, data_arg: str | None, layout: str | None) ->
     return data, root
 
 
-def select_split(cases: list[CaseFiles], card: dict, split: str) -> list[CaseFiles]:
+def select_split(cases: list[CaseFiles], card: ModelCard, split: str) -> list[CaseFiles]:
     if split == "all":
         return cases
-    held_out = set((card.get("training") or {}).get("validation_cases") or [])
+    held_out = set(card.held_out_case_names)
     if not held_out:
         raise ConfigError("the package's card lists no validation cases; use --split all")
     chosen = [c for c in cases if (c.name in held_out) == (split == "validation")]

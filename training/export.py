@@ -58,7 +58,7 @@ def compare_with_parent(network_predictor: Predictor, parent: ModelPackage, line
                         progress: bool) -> dict:
     """Both models on the parent's reference cases through the product path: the summary of the
     fine-tuned one with ``parent_mean_dice`` and ``difference`` (fine-tuned minus parent)."""
-    data = parent.card.to_dict()["training"]["config"]["data"]
+    data = parent.card.training_config["data"]
     names = set(lineage["reference_cases"])
     cases = [c for c in find_cases(data, resolve_path(data["root"])) if c.name in names]
     ours = summarize(evaluate_cases(network_predictor, cases, data, progress).scores, "reference")

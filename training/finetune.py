@@ -66,8 +66,7 @@ def parent_cases(parent: ModelPackage, exclude: set[str], replay_count: int | No
     """The parent's cases from its card: its training cases and its validation cases, both without the
     names in ``exclude`` (the corrected cases); ``replay_count`` / ``reference_count``: a seeded subset
     of that many (None: all)."""
-    training = parent.card.get("training") or {}
-    stored, held_out = training.get("config"), set(training.get("validation_cases") or [])
+    stored, held_out = parent.card.training_config, set(parent.card.held_out_case_names)
     if stored is None or not held_out:
         raise ConfigError(f"model.init_from {parent.name}: its card holds no training config or validation "
                           "cases, so there is nothing to replay or compare with; fine-tune a package trained "
@@ -120,7 +119,7 @@ def make_lineage(config: dict, parent: ModelPackage, corrections: list[CaseFiles
         "parent": {"name": parent.name, "sha256": parent.sha256},
         "corrections": [correction_record(f) for f in corrections],
         "data_mix": {"corrected_cases": len(corrections), "replay_cases": len(replay),
-                     "replay_dataset": (parent.card.get("training") or {}).get("dataset"),
+                     "replay_dataset": parent.card.training_dataset,
                      "replay_fraction": tuning["replay_fraction"] if replay else 0.0,
                      "changed_voxel_ratio": tuning["changed_voxel_ratio"], "freeze": list(tuning["freeze"])},
         "reference_cases": list(reference),
@@ -141,4 +140,4 @@ def fine_tuned_description(parent: ModelPackage, lineage: dict) -> str:
     mix = lineage["data_mix"]
     return (f"Fine-tuned from {parent.name} (weights sha256 {parent.sha256[:12]}) on {mix['corrected_cases']} "
             f"corrected cases, with {mix['replay_cases']} of its training cases replayed. "
-            f"Parent: {parent.card.get('description', '')}")
+            f"Parent: {parent.card.description}")

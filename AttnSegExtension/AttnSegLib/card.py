@@ -191,6 +191,29 @@ class ModelCard(Mapping):
         dice = self.metrics.get("dice")
         return {str(k): float(v) for k, v in dice.items() if _is_number(v)} if isinstance(dice, Mapping) else {}
 
+    @property
+    def training_config(self) -> dict | None:
+        """The training configuration the network was trained with (``training.config``) as plain (new)
+        JSON data, or None when the card has none (a package not trained with ``training/``)."""
+        config = self.training.get("config")
+        return _thawed(config) if config is not None else None
+
+    @property
+    def held_out_case_names(self) -> list[str]:
+        """The names of the validation cases the network was not trained on (``training.validation_cases``)."""
+        return list(self.training.get("validation_cases") or [])
+
+    @property
+    def training_dataset(self) -> str | None:
+        """What the network was trained on, in words (``training.dataset``), or None."""
+        return self.training.get("dataset")
+
+    def with_temperature(self, temperature: float) -> "ModelCard":
+        """This card with the logits' calibration scale ``inference.temperature`` set to ``temperature``."""
+        source = self.to_dict()
+        source["inference"] = {**source.get("inference", {}), "temperature": temperature}
+        return ModelCard.parse(source, saved=False)
+
     def map_meaning(self, name: str) -> str:
         """What the model's map ``name`` (or a channel of it, ``name.channel``) means, as its card says."""
         spec = self.map_spec(name)

@@ -120,7 +120,7 @@ def write_dicom_seg(result, package, folder: Path, path: Path) -> Path:
     algorithm = hd.AlgorithmIdentificationSequence(
         name=package.name, family=codes.cid7162.ArtificialIntelligence,
         version=f"sha256:{package.sha256[:16]}", source=f"AttnSeg {__version__}",
-        parameters={"architecture": package.card["architecture"]["name"]})
+        parameters={"architecture": package.card.architecture})
     segmentation = hd.seg.Segmentation(
         source_images=sources, pixel_array=labels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,

@@ -37,15 +37,15 @@ MIN_VOLUME_ML = 0.005  # smaller regions are left out of the review (5 voxels of
 
 @dataclass(frozen=True)
 class Region:
-    """One region of the review. ``mean_difficulty`` and ``max_difficulty`` are the mean and peak of
-    the review map over the region (named so for the scenes and scripts that read them)."""
+    """One region of the review. ``mean_value`` and ``peak_value`` are the mean and peak of the review
+    map (the run's ``review_map_name``, e.g. ``uncertainty``) over the region's voxels."""
     rank: int
     marker_lps: tuple[float, float, float]  # centre of the marker voxel, world LPS (mm)
     marker_ijk: tuple[int, int, int]  # the marker voxel, (i, j, k)
     voxels: int
     volume_ml: float
-    mean_difficulty: float
-    max_difficulty: float
+    mean_value: float
+    peak_value: float
     doubt_mass: float
     bbox_ijk: tuple[tuple[int, int], ...]  # (start, stop) per axis i, j, k
 

@@ -91,7 +91,7 @@ def render_review(logic: SceneLogic, segmentation_node, path: str | Path, map_na
     caption = title or f"{model}: outlines = segments, colour = {map_name}"
     if regions:
         caption += (f"; centred on the most doubtful of {len(regions)} regions ({regions[0].volume_ml:.2f} ml, "
-                    f"mean {map_name} {regions[0].mean_difficulty:.2f})")
+                    f"mean {map_name} {regions[0].mean_value:.2f})")
     fig.suptitle(caption, color="white", fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -241,8 +241,8 @@ def _review_step(app, n) -> None:
                  id="attnseg-map-detection")
 
     _section("Doubtful regions")
-    v3.VSlider(v_model=(n.review.threshold,), min=0.05, max=0.95, step=0.05, label="Threshold", density="compact",
-               hide_details=True, thumb_label=True, id="attnseg-review-threshold")
+    v3.VSlider(v_model=(n.review.threshold,), min=0.05, max=0.95, step=0.05, label="Review-map threshold",
+               density="compact", hide_details=True, thumb_label=True, id="attnseg-review-threshold")
     html.Div(f"{{{{ {n.review.description} }}}}", classes="attnseg-hint mb-2", id="attnseg-review-text")
     with html.Div(classes="d-flex"):
         v3.VBtn("Previous", click=app.previous_region, prepend_icon="mdi-chevron-left", variant="tonal",

@@ -17,8 +17,8 @@ MAX_ROWS = 200
 SORT_KEYS = {
     "rank": ("#", lambda r: r.rank, False),
     "volume": ("ml", lambda r: r.volume_ml, True),
-    "mean": ("mean", lambda r: r.mean_difficulty, True),
-    "peak": ("peak", lambda r: r.max_difficulty, True),
+    "mean": ("mean", lambda r: r.mean_value, True),
+    "peak": ("peak", lambda r: r.peak_value, True),
     "position": ("R A S (mm)", lambda r: (r.marker_ras[2], r.marker_ras[1], r.marker_ras[0]), False),
 }
 
@@ -32,8 +32,8 @@ def sorted_regions(regions: list[Region], key, descending) -> list[Region]:
 
 def region_rows(regions: list[Region]) -> list[dict]:
     """The first ``MAX_ROWS`` of ``regions`` as the table's rows (numbers formatted for reading)."""
-    return [{"rank": r.rank + 1, "index": r.rank, "volume": f"{r.volume_ml:.3f}", "mean": f"{r.mean_difficulty:.2f}",
-             "peak": f"{r.max_difficulty:.2f}", "position": " ".join(f"{v:.0f}" for v in r.marker_ras)}
+    return [{"rank": r.rank + 1, "index": r.rank, "volume": f"{r.volume_ml:.3f}", "mean": f"{r.mean_value:.2f}",
+             "peak": f"{r.peak_value:.2f}", "position": " ".join(f"{v:.0f}" for v in r.marker_ras)}
             for r in regions[:MAX_ROWS]]
 
 

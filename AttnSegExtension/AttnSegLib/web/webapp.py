@@ -691,7 +691,7 @@ class AttnSegWebApp:
         review.count, review.current = stop.count, stop.index
         name = self._review_map_title()
         review.description = (f"Region {stop.index + 1} of {stop.count}: {region.volume_ml:.3f} ml, mean {name} "
-                              f"{region.mean_difficulty:.2f} (peak {region.max_difficulty:.2f}); the cross marks it.")
+                              f"{region.mean_value:.2f} (peak {region.peak_value:.2f}); the cross marks it.")
 
     # -- correcting -----------------------------------------------------------------------------
     def _on_tab_changed(self, **_) -> None:
