@@ -9,7 +9,7 @@ M estimates the probability that the voxel is right and F = (1 - M)^beta ranks t
 weights, and so every label and probability, are unchanged.
 
     python -m training.error_map --model Resources/Models/hippocampus_difficulty_aware \\
-        --output runs/difficulty_aware_error_map --epochs 30
+        --output runs/difficulty_aware_error_map --epochs 8
 
 D's inputs are what the predictor gives it (``AttnSegLib.inference.maps_on_blended``): S's
 probabilities from the product's sliding window (the card's temperature undone) and the normalised
@@ -19,7 +19,9 @@ padded case, mirrored along the card's test-time flip axes at random. D starts f
 weights but for its last layer, which restarts at the prior (weights 0, bias the log-odds of a right
 voxel); Adam, learning rate ``--lr``. The package written to ``--output`` is the input package with
 D's new weights, its map meanings rewritten and a ``training.confidence_network`` note; score it
-with ``python -m training.evaluate --maps``.
+with ``python -m training.evaluate --maps``. Measured on the default package's 40 validation cases
+(8 epochs): the difficulty map's AUROC 0.585 -> 0.981 and AUPRC 0.025 -> 0.301, below the entropy's
+0.370, so the shipped package keeps its Eq. 4 confidence network (benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -129,7 +131,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="a difficulty_aware model package (folder, .zip or name)")
     parser.add_argument("--output", required=True, help="folder for the package with the retrained D")
     parser.add_argument("--data", help="dataset folder or training config (default: the card's dataset)")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
