@@ -10,7 +10,7 @@ import torch
 
 from AttnSegLib import models
 from AttnSegLib.image import read_image
-from AttnSegLib.inference import Cancelled, Predictor, count_windows, resolve_device
+from AttnSegLib.inference import Cancelled, Predictor, count_windows, lone_window_as_two, resolve_device
 from AttnSegLib.maps import normalized_entropy
 
 CLASSES = [{"value": 0, "name": "background"}, {"value": 1, "name": "Anterior"},
@@ -165,6 +165,69 @@ def test_without_maps_the_confidence_network_never_runs(shipped_difficulty_aware
     assert "difficulty" in with_maps.maps and set(without.maps) == {"uncertainty"}
     np.testing.assert_array_equal(with_maps.probabilities.array, without.probabilities.array)
     np.testing.assert_array_equal(with_maps.labels.array, without.labels.array)
+
+
+def test_the_confidence_network_runs_once_per_voxel_on_the_blended_result(shipped_difficulty_aware,
+                                                                          hippocampus_case):
+    """The shipped difficulty-aware package on a real case cut into many overlapping windows: the segmenter
+    runs on every window, the confidence network once on each window of a tiling that does not overlap."""
+    image = read_image(hippocampus_case[0])
+    card = {**shipped_difficulty_aware.card, "patch_size_dhw": [16, 24, 16]}
+    predictor = Predictor(shipped_difficulty_aware.build_network(), card=card, device="cpu", batch_size=1,
+                          localise=False)
+    calls = {"segmenter": 0, "confidence_net": 0}
+    hooks = [getattr(predictor.network, name).register_forward_hook(
+        lambda *_, name=name: calls.__setitem__(name, calls[name] + 1)) for name in calls]
+    try:
+        result = predictor.predict([image])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    size = result.labels.array.shape  # RAS input: the model frame is the input grid
+    assert calls["segmenter"] == count_windows(size, card["patch_size_dhw"], predictor.overlap)
+    assert calls["confidence_net"] == np.prod([-(-s // p) for s, p in zip(size, card["patch_size_dhw"])])
+    assert calls["confidence_net"] < calls["segmenter"] / 2
+    confidence = result.maps["confidence"].array
+    assert confidence.shape == size and 0 <= confidence.min() and confidence.max() <= 1 and confidence.std() > 0
+
+
+def test_one_window_gives_the_per_window_maps(shipped_difficulty_aware, hippocampus_case):
+    """Where one window covers the case, D on the blended result (the probabilities brought back from the
+    card's temperature) is D on that window: the maps match the network's own forward pass."""
+    image = read_image(hippocampus_case[0])
+    blended = Predictor(shipped_difficulty_aware, device="cpu").predict([image])
+    per_window = Predictor(shipped_difficulty_aware, device="cpu")
+    per_window.network.maps_from_probabilities_only = False  # this instance: forward() on every window
+    reference = per_window.predict([image])
+    np.testing.assert_array_equal(blended.labels.array, reference.labels.array)
+    for name in ("confidence", "difficulty"):  # they differ only in the padding around the crop
+        np.testing.assert_allclose(blended.maps[name].array, reference.maps[name].array, atol=0.01)
+
+
+def test_tta_variance_is_the_disagreement_of_the_flips(shipped_difficulty_aware, hippocampus_case):
+    """With flips and maps the shipped package adds ``tta_variance`` in [0, 1], high where the mirrored
+    passes disagree (where the averaged probabilities are uncertain), and nothing without flips or maps."""
+    image = read_image(hippocampus_case[0])
+    result = Predictor(shipped_difficulty_aware, device="cpu", tta=True).predict([image])
+    variance = result.maps["tta_variance"].array
+    assert variance.shape == result.labels.array.shape and 0 <= variance.min() and variance.max() <= 1
+    doubtful = result.maps["uncertainty"].array > 0.5
+    assert doubtful.any() and variance[doubtful].mean() > 10 * variance[~doubtful].mean()
+    for tta, with_maps in ((False, True), (True, False)):
+        other = Predictor(shipped_difficulty_aware, device="cpu", tta=tta, with_maps=with_maps).predict([image])
+        assert "tta_variance" not in other.maps
+
+
+def test_a_lone_window_runs_as_two_with_the_same_answer(shipped_difficulty_aware):
+    network = shipped_difficulty_aware.build_network().eval()
+    torch.manual_seed(4)
+    window = torch.randn(1, 1, 40, 56, 40)
+    with torch.inference_mode():
+        direct, paired = network.segment(window), lone_window_as_two(network.segment, window)
+        output = lone_window_as_two(network, window)
+    assert paired.shape == direct.shape == output.logits.shape
+    torch.testing.assert_close(paired, direct, rtol=1e-4, atol=1e-4)
+    assert all(value.shape[0] == 1 for value in output.maps.values())
 
 
 def test_the_cards_temperature_changes_probabilities_not_labels(shipped_difficulty_aware, hippocampus_case):

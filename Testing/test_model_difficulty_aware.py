@@ -151,6 +151,19 @@ def test_segment_is_the_segmenter_alone():
         net.segment(torch.randn(1, 1, 12, 24, 16))
 
 
+def test_maps_from_probabilities_are_forwards_maps():
+    """D alone on S's probabilities gives forward's maps: the predictor may run it once on the blended result."""
+    torch.manual_seed(3)
+    net = models.build("difficulty_aware", 1, 3, base_features=4).eval()
+    x = torch.randn(2, 1, 16, 24, 16)
+    with torch.no_grad():
+        out = net(x)
+        maps = net.maps_from_probabilities(torch.softmax(net.segment(x), dim=1), x)
+    assert net.maps_from_probabilities_only and set(maps) == set(out.maps)
+    for name in maps:
+        torch.testing.assert_close(maps[name], out.maps[name])
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="depth must be at least 3"):
         models.build("difficulty_aware", 1, 3, depth=2)

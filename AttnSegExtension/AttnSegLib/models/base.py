@@ -12,6 +12,11 @@
 ``segment(x: (N, M, D, H, W)) -> logits (N, C, D, H, W)``: the segmentation alone, for when no map is
 asked for. Networks with map-only heads (a head whose output only feeds ``maps``) skip them here;
 for the others it is ``forward(x).logits``, their maps being by-products of the segmentation pass.
+
+``maps_from_probabilities(probabilities (N, C, D, H, W), image (N, M, D, H, W)) -> maps``: for
+networks whose maps are a function of the segmentation's probabilities and the image alone
+(``maps_from_probabilities_only = True``): the predictor then runs the segmentation per window and
+this once per voxel on the blended result, instead of a map head on every overlapping window.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ class SegmentationNetwork(nn.Module):
 
     divisor: int = 1
     class_channel_maps: tuple[str, ...] = ()  # maps whose K channels are the C classes, in order
+    maps_from_probabilities_only: bool = False  # True: maps come from maps_from_probabilities alone
 
     def map_descriptions(self) -> dict[str, str]:
         return {}
@@ -49,6 +55,11 @@ class SegmentationNetwork(nn.Module):
     def segment(self, x: torch.Tensor) -> torch.Tensor:
         """(N, M, D, H, W) -> logits (N, C, D, H, W), without the map-only heads (see the module docstring)."""
         return self.forward(x).logits
+
+    def maps_from_probabilities(self, probabilities: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Softmax probabilities (N, C, D, H, W) of the segmentation and the image (N, M, D, H, W) ->
+        the maps, as ``forward`` gives them; only networks with ``maps_from_probabilities_only``."""
+        raise NotImplementedError(f"{type(self).__name__}'s maps do not come from the probabilities alone")
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 5:

@@ -21,8 +21,9 @@ Two sub-networks in one registered module, so one package carries both and train
   and ``deep_supervision.2`` (N, C, D/4, H/4, W/4), logits of the two extra supervised scales.
 
 ``segment(x)`` -> logits (N, C, D, H, W) runs S alone: D only feeds the maps, so inference without
-maps skips it. ``confidence_logits(probabilities, image)`` runs D alone, for the confidence-network
-step (Eq. 4).
+maps skips it, and ``maps_from_probabilities(P_hat, x)`` runs D alone on S's probabilities, so the
+predictor runs S per window and D once per voxel on the blended probabilities.
+``confidence_logits(probabilities, image)`` runs D alone, for the confidence-network step (Eq. 4).
 Losses and the alternating steps: ``training/losses/difficulty_aware.py``.
 
 Choices where the paper is open (it has no code and Fig. 1 is not in the text):
@@ -142,6 +143,8 @@ class DifficultyAwareNetwork(SegmentationNetwork):
     ``se_reduction`` (squeeze-and-excitation reduction ratio), ``norm``, ``act``.
     """
 
+    maps_from_probabilities_only = True  # D reads S's probabilities and the image, nothing else
+
     def __init__(self, in_channels: int, num_classes: int, base_features: int = 8, depth: int = 4,
                  beta: float = 2.0, bottleneck_dilation: int = 2, se_reduction: int = 4,
                  norm: str = "instance", act: str = "leaky_relu"):
@@ -175,6 +178,14 @@ class DifficultyAwareNetwork(SegmentationNetwork):
         confidence logits (N, 1, D, H, W)."""
         return self.confidence_net(torch.cat([probabilities, image], dim=1))
 
+    def maps_from_probabilities(self, probabilities: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """D alone: S's softmax probabilities (N, C, D, H, W) and the image (N, M, D, H, W) ->
+        {"confidence": M, "difficulty": F}, each (N, 1, D, H, W)."""
+        return self._maps(torch.sigmoid(self.confidence_logits(probabilities, image)))
+
+    def _maps(self, confidence: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"confidence": confidence, "difficulty": difficulty_map(confidence, self.beta)}
+
     def segment(self, x: torch.Tensor) -> torch.Tensor:
         """S alone: (N, M, D, H, W) -> logits (N, C, D, H, W); D, which only feeds the maps, is skipped."""
         self.check_input(x)
@@ -184,8 +195,7 @@ class DifficultyAwareNetwork(SegmentationNetwork):
         self.check_input(x)
         logits, deep = self.segmenter(x)
         confidence_logits = self.confidence_logits(torch.softmax(logits, dim=1), x)
-        confidence = torch.sigmoid(confidence_logits)
-        maps = {"confidence": confidence, "difficulty": difficulty_map(confidence, self.beta)}
+        maps = self._maps(torch.sigmoid(confidence_logits))
         aux = {}
         if self.training:
             aux = {"confidence_logits": confidence_logits, "deep_supervision.1": deep[0],
