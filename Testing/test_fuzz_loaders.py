@@ -184,7 +184,7 @@ def seed_package(tmp_path_factory) -> Seeds:
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("package")
     package = save_package(folder, CARD, models.build("unet", 1, 3, features=[2, 4]).state_dict())
-    return Seeds(card=package.card, weights=(folder / "weights.safetensors").read_bytes())
+    return Seeds(card=package.card.to_dict(), weights=(folder / "weights.safetensors").read_bytes())
 
 
 def _load_package_files(files: dict[str, bytes]) -> None:
@@ -381,14 +381,20 @@ def test_card_values_that_load_also_predict(seed_package, edits):
             assert "\n" not in str(err)
             event("refused when loading")
             return
-        image = Image(np.random.default_rng(0).normal(100, 20, (12, 14, 10)).astype(np.float32),
-                      Geometry((10, 14, 12), (1.1, 0.9, 1.3), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
-        try:
-            result = Predictor(package, device="cpu", with_maps=False).predict([image])
-        except ImageError as err:
-            assert "\n" not in str(err)
-            event("image refused")
-            return
+        _segment_or_refused(package, (1.1, 0.9, 1.3))
+
+
+def _segment_or_refused(package, spacing) -> None:
+    """Segment a small noise image of ``spacing`` (mm): the result lies on the image's own grid with
+    probabilities summing to 1, or the image is refused in one line."""
+    image = Image(np.random.default_rng(0).normal(100, 20, (12, 14, 10)).astype(np.float32),
+                  Geometry((10, 14, 12), tuple(spacing), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    try:
+        result = Predictor(package, device="cpu", with_maps=False).predict([image])
+    except ImageError as err:
+        assert "\n" not in str(err)
+        event("image refused")
+        return
     event("segmented")
     assert result.labels.geometry.same_grid(image.geometry)
     np.testing.assert_allclose(result.probabilities.array.sum(axis=0), 1.0, atol=1e-4)
@@ -431,13 +437,4 @@ def test_images_of_any_spacing_segment_or_are_refused_in_one_line(spacing):
     """The default (localising) model: a header's spacing in any units either segments onto the
     image's own grid or is refused in one line (100 mm voxels ended in an allocation failure inside
     the localisation's resampling)."""
-    image = Image(np.random.default_rng(0).normal(100, 20, (12, 14, 10)).astype(np.float32),
-                  Geometry((10, 14, 12), tuple(spacing), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
-    try:
-        result = Predictor(load_package("hippocampus_difficulty_aware"), device="cpu", with_maps=False).predict([image])
-    except ImageError as err:
-        assert "\n" not in str(err)
-        event("refused")
-        return
-    event("segmented")
-    assert result.labels.geometry.same_grid(image.geometry)
+    _segment_or_refused(load_package("hippocampus_difficulty_aware"), spacing)
