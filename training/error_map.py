@@ -26,7 +26,6 @@ with ``python -m training.evaluate --maps``. Measured on the default package's 4
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import random
@@ -38,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from AttnSegLib.card import ModelCard
 from AttnSegLib.inference import Predictor, pad_to_windows, untempered
 from AttnSegLib.package import PackageError, load_package, save_package
 
@@ -57,7 +57,7 @@ MAP_MEANINGS = {
 def error_windows(predictor: Predictor, cases) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per case, D's input and target on the case padded to whole windows: (input (C + M, D', H', W'),
     target (1, D', H', W'): 1 where S's arg-max equals the label, 0 where it is wrong, 1 in the padding)."""
-    temperature = float(predictor.card.get("inference", {}).get("temperature", 1.0))
+    temperature = predictor.card.inference.temperature
     windows = []
     for case in cases:
         probabilities, _ = predictor.predict_array(case.image)
@@ -113,8 +113,9 @@ def train_confidence_network(network, windows, patch_size, flip_dims, epochs: in
     return losses
 
 
-def error_map_card(card: dict, network, args, cases: int, losses: list[float]) -> dict:
-    card = copy.deepcopy(card)
+def error_map_card(card: ModelCard, network, args, cases: int, losses: list[float]) -> dict:
+    """The card (JSON) of the package with the retrained D: its maps' meanings and how D was trained."""
+    card = card.to_dict()
     card["maps"] = {name: {"meaning": text.format(beta=network.beta)} for name, text in MAP_MEANINGS.items()}
     card.setdefault("training", {})["confidence_network"] = {
         "objective": "binary cross-entropy of D(P_hat U X) against where the frozen segmenter's arg-max is right",
@@ -143,8 +144,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         package = load_package(args.model)
-        if package.card["architecture"]["name"] != "difficulty_aware":
-            raise PackageError(f"{package.name} is a {package.card['architecture']['name']} package; "
+        if package.card.architecture != "difficulty_aware":
+            raise PackageError(f"{package.name} is a {package.card.architecture} package; "
                                "training.error_map retrains a difficulty_aware network's confidence network")
         data, root = dataset_description(package.card, args.data, None)
         files = select_split(find_cases(data, root), package.card, "train")[:args.cases]
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
     print(f"{len(windows)} training cases through the frozen segmenter in {time.perf_counter() - started:.0f} s; "
           f"{100 * wrong:.2f} % of the padded voxels wrong", flush=True)
     network = predictor.network
-    flip_dims = [int(a) + 1 for a in package.card.get("inference", {}).get("tta_flip_axes", ())]
+    flip_dims = [int(a) + 1 for a in package.card.inference.tta_flip_axes]
     losses = train_confidence_network(network, windows, predictor.patch_size, flip_dims, args.epochs,
                                       args.batch_size, args.lr, args.seed, log=lambda m: print(m, flush=True))
     card = error_map_card(package.card, network, args, len(windows), losses)
