@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     except (PackageError, ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    card = json.loads(json.dumps(package.card))
+    card = package.card.to_dict()
     apply_to_card(card, predictor.network, evaluation)
     (package.path / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     saved = load_package(package.path)

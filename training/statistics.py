@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     card_path = Path(package.path) / CARD_FILE
-    card_path.write_text(json.dumps(with_statistics(package.card, statistics), indent=2) + "\n")
+    card_path.write_text(json.dumps(with_statistics(package.card.to_dict(), statistics), indent=2) + "\n")
     for modality in statistics["modalities"]:
         print(f"{package.name}: {modality['name']} over {modality['cases']} training cases, normalised quantiles "
               f"{modality['quantiles_median']} (median), outlier extent up to {modality['outlier_extent_max']}")
