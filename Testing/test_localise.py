@@ -284,7 +284,7 @@ def test_cli_refusal_is_one_line_exit_2_and_writes_nothing(mni, tmp_path, capsys
                                           ("localisation", {"method": "mni152_affine", "targets": ["left_amygdala"]}),
                                           ("localisation", {"method": "mni152_affine", "targets": []})])
 def test_card_localisation_fields_are_validated(field, value):
-    card = json.loads(json.dumps(default_package().card))
+    card = default_package().card.to_dict()
     card["inference"][field] = value
     with pytest.raises(PackageError, match=field):
         validate_card(card, "test card")
