@@ -123,7 +123,7 @@ class AttnSegParameterNode:
     segmentation - the AttnSeg segmentation under review.
     mapName - the map shown over the image; mapOpacity - its opacity.
     reviewThreshold - voxels whose review map is at or above it are doubtful (review and editing).
-    editDoubtfulOnly - restrict Segment Editor effects to doubtful voxels.
+    editDoubtfulOnly - restrict Segment Editor effects to doubtful voxels and the 2 mm around them.
     correctionDirectory - where corrected cases are saved for training.
     """
 

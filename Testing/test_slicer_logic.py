@@ -25,6 +25,7 @@ from AttnSegLib.metrics import evaluate_labels
 from AttnSegLib.outputs import class_volumes_ml, map_meanings
 from AttnSegLib.package import default_package, save_package
 from AttnSegLib.mrml import arrayToMatrix, colorScale, imageFromVolumeNode, matrixToArray, newScene, volumeNodeFromImage
+from AttnSegLib.review import editable_mask
 from AttnSegLib.segmentation_task import SegmentationTask
 from AttnSegLib.slicer_logic import (ATTRIBUTE, DOUBTFUL_SEGMENT_ID, REF_INPUT, REF_MAP, REF_REVIEW_MAP, REF_SEGMENTATION,
                                      Cancelled, CorrectionError, SceneLogic)
@@ -500,14 +501,15 @@ def test_edit_only_doubtful_voxels_limits_painting_to_the_difficulty_threshold(l
     assert not seg.GetDisplayNode().GetSegmentVisibility(DOUBTFUL_SEGMENT_ID)
 
     before = logic.correctedLabels(seg)  # the mask segment is no class: it is not in the labels
-    doubtful = imageFromVolumeNode(result.reviewMapNode).array >= threshold
-    assert 0 < doubtful.sum() < doubtful.size
+    editable = editable_mask(imageFromVolumeNode(result.reviewMapNode), threshold)  # the doubt grown by 2 mm
+    assert 0 < editable.sum() < editable.size
+    assert editable.sum() > (imageFromVolumeNode(result.reviewMapNode).array >= threshold).sum()
     everything = before.with_array(np.ones_like(before.array, dtype=bool))
     _paint(scene, seg, "posterior", everything, None, editor=editor)
     _paint(scene, seg, "anterior", everything, None, editor=editor)  # the mask did not shrink under posterior
     after = logic.correctedLabels(seg).array
-    np.testing.assert_array_equal(after[doubtful], 1)
-    np.testing.assert_array_equal(after[~doubtful], before.array[~doubtful])
+    np.testing.assert_array_equal(after[editable], 1)
+    np.testing.assert_array_equal(after[~editable], before.array[~editable])
 
     logic.restrictEditingToDoubtfulVoxels(seg, 0.8, segmentEditorNode=editor)  # a new threshold remakes the mask
     remade = seg.GetSegmentation().GetSegment(DOUBTFUL_SEGMENT_ID)

@@ -57,7 +57,7 @@ from .mrml import (INFERNO_ANCHORS, classColor, colorScale, defaultScene, imageF
                    volumeGeometry, volumeNodeFromImage)
 from .outputs import OutputMap, class_volumes_ml, output_maps
 from .package import ModelPackage, available_packages, default_package_name, load_package
-from .review import MIN_VOLUME_ML, Region, doubtful_regions
+from .review import MIN_VOLUME_ML, Region, doubtful_regions, editable_mask
 from .segmentation_task import SegmentationJob
 
 __all__ = ["SceneLogic", "Cancelled", "CorrectionError", "DoubtfulRegion", "MapLegend", "SegmentationResult"]
@@ -529,9 +529,10 @@ class SceneLogic:
 
     def restrictEditingToDoubtfulVoxels(self, segmentationNode=None, threshold: float = 0.5,
                                         segmentEditorNode=None) -> None:
-        """Let Segment Editor effects change only voxels where the review map is >= ``threshold``.
+        """Let Segment Editor effects change only voxels where the review map is >= ``threshold`` and
+        the ``review.EDIT_MARGIN_MM`` around them (:func:`~.review.editable_mask`: errors lie beside the doubt).
 
-        The doubtful voxels become a hidden segment, "Doubtful regions", and the editor's editable area
+        Those voxels become a hidden segment, "Doubtful regions", and the editor's editable area
         is "inside" that one segment (``EditAllowedInsideSingleSegment``). The editor then overwrites
         visible segments only, so painting a class never erodes the hidden mask. The source volume and
         the intensity mask stay as the user set them; the editable area and overwrite mode the user had
@@ -569,7 +570,8 @@ class SceneLogic:
             segmentation.RemoveSegment(DOUBTFUL_SEGMENT_ID)
 
     def _setDoubtfulSegment(self, node, threshold: float) -> None:
-        """(Re)make the hidden "Doubtful regions" segment: review map >= ``threshold``, on the map's grid."""
+        """(Re)make the hidden "Doubtful regions" segment: review map >= ``threshold`` grown by
+        ``review.EDIT_MARGIN_MM``, on the map's grid."""
         reviewMap = imageFromVolumeNode(self.reviewMapNode(node))
         segmentation = node.GetSegmentation()
         if segmentation.GetSegment(DOUBTFUL_SEGMENT_ID) is not None:
@@ -579,7 +581,7 @@ class SceneLogic:
         segment.SetColor(1.0, 1.0, 1.0)
         segment.SetTag(ATTRIBUTE + "DoubtThreshold", repr(float(threshold)))
         segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(),
-                                  orientedMask(reviewMap.geometry, reviewMap.array >= threshold))
+                                  orientedMask(reviewMap.geometry, editable_mask(reviewMap, threshold)))
         segmentation.AddSegment(segment, DOUBTFUL_SEGMENT_ID)
         display = node.GetDisplayNode()
         if display is not None:
