@@ -55,3 +55,18 @@ def test_whole_head_preview_has_a_class_legend_in_the_class_colours(data_dir, tm
     corner = pixels[int(0.8 * pixels.shape[0]):, int(0.86 * pixels.shape[1]):]
     for color in colors:
         assert (np.abs(corner - np.array(color)).max(axis=-1) <= 30).sum() >= 10, f"no legend entry in {color}"
+
+
+def test_the_plane_is_named_from_the_images_direction():
+    """The sample's slices (k along S) are axial; the same voxels stored with k along L-R or A-P are
+    sagittal or coronal slices."""
+    import SimpleITK as sitk
+
+    from AttnSegLib.image import Image
+    from AttnSegLib.preview import plane_name
+
+    sample = read_image(SAMPLE)
+    assert plane_name(sample.geometry) == "axial"
+    for order, plane in (((1, 2, 0), "sagittal"), ((0, 2, 1), "coronal")):  # the new k: old i, old j
+        moved = Image.from_sitk(sitk.PermuteAxes(sample.to_sitk(), order))
+        assert plane_name(moved.geometry) == plane

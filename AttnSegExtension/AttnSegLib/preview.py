@@ -20,6 +20,12 @@ def _slice_index(result, axis: int) -> int:
     return int(np.argmax(counts)) if counts.any() else labels.shape[axis] // 2
 
 
+def plane_name(geometry) -> str:
+    """The anatomical plane of a slice at fixed k (numpy axis 0): the one whose normal is nearest the
+    image's k axis (axial for S, coronal for A-P, sagittal for L-R)."""
+    return ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(geometry.direction_matrix[:, 2])))]
+
+
 def _display(array: np.ndarray, geometry) -> tuple[np.ndarray, float]:
     """An axial (D, H, W)[k] slice oriented for display, and its pixel aspect ratio."""
     return np.flipud(array), geometry.spacing[1] / geometry.spacing[0]
@@ -52,7 +58,7 @@ def render_preview(image: Image, result, path: str | Path, map_names: list[str] 
                            linewidths=1.0)
         ax.set_axis_off()
     depth = result.labels.array.shape[0]
-    axes[0][0].set_title(f"segmentation · axial slice {k + 1} of {depth}", fontsize=8)
+    axes[0][0].set_title(f"segmentation · {plane_name(image.geometry)} slice {k + 1} of {depth}", fontsize=8)
     drawn = [v for v in range(1, int(labels.max()) + 1) if (labels == v).any()]
     _class_legend(axes[0][0], [(class_names[v] if class_names and v < len(class_names) else f"class {v}",
                                 np.asarray(colors[v % len(colors)]) / 255) for v in drawn])
