@@ -616,7 +616,8 @@ def test_controls_change_pixels_and_corrections_are_never_replaced_without_askin
     at_region = _wait_for_change(axial, fitted)
     black_fitted, black_at_region = ((pixels.max(axis=-1) < 8).mean() for pixels in (fitted, at_region))
     print(f"axial view black: {black_fitted:.0%} fitted, {black_at_region:.0%} at region 1")
-    assert black_at_region <= max(0.4, black_fitted + 0.05), f"{black_at_region:.0%} of the axial view black"
+    # (centring the views on the marker left 36 % of it black, against 14 % fitted)
+    assert black_at_region <= black_fitted + 0.05, f"{black_at_region:.0%} of the axial view black"
 
     # Segment again over a correction: asked; cancel keeps everything, keep sets it aside for download.
     _paint_stroke(page, axial)
