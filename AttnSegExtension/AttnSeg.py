@@ -123,7 +123,7 @@ class AttnSegParameterNode:
     segmentation - the AttnSeg segmentation under review.
     mapName - the map shown over the image; mapOpacity - its opacity.
     reviewThreshold - voxels whose review map is at or above it are doubtful (review and editing).
-    editDoubtfulOnly - restrict Segment Editor effects to doubtful voxels.
+    editDoubtfulOnly - restrict Segment Editor effects to doubtful voxels and the 2 mm around them.
     correctionDirectory - where corrected cases are saved for training.
     """
 
@@ -492,7 +492,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.legendBar.styleSheet = f"background: qlineargradient(x1:0, y1:0, x2:1, y2:0, {stops});"
         self.ui.legendMinimumLabel.text = f"{legend.minimum:.3g}"
         self.ui.legendMaximumLabel.text = f"{legend.maximum:.3g}"
-        self.ui.mapMeaningLabel.text = legend.meaning
+        self.ui.mapMeaningLabel.text = f"{legend.meaning} {legend.detection}".strip()
 
     def onOpacityChanged(self, value) -> None:
         if self.ui.mapComboBox.currentText:
@@ -510,7 +510,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.regionLabel.text = _("No region reaches {map} {threshold:.2f}.").format(
                 map=sceneLogic.reviewMapName(node), threshold=threshold)
             return
-        self.logic.sceneLogic.centerSliceViews(stop.markerRAS)
+        self.logic.sceneLogic.centerSliceViews(stop.markerRAS, next(iter(sceneLogic.inputNodes(node)), None))
         self.logic.sceneLogic.markPoint(stop.markerRAS)
         region = stop.region
         self.ui.regionLabel.text = _(

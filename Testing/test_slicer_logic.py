@@ -25,6 +25,7 @@ from AttnSegLib.metrics import evaluate_labels
 from AttnSegLib.outputs import class_volumes_ml, map_meanings
 from AttnSegLib.package import default_package, save_package
 from AttnSegLib.mrml import arrayToMatrix, colorScale, imageFromVolumeNode, matrixToArray, newScene, volumeNodeFromImage
+from AttnSegLib.review import editable_mask
 from AttnSegLib.segmentation_task import SegmentationTask
 from AttnSegLib.slicer_logic import (ATTRIBUTE, DOUBTFUL_SEGMENT_ID, REF_INPUT, REF_MAP, REF_REVIEW_MAP, REF_SEGMENTATION,
                                      Cancelled, CorrectionError, SceneLogic)
@@ -460,6 +461,47 @@ def test_centring_moves_every_slice_view_to_the_region(logic, scene, segmented):
     assert crosshair.GetCrosshairMode() == slicer.vtkMRMLCrosshairNode.ShowSmallBasic
 
 
+def test_going_to_a_region_keeps_the_views_full_of_the_volume(logic, scene, segmented):
+    """Views fitted to the crop (as the web app and Slicer show a volume), then each region in turn: the
+    marker is in every view and at most 40 % of a view lies outside the volume (centring on a marker near
+    the crop's edge left half of the axial view black)."""
+    volume, result = segmented
+    bounds = [0.0] * 6
+    volume.GetRASBounds(bounds)
+    low, high = np.array(bounds[0::2]), np.array(bounds[1::2])
+    views = {}
+    for name, rotation, (u, v) in (("Red", [[-1, 0, 0], [0, 1, 0], [0, 0, 1]], (0, 1)),  # axial, as Slicer's
+                                   ("Green", [[-1, 0, 0], [0, 0, 1], [0, 1, 0]], (0, 2)),  # coronal
+                                   ("Yellow", [[0, 0, 1], [-1, 0, 0], [0, 1, 0]], (1, 2))):  # sagittal
+        view = slicer.vtkMRMLSliceNode()
+        view.SetLayoutName(name)
+        view = scene.AddNode(view)
+        sliceToRAS = np.eye(4)
+        sliceToRAS[:3, :3] = rotation
+        view.GetSliceToRAS().DeepCopy(arrayToMatrix(sliceToRAS))
+        view.SetDimensions(400, 400, 1)
+        side = float(max(high[u] - low[u], high[v] - low[v]))  # fitted: the longer side fills the view
+        view.SetFieldOfView(side, side, 1.0)
+        view.UpdateMatrices()
+        views[view] = (u, v)
+    regions = logic.doubtfulRegions(result.segmentationNode, 0.7)
+    assert len(regions) >= 3
+    filled = []
+    for index in range(len(regions)):
+        stop = logic.goToDoubtfulRegion(result.segmentationNode, 0.7, index)
+        logic.centerSliceViews(stop.markerRAS, volume)
+        for view, (u, v) in views.items():
+            centre = np.array([view.GetSliceToRAS().GetElement(r, 3) for r in range(3)])
+            assert centre[3 - u - v] == pytest.approx(stop.markerRAS[3 - u - v], abs=1e-6)  # through the marker
+            half = np.array(view.GetFieldOfView()[:2]) / 2
+            shown_low, shown_high = centre[[u, v]] - half, centre[[u, v]] + half
+            assert np.all(np.abs(np.array(stop.markerRAS)[[u, v]] - centre[[u, v]]) <= half + 1e-6)
+            inside = np.clip(np.minimum(shown_high, high[[u, v]]) - np.maximum(shown_low, low[[u, v]]), 0, None)
+            filled.append(float(np.prod(inside) / np.prod(2 * half)))
+            extent = high[[u, v]] - low[[u, v]]
+            assert filled[-1] >= 0.6 or filled[-1] == pytest.approx(np.prod(extent) / np.prod(2 * half), rel=1e-6)
+
+
 def test_show_map_sets_the_foreground_layer_of_every_slice_view(logic, scene, segmented):
     volume, result = segmented
     composites = [scene.AddNode(slicer.vtkMRMLSliceCompositeNode()) for _ in range(3)]
@@ -500,14 +542,15 @@ def test_edit_only_doubtful_voxels_limits_painting_to_the_difficulty_threshold(l
     assert not seg.GetDisplayNode().GetSegmentVisibility(DOUBTFUL_SEGMENT_ID)
 
     before = logic.correctedLabels(seg)  # the mask segment is no class: it is not in the labels
-    doubtful = imageFromVolumeNode(result.reviewMapNode).array >= threshold
-    assert 0 < doubtful.sum() < doubtful.size
+    editable = editable_mask(imageFromVolumeNode(result.reviewMapNode), threshold)  # the doubt grown by 2 mm
+    assert 0 < editable.sum() < editable.size
+    assert editable.sum() > (imageFromVolumeNode(result.reviewMapNode).array >= threshold).sum()
     everything = before.with_array(np.ones_like(before.array, dtype=bool))
     _paint(scene, seg, "posterior", everything, None, editor=editor)
     _paint(scene, seg, "anterior", everything, None, editor=editor)  # the mask did not shrink under posterior
     after = logic.correctedLabels(seg).array
-    np.testing.assert_array_equal(after[doubtful], 1)
-    np.testing.assert_array_equal(after[~doubtful], before.array[~doubtful])
+    np.testing.assert_array_equal(after[editable], 1)
+    np.testing.assert_array_equal(after[~editable], before.array[~editable])
 
     logic.restrictEditingToDoubtfulVoxels(seg, 0.8, segmentEditorNode=editor)  # a new threshold remakes the mask
     remade = seg.GetSegmentation().GetSegment(DOUBTFUL_SEGMENT_ID)
@@ -664,6 +707,21 @@ def test_shipped_model_segments_the_sample_and_its_doubtful_regions_hold_the_err
     stop = logic.nextDoubtfulRegion(result.segmentationNode, threshold)
     i, j, k = stop.region.marker_ijk
     assert doubtful[k, j, i]
+
+
+def test_each_map_legend_gives_the_cards_error_detection_score_and_names_research_maps(shipped):
+    """The panel shows beside each map how well it finds the model's errors (its card's AUROC); a map that
+    does not find them (the shipped model's difficulty, AUROC 0.59) is called a research map."""
+    logic = SceneLogic(newScene())
+    result = logic.segment([logic.loadVolume(SAMPLE_IMAGE)], shipped, device="cpu")
+    legends = {name: logic.mapLegend(node) for name, node in result.mapNodes.items()}
+    scores = shipped.card.metrics["error_detection_auroc"]
+    assert legends["uncertainty"].detection == (f"Finds the model's wrong voxels with AUROC "
+                                                f"{scores['uncertainty']:.2f} on its validation cases (model card).")
+    assert legends["difficulty"].detection.startswith(f"Research map: it finds the model's wrong voxels with "
+                                                      f"AUROC {scores['difficulty']:.2f}")
+    unscored = [name for name in legends if shipped.card.error_detection_auroc(name) is None]
+    assert unscored and all(legends[name].detection == "" for name in unscored)
 
 
 def test_shipped_model_agrees_with_itself_on_an_oblique_anisotropic_copy(shipped):

@@ -36,10 +36,11 @@ from AttnSegLib import models
 from AttnSegLib.card import ModelCard
 from AttnSegLib.image import label_map_levels, read_image
 from AttnSegLib.inference import Predictor
+from AttnSegLib.outputs import detection_note
 from AttnSegLib.package import PackageError, default_package, load_package, save_package
 from AttnSegLib.review import doubtful_regions
 from AttnSegLib.localise import Box
-from AttnSegLib.web.webapp import detection_note, roi_from_fields
+from AttnSegLib.web.webapp import roi_from_fields
 from AttnSegLib.web.wslink_guard import parse_chunk
 from AttnSegLib.web.uploads import UploadError, check_upload, safe_upload_name, save_upload
 
@@ -346,14 +347,17 @@ def test_segment_review_paint_and_download(browser, server, model_package, scree
     page.screenshot(path=screenshots / "web_app.png")
     page.mouse.move(10, box["y"] + 10, steps=3)  # off the views again (over the panel)
 
-    # The model's output and its most doubtful region, computed here with the engine: "Next" centred
-    # the slice views on that region (on the volume's centre when there is none), at the same zoom.
+    # The model's output and its most doubtful region, computed here with the engine: "Next" moved the
+    # slice views through that region, at the same zoom; the axial view, fitted to the crop, stays centred
+    # on the crop in its plane (centring on the marker would leave part of it empty).
     sample = read_image(SAMPLE)
     result = Predictor(load_package(model_package.path), device="cpu").predict([sample])
     model_labels = result.labels.array
     regions = doubtful_regions(result.maps[result.review_map_name])
     image = sitk.ReadImage(str(SAMPLE))
-    centre_lps = np.array(regions[0].marker_lps) if regions else _volume_centre_lps(image)
+    centre_lps = _volume_centre_lps(image)
+    if regions:
+        centre_lps[2] = regions[0].marker_lps[2]
     k_in_view = image.TransformPhysicalPointToContinuousIndex([float(c) for c in centre_lps])[2]
     view_box = axial.bounding_box()
     extent = np.abs(np.array(image.GetSize()[:2]) * np.array(image.GetSpacing()[:2]))
@@ -604,9 +608,16 @@ def test_controls_change_pixels_and_corrections_are_never_replaced_without_askin
     assert "uncertainty ≥ 0.50" in before and "difficulty" not in before
     _slide(page, "attnseg-review-threshold", "Home")
     page.wait_for_function("() => document.querySelector('#attnseg-review-text').innerText.includes('≥ 0.05')")
+    fitted = _pixels(axial)
     page.click("#attnseg-next-region")
     page.wait_for_function("() => /Region 1 of \\d+: .* mean uncertainty/.test("
                            "document.querySelector('#attnseg-review-text').innerText)")
+    # The views go to the region without emptying: no more of the axial view is black than when fitted.
+    at_region = _wait_for_change(axial, fitted)
+    black_fitted, black_at_region = ((pixels.max(axis=-1) < 8).mean() for pixels in (fitted, at_region))
+    print(f"axial view black: {black_fitted:.0%} fitted, {black_at_region:.0%} at region 1")
+    # (centring the views on the marker left 36 % of it black, against 14 % fitted)
+    assert black_at_region <= black_fitted + 0.05, f"{black_at_region:.0%} of the axial view black"
 
     # Segment again over a correction: asked; cancel keeps everything, keep sets it aside for download.
     _paint_stroke(page, axial)

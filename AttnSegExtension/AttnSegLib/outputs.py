@@ -24,13 +24,14 @@ PROBABILITY_PREFIX = "probability."
 # means the same value in every case. Other maps are shown on their own robust range.
 UNIT_RANGE_MAPS = ("uncertainty", "difficulty", "confidence")
 ROBUST_PERCENTILES = (0.5, 99.5)
+RESEARCH_MAP_AUROC = 0.75  # a map that finds the wrong voxels less well than this is labelled a research map
 
 
 @dataclass(frozen=True)
 class OutputMap:
     """One map of a run on the input grid. ``kind``: ``probability`` (one class's), ``uncertainty`` or
     ``model`` (the network's own); ``image``: (D, H, W) float32; ``display_range``: the values shown
-    from the first to the last colour."""
+    from the first to the last colour; ``detection``: how well it finds errors (:func:`detection_note`)."""
 
     name: str
     kind: str
@@ -39,6 +40,7 @@ class OutputMap:
     reading: str
     display_range: tuple[float, float]
     unit: str | None = None
+    detection: str = ""
 
 
 def volume_token(name: str) -> str:
@@ -56,6 +58,18 @@ def map_meaning(name: str, card: ModelCard | None) -> str:
     if name.startswith(PROBABILITY_PREFIX):
         return PROBABILITY_MEANING.format(name=name[len(PROBABILITY_PREFIX):])
     return card.map_meaning(name) if card is not None else ""
+
+
+def detection_note(card: ModelCard | None, map_name: str) -> str:
+    """How well ``map_name`` finds the model's wrong voxels, as the card measured it (AUROC on its
+    validation cases), or ``""`` where the card has no figure for it. A map under ``RESEARCH_MAP_AUROC``
+    is called a research map."""
+    score = card.error_detection_auroc(map_name) if card is not None else None
+    if score is None:
+        return ""
+    note = f"Finds the model's wrong voxels with AUROC {score:.2f} on its validation cases (model card)."
+    return note if score >= RESEARCH_MAP_AUROC else (f"Research map: it {note[0].lower()}{note[1:-1]}; 0.5 is "
+                                                     "chance: do not rely on it to find errors.")
 
 
 def display_range(name: str, values: np.ndarray, card: ModelCard | None = None) -> tuple[float, float]:
@@ -95,7 +109,7 @@ def output_maps(result, card: ModelCard | None) -> list[OutputMap]:
         spec = card.map_spec(name) if card is not None and name != UNCERTAINTY else None
         out.append(OutputMap(name, "uncertainty" if name == UNCERTAINTY else "model", image, map_meaning(name, card),
                              spec.read if spec is not None else "", display_range(name, image.array, card),
-                             spec.unit if spec is not None else None))
+                             spec.unit if spec is not None else None, detection_note(card, name)))
     return out
 
 

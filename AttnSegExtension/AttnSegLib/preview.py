@@ -20,6 +20,12 @@ def _slice_index(result, axis: int) -> int:
     return int(np.argmax(counts)) if counts.any() else labels.shape[axis] // 2
 
 
+def plane_name(geometry) -> str:
+    """The anatomical plane of a slice at fixed k (numpy axis 0): the one whose normal is nearest the
+    image's k axis (axial for S, coronal for A-P, sagittal for L-R)."""
+    return ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(geometry.direction_matrix[:, 2])))]
+
+
 def _display(array: np.ndarray, geometry) -> tuple[np.ndarray, float]:
     """An axial (D, H, W)[k] slice oriented for display, and its pixel aspect ratio."""
     return np.flipud(array), geometry.spacing[1] / geometry.spacing[0]
@@ -52,16 +58,10 @@ def render_preview(image: Image, result, path: str | Path, map_names: list[str] 
                            linewidths=1.0)
         ax.set_axis_off()
     depth = result.labels.array.shape[0]
-    axes[0][0].set_title(f"segmentation · axial slice {k + 1} of {depth}", fontsize=8)
+    axes[0][0].set_title(f"segmentation · {plane_name(image.geometry)} slice {k + 1} of {depth}", fontsize=8)
     drawn = [v for v in range(1, int(labels.max()) + 1) if (labels == v).any()]
-    if drawn:
-        from matplotlib.lines import Line2D
-
-        handles = [Line2D([], [], color=np.asarray(colors[v % len(colors)]) / 255, linewidth=2,
-                          label=class_names[v] if class_names and v < len(class_names) else f"class {v}")
-                   for v in drawn]
-        axes[0][0].legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, -0.02), ncol=len(handles),
-                          fontsize=6, frameon=False, labelcolor="white", handlelength=1.2)
+    _class_legend(axes[0][0], [(class_names[v] if class_names and v < len(class_names) else f"class {v}",
+                                np.asarray(colors[v % len(colors)]) / 255) for v in drawn])
     for ax, name in zip(axes[0][1:], map_names):
         values, _ = _display(result.maps[name].array[k], image.geometry)
         shown = ax.imshow(np.ma.masked_less(values, 0.02), cmap="inferno", vmin=0, vmax=max(1e-6, float(values.max())),
@@ -74,7 +74,8 @@ def render_preview(image: Image, result, path: str | Path, map_names: list[str] 
 def render_whole_head_preview(image: Image, result, path: str | Path, title: str = "") -> Path:
     """Write a PNG for a localised result (classes with a ``side``): per side, coronal, sagittal and
     axial slices through the segmented structure, zoomed to 80 mm around it, with every class
-    outlined in its colour; then a whole axial slice through both, labelled R and L as seen.
+    outlined in its colour; then a whole axial slice through both, labelled R and L as seen, with a
+    legend of the classes by colour.
 
     Slices are taken on the input grid after reorienting it to RAS for display (radiological
     convention: the patient's right on the left of the picture, anterior up in the axial view).
@@ -125,8 +126,27 @@ def render_whole_head_preview(image: Image, result, path: str | Path, title: str
         show(next(panels), volume[cz, ys, xs], labels[cz, ys, xs], spacing[1] / spacing[0], f"{side}: axial",
              ("R", "L"))
     k = int(np.median(np.nonzero(labels)[0])) if labels.any() else labels.shape[0] // 2
-    show(next(panels), volume[k], labels[k], spacing[1] / spacing[0], "axial, whole head", ("R", "L"))
+    whole = next(panels)
+    show(whole, volume[k], labels[k], spacing[1] / spacing[0], "axial, whole head", ("R", "L"))
+    # Both sides share a colour per part: one legend entry per colour, named without the side.
+    entries: dict[tuple, str] = {}
+    for c in result.classes[1:]:
+        name = c["name"][len(c["side"]) + 1:] if "side" in c and c["name"].startswith(c["side"] + " ") else c["name"]
+        entries.setdefault(tuple(colors[c["value"]]), name)
+    _class_legend(whole, [(name, np.asarray(color)) for color, name in entries.items()], columns=1)
     return _save(fig, path, title, 8)
+
+
+def _class_legend(ax, entries: list[tuple[str, np.ndarray]], columns: int | None = None) -> None:
+    """A legend along the bottom of ``ax``: one line swatch per ``(class name, RGB in [0, 1])``, in
+    ``columns`` columns (default: all on one row)."""
+    if not entries:
+        return
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=color, linewidth=2, label=name) for name, color in entries]
+    ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, -0.02), ncol=columns or len(handles),
+              fontsize=6, frameon=False, labelcolor="white", handlelength=1.2)
 
 
 def _save(fig, path, title: str | None, title_size: int) -> Path:

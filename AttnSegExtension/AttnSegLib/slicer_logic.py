@@ -27,8 +27,8 @@ What is stored in the scene (and so saved with it):
   by; scenes saved by earlier versions name it ``AttnSegDifficulty``, still read) and ``AttnSegModelLabel``
   (the model's untouched label map, hidden); each map refers back through
   ``AttnSegSegmentation``;
-* segments carry the tag ``AttnSeg.ClassValue``; map volumes the attributes ``AttnSeg.MapName`` and
-  ``AttnSeg.MapMeaning``; the "Doubtful regions" segment (Segment Editor mask, see
+* segments carry the tag ``AttnSeg.ClassValue``; map volumes the attributes ``AttnSeg.MapName``,
+  ``AttnSeg.MapMeaning`` and ``AttnSeg.MapDetection`` (how well it finds errors, from the card); the "Doubtful regions" segment (Segment Editor mask, see
   :meth:`SceneLogic.restrictEditingToDoubtfulVoxels`) has the ID ``DOUBTFUL_SEGMENT_ID`` and is no class.
 
 Results come back on the first input's grid, in world coordinates (see :mod:`AttnSegLib.mrml`).
@@ -52,12 +52,12 @@ from .image import Image, label_dtype
 from .inference import Cancelled, Predictor, Result, resolve_device
 from .localise import localise_targets, needs_localisation
 from .maps import volume_name
-from .mrml import (INFERNO_ANCHORS, classColor, colorScale, defaultScene, imageFromVolumeNode, loadVolume,
-                   orientedMask, roiBoxFromNode, roiNodeFromBox, setSegmentTerminology, terminologyEntry,
-                   volumeGeometry, volumeNodeFromImage)
+from .mrml import (INFERNO_ANCHORS, arrayToMatrix, classColor, colorScale, defaultScene, imageFromVolumeNode,
+                   loadVolume, matrixToArray, orientedMask, roiBoxFromNode, roiNodeFromBox, setSegmentTerminology,
+                   terminologyEntry, volumeGeometry, volumeNodeFromImage)
 from .outputs import OutputMap, class_volumes_ml, output_maps
 from .package import ModelPackage, available_packages, default_package_name, load_package
-from .review import MIN_VOLUME_ML, Region, doubtful_regions
+from .review import MIN_VOLUME_ML, Region, doubtful_regions, editable_mask
 from .segmentation_task import SegmentationJob
 
 __all__ = ["SceneLogic", "Cancelled", "CorrectionError", "DoubtfulRegion", "MapLegend", "SegmentationResult"]
@@ -127,8 +127,9 @@ class DoubtfulRegion:
 @dataclass(frozen=True)
 class MapLegend:
     """What a front end needs to draw a map's legend: the value range shown from the first to the last
-    colour, the colour scale as (position in [0, 1], (r, g, b) 0-255) stops, and the value below which
-    the map is not drawn (transparent)."""
+    colour, the colour scale as (position in [0, 1], (r, g, b) 0-255) stops, the value below which
+    the map is not drawn (transparent), and how well the map finds errors (its card's score; maps that
+    do not find them are called research maps; "" where the card has no score)."""
 
     name: str
     meaning: str
@@ -136,6 +137,7 @@ class MapLegend:
     maximum: float
     stops: tuple[tuple[float, tuple[int, int, int]], ...]
     transparentBelow: float
+    detection: str = ""
 
 
 # -- the logic -------------------------------------------------------------------------------------
@@ -362,6 +364,7 @@ class SceneLogic:
                                    f"{segmentation.GetName()} {output.name}", displayNode=display)
         node.SetAttribute(ATTRIBUTE + "MapName", output.name)
         node.SetAttribute(ATTRIBUTE + "MapMeaning", output.meaning)
+        node.SetAttribute(ATTRIBUTE + "MapDetection", output.detection)
         node.SetNodeReferenceID(REF_SEGMENTATION, segmentation.GetID())
         segmentation.AddNodeReferenceID(REF_MAP, node.GetID())
         return node
@@ -453,7 +456,8 @@ class SceneLogic:
         stops = tuple((i / (len(anchors) - 1), tuple(int(c) for c in rgb)) for i, rgb in enumerate(anchors))
         return MapLegend(mapNode.GetAttribute(ATTRIBUTE + "MapName") or mapNode.GetName(),
                          mapNode.GetAttribute(ATTRIBUTE + "MapMeaning") or "", float(low), float(high), stops,
-                         float(low + TRANSPARENT_BELOW * (high - low)))
+                         float(low + TRANSPARENT_BELOW * (high - low)),
+                         mapNode.GetAttribute(ATTRIBUTE + "MapDetection") or "")
 
     # -- review ---------------------------------------------------------------------------------
     def doubtfulRegions(self, segmentationNode=None, threshold: float = 0.5,
@@ -500,10 +504,38 @@ class SceneLogic:
         node.SetAttribute(ATTRIBUTE + "ReviewIndex", str(index))
         return DoubtfulRegion(index, len(regions), regions[index])
 
-    def centerSliceViews(self, ras) -> None:
-        """Move every slice view so that it passes through, and is centred on, the RAS point."""
+    def centerSliceViews(self, ras, volumeNode=None) -> None:
+        """Move every slice view so that it passes through, and is centred on, the RAS point.
+
+        With ``volumeNode``, a view is centred on the point only as far as that leaves no empty space
+        (outside the volume) in it: along each in-plane axis the centre is moved back toward the
+        volume until the view's field of view lies inside the volume's extent, or, when the volume is
+        narrower than the view, the view is centred on the volume. The point stays in view either way.
+        """
+        bounds = [0.0] * 6
+        if volumeNode is not None:
+            volumeNode.GetRASBounds(bounds)
+        corners = np.array([[x, y, z] for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]])
         for sliceNode in self._nodesByClass("vtkMRMLSliceNode"):
             sliceNode.JumpSliceByCentering(*(float(v) for v in ras))
+            if volumeNode is not None:
+                self._keepVolumeInView(sliceNode, np.asarray(ras, dtype=float), corners)
+
+    @staticmethod
+    def _keepVolumeInView(sliceNode, ras: np.ndarray, corners: np.ndarray) -> None:
+        """Shift ``sliceNode`` (centred on ``ras``) in its plane so that its field of view shows as much of
+        the box with RAS ``corners`` (8, 3) as it can hold (see :meth:`centerSliceViews`)."""
+        sliceToRAS = matrixToArray(sliceNode.GetSliceToRAS())
+        axes = sliceToRAS[:3, :2] / np.linalg.norm(sliceToRAS[:3, :2], axis=0)  # in-plane x and y in RAS
+        extent = (corners - ras) @ axes  # (8, 2): the volume's corners in the view's plane, the point at 0
+        low, high = extent.min(axis=0), extent.max(axis=0)
+        half = np.asarray(sliceNode.GetFieldOfView()[:2], dtype=float) / 2
+        shift = np.where(high - low >= 2 * half, np.clip(0.0, low + half, high - half), (low + high) / 2)
+        if not shift.any():
+            return
+        sliceToRAS[:3, 3] = ras + axes @ shift
+        sliceNode.GetSliceToRAS().DeepCopy(arrayToMatrix(sliceToRAS))
+        sliceNode.UpdateMatrices()
 
     def markPoint(self, ras) -> None:
         """Mark the RAS point in every slice view with the scene's crosshair (a small cross), as a
@@ -529,9 +561,10 @@ class SceneLogic:
 
     def restrictEditingToDoubtfulVoxels(self, segmentationNode=None, threshold: float = 0.5,
                                         segmentEditorNode=None) -> None:
-        """Let Segment Editor effects change only voxels where the review map is >= ``threshold``.
+        """Let Segment Editor effects change only voxels where the review map is >= ``threshold`` and
+        the ``review.EDIT_MARGIN_MM`` around them (:func:`~.review.editable_mask`: errors lie beside the doubt).
 
-        The doubtful voxels become a hidden segment, "Doubtful regions", and the editor's editable area
+        Those voxels become a hidden segment, "Doubtful regions", and the editor's editable area
         is "inside" that one segment (``EditAllowedInsideSingleSegment``). The editor then overwrites
         visible segments only, so painting a class never erodes the hidden mask. The source volume and
         the intensity mask stay as the user set them; the editable area and overwrite mode the user had
@@ -569,7 +602,8 @@ class SceneLogic:
             segmentation.RemoveSegment(DOUBTFUL_SEGMENT_ID)
 
     def _setDoubtfulSegment(self, node, threshold: float) -> None:
-        """(Re)make the hidden "Doubtful regions" segment: review map >= ``threshold``, on the map's grid."""
+        """(Re)make the hidden "Doubtful regions" segment: review map >= ``threshold`` grown by
+        ``review.EDIT_MARGIN_MM``, on the map's grid."""
         reviewMap = imageFromVolumeNode(self.reviewMapNode(node))
         segmentation = node.GetSegmentation()
         if segmentation.GetSegment(DOUBTFUL_SEGMENT_ID) is not None:
@@ -579,7 +613,7 @@ class SceneLogic:
         segment.SetColor(1.0, 1.0, 1.0)
         segment.SetTag(ATTRIBUTE + "DoubtThreshold", repr(float(threshold)))
         segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(),
-                                  orientedMask(reviewMap.geometry, reviewMap.array >= threshold))
+                                  orientedMask(reviewMap.geometry, editable_mask(reviewMap, threshold)))
         segmentation.AddSegment(segment, DOUBTFUL_SEGMENT_ID)
         display = node.GetDisplayNode()
         if display is not None:

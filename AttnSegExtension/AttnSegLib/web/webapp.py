@@ -41,9 +41,8 @@ from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 from ..errors import AttnSegError, InputError
 from ..image import (IMAGE_SUFFIXES, Geometry, ImageError, case_name, check_data_file, label_map_levels,
                      read_image, write_image)
-from ..card import ModelCard
 from ..localise import Box
-from ..outputs import doubtful_rule, map_title, volumes_text
+from ..outputs import detection_note, doubtful_rule, map_title, volumes_text
 from ..package import PackageError, available_packages
 from ..mrml import roiNodeFromBox, volumeGeometry
 from ..segmentation_task import SegmentationTask
@@ -134,20 +133,6 @@ def label_map_note(path: Path) -> str:
         _LABEL_MAP_NOTES[key] = (f"{path.name} holds only {levels} integer values: a label map or segmentation, "
                                  "not an image to segment; open the scan it labels") if levels is not None else ""
     return _LABEL_MAP_NOTES[key]
-
-
-RESEARCH_MAP_AUROC = 0.75  # a map that finds the wrong voxels less well than this is labelled a research map
-
-
-def detection_note(card: ModelCard, map_name: str) -> str:
-    """How well ``map_name`` finds the model's wrong voxels, as the card measured it (AUROC on its
-    validation cases), or ``""`` where the card has no figure for it."""
-    score = card.error_detection_auroc(map_name)
-    if score is None:
-        return ""
-    note = f"Finds the model's wrong voxels with AUROC {score:.2f} on its validation cases (model card)."
-    return note if score >= RESEARCH_MAP_AUROC else (f"Research map: it {note[0].lower()}{note[1:-1]}; 0.5 is "
-                                                     "chance: do not rely on it to find errors.")
 
 
 def legend_gradient(stops) -> str:
@@ -685,7 +670,7 @@ class AttnSegWebApp:
         if stop is None:
             self._describe_regions()
             return
-        self.logic.centerSliceViews(stop.markerRAS)
+        self.logic.centerSliceViews(stop.markerRAS, self._result.inputNodes[0])
         self.logic.markPoint(stop.markerRAS)
         region = stop.region
         review.count, review.current = stop.count, stop.index
