@@ -138,8 +138,9 @@ class _WindowRunner:
     """
 
     def __init__(self, network, flips, with_maps, autocast_dtype, total, progress, cancel, temperature=1.0,
-                 tta_variance=False):
+                 tta_variance=False, pair_lone_windows=True):
         self.network, self.flips = network, flips
+        self.pair_lone_windows = pair_lone_windows
         self.tta_variance = tta_variance and len(flips) > 1
         self.with_maps, self.autocast_dtype = with_maps, autocast_dtype
         self.temperature = temperature
@@ -149,8 +150,9 @@ class _WindowRunner:
     def _forward(self, x):
         device_type = x.device.type
         with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            out = lone_window_as_two(self.network, x) if self.with_maps else None
-            logits = out.logits if out is not None else lone_window_as_two(self.network.segment, x)
+            pair = self.pair_lone_windows
+            out = lone_window_as_two(self.network, x, enabled=pair) if self.with_maps else None
+            logits = out.logits if out is not None else lone_window_as_two(self.network.segment, x, enabled=pair)
         result = {"probabilities": torch.softmax(logits.float() / self.temperature, dim=1)}
         if out is not None:
             for name, value in out.maps.items():
@@ -183,15 +185,16 @@ class _WindowRunner:
         return mean
 
 
-def lone_window_as_two(function, *windows: torch.Tensor):
+def lone_window_as_two(function, *windows: torch.Tensor, enabled: bool = True):
     """``function(*windows)``, each window batch (B, ...); on the CPU a lone window (B = 1) runs as a
     batch of two copies and the first answer is kept (a tensor, or a dict or SegOutput of tensors).
 
     For one small 3D window PyTorch's CPU convolution takes its im2col path, and oneDNN from two
     windows on: one 40x56x40 window of the default segmenter takes 0.33 s alone, 0.13 s as two
-    (one thread; a hippocampus crop is one window).
+    (one thread; a hippocampus crop is one window). ``enabled=False`` (a run whose window batch an
+    out-of-memory fallback brought down to one) runs the lone window alone.
     """
-    if windows[0].shape[0] != 1 or windows[0].device.type != "cpu":
+    if not enabled or windows[0].shape[0] != 1 or windows[0].device.type != "cpu":
         return function(*windows)
     out = function(*(torch.cat([w, w]) for w in windows))
     if isinstance(out, torch.Tensor):
@@ -248,7 +251,7 @@ def maps_on_blended(network, probabilities: torch.Tensor, image: torch.Tensor, p
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = lone_window_as_two(network.maps_from_probabilities,
                                      torch.cat([probabilities[w] for w in batch]).to(device),
-                                     torch.cat([image[w] for w in batch]).to(device))
+                                     torch.cat([image[w] for w in batch]).to(device), enabled=batch_size > 1)
         for name, value in out.items():
             if name not in maps:
                 maps[name] = torch.empty((1, value.shape[1], *padded), dtype=torch.float32)
@@ -362,7 +365,7 @@ class Predictor:
                 runner = _WindowRunner(
                     self.network, self.flips, self.with_maps and not blended_maps, run.autocast_dtype,
                     count_windows(x.shape[2:], self.patch_size, self.overlap), progress, cancel, temperature,
-                    tta_variance=self.with_maps)
+                    tta_variance=self.with_maps, pair_lone_windows=run.batch_size > 1)
                 try:
                     with torch.inference_mode(), deterministic(run.device):
                         out = sliding_window_inference(
