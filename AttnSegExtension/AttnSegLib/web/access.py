@@ -24,12 +24,14 @@ import socket
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from ..errors import AttnSegError
+
 TOKEN_COOKIE = "attnseg_token"
 TOKEN_QUERY = "token"
 MIN_TOKEN_CHARS = 16
 
 
-class AccessError(ValueError):
+class AccessError(AttnSegError, ValueError):
     """A bad ``--allow-origin`` or ``--token`` option; the message says what to give instead."""
 
 

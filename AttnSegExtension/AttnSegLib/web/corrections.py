@@ -13,11 +13,13 @@ import secrets
 import time
 from pathlib import Path
 
+from ..errors import AttnSegError
+
 MAX_CASES = 10_000
 MAX_SAVES_PER_SESSION = 200
 
 
-class CorrectionsFull(RuntimeError):
+class CorrectionsFull(AttnSegError, RuntimeError):
     """The folder, or this session, took as many cases as it may."""
 
 

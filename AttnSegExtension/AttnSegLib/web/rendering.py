@@ -12,11 +12,13 @@ import re
 import subprocess
 import sys
 
+from ..errors import AttnSegError
+
 DEBIAN_PACKAGES = ("libegl1", "libegl-mesa0", "libgl1-mesa-dri")
 _TERMINAL_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
 
 
-class RenderingUnavailable(ValueError):
+class RenderingUnavailable(AttnSegError, ValueError):
     """VTK cannot create an offscreen OpenGL context here: a setup problem the message says how to fix."""
 
 

@@ -46,9 +46,9 @@ from ..outputs import detection_note, doubtful_rule, map_title, volumes_text
 from ..package import PackageError, available_packages
 from ..mrml import roiNodeFromBox, volumeGeometry
 from ..segmentation_task import SegmentationTask
-from ..slicer_logic import Cancelled, CorrectionError, SceneLogic
+from ..slicer_logic import Cancelled, SceneLogic
 from .page import TAB_STATE, build_page, slice_view_overlay
-from .corrections import CorrectionsFolder, CorrectionsFull
+from .corrections import CorrectionsFolder
 from .data_folder import offered_volumes, volume_title
 from .regions_table import next_sort, region_rows, sorted_regions
 from .state import AttnSegState
@@ -729,7 +729,7 @@ class AttnSegWebApp:
         if self._corrections is not None:  # saved on the server, nothing to download
             try:
                 name = self._corrections.save(self.logic, self._result.segmentationNode, self._base_name())
-            except (CorrectionError, CorrectionsFull, ValueError, OSError) as err:
+            except (AttnSegError, OSError) as err:
                 export.error = str(err).replace(str(self._corrections.root), "the corrections folder")
                 return None
             export.message = f"Saved as {name} in the server's corrections folder, ready for training/."
