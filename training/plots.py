@@ -16,6 +16,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 
+def _save(fig, path: Path) -> Path:
+    """Write ``fig`` to ``path`` (its folder made as needed) at 100 dpi, close it; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(history: dict, path: Path, title: str = "") -> Path:
     """Write the loss (left) and validation Dice (right) curves to ``path``; returns it."""
     fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
@@ -36,11 +45,7 @@ def plot_curves(history: dict, path: Path, title: str = "") -> Path:
     dice_ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def box_plot(per_case: dict[str, dict[str, dict]], metrics: dict[str, str], path: Path, title: str = "") -> Path:
@@ -58,10 +63,7 @@ def box_plot(per_case: dict[str, dict[str, dict]], metrics: dict[str, str], path
         ax.grid(alpha=0.3, axis="y")
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def reliability_diagram(bins: dict, path: Path, title: str = "") -> Path:
@@ -87,11 +89,7 @@ def reliability_diagram(bins: dict, path: Path, title: str = "") -> Path:
     curve_ax.grid(alpha=0.3)
     count_ax.set(xlabel="predicted probability", ylabel="share of pairs", yscale="log")
     count_ax.grid(alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def effort_plot(fractions, curves: dict, path: Path, title: str = "", budget: float | None = None,
@@ -113,8 +111,4 @@ def effort_plot(fractions, curves: dict, path: Path, title: str = "", budget: fl
            title=title or "review effort", xlim=(0, percent[-1]), ylim=(0, 100))
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
