@@ -29,6 +29,7 @@ from AttnSegLib.intensity import clip_and_standardise
 from AttnSegLib.metrics import image_diagonal_mm
 from AttnSegLib.package import PackageError, load_package, save_package
 from AttnSegLib.preprocess import check_model_frame_size, to_model_frame
+from test_reliability_cli import assert_one_error
 
 ATTNSEG = Path(sys.executable).with_name("attnseg")
 CLASSES = [{"value": 0, "name": "background"}, {"value": 1, "name": "Anterior"}, {"value": 2, "name": "Posterior"}]
@@ -68,14 +69,6 @@ def attnseg(*args, timeout: float = 240) -> subprocess.CompletedProcess:
     """The installed executable; arguments may be bytes (file names that are not UTF-8)."""
     return subprocess.run([str(ATTNSEG), *args], capture_output=True, encoding="utf-8", errors="replace",
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def one_error(lines: list[str], phrase: str) -> str:
-    text = "\n".join(lines)
-    assert "Traceback" not in text, text
-    assert len(lines) == 1 and lines[0].startswith("attnseg: error: "), text
-    assert phrase in lines[0], f"{phrase!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def tree(folder: Path) -> list[bytes]:
@@ -142,7 +135,7 @@ def test_spacing_in_the_wrong_units_is_refused_before_resampling(spacing, phrase
                                             image.geometry.direction)), path)
     status, _, lines = run_main(capsys, "segment", "-i", str(path), "-o", str(tmp_path / "out"), "--model", str(package))
     assert status == 2
-    one_error(lines, phrase)
+    assert_one_error(lines, phrase)
     assert "probably in the wrong units (mm expected) — fix the header" in lines[0]
     assert not (tmp_path / "out").exists() or tree(tmp_path / "out") == []
 
@@ -155,7 +148,7 @@ def test_spacing_in_the_wrong_units_is_refused_before_localising(image, tmp_path
                                             image.geometry.direction)), path)
     status, _, lines = run_main(capsys, "segment", "-i", str(path), "-o", str(tmp_path / "out"))
     assert status == 2
-    one_error(lines, "are 100 times finer or coarser than the model's (1, 1, 1 mm)")
+    assert_one_error(lines, "are 100 times finer or coarser than the model's (1, 1, 1 mm)")
 
 
 def test_a_model_frame_too_large_for_memory_is_refused_before_allocating():
@@ -199,7 +192,7 @@ def test_batch_case_names_are_unique_and_stay_inside_the_output(names, phrase, p
     out = tmp_path / "nest" / "out"
     status, _, lines = run_main(capsys, "segment", "-i", str(cases), "-o", str(out), "--model", str(package))
     assert status == 2
-    one_error(lines, phrase)
+    assert_one_error(lines, phrase)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cases"]  # nothing written, above --output neither
 
 
@@ -490,7 +483,7 @@ def test_evaluate_refuses_what_is_not_a_label_map_of_the_model(kind, phrase, hip
     status, _, lines = run_main(capsys, "evaluate", "-p", str(prediction), "-r", str(hippocampus_case[1]),
                                 "-m", "hippocampus_difficulty_aware")
     assert status == 2
-    one_error(lines, phrase)
+    assert_one_error(lines, phrase)
 
 
 # -- 8. --overwrite and a closed pipe ---------------------------------------------------------------
@@ -523,7 +516,7 @@ def test_overwrite_that_cannot_finish_leaves_the_previous_results(package, hippo
     finally:
         subprocess.run(["chattr", "-i", str(out / "report.json")], check=True)
     assert status == 2
-    one_error(lines, f"could not write the results into {out} (Operation not permitted); it was left as it was")
+    assert_one_error(lines, f"could not write the results into {out} (Operation not permitted); it was left as it was")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 

@@ -371,15 +371,7 @@ def test_segment_review_paint_and_download(browser, server, model_package, scree
     painted = min(classes, key=lambda c: int((model_labels[k][on_stroke] == c["value"]).sum()))
 
     # Correct: pick that segment, Paint, one horizontal stroke through the axial view's centre.
-    page.click("#attnseg-tab-correct")
-    page.locator(".attnseg-editor .v-list-item").nth(classes.index(painted)).click()
-    page.locator(".attnseg-editor button:has(.mdi-brush)").first.click()
-    centre_x, centre_y = view_box["x"] + view_box["width"] / 2, view_box["y"] + view_box["height"] / 2
-    page.mouse.move(centre_x - STROKE_HALF_PX, centre_y)
-    page.mouse.down()
-    page.mouse.move(centre_x + STROKE_HALF_PX, centre_y, steps=25)
-    page.mouse.up()
-    page.wait_for_selector(".attnseg-editor button:has(.mdi-undo):not([disabled])", timeout=30_000)
+    _paint_stroke(page, axial, classes.index(painted))
     page.screenshot(path=screenshots / "web_3_painted.png")
 
     # Export: NIfTI and NRRD downloads and the training case hold the same corrected labels.
@@ -541,10 +533,11 @@ def _segment(page) -> None:
     page.wait_for_selector("#attnseg-summary", timeout=300_000)
 
 
-def _paint_stroke(page, axial) -> None:
-    """One stroke of the first segment through the axial view's centre; waits until undo is possible."""
+def _paint_stroke(page, axial, segment: int = 0) -> None:
+    """One stroke of segment number ``segment`` (the first by default) through the axial view's centre;
+    waits until undo is possible."""
     page.click("#attnseg-tab-correct")
-    page.locator(".attnseg-editor .v-list-item").first.click()
+    page.locator(".attnseg-editor .v-list-item").nth(segment).click()
     page.locator(".attnseg-editor button:has(.mdi-brush)").first.click()
     box = axial.bounding_box()
     x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
