@@ -106,6 +106,24 @@ def test_attention_path_downsamples_by_the_rate(rate, strides):
     assert out.maps["category_attention"].shape == (1, 3, 32 // rate, 48 // rate, 16 // rate)
 
 
+def test_attention_path_depth_width_and_norm_are_options():
+    """The shipped path (three linear convs) keeps its parameter names; a deeper one puts GroupNorm and
+    ReLU between its convs but none after the last, so S stays linear for its MSE."""
+    plain = SupervisedAttentionModule(1, 3, downsampling=8)
+    assert [type(m).__name__ for m in plain.path] == ["Conv3d"] * 3
+    assert list(plain.state_dict()) == [f"path.{i}.{p}" for i in range(3) for p in ("weight", "bias")]
+    deep = SupervisedAttentionModule(1, 3, downsampling=2, features=32, convs=6, norm="group", act="relu")
+    kinds = [type(m).__name__ for m in deep.path]
+    assert kinds == ["Conv3d", "GroupNorm", "ReLU"] * 5 + ["Conv3d"]
+    convs = [m for m in deep.path if isinstance(m, torch.nn.Conv3d)]
+    assert [(c.in_channels, c.out_channels, c.stride[0]) for c in convs] == (
+        [(1, 32, 2)] + [(32, 32, 1)] * 4 + [(32, 3, 1)])
+    attention = deep.attention_map(torch.randn(2, 1, 8, 16, 8))
+    assert attention.shape == (2, 3, 4, 8, 4) and attention.min() < 0              # linear S, not clipped
+    with pytest.raises(ValueError, match="at least max\\(2, log2\\(downsampling\\)\\) = 3 convs"):
+        SupervisedAttentionModule(1, 3, downsampling=8, convs=2)
+
+
 def test_bad_downsampling_is_refused():
     with pytest.raises(ValueError, match="power of 2 between 2 and 2\\*\\*3"):
         models.build("cga_unet", 1, 3, downsampling=16)

@@ -120,6 +120,33 @@ def test_shapes_and_map_ranges(modalities, classes):
         torch.testing.assert_close(per_slice.sum(1), torch.ones(2))       # each row of A sums to 1
 
 
+def test_alpha_start_and_temperature_options():
+    """alpha_init sets the three alphas; temperature T divides the scaled products (T = 1: as before)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 3, 4, 5, 6) for _ in range(3))
+    _, plain = slice_attention(q, k, v, 2)
+    _, sharp = slice_attention(q, k, v, 2, temperature=0.1)
+    _, tenfold = slice_attention(10 * q, k, v, 2)
+    torch.testing.assert_close(sharp, tenfold)
+    entropy = lambda a: -(a * a.log()).sum(2).mean()                      # noqa: E731
+    assert entropy(sharp) < entropy(plain)
+    block = RecurrentSliceAttention(3, alpha_init=1.0, temperature=0.1)
+    assert block.alpha.tolist() == [1.0, 1.0, 1.0] and block.temperature == 0.1
+    net = models.build("rsanet", 1, 3, alpha_init=1.0, attention_temperature=0.1, **SMALL)
+    assert all(b.alpha.tolist() == [1.0] * 3 and b.temperature == 0.1 for b in net.rsa.values())
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        RecurrentSliceAttention(3, temperature=0.0)
+
+
+def test_with_alpha_started_at_one_the_query_and_key_learn_from_the_first_step():
+    torch.manual_seed(0)
+    net = models.build("rsanet", 2, 3, placement="111", alpha_init=1.0, attention_temperature=0.1, **SMALL).train()
+    x, target = torch.randn(2, 2, 8, 12, 16), torch.randint(0, 3, (2, 8, 12, 16))
+    build_rsanet_loss()(net(x), target)[0].backward()
+    for block in net.rsa.values():
+        assert all(p.grad.abs().sum() > 0 for conv in (block.query, block.key) for p in conv.parameters())
+
+
 def test_gradients_reach_every_parameter():
     torch.manual_seed(0)
     net = models.build("rsanet", 2, 3, placement="111", **SMALL).train()

@@ -225,14 +225,16 @@ class FactorisedSpatialAttention(nn.Module):
         return x * attention, attention
 
 
-def slice_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dim: int, scaled: bool = True):
+def slice_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dim: int, scaled: bool = True,
+                    temperature: float = 1.0):
     """Attention between the slices of a volume along spatial ``dim`` (RSANet, Eq. 1 and the product
     of Eq. 2), without the residual sum.
 
     ``query``, ``key``, ``value``: (N, C, D, H, W); with S the size of ``dim`` and each slice
-    flattened to an L = C*(other two sizes) vector: A = softmax_j(Q_i . K_j / sqrt(L)) (N, S, S),
+    flattened to an L = C*(other two sizes) vector: A = softmax_j(Q_i . K_j / (T sqrt(L))) (N, S, S),
     rows summing to 1, A[n, i, j] the weight slice j carries in the new slice i; out = RT(A V),
-    (N, C, D, H, W). ``scaled=False`` drops the 1/sqrt(L), as Eq. 1 is written.
+    (N, C, D, H, W). ``scaled=False`` drops the 1/sqrt(L), as Eq. 1 is written; ``temperature`` T
+    (default 1) sharpens the scaled softmax below 1.
 
     Choice: Eq. 1 has no scale, but its dot products run over L = C*H*W elements (hundreds to
     thousands); unscaled, the softmax is one-hot from the first step (normalised row entropy
@@ -251,7 +253,7 @@ def slice_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     with full_precision(value.device):
         q, k = as_slices(query).float(), as_slices(key).float()
         logits = q @ k.transpose(1, 2)
-        attention = torch.softmax(logits / q.shape[2] ** 0.5 if scaled else logits, dim=2)
+        attention = torch.softmax(logits / (temperature * q.shape[2] ** 0.5) if scaled else logits, dim=2)
         out = attention @ as_slices(value).float()
     moved = value.movedim(dim, 1)
     return out.view(moved.shape).movedim(1, dim).to(value.dtype), attention
@@ -264,8 +266,15 @@ class RecurrentSliceAttention(nn.Module):
     sagittal axis, then the same on M' coronally and on M'' axially, giving E. The three SA blocks
     share the 1x1x1 convs that form M_2 (query), M_1 (key) and M_3 (value) from their input (C -> C,
     so the dot products run over C*H*W as in Eq. 1; scaled by 1/sqrt(C*H*W) unless ``scaled=False``,
-    see ``slice_attention``); each axis has its own learnable alpha, starting at 0 so the block
-    starts as the identity.
+    see ``slice_attention``, and by ``temperature``); each axis has its own learnable alpha, starting
+    at ``alpha_init`` (default 0: the block starts as the identity).
+
+    Why the options: at alpha = 0 the query and key convs get no gradient from the loss, and Adam's
+    coupled weight decay (the paper's Adam, weight decay 1e-5) alone then drives them toward zero at
+    the full learning rate, so the softmax goes flat (row entropy 1.000 of log S in the shipped
+    encoder block) and alpha never learns that the attended slices help. Starting alpha at 1 and the
+    softmax at temperature 0.1 (row entropy ~0.5-0.6 of log S at initialisation, against 0.99 at 1)
+    lets the attention train from the first step; Eq. 1-2 are unchanged.
 
     Axes of (N, C, D, H, W) in the model frame (i, j, k = W, H, D after reorientation): sagittal
     slices are indexed by W, coronal by H, axial by D.
@@ -276,17 +285,21 @@ class RecurrentSliceAttention(nn.Module):
 
     AXES = (("sagittal", 4), ("coronal", 3), ("axial", 2))
 
-    def __init__(self, channels: int, scaled: bool = True):
+    def __init__(self, channels: int, scaled: bool = True, alpha_init: float = 0.0, temperature: float = 1.0):
         super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"the slice-attention temperature must be > 0, got {temperature}")
         self.scaled = scaled
+        self.temperature = float(temperature)
         self.query = nn.Conv3d(channels, channels, 1)
         self.key = nn.Conv3d(channels, channels, 1)
         self.value = nn.Conv3d(channels, channels, 1)
-        self.alpha = nn.Parameter(torch.zeros(len(self.AXES)))
+        self.alpha = nn.Parameter(torch.full((len(self.AXES),), float(alpha_init)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         attentions = {}
         for alpha, (name, dim) in zip(self.alpha, self.AXES):
-            out, attentions[name] = slice_attention(self.query(x), self.key(x), self.value(x), dim, self.scaled)
+            out, attentions[name] = slice_attention(self.query(x), self.key(x), self.value(x), dim, self.scaled,
+                                                     self.temperature)
             x = alpha * out + x
         return x, attentions

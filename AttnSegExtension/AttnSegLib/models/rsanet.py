@@ -32,7 +32,9 @@ Choices where the paper is open:
   their widths);
 * the slice dot products are divided by sqrt(C*H*W) (``scaled_attention``; False gives Eq. 1 as
   written): unscaled, they saturate the softmax into a one-hot from the first step, see
-  ``slice_attention`` in ``blocks.py``;
+  ``slice_attention`` in ``blocks.py``; a temperature T below 1 (``attention_temperature``) and a
+  non-zero starting alpha (``alpha_init``) keep the attention from going flat in training (see
+  ``RecurrentSliceAttention``);
 * axis order: AttnSeg's model frame is reoriented (k, j, i) = (D, H, W), so sagittal slices are
   indexed by W, coronal by H, axial by D;
 * widths: the paper gives none; defaults (8, 16, 32, 64) give 357,113 parameters (1.4 MB) at
@@ -68,11 +70,15 @@ class RSANet(SegmentationNetwork):
 
     Kwargs: ``features`` (widths per level, at least two levels), ``placement`` ("010", "101",
     "111" or any other three 0/1 characters: encoder second-bottom, bottom, decoder second-bottom),
-    ``scaled_attention`` (divide the slice dot products by sqrt(C*H*W)), ``norm``, ``act``.
+    ``scaled_attention`` (divide the slice dot products by sqrt(C*H*W)), ``alpha_init`` (the alphas'
+    starting value, default 0), ``attention_temperature`` (T of the scaled softmax, default 1; see
+    ``RecurrentSliceAttention`` for why the shipped package uses alpha_init 1 and T 0.1), ``norm``,
+    ``act``.
     """
 
     def __init__(self, in_channels: int, num_classes: int, features=(8, 16, 32, 64), placement: str = "101",
-                 scaled_attention: bool = True, norm: str = "instance", act: str = "leaky_relu"):
+                 scaled_attention: bool = True, alpha_init: float = 0.0, attention_temperature: float = 1.0,
+                 norm: str = "instance", act: str = "leaky_relu"):
         super().__init__()
         features = tuple(int(f) for f in features)
         placement = str(placement)
@@ -95,7 +101,7 @@ class RSANet(SegmentationNetwork):
         self.head = segmentation_head(features[0], num_classes)
         widths = (features[-2], features[-1], features[-2])
         self.rsa = nn.ModuleDict({
-            position: RecurrentSliceAttention(width, scaled_attention)
+            position: RecurrentSliceAttention(width, scaled_attention, alpha_init, attention_temperature)
             for position, width, on in zip(POSITIONS, widths, placement) if on == "1"
         })
 
