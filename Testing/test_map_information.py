@@ -24,8 +24,6 @@ KNOWN_WEAK = {
     ("hippocampus_cga_unet", "category_attention", "places"):
         "issue 20: CGA U-Net's category attention at down-sampling 8 (5 x 7 x 5 voxels) reads < 0.1 inside its "
         "class; even the one-hot target itself, resized to the image, would read only ~0.2 there",
-    ("hippocampus_rsanet", "slice_attention.axial", "blind"):
-        "issue 20: RSANet's blocks stay near identity; its axial slice attention barely favours the hippocampus",
 }
 SHIPPED_MAPS = [("hippocampus_cga_unet", "category_attention"),
                 ("hippocampus_rsanet", "slice_attention.sagittal"), ("hippocampus_rsanet", "slice_attention.coronal"),
