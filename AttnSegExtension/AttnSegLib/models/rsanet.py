@@ -6,8 +6,8 @@ first strided by 2 from level 2 on, transposed-conv up-sampling, concatenation, 
 
 RSA block (``RecurrentSliceAttention`` in ``blocks.py``, Eq. 1-2): slice attention along the
 sagittal, then coronal, then axial axis, the three steps sharing their query/key/value 1x1x1 convs,
-each with its own alpha (learnable, starting at 0). ``placement`` (the paper's RSA-010/101/111) says
-where blocks sit, one character per position:
+each with its own alpha (learnable, starting at ``alpha_init``: 0 by default, 1 in the shipped
+package). ``placement`` (the paper's RSA-010/101/111) says where blocks sit, one character per position:
 
 1. encoder, second-bottom level (after its convs, before the skip and the down-sampling);
 2. bottom level (bottleneck);
