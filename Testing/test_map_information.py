@@ -20,11 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CASES = ("hippocampus_001", "hippocampus_008", "hippocampus_011")  # held out from every hippocampus package
 # (package, map, test) -> why that test fails today; the mark is strict, so a map that starts passing
 # (a retrained package) must be taken off this list
-KNOWN_WEAK = {
-    ("hippocampus_cga_unet", "category_attention", "places"):
-        "issue 20: CGA U-Net's category attention at down-sampling 8 (5 x 7 x 5 voxels) reads < 0.1 inside its "
-        "class; even the one-hot target itself, resized to the image, would read only ~0.2 there",
-}
+KNOWN_WEAK: dict[tuple[str, str, str], str] = {}
 SHIPPED_MAPS = [("hippocampus_cga_unet", "category_attention"),
                 ("hippocampus_rsanet", "slice_attention.sagittal"), ("hippocampus_rsanet", "slice_attention.coronal"),
                 ("hippocampus_rsanet", "slice_attention.axial"),
