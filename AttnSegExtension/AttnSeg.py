@@ -480,7 +480,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         mapNode = mapNodes.get(self.ui.mapComboBox.currentText)
         if mapNode is None:
             for label in (self.ui.legendBar, self.ui.legendMinimumLabel, self.ui.legendMaximumLabel,
-                          self.ui.mapMeaningLabel):
+                          self.ui.mapUnitLabel, self.ui.mapMeaningLabel, self.ui.mapInformationLabel):
                 label.text = ""
             self.ui.legendBar.styleSheet = ""
             return
@@ -492,7 +492,9 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.legendBar.styleSheet = f"background: qlineargradient(x1:0, y1:0, x2:1, y2:0, {stops});"
         self.ui.legendMinimumLabel.text = f"{legend.minimum:.3g}"
         self.ui.legendMaximumLabel.text = f"{legend.maximum:.3g}"
+        self.ui.mapUnitLabel.text = _("Unit: {unit}").format(unit=legend.unit) if legend.unit else ""
         self.ui.mapMeaningLabel.text = f"{legend.meaning} {legend.detection}".strip()
+        self.ui.mapInformationLabel.text = legend.information
 
     def onOpacityChanged(self, value) -> None:
         if self.ui.mapComboBox.currentText:

@@ -1,5 +1,6 @@
 """The model card parsed once into a frozen ModelCard: shipped cards round-trip unchanged, defaults live in
-one place, the map entries' optional display range and unit are read, and ``attnseg info`` shows each
+one place, the map entries' optional display range and unit are read, each map's measured information is
+put in words from the card alone (as the panel and the page show it), and ``attnseg info`` shows each
 package's validation Dice through :attr:`ModelCard.validation_dice` (as the web page and the panel do)."""
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from AttnSegLib import cli
 from AttnSegLib.card import InferenceSettings, ModelCard, PackageError
 from AttnSegLib.errors import AttnSegError
-from AttnSegLib.outputs import display_range, map_meaning
+from AttnSegLib.map_information import map_information
+from AttnSegLib.outputs import display_range, information_note, map_meaning
 from AttnSegLib.package import available_packages, load_package
 from conftest import REPO
 
@@ -75,14 +78,57 @@ def test_map_entries_may_carry_a_display_range_and_a_unit():
     raw["maps"]["confidence"] = {**raw["maps"]["confidence"], "display_range": [0.2, 0.9], "unit": "fraction"}
     card = ModelCard.parse(raw)
     assert card.map_spec("confidence").display_range == (0.2, 0.9) and card.map_spec("confidence").unit == "fraction"
-    import numpy as np
-
     assert display_range("confidence", np.zeros(3), card) == (0.2, 0.9)
     assert map_meaning("difficulty", card) == raw["maps"]["difficulty"]["meaning"]
     raw["maps"]["confidence"]["display_range"] = [1.0, 0.0]
     with pytest.raises(PackageError, match="'maps' must be an object") as error:
         ModelCard.parse(raw)
     assert isinstance(error.value, AttnSegError)
+
+
+def _card_measuring(maps: dict) -> ModelCard:
+    """The difficulty-aware card with ``metrics.map_information`` measured (AttnSegLib.map_information)
+    on the given map volumes of a 10 x 10 x 10 case: a cube of Anterior (value 1) and one of Posterior (2),
+    the prediction wrong on one slab."""
+    reference = np.zeros((10, 10, 10), np.int64)
+    reference[2:5, 2:5, 2:5], reference[6:9, 6:9, 6:9] = 1, 2
+    prediction = reference.copy()
+    prediction[2] = 0
+    raw = json.loads((REPO / "Resources" / "Models" / "hippocampus_difficulty_aware" / "model.json").read_text())
+    raw["metrics"]["map_information"] = {name: map_information(values, reference, prediction, target)
+                                         for name, (values, target) in maps.items()}
+    return ModelCard.parse(raw)
+
+
+def test_the_measured_information_of_a_map_is_put_in_words_from_its_card():
+    on_anterior = np.full((10, 10, 10), 0.1)
+    on_anterior[2:5, 2:5, 2:5] = 0.9
+    flat = np.full((10, 10, 10), 0.5)
+    flat[0, 0, 0] = 0.51
+    card = _card_measuring({"difficulty": (on_anterior, None), "gate.anterior": (on_anterior, 1),
+                            "confidence": (flat, None)})
+    figures = card.map_information("gate.anterior")
+    note = information_note(card, "gate.anterior")
+    # A channel named after a class is measured against that class, any other map against the foreground.
+    assert note.startswith("Measured on its validation cases (model card): inside Anterior "
+                           f"{figures['enrichment']:.2f}x its average (mean 0.9 there, 0.1 outside); "
+                           f"entropy {figures['entropy_ratio']:.3f} of a flat map; 90 % of voxels at ")
+    assert f"{figures['wrong_minus_right']:.2g} higher on the model's wrong voxels" in note
+    assert "inside Anterior + Posterior" in information_note(card, "difficulty")
+    assert information_note(card, "confidence").endswith(
+        "Nearly flat (it varies by less than 2.5% of its mean): it shows little.")
+    # A map the card has no figures for (the uncertainty, a class probability) gets no note.
+    assert card.map_information("uncertainty") is None and information_note(card, "uncertainty") == ""
+    assert information_note(None, "difficulty") == ""
+
+
+def test_a_map_blind_to_its_target_is_called_so():
+    values = np.random.default_rng(0).uniform(0.4, 0.6, (10, 10, 10))
+    card = _card_measuring({"difficulty": (values, None)})
+    figures = card.map_information("difficulty")
+    assert abs(figures["enrichment"] - 1) < 0.05  # the case is built so: the noise is the same everywhere
+    assert information_note(card, "difficulty").endswith(
+        "Blind to Anterior + Posterior: its mean there is within 5% of its average.")
 
 
 def test_info_shows_each_packages_validation_dice(capsys, monkeypatch):

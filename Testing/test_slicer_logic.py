@@ -22,7 +22,7 @@ from AttnSegLib import models
 from AttnSegLib.image import Geometry, Image, ImageError, read_image
 from AttnSegLib.inference import Predictor
 from AttnSegLib.metrics import evaluate_labels
-from AttnSegLib.outputs import class_volumes_ml, map_meanings
+from AttnSegLib.outputs import class_volumes_ml, information_note, map_meanings
 from AttnSegLib.package import default_package, save_package
 from AttnSegLib.mrml import arrayToMatrix, colorScale, imageFromVolumeNode, matrixToArray, newScene, volumeNodeFromImage
 from AttnSegLib.review import editable_mask
@@ -722,6 +722,23 @@ def test_each_map_legend_gives_the_cards_error_detection_score_and_names_researc
                                                       f"AUROC {scores['difficulty']:.2f}")
     unscored = [name for name in legends if shipped.card.error_detection_auroc(name) is None]
     assert unscored and all(legends[name].detection == "" for name in unscored)
+
+
+def test_each_map_legend_gives_its_unit_and_what_the_card_measured_of_it(shipped):
+    """Beside each map the panel and the page show its unit and its measured information, both from the
+    card (AttnSegLib.outputs.information_note); the maps the card measured none for get none."""
+    logic = SceneLogic(newScene())
+    result = logic.segment([logic.loadVolume(SAMPLE_IMAGE)], shipped, device="cpu")
+    legends = {name: logic.mapLegend(node) for name, node in result.mapNodes.items()}
+    measured = [name for name in legends if shipped.card.map_information(name) is not None]
+    assert set(measured) == set(shipped.card.maps) == {"confidence", "difficulty"}
+    for name in measured:
+        figures = shipped.card.map_information(name)
+        assert legends[name].information == information_note(shipped.card, name)
+        assert f"inside Anterior + Posterior {figures['enrichment']:.2f}x its average" in legends[name].information
+        assert f"entropy {figures['entropy_ratio']:.3f} of a flat map" in legends[name].information
+        assert legends[name].unit == shipped.card.map_spec(name).unit != ""
+    assert all(legends[name].information == legends[name].unit == "" for name in legends if name not in measured)
 
 
 def test_shipped_model_agrees_with_itself_on_an_oblique_anisotropic_copy(shipped):

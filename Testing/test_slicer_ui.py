@@ -7,7 +7,9 @@ from Qt's meta-objects. Checked: object names are unique, the panel has one sect
 model, the inputs, the review and saving, every widget ``AttnSeg.py`` reaches exists with the class
 its use needs, every signal it connects to and every member it reads or sets exists on that class, the
 ``.ui``'s own connections are between a real signal and a real slot, and every ``SlicerParameterName``
-is a parameter of ``AttnSegParameterNode`` with a parameterNodeWrapper connector in Slicer 5.6.
+is a parameter of ``AttnSegParameterNode`` with a parameterNodeWrapper connector in Slicer 5.6. The
+widget's map code itself runs on the loaded panel against the real scene logic on slicer-core MRML
+(Qt properties set as PythonQt sets them), so what the user reads beside each map is checked too.
 """
 from __future__ import annotations
 
@@ -269,3 +271,77 @@ def test_the_segment_editor_is_in_the_panel_under_the_review_and_the_module_neve
     methods = {f.name: ast.unparse(f) for f in WIDGET_CLASS.body if isinstance(f, ast.FunctionDef)}
     assert "installKeyboardShortcuts" in methods["enter"] and "removeViewObservations" in methods["exit"]
     assert "selectModule" not in ast.unparse(WIDGET_CLASS) and "openSegmentEditorButton" not in classes
+
+
+class _PythonQtView:
+    """A loaded widget as PythonQt shows it to ``AttnSeg.py``: a Qt property read and set as an attribute
+    (``label.text = "..."`` sets the QLabel's text), anything else the widget's own method."""
+
+    def __init__(self, widget):
+        object.__setattr__(self, "_widget", widget)
+
+    def __getattr__(self, name):
+        value = self._widget.property(name)
+        return value if value is not None else getattr(self._widget, name)
+
+    def __setattr__(self, name, value):
+        assert self._widget.setProperty(name, value), f"{self._widget.objectName()} has no property {name}"
+
+
+def _widget_methods(*names: str) -> type:
+    """A class holding AttnSegWidget's methods ``names`` compiled from AttnSeg.py as they are."""
+    methods = [n for n in WIDGET_CLASS.body if isinstance(n, ast.FunctionDef) and n.name in names]
+    assert sorted(m.name for m in methods) == sorted(names)
+    cls = ast.ClassDef(name="Widget", bases=[], keywords=[], body=methods, decorator_list=[], type_params=[])
+    scope = {"_": lambda text: text}  # slicer.i18n.tr without a translation
+    exec(compile(ast.fix_missing_locations(ast.Module(body=[cls], type_ignores=[])), str(MODULE), "exec"), scope)
+    return scope["Widget"]
+
+
+def test_beside_each_map_the_panel_shows_its_unit_meaning_and_what_its_card_measured(panel):
+    """The widget's own map code (``_populateMaps``, ``onMapChanged``) run on the loaded panel, with the scene
+    logic on a real MRML scene holding the shipped default model's result on the sample: each map the
+    user can pick shows its legend range, unit, meaning and measured information as the card gives them."""
+    from types import SimpleNamespace
+
+    from AttnSegLib.mrml import newScene
+    from AttnSegLib.outputs import information_note
+    from AttnSegLib.package import default_package
+    from AttnSegLib.slicer_logic import SceneLogic
+
+    package = default_package()
+    logic = SceneLogic(newScene())
+    result = logic.segment([logic.loadVolume(REPO / "Resources" / "SampleData" / "hippocampus_001_image.nii.gz")],
+                           package, device="cpu")
+    names = [o.objectName() for o in panel.findChildren(QtWidgets.QWidget) if o.objectName()]
+    widget = _widget_methods("_populateMaps", "onMapChanged")()
+    widget.ui = SimpleNamespace(**{name: _PythonQtView(panel.findChild(QtWidgets.QWidget, name)) for name in names})
+    panel.findChild(QtWidgets.QWidget, "opacitySlider").setProperty("value", 0.5)  # a ctkSliderWidget's value
+    widget.logic = SimpleNamespace(sceneLogic=logic)
+    widget._parameterNode = SimpleNamespace(mapName="")
+    widget._attnsegSegmentation = lambda: result.segmentationNode
+    widget._populateMaps()
+
+    combo = panel.findChild(QtWidgets.QComboBox, "mapComboBox")
+    label = {name: panel.findChild(QtWidgets.QLabel, name) for name in
+             ("legendMinimumLabel", "legendMaximumLabel", "mapUnitLabel", "mapMeaningLabel", "mapInformationLabel")}
+    assert [combo.itemText(i) for i in range(combo.count())] == list(result.mapNodes)
+    shown = {}
+    for index in range(combo.count()):
+        combo.setCurrentIndex(index)
+        widget.onMapChanged()
+        name = combo.currentText()
+        shown[name] = {key: value.text() for key, value in label.items()}
+        assert widget._parameterNode.mapName == name
+        spec = package.card.map_spec(name)
+        unit = spec.unit if spec is not None and name != "uncertainty" else None
+        assert shown[name]["mapUnitLabel"] == (f"Unit: {unit}" if unit else "")
+        assert shown[name]["mapInformationLabel"] == information_note(package.card, name)
+        low, high = logic.mapLegend(result.mapNodes[name]).minimum, logic.mapLegend(result.mapNodes[name]).maximum
+        assert (shown[name]["legendMinimumLabel"], shown[name]["legendMaximumLabel"]) == (f"{low:.3g}", f"{high:.3g}")
+    for name in package.card.maps:  # every map the card describes: its display range, unit and figures
+        figures = package.card.map_information(name)
+        assert (float(shown[name]["legendMinimumLabel"]), float(shown[name]["legendMaximumLabel"])) == pytest.approx(
+            package.card.map_spec(name).display_range, rel=1e-2)
+        assert package.card.map_meaning(name) in shown[name]["mapMeaningLabel"]
+        assert f"{figures['enrichment']:.2f}x its average" in shown[name]["mapInformationLabel"]

@@ -33,10 +33,10 @@ import SimpleITK as sitk
 import torch
 
 from AttnSegLib import models
-from AttnSegLib.card import ModelCard
+from AttnSegLib.card import UNCERTAINTY, ModelCard
 from AttnSegLib.image import label_map_levels, read_image
 from AttnSegLib.inference import Predictor
-from AttnSegLib.outputs import detection_note
+from AttnSegLib.outputs import detection_note, information_note, map_meaning, map_title, probability_map_name
 from AttnSegLib.package import PackageError, default_package, load_package, save_package
 from AttnSegLib.review import doubtful_regions
 from AttnSegLib.localise import Box
@@ -176,7 +176,7 @@ def server(model_package):
     env["ATTNSEG_MODELS"] = os.pathsep.join(filter(None, [str(shipped), os.environ.get("ATTNSEG_MODELS")]))
     process = subprocess.Popen([sys.executable, "-m", "AttnSegLib.cli", "serve", "--host", "127.0.0.1",
                                 "--port", str(port)], env=env, cwd=REPO)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + SESSION_START_S  # a busy machine takes minutes to import trame and VTK
     while time.monotonic() < deadline:
         assert process.poll() is None, f"attnseg serve exited with status {process.returncode}"
         with socket.socket() as sock:
@@ -185,7 +185,7 @@ def server(model_package):
         time.sleep(0.25)
     else:
         process.kill()
-        pytest.fail("attnseg serve did not listen within 60 s")
+        pytest.fail(f"attnseg serve did not listen within {SESSION_START_S} s")
     yield f"http://127.0.0.1:{port}/"
     assert process.poll() is None, "the server died during the tests"
     process.terminate()
@@ -555,6 +555,42 @@ def _confirm(page, answer: str) -> str:
     page.click(f"#attnseg-confirm-{answer}")
     page.wait_for_selector("#attnseg-confirm", state="detached", timeout=30_000)
     return text
+
+
+@pytest.mark.browser
+def test_beside_each_map_the_page_shows_its_unit_and_what_its_card_measured(browser, server, model_package):
+    """Every map the user can pick shows its unit and its measured information as the card gives them
+    (AttnSegLib.outputs.information_note); a map the card measured nothing of shows neither."""
+    card = model_package.card
+    if not card.metrics.get("map_information"):
+        pytest.skip("the shipped default package is not installed: the untrained stand-in has no measured maps")
+    page = _open_session(browser, server)
+    _open_sample(page)
+    _choose(page, "attnseg-model-select", model_package.name)
+    _segment(page)
+    page.click("#attnseg-tab-review")
+    names = [probability_map_name(c["name"]) for c in card.classes[1:]] + [UNCERTAINTY, *card.maps]
+    by_title = {map_title(name): name for name in names}
+    titles = [t for t in _options(page, "attnseg-map-select") if t != "None"]
+    assert sorted(titles) == sorted(by_title)
+    shown = {}
+    for title in titles:
+        name = by_title[title]
+        _choose(page, "attnseg-map-select", title)
+        page.wait_for_function("t => document.querySelector('#attnseg-legend')?.innerText.toLowerCase().includes(t)",
+                               arg=map_meaning(name, card).lower(), timeout=60_000)  # the panel shows this map now
+        information = page.locator("#attnseg-map-information")
+        unit = page.locator("#attnseg-map-unit")
+        shown[name] = (information.inner_text() if information.count() else "",
+                       unit.inner_text() if unit.count() else "")
+    for name, (information, unit) in shown.items():
+        assert information == information_note(card, name)
+        spec = card.map_spec(name) if name in card.maps else None
+        assert unit == (f"Unit: {spec.unit}" if spec is not None and spec.unit else "")
+    measured = [name for name in names if card.map_information(name) is not None]
+    assert measured and all(shown[name][0].startswith("Measured on its validation cases (model card): inside ")
+                            for name in measured)
+    page.close()
 
 
 @pytest.mark.browser

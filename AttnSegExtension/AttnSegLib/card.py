@@ -234,6 +234,15 @@ class ModelCard(Mapping):
         value = scores.get(map_name) if isinstance(scores, Mapping) else None
         return float(value) if _is_number(value) else None
 
+    def map_information(self, volume: str) -> Mapping | None:
+        """What the card measured of map volume ``volume`` (``spatial_attention.level1``,
+        ``category_attention.anterior``) on its validation cases: the figures of
+        :func:`AttnSegLib.map_information.map_information` averaged over the cases
+        (``metrics.map_information``, written by ``training.map_display``), or None."""
+        information = self.metrics.get("map_information")
+        figures = information.get(volume) if isinstance(information, Mapping) else None
+        return figures if isinstance(figures, Mapping) else None
+
     def to_dict(self) -> dict:
         """The card as JSON data (a copy of what it was parsed from)."""
         return copy.deepcopy(self._source)

@@ -4,7 +4,8 @@ A :class:`~AttnSegLib.inference.Result` becomes the same named outputs everywher
 command writes them (``labels.nii.gz``, ``probabilities.nii.gz``, ``maps/<name>.nii.gz``, report.json),
 the Slicer logic turns them into nodes and the web app lists them. Each map (:class:`OutputMap`) has one
 name in all three (``probability.<class>``, ``uncertainty``, the model's own such as
-``spatial_attention.level1``), one meaning, one display range; class volumes, the doubtful-region rule and
+``spatial_attention.level1``), one meaning, one display range, one unit and one note of what its card
+measured of it (:func:`information_note`); class volumes, the doubtful-region rule and
 the report are computed here and nowhere else.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 from .card import UNCERTAINTY, ModelCard
 from .image import Image
+from .map_information import BLIND_ENRICHMENT, FIGURES, FLAT_VARIATION, is_blind, is_flat
 
 UNCERTAINTY_MEANING = ("normalised entropy of the class probabilities, in [0, 1]: 0 where the network is "
                        "certain, 1 where all classes are equally likely")
@@ -31,7 +33,9 @@ RESEARCH_MAP_AUROC = 0.75  # a map that finds the wrong voxels less well than th
 class OutputMap:
     """One map of a run on the input grid. ``kind``: ``probability`` (one class's), ``uncertainty`` or
     ``model`` (the network's own); ``image``: (D, H, W) float32; ``display_range``: the values shown
-    from the first to the last colour; ``detection``: how well it finds errors (:func:`detection_note`)."""
+    from the first to the last colour; ``unit``: what its values are, from the card; ``detection``: how
+    well it finds errors (:func:`detection_note`); ``information``: what the card measured of it
+    (:func:`information_note`)."""
 
     name: str
     kind: str
@@ -41,6 +45,7 @@ class OutputMap:
     display_range: tuple[float, float]
     unit: str | None = None
     detection: str = ""
+    information: str = ""
 
 
 def volume_token(name: str) -> str:
@@ -70,6 +75,48 @@ def detection_note(card: ModelCard | None, map_name: str) -> str:
     note = f"Finds the model's wrong voxels with AUROC {score:.2f} on its validation cases (model card)."
     return note if score >= RESEARCH_MAP_AUROC else (f"Research map: it {note[0].lower()}{note[1:-1]}; 0.5 is "
                                                      "chance: do not rely on it to find errors.")
+
+
+def information_target(card: ModelCard, volume: str) -> str:
+    """What map volume ``volume`` was measured against (as :mod:`AttnSegLib.map_information` chooses
+    it): its class for a channel that is a class (``category_attention.anterior`` -> ``Anterior``), else
+    the whole foreground (``Anterior + Posterior``)."""
+    channel = volume.rpartition(".")[2] if "." in volume else None
+    for cls in card.classes:
+        if channel is not None and volume_token(cls["name"]) == channel:
+            return cls["name"]
+    return " + ".join(card.class_names[1:])
+
+
+def information_note(card: ModelCard | None, volume: str) -> str:
+    """What the card measured of map volume ``volume`` on its validation cases, in words: how much of
+    the map gathers inside its target (:func:`information_target`) against its average, its entropy
+    relative to a flat map, the middle 90 % of its values as a ratio to its mean, and how it differs on
+    the model's wrong voxels; a nearly flat map or one blind to its target is called so. ``""`` where
+    the card has no figures for it (see :mod:`AttnSegLib.map_information` for each figure)."""
+    measured = card.map_information(volume) if card is not None else None
+    if measured is None:
+        return ""
+    figures = {**dict.fromkeys(FIGURES), **measured}
+    target = information_target(card, volume)
+    parts = []
+    if figures["enrichment"] is not None:
+        parts.append(f"inside {target} {figures['enrichment']:.2f}x its average (mean {figures['mean_in_target']:.3g} "
+                     f"there, {figures['mean_outside']:.3g} outside)")
+    if figures["entropy_ratio"] is not None:
+        parts.append(f"entropy {figures['entropy_ratio']:.3f} of a flat map")
+    if figures["uniform_p05"] is not None:
+        parts.append(f"90 % of voxels at {figures['uniform_p05']:.2f}-{figures['uniform_p95']:.2f}x its mean")
+    difference = figures["wrong_minus_right"]
+    if difference is not None:
+        parts.append(f"{abs(difference):.2g} {'higher' if difference >= 0 else 'lower'} on the model's wrong voxels "
+                     "than on the right ones")
+    note = f"Measured on its validation cases (model card): {'; '.join(parts)}."
+    if figures["variation"] is not None and is_flat(figures):
+        note += f" Nearly flat (it varies by less than {FLAT_VARIATION:.1%} of its mean): it shows little."
+    elif figures["enrichment"] is not None and is_blind(figures):
+        note += f" Blind to {target}: its mean there is within {BLIND_ENRICHMENT:.0%} of its average."
+    return note
 
 
 def display_range(name: str, values: np.ndarray, card: ModelCard | None = None) -> tuple[float, float]:
@@ -109,7 +156,8 @@ def output_maps(result, card: ModelCard | None) -> list[OutputMap]:
         spec = card.map_spec(name) if card is not None and name != UNCERTAINTY else None
         out.append(OutputMap(name, "uncertainty" if name == UNCERTAINTY else "model", image, map_meaning(name, card),
                              spec.read if spec is not None else "", display_range(name, image.array, card),
-                             spec.unit if spec is not None else None, detection_note(card, name)))
+                             spec.unit if spec is not None else None, detection_note(card, name),
+                             information_note(card, name)))
     return out
 
 

@@ -37,9 +37,11 @@ def _views(volume: np.ndarray, index_kji) -> list[np.ndarray]:
 
 
 def render_review(logic: SceneLogic, segmentation_node, path: str | Path, map_name: str | None = None,
-                  opacity: float = 0.55, threshold: float = 0.3, title: str = "") -> Path:
+                  opacity: float = 0.55, threshold: float = 0.3, title: str = "",
+                  centre_ras: tuple[float, float, float] | None = None, dpi: int = 120) -> Path:
     """Write a PNG of ``segmentation_node`` with ``map_name`` (default: the review map) over its
-    first input, through the marker of the most doubtful region at ``threshold`` (else the centre)."""
+    first input, through ``centre_ras`` (RAS mm) when given, else through the marker of the most
+    doubtful region at ``threshold`` (else the centre)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,11 +56,13 @@ def render_review(logic: SceneLogic, segmentation_node, path: str | Path, map_na
     labels = sitk.GetArrayFromImage(_for_display(logic.correctedLabels(segmentation_node)))
     overlay = sitk.GetArrayFromImage(_for_display(imageFromVolumeNode(maps[map_name])))
 
-    regions = logic.doubtfulRegions(segmentation_node, threshold)
-    if not regions:
+    regions = logic.doubtfulRegions(segmentation_node, threshold) if centre_ras is None else []
+    if regions:
+        centre_ras = regions[0].marker_ras
+    if centre_ras is None:
         centre = tuple(n // 2 for n in image.shape)
     else:
-        r, a, s = regions[0].marker_ras
+        r, a, s = centre_ras
         i, j, k = grid.TransformPhysicalPointToIndex((-r, -a, s))
         centre = tuple(int(np.clip(v, 0, n - 1)) for v, n in zip((k, j, i), image.shape))
 
@@ -71,7 +75,7 @@ def render_review(logic: SceneLogic, segmentation_node, path: str | Path, map_na
     colormap = ListedColormap(colorScale(256))
     faint = legend.transparentBelow  # below this Slicer draws no overlay either: the anatomy stays visible
     aspects = [spacing[1] / spacing[0], spacing[2] / spacing[0], spacing[2] / spacing[1]]
-    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.9), dpi=120, facecolor="black")
+    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.9), dpi=dpi, facecolor="black")
     for ax, grey, label, heat, aspect, name in zip(axes, _views(image, centre), _views(labels, centre),
                                                     _views(overlay, centre), aspects,
                                                     ("axial", "coronal", "sagittal")):

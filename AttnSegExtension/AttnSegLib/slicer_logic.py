@@ -28,7 +28,9 @@ What is stored in the scene (and so saved with it):
   (the model's untouched label map, hidden); each map refers back through
   ``AttnSegSegmentation``;
 * segments carry the tag ``AttnSeg.ClassValue``; map volumes the attributes ``AttnSeg.MapName``,
-  ``AttnSeg.MapMeaning`` and ``AttnSeg.MapDetection`` (how well it finds errors, from the card); the "Doubtful regions" segment (Segment Editor mask, see
+  ``AttnSeg.MapMeaning``, ``AttnSeg.MapUnit``, ``AttnSeg.MapDetection`` (how well it finds errors, from the
+  card) and ``AttnSeg.MapInformation`` (what the card measured of it, :func:`AttnSegLib.outputs.information_note`);
+  the "Doubtful regions" segment (Segment Editor mask, see
   :meth:`SceneLogic.restrictEditingToDoubtfulVoxels`) has the ID ``DOUBTFUL_SEGMENT_ID`` and is no class.
 
 Results come back on the first input's grid, in world coordinates (see :mod:`AttnSegLib.mrml`).
@@ -129,7 +131,9 @@ class MapLegend:
     """What a front end needs to draw a map's legend: the value range shown from the first to the last
     colour, the colour scale as (position in [0, 1], (r, g, b) 0-255) stops, the value below which
     the map is not drawn (transparent), and how well the map finds errors (its card's score; maps that
-    do not find them are called research maps; "" where the card has no score)."""
+    do not find them are called research maps; "" where the card has no score). ``unit``: what its
+    values are; ``information``: what its card measured of it on the validation cases
+    (:func:`AttnSegLib.outputs.information_note`); each "" where the card says nothing."""
 
     name: str
     meaning: str
@@ -138,6 +142,8 @@ class MapLegend:
     stops: tuple[tuple[float, tuple[int, int, int]], ...]
     transparentBelow: float
     detection: str = ""
+    unit: str = ""
+    information: str = ""
 
 
 # -- the logic -------------------------------------------------------------------------------------
@@ -365,6 +371,8 @@ class SceneLogic:
         node.SetAttribute(ATTRIBUTE + "MapName", output.name)
         node.SetAttribute(ATTRIBUTE + "MapMeaning", output.meaning)
         node.SetAttribute(ATTRIBUTE + "MapDetection", output.detection)
+        node.SetAttribute(ATTRIBUTE + "MapUnit", output.unit or "")
+        node.SetAttribute(ATTRIBUTE + "MapInformation", output.information)
         node.SetNodeReferenceID(REF_SEGMENTATION, segmentation.GetID())
         segmentation.AddNodeReferenceID(REF_MAP, node.GetID())
         return node
@@ -457,7 +465,9 @@ class SceneLogic:
         return MapLegend(mapNode.GetAttribute(ATTRIBUTE + "MapName") or mapNode.GetName(),
                          mapNode.GetAttribute(ATTRIBUTE + "MapMeaning") or "", float(low), float(high), stops,
                          float(low + TRANSPARENT_BELOW * (high - low)),
-                         mapNode.GetAttribute(ATTRIBUTE + "MapDetection") or "")
+                         mapNode.GetAttribute(ATTRIBUTE + "MapDetection") or "",
+                         mapNode.GetAttribute(ATTRIBUTE + "MapUnit") or "",
+                         mapNode.GetAttribute(ATTRIBUTE + "MapInformation") or "")
 
     # -- review ---------------------------------------------------------------------------------
     def doubtfulRegions(self, segmentationNode=None, threshold: float = 0.5,

@@ -235,10 +235,14 @@ def _review_step(app, n) -> None:
             html.Span(f"{{{{ {n.maps.legend_low} }}}}")
             v3.VSpacer()
             html.Span(f"{{{{ {n.maps.legend_high} }}}}")
+        html.Div(f"Unit: {{{{ {n.maps.unit} }}}}", v_if=(n.maps.unit,), classes="attnseg-hint mt-1",
+                 id="attnseg-map-unit")
         html.Div(f"{{{{ {n.maps.meaning} }}}}", classes="attnseg-hint mt-1")
         html.Div(f"{{{{ {n.maps.how_to_read} }}}}", v_if=(n.maps.how_to_read,), classes="attnseg-hint mt-1")
         html.Div(f"{{{{ {n.maps.detection} }}}}", v_if=(n.maps.detection,), classes="attnseg-hint mt-1",
                  id="attnseg-map-detection")
+        html.Div(f"{{{{ {n.maps.information} }}}}", v_if=(n.maps.information,), classes="attnseg-hint mt-1",
+                 id="attnseg-map-information")
 
     _section("Doubtful regions")
     v3.VSlider(v_model=(n.review.threshold,), min=0.05, max=0.95, step=0.05, label="Review-map threshold",

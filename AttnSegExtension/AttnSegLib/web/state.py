@@ -54,6 +54,8 @@ class MapPanel:
     meaning: str = ""
     how_to_read: str = ""
     detection: str = ""  # how well the map finds the model's errors, from its card
+    unit: str = ""  # what the map's values are, from its card
+    information: str = ""  # what its card measured of the map (AttnSegLib.outputs.information_note)
     legend_gradient: str = ""  # CSS linear-gradient of the map's colour table
     legend_low: str = ""
     legend_high: str = ""

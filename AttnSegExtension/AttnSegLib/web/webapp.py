@@ -547,6 +547,7 @@ class AttnSegWebApp:
         data.segment.summary, data.segment.notices, data.segment.error = "", [], ""
         data.maps.choices, data.maps.selected = [], None
         data.maps.meaning = data.maps.how_to_read = data.maps.legend_gradient = data.maps.detection = ""
+        data.maps.unit = data.maps.information = ""
         data.maps.legend_low = data.maps.legend_high = ""
         data.review.count, data.review.description = 0, ""
         data.review.rows, data.review.current, data.viewer.legend = [], -1, []
@@ -605,12 +606,13 @@ class AttnSegWebApp:
             self.editor.active_segmentation_display.set_opacity_mode(mode)
         if node is None:
             maps.meaning = maps.how_to_read = maps.legend_gradient = maps.legend_low = maps.legend_high = ""
-            maps.detection = ""
+            maps.detection = maps.unit = maps.information = ""
             return
         legend = self.logic.mapLegend(node)
         maps.meaning = legend.meaning
         maps.how_to_read = self._package.card.map_reading(legend.name)
         maps.detection = detection_note(self._package.card, legend.name)
+        maps.unit, maps.information = legend.unit, legend.information
         maps.legend_gradient = legend_gradient(legend.stops)
         maps.legend_low, maps.legend_high = format_value(legend.minimum), format_value(legend.maximum)
 
