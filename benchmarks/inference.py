@@ -18,8 +18,8 @@ For each model (shipped packages; untrained stand-ins for architectures not ship
   map-only head, so the maps' cost shows against it), read from the same package, run through
   ``monai.inferers.sliding_window_inference`` alone on the case already in the model frame, with the
   predictor's window, overlap, window batch, Gaussian blending and precision, returning logits only.
-  A lone window runs as a batch of two on both sides (``inference.lone_window_as_two``: PyTorch's CPU
-  convolution is 2.5x slower on one small 3D window), so the ratio shows AttnSeg's own costs.
+  A lone window runs its convolutions through oneDNN on both sides (``inference.lone_window``:
+  PyTorch's CPU convolution is 2.5x slower on one small 3D window), so the ratio shows AttnSeg's own costs.
 
 Every run is a fresh process (its ``ru_maxrss`` is the peak resident memory of that configuration,
 Python and its libraries included; ``python_imports`` is that floor). Runs are interleaved (MONAI,
@@ -112,7 +112,7 @@ def _monai_run(spec: dict) -> dict:
     from monai.inferers import sliding_window_inference
 
     from AttnSegLib.image import read_image
-    from AttnSegLib.inference import Predictor, count_windows, lone_window_as_two
+    from AttnSegLib.inference import Predictor, count_windows, lone_window
     from AttnSegLib.package import load_package
     from AttnSegLib.preprocess import to_model_frame
 
@@ -122,7 +122,7 @@ def _monai_run(spec: dict) -> dict:
 
     def logits(window: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.float16, enabled=autocast):
-            return lone_window_as_two(network.segment, window)
+            return lone_window(network.segment, window)
 
     clock, cases, windows = _clock(spec), [], 0
     for paths in spec["cases"]:
