@@ -28,7 +28,7 @@ ratios use medians over ``--repeats`` (``--repeats-others`` for the models other
 ``ratio_vs_monai`` is the ratio of the two sides' medians. ``spread`` gives the min / median / max
 over the repeats of each side's per-case time, and of the ratio and the maps' share within each
 interleaved repeat (whose median need not equal the figure from the medians), so a noisy machine
-shows; the table and the progress lines print them as median (min-max).
+shows; the table and the progress lines print them as (median; min to max).
 Both sides run with the same torch (and ITK) thread count.
 ``--clock cpu`` times every stage by the process's CPU time instead of the wall clock: on a machine
 other jobs share, their load stretches wall time by whatever share of the cores they take (runs
@@ -335,7 +335,7 @@ def markdown(report: dict) -> str:
         f"device {report['device']}, {report['threads']} torch thread(s), {report['clock']} clock; medians of "
         f"{report['repeats']} (default model) and {report['repeats_others']} (other models) interleaved "
         "fresh-process run(s) per configuration" + (f", from {runs} runs made side by side" if runs > 1 else "")
-        + "; AttnSeg s and MONAI s per case; in brackets the figure of each interleaved repeat: median, min-max.",
+        + "; AttnSeg s and MONAI s per case; in brackets the figure of each interleaved repeat: median; min to max.",
         "",
         "| model | volume | windows | AttnSeg s | MONAI s | AttnSeg / MONAI | maps cost "
         "| slowest stage besides predict | peak MB AttnSeg / MONAI |",
@@ -357,14 +357,14 @@ def markdown(report: dict) -> str:
 
 
 def _range(result: dict, key: str, scale: float = 1.0) -> str:
-    """``key``'s spread over the repeats as "(median per repeat, min-max)", when the result has one
+    """``key``'s spread over the repeats as "(median per repeat; min to max)", when the result has one
     (reports before it had none; the maps' spread came later than the ratio's)."""
     values = result.get("spread", {}).get(key)
     if not values:
         return ""
     low, middle, high = (scale * values[k] for k in ("min", "median", "max"))
     digits = 1 if scale != 1.0 else 2
-    return f"({middle:.{digits}f}, {low:.{digits}f}-{high:.{digits}f})"
+    return f"({middle:.{digits}f}; {low:.{digits}f} to {high:.{digits}f})"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
