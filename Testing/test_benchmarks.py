@@ -42,6 +42,10 @@ def test_quick_inference_reports_the_ratio_stages_memory_and_maps_cost(quick_rep
     assert sum(report["stage_fractions"].values()) == pytest.approx(1.0, abs=1e-3)
     assert report["headline_volume"] == "whole_brain"
     assert report["targets"] and all(isinstance(ok, bool) for ok in report["targets"].values())
+    for result in report["results"]:  # the spread over the repeats, which the table prints
+        for key in ("monai", "attnseg", "attnseg_no_maps", "ratio_vs_monai", "maps_cost_fraction"):
+            spread = result["spread"][key]
+            assert spread["min"] <= spread["median"] <= spread["max"], key
 
 
 def test_quick_inference_measures_the_default_model_on_both_volumes_in_fresh_processes(quick_report):

@@ -10,8 +10,9 @@ import torch
 
 from AttnSegLib import models
 from AttnSegLib.image import read_image
-from AttnSegLib.inference import Cancelled, Predictor, count_windows, lone_window_as_two, resolve_device
+from AttnSegLib.inference import Cancelled, Predictor, count_windows, lone_window, resolve_device
 from AttnSegLib.maps import normalized_entropy
+from AttnSegLib.package import available_packages, load_package
 
 CLASSES = [{"value": 0, "name": "background"}, {"value": 1, "name": "Anterior"},
            {"value": 2, "name": "Posterior"}]
@@ -142,8 +143,6 @@ def test_review_map_follows_the_card(hippocampus_case):
 
 @pytest.fixture(scope="module")
 def shipped_difficulty_aware():
-    from AttnSegLib.package import load_package
-
     return load_package(Path(__file__).resolve().parents[1] / "Resources" / "Models" / "hippocampus_difficulty_aware")
 
 
@@ -218,16 +217,22 @@ def test_tta_variance_is_the_disagreement_of_the_flips(shipped_difficulty_aware,
         assert "tta_variance" not in other.maps
 
 
-def test_a_lone_window_runs_as_two_with_the_same_answer(shipped_difficulty_aware):
-    network = shipped_difficulty_aware.build_network().eval()
+@pytest.mark.parametrize("package", available_packages(), ids=lambda path: path.name)
+def test_a_lone_window_gets_what_the_first_of_two_copies_gets(package):
+    """Each shipped network on one window (its convolutions sent to oneDNN directly, or run on two
+    copies) answers what it answers for the first of a batch of two copies of it, up to float rounding."""
+    loaded = load_package(package)
+    network = loaded.build_network().eval()
     torch.manual_seed(4)
-    window = torch.randn(1, 1, 40, 56, 40)
+    window = torch.randn(1, len(loaded.card["modalities"]), *loaded.card["patch_size_dhw"])
     with torch.inference_mode():
-        direct, paired = network.segment(window), lone_window_as_two(network.segment, window)
-        output = lone_window_as_two(network, window)
-    assert paired.shape == direct.shape == output.logits.shape
-    torch.testing.assert_close(paired, direct, rtol=1e-4, atol=1e-4)
-    assert all(value.shape[0] == 1 for value in output.maps.values())
+        two = network(torch.cat([window, window]))
+        one, segmented = lone_window(network, window), lone_window(network.segment, window)
+    torch.testing.assert_close(one.logits, two.logits[:1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(segmented, two.logits[:1], rtol=1e-5, atol=1e-5)
+    assert one.maps.keys() == two.maps.keys()
+    for name in one.maps:
+        torch.testing.assert_close(one.maps[name], two.maps[name][:1], rtol=1e-5, atol=1e-5)
 
 
 def test_the_cards_temperature_changes_probabilities_not_labels(shipped_difficulty_aware, hippocampus_case):

@@ -18,16 +18,17 @@ For each model (shipped packages; untrained stand-ins for architectures not ship
   map-only head, so the maps' cost shows against it), read from the same package, run through
   ``monai.inferers.sliding_window_inference`` alone on the case already in the model frame, with the
   predictor's window, overlap, window batch, Gaussian blending and precision, returning logits only.
-  A lone window runs as a batch of two on both sides (``inference.lone_window_as_two``: PyTorch's CPU
-  convolution is 2.5x slower on one small 3D window), so the ratio shows AttnSeg's own costs.
+  A lone window runs its convolutions through oneDNN on both sides (``inference.lone_window``:
+  PyTorch's CPU convolution is 2.5x slower on one small 3D window), so the ratio shows AttnSeg's own costs.
 
 Every run is a fresh process (its ``ru_maxrss`` is the peak resident memory of that configuration,
 Python and its libraries included; ``python_imports`` is that floor). Runs are interleaved (MONAI,
 AttnSeg, AttnSeg without maps, then again) so load on a shared machine hits both sides alike;
 ratios use medians over ``--repeats`` (``--repeats-others`` for the models other than the default):
 ``ratio_vs_monai`` is the ratio of the two sides' medians. ``spread`` gives the min / median / max
-over the repeats of each side's per-case time and of the ratio within each interleaved repeat (whose
-median need not equal the ratio of medians), so a noisy machine shows.
+over the repeats of each side's per-case time, and of the ratio and the maps' share within each
+interleaved repeat (whose median need not equal the figure from the medians), so a noisy machine
+shows; the table and the progress lines print them as (median; min to max).
 Both sides run with the same torch (and ITK) thread count.
 ``--clock cpu`` times every stage by the process's CPU time instead of the wall clock: on a machine
 other jobs share, their load stretches wall time by whatever share of the cores they take (runs
@@ -112,7 +113,7 @@ def _monai_run(spec: dict) -> dict:
     from monai.inferers import sliding_window_inference
 
     from AttnSegLib.image import read_image
-    from AttnSegLib.inference import Predictor, count_windows, lone_window_as_two
+    from AttnSegLib.inference import Predictor, count_windows, lone_window
     from AttnSegLib.package import load_package
     from AttnSegLib.preprocess import to_model_frame
 
@@ -122,7 +123,7 @@ def _monai_run(spec: dict) -> dict:
 
     def logits(window: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.float16, enabled=autocast):
-            return lone_window_as_two(network.segment, window)
+            return lone_window(network.segment, window)
 
     clock, cases, windows = _clock(spec), [], 0
     for paths in spec["cases"]:
@@ -261,6 +262,8 @@ def summarise(model: common.BenchmarkModel, volume: Volume, runs: dict) -> dict:
             # repeat i's runs were interleaved, so their ratio compares runs made under the same load
             "ratio_vs_monai": spread(_per_case_total(a) / _per_case_total(m)
                                      for a, m in zip(runs["attnseg"], runs["monai"])),
+            "maps_cost_fraction": spread(1 - _per_case_total(n) / _per_case_total(a)
+                                         for a, n in zip(runs["attnseg"], runs["attnseg_no_maps"])),
         },
     }
 
@@ -326,14 +329,15 @@ def merge(reports: list[dict]) -> dict:
 def markdown(report: dict) -> str:
     runs = report.get("merged_runs", 1)
     lines = [
-        f"Measured by `python benchmarks/inference.py` on {report['machine']['processor']} "
+        f"Measured by `python benchmarks/inference.py{' --quick' if report['quick'] else ''}` on "
+        f"{report['machine']['processor']} "
         f"({report['machine']['cpu_count']} cores, load average {report['machine']['load_average_1min']}), "
         f"device {report['device']}, {report['threads']} torch thread(s), {report['clock']} clock; medians of "
         f"{report['repeats']} (default model) and {report['repeats_others']} (other models) interleaved "
         "fresh-process run(s) per configuration" + (f", from {runs} runs made side by side" if runs > 1 else "")
-        + "; AttnSeg s and MONAI s per case.",
+        + "; AttnSeg s and MONAI s per case; in brackets the figure of each interleaved repeat: median; min to max.",
         "",
-        "| model | volume | windows | AttnSeg s | MONAI s | AttnSeg / MONAI (min-max) | maps cost "
+        "| model | volume | windows | AttnSeg s | MONAI s | AttnSeg / MONAI | maps cost "
         "| slowest stage besides predict | peak MB AttnSeg / MONAI |",
         "|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
@@ -343,7 +347,8 @@ def markdown(report: dict) -> str:
         name = r["model"] + ("" if r["trained"] else " (untrained stand-in)")
         lines.append(
             f"| {name} | {r['volume']} | {r['windows_per_case']:.0f} | {r['attnseg_s']:.2f} | {r['monai_s']:.2f} | "
-            f"**{r['ratio_vs_monai']:.2f}** {_range(r)} | {100 * r['maps_cost_fraction']:.1f} % | "
+            f"**{r['ratio_vs_monai']:.2f}** {_range(r, 'ratio_vs_monai')} | "
+            f"{100 * r['maps_cost_fraction']:.1f} % {_range(r, 'maps_cost_fraction', 100)} | "
             f"{slowest} {100 * others[slowest]:.1f} % | "
             f"{r['peak_rss_mb']['attnseg']:.0f} / {r['peak_rss_mb']['monai']:.0f} |")
     lines += ["", "Targets:", ""]
@@ -351,10 +356,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _range(result: dict) -> str:
-    """The ratio's min-max over the repeats, when the result has a spread (reports before it had none)."""
-    ratio = result.get("spread", {}).get("ratio_vs_monai")
-    return f"({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else ""
+def _range(result: dict, key: str, scale: float = 1.0) -> str:
+    """``key``'s spread over the repeats as "(median per repeat; min to max)", when the result has one
+    (reports before it had none; the maps' spread came later than the ratio's)."""
+    values = result.get("spread", {}).get(key)
+    if not values:
+        return ""
+    low, middle, high = (scale * values[k] for k in ("min", "median", "max"))
+    digits = 1 if scale != 1.0 else 2
+    return f"({middle:.{digits}f}; {low:.{digits}f} to {high:.{digits}f})"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -417,8 +427,10 @@ def main(argv=None) -> int:
                 if not args.json:
                     r = results[-1]
                     print(f"{r['model']:<32} {volume.name:<13} AttnSeg {r['attnseg_s']:8.2f} s  "
-                          f"MONAI {r['monai_s']:8.2f} s  ratio {r['ratio_vs_monai']:.3f} {_range(r)}  "
-                          f"maps {100 * r['maps_cost_fraction']:5.1f} %  peak {r['peak_rss_mb']['attnseg']:.0f} MB")
+                          f"MONAI {r['monai_s']:8.2f} s  "
+                          f"ratio {r['ratio_vs_monai']:.3f} {_range(r, 'ratio_vs_monai')}  "
+                          f"maps {100 * r['maps_cost_fraction']:5.1f} % {_range(r, 'maps_cost_fraction', 100)}  "
+                          f"peak {r['peak_rss_mb']['attnseg']:.0f} MB")
         report = {
             "benchmark": "inference", "quick": args.quick, "device": args.device, "threads": args.threads,
             "clock": args.clock, "repeats": args.repeats, "repeats_others": args.repeats_others,
