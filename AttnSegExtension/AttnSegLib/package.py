@@ -236,6 +236,13 @@ def load_package(name_or_path: str | os.PathLike, *, member: bool = False) -> Mo
     return ModelPackage(path, card, weights)
 
 
+# What every member of an ensemble shares with its card: card key -> how to read it from a ModelCard.
+_ENSEMBLE_FACTS = (("classes", lambda c: [(k["value"], k["name"]) for k in c.classes]),
+                   ("modalities", lambda c: [(m["name"], m.get("normalization", "zscore")) for m in c.modalities]),
+                   ("spacing_xyz_mm", lambda c: c.spacing_xyz_mm), ("orientation", lambda c: c.orientation),
+                   ("crop_to_nonzero", lambda c: c.crop_to_nonzero))
+
+
 def ensemble_sha256(members: list[ModelPackage]) -> str:
     """An ensemble's ``weights_sha256``: the sha256 of its members' weights hashes, one a line, in order."""
     return hashlib.sha256("".join(f"{m.sha256}\n" for m in members).encode()).hexdigest()
@@ -249,11 +256,7 @@ def _load_ensemble(path: Path, card: ModelCard) -> ModelPackage:
             member = load_package(name, member=True)
         except PackageError as err:
             raise PackageError(f"{path}: ensemble member {name!r} cannot be used ({_one_line(err, 300)})") from None
-        facts = (("classes", lambda c: [(k["value"], k["name"]) for k in c.classes]),
-                 ("modalities", lambda c: [(m["name"], m.get("normalization", "zscore")) for m in c.modalities]),
-                 ("spacing_xyz_mm", lambda c: c.spacing_xyz_mm), ("orientation", lambda c: c.orientation),
-                 ("crop_to_nonzero", lambda c: c.crop_to_nonzero))
-        for key, fact in facts:
+        for key, fact in _ENSEMBLE_FACTS:
             if fact(member.card) != fact(card):
                 raise PackageError(f"{path}: ensemble member {name!r} has {key} {fact(member.card)}, the ensemble "
                                    f"{fact(card)}; every member must segment the same classes from the same input")
