@@ -37,7 +37,7 @@ from .map_display import apply_to_card
 SHARED_KEYS = ("modalities", "classes", "spacing_xyz_mm", "orientation", "crop_to_nonzero", "patch_size_dhw",
                "input_statistics")
 SHARED_INFERENCE = ("overlap", "batch_size", "training_field_of_view_mm", "localisation")
-SHARED_TRAINING = ("dataset", "licence", "attribution")
+SHARED_TRAINING = ("dataset", "licence", "attribution", "cases_train")  # cases_train: those input_statistics counts
 
 
 def ensemble_card(name: str, members: list[ModelPackage]) -> dict:
@@ -47,6 +47,7 @@ def ensemble_card(name: str, members: list[ModelPackage]) -> dict:
     axes = [a for a in first["inference"].get("tta_flip_axes", [])
             if all(a in m.card.inference.tta_flip_axes for m in members)]
     names = [m.name for m in members]
+    validation_cases = [c for c in members[0].card.held_out_case_names if c in held_out]
     card = {
         "schema_version": SCHEMA_VERSION, "name": name,
         "description": f"Average of the calibrated probabilities of {', '.join(names)}, with where they disagree. "
@@ -57,8 +58,8 @@ def ensemble_card(name: str, members: list[ModelPackage]) -> dict:
                       "tta_flip_axes": axes, "temperature": 1.0},
         "maps": {"disagreement": {"display_range": [0.0, 1.0]}},
         "training": {**{key: first["training"][key] for key in SHARED_TRAINING if key in first["training"]},
-                     "config": {"data": first["training"]["config"]["data"]},
-                     "validation_cases": [c for c in members[0].card.held_out_case_names if c in held_out]},
+                     "cases_validation": len(validation_cases), "config": {"data": first["training"]["config"]["data"]},
+                     "validation_cases": validation_cases},
         "weights_sha256": ensemble_sha256(members),
     }
     return card
