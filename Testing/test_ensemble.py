@@ -48,6 +48,20 @@ def test_card_lists_installed_members_of_the_same_task(ensemble):
     assert "disagreement" in card.maps and card.inference.review_map in ("uncertainty", "disagreement")
 
 
+def test_the_shipped_card_is_what_training_ensemble_writes_before_measuring(ensemble):
+    """Every fact of the card but what training.ensemble measured (metrics, temperature, review map, the
+    map's display range) comes from its members as ``ensemble_card`` takes it."""
+    from training.ensemble import ensemble_card
+
+    written, shipped = ensemble_card(ENSEMBLE, list(ensemble.members)), ensemble.card.to_dict()
+    measured = ("metrics", "inference", "maps")
+    assert {k: v for k, v in written.items() if k not in measured} == {
+        k: v for k, v in shipped.items() if k not in measured}
+    review_map = shipped["inference"].pop("review_map")
+    assert written["inference"] == {**shipped["inference"], "temperature": 1.0} and review_map == "uncertainty"
+    assert shipped["metrics"]["cases"] == len(shipped["training"]["validation_cases"]) == 40
+
+
 def test_segments_a_real_crop_as_the_mean_of_its_members(ensemble, sample):
     """On the sample (held out by every member): Dice > 0.8; at the card's temperature 1 the probabilities
     are the mean of the members' own (each at its own temperature); the disagreement map is in [0, 1]

@@ -50,8 +50,8 @@ def ensemble_card(name: str, members: list[ModelPackage]) -> dict:
     validation_cases = [c for c in members[0].card.held_out_case_names if c in held_out]
     card = {
         "schema_version": SCHEMA_VERSION, "name": name,
-        "description": f"Average of the calibrated probabilities of {', '.join(names)}, with where they disagree. "
-                       f"Each member: {first.get('description', '')}",
+        "description": f"Average of the calibrated probabilities of {', '.join(names)}, with a map of where they "
+                       f"disagree; the task and input of {names[0]}: {first.get('description', '')}",
         "architecture": {"name": ENSEMBLE, "kwargs": {"members": names}},
         **{key: first[key] for key in SHARED_KEYS if key in first},
         "inference": {**{key: first["inference"][key] for key in SHARED_INFERENCE if key in first["inference"]},
