@@ -22,12 +22,16 @@ SAMPLE_IMAGE = REPO / "Resources" / "SampleData" / "hippocampus_001_image.nii.gz
 SAMPLE_LABEL = REPO / "Resources" / "SampleData" / "hippocampus_001_label.nii.gz"
 SHIPPED = sorted(p.name for p in MODELS.iterdir() if (p / "model.json").is_file())
 HIPPOCAMPUS = [name for name in SHIPPED if name.startswith("hippocampus_")]
+ENSEMBLES = [name for name in HIPPOCAMPUS  # tested in test_ensemble.py
+             if json.loads((MODELS / name / "model.json").read_text())["architecture"]["name"] == "ensemble"]
 
 
 def test_every_architecture_is_shipped_and_the_default_is_the_best_hippocampus_model():
-    architectures = {load_package(name).card["architecture"]["name"] for name in HIPPOCAMPUS}
+    """The default is the best single network; an ensemble of them (slower by its member count) is not a candidate."""
+    networks = [name for name in HIPPOCAMPUS if name not in ENSEMBLES]
+    architectures = {load_package(name).card["architecture"]["name"] for name in networks}
     assert architectures == {"unet", "dam_al", "cga_unet", "difficulty_aware", "rsanet", "mda_unet"}
-    dice = {name: load_package(name).card["metrics"]["mean_dice"] for name in HIPPOCAMPUS}
+    dice = {name: load_package(name).card["metrics"]["mean_dice"] for name in networks}
     assert default_package_name() == max(dice, key=dice.get)
     assert min(dice.values()) >= 0.85, dice
 

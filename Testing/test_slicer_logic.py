@@ -218,6 +218,19 @@ def test_segments_are_named_coloured_coded_and_match_the_engine(segmented, engin
     assert logic_labels.geometry.same_grid(read_image(SAMPLE_IMAGE).geometry)
 
 
+
+def test_an_ensemble_package_segments_by_name_with_its_disagreement_map(logic):
+    """The shipped ensemble card goes through the same logic as one network: a map node for its
+    members' disagreement beside the uncertainty, and the segments of its classes."""
+    volume = logic.loadVolume(SAMPLE_IMAGE)
+    result = logic.segment([volume], "hippocampus_ensemble", device="cpu")
+    assert {"uncertainty", "disagreement"} <= set(result.mapNodes) and result.reviewMapName == "uncertainty"
+    disagreement = imageFromVolumeNode(result.mapNodes["disagreement"]).array
+    assert disagreement.min() >= 0.0 and 0.0 < disagreement.max() <= 1.0
+    assert result.segmentationNode.GetSegmentation().GetNumberOfSegments() == 2
+    assert result.segmentationNode.GetAttribute(ATTRIBUTE + "Model") == "hippocampus_ensemble"
+    assert result.segmentationNode.GetAttribute(ATTRIBUTE + "Architecture") == "ensemble"
+
 def test_provenance_is_stored_on_the_segmentation_node(segmented, plumbing_package, scene):
     _, result = segmented
     node = result.segmentationNode

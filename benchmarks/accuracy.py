@@ -68,6 +68,10 @@ def shipped_packages(dataset: str) -> list:
         except PackageError as err:
             print(f"accuracy: skipping unusable package {path}: {err}", file=sys.stderr)
             continue
+        if package.members:
+            print(f"accuracy: leaving out {package.name}: an ensemble of {', '.join(package.card.members)} "
+                  "(its card holds what python -m training.ensemble measured)", file=sys.stderr)
+            continue
         if trained_on(package) != dataset:
             print(f"accuracy: leaving out {package.name}: trained on {trained_on(package)}, not {dataset}",
                   file=sys.stderr)

@@ -32,6 +32,7 @@ SPACING_RANGE_MM = (0.01, 50.0)  # voxel sides of medical volumes; outside it th
 MAX_WINDOW_BATCH = 512
 MAX_CLASSES = 2**16  # label maps are written as uint8 up to 256 classes, uint16 up to 65536
 UNCERTAINTY = "uncertainty"  # the map every result has: normalised entropy of the class probabilities
+ENSEMBLE = "ensemble"  # the architecture of a card that averages member packages (``kwargs: {"members": [...]}``)
 _ORIENTATION_AXES = ({"R", "L"}, {"A", "P"}, {"S", "I"})
 
 
@@ -154,6 +155,11 @@ class ModelCard(Mapping):
     @property
     def modality_names(self) -> list[str]:
         return [m["name"] for m in self.modalities]
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The names of the member packages of an ensemble card (architecture ``ensemble``); () for one network."""
+        return tuple(self.architecture_kwargs.get("members", ())) if self.architecture == ENSEMBLE else ()
 
     @property
     def network_kwargs(self) -> dict:
@@ -337,6 +343,11 @@ def validate_card(card: dict, where: str) -> None:
     require(isinstance(arch, dict) and isinstance(arch.get("name"), str)
             and isinstance(arch.get("kwargs", {}), dict),
             "'architecture' must be an object with a 'name' string and optional 'kwargs' object")
+    if arch["name"] == ENSEMBLE:
+        members = arch.get("kwargs", {}).get("members")
+        require(set(arch.get("kwargs", {})) == {"members"} and isinstance(members, list) and len(members) >= 2
+                and all(isinstance(m, str) and m.strip() for m in members) and len(set(members)) == len(members),
+                "an ensemble's 'architecture.kwargs' must be {\"members\": [two or more distinct package names]}")
     modalities = card["modalities"]
     require(isinstance(modalities, list) and modalities != []
             and all(isinstance(m, dict) and isinstance(m.get("name"), str) for m in modalities),

@@ -4,6 +4,8 @@
   (0 = the network is certain, 1 = all classes equally likely).
 * tta_variance (with flip test-time augmentation): how much the mirrored passes disagree, the
   variance of the probabilities over the flips summed over the classes, / (1 - 1/C), in [0, 1].
+* disagreement (an ensemble package): how much its member networks disagree, the mutual information
+  (H(mean p) - mean H(p_m)) / log C, in [0, 1] (:mod:`AttnSegLib.models.ensemble`).
 * model maps (``SegOutput.maps``): produced per window at any resolution, resized to the window
   (trilinear), blended across windows with the same Gaussian weights as the probabilities, and
   brought to the input grid like them. A K-channel map becomes K volumes named ``name.<class>``
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 
 _EPS = 1e-7
 # Maps whose high values mean "doubtful": the candidates for ranking the regions a clinician reviews.
-DOUBT_MAPS = ("uncertainty", "difficulty", "tta_variance")
+DOUBT_MAPS = ("uncertainty", "difficulty", "tta_variance", "disagreement")
 
 
 def normalized_entropy(probabilities: np.ndarray) -> np.ndarray:

@@ -5,6 +5,12 @@ Loading validates everything before a network is built: schema version, required
 architecture name, the weights' sha256 against the card, and that every tensor fits the rebuilt
 network. Weights are read with safetensors only; nothing is ever unpickled.
 
+An ensemble package (architecture ``ensemble``) is a folder holding ``model.json`` alone: its card names
+member packages (``architecture.kwargs.members``), each loaded by name as above and validated as usual,
+and its ``weights_sha256`` is :func:`ensemble_sha256` of theirs, so a member replaced since the card was
+written is refused. Every member must have the ensemble's classes, modalities, spacing, orientation and
+cropping; no member may itself be an ensemble. The network is :class:`~AttnSegLib.models.ensemble.Ensemble`.
+
 Packages are found by name in, in order: ``$ATTNSEG_MODELS`` (paths separated by ``os.pathsep``),
 ``~/.attnseg/models``, and the shipped ``Resources/Models``.
 """
@@ -25,10 +31,11 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from . import models
-from .card import SCHEMA_VERSION, ModelCard
+from .card import ENSEMBLE, SCHEMA_VERSION, ModelCard
 # The card's schema lives in .card; these names stay importable from here, where they were defined before.
 from .card import CARD_FILE, MAX_CLASSES, PackageError, validate_card  # noqa: F401
 from .image import apply_umask
+from .models.ensemble import Ensemble
 
 WEIGHTS_FILE = "weights.safetensors"
 MAX_ZIP_BYTES = 512 * 1024 * 1024
@@ -54,11 +61,13 @@ def search_dirs() -> list[Path]:
 @dataclass
 class ModelPackage:
     """A validated package. ``card``: the parsed model.json (:class:`~AttnSegLib.card.ModelCard`);
-    ``weights``: name -> tensor (CPU)."""
+    ``weights``: name -> tensor (CPU); ``members``: an ensemble's member packages (empty otherwise,
+    and an ensemble's ``weights`` are empty)."""
 
     path: Path
     card: ModelCard
     weights: dict[str, torch.Tensor]
+    members: tuple["ModelPackage", ...] = ()
 
     @property
     def name(self) -> str:
@@ -83,6 +92,9 @@ class ModelPackage:
 
     def build_network(self) -> torch.nn.Module:
         """The architecture rebuilt from the card, weights loaded, in eval mode, on the CPU."""
+        if self.members:
+            return Ensemble([m.build_network() for m in self.members],
+                            [m.card.inference.temperature for m in self.members]).eval()
         network = build_from_card(self.card, str(self.path))
         _load_state(network, self.weights, str(self.path))
         return network.eval()
@@ -93,7 +105,7 @@ class ModelPackage:
             "name": self.name, "path": str(self.path), "architecture": card.architecture,
             "description": card.description, "modalities": card.modality_names, "classes": card.class_names,
             "maps": sorted(card.maps), "metrics": card.get("metrics", {}), "validation_dice": card.validation_dice,
-            "sha256": self.sha256,
+            "sha256": self.sha256, **({"members": [m.name for m in self.members]} if self.members else {}),
         }
 
 
@@ -169,11 +181,12 @@ def _read_zip(path: Path) -> tuple[bytes, bytes]:
                                "download the package again") from None
 
 
-def _read_folder(path: Path) -> tuple[bytes, bytes]:
-    for needed in (CARD_FILE, WEIGHTS_FILE):
-        if not (path / needed).is_file():
-            raise PackageError(f"{path}: the package folder has no {needed}")
-    return (path / CARD_FILE).read_bytes(), (path / WEIGHTS_FILE).read_bytes()
+def _read_folder(path: Path) -> tuple[bytes, bytes | None]:
+    """(card bytes, weights bytes or None when the folder has none: an ensemble's)."""
+    if not (path / CARD_FILE).is_file():
+        raise PackageError(f"{path}: the package folder has no {CARD_FILE}")
+    weights = path / WEIGHTS_FILE
+    return (path / CARD_FILE).read_bytes(), weights.read_bytes() if weights.is_file() else None
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
@@ -190,7 +203,9 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
                        "(give a package name or the path of a package folder/.zip)")
 
 
-def load_package(name_or_path: str | os.PathLike) -> ModelPackage:
+def load_package(name_or_path: str | os.PathLike, *, member: bool = False) -> ModelPackage:
+    """The validated package ``name_or_path``; ``member``: loaded as an ensemble's member, so it may not
+    be an ensemble itself (which also stops an ensemble that lists itself)."""
     path = resolve(name_or_path)
     card_bytes, weight_bytes = _read_zip(path) if path.is_file() else _read_folder(path)
     try:
@@ -198,6 +213,12 @@ def load_package(name_or_path: str | os.PathLike) -> ModelPackage:
     except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, absurd numbers or nesting
         raise PackageError(f"{path}: {CARD_FILE} is not valid JSON ({_one_line(err)})") from None
     card = ModelCard.parse(card, str(path))
+    if card.architecture == ENSEMBLE:
+        if member:
+            raise PackageError(f"{path} is itself an ensemble; list its members instead")
+        return _load_ensemble(path, card)
+    if weight_bytes is None:
+        raise PackageError(f"{path}: the package folder has no {WEIGHTS_FILE}")
     digest = hashlib.sha256(weight_bytes).hexdigest()
     if digest != card.weights_sha256:
         raise PackageError(f"{path}: weights sha256 {digest[:12]}... does not match the card's "
@@ -213,6 +234,43 @@ def load_package(name_or_path: str | os.PathLike) -> ModelPackage:
         raise PackageError(f"{path}: 'patch_size_dhw' {list(card.patch_size_dhw)} must be multiples of "
                            f"{network.divisor} for architecture {card.architecture!r}")
     return ModelPackage(path, card, weights)
+
+
+# What every member of an ensemble shares with its card: card key -> how to read it from a ModelCard.
+_ENSEMBLE_FACTS = (("classes", lambda c: [(k["value"], k["name"]) for k in c.classes]),
+                   ("modalities", lambda c: [(m["name"], m.get("normalization", "zscore")) for m in c.modalities]),
+                   ("spacing_xyz_mm", lambda c: c.spacing_xyz_mm), ("orientation", lambda c: c.orientation),
+                   ("crop_to_nonzero", lambda c: c.crop_to_nonzero))
+
+
+def ensemble_sha256(members: list[ModelPackage]) -> str:
+    """An ensemble's ``weights_sha256``: the sha256 of its members' weights hashes, one a line, in order."""
+    return hashlib.sha256("".join(f"{m.sha256}\n" for m in members).encode()).hexdigest()
+
+
+def _load_ensemble(path: Path, card: ModelCard) -> ModelPackage:
+    """The member packages of the ensemble card ``card`` loaded and checked against it (module docstring)."""
+    members = []
+    for name in card.members:
+        try:
+            member = load_package(name, member=True)
+        except PackageError as err:
+            raise PackageError(f"{path}: ensemble member {name!r} cannot be used ({_one_line(err, 300)})") from None
+        for key, fact in _ENSEMBLE_FACTS:
+            if fact(member.card) != fact(card):
+                raise PackageError(f"{path}: ensemble member {name!r} has {key} {fact(member.card)}, the ensemble "
+                                   f"{fact(card)}; every member must segment the same classes from the same input")
+        members.append(member)
+    if ensemble_sha256(members) != card.weights_sha256:
+        raise PackageError(f"{path}: a member package changed since the ensemble card was written (weights "
+                           f"sha256 {ensemble_sha256(members)[:12]}... != {card.weights_sha256[:12]}...); write "
+                           "the ensemble again with python -m training.ensemble")
+    network = Ensemble([build_from_card(m.card, str(m.path), device="meta") for m in members],
+                       [m.card.inference.temperature for m in members])
+    if any(side % network.divisor for side in card.patch_size_dhw):
+        raise PackageError(f"{path}: 'patch_size_dhw' {list(card.patch_size_dhw)} must be multiples of "
+                           f"{network.divisor} for every member")
+    return ModelPackage(path, card, {}, tuple(members))
 
 
 def save_package(out_dir: str | os.PathLike, card: ModelCard | dict,
