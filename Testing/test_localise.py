@@ -152,15 +152,15 @@ def test_ms_patients_give_hippocampi_in_the_medial_temporal_lobes_left_on_the_le
     assert left[2] < middle[2] and right[2] < middle[2]
 
 
-@pytest.mark.parametrize("head, scaling, per", [("mni152", (0.9, 1.1), "class"), ("patient07", (0.9, 1.1), "side"),
-                                               ("patient19", (1.0, 1.0), "side")])
-def test_moved_rescaled_resampled_copy_gives_the_same_hippocampi(predictor, data_dir, head, scaling, per):
-    """Dice >= 0.85 after mapping the moved copy's labels back, per class (MNI152) or per side. Patient
-    19's copy is moved rigidly: scaled by 0.9-1.1 its Dice falls to 0.77-0.86 per class (README: the
-    models segment a hippocampus shown larger as relatively smaller)."""
+@pytest.mark.parametrize("head, per", [("mni152", "class"), ("patient07", "class"), ("patient19", "side")])
+def test_moved_rescaled_resampled_copy_gives_the_same_hippocampi(predictor, data_dir, head, per):
+    """Dice >= 0.85 after mapping the moved copy's labels back, per class, or per side for patient 19
+    (its copies: 0.84-0.90 per class, README "Moved copies"). The crops are size-normalised: before,
+    scaled copies of patient 19 fell to 0.75-0.88 per class (the models segment a hippocampus shown
+    larger as relatively smaller)."""
     image = read_image(data_dir / (MNI if head == "mni152" else PATIENT_T1.format(head)))
     reference = predictor.predict([image]).labels.array
-    copy, transform = moved_copy(image, seed=1, scaling=scaling)
+    copy, transform = moved_copy(image, seed=1)
     assert not copy.geometry.same_grid(image.geometry)
     result = predictor.predict([copy])
     back = sitk.GetArrayFromImage(sitk.Resample(result.labels.to_sitk(), reference_image(image.geometry),

@@ -32,7 +32,7 @@ from . import __version__
 from .card import UNCERTAINTY, ModelCard
 from .errors import InputError, OutOfMemory
 from .image import Image, label_dtype
-from .localise import (Box, LocalisationError, crop_images, cut, footprint, grid_in_box, localise_targets,
+from .localise import (Box, LocalisationError, crop_grids, crop_images, cut, footprint, localise_targets,
                        much_larger, plausible_volume, resample, sub_geometry, target_classes)
 from .maps import normalized_entropy, resize_map, split_channels, volume_name
 from .package import ModelPackage
@@ -505,12 +505,12 @@ class Predictor:
         boxes = {}
         for n, (target, box) in enumerate(placed):
             t0 = time.perf_counter()
-            grid = grid_in_box(box, spacing, box.axes)
+            grid, shown = crop_grids(box, spacing, registration.size_factor)
             index = footprint(box.corners(), geometry)
             if index is None:
                 raise LocalisationError(f"the {target.side.lower()} {target.structure} lies outside this image; "
                                         "give a scan that covers it, or the region with --roi")
-            crop = crop_images(images, grid)
+            crop = [Image(image.array, shown) for image in crop_images(images, grid)]
             timings["localise"] += time.perf_counter() - t0
             step = None if progress is None else (
                 lambda f, eta, stage, n=n: progress((n + f) / len(targets), None, f"{target.name}: {stage}"))
@@ -525,7 +525,7 @@ class Predictor:
                     Image(result.probabilities.array[c], grid), region, 0.0)
             for name, image in result.maps.items():
                 on_grid = maps.setdefault(name, np.zeros(shape, dtype=np.float32))
-                np.maximum(on_grid[index], resample(image, region, 0.0), out=on_grid[index])
+                np.maximum(on_grid[index], resample(Image(image.array, grid), region, 0.0), out=on_grid[index])
             notices += [f"{target.name}: {text}" for text in result.notices if text not in run.notices]
             boxes[target.name] = {**box.as_dict(), "crop_volume_ml": round(volume, 3)}
             timings["postprocess"] += time.perf_counter() - t0

@@ -16,14 +16,19 @@ input is localised:
    8 mm: the grey/white-matter pattern, not the brain's outline, which half a brain or an upside-down
    head also roughly fills), or when the affine is implausible (scales outside 0.7-1.4, a flip). After
    segmenting, a crop whose structure volume is implausible is refused too.
-3. **Crop.** Each target's MNI box centre is mapped into the input; the crop is a grid in the
-   *patient's* millimetres (the model's spacing), oriented along the template's axes as the
-   registration sees them (the rotation of the affine, without its scaling: the model sees the
-   structure at its real size, in the pose it was trained on), as large as the model's training field
-   of view, or the mapped box (the structure's extent plus a margin) when that is larger.
-4. **Back.** Each crop is segmented by the package in its own frame; probabilities and maps are resampled
-   (linearly) onto the input grid inside the crop's footprint; background everywhere else. Each
-   target then contributes its own classes ("Left anterior hippocampus", ...).
+3. **Crop.** Each target's MNI box centre is mapped into the input; the crop is a grid oriented along
+   the template's axes as the registration sees them (the rotation of the affine, without its scaling:
+   the pose the model was trained on) and *size-normalised*: its voxels are the model's spacing times
+   the head's scale over :data:`REFERENCE_SCALE` (:attr:`Registration.size_factor`), and the model is
+   shown them as voxels of its own spacing (:func:`crop_grids`), so every head's anatomy reaches the
+   model at one size. (The models have a size prior: a crop cut at the patient's own size segments a
+   larger head's hippocampus as relatively smaller, so a scaled copy of a scan gave another
+   hippocampus.) It spans the model's training field of view in that frame, or the mapped box (the
+   structure's extent plus a margin) when that is larger.
+4. **Back.** Each crop is segmented by the package in its own frame; probabilities and maps are put back
+   on the crop's sampled grid and resampled (linearly) onto the input grid inside the crop's footprint
+   (volumes are so measured in the patient's millimetres); background everywhere else. Each target then
+   contributes its own classes ("Left anterior hippocampus", ...).
 
 A user ROI (:class:`Box` from :meth:`Box.from_centre_size`, LPS millimetres as ITK reads the file) is
 cut from the input on its own grid (no interpolation) and pasted back the same way.
@@ -45,10 +50,12 @@ BRAIN_MASK_FILE = "mni152_2009a_sym_brainmask_2mm.nii.gz"
 METHOD = "mni152_affine"
 WORKING_SPACING_MM = 2.0  # the template's; the input is smoothed and resampled to it before registering
 # Pearson correlation of the template and the registered input deep inside the template's brain.
-# Measured (README, "A whole head"): 1.00 on the template itself, 0.45 and 0.62 on the T1 of the two
-# skull-stripped MS patients; 0.26 or less on half a brain, an upside-down head, the BraTS FLAIR and T1c
-# volumes and noise, 0.28 on the upper half of a head, -0.56 on a T2.
-MIN_CORRELATION = 0.3
+# Measured (README, "Refused"): good T1s 0.45-1.00 (the template, the two skull-stripped MS patients, three
+# moved, scaled and resampled copies of each: 0.446 at the least); failures 0.28 at most (half a brain,
+# the upper or lower half of a head, its front half, upside down, on its side, noise, an ellipsoid blob,
+# the BraTS FLAIR, T1c and brain masks, a T2). The threshold lies midway. The correlation over the whole
+# brain and over the medial temporal boxes alone were measured too and separate worse (they overlap).
+MIN_CORRELATION = 0.36
 INNER_EROSION_VOXELS = 4  # of the 2 mm brain mask: 8 mm
 # A registration that fails the check is tried once more with its metric inside the brain eroded by
 # 4 mm: a head with its skull puts bone and scalp fat where the skull-stripped template's brain mask
@@ -64,6 +71,12 @@ MAX_ITERATIONS = 100  # per resolution level; the optimiser usually stops earlie
 SCALE_RANGE = (0.7, 1.4)  # per axis, template -> input: heads are not 30 % smaller or 40 % larger
 # "Much larger" than the training field of view: longer than this factor along any axis.
 FOV_FACTOR = 1.5
+# Size normalisation (step 3): the model sees every head's anatomy at the size it has in a head this many
+# times the template's (the affine's geometric mean scale). 0.85: the two MS patients' heads measure 0.853
+# and 0.852 (the template, an average of brains scaled to MNI space, is larger than a single head), so their
+# volumes stay what the models gave at their own size (README, "Moved copies"). The training heads' scale
+# is not known (the MSD crops carry no whole head).
+REFERENCE_SCALE = 0.85
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -281,12 +294,24 @@ class Registration:
         u, _, vt = np.linalg.svd(self.matrix)
         return u @ vt
 
+    @property
+    def head_scale(self) -> float:
+        """The head's linear size relative to the template's: the geometric mean of :attr:`scales`."""
+        return float(np.prod(self.scales)) ** (1 / 3)
+
+    @property
+    def size_factor(self) -> float:
+        """How much larger than the model's voxels a crop's voxels are, in the patient's millimetres:
+        the head's scale over :data:`REFERENCE_SCALE`."""
+        return self.head_scale / REFERENCE_SCALE
+
     def map_point(self, lps) -> np.ndarray:
         return np.asarray(self.transform.TransformPoint(tuple(float(v) for v in lps)))
 
     def as_dict(self) -> dict:
         return {"method": METHOD, "correlation": round(self.correlation, 4),
-                "scales": [round(s, 4) for s in self.scales], "seconds": round(self.seconds, 3),
+                "scales": [round(s, 4) for s in self.scales],
+                "size_factor": round(self.size_factor, 4), "seconds": round(self.seconds, 3),
                 "matrix_lps": [round(float(v), 5) for v in self.matrix.ravel()],
                 "translation_lps_mm": [round(float(v), 3) for v in self.map_point((0.0, 0.0, 0.0))]}
 
@@ -382,15 +407,24 @@ def check_registration(registration: Registration) -> None:
 
 def target_box(registration: Registration, target: Target, crop_mm, orientation_direction: np.ndarray) -> Box:
     """The crop around ``target`` in the input: centred on the mapped MNI centre, oriented along the
-    registration's rotation of ``orientation_direction`` (the model's axes), ``crop_mm`` along them, or
-    the target box (scaled by the affine) where that is larger."""
+    registration's rotation of ``orientation_direction`` (the model's axes), ``crop_mm`` times the
+    registration's size factor along them (the training field of view in the size-normalised frame),
+    or the target box (scaled by the affine) where that is larger."""
     centre = registration.map_point(_LPS_TO_RAS @ np.asarray(target.centre_ras_mm))
     axes = registration.rotation @ orientation_direction
     # the target's extent along the model's axes, in the patient's millimetres
     box_mm = np.abs(orientation_direction.T @ _LPS_TO_RAS) @ np.asarray(target.size_mm)
-    scaled = box_mm * float(np.prod(registration.scales)) ** (1 / 3)
-    size = np.maximum(np.asarray(crop_mm, dtype=float), scaled)
+    scaled = box_mm * registration.head_scale
+    size = np.maximum(np.asarray(crop_mm, dtype=float) * registration.size_factor, scaled)
     return Box(tuple(float(c) for c in centre), tuple(float(s) for s in size), tuple(float(a) for a in axes.ravel()))
+
+
+def crop_grids(box: Box, spacing, size_factor: float) -> tuple[Geometry, Geometry]:
+    """(sampled, shown): the grid a crop is sampled on in the input (``spacing`` times ``size_factor``
+    mm, along the box's axes), and the same voxels as the model is shown them (``spacing`` mm, so the
+    anatomy has the reference size). Arrays on one are arrays on the other, voxel for voxel."""
+    sampled = grid_in_box(box, np.asarray(spacing, dtype=float) * size_factor, box.axes)
+    return sampled, Geometry(sampled.size, tuple(float(s) for s in spacing), sampled.origin, sampled.direction)
 
 
 def needs_localisation(geometry: Geometry, card: dict) -> bool:
