@@ -79,8 +79,9 @@ class AttnSeg(ScriptedLoadableModule):
         self.parent.helpText = _("""
 Segments 3D images with attention-based networks and shows, next to the segmentation, the class
 probabilities, the network's uncertainty and the model's own attention, confidence or difficulty maps.
-Step through the most doubtful regions, correct them in the Segment Editor (optionally only where the
-network was unsure), and save the corrected case for retraining.
+Step through the most doubtful regions, correct them with clicks (each point placed adds or removes a
+class around it at once, with undo) or in the Segment Editor (optionally only where the network was
+unsure), and save the corrected case, with its clicks, for retraining.
 """)
         self.parent.acknowledgementText = _("""
 Networks follow published attention-based segmentation designs; see each model's card for its paper
@@ -184,6 +185,8 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.app.applicationLogic().GetInteractionNode(),
+                         slicer.vtkMRMLInteractionNode.InteractionModeChangedEvent, self.onInteractionModeChanged)
 
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.localiseButton.connect("clicked(bool)", self.onLocaliseButton)
@@ -195,6 +198,10 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.nextRegionButton.connect("clicked(bool)", lambda: self.onStepRegion(+1))
         self.ui.editDoubtfulOnlyCheckBox.connect("toggled(bool)", self.onEditDoubtfulOnly)
         self.ui.reviewThresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
+        self.ui.refineClassComboBox.connect("currentIndexChanged(int)", self.onRefineClassChanged)
+        self.ui.addPointButton.connect("toggled(bool)", lambda on: self.onPlacePoints(False, on))
+        self.ui.removePointButton.connect("toggled(bool)", lambda on: self.onPlacePoints(True, on))
+        self.ui.undoClickButton.connect("clicked(bool)", self.onUndoClick)
         self.ui.saveCorrectionButton.connect("clicked(bool)", self.onSaveCorrection)
         for selector in self.inputSelectors:
             selector.connect("currentNodeChanged(vtkMRMLNode*)", self._updateButtons)
@@ -228,6 +235,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self._adding = None  # nodes of a result are not added to the next scene
+        self.ui.refineStatusLabel.text = ""
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -246,6 +254,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._parameterNode.modelName:
                 self.ui.modelComboBox.setCurrentText(self._parameterNode.modelName)
             self._populateMaps()
+            self._populateRefineClasses()
         self._updateButtons()
 
     # -- dependencies and models ----------------------------------------------------------------
@@ -336,8 +345,12 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.localiseButton.enabled = not running and not adding and self._localisable()
         hasSegmentation = self._attnsegSegmentation() is not None
         for button in (self.ui.previousRegionButton, self.ui.nextRegionButton, self.ui.saveCorrectionButton,
-                       self.ui.segmentEditorWidget, self.ui.editDoubtfulOnlyCheckBox):
+                       self.ui.segmentEditorWidget, self.ui.editDoubtfulOnlyCheckBox, self.ui.refineClassComboBox,
+                       self.ui.addPointButton, self.ui.removePointButton):
             button.enabled = hasSegmentation and not running and not adding
+        refinement = self._clickRefinement()
+        self.ui.undoClickButton.enabled = (refinement is not None and refinement.undoSteps > 0 and not running
+                                           and not adding)
 
     def _localisable(self) -> bool:
         """The model's card says how to localise and the first input is much larger than its training field
@@ -443,6 +456,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSegmentationChanged(self, node) -> None:
         self._populateMaps()
         self._connectEditor()
+        self._populateRefineClasses()
         self._updateButtons()
 
     def _connectEditor(self) -> None:
@@ -531,6 +545,83 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.logic.sceneLogic.allowEditingEverywhere(node)
         self.ui.segmentEditorWidget.updateWidgetFromMRML()
+
+    # -- refine with clicks -----------------------------------------------------------------------
+    def _clickRefinement(self):
+        """The click refinement of the selected AttnSeg segmentation (its point lists and undo steps), or
+        None."""
+        node = self._attnsegSegmentation()
+        return self.logic.sceneLogic.clickRefinement(node) if node is not None else None
+
+    def _populateRefineClasses(self) -> None:
+        combo = self.ui.refineClassComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        refinement = self._clickRefinement()
+        if refinement is not None:
+            refinement.onReport = self.onClickRefined
+            for name in refinement.classNames:
+                combo.addItem(name)
+        combo.blockSignals(wasBlocked)
+        self.onInteractionModeChanged()
+
+    def onPlacePoints(self, remove: bool, enabled: bool) -> None:
+        from AttnSegLib.slicer_refine import ADD, REMOVE
+
+        refinement = self._clickRefinement()
+        if refinement is None:
+            return
+        with _showErrors(_("Points cannot be placed.")):
+            if enabled:
+                refinement.startPlacing(self.ui.refineClassComboBox.currentText, REMOVE if remove else ADD)
+            else:
+                refinement.stopPlacing()
+        self.onInteractionModeChanged()
+
+    def onRefineClassChanged(self, index=None) -> None:
+        """Placing goes on, into the newly chosen class's list of the same kind."""
+        refinement = self._clickRefinement()
+        placing = refinement.placing() if refinement is not None else None
+        if placing is not None:
+            with _showErrors(_("Points cannot be placed.")):
+                refinement.startPlacing(self.ui.refineClassComboBox.currentText, placing[1])
+        self.onInteractionModeChanged()
+
+    def onInteractionModeChanged(self, caller=None, event=None) -> None:
+        """Add and Remove show whether the views place points into the chosen class's lists (Esc in a view,
+        or another mouse mode, ends placing)."""
+        from AttnSegLib.slicer_refine import ADD, REMOVE
+
+        refinement = self._clickRefinement()
+        placing = refinement.placing() if refinement is not None else None
+        for button, action in ((self.ui.addPointButton, ADD), (self.ui.removePointButton, REMOVE)):
+            wasBlocked = button.blockSignals(True)
+            button.checked = placing == (self.ui.refineClassComboBox.currentText, action)
+            button.blockSignals(wasBlocked)
+
+    def onClickRefined(self, report) -> None:
+        """Called by the logic after each placed point (see ``AttnSegLib.slicer_refine.ClickReport``)."""
+        from AttnSegLib.slicer_refine import ADD
+
+        if report.error is not None:
+            self.ui.refineStatusLabel.text = _("Point not used: {error}").format(error=report.error)
+        else:
+            done = _("Added {name}") if report.action == ADD else _("Removed {name}")
+            self.ui.refineStatusLabel.text = _(
+                "{done} around ({x:.1f}, {y:.1f}, {z:.1f}) mm (LPS): {count} voxels updated in {seconds:.2f} s.").format(
+                done=done.format(name=report.className), x=report.positionLPS[0], y=report.positionLPS[1],
+                z=report.positionLPS[2], count=report.changedVoxels, seconds=report.seconds)
+        self._updateButtons()
+
+    def onUndoClick(self) -> None:
+        refinement = self._clickRefinement()
+        if refinement is None:
+            return
+        with _showErrors(_("The click could not be undone."), waitCursor=True):
+            if refinement.undo():
+                self.ui.refineStatusLabel.text = _("Last point undone; {count} more can be undone.").format(
+                    count=refinement.undoSteps)
+        self._updateButtons()
 
     # -- export -----------------------------------------------------------------------------------
     def onSaveCorrection(self) -> None:

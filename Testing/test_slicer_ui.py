@@ -37,7 +37,7 @@ CONNECTORS = {"qMRMLNodeComboBox": "qMRMLNodeComboBoxToNodeConnector",
               "ctkSliderWidget": "QDoubleSpinBoxCtkSliderWidgetToFloatConnector",
               "QCheckBox": "QCheckBoxToBoolConnector", "QComboBox": "QComboBoxToStringableConnector",
               "ctkDirectoryButton": "ctkDirectoryButtonToPathConnector"}
-SECTIONS = ["Model", "Inputs", "Review", "Correct", "Save correction for training"]
+SECTIONS = ["Model", "Inputs", "Review", "Refine with clicks", "Correct", "Save correction for training"]
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_the_panel_has_one_section_per_step(panel):
                 "ctkCollapsibleButton"]
     assert sorted(w.objectName() for w in sections) == ["correctionCollapsibleButton", "editorCollapsibleButton",
                                                         "inputsCollapsibleButton", "modelCollapsibleButton",
-                                                        "reviewCollapsibleButton"]
+                                                        "refineCollapsibleButton", "reviewCollapsibleButton"]
     root = ElementTree.parse(UI).getroot()
     texts = [w.find("property[@name='text']/string").text for w in root.iter("widget")
              if w.get("class") == "ctkCollapsibleButton"]
@@ -247,7 +247,8 @@ def test_parameter_names_match_the_parameter_node(panel):
 
 def test_the_segment_editor_is_in_the_panel_under_the_review_and_the_module_never_leaves(panel):
     """Slicer's Segment Editor widget (as the Segment Editor module itself builds it) sits in the panel's
-    Correct section right under Review, so Previous/Next region stay in view while correcting; the code
+    Correct section right under Review and the three rows of Refine with clicks, so Previous/Next region
+    stay in view while correcting; the code
     hands it the editor node before the scene, the AttnSeg segmentation and its input, sets it up on
     enter and releases effects, shortcuts and view observations on exit; no button leaves the module."""
     classes = _xml_classes()
@@ -256,7 +257,8 @@ def test_the_segment_editor_is_in_the_panel_under_the_review_and_the_module_neve
     assert editor.parent().objectName() == "editorCollapsibleButton"
     order = [w.get("name") for w in ElementTree.parse(UI).getroot().iter("widget")
              if w.get("class") == "ctkCollapsibleButton"]
-    assert order.index("editorCollapsibleButton") == order.index("reviewCollapsibleButton") + 1
+    review = order.index("reviewCollapsibleButton")
+    assert order[review:review + 3] == ["reviewCollapsibleButton", "refineCollapsibleButton", "editorCollapsibleButton"]
     used = collections.defaultdict(list)
     for line, name, member, _ in widget_uses():
         if name == "segmentEditorWidget":
@@ -269,3 +271,24 @@ def test_the_segment_editor_is_in_the_panel_under_the_review_and_the_module_neve
     methods = {f.name: ast.unparse(f) for f in WIDGET_CLASS.body if isinstance(f, ast.FunctionDef)}
     assert "installKeyboardShortcuts" in methods["enter"] and "removeViewObservations" in methods["exit"]
     assert "selectModule" not in ast.unparse(WIDGET_CLASS) and "openSegmentEditorButton" not in classes
+
+
+def test_the_refine_section_has_a_class_choice_checkable_place_buttons_and_undo_the_code_connects(panel):
+    """Refine with clicks: the class, Add points and Remove points (checkable: they show whether the views
+    place points into that class's list), Undo click and a status line; AttnSeg.py connects each."""
+    classes = _xml_classes()
+    expected = {"refineClassComboBox": "QComboBox", "addPointButton": "QPushButton",
+                "removePointButton": "QPushButton", "undoClickButton": "QPushButton", "refineStatusLabel": "QLabel"}
+    for name, cls in expected.items():
+        loaded = panel.findChild(QtWidgets.QWidget, name)
+        assert classes.get(name) == cls and loaded is not None, name
+        parent = loaded.parent()
+        assert parent.objectName() == "refineCollapsibleButton", name
+    assert panel.findChild(QtWidgets.QPushButton, "addPointButton").isCheckable()
+    assert panel.findChild(QtWidgets.QPushButton, "removePointButton").isCheckable()
+    assert not panel.findChild(QtWidgets.QPushButton, "undoClickButton").isCheckable()
+    connected = {(name, signal) for _, name, _, signal in widget_uses() if signal is not None}
+    assert {("refineClassComboBox", "currentIndexChanged(int)"), ("addPointButton", "toggled(bool)"),
+            ("removePointButton", "toggled(bool)"), ("undoClickButton", "clicked(bool)")} <= connected
+    for name in ("addPointButton", "removePointButton"):
+        assert has_signal(classes[name], "toggled(bool)") and has_member(classes[name], "checked")

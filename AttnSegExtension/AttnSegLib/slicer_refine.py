@@ -13,8 +13,9 @@ a refine mode in the web app) only turn a placed point into a :class:`~AttnSegLi
 markups point list for adding and one for removing (made on demand, named and coloured by the class,
 referenced by the segmentation), placement into them through the scene's selection and interaction nodes
 (as the Markups module's place widget does), each newly placed point refined at once (the lists are
-observed), and a bounded undo stack. The learned update takes about a tenth of a second per click on a
-hippocampus crop on one CPU thread, so it runs on the scene's thread, not in the worker process.
+observed), and a bounded undo stack. A placed point costs 0.24 s of CPU (median of 10, learned update,
+one thread, the shipped hippocampus crop, placement to updated nodes), so it runs on the scene's thread,
+not in the worker process.
 """
 from __future__ import annotations
 
