@@ -607,8 +607,8 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.refineStatusLabel.text = _("Point not used: {error}").format(error=report.error)
         else:
             done = _("Added {name}") if report.action == ADD else _("Removed {name}")
-            self.ui.refineStatusLabel.text = _(
-                "{done} around ({x:.1f}, {y:.1f}, {z:.1f}) mm (LPS): {count} voxels updated in {seconds:.2f} s.").format(
+            text = _("{done} around ({x:.1f}, {y:.1f}, {z:.1f}) mm (LPS): {count} voxels updated in {seconds:.2f} s.")
+            self.ui.refineStatusLabel.text = text.format(
                 done=done.format(name=report.className), x=report.positionLPS[0], y=report.positionLPS[1],
                 z=report.positionLPS[2], count=report.changedVoxels, seconds=report.seconds)
         self._updateButtons()
@@ -735,8 +735,12 @@ class AttnSegTest(ScriptedLoadableModuleTest):
         import json
         import tempfile
 
+        import numpy
+
         from AttnSegLib.image import read_image
         from AttnSegLib.metrics import evaluate_labels
+        from AttnSegLib.refine import voxel_click
+        from AttnSegLib.slicer_refine import REMOVE
 
         self.delayDisplay("Loading the sample")
         logic = AttnSegLogic()
@@ -762,6 +766,19 @@ class AttnSegTest(ScriptedLoadableModuleTest):
         logic.sceneLogic.centerSliceViews(stop.markerRAS)
         red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
         self.assertAlmostEqual(red.GetSliceToRAS().GetElement(2, 3), stop.markerRAS[2], places=3)
+
+        self.delayDisplay("Refining with a click, then undoing it")
+        refinement = logic.sceneLogic.clickRefinement(result.segmentationNode)
+        before = logic.sceneLogic.correctedLabels(result.segmentationNode)
+        inside = numpy.argwhere(before.array == 1)
+        target = tuple(int(v) for v in inside[len(inside) // 2])
+        x, y, z = voxel_click(target, 0, before.geometry).position_lps
+        refinement.pointList(classes[1]["name"], REMOVE).AddControlPointWorld(-x, -y, z)  # RAS
+        self.assertIsNone(refinement.lastReport.error)
+        self.assertEqual(logic.sceneLogic.correctedLabels(result.segmentationNode).array[target], 0)
+        self.assertTrue(refinement.undo())
+        numpy.testing.assert_array_equal(logic.sceneLogic.correctedLabels(result.segmentationNode).array,
+                                         before.array)
 
         self.delayDisplay("Exporting")
         with tempfile.TemporaryDirectory() as folder:

@@ -99,9 +99,10 @@ def _place(listNode, index, geometry) -> None:
     event = slicer.vtkMRMLInteractionEventData()
     display = listNode.GetDisplayNode()
     event.SetWorldPosition([-x + 3.0, -y, z])  # hovering nearby
-    point = display.UpdateActiveControlPointWorld(-1, event, IDENTITY, "", "", slicer.vtkMRMLMarkupsNode.PositionPreview)
+    markups = slicer.vtkMRMLMarkupsNode
+    point = display.UpdateActiveControlPointWorld(-1, event, IDENTITY, "", "", markups.PositionPreview)
     event.SetWorldPosition([-x, -y, z])
-    display.UpdateActiveControlPointWorld(point, event, IDENTITY, "", "", slicer.vtkMRMLMarkupsNode.PositionDefined)
+    display.UpdateActiveControlPointWorld(point, event, IDENTITY, "", "", markups.PositionDefined)
 
 
 def _far_from(moved: np.ndarray, index, geometry) -> float:
