@@ -114,8 +114,7 @@ def _refine(logic, segmentationNode, clicks: list[Click], refiner: Refiner | Non
     history = recordedClicks(segmentationNode)
     refined = refiner.refine(np.stack([img.array.astype(np.float32) for img in images]), probabilities,
                              labels.geometry, clicks, history, uncertainty, labels.array, parts)
-    if refined.changed.any():
-        _writeLabels(segmentationNode, labels.with_array(refined.labels))
+    _writeLabels(segmentationNode, labels.with_array(refined.labels), refined.changed)
     for node, channel in zip(probabilityNodes, refined.probabilities[1:]):
         _writeVolume(node, channel)
     if uncertaintyNode is not None:
@@ -156,8 +155,10 @@ def _pasteVolume(node, box: tuple[slice, slice, slice], values: np.ndarray) -> N
     node.Modified()
 
 
-def _writeLabels(segmentationNode, labels: Image) -> None:
-    """Each class segment replaced by its voxels of ``labels``."""
+def _writeLabels(segmentationNode, labels: Image, changed: np.ndarray) -> None:
+    """Each class segment replaced by its voxels of ``labels`` when anything ``changed``."""
+    if not changed.any():
+        return
     classes = {c["name"].lower(): int(c["value"]) for c in json.loads(segmentationNode.GetAttribute(ATTRIBUTE + "Classes"))}
     segmentation = segmentationNode.GetSegmentation()
     tagged = {}
@@ -382,7 +383,7 @@ class ClickRefinement:
         labels = self.logic.correctedLabels(node)
         restored = labels.array.copy()
         restored[step.box] = step.labels
-        _writeLabels(node, labels.with_array(restored))
+        _writeLabels(node, labels.with_array(restored), restored != labels.array)
         for probabilityNode, values in zip(_probabilityNodes(self.logic, node), step.probabilities):
             _pasteVolume(probabilityNode, step.box, values)
         uncertaintyNode = self.logic.mapNodes(node).get("uncertainty")
