@@ -566,11 +566,11 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onInteractionModeChanged()
 
     def onPlacePoints(self, remove: bool, enabled: bool) -> None:
-        from AttnSegLib.slicer_refine import ADD, REMOVE
-
         refinement = self._clickRefinement()
         if refinement is None:
             return
+        from AttnSegLib.slicer_refine import ADD, REMOVE
+
         with _showErrors(_("Points cannot be placed.")):
             if enabled:
                 refinement.startPlacing(self.ui.refineClassComboBox.currentText, REMOVE if remove else ADD)
@@ -590,13 +590,16 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onInteractionModeChanged(self, caller=None, event=None) -> None:
         """Add and Remove show whether the views place points into the chosen class's lists (Esc in a view,
         or another mouse mode, ends placing)."""
-        from AttnSegLib.slicer_refine import ADD, REMOVE
-
-        refinement = self._clickRefinement()
+        refinement = self._clickRefinement()  # None until the engine is installed and a result chosen
         placing = refinement.placing() if refinement is not None else None
-        for button, action in ((self.ui.addPointButton, ADD), (self.ui.removePointButton, REMOVE)):
+        active = None
+        if placing is not None and placing[0] == self.ui.refineClassComboBox.currentText:
+            from AttnSegLib.slicer_refine import REMOVE
+
+            active = self.ui.removePointButton if placing[1] == REMOVE else self.ui.addPointButton
+        for button in (self.ui.addPointButton, self.ui.removePointButton):
             wasBlocked = button.blockSignals(True)
-            button.checked = placing == (self.ui.refineClassComboBox.currentText, action)
+            button.checked = button is active
             button.blockSignals(wasBlocked)
 
     def onClickRefined(self, report) -> None:
