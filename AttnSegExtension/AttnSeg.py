@@ -79,8 +79,9 @@ class AttnSeg(ScriptedLoadableModule):
         self.parent.helpText = _("""
 Segments 3D images with attention-based networks and shows, next to the segmentation, the class
 probabilities, the network's uncertainty and the model's own attention, confidence or difficulty maps.
-Step through the most doubtful regions, correct them in the Segment Editor (optionally only where the
-network was unsure), and save the corrected case for retraining.
+Step through the most doubtful regions, correct them with clicks (each point placed adds or removes a
+class around it at once, with undo) or in the Segment Editor (optionally only where the network was
+unsure), and save the corrected case, with its clicks, for retraining.
 """)
         self.parent.acknowledgementText = _("""
 Networks follow published attention-based segmentation designs; see each model's card for its paper
@@ -184,6 +185,8 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.app.applicationLogic().GetInteractionNode(),
+                         slicer.vtkMRMLInteractionNode.InteractionModeChangedEvent, self.onInteractionModeChanged)
 
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.localiseButton.connect("clicked(bool)", self.onLocaliseButton)
@@ -195,6 +198,10 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.nextRegionButton.connect("clicked(bool)", lambda: self.onStepRegion(+1))
         self.ui.editDoubtfulOnlyCheckBox.connect("toggled(bool)", self.onEditDoubtfulOnly)
         self.ui.reviewThresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
+        self.ui.refineClassComboBox.connect("currentIndexChanged(int)", self.onRefineClassChanged)
+        self.ui.addPointButton.connect("toggled(bool)", lambda on: self.onPlacePoints(False, on))
+        self.ui.removePointButton.connect("toggled(bool)", lambda on: self.onPlacePoints(True, on))
+        self.ui.undoClickButton.connect("clicked(bool)", self.onUndoClick)
         self.ui.saveCorrectionButton.connect("clicked(bool)", self.onSaveCorrection)
         for selector in self.inputSelectors:
             selector.connect("currentNodeChanged(vtkMRMLNode*)", self._updateButtons)
@@ -228,6 +235,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self._adding = None  # nodes of a result are not added to the next scene
+        self.ui.refineStatusLabel.text = ""
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -246,6 +254,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._parameterNode.modelName:
                 self.ui.modelComboBox.setCurrentText(self._parameterNode.modelName)
             self._populateMaps()
+            self._populateRefineClasses()
         self._updateButtons()
 
     # -- dependencies and models ----------------------------------------------------------------
@@ -336,8 +345,12 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.localiseButton.enabled = not running and not adding and self._localisable()
         hasSegmentation = self._attnsegSegmentation() is not None
         for button in (self.ui.previousRegionButton, self.ui.nextRegionButton, self.ui.saveCorrectionButton,
-                       self.ui.segmentEditorWidget, self.ui.editDoubtfulOnlyCheckBox):
+                       self.ui.segmentEditorWidget, self.ui.editDoubtfulOnlyCheckBox, self.ui.refineClassComboBox,
+                       self.ui.addPointButton, self.ui.removePointButton):
             button.enabled = hasSegmentation and not running and not adding
+        refinement = self._clickRefinement()
+        self.ui.undoClickButton.enabled = (refinement is not None and refinement.undoSteps > 0 and not running
+                                           and not adding)
 
     def _localisable(self) -> bool:
         """The model's card says how to localise and the first input is much larger than its training field
@@ -443,6 +456,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSegmentationChanged(self, node) -> None:
         self._populateMaps()
         self._connectEditor()
+        self._populateRefineClasses()
         self._updateButtons()
 
     def _connectEditor(self) -> None:
@@ -533,6 +547,86 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.logic.sceneLogic.allowEditingEverywhere(node)
         self.ui.segmentEditorWidget.updateWidgetFromMRML()
+
+    # -- refine with clicks -----------------------------------------------------------------------
+    def _clickRefinement(self):
+        """The click refinement of the selected AttnSeg segmentation (its point lists and undo steps), or
+        None."""
+        node = self._attnsegSegmentation()
+        return self.logic.sceneLogic.clickRefinement(node) if node is not None else None
+
+    def _populateRefineClasses(self) -> None:
+        combo = self.ui.refineClassComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        refinement = self._clickRefinement()
+        if refinement is not None:
+            refinement.onReport = self.onClickRefined
+            for name in refinement.classNames:
+                combo.addItem(name)
+        combo.blockSignals(wasBlocked)
+        self.onInteractionModeChanged()
+
+    def onPlacePoints(self, remove: bool, enabled: bool) -> None:
+        refinement = self._clickRefinement()
+        if refinement is None:
+            return
+        from AttnSegLib.slicer_refine import ADD, REMOVE
+
+        with _showErrors(_("Points cannot be placed.")):
+            if enabled:
+                refinement.startPlacing(self.ui.refineClassComboBox.currentText, REMOVE if remove else ADD)
+            else:
+                refinement.stopPlacing()
+        self.onInteractionModeChanged()
+
+    def onRefineClassChanged(self, index=None) -> None:
+        """Placing goes on, into the newly chosen class's list of the same kind."""
+        refinement = self._clickRefinement()
+        placing = refinement.placing() if refinement is not None else None
+        if placing is not None:
+            with _showErrors(_("Points cannot be placed.")):
+                refinement.startPlacing(self.ui.refineClassComboBox.currentText, placing[1])
+        self.onInteractionModeChanged()
+
+    def onInteractionModeChanged(self, caller=None, event=None) -> None:
+        """Add and Remove show whether the views place points into the chosen class's lists (Esc in a view,
+        or another mouse mode, ends placing)."""
+        refinement = self._clickRefinement()  # None until the engine is installed and a result chosen
+        placing = refinement.placing() if refinement is not None else None
+        active = None
+        if placing is not None and placing[0] == self.ui.refineClassComboBox.currentText:
+            from AttnSegLib.slicer_refine import REMOVE
+
+            active = self.ui.removePointButton if placing[1] == REMOVE else self.ui.addPointButton
+        for button in (self.ui.addPointButton, self.ui.removePointButton):
+            wasBlocked = button.blockSignals(True)
+            button.checked = button is active
+            button.blockSignals(wasBlocked)
+
+    def onClickRefined(self, report) -> None:
+        """Called by the logic after each placed point (see ``AttnSegLib.slicer_refine.ClickReport``)."""
+        from AttnSegLib.slicer_refine import ADD
+
+        if report.error is not None:
+            self.ui.refineStatusLabel.text = _("Point not used: {error}").format(error=report.error)
+        else:
+            done = _("Added {name}") if report.action == ADD else _("Removed {name}")
+            text = _("{done} around ({x:.1f}, {y:.1f}, {z:.1f}) mm (LPS): {count} voxels updated in {seconds:.2f} s.")
+            self.ui.refineStatusLabel.text = text.format(
+                done=done.format(name=report.className), x=report.positionLPS[0], y=report.positionLPS[1],
+                z=report.positionLPS[2], count=report.changedVoxels, seconds=report.seconds)
+        self._updateButtons()
+
+    def onUndoClick(self) -> None:
+        refinement = self._clickRefinement()
+        if refinement is None:
+            return
+        with _showErrors(_("The click could not be undone."), waitCursor=True):
+            if refinement.undo():
+                self.ui.refineStatusLabel.text = _("Last point undone; {count} more can be undone.").format(
+                    count=refinement.undoSteps)
+        self._updateButtons()
 
     # -- export -----------------------------------------------------------------------------------
     def onSaveCorrection(self) -> None:
@@ -646,8 +740,12 @@ class AttnSegTest(ScriptedLoadableModuleTest):
         import json
         import tempfile
 
+        import numpy
+
         from AttnSegLib.image import read_image
         from AttnSegLib.metrics import evaluate_labels
+        from AttnSegLib.refine import voxel_click
+        from AttnSegLib.slicer_refine import REMOVE
 
         self.delayDisplay("Loading the sample")
         logic = AttnSegLogic()
@@ -673,6 +771,19 @@ class AttnSegTest(ScriptedLoadableModuleTest):
         logic.sceneLogic.centerSliceViews(stop.markerRAS)
         red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
         self.assertAlmostEqual(red.GetSliceToRAS().GetElement(2, 3), stop.markerRAS[2], places=3)
+
+        self.delayDisplay("Refining with a click, then undoing it")
+        refinement = logic.sceneLogic.clickRefinement(result.segmentationNode)
+        before = logic.sceneLogic.correctedLabels(result.segmentationNode)
+        inside = numpy.argwhere(before.array == 1)
+        target = tuple(int(v) for v in inside[len(inside) // 2])
+        x, y, z = voxel_click(target, 0, before.geometry).position_lps
+        refinement.pointList(classes[1]["name"], REMOVE).AddControlPointWorld(-x, -y, z)  # RAS
+        self.assertIsNone(refinement.lastReport.error)
+        self.assertEqual(logic.sceneLogic.correctedLabels(result.segmentationNode).array[target], 0)
+        self.assertTrue(refinement.undo())
+        numpy.testing.assert_array_equal(logic.sceneLogic.correctedLabels(result.segmentationNode).array,
+                                         before.array)
 
         self.delayDisplay("Exporting")
         with tempfile.TemporaryDirectory() as folder:

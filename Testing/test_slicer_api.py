@@ -25,6 +25,7 @@ VTK_CLASSES, PYTHON = API["vtk_classes"], API["python"]
 MODULE = REPO / "AttnSegExtension" / "AttnSeg.py"
 LOGIC = REPO / "AttnSegExtension" / "AttnSegLib" / "slicer_logic.py"
 MRML = REPO / "AttnSegExtension" / "AttnSegLib" / "mrml.py"
+REFINE = REPO / "AttnSegExtension" / "AttnSegLib" / "slicer_refine.py"
 # Provided by the running application rather than by a header or a Python module.
 APPLICATION_ATTRIBUTES = {"app", "mrmlScene", "modules", "selfTests"}
 SCRIPTED_MODULES = ("SampleData", "PyTorchUtils")
@@ -116,7 +117,8 @@ def check_slicer_calls(path: Path) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("path", [MODULE, LOGIC, MRML], ids=["AttnSeg.py", "slicer_logic.py", "mrml.py"])
+@pytest.mark.parametrize("path", [MODULE, LOGIC, MRML, REFINE],
+                         ids=["AttnSeg.py", "slicer_logic.py", "mrml.py", "slicer_refine.py"])
 def test_every_slicer_call_exists_in_slicer_5_6(path):
     problems = check_slicer_calls(path)
     assert not problems, "\n".join(problems)

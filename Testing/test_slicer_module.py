@@ -197,6 +197,23 @@ def test_widget_calls_only_logic_that_exists():
         assert scene and not missing, f"{cls.name} calls scene logic that does not exist: {missing}"
 
 
+def test_widget_uses_only_what_the_click_refinement_has():
+    """``refinement = self._clickRefinement()`` is a :class:`AttnSegLib.slicer_refine.ClickRefinement`: every
+    attribute the widget uses on it exists there (the report callback it sets and the report fields too)."""
+    from AttnSegLib.slicer_refine import ClickRefinement, ClickReport
+
+    widget = CLASSES["AttnSegWidget"]
+    used = {node.attr for node in ast.walk(widget) if isinstance(node, ast.Attribute)
+            and ast.unparse(node.value) == "refinement"}
+    assert {"startPlacing", "stopPlacing", "placing", "undo", "undoSteps", "classNames", "onReport"} <= used
+    settable = {"onReport"}  # set in __init__, not a class attribute
+    missing = sorted(n for n in used - settable if not hasattr(ClickRefinement, n))
+    assert not missing, f"AttnSeg.py uses what ClickRefinement lacks: {missing}"
+    fields = {node.attr for node in ast.walk(widget) if isinstance(node, ast.Attribute)
+              and ast.unparse(node.value) == "report"}
+    assert fields and fields <= set(ClickReport.__dataclass_fields__), fields - set(ClickReport.__dataclass_fields__)
+
+
 def test_widget_imports_nothing_heavy_and_the_engine_only_lazily():
     top_level = set()
     for node in TREE.body:

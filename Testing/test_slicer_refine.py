@@ -1,21 +1,27 @@
 """Click refinement in the MRML scene (AttnSegLib.slicer_refine) on real slicer-core nodes: the clicked
 voxel takes the clicked class in the segment, the probability and uncertainty map nodes follow, nothing
 farther than 15 mm from the click changes, and the clicks reach case.json through the AttnSeg.Clicks
-attribute."""
+attribute. The Slicer panel's point lists (ClickRefinement): a point placed as a slice view places it
+(preview, then defined) refines at once, a remove point clears, Undo restores voxel for voxel, a point
+outside the image is refused, and the clicks of a saved correction reach training."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
+import slicer
 
 from AttnSegLib.maps import volume_name
 from AttnSegLib.package import default_package
 from AttnSegLib.refine import RADIUS_MM, ClickError, Refiner, voxel_click
 from AttnSegLib.mrml import imageFromVolumeNode, newScene
 from AttnSegLib.slicer_logic import SceneLogic
-from AttnSegLib.slicer_refine import CLICKS_ATTRIBUTE, recordedClicks, refineSegmentation, refinerFor
+from AttnSegLib.slicer_refine import (ADD, CLICKS_ATTRIBUTE, REF_POINT_LIST, REMOVE, ClickRefinement,
+                                      recordedClicks, refineSegmentation, refinerFor)
 from conftest import REPO
+from training.config import load_config
+from training.data import find_cases
 
 SAMPLE_IMAGE = REPO / "Resources" / "SampleData" / "hippocampus_001_image.nii.gz"
 
@@ -79,3 +85,202 @@ def test_a_click_outside_the_image_changes_nothing(segmented):
     after, after_maps = _state(logic, node)
     np.testing.assert_array_equal(after, labels)
     assert node.GetAttribute(CLICKS_ATTRIBUTE) is None
+
+
+# -- the panel's point lists (ClickRefinement) ------------------------------------------------------
+IDENTITY = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+
+
+def _place(listNode, index, geometry) -> None:
+    """Place a point at array ``index`` as a slice view does (vtkSlicerMarkupsWidget::PlacePoint): a
+    preview point follows the mouse, a click defines it."""
+    click = voxel_click(index, 0, geometry)
+    x, y, z = click.position_lps
+    event = slicer.vtkMRMLInteractionEventData()
+    display = listNode.GetDisplayNode()
+    event.SetWorldPosition([-x + 3.0, -y, z])  # hovering nearby
+    markups = slicer.vtkMRMLMarkupsNode
+    point = display.UpdateActiveControlPointWorld(-1, event, IDENTITY, "", "", markups.PositionPreview)
+    event.SetWorldPosition([-x, -y, z])
+    display.UpdateActiveControlPointWorld(point, event, IDENTITY, "", "", markups.PositionDefined)
+
+
+def _far_from(moved: np.ndarray, index, geometry) -> float:
+    """The largest distance (mm) from voxel ``index`` of a voxel in ``moved`` (0 when none moved)."""
+    if not moved.any():
+        return 0.0
+    spacing = np.asarray(geometry.spacing)[::-1]
+    return float(np.sqrt((((np.argwhere(moved) - np.asarray(index)) * spacing) ** 2).sum(axis=1)).max())
+
+
+def _background_next_to(labels: np.ndarray, value: int):
+    """A background voxel two voxels from the region of class ``value``."""
+    from scipy import ndimage
+
+    near = ndimage.binary_dilation(labels == value, iterations=2) & ~ndimage.binary_dilation(labels == value)
+    return tuple(int(v) for v in np.argwhere(near & (labels == 0))[0])
+
+
+def test_point_lists_are_made_per_class_and_action_named_coloured_and_tied_to_the_segmentation(segmented):
+    logic, result = segmented
+    node = result.segmentationNode
+    refinement = logic.clickRefinement(node)
+    assert logic.clickRefinement(node) is refinement  # kept: its undo steps last
+    assert refinement.classNames == ["Anterior", "Posterior"] and refinement.pointLists() == []
+    add = refinement.pointList("anterior", ADD)
+    remove = refinement.pointList("Anterior", REMOVE)
+    assert refinement.pointList("Anterior", ADD) is add and add is not remove
+    assert (add.GetName(), remove.GetName()) == ("Anterior add", "Anterior remove")
+    segmentation = node.GetSegmentation()
+    colour = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("Anterior")).GetColor()  # as drawn
+    for listNode, glyph in ((add, "ThickCross2D"), (remove, "Dash2D")):
+        display = listNode.GetDisplayNode()
+        np.testing.assert_allclose(display.GetSelectedColor(), colour)
+        np.testing.assert_allclose(display.GetColor(), colour)
+        assert display.GetGlyphTypeAsString() == glyph
+        assert listNode.GetNodeReference("AttnSegSegmentation") is node
+    assert [node.GetNthNodeReference(REF_POINT_LIST, i) for i in range(2)] == [add, remove]
+    with pytest.raises(ClickError, match="unknown class 'Tail'"):
+        refinement.pointList("Tail")
+    with pytest.raises(ClickError, match="background has no point list"):
+        refinement.pointList("background")
+
+    interaction = refinement.interactionNode
+    refinement.startPlacing("Posterior", REMOVE)
+    assert interaction.GetCurrentInteractionMode() == slicer.vtkMRMLInteractionNode.Place
+    assert interaction.GetPlaceModePersistence() == 1
+    assert refinement.placing() == ("Posterior", REMOVE)
+    selection = node.GetScene().GetNodeByID("vtkMRMLSelectionNodeSingleton")
+    assert selection.GetActivePlaceNodeID() == refinement.pointList("Posterior", REMOVE).GetID()
+    assert selection.GetActivePlaceNodeClassName() == "vtkMRMLMarkupsFiducialNode"
+    refinement.stopPlacing()
+    assert interaction.GetCurrentInteractionMode() == slicer.vtkMRMLInteractionNode.ViewTransform
+    assert refinement.placing() is None
+    # a new logic on the same scene (a saved scene reloaded) finds the lists and refines their new points
+    again = SceneLogic(node.GetScene()).clickRefinement(node)
+    assert again.pointLists() == refinement.pointLists()
+    refinement.close()
+    labels = logic.correctedLabels(node)
+    target = _background_next_to(labels.array, 1)
+    _place(add, target, labels.geometry)
+    assert again.lastReport is not None and again.lastReport.error is None
+    assert logic.correctedLabels(node).array[target] == 1
+
+
+def test_a_placed_add_point_makes_its_background_voxel_the_class_and_changes_nothing_beyond_15_mm(segmented):
+    logic, result = segmented
+    node = result.segmentationNode
+    refinement = logic.clickRefinement(node)
+    reports = []
+    refinement.onReport = reports.append
+    labels, maps = _state(logic, node)
+    geometry = logic.correctedLabels(node).geometry
+    target = _background_next_to(labels, 2)
+    assert labels[target] == 0
+    listNode = refinement.startPlacing("Posterior", ADD)
+    _place(listNode, target, geometry)
+    after, after_maps = _state(logic, node)
+    assert after[target] == 2
+    moved = (after != labels) | np.any([after_maps[k] != maps[k] for k in maps], axis=0)
+    assert moved.any() and _far_from(moved, target, geometry) <= RADIUS_MM + 1e-3
+    assert listNode.GetNumberOfControlPoints() == 1 and listNode.GetNthControlPointLocked(0)
+    assert [(r.className, r.action, r.error) for r in reports] == [("Posterior", ADD, None)]
+    assert reports[0].changedVoxels == int(moved.sum()) and reports[0].seconds > 0
+    (recorded,) = json.loads(node.GetAttribute(CLICKS_ATTRIBUTE))
+    assert recorded["class"] == "Posterior"
+    np.testing.assert_allclose(recorded["position_lps"], voxel_click(target, 2, geometry).position_lps, atol=1e-6)
+    assert refinement.undoSteps == 1
+
+
+def test_a_remove_point_clears_its_voxel(segmented):
+    logic, result = segmented
+    node = result.segmentationNode
+    refinement = logic.clickRefinement(node)
+    labels, maps = _state(logic, node)
+    geometry = logic.correctedLabels(node).geometry
+    inside = np.argwhere(labels == 1)
+    target = tuple(int(v) for v in inside[len(inside) // 2])
+    _place(refinement.pointList("Anterior", REMOVE), target, geometry)
+    after, after_maps = _state(logic, node)
+    assert after[target] == 0
+    moved = (after != labels) | np.any([after_maps[k] != maps[k] for k in maps], axis=0)
+    assert _far_from(moved, target, geometry) <= RADIUS_MM + 1e-3
+    assert [c.label for c in recordedClicks(node)] == [0]  # "background here"
+
+
+def test_undo_restores_the_result_voxel_for_voxel_and_removes_the_point_and_is_bounded(segmented):
+    logic, result = segmented
+    node = result.segmentationNode
+    refinement = ClickRefinement(logic, node, undoSteps=2)
+    states = [_state(logic, node)]
+    geometry = logic.correctedLabels(node).geometry
+    labels = states[0][0]
+    inside = np.argwhere(labels == 2)
+    targets = [_background_next_to(labels, 1), tuple(int(v) for v in inside[len(inside) // 2]),
+               _background_next_to(labels, 2)]
+    lists = [refinement.pointList("Anterior", ADD), refinement.pointList("Posterior", REMOVE),
+             refinement.pointList("Posterior", ADD)]
+    attributes = [node.GetAttribute(CLICKS_ATTRIBUTE)]
+    for listNode, target in zip(lists, targets):
+        _place(listNode, target, geometry)
+        states.append(_state(logic, node))
+        attributes.append(node.GetAttribute(CLICKS_ATTRIBUTE))
+    assert not np.array_equal(states[-1][0], states[0][0])
+    assert refinement.undoSteps == 2  # the oldest click fell off the bounded stack
+    for step in (3, 2):
+        assert refinement.undo()
+        labels, maps = _state(logic, node)
+        np.testing.assert_array_equal(labels, states[step - 1][0])
+        for name, array in maps.items():
+            np.testing.assert_array_equal(array, states[step - 1][1][name], err_msg=name)
+        assert node.GetAttribute(CLICKS_ATTRIBUTE) == attributes[step - 1]
+        assert lists[step - 1].GetNumberOfControlPoints() == 0
+    assert not refinement.undo() and refinement.undoSteps == 0
+    assert lists[0].GetNumberOfControlPoints() == 1  # the first click stays: it was beyond the stack
+    assert len(recordedClicks(node)) == 1
+
+
+def test_undo_of_the_only_click_leaves_no_clicks_attribute_and_keeps_edits_elsewhere(segmented):
+    logic, result = segmented
+    node = result.segmentationNode
+    refinement = logic.clickRefinement(node)
+    labels, maps = _state(logic, node)
+    geometry = logic.correctedLabels(node).geometry
+    _place(refinement.pointList("Anterior", ADD), _background_next_to(labels, 1), geometry)
+    assert refinement.undo()
+    after, after_maps = _state(logic, node)
+    np.testing.assert_array_equal(after, labels)
+    for name in maps:
+        np.testing.assert_array_equal(after_maps[name], maps[name])
+    assert node.GetAttribute(CLICKS_ATTRIBUTE) is None
+
+
+def test_a_point_outside_the_image_is_refused_removed_and_changes_nothing(segmented):
+    logic, result = segmented
+    node = result.segmentationNode
+    refinement = logic.clickRefinement(node)
+    labels, maps = _state(logic, node)
+    listNode = refinement.pointList("Anterior", ADD)
+    _place(listNode, (-40, 0, 0), logic.correctedLabels(node).geometry)
+    report = refinement.lastReport
+    assert report.error is not None and "outside the image" in report.error and "give a point inside" in report.error
+    assert listNode.GetNumberOfControlPoints() == 0 and refinement.undoSteps == 0
+    after, after_maps = _state(logic, node)
+    np.testing.assert_array_equal(after, labels)
+    assert node.GetAttribute(CLICKS_ATTRIBUTE) is None
+
+
+def test_the_clicks_of_placed_points_reach_the_saved_correction_training_reads(segmented, tmp_path):
+    logic, result = segmented
+    node = result.segmentationNode
+    refinement = logic.clickRefinement(node)
+    labels = logic.correctedLabels(node)
+    _place(refinement.pointList("Anterior", ADD), _background_next_to(labels.array, 1), labels.geometry)
+    _place(refinement.pointList("Posterior", REMOVE), tuple(np.argwhere(labels.array == 2)[0]), labels.geometry)
+    case_dir = logic.exportCorrection(node, tmp_path)
+    data = load_config("fine_tune_corrections", {"data": {"root": str(tmp_path)}})["data"]
+    (files,) = find_cases(data, tmp_path)
+    record = json.loads(files.record.read_text())
+    assert record["clicks"] == json.loads(node.GetAttribute(CLICKS_ATTRIBUTE))
+    assert [c["class"] for c in record["clicks"]] == ["Anterior", "background"]
+    assert record["changed_voxels"] > 0 and files.name == case_dir.name

@@ -39,7 +39,7 @@ CONNECTORS = {"qMRMLNodeComboBox": "qMRMLNodeComboBoxToNodeConnector",
               "ctkSliderWidget": "QDoubleSpinBoxCtkSliderWidgetToFloatConnector",
               "QCheckBox": "QCheckBoxToBoolConnector", "QComboBox": "QComboBoxToStringableConnector",
               "ctkDirectoryButton": "ctkDirectoryButtonToPathConnector"}
-SECTIONS = ["Model", "Inputs", "Review", "Correct", "Save correction for training"]
+SECTIONS = ["Model", "Inputs", "Review", "Refine with clicks", "Correct", "Save correction for training"]
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_the_panel_has_one_section_per_step(panel):
                 "ctkCollapsibleButton"]
     assert sorted(w.objectName() for w in sections) == ["correctionCollapsibleButton", "editorCollapsibleButton",
                                                         "inputsCollapsibleButton", "modelCollapsibleButton",
-                                                        "reviewCollapsibleButton"]
+                                                        "refineCollapsibleButton", "reviewCollapsibleButton"]
     root = ElementTree.parse(UI).getroot()
     texts = [w.find("property[@name='text']/string").text for w in root.iter("widget")
              if w.get("class") == "ctkCollapsibleButton"]
@@ -249,7 +249,8 @@ def test_parameter_names_match_the_parameter_node(panel):
 
 def test_the_segment_editor_is_in_the_panel_under_the_review_and_the_module_never_leaves(panel):
     """Slicer's Segment Editor widget (as the Segment Editor module itself builds it) sits in the panel's
-    Correct section right under Review, so Previous/Next region stay in view while correcting; the code
+    Correct section right under Review and the three rows of Refine with clicks, so Previous/Next region
+    stay in view while correcting; the code
     hands it the editor node before the scene, the AttnSeg segmentation and its input, sets it up on
     enter and releases effects, shortcuts and view observations on exit; no button leaves the module."""
     classes = _xml_classes()
@@ -258,7 +259,8 @@ def test_the_segment_editor_is_in_the_panel_under_the_review_and_the_module_neve
     assert editor.parent().objectName() == "editorCollapsibleButton"
     order = [w.get("name") for w in ElementTree.parse(UI).getroot().iter("widget")
              if w.get("class") == "ctkCollapsibleButton"]
-    assert order.index("editorCollapsibleButton") == order.index("reviewCollapsibleButton") + 1
+    review = order.index("reviewCollapsibleButton")
+    assert order[review:review + 3] == ["reviewCollapsibleButton", "refineCollapsibleButton", "editorCollapsibleButton"]
     used = collections.defaultdict(list)
     for line, name, member, _ in widget_uses():
         if name == "segmentEditorWidget":
@@ -345,3 +347,24 @@ def test_beside_each_map_the_panel_shows_its_unit_meaning_and_what_its_card_meas
             package.card.map_spec(name).display_range, rel=1e-2)
         assert package.card.map_meaning(name) in shown[name]["mapMeaningLabel"]
         assert f"{figures['enrichment']:.2f}x its average" in shown[name]["mapInformationLabel"]
+
+
+def test_the_refine_section_has_a_class_choice_checkable_place_buttons_and_undo_the_code_connects(panel):
+    """Refine with clicks: the class, Add points and Remove points (checkable: they show whether the views
+    place points into that class's list), Undo click and a status line; AttnSeg.py connects each."""
+    classes = _xml_classes()
+    expected = {"refineClassComboBox": "QComboBox", "addPointButton": "QPushButton",
+                "removePointButton": "QPushButton", "undoClickButton": "QPushButton", "refineStatusLabel": "QLabel"}
+    for name, cls in expected.items():
+        loaded = panel.findChild(QtWidgets.QWidget, name)
+        assert classes.get(name) == cls and loaded is not None, name
+        parent = loaded.parent()
+        assert parent.objectName() == "refineCollapsibleButton", name
+    assert panel.findChild(QtWidgets.QPushButton, "addPointButton").isCheckable()
+    assert panel.findChild(QtWidgets.QPushButton, "removePointButton").isCheckable()
+    assert not panel.findChild(QtWidgets.QPushButton, "undoClickButton").isCheckable()
+    connected = {(name, signal) for _, name, _, signal in widget_uses() if signal is not None}
+    assert {("refineClassComboBox", "currentIndexChanged(int)"), ("addPointButton", "toggled(bool)"),
+            ("removePointButton", "toggled(bool)"), ("undoClickButton", "clicked(bool)")} <= connected
+    for name in ("addPointButton", "removePointButton"):
+        assert has_signal(classes[name], "toggled(bool)") and has_member(classes[name], "checked")

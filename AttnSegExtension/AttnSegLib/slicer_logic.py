@@ -160,6 +160,7 @@ class SceneLogic:
         self._packages: dict[str, ModelPackage] = {}
         self._predictors: dict[tuple[str, str], Predictor] = {}
         self._regionCache: dict[tuple, list[Region]] = {}
+        self._clickRefinements: dict[str, object] = {}
         self.activeSegmentationNode = None
 
     @property
@@ -559,6 +560,18 @@ class SceneLogic:
         crosshair.SetCrosshairMode(slicer.vtkMRMLCrosshairNode.ShowSmallBasic)
 
     # -- correcting -----------------------------------------------------------------------------
+    def clickRefinement(self, segmentationNode=None):
+        """The click refinement of an AttnSeg segmentation (markups point lists refined as they are
+        placed, with undo: :class:`AttnSegLib.slicer_refine.ClickRefinement`), made on first use and
+        kept, so its undo steps last as long as the node."""
+        from .slicer_refine import ClickRefinement  # it builds on this module
+
+        node = self._resolve(segmentationNode)
+        refinement = self._clickRefinements.get(node.GetID())
+        if refinement is None or refinement.segmentationNode is not node:  # IDs come back after a scene clear
+            refinement = self._clickRefinements[node.GetID()] = ClickRefinement(self, node)
+        return refinement
+
     def segmentEditorNode(self):
         """The Segment Editor module's parameter node (singleton tag ``SegmentEditor``), made if absent."""
         scene = self.scene
