@@ -290,6 +290,10 @@ class ClickRefinement:
         recorded = json.loads(segmentationNode.GetAttribute(CLICKS_ATTRIBUTE) or "[]")
         segmentationNode.SetAttribute(CLICKS_ATTRIBUTE, json.dumps(recorded[:-1]))
 
+    def discard(self, job: ClickJob) -> None:
+        """A job failed part way through the session's arrays: the next click reads them again."""
+        self._arrays.pop(job.segmentationNode.GetID(), None)
+
     def forget(self, segmentationNode) -> None:
         """A result left the screen: its refiner and undo records go."""
         key = segmentationNode.GetID()

@@ -720,6 +720,7 @@ class AttnSegWebApp:
             refine.error = "wait: the previous click is still being refined"
             return
         refine.error = ""
+        arrived = time.perf_counter()
         try:
             job = self._clicks.prepare(self._result.segmentationNode, refine.selected, position_lps,
                                        self._package.card.class_names)
@@ -727,16 +728,18 @@ class AttnSegWebApp:
             refine.error = str(err)
             return
         self._click_running = refine.running = True
-        create_task(self._follow_click(job.start()))
+        create_task(self._follow_click(job.start(), arrived))
 
-    async def _follow_click(self, job) -> None:
-        started = time.perf_counter()
+    async def _follow_click(self, job, arrived: float) -> None:
+        """Wait for the click's worker thread, then write its result into the scene (``arrived``: when
+        the click came, for the time the page shows)."""
         while not job.done():
             await asyncio.sleep(CLICK_POLL_INTERVAL_S)
         try:
             refined, undo = job.outcome()
         except Exception as err:  # shown in the page; the session keeps running
             log.exception("refinement failed")
+            self._clicks.discard(job)
             with self.server.state:
                 self._click_running = self.data.refine.running = False
                 self.data.refine.error = f"Refinement failed: {err}"
@@ -747,7 +750,7 @@ class AttnSegWebApp:
                 return  # the result was replaced meanwhile: the click belongs to no result on screen
             self._clicks.apply(job, refined, undo)
             self._after_clicks(f"{int(refined.changed.sum())} voxels updated in "
-                               f"{time.perf_counter() - started:.2f} s (the refinement itself "
+                               f"{time.perf_counter() - arrived:.2f} s (the refinement itself "
                                f"{refined.seconds:.2f} s, {job.refiner.method})")
 
     def undo_click(self) -> None:
