@@ -542,7 +542,7 @@ def cmd_info(args) -> int:
 # -- refine -------------------------------------------------------------------------------------
 def _read_result(folder: Path, geometry, class_names: list[str]):
     """(probabilities Image, maps name -> Image) of a result folder written by ``segment`` or ``refine``,
-    checked against the image grid and the model's classes."""
+    checked against the image grid and the result's classes."""
     import SimpleITK as sitk
 
     from .image import Image
@@ -554,7 +554,7 @@ def _read_result(folder: Path, geometry, class_names: list[str]):
                          "segment the image again") from None
     if probabilities.array.ndim != 4 or probabilities.array.shape[0] != len(class_names):
         raise UsageError(f"{folder}: probabilities.nii.gz holds {probabilities.array.shape[:-3] or 'no'} channels, "
-                         f"the model has {len(class_names)} classes; segment the image again")
+                         f"the result has {len(class_names)} classes; segment the image again")
     if not probabilities.geometry.same_grid(geometry, tolerance=1e-3):
         raise UsageError(f"{folder} does not match the image: the result's grid is {probabilities.geometry.size} "
                          f"voxels at {_fmt_xyz(probabilities.geometry.origin)}, the image's {geometry.size} at "
@@ -581,7 +581,8 @@ def _fmt_xyz(values) -> str:
 
 def cmd_refine(args) -> int:
     from .inference import Result, resolve_device
-    from .refine import Click, Refiner, class_index, click_voxel, find_refinement_package, parse_click
+    from .refine import (Click, Refiner, check_localised_clicks, class_index, click_voxel, find_refinement_package,
+                         parse_click)
 
     folder = Path(args.result)
     if not all((folder / name).is_file() for name in ("report.json", "probabilities.nii.gz", "labels.nii.gz")):
@@ -591,7 +592,9 @@ def cmd_refine(args) -> int:
     report = json.loads((folder / "report.json").read_text())
     package = load_package(report["package"]["path"] if Path(report["package"]["path"]).exists()
                            else report["package"]["name"])
-    class_names = package.card.class_names
+    # the result's classes: a localised whole head has each side's copy of the card's ("Left anterior hippocampus")
+    classes = report.get("classes") or package.card.class_dicts
+    class_names = [c["name"] for c in classes]
     inputs = [Path(p) for p in args.input]
     images = [read_image(p) for p in inputs]
     if len(images) != len(package.modalities):
@@ -604,6 +607,7 @@ def cmd_refine(args) -> int:
     clicks = [parse_click(text, class_names) for text in args.click]
     for click in clicks:
         click_voxel(click, geometry)  # outside the image: refused before any work
+    check_localised_clicks(clicks, classes, report.get("provenance", {}), package.card.class_names)
     output = Path(args.output)
     _check_output_dir(output, args.overwrite)
     method, refinement_package, notices = args.method, None, []
@@ -620,8 +624,8 @@ def cmd_refine(args) -> int:
     labels = probabilities.with_array(read_image(folder / "labels.nii.gz").array)
     current = Result(labels=labels, probabilities=probabilities, maps=maps,
                      review_map_name=report.get("review_map", report.get("difficulty_map", "uncertainty")), timings={},
-                     provenance=report.get("provenance", {}), notices=notices)
-    result, refined = refiner.refine_result(images, current, clicks, history)
+                     provenance=report.get("provenance", {}), notices=notices, classes=classes)
+    result, refined = refiner.refine_result(images, current, clicks, history, in_place=True)
     all_clicks = history + clicks
     extra = {"refinement": {
         "method": method,

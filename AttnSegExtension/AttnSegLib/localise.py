@@ -149,6 +149,11 @@ class Box:
         signs = np.array([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)], dtype=float)
         return np.asarray(self.centre) + (signs * half) @ self.axes_matrix.T
 
+    def contains(self, point_lps) -> bool:
+        """Whether the LPS point lies inside the box (its faces included)."""
+        local = self.axes_matrix.T @ (np.asarray(point_lps, dtype=float) - np.asarray(self.centre))
+        return bool(np.all(np.abs(local) <= np.asarray(self.size) / 2 + 1e-6))
+
     @classmethod
     def from_dict(cls, values: dict) -> "Box":
         """The inverse of :meth:`as_dict`."""
@@ -485,10 +490,28 @@ def target_classes(card_classes: list[dict], targets: list[Target]) -> list[dict
     classes = [dict(card_classes[0], value=0)]
     for target in targets:
         for cls in card_classes[1:]:
-            classes.append({"value": len(classes), "name": f"{target.side} {cls['name'].lower()} {target.structure}",
+            classes.append({"value": len(classes), "name": target_class_name(target, cls["name"]),
                             "color": list(cls.get("color", (255, 255, 0))), "terminology": target.terminology,
                             "target": target.name, "side": target.side, "part": cls["name"]})
     return classes
+
+
+def target_class_name(target: Target, part: str) -> str:
+    """The name of a card class ``part`` in ``target``'s copy: "Left anterior hippocampus"."""
+    return f"{target.side} {part.lower()} {target.structure}"
+
+
+def class_target(cls: dict, parts: list[str]) -> tuple[Target, str] | None:
+    """(target, card class name) of a localised result's class, from its ``target`` and ``part`` or else
+    from its name (a front end may keep only names); None for a class of no target (background, or a
+    result that was not localised). ``parts``: the card's class names."""
+    if cls.get("target") in TARGETS and cls.get("part"):
+        return TARGETS[cls["target"]], cls["part"]
+    for target in TARGETS.values():
+        for part in parts:
+            if cls["name"].lower() == target_class_name(target, part).lower():
+                return target, part
+    return None
 
 
 def plausible_volume(labels: np.ndarray, voxel_ml: float, target: Target) -> float:

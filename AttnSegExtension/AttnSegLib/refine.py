@@ -37,6 +37,7 @@ from scipy import ndimage
 from .errors import AttnSegError
 from .image import Geometry, Image, label_dtype
 from .inference import Result
+from .localise import Box, class_target
 from .maps import normalized_entropy
 from .package import CARD_FILE, ModelPackage, PackageError, load_package, search_dirs
 
@@ -391,11 +392,12 @@ def refined_probabilities(network: torch.nn.Module, x: torch.Tensor, classes: in
 
 
 def class_parts(classes: list[dict], network_classes: list[str]) -> np.ndarray | None:
-    """(C,) the refinement network's class index of each result class, matched by the class's ``part``
-    (a localised result's "Left anterior hippocampus" is part ``Anterior``) or name; None when the
-    result has the network's own classes (or names none). :class:`ClickError` when a class has no
-    counterpart."""
-    names = [c.get("part", c["name"]).lower() for c in classes]
+    """(C,) the refinement network's class index of each result class, matched by the class's part
+    (a localised result's "Left anterior hippocampus" is part ``Anterior``, by its ``part`` or its name)
+    or name; None when the result has the network's own classes (or names none). :class:`ClickError`
+    when a class has no counterpart."""
+    targets = [class_target(c, network_classes) for c in classes]
+    names = [(found[1] if found else c.get("part", c["name"])).lower() for c, found in zip(classes, targets)]
     lowered = [n.lower() for n in network_classes]
     if not names or names == lowered:
         return None
@@ -403,6 +405,30 @@ def class_parts(classes: list[dict], network_classes: list[str]) -> np.ndarray |
     if missing:
         raise ClickError(f"the refinement network knows no class {missing[0]!r}; use --method random_walker")
     return np.array([lowered.index(n) for n in names], dtype=np.int64)
+
+
+def check_localised_clicks(clicks: list[Click], classes: list[dict], provenance: dict, parts: list[str]) -> None:
+    """A localised result (whole head: a box per target, e.g. each hippocampus) is refined in the box a
+    click falls in: a click of a target's class ("Left anterior hippocampus") must fall in that
+    target's box, else :class:`ClickError` names the box it falls in (or none) and the classes to use
+    there. ``provenance``: the result's (its ``localisation.targets`` boxes); ``parts``: the model card's
+    class names. Clicks of background, and results of no localisation, pass."""
+    boxes = {name: Box.from_dict(values)
+             for name, values in ((provenance.get("localisation") or {}).get("targets") or {}).items()}
+    if not boxes:
+        return
+    for click in clicks:
+        found = class_target(classes[click.label], parts) if click.label else None
+        if found is None or (found[0].name in boxes and boxes[found[0].name].contains(click.position_lps)):
+            continue
+        target, _ = found
+        inside = [name for name, box in boxes.items() if box.contains(click.position_lps)]
+        x, y, z = click.position_lps
+        there = [c["name"] for c in classes[1:] if (t := class_target(c, parts)) and t[0].name in inside]
+        where = (f"in the box of the {inside[0].replace('_', ' ')}; use {' or '.join(there)} there"
+                 if inside else "outside every box the model segmented; only background can be clicked there")
+        raise ClickError(f"click at ({x:g}, {y:g}, {z:g}) mm for {classes[click.label]['name']} falls {where} "
+                         f"(the {target.side.lower()} {target.structure} is refined inside its own box)")
 
 
 def refinement_packages() -> list[Path]:
@@ -510,15 +536,21 @@ class Refiner:
         return Refined(probs, labels, doubt, changed, time.perf_counter() - t0)
 
     def refine_result(self, images: list[Image], result: Result, clicks: list[Click],
-                      history: list[Click] = ()) -> tuple[Result, Refined]:
+                      history: list[Click] = (), in_place: bool = False) -> tuple[Result, Refined]:
         """A :class:`~AttnSegLib.inference.Result` (from ``Predictor.predict`` or read back from a result
         folder) corrected by ``clicks``: labels, probabilities and the uncertainty map updated, the
-        model's own maps kept as they were. ``images``: the modalities the result was made from."""
+        model's own maps kept as they were. ``images``: the modalities the result was made from.
+        ``in_place``: ``result``'s own arrays are updated (a caller that gives them away, as ``attnseg
+        refine`` does with what it read: on a whole head the copies cost more than the click); it
+        needs float32 probabilities and uncertainty and uint8 labels, else the arrays are copied."""
         stack = np.stack([img.array.astype(np.float32, copy=False) for img in images])
         uncertainty = result.maps.get("uncertainty")
         parts = None if self.learned is None else class_parts(result.classes, self.learned.class_names)
-        refined = self.refine(stack, result.probabilities.array, result.labels.geometry, clicks, history,
-                              None if uncertainty is None else uncertainty.array, result.labels.array, parts)
+        labels, probabilities = result.labels.array, result.probabilities.array
+        in_place = (in_place and uncertainty is not None and uncertainty.array.dtype == np.float32
+                    and probabilities.dtype == np.float32 and labels.dtype == np.uint8)
+        refined = self.refine(stack, probabilities, result.labels.geometry, clicks, history,
+                              None if uncertainty is None else uncertainty.array, labels, parts, in_place)
         geometry = result.labels.geometry
         corrected = replace(result, labels=Image(refined.labels, geometry),
                             probabilities=Image(refined.probabilities, geometry),

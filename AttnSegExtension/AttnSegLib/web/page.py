@@ -1,4 +1,4 @@
-"""The page of a session: a side panel with four steps (Segment, Review, Correct, Export) beside
+"""The page of a session: a side panel with five steps (Segment, Review, Refine, Correct, Export) beside
 the slice and 3D views.
 
 Widgets only draw and call the web app (:class:`~AttnSegLib.web.webapp.AttnSegWebApp`); what they show
@@ -23,7 +23,8 @@ from .viewer import build_cursor_line, build_display_controls
 
 PANEL_WIDTH = 400
 TAB_STATE = "attnseg_tab"  # the step the panel shows: a value of TABS
-TABS = (("segment", "Segment"), ("review", "Review"), ("correct", "Correct"), ("export", "Export"))
+TABS = (("segment", "Segment"), ("review", "Review"), ("refine", "Refine"), ("correct", "Correct"),
+        ("export", "Export"))
 CSS = """
 html { overflow-y: hidden; }
 .attnseg-panel .v-window { height: calc(100vh - 112px); overflow-y: auto; }
@@ -128,6 +129,8 @@ def build_page(server: Server, app, typed_state: TypedState[AttnSegState], layou
                     _segment_step(server, app, n)
                 with v3.VWindowItem(value="review"):
                     _review_step(app, n)
+                with v3.VWindowItem(value="refine"):
+                    _refine_step(app, n)
                 with v3.VWindowItem(value="correct"):
                     segment_editor = _correct_step()
                 with v3.VWindowItem(value="export"):
@@ -254,6 +257,28 @@ def _review_step(app, n) -> None:
         v3.VBtn("Next", click=app.next_region, append_icon="mdi-chevron-right", variant="tonal",
                 disabled=(f"!{n.review.count}",), id="attnseg-next-region")
     build_region_table(app, n)
+
+
+def _refine_step(app, n) -> None:
+    """Click refinement (:mod:`.refine_mode`): the class, the clicks made, undo."""
+    html.Div("Click in a slice view: the chosen class is added there (Background removes). The segmentation, "
+             "its probabilities and its uncertainty update within 15 mm of the click; nothing farther moves. "
+             "Start where the uncertainty map (Review) is bright.", classes="attnseg-hint mt-3")
+    v3.VSelect(v_model=(n.refine.selected,), items=(n.refine.choices,), label="Class of the next click",
+               density="compact", hide_details=True, classes="mt-3", id="attnseg-refine-class")
+    with html.Div(classes="d-flex align-center mt-2"):
+        v3.VBtn("Undo last click", click=app.undo_click, prepend_icon="mdi-undo", variant="tonal",
+                disabled=(f"!{n.refine.clicks}.length || {n.refine.running}",), id="attnseg-refine-undo")
+        v3.VProgressCircular(v_if=(n.refine.running,), indeterminate=True, size=20, classes="ml-3",
+                             id="attnseg-refine-running")
+    _alert(n.refine.message, "success", "attnseg-refine-message")
+    _alert(n.refine.error, element_id="attnseg-refine-error")
+    _section("Clicks")
+    html.Div("No click yet.", v_if=(f"!{n.refine.clicks}.length",), classes="attnseg-hint")
+    with html.Ol(v_if=(f"{n.refine.clicks}.length",), classes="attnseg-hint ml-4", id="attnseg-refine-clicks"):
+        html.Li("{{ c.class }} · {{ c.position }}", v_for=f"c in {n.refine.clicks}", key="c.number")
+    html.Div("Saved training cases keep these clicks (case.json), so the refinement network can learn from them.",
+             classes="attnseg-hint mt-2")
 
 
 def _correct_step() -> SegmentEditorUI:

@@ -73,6 +73,18 @@ class ReviewPanel:
 
 
 @dataclass
+class RefinePanel:
+    """Click refinement (:mod:`.refine_mode`): while the Refine step is open, a click on a slice view
+    adds a click of ``selected`` there. ``clicks`` only shows the server's own list (never read back)."""
+    choices: list[dict] = field(default_factory=list)  # the result's classes and "background"
+    selected: str | None = None
+    clicks: list[dict] = field(default_factory=list)  # {"number", "class", "position"} text, oldest first
+    running: bool = False
+    message: str = ""  # what the last click did, and in how many seconds
+    error: str = ""
+
+
+@dataclass
 class ViewerPanel:
     """The slice views' cues (:mod:`.viewer`)."""
     interpolate: bool = False  # False: nearest-neighbour, each voxel a sharp square
@@ -105,6 +117,7 @@ class AttnSegState:
     segment: SegmentPanel = field(default_factory=SegmentPanel)
     maps: MapPanel = field(default_factory=MapPanel)
     review: ReviewPanel = field(default_factory=ReviewPanel)
+    refine: RefinePanel = field(default_factory=RefinePanel)
     export: ExportPanel = field(default_factory=ExportPanel)
     confirm: ConfirmPanel = field(default_factory=ConfirmPanel)
     viewer: ViewerPanel = field(default_factory=ViewerPanel)

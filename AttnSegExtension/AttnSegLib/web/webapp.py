@@ -5,7 +5,8 @@ the same :class:`~AttnSegLib.slicer_logic.SceneLogic` the Slicer module uses, an
 the typed state (:mod:`.state`). The network runs on a worker thread
 (:class:`~AttnSegLib.segmentation_task.SegmentationTask`) that the server loop polls, so the views stay
 interactive and the progress bar moves while a volume is segmented; its result is added to the scene
-on the server loop, the scene's only thread.
+on the server loop, the scene's only thread. A click on a slice view in the Refine step is refined
+the same way (:mod:`.refine_mode`).
 
 Whatever a client sets in that state or passes to a trigger is checked against what this session
 offered: volumes and models are chosen by name from the lists it sent, never by a path, and a header
@@ -24,6 +25,7 @@ import math
 import re
 import shutil
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -50,6 +52,7 @@ from ..slicer_logic import Cancelled, SceneLogic
 from .page import TAB_STATE, build_page, slice_view_overlay
 from .corrections import CorrectionsFolder
 from .data_folder import offered_volumes, volume_title
+from .refine_mode import ClickRefinement, click_choices, clicks_text, view_point_lps
 from .regions_table import next_sort, region_rows, sorted_regions
 from .state import AttnSegState
 from .uploads import UploadError, check_upload, save_upload
@@ -59,6 +62,7 @@ log = logging.getLogger(__name__)
 
 LAYOUT_ID = "AttnSeg"
 POLL_INTERVAL_S = 0.25
+CLICK_POLL_INTERVAL_S = 0.02  # a click takes well under a second: its end is looked for more often
 DOWNLOAD_FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
 
 
@@ -170,6 +174,10 @@ class AttnSegWebApp:
         self.data.upload_limit_mb = round(upload_limit_bytes / 2**20)
         self.data.export.to_server = self._corrections is not None
         self.page = build_page(server, self, self.typed_state, self.layout_manager)
+        self._clicks = ClickRefinement(self.logic)
+        self._click_running = False
+        for view in self.slicer_app.view_manager.get_slice_views():
+            view.interactor().AddObserver("LeftButtonPressEvent", lambda *_, view=view: self._on_view_click(view))
         self.segment_editor.set_ui(self.page.segment_editor)
         # Corrections are drawn slice by slice: a 2D brush, not trame-slicer's default sphere.
         TypedState(server.state, PaintEffectState).data.use_sphere_brush = False
@@ -551,6 +559,8 @@ class AttnSegWebApp:
         data.maps.legend_low = data.maps.legend_high = ""
         data.review.count, data.review.description = 0, ""
         data.review.rows, data.review.current, data.viewer.legend = [], -1, []
+        data.refine.choices, data.refine.selected, data.refine.clicks = [], None, []
+        data.refine.message, data.refine.error = "", ""
         data.export.message, data.export.error = "", ""
         self.server.state[TAB_STATE] = "segment"
 
@@ -562,6 +572,7 @@ class AttnSegWebApp:
         self.editor.set_active_segmentation(result.segmentationNode, result.inputNodes[0])
         self.editor.set_surface_representation_enabled(True)
         if previous is not None:
+            self._clicks.forget(previous.segmentationNode)
             self._remove_result(previous)
         volumes = volumes_text(result.classVolumesMl)
         total = sum(result.timings.values())
@@ -575,6 +586,10 @@ class AttnSegWebApp:
         self._on_map_changed()
         self._describe_regions()
         self.data.export.message, self.data.export.error = "", ""
+        refine = self.data.refine
+        refine.choices = click_choices(result.classes)
+        refine.selected = refine.choices[0]["value"]
+        refine.clicks, refine.message, refine.error = clicks_text(result.segmentationNode), "", ""
         self.data.has_result = True
 
     def _remove_result(self, result) -> None:
@@ -690,6 +705,76 @@ class AttnSegWebApp:
     def stop_editing(self) -> None:
         """Leave the paint/erase tools, so the mouse in a view browses again."""
         self.editor.deactivate_effect()
+
+    # -- refining with clicks -------------------------------------------------------------------
+    def _on_view_click(self, view) -> None:
+        """A left button press in a slice view: in the Refine step, a click of the chosen class there."""
+        if self.server.state[TAB_STATE] != "refine" or self._result is None:
+            return
+        with self.server.state:
+            self._add_click(view_point_lps(view))
+
+    def _add_click(self, position_lps) -> None:
+        """Check the click (see :meth:`ClickRefinement.prepare`) and refine it on a worker thread; one
+        click at a time."""
+        refine = self.data.refine
+        if self._click_running:
+            refine.error = "wait: the previous click is still being refined"
+            return
+        refine.error = ""
+        arrived = time.perf_counter()
+        try:
+            job = self._clicks.prepare(self._result.segmentationNode, refine.selected, position_lps,
+                                       self._package.card.class_names)
+        except AttnSegError as err:
+            refine.error = str(err)
+            return
+        self._click_running = refine.running = True
+        create_task(self._follow_click(job.start(), arrived))
+
+    async def _follow_click(self, job, arrived: float) -> None:
+        """Wait for the click's worker thread, then write its result into the scene (``arrived``: when
+        the click came, for the time the page shows)."""
+        while not job.done():
+            await asyncio.sleep(CLICK_POLL_INTERVAL_S)
+        try:
+            refined, undo = job.outcome()
+        except Exception as err:  # shown in the page; the session keeps running
+            log.exception("refinement failed")
+            self._clicks.discard(job)
+            with self.server.state:
+                self._click_running = self.data.refine.running = False
+                self.data.refine.error = f"Refinement failed: {err}"
+            return
+        with self.server.state:
+            self._click_running = self.data.refine.running = False
+            if self._result is None or self._result.segmentationNode is not job.segmentationNode:
+                return  # the result was replaced meanwhile: the click belongs to no result on screen
+            self._clicks.apply(job, refined, undo)
+            self._after_clicks(f"{int(refined.changed.sum())} voxels updated in "
+                               f"{time.perf_counter() - arrived:.2f} s (the refinement itself "
+                               f"{refined.seconds:.2f} s, {job.refiner.method})")
+
+    def undo_click(self) -> None:
+        """Put back what the last click changed."""
+        refine = self.data.refine
+        if self._result is None or self._click_running:
+            return
+        try:
+            self._clicks.undo(self._result.segmentationNode)
+        except AttnSegError as err:
+            refine.error = str(err)
+            return
+        refine.error = ""
+        self._after_clicks("The last click was undone.")
+
+    def _after_clicks(self, message: str) -> None:
+        node = self._result.segmentationNode
+        self.data.refine.clicks = clicks_text(node)
+        self.data.refine.message = message
+        self._describe_regions()
+        for view in self.slicer_app.view_manager.get_views():
+            view.schedule_render()
 
     # -- export ---------------------------------------------------------------------------------
     def _base_name(self) -> str:
