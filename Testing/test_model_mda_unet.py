@@ -18,16 +18,19 @@ from training.losses import build_mda_unet_loss
 from training.losses.mda_unet import softmax_binary_cross_entropy
 
 
-def test_dense_position_attention_against_a_loop_over_eq_10_11():
+@pytest.mark.parametrize("tau", [1.0, 0.2])
+def test_dense_position_attention_against_a_loop_over_eq_10_11(tau):
+    """tau = 1 is the paper's softmax over voxels; tau < 1 divides its logits (sharper dense features)."""
     torch.manual_seed(0)
     channels, k = 3, 4
-    block = DensePositionAttention(channels, dense_features=k, dilation=2).requires_grad_(False)
+    block = DensePositionAttention(channels, dense_features=k, dilation=2,
+                                   assignment_temperature=tau).requires_grad_(False)
     x = torch.randn(2, channels, 2, 3, 2)
     out, attention = block(x)
     assert out.shape == x.shape and attention.shape == (2, k, 2, 3, 2)
     for n in range(2):
         m = x[n].reshape(channels, -1)                                   # M: C x S
-        logits = block.assign(x[n:n + 1])[0].reshape(k, -1)             # K x S
+        logits = block.assign(x[n:n + 1])[0].reshape(k, -1) / tau       # K x S
         voxels = m.shape[1]
         dense = []                                                       # D_i = sum_s softmax_s(logits_i) M_s
         for i in range(k):
@@ -175,6 +178,8 @@ def test_bad_settings_are_refused():
         models.build("mda_unet", 1, 3, dense_features=0)
     with pytest.raises(ValueError, match="depth must be at least 2"):
         models.build("mda_unet", 1, 3, depth=1)
+    with pytest.raises(ValueError, match="assignment_temperature must be above 0"):
+        models.build("mda_unet", 1, 3, assignment_temperature=0.0)
     with pytest.raises(ValueError, match="divisible by 8"):
         models.build("mda_unet", 1, 3)(torch.randn(1, 1, 12, 16, 16))
     with pytest.raises(ValueError, match="model.train"):

@@ -134,7 +134,7 @@ class DensePositionAttention(nn.Module):
 
     With the input reshaped to M (C x S), S = D*H*W voxels:
 
-    * dense features D (C x K) = M softmax_S(conv(M))^T: a dilated 3x3x3 conv gives K assignment
+    * dense features D (C x K) = M softmax_S(conv(M) / tau)^T: a dilated 3x3x3 conv gives K assignment
       maps; each is normalised over the S voxels and pools M into one C-vector D_k;
     * a_{j,k} = exp(D_k . M_j) / sum_k' exp(D_k' . M_j)  (Eq. 10), the attention of voxel j on dense
       feature k;
@@ -149,19 +149,31 @@ class DensePositionAttention(nn.Module):
     Eq. 10 writes the normalising sum over N positions, but A is S x K, so the softmax runs over the
     K dense features, as in the index of a_{j,i}. Dot products are unscaled, as in Eq. 10. The
     products run in float32 even under autocast (see ``full_precision``); O has the input's dtype.
+
+    ``assignment_temperature`` tau (default 1, the paper's plain softmax): over S ~ 10^5 voxels of a 3D
+    patch, logits of order 1 give K assignment maps that are all close to 1/S, so every D_k is close to
+    the mean of M, the K dense features are alike and A stays near 1/K everywhere (measured on the
+    package trained with tau = 1: normalised entropy 1.00 for 9 of its 10 maps). tau < 1 sharpens the
+    spatial softmax so that the dense features can pool distinct regions from the first step. Measured
+    (1250 iterations, tau = 0.2): each map varies 6-70x more and one gathers 15.7x inside the
+    hippocampus, but validation Dice fell from 0.8778 to 0.8740, so the shipped package keeps tau = 1.
     """
 
-    def __init__(self, channels: int, dense_features: int = 10, dilation: int = 2):
+    def __init__(self, channels: int, dense_features: int = 10, dilation: int = 2,
+                 assignment_temperature: float = 1.0):
         super().__init__()
         if dense_features < 1:
             raise ValueError(f"dense_features (K) must be at least 1, got {dense_features}")
+        if not assignment_temperature > 0:
+            raise ValueError(f"assignment_temperature must be above 0, got {assignment_temperature}")
         self.assign = nn.Conv3d(channels, dense_features, 3, padding=dilation, dilation=dilation)
+        self.assignment_temperature = float(assignment_temperature)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.assign(x)
         with full_precision(x.device):
             m = x.flatten(2).float()                                            # (N, C, S)
-            assignment = torch.softmax(logits.flatten(2).float(), dim=2)        # (N, K, S)
+            assignment = torch.softmax(logits.flatten(2).float() / self.assignment_temperature, dim=2)  # (N, K, S)
             dense = m @ assignment.transpose(1, 2)                              # (N, C, K)
             attention = torch.softmax(dense.transpose(1, 2) @ m, dim=1)         # (N, K, S)
             out = dense @ attention + m                                         # (N, C, S)

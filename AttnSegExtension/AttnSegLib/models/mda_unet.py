@@ -71,9 +71,10 @@ class MultiDimensionalSelfAttention(nn.Module):
     """MDSA: dense spatial position attention (Eq. 9-11) then channel self-attention (Eq. 12-13).
     (N, C, D, H, W) -> (attentive features (N, C, D, H, W), position attention (N, K, D, H, W))."""
 
-    def __init__(self, channels: int, dense_features: int = 10, dilation: int = 2):
+    def __init__(self, channels: int, dense_features: int = 10, dilation: int = 2,
+                 assignment_temperature: float = 1.0):
         super().__init__()
-        self.position = DensePositionAttention(channels, dense_features, dilation)
+        self.position = DensePositionAttention(channels, dense_features, dilation, assignment_temperature)
         self.channel = ChannelSelfAttention()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,15 +89,16 @@ class MDAUNet(SegmentationNetwork):
 
     kwargs: ``base_features`` (width at full resolution, doubled per level), ``depth`` (resolution
     levels, >= 2; ``divisor`` = 2**(depth-1)), ``dense_features`` (K of the position attention,
-    paper: 10), ``position_dilation`` (dilation of the conv that forms the dense features), ``norm``,
-    ``act``.
+    paper: 10), ``position_dilation`` (dilation of the conv that forms the dense features),
+    ``assignment_temperature`` (tau of the dense features' spatial softmax, default 1; see
+    ``DensePositionAttention``), ``norm``, ``act``.
     """
 
     class_channel_maps = ("coarse_segmentation",)
 
     def __init__(self, in_channels: int, num_classes: int, base_features: int = 8, depth: int = 4,
-                 dense_features: int = 10, position_dilation: int = 2, norm: str = "instance",
-                 act: str = "leaky_relu"):
+                 dense_features: int = 10, position_dilation: int = 2, assignment_temperature: float = 1.0,
+                 norm: str = "instance", act: str = "leaky_relu"):
         super().__init__()
         if depth < 2:
             raise ValueError(f"depth must be at least 2 (one skip between the paths), got {depth}")
@@ -113,7 +115,8 @@ class MDAUNet(SegmentationNetwork):
         skip_levels = range(depth - 1)
         self.skip_msc = nn.ModuleList(CascadeMultiScaleConv(widths[i], norm, act) for i in skip_levels)
         self.attention = nn.ModuleList(
-            MultiDimensionalSelfAttention(2 * widths[i], dense_features, position_dilation) for i in skip_levels
+            MultiDimensionalSelfAttention(2 * widths[i], dense_features, position_dilation, assignment_temperature)
+            for i in skip_levels
         )
         self.up_additional = nn.ModuleList(UpConv(widths[i + 1], widths[i]) for i in skip_levels)
         self.up_original = nn.ModuleList(UpConv(widths[i + 1], widths[i]) for i in skip_levels)
