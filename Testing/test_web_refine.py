@@ -25,7 +25,7 @@ from AttnSegLib.package import default_package, load_package
 from AttnSegLib.refine import RADIUS_MM, Click, ClickError, click_voxel, voxel_click
 from AttnSegLib.review import doubtful_regions
 from AttnSegLib.slicer_logic import SceneLogic
-from AttnSegLib.slicer_refine import CLICKS_ATTRIBUTE, _writeLabels
+from AttnSegLib.slicer_refine import CLICKS_ATTRIBUTE, writeLabels
 from AttnSegLib.web.refine_mode import BACKGROUND, ClickRefinement, click_choices, clicks_text
 
 from test_web import (SAMPLE, _download, _open_sample, _open_session, _views, browser,  # noqa: F401
@@ -92,7 +92,7 @@ def test_a_click_refines_near_it_only_is_recorded_and_undone(segmented, tmp_path
     # starts from the painted segments, not from the session's copy.
     painted = before["labels"].copy()
     painted[0, 0, 0] = 1
-    _writeLabels(node, Image(painted, geometry), np.ones(painted.shape, dtype=bool))
+    writeLabels(node, Image(painted, geometry), np.ones(painted.shape, dtype=bool))
     job = clicks.prepare(node, BACKGROUND, click.position_lps, default_package().card.class_names)
     assert job.arrays.labels.array[0, 0, 0] == 1
 

@@ -89,20 +89,44 @@ class _Before:
     clicks: str | None
 
 
-def _refine(logic, segmentationNode, clicks: list[Click], refiner: Refiner | None) -> tuple[Refined, _Before]:
-    """:func:`refineSegmentation`, also returning what the nodes held before."""
+@dataclass
+class RefinementInputs:
+    """What a refinement reads from the scene: ``classes`` (the result's class list), ``images``
+    (M, D, H, W) float32, ``labels`` (an Image of (D, H, W) class values as the segments are now),
+    ``probabilities`` (C, D, H, W) float32 (background = 1 - the classes' maps), and the nodes they are
+    written back to: ``probabilityNodes`` (one per foreground class), ``uncertaintyNode`` (None when
+    its map was deleted)."""
+
+    classes: list[dict]
+    images: np.ndarray
+    labels: Image
+    probabilities: np.ndarray
+    probabilityNodes: list
+    uncertaintyNode: object
+
+
+def readRefinementInputs(logic, segmentationNode) -> RefinementInputs:
+    """Copy a refinement's inputs out of the scene; a deleted probability map or inputs off the
+    segmentation's grid raise :class:`~AttnSegLib.refine.ClickError` (one line, with the fix)."""
     classes = json.loads(segmentationNode.GetAttribute(ATTRIBUTE + "Classes"))
-    maps = logic.mapNodes(segmentationNode)
     probabilityNodes = _probabilityNodes(logic, segmentationNode)
     labels = logic.correctedLabels(segmentationNode)
-    foreground = [imageFromVolumeNode(n).array.astype(np.float32) for n in probabilityNodes]
-    background = np.clip(1.0 - np.sum(foreground, axis=0), 0.0, 1.0)
-    probabilities = np.stack([background, *foreground])
     images = [imageFromVolumeNode(n) for n in logic.inputNodes(segmentationNode)]
     if any(img.array.shape != labels.array.shape for img in images):
         raise ClickError("the input volumes are not on the segmentation's grid (a region was segmented); "
                          "segment the whole volume to refine with clicks")
-    uncertaintyNode = maps.get("uncertainty")
+    foreground = [imageFromVolumeNode(n).array.astype(np.float32) for n in probabilityNodes]
+    background = np.clip(1.0 - np.sum(foreground, axis=0), 0.0, 1.0)
+    return RefinementInputs(classes, np.stack([img.array.astype(np.float32, copy=False) for img in images]),
+                            labels, np.stack([background, *foreground]), probabilityNodes,
+                            logic.mapNodes(segmentationNode).get("uncertainty"))
+
+
+def _refine(logic, segmentationNode, clicks: list[Click], refiner: Refiner | None) -> tuple[Refined, _Before]:
+    """:func:`refineSegmentation`, also returning what the nodes held before."""
+    inputs = readRefinementInputs(logic, segmentationNode)
+    classes, labels, probabilities = inputs.classes, inputs.labels, inputs.probabilities
+    probabilityNodes, uncertaintyNode = inputs.probabilityNodes, inputs.uncertaintyNode
     uncertainty = None if uncertaintyNode is None else imageFromVolumeNode(uncertaintyNode).array
     refiner = refiner or refinerFor(segmentationNode)
     parts = None
@@ -112,9 +136,9 @@ def _refine(logic, segmentationNode, clicks: list[Click], refiner: Refiner | Non
         except ClickError:  # classes the network was not trained on: the non-learned update serves them
             refiner = Refiner("random_walker")
     history = recordedClicks(segmentationNode)
-    refined = refiner.refine(np.stack([img.array.astype(np.float32) for img in images]), probabilities,
+    refined = refiner.refine(inputs.images, probabilities,
                              labels.geometry, clicks, history, uncertainty, labels.array, parts)
-    _writeLabels(segmentationNode, labels.with_array(refined.labels), refined.changed)
+    writeLabels(segmentationNode, labels.with_array(refined.labels), refined.changed)
     for node, channel in zip(probabilityNodes, refined.probabilities[1:]):
         _writeVolume(node, channel)
     if uncertaintyNode is not None:
@@ -145,7 +169,7 @@ def _probabilityNodes(logic, segmentationNode) -> list:
     return nodes
 
 
-def _pasteVolume(node, box: tuple[slice, slice, slice], values: np.ndarray) -> None:
+def pasteVolume(node, box: tuple[slice, slice, slice], values: np.ndarray) -> None:
     """Write ``values`` into the ``box`` (array slices, (D, H, W) order) of a scalar volume node."""
     imageData = node.GetImageData()
     scalars = imageData.GetPointData().GetScalars()
@@ -155,7 +179,7 @@ def _pasteVolume(node, box: tuple[slice, slice, slice], values: np.ndarray) -> N
     node.Modified()
 
 
-def _writeLabels(segmentationNode, labels: Image, changed: np.ndarray) -> None:
+def writeLabels(segmentationNode, labels: Image, changed: np.ndarray) -> None:
     """Each class segment replaced by its voxels of ``labels`` when anything ``changed``."""
     if not changed.any():
         return
@@ -383,12 +407,12 @@ class ClickRefinement:
         labels = self.logic.correctedLabels(node)
         restored = labels.array.copy()
         restored[step.box] = step.labels
-        _writeLabels(node, labels.with_array(restored), restored != labels.array)
+        writeLabels(node, labels.with_array(restored), restored != labels.array)
         for probabilityNode, values in zip(_probabilityNodes(self.logic, node), step.probabilities):
-            _pasteVolume(probabilityNode, step.box, values)
+            pasteVolume(probabilityNode, step.box, values)
         uncertaintyNode = self.logic.mapNodes(node).get("uncertainty")
         if uncertaintyNode is not None and step.uncertainty is not None:
-            _pasteVolume(uncertaintyNode, step.box, step.uncertainty)
+            pasteVolume(uncertaintyNode, step.box, step.uncertainty)
         if step.clicks is None:
             node.RemoveAttribute(CLICKS_ATTRIBUTE)
         else:

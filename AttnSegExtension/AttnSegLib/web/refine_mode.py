@@ -21,15 +21,15 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
-from vtkmodules.util import numpy_support
 
-from ..maps import normalized_entropy, volume_name
+from ..maps import normalized_entropy
 from ..mrml import imageFromVolumeNode, volumeGeometry
 from ..package import PackageError
 from ..refine import (Click, ClickError, Neighbourhood, Refined, Refiner, check_localised_clicks, class_parts,
                       click_voxel)
 from ..slicer_logic import ATTRIBUTE
-from ..slicer_refine import CLICKS_ATTRIBUTE, _writeLabels, recordedClicks, refinerFor
+from ..slicer_refine import (CLICKS_ATTRIBUTE, pasteVolume, readRefinementInputs, recordedClicks, refinerFor,
+                             writeLabels)
 
 # Per segmentation. Each click keeps its undo record: the 31 mm box around it, about 26 bytes a voxel with
 # 5 classes (0.8 MB at 1 mm, 6 MB at 0.5 mm), so a session's undo records stay under 300 MB.
@@ -81,25 +81,11 @@ class SceneArrays:
 
     @classmethod
     def read(cls, logic, segmentationNode) -> "SceneArrays":
-        classes = json.loads(segmentationNode.GetAttribute(ATTRIBUTE + "Classes"))
-        maps = logic.mapNodes(segmentationNode)
-        nodes = [maps.get(f"probability.{volume_name(c['name'])}") for c in classes[1:]]
-        if any(n is None for n in nodes):
-            raise ClickError("a probability map of this segmentation was deleted; segment again to refine it")
-        images = [imageFromVolumeNode(n) for n in logic.inputNodes(segmentationNode)]
-        labels = logic.correctedLabels(segmentationNode)
-        if any(img.array.shape != labels.array.shape for img in images):
-            raise ClickError("the input volumes are not on the segmentation's grid (a region was segmented); "
-                             "segment the whole volume to refine with clicks")
-        foreground = [imageFromVolumeNode(n).array.astype(np.float32) for n in nodes]
-        background = np.clip(1.0 - np.sum(foreground, axis=0), 0.0, 1.0)
-        probabilities = np.stack([background, *foreground])
-        uncertaintyNode = maps.get("uncertainty")
-        uncertainty = (normalized_entropy(probabilities) if uncertaintyNode is None
-                       else imageFromVolumeNode(uncertaintyNode).array.astype(np.float32))
-        stack = np.stack([img.array.astype(np.float32, copy=False) for img in images])
-        return cls(classes, stack, labels, probabilities, uncertainty, nodes, uncertaintyNode,
-                   segments_stamp(segmentationNode))
+        inputs = readRefinementInputs(logic, segmentationNode)
+        uncertainty = (normalized_entropy(inputs.probabilities) if inputs.uncertaintyNode is None
+                       else imageFromVolumeNode(inputs.uncertaintyNode).array.astype(np.float32))
+        return cls(inputs.classes, inputs.images, inputs.labels, inputs.probabilities, uncertainty,
+                   inputs.probabilityNodes, inputs.uncertaintyNode, segments_stamp(segmentationNode))
 
     def reread_labels_if_edited(self, logic, segmentationNode) -> None:
         """The user painted or erased since the labels were read: read them again (the maps only change
@@ -111,12 +97,12 @@ class SceneArrays:
     def write(self, segmentationNode, changed: np.ndarray, box: tuple[slice, slice, slice]) -> None:
         """The labels (when anything ``changed``), and the probabilities and uncertainty inside ``box``,
         back into the scene."""
-        _writeLabels(segmentationNode, self.labels, changed)
+        writeLabels(segmentationNode, self.labels, changed)
         self.segmentsStamp = segments_stamp(segmentationNode)
         for node, channel in zip(self.probabilityNodes, self.probabilities[1:]):
-            write_box(node, channel, box)
+            pasteVolume(node, box, channel[box])
         if self.uncertaintyNode is not None:
-            write_box(self.uncertaintyNode, self.uncertainty, box)
+            pasteVolume(self.uncertaintyNode, box, self.uncertainty[box])
 
 
 def segments_stamp(segmentationNode) -> int:
@@ -126,16 +112,6 @@ def segments_stamp(segmentationNode) -> int:
     source = segmentation.GetSourceRepresentationName()
     maps = [segmentation.GetNthSegment(i).GetRepresentation(source) for i in range(segmentation.GetNumberOfSegments())]
     return max([segmentation.GetMTime()] + [m.GetMTime() for m in maps if m is not None])
-
-
-def write_box(node, array: np.ndarray, box: tuple[slice, slice, slice]) -> None:
-    """Copy ``array[box]`` ((D, H, W), the node's grid) into the voxels of a scalar volume node, in place."""
-    scalars = node.GetImageData().GetPointData().GetScalars()
-    voxels = numpy_support.vtk_to_numpy(scalars).reshape(array.shape)  # a view of the node's own voxels
-    voxels[box] = array[box]
-    scalars.Modified()
-    node.GetImageData().Modified()
-    node.Modified()
 
 
 @dataclass
