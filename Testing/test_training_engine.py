@@ -165,6 +165,28 @@ def test_fine_tuning_starts_from_a_package_and_refuses_one_that_does_not_fit(sma
         Trainer(other, progress=False)
 
 
+def test_warm_start_continues_from_a_package_and_records_it(small_msd, tmp_path):
+    """``model.warm_start``: a second stage on the same data starts from a package's weights, may change a
+    setting without parameters (here MDA-U-Net's assignment temperature), and names its start in the run;
+    a package whose parameters do not fit is refused in one line."""
+    config = small_config("hippocampus_mda_unet", small_msd, tmp_path / "run", iterations=1)
+    torch.manual_seed(2)
+    donor = models.build("mda_unet", in_channels=1, num_classes=3, **config["model"]["kwargs"])
+    package = save_package(tmp_path / "stage1", model_card(config, donor), donor.state_dict())
+    sharper = {**config["model"], "kwargs": {**config["model"]["kwargs"], "assignment_temperature": 0.2},
+               "warm_start": str(package.path)}
+    trainer = Trainer({**config, "model": sharper}, progress=False)
+    for key, value in donor.state_dict().items():
+        assert torch.equal(trainer.network.state_dict()[key], value), key
+    assert json.loads((tmp_path / "run" / "warm_start.json").read_text()) == {"name": package.name,
+                                                                             "sha256": package.sha256}
+    wider = {**config, "output_dir": str(tmp_path / "wider"),
+             "model": {**sharper, "kwargs": {**sharper["kwargs"], "base_features": 4}}}
+    with pytest.raises(ConfigError, match=r"model.warm_start .*do not fit this config's network") as err:
+        Trainer(wider, progress=False)
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("settings, expected", [
     ({"name": "poly", "power": 1.0}, [1.0, 0.5, 0.0]),
     ({"name": "cosine"}, [1.0, 0.5, 0.0]),

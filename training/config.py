@@ -19,7 +19,10 @@ Top-level keys::
     data            layout, root, modalities, classes, spacing_xyz_mm, orientation, crop_to_nonzero,
                     validation_fraction, licence, attribution, reference
     model           architecture (registry name) and kwargs; ``init_from`` (optional): a model package
-                    whose weights the run starts from (fine-tuning, e.g. on corrected cases)
+                    whose weights the run starts from (fine-tuning, e.g. on corrected cases);
+                    ``warm_start`` (optional): a model package or run folder whose weights the run
+                    starts from on the same data (a second stage, e.g. after changing a setting that
+                    holds no parameter); its name and weights' sha256 go into the card
     patch_size      [D, H, W] in voxels of the model frame
     batch_size      patches per step and process
     sampling        foreground_ratio (pos/neg crops) or class_ratios (one weight per class)
@@ -106,7 +109,7 @@ SCHEMA: dict = {
              "reference": None, "localisation": {"method", "targets"},
              "modalities": [{"name", "pattern", "contrast", "normalization"}],
              "classes": [{"value", "name", "color", "source_value", "terminology"}]},
-    "model": {"architecture": None, "kwargs": None, "init_from": None},
+    "model": {"architecture": None, "kwargs": None, "init_from": None, "warm_start": None},
     "sampling": {"foreground_ratio", "class_ratios"},
     "optimizer": {**dict.fromkeys(_OPTIMIZER), "confidence": _OPTIMIZER},
     "schedule": {**dict.fromkeys(_SCHEDULE), "confidence": _SCHEDULE},
@@ -243,16 +246,28 @@ def check_model(config: dict, where: str) -> None:
 
 
 def check_init_from(config: dict, where: str) -> None:
-    """``model.init_from`` must name a package that loads (name in the search path, folder or .zip)."""
-    source = config["model"].get("init_from")
-    if source is None:
-        return
-    from AttnSegLib.package import PackageError, load_package  # noqa: PLC0415
+    """``model.init_from`` and ``model.warm_start`` must name a package that loads (name in the search
+    path, folder or .zip)."""
+    from AttnSegLib.package import PackageError  # noqa: PLC0415
 
-    try:
-        load_package(resolve_path(source) if os.sep in str(source) else source)
-    except PackageError as err:
-        raise ConfigError(f"{where}: model.init_from cannot be used: {err}") from None
+    for key in ("init_from", "warm_start"):
+        if config["model"].get(key) is None:
+            continue
+        try:
+            load_weights_package(config, key)
+        except PackageError as err:
+            raise ConfigError(f"{where}: model.{key} cannot be used: {err}") from None
+    if config["model"].get("init_from") and config["model"].get("warm_start"):
+        raise ConfigError(f"{where}: model.init_from and model.warm_start both name starting weights; keep one")
+
+
+def load_weights_package(config: dict, key: str):
+    """The package that ``model.<key>`` (``init_from`` or ``warm_start``) names: a package name in the
+    search path, or a folder or .zip path (relative to the repository root)."""
+    from AttnSegLib.package import load_package  # noqa: PLC0415
+
+    source = config["model"][key]
+    return load_package(resolve_path(source) if "/" in str(source) or os.sep in str(source) else source)
 
 
 def validate(config: dict, where: str = "config") -> None:

@@ -10,6 +10,7 @@ One :class:`Trainer` per run folder::
     run/checkpoints/best.safetensors   weights with the best validation mean foreground Dice
     run/metrics.json                   the best validation metrics
     run/lineage.json                   fine-tuning (model.init_from): parent, corrections, data mix
+    run/warm_start.json                model.warm_start: the starting package's name and weights' sha256
     run/curves.png                     loss and Dice curves
     run/tensorboard/                   TensorBoard event files
 
@@ -62,7 +63,7 @@ from AttnSegLib.package import ModelPackage
 
 from . import finetune
 from .card import model_card
-from .config import ConfigError, resolve_path
+from .config import ConfigError, load_weights_package, resolve_path
 from .plots import plot_curves
 from .data import Case, find_cases, load_cases, load_or_make_split
 from .losses import AlternatingLoss
@@ -71,6 +72,7 @@ from .patches import IterationBatches, PatchDataset
 from .schedules import build_optimizer, build_scheduler
 
 LOG_EVERY = 10
+WARM_START_FILE = "warm_start.json"
 # The keys (dotted, or a section) a resumed run may change; any other change would make the resumed run
 # differ from the one its checkpoint belongs to, and is refused.
 CHANGEABLE_ON_RESUME = ("name", "description", "output_dir", "training.iterations", "training.validation_interval",
@@ -203,6 +205,8 @@ class Trainer:
         self.reference_cases: list[Case] = []
         if model_cfg.get("init_from"):
             self._set_up_fine_tuning(files, resume, wrap)
+        if model_cfg.get("warm_start") and not resume:
+            self._warm_start()
         self.card = model_card(config, self.network, self.split)
         self.loss = build_loss(model_cfg["architecture"], config["loss"])
         self._build_optimizers()
@@ -287,6 +291,22 @@ class Trainer:
             finetune.write_lineage(self.output, finetune.make_lineage(
                 self.config, parent, used, [c.name for c in self.replay_cases],
                 [c.name for c in self.reference_cases]))
+
+    def _warm_start(self) -> None:
+        """Start from the weights of the package ``model.warm_start`` names (every parameter, same shapes;
+        settings without parameters, such as a temperature, may differ) and record which in the run's
+        ``warm_start.json`` (name and weights' sha256, copied into the exported card)."""
+        package = load_weights_package(self.config, "warm_start")
+        try:
+            self.network.load_state_dict(package.build_network().state_dict(), strict=True)
+        except RuntimeError as err:
+            raise ConfigError(f"model.warm_start {package.name}: its parameters do not fit this config's network "
+                              f"({str(err).splitlines()[0]}); warm-start from a package of the same architecture "
+                              "and kwargs") from None
+        if self.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            (self.output / WARM_START_FILE).write_text(json.dumps({"name": package.name,
+                                                                   "sha256": package.sha256}) + "\n")
 
     def _build_optimizers(self) -> None:
         """One optimiser and scheduler, or two (segmenter, confidence network) for an alternating loss."""

@@ -43,6 +43,7 @@ from .calibrate import fit_on_cases
 from .card import model_card
 from .config import load_config, resolve_path
 from .data import find_cases
+from .engine import WARM_START_FILE
 from .evaluate import evaluate_cases, summarize, summarize_error_detection
 from .map_display import apply_to_card
 from .statistics import measure
@@ -125,6 +126,9 @@ def export_run(run: str | Path, output: str | Path, weights: str = "best", name:
                 f"reference cases by {-reference['difference']:.4f} mean Dice ({reference['mean_dice']:.4f} "
                 f"against {reference['parent_mean_dice']:.4f}; tolerance {tolerance}); fine-tune more gently "
                 "(lower lr, more replay) or pass --force to export it anyway")
+    warm_start = run / WARM_START_FILE
+    if warm_start.is_file():
+        card["training"]["warm_start"] = json.loads(warm_start.read_text())
     if lineage is not None:
         card["description"] = finetune.fine_tuned_description(parent, lineage)
         card["training"]["dataset"] = (f"{lineage['data_mix']['corrected_cases']} corrected cases, with "

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from AttnSegLib.package import ModelPackage, load_package
+from AttnSegLib.package import ModelPackage
 
-from .config import FINE_TUNING_DEFAULTS, ConfigError, resolve_path
+from .config import FINE_TUNING_DEFAULTS, ConfigError, load_weights_package, resolve_path
 from .data import CaseFiles, find_cases
 
 LINEAGE_FILE = "lineage.json"
@@ -41,8 +41,7 @@ def settings(config: dict) -> dict:
 
 
 def load_parent(config: dict) -> ModelPackage:
-    source = config["model"]["init_from"]
-    return load_package(resolve_path(source) if "/" in str(source) else source)
+    return load_weights_package(config, "init_from")
 
 
 @dataclass
