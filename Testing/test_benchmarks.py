@@ -152,3 +152,18 @@ def test_review_effort_counts_visits_for_each_grouping(tmp_path, data_dir):
     compact = report["summary"]["compact"]
     assert compact["nearby"]["mean_seen_fraction"] >= compact["inside"]["mean_seen_fraction"]
     assert (tmp_path / "review_effort.md").read_text().startswith("Review effort of")
+
+
+def test_review_ceiling_tables_the_error_rate_by_the_models_own_error_probability(tmp_path, data_dir):
+    run_script("review_ceiling.py", "--cases", "2", "--output", str(tmp_path / "review_ceiling.json"))
+    report = json.loads((tmp_path / "review_ceiling.json").read_text())
+    bins = report["bins"]
+    assert all(b["voxels"] > 0 for b in bins) and [b["from"] for b in bins] == sorted(b["from"] for b in bins)
+    assert sum(b["share_of_errors"] for b in bins) == pytest.approx(1.0, abs=1e-3)
+    # the calibrated probabilities: the error rate climbs with the error probability, and the
+    # confidently labelled voxels are nearly all right
+    assert bins[0]["from"] == 0 and bins[0]["error_rate"] < 0.05 < bins[-1]["error_rate"]
+    assert report["confident_share_of_errors"] == pytest.approx(bins[0]["share_of_errors"], abs=1e-3)
+    top = report["precision_of_top"]
+    assert 0 < top["0.012"] <= top["0.001"] <= 1 and 0 < report["review_map_auprc"] < 1
+    assert (tmp_path / "review_ceiling.md").read_text().startswith("How high the review map's AUPRC can go")
