@@ -52,7 +52,6 @@ def test_the_default_model_config_says_what_its_card_says():
     ({"loss": {"weights": {"lamda_adv": 0.1}}}, "unknown key loss.weights.lamda_adv for difficulty_aware's loss; did you mean 'lambda_adv'?"),
     ({"model": {"init_from": "no_such_package"}}, "model.init_from cannot be used: no model package 'no_such_package'"),
     ({"fine_tuning": {"replay_fraction": 0.5}}, "fine_tuning needs model.init_from"),
-    ({"model": {"warm_start": "no_such_package"}}, "model.warm_start cannot be used: no model package 'no_such_package'"),
     ({"model": {"init_from": "hippocampus_unet", "warm_start": "hippocampus_unet"}},
      "model.init_from and model.warm_start both name starting weights; keep one"),
     ({"model": {"init_from": "hippocampus_difficulty_aware"}, "fine_tuning": {"replay_fraction": 2}},

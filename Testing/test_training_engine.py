@@ -185,6 +185,10 @@ def test_warm_start_continues_from_a_package_and_records_it(small_msd, tmp_path)
     with pytest.raises(ConfigError, match=r"model.warm_start .*do not fit this config's network") as err:
         Trainer(wider, progress=False)
     assert "\n" not in str(err.value)
+    missing = {**config, "output_dir": str(tmp_path / "missing"),
+               "model": {**sharper, "warm_start": str(tmp_path / "stage1_not_exported")}}
+    with pytest.raises(ConfigError, match=r"model.warm_start cannot be used: .*train and export the stage"):
+        Trainer(missing, progress=False)
 
 
 @pytest.mark.parametrize("settings, expected", [

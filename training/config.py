@@ -246,17 +246,15 @@ def check_model(config: dict, where: str) -> None:
 
 
 def check_init_from(config: dict, where: str) -> None:
-    """``model.init_from`` and ``model.warm_start`` must name a package that loads (name in the search
-    path, folder or .zip)."""
+    """``model.init_from`` must name a package that loads (name in the search path, folder or .zip).
+    ``model.warm_start`` names an earlier stage's output, which may not exist yet: the trainer checks it."""
     from AttnSegLib.package import PackageError  # noqa: PLC0415
 
-    for key in ("init_from", "warm_start"):
-        if config["model"].get(key) is None:
-            continue
+    if config["model"].get("init_from") is not None:
         try:
-            load_weights_package(config, key)
+            load_weights_package(config, "init_from")
         except PackageError as err:
-            raise ConfigError(f"{where}: model.{key} cannot be used: {err}") from None
+            raise ConfigError(f"{where}: model.init_from cannot be used: {err}") from None
     if config["model"].get("init_from") and config["model"].get("warm_start"):
         raise ConfigError(f"{where}: model.init_from and model.warm_start both name starting weights; keep one")
 

@@ -59,7 +59,7 @@ from AttnSegLib.errors import AttnSegError
 from AttnSegLib.models import SegOutput
 from AttnSegLib.inference import Predictor, resolve_device
 from AttnSegLib.image import apply_umask
-from AttnSegLib.package import ModelPackage
+from AttnSegLib.package import ModelPackage, PackageError
 
 from . import finetune
 from .card import model_card
@@ -296,7 +296,11 @@ class Trainer:
         """Start from the weights of the package ``model.warm_start`` names (every parameter, same shapes;
         settings without parameters, such as a temperature, may differ) and record which in the run's
         ``warm_start.json`` (name and weights' sha256, copied into the exported card)."""
-        package = load_weights_package(self.config, "warm_start")
+        try:
+            package = load_weights_package(self.config, "warm_start")
+        except PackageError as err:
+            raise ConfigError(f"model.warm_start cannot be used: {err}; train and export the stage it names "
+                              "first") from None
         try:
             self.network.load_state_dict(package.build_network().state_dict(), strict=True)
         except RuntimeError as err:
