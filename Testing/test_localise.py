@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,6 +185,38 @@ def test_a_head_with_a_synthetic_skull_is_localised_like_the_stripped_one(predic
                                                 sitk.sitkNearestNeighbor, 0))
     for values in ([1, 2], [3, 4]):
         assert dice(np.isin(back, values), np.isin(stripped.labels.array, values)) >= 0.85, values
+
+
+SKULL_ON_HEAD = Path(__file__).parent / "data" / "skull_on_head" / "pydeface_mean_head_1p5mm.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def skull_on_head() -> Image:
+    """A real head with its skull, scalp, face and neck: PyDeface's mean T1 at 1.5 mm (shipped in
+    Testing/data/skull_on_head with its MIT notice)."""
+    return read_image(SKULL_ON_HEAD)
+
+
+def test_a_real_skull_on_head_is_localised_onto_both_hippocampi(predictor, skull_on_head):
+    """Measured (README "Skull on"): correlation 0.59, scales 0.90 / 0.88 / 0.80, 2.03 / 1.63 ml on this
+    1.5 mm copy (2.14 / 2.00 ml on PyDeface's 1 mm original)."""
+    result = predictor.predict([skull_on_head])
+    assert result.provenance["localisation"]["correlation"] > 0.5
+    volumes = volumetry(result.labels, result.classes)
+    for side in ("Left", "Right"):
+        assert 1.5 <= volumes[side]["total"] <= 6.0, volumes
+    left, right = centroid_lps(result, side_values(result, "Left")), centroid_lps(result, side_values(result, "Right"))
+    assert 40 < left[0] - right[0] < 60, (left, right)  # LPS: x grows toward the patient's left
+    assert abs(left[2] - right[2]) < 5 and abs(left[1] - right[1]) < 10, (left, right)
+
+
+@pytest.mark.xfail(strict=True, reason="unmet: a moved copy of a skull-on head misregisters (seed 1: correlation "
+                                       "0.05, refused); the affine inside the skull-stripped template's brain mask "
+                                       "is pulled off by the skull and scalp (README \"Skull on\")")
+def test_a_moved_copy_of_a_real_skull_on_head_is_localised(predictor, skull_on_head):
+    copy, _ = moved_copy(skull_on_head, seed=1)
+    result = predictor.predict([copy])
+    assert result.provenance["localisation"]["correlation"] > 0.5
 
 
 # -- refusals ---------------------------------------------------------------------------------------
