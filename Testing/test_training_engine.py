@@ -178,8 +178,9 @@ def test_warm_start_continues_from_a_package_and_records_it(small_msd, tmp_path)
     trainer = Trainer({**config, "model": sharper}, progress=False)
     for key, value in donor.state_dict().items():
         assert torch.equal(trainer.network.state_dict()[key], value), key
-    assert json.loads((tmp_path / "run" / "warm_start.json").read_text()) == {"name": package.name,
-                                                                             "sha256": package.sha256}
+    assert json.loads((tmp_path / "run" / "warm_start.json").read_text()) == {
+        "name": package.name, "sha256": package.sha256,
+        "budget": {"iterations": 1, "batch_size": config["batch_size"]}}  # the first stage's, from its card
     wider = {**config, "output_dir": str(tmp_path / "wider"),
              "model": {**sharper, "kwargs": {**sharper["kwargs"], "base_features": 4}}}
     with pytest.raises(ConfigError, match=r"model.warm_start .*do not fit this config's network") as err:

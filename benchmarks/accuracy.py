@@ -133,6 +133,13 @@ def review_maps(package, measured: dict[str, float]) -> dict:
             "card": (card.get("metrics") or {}).get("error_detection_auroc") or {}}
 
 
+def budget_cell(budget: dict) -> str:
+    """``iterations x batch``, a warm-started package's first stage before it (``1250 x 2 + 1500 x 2``)."""
+    first = budget.get("first_stage")
+    stage = f"{budget['iterations']} x {budget['batch_size']}"
+    return f"{first['iterations']} x {first['batch_size']} + {stage}" if first else stage
+
+
 def row(package, summary: dict, error_detection: dict[str, float], review: dict) -> dict:
     config = package.card["training"]["config"]
     network = package.build_network()
@@ -140,7 +147,8 @@ def row(package, summary: dict, error_detection: dict[str, float], review: dict)
         "model": package.name, "architecture": package.card["architecture"]["name"],
         "parameters": sum(p.numel() for p in network.parameters()),
         "budget": {"iterations": config["training"]["iterations"], "batch_size": config["batch_size"],
-                   "patch_size": config["patch_size"]},
+                   "patch_size": config["patch_size"],
+                   "first_stage": (package.card["training"].get("warm_start") or {}).get("budget")},
         **{metric: summary[metric] for metric in METRICS},
         **{f"{metric}_std": summary[f"{metric}_std"] for metric in METRICS},
         "mean_dice": summary["mean_dice"], "undefined_distances": summary["undefined_distances"],
@@ -212,7 +220,7 @@ def markdown(report: dict) -> str:
         "|" + "---|" * (9 + 3 * len(classes)),
     ]
     for r in report["rows"]:
-        cells = [r["model"], f"{r['parameters']:,}", f"{r['budget']['iterations']} x {r['budget']['batch_size']}"]
+        cells = [r["model"], f"{r['parameters']:,}", budget_cell(r["budget"])]
         cells += [f"{r['dice'][c]:.3f} ± {r['dice_std'][c]:.3f}" for c in classes]
         cells += [f"**{r['mean_dice']:.3f}**"]
         for metric in ("asd_mm", "hd95_mm"):

@@ -295,7 +295,8 @@ class Trainer:
     def _warm_start(self) -> None:
         """Start from the weights of the package ``model.warm_start`` names (every parameter, same shapes;
         settings without parameters, such as a temperature, may differ) and record which in the run's
-        ``warm_start.json`` (name and weights' sha256, copied into the exported card)."""
+        ``warm_start.json`` (name, sha256 and, when its card has one, its training budget; copied into
+        the exported card)."""
         try:
             package = load_weights_package(self.config, "warm_start")
         except PackageError as err:
@@ -309,8 +310,12 @@ class Trainer:
                               "and kwargs") from None
         if self.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
-            (self.output / WARM_START_FILE).write_text(json.dumps({"name": package.name,
-                                                                   "sha256": package.sha256}) + "\n")
+            record = {"name": package.name, "sha256": package.sha256}
+            earlier = package.card.training_config
+            if earlier is not None:  # the first stage's budget, for a reader of the card
+                record["budget"] = {"iterations": earlier["training"]["iterations"],
+                                    "batch_size": earlier["batch_size"]}
+            (self.output / WARM_START_FILE).write_text(json.dumps(record) + "\n")
 
     def _build_optimizers(self) -> None:
         """One optimiser and scheduler, or two (segmenter, confidence network) for an alternating loss."""

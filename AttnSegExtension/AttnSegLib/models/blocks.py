@@ -154,9 +154,12 @@ class DensePositionAttention(nn.Module):
     patch, logits of order 1 give K assignment maps that are all close to 1/S, so every D_k is close to
     the mean of M, the K dense features are alike and A stays near 1/K everywhere (measured on the
     package trained with tau = 1: normalised entropy 1.00 for 9 of its 10 maps). tau < 1 sharpens the
-    spatial softmax so that the dense features can pool distinct regions from the first step. Measured
-    (1250 iterations, tau = 0.2): each map varies 6-70x more and one gathers 15.7x inside the
-    hippocampus, but validation Dice fell from 0.8778 to 0.8740, so the shipped package keeps tau = 1.
+    spatial softmax so that the dense features can pool distinct regions. Measured on the 40 validation
+    cases: trained from scratch at tau = 0.2 (1250 iterations), the maps varied 6-70x more but Dice fell
+    (0.8778 -> 0.8740); the shipped package instead continues the tau = 1 weights for 1500 iterations
+    at tau = 0.2 (``model.warm_start``): Dice 0.8821 against 0.8778 (paired p = 0.037), the largest of
+    the K weights 0.157 per voxel against 0.121 (uniform: 0.100), each map's variation 0.14-0.43
+    against 0.05-0.42.
     """
 
     def __init__(self, channels: int, dense_features: int = 10, dilation: int = 2,
