@@ -32,6 +32,7 @@ from .errors import AttnSegError
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 _GZIP_CHUNK_BYTES = 1 << 23
+DEFLATE_MIN_RUN_FRACTION = 0.1  # see worth_deflating
 _DIRECTION_EPSILON = 1e-12
 _METAIMAGE_HEADER_BYTES = 1 << 16
 _METAIMAGE_MAX_DIMS = 10  # MetaIO's limit
@@ -494,7 +495,8 @@ def write_image(image: Image, path: str | os.PathLike, compression_level: int = 
     permission) raises :class:`OSError` and leaves ``path`` as it was. ``compression_level`` 1 keeps
     gzip fast (the default level 6 triples write time for ~10 % smaller files); 0 stores uncompressed.
     ``.nii.gz`` is written by SimpleITK as plain NIfTI and gzipped with zlib's run-length strategy
-    (see :func:`_gzip_file`).
+    (see :func:`_gzip_file`), or stored in the gzip stream uncompressed where the voxels hold too few
+    runs for that to pay (:func:`worth_deflating`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -507,7 +509,7 @@ def write_image(image: Image, path: str | os.PathLike, compression_level: int = 
             plain = Path(tmp[: -len(".gz")])
             try:
                 _sitk_write(image, plain, path, False, 0)
-                _gzip_file(plain, Path(tmp), compression_level)
+                _gzip_file(plain, Path(tmp), compression_level if worth_deflating(image.array) else 0)
             finally:
                 plain.unlink(missing_ok=True)
         else:
@@ -549,6 +551,29 @@ def _sitk_write(image: Image, path: Path, target: Path, compress: bool, level: i
     except (RuntimeError, ImageError) as err:
         reason = "the file came out truncated" if isinstance(err, ImageError) else _reader_reason(err)
         raise OSError(errno.EIO, f"could not write the image ({reason}); the disk may be full", str(target)) from None
+
+
+def worth_deflating(array: np.ndarray) -> bool:
+    """True when at least :data:`DEFLATE_MIN_RUN_FRACTION` of ``array``'s bytes repeat the byte before
+    them: the only matches zlib's run-length strategy looks for (runs of zeros, of one label value).
+
+    Below that, deflating is mostly Huffman coding of float noise, which saves little for most of the
+    write's time; such a file is stored in the gzip stream as it is (level 0), still a ``.nii.gz``
+    every reader opens. Measured (CPU time, one thread): the float32 probabilities and maps of the
+    default model on a hippocampus crop (35x51x35) and on an 80x96x80 brain block hold 0.3-0.5 %
+    repeated bytes; deflating made them 11-17 % smaller and took 2.5 to 4 times as long as storing
+    them (crop: 31 ms for all five outputs against 16 ms; block: 203 ms against 63 ms). A label map
+    (98-99 % repeated bytes, 50-60 times smaller deflated) stays deflated. At the threshold, the runs
+    and the Huffman coding of the rest would save about a quarter. Counted a chunk at a time, so the
+    scratch stays one chunk however large the volume.
+    """
+    data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    pairs = data.size - 1  # byte i + 1 against byte i
+    repeated = 0
+    for start in range(0, pairs, _GZIP_CHUNK_BYTES):
+        stop = min(start + _GZIP_CHUNK_BYTES, pairs)
+        repeated += int(np.count_nonzero(data[start + 1:stop + 1] == data[start:stop]))
+    return pairs > 0 and repeated >= DEFLATE_MIN_RUN_FRACTION * pairs
 
 
 def _gzip_file(source: Path, target: Path, level: int) -> None:
