@@ -284,3 +284,59 @@ def test_the_clicks_of_placed_points_reach_the_saved_correction_training_reads(s
     assert record["clicks"] == json.loads(node.GetAttribute(CLICKS_ATTRIBUTE))
     assert [c["class"] for c in record["clicks"]] == ["Anterior", "background"]
     assert record["changed_voxels"] > 0 and files.name == case_dir.name
+
+
+def test_a_saved_correction_trains_the_refinement_network_with_its_real_clicks(segmented, package, tmp_path,
+                                                                              hippocampus_dir):
+    """Points placed in the panel, the correction saved through ``exportCorrection``, then
+    ``training.refine_train --corrections``: the saved case is read back with its clicks (the model run
+    again reproduces the saved model result), its examples put the click maps' peaks at the recorded
+    clicks, and a short run trains on it beside two simulated cases and records it in the card."""
+    from AttnSegLib.refine import LearnedUpdate, click_voxel, find_refinement_package
+    from training import refine_train
+
+    logic, result = segmented
+    node = result.segmentationNode
+    refinement = logic.clickRefinement(node)
+    labels = logic.correctedLabels(node)
+    _place(refinement.pointList("Anterior", ADD), _background_next_to(labels.array, 1), labels.geometry)
+    _place(refinement.pointList("Posterior", REMOVE), tuple(np.argwhere(labels.array == 2)[0]), labels.geometry)
+    corrections = tmp_path / "corrections"
+    logic.exportCorrection(node, corrections, caseName="placed")
+    refiner_package = find_refinement_package(package.card)
+    samples, left_out = refine_train.load_corrections(corrections, refiner_package.card, 30.0,
+                                                      tmp_path / "cache.npz")
+    assert left_out == [] and len(samples) == 1
+    (sample,) = samples
+    assert [c.label for c in sample.clicks] == [1, 0] and [c.position_lps for c in sample.clicks] == [
+        c.position_lps for c in recordedClicks(node)]
+    updater = LearnedUpdate.from_package(refiner_package)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        x, y, weight = refine_train.make_example(sample, updater, rng)
+        assert (x[0, 4:] == 1.0).any() and weight.max() >= 1.0
+        for label in range(3):  # each click map peaks where the corrected label holds its class
+            assert (y[0][x[0, 4 + label] == 1.0] == label).all()
+    for click in sample.clicks:  # the clicks fall inside the sample's box, on the corrected label's class
+        voxel = tuple(np.round(click_voxel(click, sample.geometry)).astype(int))
+        assert sample.label[voxel] == click.label
+    # a short real run: two simulated training cases beside the saved correction
+    card = package.card
+    held_out = set(card["training"]["validation_cases"])
+    names = [n for n in (f"hippocampus_{i:03d}" for i in range(1, 400))
+             if n not in held_out and (hippocampus_dir / "imagesTr" / f"{n}.nii.gz").is_file()][:2]
+    data = tmp_path / "data"
+    for sub in ("imagesTr", "labelsTr"):
+        (data / sub).mkdir(parents=True)
+        for n in names:
+            (data / sub / f"{n}.nii.gz").symlink_to(hippocampus_dir / sub / f"{n}.nii.gz")
+    (data / "dataset.json").write_text(json.dumps({"training": [
+        {"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"} for n in names]}))
+    out = tmp_path / "run"
+    assert refine_train.main(["--data", str(data), "--base", card["name"], "--out", str(out), "--corrections",
+                              str(corrections), "--iterations", "2", "--batch-size", "4", "--init",
+                              str(refiner_package.path)]) == 0
+    trained = json.loads((out / "package" / "model.json").read_text())["training"]
+    assert trained["iterations"] == 2 and trained["real_corrections"] == {"cases": 1, "clicks": 2,
+                                                                          "share_of_examples": 0.5}
+    assert len(json.loads((out / "log.json").read_text())) == 2
