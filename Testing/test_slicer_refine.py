@@ -340,3 +340,38 @@ def test_a_saved_correction_trains_the_refinement_network_with_its_real_clicks(s
     assert trained["iterations"] == 2 and trained["real_corrections"] == {"cases": 1, "clicks": 2,
                                                                           "share_of_examples": 0.5}
     assert len(json.loads((out / "log.json").read_text())) == 2
+
+
+def test_on_a_whole_head_a_point_outside_its_class_box_is_refused_as_the_cli_refuses_it(data_dir):
+    """A localised whole head (MNI152) in the scene: a "Left anterior hippocampus" point placed in the
+    right hippocampus's box is refused in one line (the same check as ``attnseg refine``), removed, and
+    changes nothing; the same point in the left box refines, and Undo puts it back."""
+    logic = SceneLogic(newScene())
+    volume = logic.loadVolume(data_dir / "mni152" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+    node = logic.segment([volume], default_package(), device="cpu").segmentationNode
+    classes = json.loads(node.GetAttribute("AttnSeg.Classes"))
+    assert classes[1]["name"] == "Left anterior hippocampus"
+    refinement = logic.clickRefinement(node)
+    reports = []
+    refinement.onReport = reports.append
+    labels, maps = _state(logic, node)
+    geometry = logic.correctedLabels(node).geometry
+    target = _background_next_to(labels, 1)
+    position = voxel_click(target, 1, geometry).position_lps
+    # the template is symmetric: x -> -x is the other side
+    mirrored_index = np.linalg.solve(geometry.ijk_to_lps(), [-position[0], position[1], position[2], 1.0])[:3][::-1]
+    listNode = refinement.pointList("Left anterior hippocampus", ADD)
+    _place(listNode, tuple(float(v) for v in mirrored_index), geometry)
+    assert reports[-1].error is not None and "falls in the box of the right hippocampus" in reports[-1].error
+    assert "\n" not in reports[-1].error and listNode.GetNumberOfControlPoints() == 0
+    after, after_maps = _state(logic, node)
+    np.testing.assert_array_equal(after, labels)
+    assert node.GetAttribute(CLICKS_ATTRIBUTE) is None and refinement.undoSteps == 0
+    _place(listNode, target, geometry)
+    assert reports[-1].error is None and logic.correctedLabels(node).array[target] == 1
+    print(f"whole-head point in the Slicer panel: {reports[-1].seconds:.2f} s (first point)")
+    assert refinement.undo()
+    after, after_maps = _state(logic, node)
+    np.testing.assert_array_equal(after, labels)
+    for name in maps:
+        np.testing.assert_array_equal(after_maps[name], maps[name], err_msg=name)
