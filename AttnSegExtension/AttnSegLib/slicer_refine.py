@@ -160,10 +160,16 @@ def readRefinementInputs(logic, segmentationNode) -> RefinementInputs:
     if any(img.array.shape != labels.array.shape for img in images):
         raise ClickError("the input volumes are not on the segmentation's grid (a region was segmented); "
                          "segment the whole volume to refine with clicks")
-    foreground = [imageFromVolumeNode(n).array.astype(np.float32) for n in probabilityNodes]
-    background = np.clip(1.0 - np.sum(foreground, axis=0), 0.0, 1.0)
-    return RefinementInputs(classes, np.stack([img.array.astype(np.float32, copy=False) for img in images]),
-                            labels, np.stack([background, *foreground]), probabilityNodes,
+    probabilities = np.empty((len(classes), *labels.array.shape), dtype=np.float32)  # filled without copies
+    for channel, node in zip(probabilities[1:], probabilityNodes):
+        channel[...] = imageFromVolumeNode(node).array
+    background = probabilities[0]
+    np.sum(probabilities[1:], axis=0, out=background)
+    np.clip(np.subtract(1.0, background, out=background), 0.0, 1.0, out=background)
+    stacked = np.empty((len(images), *labels.array.shape), dtype=np.float32)
+    for channel, img in zip(stacked, images):
+        channel[...] = img.array
+    return RefinementInputs(classes, stacked, labels, probabilities, probabilityNodes,
                             logic.mapNodes(segmentationNode).get("uncertainty"))
 
 
@@ -221,10 +227,12 @@ class SceneArrays:
             self.labels = labels.with_array(labels.array.astype(np.uint8, copy=False))
             self.segmentsStamp = segmentsStamp(segmentationNode)
 
-    def write(self, segmentationNode, changed: np.ndarray, box: tuple[slice, slice, slice]) -> None:
-        """The labels where ``changed`` ((D, H, W) bool), and the probabilities and uncertainty inside
-        ``box``, back into the scene."""
-        writeLabels(segmentationNode, self.labels, changed)
+    def write(self, segmentationNode, step: UndoStep) -> None:
+        """What ``step``'s click (or its undo) changed back into the scene: the segments of the classes
+        its changed voxels held before or hold now, and the probabilities and uncertainty inside its box."""
+        box, changed = step.box, step.changed
+        values = np.union1d(step.labels[changed], self.labels.array[box][changed])
+        writeLabels(segmentationNode, self.labels, step.mask(self.labels.array.shape), values[values > 0])
         for node, channel in zip(self.probabilityNodes, self.probabilities[1:]):
             pasteVolume(node, box, channel[box])
         if self.uncertaintyNode is not None:
@@ -294,6 +302,13 @@ class SceneRefinement:
             self._arrays.rereadLabelsIfEdited(self.logic, self.segmentationNode)
         return self._arrays
 
+    def load(self) -> None:
+        """Load the refiner and read the arrays now (e.g. when the user opens the refine step), so the
+        first click costs what the others cost."""
+        self.refiner()
+        if self._arrays is None:
+            self._arrays = SceneArrays.read(self.logic, self.segmentationNode)
+
     def compute(self, click: Click, tag: object = None) -> tuple[Refined, UndoStep]:
         """Refine the prepared arrays with ``click`` in place (no MRML: a worker thread may run it)."""
         arrays = self._arrays
@@ -302,7 +317,7 @@ class SceneRefinement:
 
     def write(self, step: UndoStep) -> None:
         """Write what ``step``'s click changed into the scene and record the clicks."""
-        self._arrays.write(self.segmentationNode, step.mask(self._arrays.labels.array.shape), step.box)
+        self._arrays.write(self.segmentationNode, step)
         recordClicks(self.segmentationNode, self.history.clicks, self._arrays.classes)
 
     def click(self, click: Click, tag: object = None) -> tuple[Refined, UndoStep]:
@@ -323,7 +338,7 @@ class SceneRefinement:
             raise ClickError("the maps changed since the last click; it can no longer be undone")
         arrays.rereadLabelsIfEdited(self.logic, self.segmentationNode)
         step = self.history.undo(arrays.probabilities, arrays.labels.array, arrays.uncertainty)
-        arrays.write(self.segmentationNode, step.mask(arrays.labels.array.shape), step.box)
+        arrays.write(self.segmentationNode, step)
         recordClicks(self.segmentationNode, self.history.clicks, arrays.classes)
         return step
 
@@ -361,8 +376,10 @@ def pasteVolume(node, box: tuple[slice, slice, slice], values: np.ndarray) -> No
     node.Modified()
 
 
-def writeLabels(segmentationNode, labels: Image, changed: np.ndarray) -> None:
-    """Each class segment replaced by its voxels of ``labels`` when anything ``changed``."""
+def writeLabels(segmentationNode, labels: Image, changed: np.ndarray, values=None) -> None:
+    """Each class segment replaced by its voxels of ``labels`` when anything ``changed``; only the
+    classes of ``values`` (class values; all when None), e.g. those a click moved voxels into or out of:
+    on a whole head each class written costs a whole-volume mask."""
     if not changed.any():
         return
     classes = {c["name"].lower(): int(c["value"]) for c in json.loads(segmentationNode.GetAttribute(ATTRIBUTE + "Classes"))}
@@ -376,6 +393,8 @@ def writeLabels(segmentationNode, labels: Image, changed: np.ndarray) -> None:
         if value:
             tagged[value] = segmentId
     logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if values is not None:
+        tagged = {value: segmentId for value, segmentId in tagged.items() if value in set(int(v) for v in values)}
     for value, segmentId in tagged.items():  # whole masks: a partial extent loses a shared layer's other labels
         logic.SetBinaryLabelmapToSegment(orientedMask(labels.geometry, labels.array == value), segmentationNode,
                                          segmentId, logic.MODE_REPLACE)
