@@ -284,3 +284,94 @@ def test_the_clicks_of_placed_points_reach_the_saved_correction_training_reads(s
     assert record["clicks"] == json.loads(node.GetAttribute(CLICKS_ATTRIBUTE))
     assert [c["class"] for c in record["clicks"]] == ["Anterior", "background"]
     assert record["changed_voxels"] > 0 and files.name == case_dir.name
+
+
+def test_a_saved_correction_trains_the_refinement_network_with_its_real_clicks(segmented, package, tmp_path,
+                                                                              hippocampus_dir):
+    """Points placed in the panel, the correction saved through ``exportCorrection``, then
+    ``training.refine_train --corrections``: the saved case is read back with its clicks (the model run
+    again reproduces the saved model result), its examples put the click maps' peaks at the recorded
+    clicks, and a short run trains on it beside two simulated cases and records it in the card."""
+    from AttnSegLib.refine import LearnedUpdate, click_voxel, find_refinement_package
+    from training import refine_train
+
+    logic, result = segmented
+    node = result.segmentationNode
+    refinement = logic.clickRefinement(node)
+    labels = logic.correctedLabels(node)
+    _place(refinement.pointList("Anterior", ADD), _background_next_to(labels.array, 1), labels.geometry)
+    _place(refinement.pointList("Posterior", REMOVE), tuple(np.argwhere(labels.array == 2)[0]), labels.geometry)
+    corrections = tmp_path / "corrections"
+    logic.exportCorrection(node, corrections, caseName="placed")
+    refiner_package = find_refinement_package(package.card)
+    samples, left_out = refine_train.load_corrections(corrections, refiner_package.card, 30.0,
+                                                      tmp_path / "cache.npz")
+    assert left_out == [] and len(samples) == 1
+    (sample,) = samples
+    assert [c.label for c in sample.clicks] == [1, 0] and [c.position_lps for c in sample.clicks] == [
+        c.position_lps for c in recordedClicks(node)]
+    updater = LearnedUpdate.from_package(refiner_package)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        x, y, weight = refine_train.make_example(sample, updater, rng)
+        assert (x[0, 4:] == 1.0).any() and weight.max() >= 1.0
+        for label in range(3):  # each click map peaks where the corrected label holds its class
+            assert (y[0][x[0, 4 + label] == 1.0] == label).all()
+    for click in sample.clicks:  # the clicks fall inside the sample's box, on the corrected label's class
+        voxel = tuple(np.round(click_voxel(click, sample.geometry)).astype(int))
+        assert sample.label[voxel] == click.label
+    # a short real run: two simulated training cases beside the saved correction
+    card = package.card
+    held_out = set(card["training"]["validation_cases"])
+    names = [n for n in (f"hippocampus_{i:03d}" for i in range(1, 400))
+             if n not in held_out and (hippocampus_dir / "imagesTr" / f"{n}.nii.gz").is_file()][:2]
+    data = tmp_path / "data"
+    for sub in ("imagesTr", "labelsTr"):
+        (data / sub).mkdir(parents=True)
+        for n in names:
+            (data / sub / f"{n}.nii.gz").symlink_to(hippocampus_dir / sub / f"{n}.nii.gz")
+    (data / "dataset.json").write_text(json.dumps({"training": [
+        {"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"} for n in names]}))
+    out = tmp_path / "run"
+    assert refine_train.main(["--data", str(data), "--base", card["name"], "--out", str(out), "--corrections",
+                              str(corrections), "--iterations", "2", "--batch-size", "4", "--init",
+                              str(refiner_package.path)]) == 0
+    trained = json.loads((out / "package" / "model.json").read_text())["training"]
+    assert trained["iterations"] == 2 and trained["real_corrections"] == {"cases": 1, "clicks": 2,
+                                                                          "share_of_examples": 0.5}
+    assert len(json.loads((out / "log.json").read_text())) == 2
+
+
+def test_on_a_whole_head_a_point_outside_its_class_box_is_refused_as_the_cli_refuses_it(data_dir):
+    """A localised whole head (MNI152) in the scene: a "Left anterior hippocampus" point placed in the
+    right hippocampus's box is refused in one line (the same check as ``attnseg refine``), removed, and
+    changes nothing; the same point in the left box refines, and Undo puts it back."""
+    logic = SceneLogic(newScene())
+    volume = logic.loadVolume(data_dir / "mni152" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+    node = logic.segment([volume], default_package(), device="cpu").segmentationNode
+    classes = json.loads(node.GetAttribute("AttnSeg.Classes"))
+    assert classes[1]["name"] == "Left anterior hippocampus"
+    refinement = logic.clickRefinement(node)
+    reports = []
+    refinement.onReport = reports.append
+    labels, maps = _state(logic, node)
+    geometry = logic.correctedLabels(node).geometry
+    target = _background_next_to(labels, 1)
+    position = voxel_click(target, 1, geometry).position_lps
+    # the template is symmetric: x -> -x is the other side
+    mirrored_index = np.linalg.solve(geometry.ijk_to_lps(), [-position[0], position[1], position[2], 1.0])[:3][::-1]
+    listNode = refinement.pointList("Left anterior hippocampus", ADD)
+    _place(listNode, tuple(float(v) for v in mirrored_index), geometry)
+    assert reports[-1].error is not None and "falls in the box of the right hippocampus" in reports[-1].error
+    assert "\n" not in reports[-1].error and listNode.GetNumberOfControlPoints() == 0
+    after, after_maps = _state(logic, node)
+    np.testing.assert_array_equal(after, labels)
+    assert node.GetAttribute(CLICKS_ATTRIBUTE) is None and refinement.undoSteps == 0
+    _place(listNode, target, geometry)
+    assert reports[-1].error is None and logic.correctedLabels(node).array[target] == 1
+    print(f"whole-head point in the Slicer panel: {reports[-1].seconds:.2f} s (first point)")
+    assert refinement.undo()
+    after, after_maps = _state(logic, node)
+    np.testing.assert_array_equal(after, labels)
+    for name in maps:
+        np.testing.assert_array_equal(after_maps[name], maps[name], err_msg=name)

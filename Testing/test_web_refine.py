@@ -84,7 +84,7 @@ def test_a_click_refines_near_it_only_is_recorded_and_undone(segmented, tmp_path
     restored = _scene_state(logic, node)
     for key in before:
         np.testing.assert_allclose(restored[key], before[key], atol=1e-6, err_msg=key)
-    assert json.loads(node.GetAttribute(CLICKS_ATTRIBUTE)) == []
+    assert node.GetAttribute(CLICKS_ATTRIBUTE) is None  # as the Slicer panel's undo leaves it
     with pytest.raises(ClickError, match="no click to undo"):
         clicks.undo(node)
 

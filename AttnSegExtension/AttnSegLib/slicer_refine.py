@@ -6,22 +6,25 @@ left them), applies clicks with :class:`~AttnSegLib.refine.Refiner`, writes the 
 probabilities and uncertainty back into the same nodes, and appends the clicks to the segmentation's
 ``AttnSeg.Clicks`` attribute (a JSON list of ``{"position_lps": [x, y, z], "class": name}``, the form
 ``attnseg refine`` records), which ``exportCorrection`` saves in ``case.json``. Earlier clicks in that
-attribute are the history each new click sees. The front ends (markups placement in the Slicer panel,
-a refine mode in the web app) only turn a placed point into a :class:`~AttnSegLib.refine.Click`.
+attribute are the history each new click sees.
+
+:class:`SceneRefinement` is one segmentation's click session, shared by both front ends: the scene's
+arrays copied once and kept, the clicks and undo steps (:mod:`AttnSegLib.refine_history`), the click
+checks ``attnseg refine`` makes (outside the image; on a localised whole head, outside the class's box),
+and each click written back into the nodes (the maps inside the click's box only). The front ends
+(markups placement in the Slicer panel, a refine mode in the web app) only turn a placed point into a
+:class:`~AttnSegLib.refine.Click` and show what it did.
 
 :class:`ClickRefinement` is the Slicer panel's refinement of one segmentation, without GUI: per class one
 markups point list for adding and one for removing (made on demand, named and coloured by the class,
 referenced by the segmentation), placement into them through the scene's selection and interaction nodes
-(as the Markups module's place widget does), each newly placed point refined at once (the lists are
-observed), and a bounded undo stack. Reading and writing the nodes adds 0.016 s of CPU per point to the
-engine's update (median of 20 on the shipped hippocampus crop, one thread), so a point is refined on the
-scene's thread, not in the worker process.
+(as the Markups module's place widget does), each newly placed point refined at once on the scene's
+thread (the lists are observed), and a bounded undo stack.
 """
 from __future__ import annotations
 
 import json
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,10 +34,12 @@ from vtkmodules.vtkCommonCore import reference as vtkReference
 
 from .errors import AttnSegError
 from .image import Image
-from .maps import volume_name
-from .mrml import classColor, imageFromVolumeNode, orientedMask
+from .maps import normalized_entropy, volume_name
+from .mrml import classColor, imageFromVolumeNode, orientedMask, volumeGeometry
 from .package import PackageError, load_package
-from .refine import Click, ClickError, Refined, Refiner, class_index, class_parts, find_refinement_package
+from .refine import (Click, ClickError, Refined, Refiner, check_localised_clicks, class_index, class_parts,
+                     click_voxel, find_refinement_package)
+from .refine_history import UNDO_STEPS, ClickHistory, UndoStep
 from .slicer_logic import ATTRIBUTE, CLASS_VALUE_TAG, REF_SEGMENTATION
 
 CLICKS_ATTRIBUTE = ATTRIBUTE + "Clicks"
@@ -44,7 +49,6 @@ POINT_ACTION_ATTRIBUTE = ATTRIBUTE + "ClickAction"  # a point list's action: ADD
 ADD, REMOVE = "add", "remove"
 ACTIONS = (ADD, REMOVE)
 GLYPHS = {ADD: "ThickCross2D", REMOVE: "Dash2D"}  # "+" and "-" in the views, in the class's colour
-UNDO_STEPS = 20  # clicks Undo can take back, newest first
 
 
 def recordedClicks(segmentationNode) -> list[Click]:
@@ -75,18 +79,59 @@ def refineSegmentation(logic, segmentationNode, clicks: list[Click], refiner: Re
     uncertainty maps; a click outside the image raises :class:`~AttnSegLib.refine.ClickError` and changes
     nothing. Returns the :class:`~AttnSegLib.refine.Refined` (its ``changed`` mask says what moved).
     """
-    return _refine(logic, segmentationNode, clicks, refiner)[0]
+    inputs = readRefinementInputs(logic, segmentationNode)
+    classes, labels, probabilities = inputs.classes, inputs.labels, inputs.probabilities
+    uncertainty = None if inputs.uncertaintyNode is None else imageFromVolumeNode(inputs.uncertaintyNode).array
+    refiner, parts = refinerAndParts(refiner or refinerFor(segmentationNode), classes)
+    refined = refiner.refine(inputs.images, probabilities, labels.geometry, clicks, recordedClicks(segmentationNode),
+                             uncertainty, labels.array, parts)
+    writeLabels(segmentationNode, labels.with_array(refined.labels), refined.changed | (refined.labels != labels.array))
+    for node, channel in zip(inputs.probabilityNodes, refined.probabilities[1:]):
+        _writeVolume(node, channel)
+    if inputs.uncertaintyNode is not None:
+        _writeVolume(inputs.uncertaintyNode, refined.uncertainty)
+    recordClicks(segmentationNode, recordedClicks(segmentationNode) + list(clicks), classes)
+    return refined
 
 
-@dataclass
-class _Before:
-    """What a refinement read before it wrote: the labels, the (C, D, H, W) probabilities (background
-    first), the uncertainty (None without its node) and the clicks attribute."""
+def refinerAndParts(refiner: Refiner, classes: list[dict]) -> tuple[Refiner, np.ndarray | None]:
+    """The refiner for a result of ``classes``, with their refinement-network classes (see
+    :func:`~AttnSegLib.refine.class_parts`): a learned refiner whose network does not know the classes
+    gives way to the random walker."""
+    if refiner.learned is None:
+        return refiner, None
+    try:
+        return refiner, class_parts(classes, refiner.learned.class_names)
+    except ClickError:
+        return Refiner("random_walker"), None
 
-    labels: np.ndarray
-    probabilities: np.ndarray
-    uncertainty: np.ndarray | None
-    clicks: str | None
+
+def recordClicks(segmentationNode, clicks: list[Click], classes: list[dict]) -> None:
+    """Set the segmentation's ``AttnSeg.Clicks`` attribute to ``clicks`` (removed when there are none)."""
+    if not clicks:
+        segmentationNode.RemoveAttribute(CLICKS_ATTRIBUTE)
+        return
+    segmentationNode.SetAttribute(CLICKS_ATTRIBUTE, json.dumps(
+        [{"position_lps": list(c.position_lps), "class": classes[c.label]["name"]} for c in clicks]))
+
+
+def modelClassNames(segmentationNode) -> list[str]:
+    """The class names of the model card that made ``segmentationNode`` (the parts a localised result's
+    classes are copies of); :class:`ClickError` when the model is no longer installed."""
+    try:
+        return load_package(segmentationNode.GetAttribute(ATTRIBUTE + "Model")).card.class_names
+    except PackageError as err:
+        raise ClickError(f"the model of this segmentation cannot be loaded ({err}); segment again") from None
+
+
+def checkClick(logic, segmentationNode, click: Click, cardClassNames: list[str]) -> None:
+    """Refuse (:class:`ClickError`, one line) a click outside the input volume, or, on a localised whole
+    head, a click of a target's class outside that target's box (see
+    :func:`~AttnSegLib.refine.check_localised_clicks`), as ``attnseg refine`` does."""
+    click_voxel(click, volumeGeometry(logic.inputNodes(segmentationNode)[0]))
+    classes = json.loads(segmentationNode.GetAttribute(ATTRIBUTE + "Classes"))
+    provenance = json.loads(segmentationNode.GetAttribute(ATTRIBUTE + "Provenance") or "{}")
+    check_localised_clicks([click], classes, provenance, cardClassNames)
 
 
 @dataclass
@@ -115,40 +160,192 @@ def readRefinementInputs(logic, segmentationNode) -> RefinementInputs:
     if any(img.array.shape != labels.array.shape for img in images):
         raise ClickError("the input volumes are not on the segmentation's grid (a region was segmented); "
                          "segment the whole volume to refine with clicks")
-    foreground = [imageFromVolumeNode(n).array.astype(np.float32) for n in probabilityNodes]
-    background = np.clip(1.0 - np.sum(foreground, axis=0), 0.0, 1.0)
-    return RefinementInputs(classes, np.stack([img.array.astype(np.float32, copy=False) for img in images]),
-                            labels, np.stack([background, *foreground]), probabilityNodes,
+    probabilities = np.empty((len(classes), *labels.array.shape), dtype=np.float32)  # filled without copies
+    for channel, node in zip(probabilities[1:], probabilityNodes):
+        channel[...] = imageFromVolumeNode(node).array
+    background = probabilities[0]
+    np.sum(probabilities[1:], axis=0, out=background)
+    np.clip(np.subtract(1.0, background, out=background), 0.0, 1.0, out=background)
+    stacked = np.empty((len(images), *labels.array.shape), dtype=np.float32)
+    for channel, img in zip(stacked, images):
+        channel[...] = img.array
+    return RefinementInputs(classes, stacked, labels, probabilities, probabilityNodes,
                             logic.mapNodes(segmentationNode).get("uncertainty"))
 
 
-def _refine(logic, segmentationNode, clicks: list[Click], refiner: Refiner | None) -> tuple[Refined, _Before]:
-    """:func:`refineSegmentation`, also returning what the nodes held before."""
-    inputs = readRefinementInputs(logic, segmentationNode)
-    classes, labels, probabilities = inputs.classes, inputs.labels, inputs.probabilities
-    probabilityNodes, uncertaintyNode = inputs.probabilityNodes, inputs.uncertaintyNode
-    uncertainty = None if uncertaintyNode is None else imageFromVolumeNode(uncertaintyNode).array
-    refiner = refiner or refinerFor(segmentationNode)
-    parts = None
-    if refiner.learned is not None:
-        try:
-            parts = class_parts(classes, refiner.learned.class_names)
-        except ClickError:  # classes the network was not trained on: the non-learned update serves them
-            refiner = Refiner("random_walker")
-    history = recordedClicks(segmentationNode)
-    refined = refiner.refine(inputs.images, probabilities,
-                             labels.geometry, clicks, history, uncertainty, labels.array, parts)
-    writeLabels(segmentationNode, labels.with_array(refined.labels), refined.changed)
-    for node, channel in zip(probabilityNodes, refined.probabilities[1:]):
-        _writeVolume(node, channel)
-    if uncertaintyNode is not None:
-        _writeVolume(uncertaintyNode, refined.uncertainty)
-    names = [c["name"] for c in classes]
-    recorded = segmentationNode.GetAttribute(CLICKS_ATTRIBUTE)
-    record = json.loads(recorded or "[]")
-    record += [{"position_lps": list(c.position_lps), "class": names[c.label]} for c in clicks]
-    segmentationNode.SetAttribute(CLICKS_ATTRIBUTE, json.dumps(record))
-    return refined, _Before(labels.array, probabilities, uncertainty, recorded)
+@dataclass
+class SceneArrays:
+    """What clicks read and change, copied out of the scene once and then owned by a
+    :class:`SceneRefinement` (a whole head's five probability volumes take seconds to copy: more than
+    the click): ``images`` (M, D, H, W) float32, ``labels`` (an Image of (D, H, W) uint8 class values as
+    the segments are), ``probabilities`` (C, D, H, W) float32 (background = 1 - the classes' maps),
+    ``uncertainty`` (D, H, W) float32 (recomputed when its map node was deleted), with the nodes they
+    are written back to; ``segmentsStamp`` and ``mapsStamp``: the nodes' modification times when last
+    read or written, to notice changes made outside the session."""
+
+    classes: list[dict]
+    images: np.ndarray
+    labels: Image
+    probabilities: np.ndarray
+    uncertainty: np.ndarray
+    probabilityNodes: list
+    uncertaintyNode: object
+    segmentsStamp: int = 0
+    mapsStamp: int = 0
+
+    @classmethod
+    def read(cls, logic, segmentationNode) -> "SceneArrays":
+        inputs = readRefinementInputs(logic, segmentationNode)
+        uncertainty = (normalized_entropy(inputs.probabilities) if inputs.uncertaintyNode is None
+                       else imageFromVolumeNode(inputs.uncertaintyNode).array.astype(np.float32))
+        labels = inputs.labels.with_array(inputs.labels.array.astype(np.uint8, copy=False))
+        arrays = cls(inputs.classes, inputs.images, labels, inputs.probabilities, uncertainty,
+                     inputs.probabilityNodes, inputs.uncertaintyNode)
+        arrays._stamp(segmentationNode)
+        return arrays
+
+    def _mapNodes(self) -> list:
+        return [n for n in [*self.probabilityNodes, self.uncertaintyNode] if n is not None]
+
+    def _stamp(self, segmentationNode) -> None:
+        self.segmentsStamp = segmentsStamp(segmentationNode)
+        self.mapsStamp = max(max(n.GetMTime(), n.GetImageData().GetMTime()) for n in self._mapNodes())
+
+    def mapsChanged(self, logic, segmentationNode) -> bool:
+        """A map was replaced, deleted or written outside the session since it was read."""
+        maps = logic.mapNodes(segmentationNode)
+        nodes = [maps.get(f"probability.{volume_name(c['name'])}") for c in self.classes[1:]]
+        return (nodes != self.probabilityNodes or maps.get("uncertainty") is not self.uncertaintyNode
+                or any(n.GetImageData() is None for n in self._mapNodes())
+                or max(max(n.GetMTime(), n.GetImageData().GetMTime()) for n in self._mapNodes()) != self.mapsStamp)
+
+    def rereadLabelsIfEdited(self, logic, segmentationNode) -> None:
+        """The user painted or erased since the labels were read: read them again (the maps only change
+        through clicks)."""
+        if segmentsStamp(segmentationNode) != self.segmentsStamp:
+            labels = logic.correctedLabels(segmentationNode)
+            self.labels = labels.with_array(labels.array.astype(np.uint8, copy=False))
+            self.segmentsStamp = segmentsStamp(segmentationNode)
+
+    def write(self, segmentationNode, step: UndoStep) -> None:
+        """What ``step``'s click (or its undo) changed back into the scene: the segments of the classes
+        its changed voxels held before or hold now, and the probabilities and uncertainty inside its box."""
+        box, changed = step.box, step.changed
+        values = np.union1d(step.labels[changed], self.labels.array[box][changed])
+        writeLabels(segmentationNode, self.labels, step.mask(self.labels.array.shape), values[values > 0])
+        for node, channel in zip(self.probabilityNodes, self.probabilities[1:]):
+            pasteVolume(node, box, channel[box])
+        if self.uncertaintyNode is not None:
+            pasteVolume(self.uncertaintyNode, box, self.uncertainty[box])
+        self._stamp(segmentationNode)
+
+
+def segmentsStamp(segmentationNode) -> int:
+    """The latest modification time of the segmentation and its segments' label maps: it moves when the
+    user paints or erases."""
+    segmentation = segmentationNode.GetSegmentation()
+    source = segmentation.GetSourceRepresentationName()
+    maps = [segmentation.GetNthSegment(i).GetRepresentation(source) for i in range(segmentation.GetNumberOfSegments())]
+    return max([segmentation.GetMTime()] + [m.GetMTime() for m in maps if m is not None])
+
+
+class SceneRefinement:
+    """The click refinement of one AttnSeg segmentation in the scene, shared by the Slicer panel and the
+    web Refine step: its arrays (:class:`SceneArrays`, read on the first click), its clicks and undo
+    (:class:`~AttnSegLib.refine_history.ClickHistory`, starting from the clicks already recorded) and its
+    refiner (loaded once). ``cardClassNames``: the class names of the model card that made the result
+    (read from its package when not given).
+
+    :meth:`prepare` (scene thread) checks a click and brings the arrays up to date, :meth:`compute`
+    (any thread: no MRML) refines them, :meth:`write` (scene thread) puts the result into the nodes and
+    records the clicks; :meth:`click` does the three in a row. Maps changed outside the session (a
+    refinement through :func:`refineSegmentation`, a map replaced) start it afresh: everything read
+    again, its undo steps dropped.
+    """
+
+    def __init__(self, logic, segmentationNode, refiner: Refiner | None = None, undoSteps: int = UNDO_STEPS,
+                 cardClassNames: list[str] | None = None):
+        self.logic = logic
+        self.segmentationNode = segmentationNode
+        self.undoSteps = undoSteps
+        self._refiner = refiner
+        self._parts: np.ndarray | None = None
+        self._resolved = False
+        self._arrays: SceneArrays | None = None
+        self.history = ClickHistory(recordedClicks(segmentationNode), undoSteps)
+        self._cardClassNames = cardClassNames
+
+    def refiner(self) -> Refiner:
+        """The update the clicks use (see :func:`refinerFor`, :func:`refinerAndParts`), loaded once."""
+        if not self._resolved:
+            classes = json.loads(self.segmentationNode.GetAttribute(ATTRIBUTE + "Classes"))
+            self._refiner, self._parts = refinerAndParts(self._refiner or refinerFor(self.segmentationNode), classes)
+            self._resolved = True
+        return self._refiner
+
+    def cardClassNames(self) -> list[str]:
+        """The class names of the model card that made the result (given, or read from its package)."""
+        if self._cardClassNames is None:
+            self._cardClassNames = modelClassNames(self.segmentationNode)
+        return self._cardClassNames
+
+    def prepare(self, click: Click) -> SceneArrays:
+        """Check ``click`` (:func:`checkClick`) and bring the session's arrays up to date with the scene."""
+        checkClick(self.logic, self.segmentationNode, click, self.cardClassNames())
+        self.refiner()
+        if self._arrays is not None and self._arrays.mapsChanged(self.logic, self.segmentationNode):
+            self._arrays = None
+            self.history = ClickHistory(recordedClicks(self.segmentationNode), self.undoSteps)
+        if self._arrays is None:
+            self._arrays = SceneArrays.read(self.logic, self.segmentationNode)
+        else:
+            self._arrays.rereadLabelsIfEdited(self.logic, self.segmentationNode)
+        return self._arrays
+
+    def load(self) -> None:
+        """Load the refiner and read the arrays now (e.g. when the user opens the refine step), so the
+        first click costs what the others cost."""
+        self.refiner()
+        if self._arrays is None:
+            self._arrays = SceneArrays.read(self.logic, self.segmentationNode)
+
+    def compute(self, click: Click, tag: object = None) -> tuple[Refined, UndoStep]:
+        """Refine the prepared arrays with ``click`` in place (no MRML: a worker thread may run it)."""
+        arrays = self._arrays
+        return self.history.apply(self.refiner(), arrays.images, arrays.probabilities, arrays.labels.array,
+                                  arrays.uncertainty, arrays.labels.geometry, click, self._parts, tag)
+
+    def write(self, step: UndoStep) -> None:
+        """Write what ``step``'s click changed into the scene and record the clicks."""
+        self._arrays.write(self.segmentationNode, step)
+        recordClicks(self.segmentationNode, self.history.clicks, self._arrays.classes)
+
+    def click(self, click: Click, tag: object = None) -> tuple[Refined, UndoStep]:
+        """:meth:`prepare`, :meth:`compute` and :meth:`write` in a row."""
+        self.prepare(click)
+        refined, step = self.compute(click, tag)
+        self.write(step)
+        return refined, step
+
+    def undo(self) -> UndoStep:
+        """Put back what the newest click of the session changed (in the scene too) and forget it;
+        :class:`ClickError` when there is none."""
+        if not self.history.undo_steps:
+            raise ClickError("no click to undo")
+        arrays = self._arrays
+        if arrays.mapsChanged(self.logic, self.segmentationNode):
+            self.discard()
+            raise ClickError("the maps changed since the last click; it can no longer be undone")
+        arrays.rereadLabelsIfEdited(self.logic, self.segmentationNode)
+        step = self.history.undo(arrays.probabilities, arrays.labels.array, arrays.uncertainty)
+        arrays.write(self.segmentationNode, step)
+        recordClicks(self.segmentationNode, self.history.clicks, arrays.classes)
+        return step
+
+    def discard(self) -> None:
+        """A computation failed part way through the arrays: the next click reads the scene again."""
+        self._arrays = None
+        self.history = ClickHistory(recordedClicks(self.segmentationNode), self.undoSteps)
 
 
 def _writeVolume(node, array: np.ndarray) -> None:
@@ -179,8 +376,10 @@ def pasteVolume(node, box: tuple[slice, slice, slice], values: np.ndarray) -> No
     node.Modified()
 
 
-def writeLabels(segmentationNode, labels: Image, changed: np.ndarray) -> None:
-    """Each class segment replaced by its voxels of ``labels`` when anything ``changed``."""
+def writeLabels(segmentationNode, labels: Image, changed: np.ndarray, values=None) -> None:
+    """Each class segment replaced by its voxels of ``labels`` when anything ``changed``; only the
+    classes of ``values`` (class values; all when None), e.g. those a click moved voxels into or out of:
+    on a whole head each class written costs a whole-volume mask."""
     if not changed.any():
         return
     classes = {c["name"].lower(): int(c["value"]) for c in json.loads(segmentationNode.GetAttribute(ATTRIBUTE + "Classes"))}
@@ -194,6 +393,8 @@ def writeLabels(segmentationNode, labels: Image, changed: np.ndarray) -> None:
         if value:
             tagged[value] = segmentId
     logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if values is not None:
+        tagged = {value: segmentId for value, segmentId in tagged.items() if value in set(int(v) for v in values)}
     for value, segmentId in tagged.items():  # whole masks: a partial extent loses a shared layer's other labels
         logic.SetBinaryLabelmapToSegment(orientedMask(labels.geometry, labels.array == value), segmentationNode,
                                          segmentId, logic.MODE_REPLACE)
@@ -214,20 +415,6 @@ class ClickReport:
     error: str | None = None
 
 
-@dataclass
-class _Step:
-    """One click as Undo takes it back: the segmentation's labels, probabilities (foreground classes)
-    and uncertainty over ``box`` (array slices) and its clicks attribute before the click, and the point."""
-
-    box: tuple[slice, slice, slice]
-    labels: np.ndarray
-    probabilities: np.ndarray
-    uncertainty: np.ndarray | None
-    clicks: str | None
-    listID: str
-    pointID: str
-
-
 class ClickRefinement:
     """Click refinement of one AttnSeg segmentation through markups point lists, without GUI.
 
@@ -236,8 +423,10 @@ class ClickRefinement:
     defined, as Slicer's placement and ``AddControlPointWorld`` do) is refined at once: an ``add`` point
     is a click of its class, a ``remove`` point a ``background`` click. The point is then locked (moving
     it would no longer match what it did); a point the refinement refuses (outside the image) is removed.
-    Each refinement is reported to ``onReport`` (a callable taking a :class:`ClickReport`) and kept for
-    :meth:`undo`, at most ``undoSteps`` of them.
+    A click of a target's class outside that target's box on a localised whole head is refused the same
+    way, as ``attnseg refine`` refuses it. The arrays, clicks and undo steps are a
+    :class:`SceneRefinement`'s (the web Refine step's too). Each refinement is reported to ``onReport``
+    (a callable taking a :class:`ClickReport`) and kept for :meth:`undo`, at most ``undoSteps`` of them.
     """
 
     def __init__(self, logic, segmentationNode, refiner: Refiner | None = None, undoSteps: int = UNDO_STEPS):
@@ -245,8 +434,7 @@ class ClickRefinement:
         self.segmentationNode = segmentationNode
         self.onReport = None
         self.lastReport: ClickReport | None = None
-        self._refiner = refiner
-        self._steps: deque[_Step] = deque(maxlen=undoSteps)
+        self.session = SceneRefinement(logic, segmentationNode, refiner, undoSteps)
         self._observations: dict[str, tuple[object, int]] = {}
         for listNode in self.pointLists():
             self._observe(listNode)
@@ -349,9 +537,7 @@ class ClickRefinement:
     # -- refining -----------------------------------------------------------------------------
     def refiner(self) -> Refiner:
         """The update the clicks use (see :func:`refinerFor`), loaded on the first click."""
-        if self._refiner is None:
-            self._refiner = refinerFor(self.segmentationNode)
-        return self._refiner
+        return self.session.refiner()
 
     def _onPointDefined(self, listNode, event) -> None:
         """The points of ``listNode`` defined and not yet used (unlocked) are refined, in their order."""
@@ -373,17 +559,12 @@ class ClickRefinement:
         label = 0 if action == REMOVE else class_index(className, [c["name"] for c in self._classes()])
         listNode.SetNthControlPointLocked(index, True)
         try:
-            refined, before = _refine(self.logic, self.segmentationNode, [Click(lps, label)], self.refiner())
-        except (AttnSegError, ValueError) as error:  # outside the image, a map deleted: the point goes
+            refined, step = self.session.click(Click(lps, label), tag=(listNode.GetID(), pointID))
+        except (AttnSegError, ValueError) as error:  # outside the image or its box, a map deleted: the point goes
             listNode.RemoveNthControlPoint(listNode.GetNthControlPointIndexByID(pointID))
             self._report(ClickReport(className, action, lps, error=str(error)))
             return
-        moved = refined.changed | (refined.labels != before.labels)
-        box = _boundingBox(moved)
-        self._steps.append(_Step(box, before.labels[box].copy(), before.probabilities[(slice(1, None),) + box].copy(),
-                                 None if before.uncertainty is None else before.uncertainty[box].copy(),
-                                 before.clicks, listNode.GetID(), pointID))
-        self._report(ClickReport(className, action, lps, int(moved.sum()), time.perf_counter() - start))
+        self._report(ClickReport(className, action, lps, int(step.changed.sum()), time.perf_counter() - start))
 
     def _report(self, report: ClickReport) -> None:
         self.lastReport = report
@@ -394,38 +575,17 @@ class ClickRefinement:
     @property
     def undoSteps(self) -> int:
         """How many clicks :meth:`undo` can take back."""
-        return len(self._steps)
+        return self.session.history.undo_steps
 
     def undo(self) -> bool:
         """Take back the newest click: the labels, probabilities, uncertainty and clicks attribute as they
         were before it (voxel for voxel; edits elsewhere stay), and its point removed. False when there
         is nothing to undo."""
-        if not self._steps:
+        if not self.undoSteps:
             return False
-        step = self._steps.pop()
-        node = self.segmentationNode
-        labels = self.logic.correctedLabels(node)
-        restored = labels.array.copy()
-        restored[step.box] = step.labels
-        writeLabels(node, labels.with_array(restored), restored != labels.array)
-        for probabilityNode, values in zip(_probabilityNodes(self.logic, node), step.probabilities):
-            pasteVolume(probabilityNode, step.box, values)
-        uncertaintyNode = self.logic.mapNodes(node).get("uncertainty")
-        if uncertaintyNode is not None and step.uncertainty is not None:
-            pasteVolume(uncertaintyNode, step.box, step.uncertainty)
-        if step.clicks is None:
-            node.RemoveAttribute(CLICKS_ATTRIBUTE)
-        else:
-            node.SetAttribute(CLICKS_ATTRIBUTE, step.clicks)
-        listNode = node.GetScene().GetNodeByID(step.listID)
-        if listNode is not None and listNode.GetNthControlPointIndexByID(step.pointID) >= 0:
-            listNode.RemoveNthControlPoint(listNode.GetNthControlPointIndexByID(step.pointID))
+        step = self.session.undo()
+        listID, pointID = step.tag
+        listNode = self.segmentationNode.GetScene().GetNodeByID(listID)
+        if listNode is not None and listNode.GetNthControlPointIndexByID(pointID) >= 0:
+            listNode.RemoveNthControlPoint(listNode.GetNthControlPointIndexByID(pointID))
         return True
-
-
-def _boundingBox(mask: np.ndarray) -> tuple[slice, slice, slice]:
-    """The smallest box (array slices) holding every True voxel of ``mask``; empty when there is none."""
-    if not mask.any():
-        return (slice(0, 0),) * mask.ndim
-    found = np.argwhere(mask)
-    return tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(found.min(axis=0), found.max(axis=0)))

@@ -195,6 +195,7 @@ class AttnSegWebApp:
         self._pending = None  # (action, argument) waiting for the user's answer
         self._kept: dict[str, object] = {}  # name -> corrected segmentation node kept beside a newer result
         self._reviewing = False  # the user opened the Review step since this result came: its map is shown
+        self._regions_stale = False  # clicks changed the review map since the regions were described
         self.typed_state.bind_changes({
             self.typed_state.name.model.selected: self._on_model_selected,
             self.typed_state.name.model.inputs: self._check_inputs,
@@ -647,6 +648,7 @@ class AttnSegWebApp:
         """The true count of regions at the chosen threshold, and the rule that made them."""
         threshold = self._threshold()
         regions = self.logic.doubtfulRegions(self._result.segmentationNode, threshold)
+        self._regions_stale = False
         count = len(regions)
         review = self.data.review
         review.count, review.current = count, -1
@@ -697,10 +699,21 @@ class AttnSegWebApp:
 
     # -- correcting -----------------------------------------------------------------------------
     def _on_tab_changed(self, **_) -> None:
-        """The map overlay appears when the user first opens the Review step of a result."""
-        if self.server.state[TAB_STATE] == "review" and not self._reviewing:
+        """The map overlay appears when the user first opens the Review step of a result; the regions are
+        described again there when clicks changed the map; opening the Refine step loads the refiner and
+        reads the arrays clicks change (seconds on a whole head), so that the first click is as quick as
+        the others."""
+        tab = self.server.state[TAB_STATE]
+        if tab == "review" and not self._reviewing:
             self._reviewing = True
             self._on_map_changed()
+        if tab == "review" and self._regions_stale and self._result is not None:
+            self._describe_regions()
+        if tab == "refine" and self._result is not None:
+            try:  # the first click then costs what the others cost
+                self._clicks.session(self._result.segmentationNode, self._package.card.class_names).load()
+            except AttnSegError as err:
+                self.data.refine.error = str(err)
 
     def stop_editing(self) -> None:
         """Leave the paint/erase tools, so the mouse in a view browses again."""
@@ -772,7 +785,11 @@ class AttnSegWebApp:
         node = self._result.segmentationNode
         self.data.refine.clicks = clicks_text(node)
         self.data.refine.message = message
-        self._describe_regions()
+        # the regions are described again when the Review step shows them: on a whole head that takes
+        # longer than the click
+        self._regions_stale = self.server.state[TAB_STATE] != "review"
+        if not self._regions_stale:
+            self._describe_regions()
         for view in self.slicer_app.view_manager.get_views():
             view.schedule_render()
 
