@@ -270,13 +270,18 @@ def test_a_point_outside_the_image_is_refused_removed_and_changes_nothing(segmen
     assert node.GetAttribute(CLICKS_ATTRIBUTE) is None
 
 
-def test_the_clicks_of_placed_points_reach_the_saved_correction_training_reads(segmented, tmp_path):
-    logic, result = segmented
-    node = result.segmentationNode
+def _place_an_addition_and_a_removal(logic, node) -> None:
+    """An Anterior point on the background next to Anterior, a Posterior removal on a Posterior voxel."""
     refinement = logic.clickRefinement(node)
     labels = logic.correctedLabels(node)
     _place(refinement.pointList("Anterior", ADD), _background_next_to(labels.array, 1), labels.geometry)
     _place(refinement.pointList("Posterior", REMOVE), tuple(np.argwhere(labels.array == 2)[0]), labels.geometry)
+
+
+def test_the_clicks_of_placed_points_reach_the_saved_correction_training_reads(segmented, tmp_path):
+    logic, result = segmented
+    node = result.segmentationNode
+    _place_an_addition_and_a_removal(logic, node)
     case_dir = logic.exportCorrection(node, tmp_path)
     data = load_config("fine_tune_corrections", {"data": {"root": str(tmp_path)}})["data"]
     (files,) = find_cases(data, tmp_path)
@@ -297,10 +302,7 @@ def test_a_saved_correction_trains_the_refinement_network_with_its_real_clicks(s
 
     logic, result = segmented
     node = result.segmentationNode
-    refinement = logic.clickRefinement(node)
-    labels = logic.correctedLabels(node)
-    _place(refinement.pointList("Anterior", ADD), _background_next_to(labels.array, 1), labels.geometry)
-    _place(refinement.pointList("Posterior", REMOVE), tuple(np.argwhere(labels.array == 2)[0]), labels.geometry)
+    _place_an_addition_and_a_removal(logic, node)
     corrections = tmp_path / "corrections"
     logic.exportCorrection(node, corrections, caseName="placed")
     refiner_package = find_refinement_package(package.card)

@@ -87,10 +87,7 @@ def common_validation_cases(packages) -> list[str]:
     """Case names every package held out; an error when a package lists none."""
     held_out = None
     for package in packages:
-        names = set((package.card.get("training") or {}).get("validation_cases") or [])
-        if not names:
-            raise SystemExit(f"{package.name}: its card lists no validation cases; "
-                             "re-export it with training/export.py")
+        names = set(common.validation_case_names(package))
         held_out = names if held_out is None else held_out & names
     if not held_out:
         raise SystemExit("the packages share no validation case; train them with the same seed and split")

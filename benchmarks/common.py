@@ -239,6 +239,15 @@ def with_modalities(model: BenchmarkModel, modalities: list[dict], workdir: Path
 
 
 # -- volumes ----------------------------------------------------------------------------------------
+def validation_case_names(package, count: int | None = None) -> list[str]:
+    """The first ``count`` (None: all) validation cases ``package``'s card lists; exits with the fix when
+    it lists none (a package not exported by training/)."""
+    names = ((package.card.get("training") or {}).get("validation_cases") or [])[:count]
+    if not names:
+        raise SystemExit(f"{package.name}: its card lists no validation cases; benchmark a package training/ exported")
+    return names
+
+
 def hippocampus_cases(count: int) -> list[Path]:
     """The first ``count`` images of MSD Task04 Hippocampus (sorted by name)."""
     images = sorted((data_root() / "hippocampus" / "imagesTr").glob("hippocampus_*.nii.gz"))

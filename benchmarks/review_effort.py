@@ -132,9 +132,7 @@ def main(argv=None) -> int:
     from AttnSegLib.package import default_package, load_package
 
     package = load_package(args.model) if args.model else default_package()
-    names = ((package.card.get("training") or {}).get("validation_cases") or [])[: args.cases]
-    if not names:
-        raise SystemExit(f"{package.name}: its card lists no validation cases; benchmark a package training/ exported")
+    names = common.validation_case_names(package, args.cases)
     root = common.data_root() / "hippocampus"
     predictor = Predictor(package, device="cpu")
     per_case = {}
