@@ -260,7 +260,9 @@ def test_shipped_cards_record_the_training_intensity_statistics():
 
 def test_the_shipped_statistics_are_measured_from_the_training_cases(tmp_path, capsys):
     """``python -m training.statistics`` on a copy of the BraTS package without them writes back the
-    shipped card byte for byte: the numbers come from its three training cases."""
+    shipped card: the numbers come from its three training cases. Everything else is byte for byte;
+    the statistics agree to 1e-3 (their last rounded digit moves with the resampling library's version,
+    e.g. 2.25 -> 2.2501)."""
     from training.statistics import main as statistics_main
 
     copy = shutil.copytree(SHIPPED / "brats_sample_unet", tmp_path / "brats_sample_unet")
@@ -268,8 +270,20 @@ def test_the_shipped_statistics_are_measured_from_the_training_cases(tmp_path, c
     del card["input_statistics"]
     (copy / "model.json").write_text(json.dumps(card, indent=2) + "\n")
     assert statistics_main(["--model", str(copy)]) == 0
-    assert (copy / "model.json").read_bytes() == (SHIPPED / "brats_sample_unet" / "model.json").read_bytes()
+    written = json.loads((copy / "model.json").read_text())
+    shipped = json.loads((SHIPPED / "brats_sample_unet" / "model.json").read_text())
+    assert _numbers(written.pop("input_statistics")) == pytest.approx(_numbers(shipped.pop("input_statistics")), abs=1e-3)
+    assert written == shipped
     assert "FLAIR over 3 training cases" in capsys.readouterr().out
+
+
+def _numbers(tree) -> list[float]:
+    """The numbers of a JSON tree, depth first (keys in order), for comparing with a tolerance."""
+    if isinstance(tree, dict):
+        return [n for key in sorted(tree) for n in _numbers(tree[key])]
+    if isinstance(tree, list):
+        return [n for item in tree for n in _numbers(item)]
+    return [float(tree)] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
 
 
 # -- 5. modalities that are swapped, duplicated or partial ----------------------------------------------------

@@ -33,7 +33,9 @@ def _config_for(architecture: str, data_root, output, **training) -> dict:
     """The architecture's hippocampus config; an architecture without one trains with the CI config's
     settings, its own default kwargs and a patch its divisor accepts."""
     if (CONFIG_DIR / f"hippocampus_{architecture}.yaml").is_file():
-        return small_config(f"hippocampus_{architecture}", data_root, output, **training)
+        config = small_config(f"hippocampus_{architecture}", data_root, output, **training)
+        config["model"].pop("warm_start", None)  # a second stage's start (run/package) is not here
+        return config
     config = small_config("ci", data_root, output, **training)
     divisor = models.build(architecture, in_channels=1, num_classes=3).divisor
     config["model"] = {"architecture": architecture, "kwargs": {}}
