@@ -18,9 +18,11 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from AttnSegLib.cli import main
+from AttnSegLib.errors import InputError
 from AttnSegLib.image import Geometry, Image, read_image, write_image
 from AttnSegLib.inference import Predictor
-from AttnSegLib.localise import TARGETS, Box, LocalisationError, much_larger, reference_image, volumetry
+from AttnSegLib.localise import (TARGETS, Box, LocalisationError, localise_targets, much_larger, reference_image,
+                                 volumetry)
 from AttnSegLib.package import PackageError, default_package, load_package, validate_card
 
 MNI = "mni152/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
@@ -274,6 +276,36 @@ def test_roi_segments_inside_the_box_only_on_the_input_grid(predictor, mni, mni_
     assert dice(labels > 0, left) > 0.8  # the localised crop and a hand-placed box agree
     with pytest.raises(LocalisationError, match="outside the image"):
         predictor.predict([mni], roi=Box.from_centre_size((500.0, 0.0, 0.0), (40.0, 40.0, 40.0)))
+
+
+def test_an_roi_with_the_heads_size_factor_is_segmented_as_the_localised_crop(predictor, mni, mni_result):
+    """The localisation's own left box with the registration's size factor is the localised crop (one code
+    path: the same labels, voxel for voxel); moved 2 mm, as a user moves it, it keeps nearly the localised
+    volume (measured 4.80 vs 4.70 ml). Without the factor the box is cut at the scan's own size, where the
+    template's hippocampus (a head 1.18 times the reference size) comes out smaller (measured 4.34 ml)."""
+    registration, placed = localise_targets(mni, predictor.card)
+    box = dict((target.name, box) for target, box in placed)["left_hippocampus"]
+    left = np.isin(mni_result.labels.array, side_values(mni_result, "Left"))
+    localised_ml = np.count_nonzero(left) * mni.geometry.voxel_volume_ml
+    same = predictor.predict([mni], roi=box, size_factor=registration.size_factor)
+    assert same.class_names == ["background", "Anterior", "Posterior"]
+    assert same.provenance["roi"]["size_factor"] == round(registration.size_factor, 4) > 1.1
+    np.testing.assert_array_equal(same.labels.array, np.where(left, mni_result.labels.array, 0))
+    np.testing.assert_allclose(same.probabilities.array.sum(axis=0), 1.0, atol=1e-4)
+    assert set(same.maps) == set(mni_result.maps)
+
+    moved = Box((box.centre[0], box.centre[1] + 2.0, box.centre[2]), box.size, box.axes)
+    normalised = predictor.predict([mni], roi=moved, size_factor=registration.size_factor).labels.array > 0
+    assert np.count_nonzero(normalised) * mni.geometry.voxel_volume_ml == pytest.approx(localised_ml, rel=0.05)
+    assert dice(normalised, left) > 0.93
+    own_size = predictor.predict([mni], roi=moved)
+    assert "size_factor" not in own_size.provenance["roi"]
+    assert np.count_nonzero(own_size.labels.array) < np.count_nonzero(normalised)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(InputError, match="size factor"):
+            predictor.predict([mni], roi=moved, size_factor=bad)
+    with pytest.raises(InputError, match="needs an ROI"):
+        predictor.predict([mni], size_factor=1.0)
 
 
 # -- the command line -------------------------------------------------------------------------------

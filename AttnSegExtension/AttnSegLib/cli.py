@@ -676,7 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="segment only inside this box: centre and size in mm, in the image's LPS physical "
                           "coordinates as ITK reads the file (Slicer shows RAS: negate x and y); default: the whole "
                           "input, or for an input much larger than the model's training field of view, boxes found "
-                          "by registering the MNI152 template when the model card says how")
+                          "by registering the MNI152 template when the model card says how. The box is cut at the "
+                          "scan's own size: unlike those boxes it is not size-normalised to the head (no "
+                          "registration runs)")
     seg.add_argument("--dicom-seg", action="store_true",
                      help="also write segmentation.dcm, a DICOM Segmentation referencing the input DICOM series")
     seg.add_argument("--whole-volume", action="store_true",
