@@ -325,6 +325,21 @@ def test_cli_whole_head_writes_volumetry_csv_and_preview(data_dir, tmp_path, cap
     assert read_image(out / "labels.nii.gz").array.max() == 4
 
 
+def test_cli_roi_with_the_reports_size_factor_is_size_normalised(data_dir, tmp_path, capsys):
+    """``--size-factor`` (a localised run's report.json's) samples ``--roi`` size-normalised; without
+    ``--roi`` it is refused in one line."""
+    out = tmp_path / "out"
+    assert main(["segment", "-i", str(data_dir / MNI), "-o", str(out), "--device", "cpu", "--no-maps",
+                 "--roi", "27,22,-15,42,59,43", "--size-factor", "1.178"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["provenance"]["roi"]["size_factor"] == 1.178
+    assert 2.0 <= sum(report["class_volumes_ml"].values()) <= 6.0, report["class_volumes_ml"]
+    capsys.readouterr()
+    assert main(["segment", "-i", str(data_dir / MNI), "-o", str(tmp_path / "none"), "--size-factor", "1.2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--size-factor needs --roi" in err[0] and not (tmp_path / "none").exists()
+
+
 @pytest.mark.parametrize("roi, message", [("1,2,3", "six numbers"), ("0,0,0,10,-1,10", "positive"),
                                           ("a,b,c,d,e,f", "six numbers")])
 def test_cli_bad_roi_is_refused_in_one_line(roi, message, hippocampus_case, tmp_path, capsys):
