@@ -369,7 +369,8 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             rois = self.logic.sceneLogic.localisationROIs(self._inputVolumes()[0], self._parameterNode.modelName)
             self.ui.statusLabel.text = _(
                 "Placed {names}. Segment with no region to segment them all (localised again); to segment "
-                "inside one box only, move it if needed and choose it under Region.").format(
+                "inside one box only, move it if needed and choose it under Region: it keeps the head's size "
+                "normalisation (a box drawn by hand is cut at the scan's own size).").format(
                 names=", ".join(node.GetName() for node in rois))
 
     def onSegmentButton(self) -> None:

@@ -18,9 +18,11 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from AttnSegLib.cli import main
+from AttnSegLib.errors import InputError
 from AttnSegLib.image import Geometry, Image, read_image, write_image
 from AttnSegLib.inference import Predictor
-from AttnSegLib.localise import TARGETS, Box, LocalisationError, much_larger, reference_image, volumetry
+from AttnSegLib.localise import (TARGETS, Box, LocalisationError, localise_targets, much_larger, reference_image,
+                                 volumetry)
 from AttnSegLib.package import PackageError, default_package, load_package, validate_card
 
 MNI = "mni152/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
@@ -276,6 +278,36 @@ def test_roi_segments_inside_the_box_only_on_the_input_grid(predictor, mni, mni_
         predictor.predict([mni], roi=Box.from_centre_size((500.0, 0.0, 0.0), (40.0, 40.0, 40.0)))
 
 
+def test_an_roi_with_the_heads_size_factor_is_segmented_as_the_localised_crop(predictor, mni, mni_result):
+    """The localisation's own left box with the registration's size factor is the localised crop (one code
+    path: the same labels, voxel for voxel); moved 2 mm, as a user moves it, it keeps nearly the localised
+    volume (measured 4.80 vs 4.70 ml). Without the factor the box is cut at the scan's own size, where the
+    template's hippocampus (a head 1.18 times the reference size) comes out smaller (measured 4.34 ml)."""
+    registration, placed = localise_targets(mni, predictor.card)
+    box = dict((target.name, box) for target, box in placed)["left_hippocampus"]
+    left = np.isin(mni_result.labels.array, side_values(mni_result, "Left"))
+    localised_ml = np.count_nonzero(left) * mni.geometry.voxel_volume_ml
+    same = predictor.predict([mni], roi=box, size_factor=registration.size_factor)
+    assert same.class_names == ["background", "Anterior", "Posterior"]
+    assert same.provenance["roi"]["size_factor"] == round(registration.size_factor, 4) > 1.1
+    np.testing.assert_array_equal(same.labels.array, np.where(left, mni_result.labels.array, 0))
+    np.testing.assert_allclose(same.probabilities.array.sum(axis=0), 1.0, atol=1e-4)
+    assert set(same.maps) == set(mni_result.maps)
+
+    moved = Box((box.centre[0], box.centre[1] + 2.0, box.centre[2]), box.size, box.axes)
+    normalised = predictor.predict([mni], roi=moved, size_factor=registration.size_factor).labels.array > 0
+    assert np.count_nonzero(normalised) * mni.geometry.voxel_volume_ml == pytest.approx(localised_ml, rel=0.05)
+    assert dice(normalised, left) > 0.93
+    own_size = predictor.predict([mni], roi=moved)
+    assert "size_factor" not in own_size.provenance["roi"]
+    assert np.count_nonzero(own_size.labels.array) < np.count_nonzero(normalised)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(InputError, match="size factor"):
+            predictor.predict([mni], roi=moved, size_factor=bad)
+    with pytest.raises(InputError, match="needs an ROI"):
+        predictor.predict([mni], size_factor=1.0)
+
+
 # -- the command line -------------------------------------------------------------------------------
 def test_cli_whole_head_writes_volumetry_csv_and_preview(data_dir, tmp_path, capsys):
     out = tmp_path / "out"
@@ -291,6 +323,21 @@ def test_cli_whole_head_writes_volumetry_csv_and_preview(data_dir, tmp_path, cap
     assert "asymmetry_index_total_percent" in rows[0]
     assert (out / "preview.png").stat().st_size > 10_000
     assert read_image(out / "labels.nii.gz").array.max() == 4
+
+
+def test_cli_roi_with_the_reports_size_factor_is_size_normalised(data_dir, tmp_path, capsys):
+    """``--size-factor`` (a localised run's report.json's) samples ``--roi`` size-normalised; without
+    ``--roi`` it is refused in one line."""
+    out = tmp_path / "out"
+    assert main(["segment", "-i", str(data_dir / MNI), "-o", str(out), "--device", "cpu", "--no-maps",
+                 "--roi", "27,22,-15,42,59,43", "--size-factor", "1.178"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["provenance"]["roi"]["size_factor"] == 1.178
+    assert 2.0 <= sum(report["class_volumes_ml"].values()) <= 6.0, report["class_volumes_ml"]
+    capsys.readouterr()
+    assert main(["segment", "-i", str(data_dir / MNI), "-o", str(tmp_path / "none"), "--size-factor", "1.2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--size-factor needs --roi" in err[0] and not (tmp_path / "none").exists()
 
 
 @pytest.mark.parametrize("roi, message", [("1,2,3", "six numbers"), ("0,0,0,10,-1,10", "positive"),

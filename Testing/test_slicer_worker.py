@@ -112,11 +112,14 @@ def test_a_run_in_the_worker_gives_the_engines_result_and_keeps_the_model_loaded
     print(f"\nsecond run in the kept worker: {time.monotonic() - started:.2f} s")
 
 
-def test_the_panels_roi_reaches_the_worker(logic, package):
+@pytest.mark.parametrize("size_factor", [None, 1.2])
+def test_the_panels_roi_reaches_the_worker(logic, package, size_factor):
     """The panel runs the job in the worker: a markups ROI (rotated, as one moved in the views can be)
-    gives the engine's result inside that box."""
+    gives the engine's result inside that box; one the localisation placed carries its head's size
+    factor (the node's ``AttnSeg.SizeFactor``) to the worker, which samples the box size-normalised."""
     from AttnSegLib.localise import Box
     from AttnSegLib.mrml import roiBoxFromNode, roiNodeFromBox
+    from AttnSegLib.slicer_logic import ATTRIBUTE
 
     volume = logic.loadVolume(SAMPLE_IMAGE)
     image = imageFromVolumeNode(volume)
@@ -124,12 +127,15 @@ def test_the_panels_roi_reaches_the_worker(logic, package):
     axes = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]])
     roi = roiNodeFromBox(Box(tuple(image.geometry.corners_lps().mean(axis=0)), (20.0, 24.0, 16.0),
                              tuple(axes.ravel())), logic.scene, "roi")
+    if size_factor is not None:
+        roi.SetAttribute(ATTRIBUTE + "SizeFactor", repr(size_factor))
     task = logic.startTask(logic.prepare([volume], package, device="cpu", inProcess=False, roiNode=roi))
     assert task.wait(60)
     result = task.result()
-    engine = Predictor(package, device="cpu").predict([image], roi=roiBoxFromNode(roi))
+    engine = Predictor(package, device="cpu").predict([image], roi=roiBoxFromNode(roi), size_factor=size_factor)
     np.testing.assert_array_equal(result.labels.array, engine.labels.array)
     assert result.provenance["roi"] == engine.provenance["roi"]
+    assert result.provenance["roi"].get("size_factor") == size_factor
     task.close()
 
 

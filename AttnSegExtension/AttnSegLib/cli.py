@@ -311,6 +311,9 @@ def _parse_roi(text: str):
 def cmd_segment(args) -> int:
     from .inference import Cancelled, Predictor
 
+    if args.size_factor is not None and not args.roi:
+        raise UsageError("--size-factor needs --roi: it says how to sample that box; a whole head without --roi is "
+                         "size-normalised by its own registration")
     package = load_package(args.model or default_package_name())
     inputs = [Path(p) for p in args.input]
     for p in inputs:
@@ -339,7 +342,8 @@ def cmd_segment(args) -> int:
             timings = {"read": time.perf_counter() - t0}
             bar, update = _progress_bar(case)
             try:
-                result = predictor.predict(images, progress=update, cancel=cancel, roi=roi)
+                result = predictor.predict(images, progress=update, cancel=cancel, roi=roi,
+                                           size_factor=args.size_factor)
             finally:
                 bar.close()
             timings.update(result.timings)
@@ -676,7 +680,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="segment only inside this box: centre and size in mm, in the image's LPS physical "
                           "coordinates as ITK reads the file (Slicer shows RAS: negate x and y); default: the whole "
                           "input, or for an input much larger than the model's training field of view, boxes found "
-                          "by registering the MNI152 template when the model card says how")
+                          "by registering the MNI152 template when the model card says how. The box is cut at the "
+                          "scan's own size: unlike those boxes it is not size-normalised to the head (no "
+                          "registration runs), unless --size-factor is given")
+    seg.add_argument("--size-factor", type=float, metavar="F",
+                     help="with --roi: the head's size factor, as a localised run of the same scan wrote it "
+                          "(report.json, provenance.localisation.size_factor); the box is then sampled "
+                          "size-normalised, as the localised boxes are, and reaches the model divided by F: make it "
+                          "at least the model's training field of view times F")
     seg.add_argument("--dicom-seg", action="store_true",
                      help="also write segmentation.dcm, a DICOM Segmentation referencing the input DICOM series")
     seg.add_argument("--whole-volume", action="store_true",

@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 from . import __version__
 from .card import UNCERTAINTY, ModelCard
 from .errors import InputError, OutOfMemory
-from .image import Image, label_dtype
+from .image import Geometry, Image, label_dtype
 from .localise import (Box, LocalisationError, crop_grids, crop_images, cut, footprint, localise_targets,
                        much_larger, plausible_volume, resample, sub_geometry, target_classes)
 from .maps import normalized_entropy, resize_map, split_channels, volume_name
@@ -459,14 +459,20 @@ class Predictor:
 
     # -- images in, results on the input grid ------------------------------------------------
     def predict(self, images: list[Image], progress: ProgressCallback | None = None,
-                cancel: CancelFlag | None = None, roi: Box | None = None) -> Result:
+                cancel: CancelFlag | None = None, roi: Box | None = None,
+                size_factor: float | None = None) -> Result:
         """One case (one image per modality, the card's order) -> :class:`Result` on the first image's grid.
 
         ``roi``: segment only inside this box (LPS mm; :meth:`Box.from_centre_size`). Without one, an
         input much larger than the card's ``inference.training_field_of_view_mm`` is localised as the
         card's ``inference.localisation`` says (:mod:`AttnSegLib.localise`), or refused with
-        :class:`LocalisationError` when the card gives no way.
+        :class:`LocalisationError` when the card gives no way. ``size_factor`` (with ``roi`` only): the
+        head's :attr:`~AttnSegLib.localise.Registration.size_factor`; the box is then sampled
+        size-normalised, as a localised crop is. Without it the box is cut at the scan's own size.
         """
+        if size_factor is not None and (roi is None or not np.isfinite(size_factor) or size_factor <= 0):
+            raise InputError(f"a size factor ({size_factor}) needs an ROI and must be a positive number; it is the "
+                             "registration's size_factor (report.json's localisation)")
         settings, run = self.card.inference, self._new_run()
         field_of_view = settings.training_field_of_view_mm
         if len(images) != len(self.card.modalities):
@@ -474,7 +480,7 @@ class Predictor:
         if self.card.spacing_xyz_mm:
             check_spacing_units(images[0].geometry, self.card.spacing_xyz_mm)
         if roi is not None:
-            return self._predict_roi(images, roi, progress, cancel, run)
+            return self._predict_roi(images, roi, size_factor, progress, cancel, run)
         if not (self.localise and field_of_view and much_larger(images[0].geometry, field_of_view)):
             return self._predict_grid(images, progress, cancel, run)
         if not settings.localisation:
@@ -496,7 +502,6 @@ class Predictor:
         targets = [target for target, _ in placed]
         classes = target_classes(self.card.class_dicts, targets)
         geometry = images[0].geometry
-        spacing = self.card.spacing_xyz_mm or geometry.spacing
         timings["localise"] = time.perf_counter() - t0
         parts = len(self.card.classes) - 1
         shape = tuple(reversed(geometry.size))
@@ -505,12 +510,11 @@ class Predictor:
         boxes = {}
         for n, (target, box) in enumerate(placed):
             t0 = time.perf_counter()
-            grid, shown = crop_grids(box, spacing, registration.size_factor)
             index = footprint(box.corners(), geometry)
             if index is None:
                 raise LocalisationError(f"the {target.side.lower()} {target.structure} lies outside this image; "
                                         "give a scan that covers it, or the region with --roi")
-            crop = [Image(image.array, shown) for image in crop_images(images, grid)]
+            crop, grid = self._sample_crop(images, box, registration.size_factor)
             timings["localise"] += time.perf_counter() - t0
             step = None if progress is None else (
                 lambda f, eta, stage, n=n: progress((n + f) / len(targets), None, f"{target.name}: {stage}"))
@@ -519,13 +523,11 @@ class Predictor:
                 timings[stage] += result.timings[stage]
             volume = plausible_volume(result.labels.array, grid.voxel_volume_ml, target)
             t0 = time.perf_counter()
-            region = sub_geometry(geometry, index)
-            for c in range(1, parts + 1):
-                foreground[(n * parts + c - 1,) + index] += resample(
-                    Image(result.probabilities.array[c], grid), region, 0.0)
-            for name, image in result.maps.items():
+            back, crop_maps = self._crop_back(result, grid, sub_geometry(geometry, index))
+            foreground[(slice(n * parts, (n + 1) * parts),) + index] += back
+            for name, values in crop_maps.items():
                 on_grid = maps.setdefault(name, np.zeros(shape, dtype=np.float32))
-                np.maximum(on_grid[index], resample(Image(image.array, grid), region, 0.0), out=on_grid[index])
+                np.maximum(on_grid[index], values, out=on_grid[index])
             notices += [f"{target.name}: {text}" for text in result.notices if text not in run.notices]
             boxes[target.name] = {**box.as_dict(), "crop_volume_ml": round(volume, 3)}
             timings["postprocess"] += time.perf_counter() - t0
@@ -542,9 +544,28 @@ class Predictor:
                       self.review_map_name(image_maps), timings, provenance,
                       list(dict.fromkeys(notices + run.notices)), classes)
 
-    def _predict_roi(self, images: list[Image], roi: Box, progress, cancel, run: _Run) -> Result:
-        """Segment the part of the input inside ``roi`` (cut on its own grid, no interpolation); background
-        elsewhere."""
+    def _sample_crop(self, images: list[Image], box: Box, size_factor: float) -> tuple[list[Image], Geometry]:
+        """The size-normalised crop of ``images`` inside ``box`` (localise.py, step 3): (one image per
+        modality, its (D, H, W) voxels labelled with the model's spacing, as the model is shown them; the
+        grid they were sampled on in the input, the model's spacing times ``size_factor`` mm)."""
+        spacing = self.card.spacing_xyz_mm or images[0].geometry.spacing
+        grid, shown = crop_grids(box, spacing, size_factor)
+        return [Image(image.array, shown) for image in crop_images(images, grid)], grid
+
+    @staticmethod
+    def _crop_back(result: Result, grid: Geometry, region: Geometry) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """A size-normalised crop's ``result`` (arrays on its sampled ``grid``) resampled linearly onto
+        ``region``, a part of the input grid (localise.py, step 4): ((K, D, H, W) probabilities of the card's K
+        foreground classes; map name -> (D, H, W)), 0 outside the crop."""
+        foreground = np.stack([resample(Image(p, grid), region, 0.0) for p in result.probabilities.array[1:]])
+        maps = {name: resample(Image(image.array, grid), region, 0.0) for name, image in result.maps.items()}
+        return foreground, maps
+
+    def _predict_roi(self, images: list[Image], roi: Box, size_factor: float | None, progress, cancel,
+                     run: _Run) -> Result:
+        """Segment the part of the input inside ``roi``; background elsewhere. Without ``size_factor`` the box
+        is cut on the input's own grid (no interpolation); with it, sampled size-normalised and put back as a
+        localised crop is (:meth:`_sample_crop`, :meth:`_crop_back`)."""
         images, notices = align_modalities(images, self.card.modality_names)
         geometry = images[0].geometry
         index = footprint(roi.corners(), geometry)
@@ -554,20 +575,35 @@ class Predictor:
                 f"the ROI (centre {', '.join(f'{c:g}' for c in roi.centre)} mm LPS) lies outside the image, which "
                 f"spans {', '.join(f'{a:.0f}..{b:.0f}' for a, b in zip(corners.min(0), corners.max(0)))} mm (LPS x, y, z); "
                 "give the centre in the image's LPS coordinates")
-        result = self._predict_grid(cut(images, index), progress, cancel, run)
-        t0 = time.perf_counter()
         shape = tuple(reversed(geometry.size))
-        labels = np.zeros(shape, dtype=result.labels.array.dtype)
-        labels[index] = result.labels.array
         probabilities = np.zeros((len(self.class_names),) + shape, dtype=np.float32)
         probabilities[0] = 1.0
-        probabilities[(slice(None),) + index] = result.probabilities.array
         maps = {}
-        for name, image in result.maps.items():
+        provenance_roi = roi.as_dict()
+        if size_factor is None:
+            result = self._predict_grid(cut(images, index), progress, cancel, run)
+            t0 = time.perf_counter()
+            labels = np.zeros(shape, dtype=result.labels.array.dtype)
+            labels[index] = result.labels.array
+            probabilities[(slice(None),) + index] = result.probabilities.array
+            crop_maps = {name: image.array for name, image in result.maps.items()}
+        else:
+            t0 = time.perf_counter()
+            crop, grid = self._sample_crop(images, roi, size_factor)
+            sampling = time.perf_counter() - t0
+            result = self._predict_grid(crop, progress, cancel, run)
+            result.timings["preprocess"] += sampling
+            t0 = time.perf_counter()
+            foreground, crop_maps = self._crop_back(result, grid, sub_geometry(geometry, index))
+            probabilities[(slice(1, None),) + index] = foreground
+            np.clip(1.0 - foreground.sum(axis=0), 0.0, 1.0, out=probabilities[(0,) + index])
+            labels = _argmax_labels(probabilities)
+            provenance_roi["size_factor"] = round(float(size_factor), 4)
+        for name, values in crop_maps.items():
             maps[name] = np.zeros(shape, dtype=np.float32)
-            maps[name][index] = image.array
+            maps[name][index] = values
         result.timings["postprocess"] += time.perf_counter() - t0
-        provenance = {**result.provenance, "roi": roi.as_dict()}
+        provenance = {**result.provenance, "roi": provenance_roi}
         return Result(Image(labels, geometry), Image(probabilities, geometry),
                       {name: Image(values, geometry) for name, values in maps.items()}, result.review_map_name,
                       result.timings, provenance, notices + result.notices, result.classes)

@@ -31,7 +31,9 @@ input is localised:
    contributes its own classes ("Left anterior hippocampus", ...).
 
 A user ROI (:class:`Box` from :meth:`Box.from_centre_size`, LPS millimetres as ITK reads the file) is
-cut from the input on its own grid (no interpolation) and pasted back the same way.
+cut from the input on its own grid (no interpolation) and pasted back the same way: at the scan's own
+size, since no registration gives the head's. A box the localisation placed and the user moved keeps its
+registration's size factor (the Slicer panel's ROIs) and is cropped and put back as in steps 3-4.
 """
 from __future__ import annotations
 

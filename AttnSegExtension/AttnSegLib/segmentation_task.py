@@ -20,7 +20,8 @@ from .package import ModelPackage
 class SegmentationJob:
     """Inputs copied out of MRML by :meth:`SceneLogic.prepare`; :meth:`run` touches no MRML.
 
-    ``images``: one (D, H, W) :class:`Image` per modality, in the card's order. ``predictor`` is made
+    ``images``: one (D, H, W) :class:`Image` per modality, in the card's order. ``roi`` and
+    ``size_factor``: as :meth:`Predictor.predict` takes them. ``predictor`` is made
     for runs in this process only; a worker process (:class:`~AttnSegLib.worker_client.WorkerTask`)
     builds its own from ``package`` and ``device``.
     """
@@ -31,6 +32,7 @@ class SegmentationJob:
     device: str = "auto"
     predictor: Predictor | None = None
     roi: Box | None = None
+    size_factor: float | None = None
 
     def run(self, progress=None, cancel=None) -> Result:
         """The engine's prediction; ``progress(fraction, eta_seconds, stage)``; ``cancel.is_set()``
@@ -38,7 +40,8 @@ class SegmentationJob:
         if self.predictor is None:
             raise RuntimeError("this job was prepared for the worker process (inProcess=False); "
                                "run it with SceneLogic.startTask")
-        return self.predictor.predict(self.images, progress=progress, cancel=cancel, roi=self.roi)
+        return self.predictor.predict(self.images, progress=progress, cancel=cancel, roi=self.roi,
+                                      size_factor=self.size_factor)
 
 
 class SegmentationTask:

@@ -213,7 +213,9 @@ class SceneLogic:
         ``inProcess``: also build the network here, for :meth:`SegmentationJob.run` in this process
         (False for :meth:`startTask`, whose worker builds it). ``roiNode``: a markups ROI to segment inside
         (default: the whole volume, localised by the engine when it is much larger than the model's
-        training field of view)."""
+        training field of view); one :meth:`localisationROIs` placed keeps its head's size factor (its
+        ``SizeFactor`` attribute, however the user moved or resized it) and is sampled size-normalised as the
+        localised crops are; one drawn by hand is cut at the scan's own size."""
         package = self.loadModel(model)
         names = package.card.modality_names
         nodes = list(volumeNodes)
@@ -221,8 +223,10 @@ class SceneLogic:
             raise InputError(f"model {package.name!r} needs {len(names)} input volume(s), one per modality "
                              f"({', '.join(names)}); got {sum(n is not None for n in nodes)}")
         images = [imageFromVolumeNode(n) for n in nodes]
+        sizeFactor = roiNode.GetAttribute(ATTRIBUTE + "SizeFactor") if roiNode is not None else None
         job = SegmentationJob(package, images, [n.GetID() for n in nodes], device,
-                              roi=roiBoxFromNode(roiNode) if roiNode is not None else None)
+                              roi=roiBoxFromNode(roiNode) if roiNode is not None else None,
+                              size_factor=float(sizeFactor) if sizeFactor else None)
         if inProcess:
             key = (f"{package.path}:{package.sha256}", str(resolve_device(device)))
             if key not in self._predictors:
@@ -241,13 +245,16 @@ class SceneLogic:
     def localisationROIs(self, volumeNode, model=None) -> list:
         """Register the MNI152 template to ``volumeNode`` as the engine does before segmenting a whole head,
         and add one markups ROI node per target of ``model``'s card (e.g. "Left hippocampus ROI") where
-        the engine would crop it; the user may move one and segment inside it (``roiNode``). A failed
-        registration raises :class:`~AttnSegLib.localise.LocalisationError` and adds nothing."""
-        _, placed = localise_targets(imageFromVolumeNode(volumeNode), self.loadModel(model).card)
+        the engine would crop it, with the target's name (attribute ``Target``) and the head's size factor
+        (``SizeFactor``, :attr:`~AttnSegLib.localise.Registration.size_factor`); the user may move one and
+        segment inside it (``roiNode``), size-normalised as the engine's crop. A failed registration raises
+        :class:`~AttnSegLib.localise.LocalisationError` and adds nothing."""
+        registration, placed = localise_targets(imageFromVolumeNode(volumeNode), self.loadModel(model).card)
         nodes = []
         for target, box in placed:
             node = roiNodeFromBox(box, self.scene, f"{target.side} {target.structure} ROI")
             node.SetAttribute(ATTRIBUTE + "Target", target.name)
+            node.SetAttribute(ATTRIBUTE + "SizeFactor", repr(registration.size_factor))
             nodes.append(node)
         return nodes
 

@@ -14,7 +14,8 @@ Caller -> worker::
 
     {"op": "segment", "id": str, "model": package path, "sha256": str, "device": "auto|cpu|cuda|mps",
      "inputs": [{"file": .npy (D, H, W), "geometry": GEOMETRY}, ...one per modality], "output": folder,
-     "roi": null | BOX}                                    segment inside BOX only (else localise or whole)
+     "roi": null | BOX,                                    segment inside BOX only (else localise or whole)
+     "size_factor": null | float}       with a BOX: sample it size-normalised (Predictor.predict's size_factor)
     {"op": "cancel", "id": str}
     {"op": "shutdown"}
 
@@ -194,7 +195,8 @@ class Worker:
             images = [Image(loadArray(i["file"]), geometryFromDict(i["geometry"])) for i in request["inputs"]]
             self.channel.send(event="started", id=requestId, device=str(predictor.device))
             roi = Box.from_dict(request["roi"]) if request.get("roi") else None
-            result = predictor.predict(images, progress=self._progress(requestId), cancel=cancel, roi=roi)
+            result = predictor.predict(images, progress=self._progress(requestId), cancel=cancel, roi=roi,
+                                       size_factor=request.get("size_factor"))
             if cancel.is_set():
                 raise Cancelled()
             self.channel.send(event="result", id=requestId, **_writeResult(result, Path(request["output"])))

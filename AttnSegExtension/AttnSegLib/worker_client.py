@@ -212,7 +212,8 @@ class WorkerTask:
         self.worker.start()
         self.worker.send(op="segment", id=self.id, model=str(self.job.package.path), sha256=self.job.package.sha256,
                          device=self.job.device, inputs=inputs, output=str(self._folder / "output"),
-                         roi=self.job.roi.as_dict() if self.job.roi is not None else None)
+                         roi=self.job.roi.as_dict() if self.job.roi is not None else None,
+                         size_factor=self.job.size_factor)
         return self
 
     def cancel(self) -> None:
