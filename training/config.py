@@ -20,9 +20,9 @@ Top-level keys::
                     validation_fraction, licence, attribution, reference
     model           architecture (registry name) and kwargs; ``init_from`` (optional): a model package
                     whose weights the run starts from (fine-tuning, e.g. on corrected cases);
-                    ``warm_start`` (optional): a model package or run folder whose weights the run
-                    starts from on the same data (a second stage, e.g. after changing a setting that
-                    holds no parameter); its name and weights' sha256 go into the card
+                    ``warm_start`` (optional): a model package (an earlier stage, exported) whose
+                    weights the run starts from on the same data (a second stage, e.g. after changing a
+                    setting that holds no parameter); its name, sha256 and training budget go into the card
     patch_size      [D, H, W] in voxels of the model frame
     batch_size      patches per step and process
     sampling        foreground_ratio (pos/neg crops) or class_ratios (one weight per class)

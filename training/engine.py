@@ -10,7 +10,7 @@ One :class:`Trainer` per run folder::
     run/checkpoints/best.safetensors   weights with the best validation mean foreground Dice
     run/metrics.json                   the best validation metrics
     run/lineage.json                   fine-tuning (model.init_from): parent, corrections, data mix
-    run/warm_start.json                model.warm_start: the starting package's name and weights' sha256
+    run/warm_start.json                model.warm_start: the starting package's name, sha256 and budget
     run/curves.png                     loss and Dice curves
     run/tensorboard/                   TensorBoard event files
 

@@ -42,8 +42,8 @@ from AttnSegLib.inference import Predictor
 from AttnSegLib.localise import sub_geometry
 from AttnSegLib.package import PackageError, load_package, save_package
 from AttnSegLib.refine import (FULL_UPDATE_MM, PURPOSE, RADIUS_MM, Click, LearnedUpdate, Refiner, class_index,
-                               class_parts, click_voxel, refined_probabilities, simulated_click, to_frame,
-                               voxel_click)
+                               class_parts, click_voxel, merge_parts, refined_probabilities, simulated_click,
+                               to_frame, voxel_click)
 
 from .data import DatasetError, check_label_values, corrected_cases, label_lookup, msd_cases
 
@@ -162,10 +162,7 @@ def _correction_sample(files, record: dict, network_classes: list[str], margin_m
         if agreement < REPRODUCED:
             raise DatasetError(f"model {model} run again agrees with the saved result on {agreement:.1%} of the "
                                "voxels only")
-        probabilities = np.zeros((len(network_classes), *full.shape[1:]), dtype=np.float32)[(slice(None), *box)]
-        for index, part in enumerate(parts):
-            probabilities[part] += full[(index, *box)]
-        probabilities = probabilities.astype(np.float16)
+        probabilities = merge_parts(full[(slice(None), *box)], parts, len(network_classes)).astype(np.float16)
     truth = parts[check_label_values(label.array, label_lookup(classes), str(files.label))[box]].astype(np.uint8)
     image = np.stack([img.array[box].astype(np.float32) for img in images])
     network_clicks = [Click(c.position_lps, int(parts[c.label])) for c in clicks]

@@ -353,6 +353,12 @@ def _argmax_labels(probabilities: np.ndarray, slab: int = 8) -> np.ndarray:
     return labels
 
 
+def _fill_background(probabilities: np.ndarray) -> None:
+    """(C, D, H, W) whose channels 1.. hold the foreground classes put back from size-normalised crops:
+    channel 0 set, in place, to 1 minus their sum clipped to [0, 1]."""
+    np.clip(1.0 - probabilities[1:].sum(axis=0), 0.0, 1.0, out=probabilities[0])
+
+
 class Predictor:
     """``Predictor(package)`` or ``Predictor(network, card=card)``; then :meth:`predict`.
 
@@ -535,7 +541,7 @@ class Predictor:
         probabilities = np.empty((len(classes),) + shape, dtype=np.float32)
         probabilities[1:] = foreground
         del foreground
-        np.clip(1.0 - probabilities[1:].sum(axis=0), 0.0, 1.0, out=probabilities[0])
+        _fill_background(probabilities)
         labels = _argmax_labels(probabilities)
         timings["postprocess"] += time.perf_counter() - t0
         provenance = {**self.provenance(run), "localisation": {**registration.as_dict(), "targets": boxes}}
@@ -594,10 +600,11 @@ class Predictor:
             result = self._predict_grid(crop, progress, cancel, run)
             result.timings["preprocess"] += sampling
             t0 = time.perf_counter()
-            foreground, crop_maps = self._crop_back(result, grid, sub_geometry(geometry, index))
-            probabilities[(slice(1, None),) + index] = foreground
-            np.clip(1.0 - foreground.sum(axis=0), 0.0, 1.0, out=probabilities[(0,) + index])
-            labels = _argmax_labels(probabilities)
+            region = probabilities[(slice(None),) + index]
+            region[1:], crop_maps = self._crop_back(result, grid, sub_geometry(geometry, index))
+            _fill_background(region)
+            labels = np.zeros(shape, dtype=label_dtype(len(self.class_names)))
+            labels[index] = _argmax_labels(region)
             provenance_roi["size_factor"] = round(float(size_factor), 4)
         for name, values in crop_maps.items():
             maps[name] = np.zeros(shape, dtype=np.float32)

@@ -305,7 +305,8 @@ class LearnedUpdate:
             region = tuple(slice(max(0, min(a, s.start)), max(a + e, s.stop)) for a, e, s in zip(start, extent, box))
             full = probabilities
             probabilities = np.zeros((len(self.class_names), *full.shape[1:]), dtype=np.float32)
-            np.add.at(probabilities, (parts, *region), full[(slice(None), *region)])
+            probabilities[(slice(None), *region)] = merge_parts(full[(slice(None), *region)], parts,
+                                                                len(self.class_names))
             clicks = [(v, int(parts[label])) for v, label in clicks]
         x, start, frame = self.inputs(image, probabilities, geometry, voxel, clicks)
         _, extent, _ = self.crop(geometry, voxel)
@@ -326,8 +327,7 @@ class LearnedUpdate:
             return proposal
         # each result class gets its network class's probability, shared as the classes of that part shared it
         current = full[(slice(None),) + box]
-        totals = np.zeros_like(proposal)
-        np.add.at(totals, parts, current)
+        totals = merge_parts(current, parts, proposal.shape[0])
         share = current / np.maximum(totals[parts], 1e-12)
         mass = current.sum(axis=(1, 2, 3))
         for part in np.unique(parts):  # where a part had nothing, it goes to its class holding most in the box
@@ -405,6 +405,14 @@ def class_parts(classes: list[dict], network_classes: list[str]) -> np.ndarray |
     if missing:
         raise ClickError(f"the refinement network knows no class {missing[0]!r}; use --method random_walker")
     return np.array([lowered.index(n) for n in names], dtype=np.int64)
+
+
+def merge_parts(probabilities: np.ndarray, parts: np.ndarray, count: int) -> np.ndarray:
+    """(C, ...) probabilities of a result's classes -> (``count``, ...) float32 of the refinement network's
+    classes, each result class added into its part (``parts``: :func:`class_parts`)."""
+    merged = np.zeros((count, *probabilities.shape[1:]), dtype=np.float32)
+    np.add.at(merged, parts, probabilities)
+    return merged
 
 
 def check_localised_clicks(clicks: list[Click], classes: list[dict], provenance: dict, parts: list[str]) -> None:
