@@ -268,11 +268,20 @@ def _choose(page, select_id: str, option: str) -> None:
     page.get_by_role("option", name=option, exact=True).click()
 
 
-def _options(page, select_id: str) -> list[str]:
+def _options(page, select_id: str, timeout_s: float = 30) -> list[str]:
+    """The titles in a Vuetify select's menu, read once the menu has stopped changing.
+
+    The menu is a virtual list that renders in passes, so options can come and go between two reads:
+    the titles are read in one call, until two reads 0.3 s apart agree.
+    """
     page.locator(f".v-select:has(#{select_id}) .v-field").click()
     options = page.get_by_role("option")
     options.first.wait_for()
-    titles = [options.nth(i).inner_text() for i in range(options.count())]
+    deadline, previous, titles = time.monotonic() + timeout_s, None, options.all_inner_texts()
+    while not titles or titles != previous:
+        assert time.monotonic() < deadline, f"the options of {select_id} kept changing: {titles}"
+        time.sleep(0.3)
+        previous, titles = titles, options.all_inner_texts()
     page.keyboard.press("Escape")
     return titles
 
