@@ -9,9 +9,9 @@ probabilities and uncertainty back into the same nodes, and appends the clicks t
 attribute are the history each new click sees.
 
 :class:`SceneRefinement` is one segmentation's click session, shared by both front ends: the scene's
-arrays copied once and kept, the clicks and undo steps (:mod:`AttnSegLib.refine_history`), the click
-checks ``attnseg refine`` makes (outside the image; on a localised whole head, outside the class's box),
-and each click written back into the nodes (the maps inside the click's box only). The front ends
+arrays copied where clicks reach and kept, the clicks and undo steps (:mod:`AttnSegLib.refine_history`),
+the click checks ``attnseg refine`` makes (outside the image; on a localised whole head, outside the
+class's box), and each click written back into the nodes (the maps inside the click's box only). The front ends
 (markups placement in the Slicer panel, a refine mode in the web app) only turn a placed point into a
 :class:`~AttnSegLib.refine.Click` and show what it did.
 
