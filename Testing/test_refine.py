@@ -101,6 +101,36 @@ def test_nothing_farther_than_15_mm_from_the_clicks_changes(method, sample, refi
     assert np.array_equal(before, result.probabilities.array)  # the input is not modified
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_a_click_reads_nothing_outside_its_reach(method, sample, refiners):
+    """``Refiner.reach`` bounds what a click reads (a scene session copies only that much of the scene):
+    with every array NaN outside it, a click refines exactly as with the whole arrays; the learned
+    update's warm-up runs beforehand change nothing."""
+    from AttnSegLib.maps import normalized_entropy
+
+    image, truth, result = sample
+    refiner = refiners[method]
+    stack = image.array[None].astype(np.float32)
+    probabilities = result.probabilities.array.astype(np.float32)
+    voxel = (17, 8, 17)  # near the crop's front: the reach is a part of the crop
+    click = voxel_click(voxel, 1, image.geometry)
+    whole = refiner.refine(stack, probabilities, image.geometry, [click])
+    reach = refiner.reach(np.asarray(voxel, dtype=float), image.geometry, probabilities.shape[1:])
+    outside = np.ones(probabilities.shape[1:], dtype=bool)
+    outside[reach] = False
+    assert outside.any() and not outside.all()
+    own = [stack.copy(), probabilities.copy(), normalized_entropy(probabilities)]
+    for array in own:
+        array[..., outside] = np.nan
+    labels = probabilities.argmax(axis=0).astype(np.uint8)
+    refiner.warm_up()
+    lazy = refiner.refine(own[0], own[1], image.geometry, [click], [], own[2], labels, in_place=True)
+    inside = (slice(None), *reach)
+    np.testing.assert_array_equal(lazy.probabilities[inside], whole.probabilities[inside])
+    np.testing.assert_array_equal(lazy.labels, whole.labels)
+    assert not lazy.changed[outside].any()
+
+
 def test_a_localised_result_with_left_and_right_classes_is_refined_in_place_and_as_a_copy(sample, refiners):
     """A whole-head result has a left and a right copy of each class (their ``part`` is the card's class):
     the learned network refines it through ``class_parts``; the clicked side's class wins at the click,

@@ -347,7 +347,9 @@ def test_a_saved_correction_trains_the_refinement_network_with_its_real_clicks(s
 def test_on_a_whole_head_a_point_outside_its_class_box_is_refused_as_the_cli_refuses_it(data_dir):
     """A localised whole head (MNI152) in the scene: a "Left anterior hippocampus" point placed in the
     right hippocampus's box is refused in one line (the same check as ``attnseg refine``), removed, and
-    changes nothing; the same point in the left box refines, and Undo puts it back."""
+    changes nothing; the same point in the left box refines, and Undo puts it back. The session copied
+    the volumes out of the scene only around the point, and refined exactly as
+    :func:`refineSegmentation`, which copies them whole, refines the same click."""
     logic = SceneLogic(newScene())
     volume = logic.loadVolume(data_dir / "mni152" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
     node = logic.segment([volume], default_package(), device="cpu").segmentationNode
@@ -372,8 +374,17 @@ def test_on_a_whole_head_a_point_outside_its_class_box_is_refused_as_the_cli_ref
     _place(listNode, target, geometry)
     assert reports[-1].error is None and logic.correctedLabels(node).array[target] == 1
     print(f"whole-head point in the Slicer panel: {reports[-1].seconds:.2f} s (first point)")
+    # the point reads 31 voxels around it (1 mm): at most 3 of the 16-voxel cubes along each axis, of 13x15x12
+    assert 0 < refinement.session.arrays.filled.sum() <= 3 ** 3
+    refined_labels, refined_maps = _state(logic, node)
+    click = recordedClicks(node)[-1]
     assert refinement.undo()
     after, after_maps = _state(logic, node)
     np.testing.assert_array_equal(after, labels)
     for name in maps:
         np.testing.assert_array_equal(after_maps[name], maps[name], err_msg=name)
+    refineSegmentation(logic, node, [click])
+    after, after_maps = _state(logic, node)
+    np.testing.assert_array_equal(after, refined_labels)
+    for name in maps:
+        np.testing.assert_allclose(after_maps[name], refined_maps[name], atol=1e-6, err_msg=name)

@@ -55,6 +55,7 @@ VIEWPORT = {"width": 1400, "height": 900}
 STROKE_HALF_PX = 100  # the stroke runs horizontally through the axial view's centre, this far either side
 BRUSH_PERCENT = 5  # trame-slicer's default paint diameter: % of the view's height
 SESSION_START_S = 180
+WAIT_MS = 120_000  # the most a page waits for an answer to a click (a loaded two-core machine: tens of seconds)
 LEAKED = "/etc/passwd"  # a server file a hostile header names as its voxels
 
 
@@ -218,12 +219,13 @@ def _open_session(browser, server):
         assert time.monotonic() < deadline, "the server stayed full"
         page.wait_for_timeout(5000)
     page.wait_for_selector("#attnseg-open", timeout=SESSION_START_S * 1000)
+    page.set_default_timeout(WAIT_MS)
     return page
 
 
 def _open_sample(page) -> None:
     page.click("#attnseg-open")
-    page.wait_for_selector("#attnseg-loaded-volume", timeout=60_000)
+    page.wait_for_selector("#attnseg-loaded-volume")
     assert "hippocampus_001_image" in page.inner_text("#attnseg-loaded-volume")
 
 
@@ -232,7 +234,7 @@ def _views(page):
     once the axial one keeps its size for a second (the first frames of the preloaded sample come at
     a provisional size, and pixels are only compared between frames of one size)."""
     views = page.locator("img.image-display-area")
-    views.first.wait_for(timeout=30_000)
+    views.first.wait_for()
     deadline, last, steady_since = time.monotonic() + 30, None, time.monotonic()
     while time.monotonic() < deadline:
         box = views.first.bounding_box()
@@ -262,32 +264,63 @@ def _wait_for_change(locator, before: np.ndarray, timeout_s: float = 90) -> np.n
     pytest.fail("the view did not change")
 
 
+def _steady_pixels(locator, steady_s: float = 1.0, timeout_s: float = 90) -> np.ndarray:
+    """The view's pixels once no new frame has come for ``steady_s`` (nothing differs by more than
+    :func:`_wait_for_change` counts as a change): what the view shows after the frames a change
+    started, however long a loaded server takes to send them."""
+    deadline = time.monotonic() + timeout_s
+    last, since = _pixels(locator), time.monotonic()
+    while time.monotonic() - since < steady_s:
+        assert time.monotonic() < deadline, "the view kept changing"
+        time.sleep(0.3)
+        now = _pixels(locator)
+        if now.shape != last.shape or np.abs(now - last).max() > 40:
+            last, since = now, time.monotonic()
+    return last
+
+
+def _texts(locator, timeout_s: float = 60) -> list[str]:
+    """The inner texts of every element ``locator`` matches, read in one call each time until two reads
+    0.3 s apart agree: Vue renders a list in passes (a virtual list's options, a table's rows after a
+    sort), so counting the elements and then reading them one by one can straddle two renderings."""
+    deadline, previous, texts = time.monotonic() + timeout_s, None, locator.all_inner_texts()
+    while texts != previous:
+        assert time.monotonic() < deadline, f"the list kept changing: {texts}"
+        time.sleep(0.3)
+        previous, texts = texts, locator.all_inner_texts()
+    return texts
+
+
+def _state_sent(page) -> None:
+    """Wait until the page has sent the server every state change made in it (a select's choice): the
+    trame client holds changes back while a call to the server is pending (e.g. a view's mouse
+    event), so a view click right after a choice could otherwise reach the server before the choice."""
+    page.wait_for_function("() => window.trame.state.dirtyKeys.size === 0 && !window.trame.client.isBusy()")
+
+
 def _choose(page, select_id: str, option: str) -> None:
-    """Pick ``option`` in the Vuetify select whose input has ``select_id``."""
+    """Pick ``option`` in the Vuetify select whose input has ``select_id``; returns once the menu has
+    closed and the choice has reached the server."""
     page.locator(f".v-select:has(#{select_id}) .v-field").click()
     page.get_by_role("option", name=option, exact=True).click()
+    page.get_by_role("option").first.wait_for(state="hidden")
+    _state_sent(page)
 
 
-def _options(page, select_id: str, timeout_s: float = 30) -> list[str]:
-    """The titles in a Vuetify select's menu, read once the menu has stopped changing.
-
-    The menu is a virtual list that renders in passes, so options can come and go between two reads:
-    the titles are read in one call, until two reads 0.3 s apart agree.
-    """
+def _options(page, select_id: str) -> list[str]:
+    """The titles in a Vuetify select's menu, read once the menu has stopped changing (see :func:`_texts`:
+    the menu is a virtual list that renders in passes)."""
     page.locator(f".v-select:has(#{select_id}) .v-field").click()
     options = page.get_by_role("option")
     options.first.wait_for()
-    deadline, previous, titles = time.monotonic() + timeout_s, None, options.all_inner_texts()
-    while not titles or titles != previous:
-        assert time.monotonic() < deadline, f"the options of {select_id} kept changing: {titles}"
-        time.sleep(0.3)
-        previous, titles = titles, options.all_inner_texts()
+    titles = _texts(options)
     page.keyboard.press("Escape")
+    page.get_by_role("option").first.wait_for(state="hidden")
     return titles
 
 
 def _download(page, button: str) -> bytes:
-    with page.expect_download(timeout=60_000) as info:
+    with page.expect_download() as info:
         page.click(button)
     return Path(info.value.path()).read_bytes()
 
@@ -324,7 +357,7 @@ def test_segment_review_paint_and_download(browser, server, model_package, scree
     if model_package.card.validation_dice is not None:  # the accessor `attnseg info` and the panel use
         dice = f"{model_package.card.validation_split} Dice {model_package.card.validation_dice:.3f}"
         page.wait_for_function("t => document.querySelector('#attnseg-model-description')?.innerText.includes(t)",
-                               arg=dice, timeout=30_000)
+                               arg=dice)
     page.click("#attnseg-segment")
     page.wait_for_selector("#attnseg-summary", timeout=300_000)
     assert not page.is_visible("#attnseg-segment-error")
@@ -340,7 +373,7 @@ def test_segment_review_paint_and_download(browser, server, model_package, scree
     other = next(t for t in _options(page, "attnseg-map-select") if t not in ("None", difficulty_map))
     _choose(page, "attnseg-map-select", other)
     page.wait_for_function("t => !document.querySelector('#attnseg-legend').innerText.includes(t)",
-                           arg=legend.splitlines()[-1], timeout=30_000)
+                           arg=legend.splitlines()[-1])
     other_overlay = _wait_for_change(axial, overlay)
     _choose(page, "attnseg-map-select", difficulty_map)
     _wait_for_change(axial, other_overlay)
@@ -352,7 +385,7 @@ def test_segment_review_paint_and_download(browser, server, model_package, scree
         _wait_for_change(axial, on_map)
     box = axial.bounding_box()  # the mouse over the axial view: the values under it show in the app bar
     page.mouse.move(box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.45, steps=3)
-    page.wait_for_selector("#attnseg-cursor", timeout=30_000)
+    page.wait_for_selector("#attnseg-cursor")
     page.screenshot(path=screenshots / "web_app.png")
     page.mouse.move(10, box["y"] + 10, steps=3)  # off the views again (over the panel)
 
@@ -448,15 +481,14 @@ def test_bad_uploads_get_an_error_and_the_session_goes_on(browser, server, tmp_p
         path.write_bytes(content)
         upload.set_input_files(str(path))
         page.wait_for_function("m => (document.querySelector('#attnseg-volume-error') || {}).innerText?.includes(m)",
-                               arg=message, timeout=60_000)
+                               arg=message)
         assert name in page.inner_text("#attnseg-volume-error")
         page.screenshot(path=screenshots / f"web_upload_{name}.png")
     # The same session still works: a good upload opens (the preloaded sample was on screen all along).
     good = tmp_path / "good_case.nii.gz"
     shutil.copy(SAMPLE, good)
     upload.set_input_files(str(good))
-    page.wait_for_function("() => document.querySelector('#attnseg-loaded-volume').innerText.includes('good_case')",
-                           timeout=60_000)
+    page.wait_for_function("() => document.querySelector('#attnseg-loaded-volume').innerText.includes('good_case')")
     assert not page.is_visible("#attnseg-volume-error")
     page.close()
 
@@ -481,8 +513,7 @@ def test_sessions_are_isolated_and_refuse_oversized_messages(browser, server, tm
     private = tmp_path / "first_only.nii.gz"
     shutil.copy(SAMPLE, private)
     first.locator("input#attnseg-upload").set_input_files(str(private))
-    first.wait_for_function("() => document.querySelector('#attnseg-loaded-volume').innerText.includes('first_only')",
-                            timeout=60_000)
+    first.wait_for_function("() => document.querySelector('#attnseg-loaded-volume').innerText.includes('first_only')")
     second.wait_for_timeout(1500)
     assert "hippocampus_001_image" in second.inner_text("#attnseg-loaded-volume")
     assert "first_only" not in second.inner_text("body")
@@ -518,7 +549,7 @@ def test_a_box_typed_in_the_segment_step_is_checked_and_segments_inside_it_only(
     for axis in "ras":
         page.fill(f"#attnseg-roi-size-{axis}", "20")
     page.click("#attnseg-segment")
-    page.wait_for_selector("#attnseg-segment-error", timeout=30_000)
+    page.wait_for_selector("#attnseg-segment-error")
     assert "the ROI's centre lies outside the image" in page.inner_text("#attnseg-segment-error")
     page.fill("#attnseg-roi-centre-r", f"{centre[0]:.1f}")
     page.click("#attnseg-segment")
@@ -548,21 +579,22 @@ def _paint_stroke(page, axial, segment: int = 0) -> None:
     page.click("#attnseg-tab-correct")
     page.locator(".attnseg-editor .v-list-item").nth(segment).click()
     page.locator(".attnseg-editor button:has(.mdi-brush)").first.click()
+    _state_sent(page)  # the segment and the brush are the server's before the stroke
     box = axial.bounding_box()
     x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     page.mouse.move(x - STROKE_HALF_PX, y)
     page.mouse.down()
     page.mouse.move(x + STROKE_HALF_PX, y, steps=25)
     page.mouse.up()
-    page.wait_for_selector(".attnseg-editor button:has(.mdi-undo):not([disabled])", timeout=30_000)
+    page.wait_for_selector(".attnseg-editor button:has(.mdi-undo):not([disabled])")
 
 
 def _confirm(page, answer: str) -> str:
     """Wait for the question before corrections are replaced, answer it; return its text."""
-    page.wait_for_selector("#attnseg-confirm", timeout=30_000)
+    page.wait_for_selector("#attnseg-confirm")
     text = page.inner_text("#attnseg-confirm-text")
     page.click(f"#attnseg-confirm-{answer}")
-    page.wait_for_selector("#attnseg-confirm", state="detached", timeout=30_000)
+    page.wait_for_selector("#attnseg-confirm", state="detached")
     return text
 
 
@@ -587,7 +619,7 @@ def test_beside_each_map_the_page_shows_its_unit_and_what_its_card_measured(brow
         name = by_title[title]
         _choose(page, "attnseg-map-select", title)
         page.wait_for_function("t => document.querySelector('#attnseg-legend')?.innerText.toLowerCase().includes(t)",
-                               arg=map_meaning(name, card).lower(), timeout=60_000)  # the panel shows this map now
+                               arg=map_meaning(name, card).lower())  # the panel shows this map now
         information = page.locator("#attnseg-map-information")
         unit = page.locator("#attnseg-map-unit")
         shown[name] = (information.inner_text() if information.count() else "",
@@ -619,8 +651,7 @@ def test_controls_change_pixels_and_corrections_are_never_replaced_without_askin
     _segment(page)
 
     # The map overlay appears when the user reviews, not while still on the Segment step.
-    page.wait_for_timeout(1500)
-    on_segment_step = _pixels(axial)
+    on_segment_step = _steady_pixels(axial)
     page.click("#attnseg-tab-review")
     _wait_for_change(axial, on_segment_step)
     # The review map says how well it finds errors (from the card).
@@ -629,10 +660,10 @@ def test_controls_change_pixels_and_corrections_are_never_replaced_without_askin
         page.wait_for_selector("#attnseg-map-detection")
         assert page.inner_text("#attnseg-map-detection") == expected
     # Opacity: the map at 0 and at 1 gives other pixels; no map at all other ones again.
-    page.wait_for_timeout(1000)
+    half = _steady_pixels(axial)
     _slide(page, "attnseg-map-opacity", "Home")
-    page.wait_for_timeout(1500)
-    transparent = _pixels(axial)
+    _wait_for_change(axial, half)
+    transparent = _steady_pixels(axial)
     _slide(page, "attnseg-map-opacity", "End")
     opaque = _wait_for_change(axial, transparent)
     changed = int((np.abs(opaque - transparent).max(axis=-1) > 40).sum())
@@ -668,7 +699,7 @@ def test_controls_change_pixels_and_corrections_are_never_replaced_without_askin
     page.wait_for_selector("#attnseg-summary", timeout=300_000)
     page.click("#attnseg-tab-export")
     page.wait_for_selector("#attnseg-kept")
-    with page.expect_download(timeout=60_000) as info:
+    with page.expect_download() as info:
         page.locator("#attnseg-kept button").first.click()
     assert info.value.suggested_filename.endswith("_kept_segmentation.nii.gz")
     info.value.save_as(tmp_path / info.value.suggested_filename)
@@ -705,7 +736,7 @@ def test_controls_change_pixels_and_corrections_are_never_replaced_without_askin
     page.locator(".v-select:has(#attnseg-model-select) .v-field").click()
     page.get_by_role("option", name=other, exact=True).click()
     _confirm(page, "discard")
-    page.wait_for_selector("#attnseg-summary", state="detached", timeout=30_000)
+    page.wait_for_selector("#attnseg-summary", state="detached")
     assert page.is_disabled("#attnseg-tab-review")
     if other == "brats_sample_unet":  # no volume for its inputs: Segment is off and the page says why
         assert page.is_disabled("#attnseg-segment")

@@ -28,8 +28,8 @@ from AttnSegLib.slicer_logic import SceneLogic
 from AttnSegLib.slicer_refine import CLICKS_ATTRIBUTE, writeLabels
 from AttnSegLib.web.refine_mode import BACKGROUND, ClickRefinement, click_choices, clicks_text
 
-from test_web import (SAMPLE, _download, _open_sample, _open_session, _views, browser,  # noqa: F401
-                      model_package, server)
+from test_web import (SAMPLE, _choose, _download, _open_sample, _open_session, _state_sent, _views,  # noqa: F401
+                      browser, model_package, server)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -73,7 +73,9 @@ def test_a_click_refines_near_it_only_is_recorded_and_undone(segmented, tmp_path
     moved = np.any([after[k] != before[k] for k in before], axis=0)
     far = _distance_mm(moved.shape, voxel, np.asarray(geometry.spacing)[::-1]) > RADIUS_MM
     assert moved.any() and not moved[far].any()
-    np.testing.assert_allclose(after[f"probability.{volume_name(names[1])}"], refined.probabilities[1], atol=1e-6)
+    # the session copied the scene only where the click reads: the maps hold its refined values in the click's box
+    np.testing.assert_allclose(after[f"probability.{volume_name(names[1])}"][undo.box],
+                               refined.probabilities[1][undo.box], atol=1e-6)
     assert json.loads(node.GetAttribute(CLICKS_ATTRIBUTE)) == [{"position_lps": list(click.position_lps),
                                                                 "class": BACKGROUND}]
     assert clicks_text(node)[0]["class"] == BACKGROUND
@@ -145,6 +147,11 @@ def _axial_pixel(axial, image: sitk.Image, point_lps) -> tuple[float, float]:
     return x, y
 
 
+def _wait_for_clicks(page, count: int) -> None:
+    """Wait until the page lists ``count`` clicks (the server's list, sent when a click is written)."""
+    page.wait_for_function("n => document.querySelectorAll('#attnseg-refine-clicks li').length === n", arg=count)
+
+
 def _labels_of(data: bytes) -> np.ndarray:
     from tempfile import NamedTemporaryFile
 
@@ -182,16 +189,14 @@ def test_refine_in_the_browser_click_near_doubt_then_undo(browser, server, model
     # A click of the class the model did not give there: background on a segmented voxel, else the first class.
     names = [c["name"] for c in package.card.class_dicts]
     chosen = "background" if label_there else names[1]
-    if chosen != names[1]:
-        page.locator(".v-select:has(#attnseg-refine-class) .v-field").click()
-        page.get_by_role("option", name="Background (remove)", exact=True).click()
+    if chosen != names[1]:  # the server chose the first class when the result came
+        _choose(page, "attnseg-refine-class", "Background (remove)")
     x, y = _axial_pixel(axial, image, target)
     page.mouse.click(x, y)
-    page.wait_for_selector("#attnseg-refine-message", timeout=60_000)
-    message = page.inner_text("#attnseg-refine-message")
+    _wait_for_clicks(page, 1)
+    message = page.inner_text("#attnseg-refine-message")  # set in the same update as the list
     seconds = float(re.search(r"in ([\d.]+) s", message).group(1))
     assert not page.is_visible("#attnseg-refine-error")
-    assert page.locator("#attnseg-refine-clicks li").count() == 1
 
     # The training case holds the click (exact, LPS) and the refined labels.
     page.click("#attnseg-tab-export")
@@ -213,16 +218,20 @@ def test_refine_in_the_browser_click_near_doubt_then_undo(browser, server, model
     page.click("#attnseg-tab-refine")
     page.click("#attnseg-refine-undo")
     page.wait_for_function("() => document.querySelector('#attnseg-refine-message').innerText.includes('undone')")
-    assert page.locator("#attnseg-refine-clicks li").count() == 0
+    _wait_for_clicks(page, 0)
     page.click("#attnseg-tab-export")
     np.testing.assert_array_equal(_labels_of(_download(page, "#attnseg-download-nifti")), model_labels)
 
-    # Hostile class names set from the client are refused, with nothing changed.
+    # Hostile class names set from the client are refused, with nothing changed. The error shown is
+    # cleared first, so that each click's own refusal is waited for.
     page.click("#attnseg-tab-refine")
     for hostile in ("../../etc/passwd", "Tail", 7):
-        page.evaluate("([key, value]) => window.trame.state.set(key, value)", [CLICK_KEY + "selected", hostile])
+        page.evaluate("values => window.trame.state.update(values)",
+                      {CLICK_KEY + "selected": hostile, CLICK_KEY + "error": ""})
+        page.wait_for_selector("#attnseg-refine-error", state="detached")
+        _state_sent(page)
         page.mouse.click(x, y)
-        page.wait_for_selector("#attnseg-refine-error", timeout=30_000)
+        page.wait_for_selector("#attnseg-refine-error")
         assert "choose a class from the list" in page.inner_text("#attnseg-refine-error")
     assert page.locator("#attnseg-refine-clicks li").count() == 0
     print(f"web click: {seconds:.2f} s from the click's arrival to the page's update")

@@ -22,8 +22,8 @@ from AttnSegLib.web.regions_table import MAX_ROWS, next_sort, region_rows, sorte
 from AttnSegLib.web.viewer import class_legend, cursor_text, segment_mode, set_interpolation, voxel_value
 from trame_slicer.segmentation import SegmentationOpacityEnum
 
-from test_web import (SAMPLE, _choose, _open_sample, _open_session, _pixels, _views, _wait_for_change,  # noqa: F401
-                      browser, model_package, server)
+from test_web import (SAMPLE, WAIT_MS, _choose, _open_sample, _open_session, _pixels, _steady_pixels,  # noqa: F401
+                      _texts, _views, _wait_for_change, browser, model_package, server)
 
 
 def _region(rank, ml, mean, peak, ras) -> Region:
@@ -90,8 +90,8 @@ def test_values_under_the_cursor_interpolation_and_legend_read_a_real_scene():
 
 # -- in Chromium ---------------------------------------------------------------------------------------
 def _rows(page) -> list[list[str]]:
-    rows = page.locator(".attnseg-region-row")
-    return [rows.nth(i).inner_text().split("\t") for i in range(rows.count())]
+    """The region table's rows (their cells' texts), once the table has stopped changing."""
+    return [row.split("\t") for row in _texts(page.locator(".attnseg-region-row"))]
 
 
 @pytest.mark.browser
@@ -108,7 +108,7 @@ def test_region_table_cursor_values_legend_and_display_controls_in_the_browser(b
     result = Predictor(load_package(model_package.path), device="cpu").predict([read_image(SAMPLE)])
     review_map = result.maps[result.review_map_name]
     regions = doubtful_regions(review_map)
-    page.wait_for_selector("#attnseg-region-table", timeout=30_000)
+    page.wait_for_selector("#attnseg-region-table")
     rows = _rows(page)
     assert f"{len(regions)} doubtful regions" in page.inner_text("#attnseg-review-text")
     assert len(rows) == min(len(regions), MAX_ROWS)
@@ -119,14 +119,14 @@ def test_region_table_cursor_values_legend_and_display_controls_in_the_browser(b
     # Headers sort (an arrow marks the column and its direction; the rows come in the same update): size
     # largest first, again smallest first; position in slice order (S).
     page.click("#attnseg-sort-volume")
-    page.wait_for_selector("#attnseg-sort-volume .mdi-arrow-down", timeout=30_000)
+    page.wait_for_selector("#attnseg-sort-volume .mdi-arrow-down")
     sizes = [float(r[1]) for r in _rows(page)]
     assert sizes == sorted(sizes, reverse=True)
     page.click("#attnseg-sort-volume")
-    page.wait_for_selector("#attnseg-sort-volume .mdi-arrow-up", timeout=30_000)
+    page.wait_for_selector("#attnseg-sort-volume .mdi-arrow-up")
     assert [float(r[1]) for r in _rows(page)] == sorted(sizes)
     page.click("#attnseg-sort-position")
-    page.wait_for_selector("#attnseg-sort-position .mdi-arrow-up", timeout=30_000)
+    page.wait_for_selector("#attnseg-sort-position .mdi-arrow-up")
     heights = [float(r[4].split()[2]) for r in _rows(page)]
     assert heights == sorted(heights)
 
@@ -145,11 +145,10 @@ def test_region_table_cursor_values_legend_and_display_controls_in_the_browser(b
     box = axial.bounding_box()
     page.mouse.move(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.55)
     page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5, steps=5)
-    page.wait_for_selector("#attnseg-cursor", timeout=30_000)
+    page.wait_for_selector("#attnseg-cursor")
     pattern = (r"R (-?[\d.]+) A (-?[\d.]+) S (-?[\d.]+) mm · voxel \((\d+), (\d+), (\d+)\) · image (\S+)"
                r" · uncertainty (\S+)")
-    page.wait_for_function(f"() => /{pattern}/.test(document.querySelector('#attnseg-cursor').innerText)",
-                           timeout=30_000)
+    page.wait_for_function(f"() => /{pattern}/.test(document.querySelector('#attnseg-cursor').innerText)")
     match = re.fullmatch(pattern, page.inner_text("#attnseg-cursor"))
     r, a, s = (float(match.group(n)) for n in (1, 2, 3))
     i, j, k = (int(match.group(n)) for n in (4, 5, 6))
@@ -161,8 +160,7 @@ def test_region_table_cursor_values_legend_and_display_controls_in_the_browser(b
     page.mouse.move(box["x"] + 2, box["y"] + 2)  # away from the view's centre: no hover highlight below
 
     # Legend: each class by name in its colour.
-    names = [page.locator(".attnseg-legend-name").nth(n).inner_text()
-             for n in range(page.locator(".attnseg-legend-name").count())]
+    names = _texts(page.locator(".attnseg-legend-name"))
     assert names == [c["name"] for c in model_package.classes[1:]]
     swatch = page.locator(".attnseg-swatch").first.evaluate("e => getComputedStyle(e).backgroundColor")
     colour = model_package.classes[1].get("color")
@@ -170,8 +168,7 @@ def test_region_table_cursor_values_legend_and_display_controls_in_the_browser(b
         assert swatch == f"rgb({colour[0]}, {colour[1]}, {colour[2]})"
 
     # Smooth (interpolate) and the segments' style each change the picture.
-    page.wait_for_timeout(1500)
-    sharp = _pixels(axial)
+    sharp = _steady_pixels(axial)
     page.click("#attnseg-interpolate")
     smooth = _wait_for_change(axial, sharp)
     changed = int((np.abs(smooth - sharp).max(axis=-1) > 40).sum())
@@ -195,10 +192,11 @@ def _inside_viewport(page, selector: str, size: dict) -> bool:
 def test_the_page_fits_1366x768_and_opens_with_the_sample(browser, server, model_package):
     size = {"width": 1366, "height": 768}
     page = browser.new_page(viewport=size)
+    page.set_default_timeout(WAIT_MS)
     page.goto(server)
     page.wait_for_selector("#attnseg-open", timeout=180_000)
     # The shipped sample is on screen before any click (the README says it is preloaded).
-    page.wait_for_selector("#attnseg-loaded-volume", timeout=30_000)
+    page.wait_for_selector("#attnseg-loaded-volume")
     assert "hippocampus_001_image" in page.inner_text("#attnseg-loaded-volume")
     axial = _views(page)[0]
     deadline = page.evaluate("Date.now()") + 60_000

@@ -9,9 +9,9 @@ probabilities and uncertainty back into the same nodes, and appends the clicks t
 attribute are the history each new click sees.
 
 :class:`SceneRefinement` is one segmentation's click session, shared by both front ends: the scene's
-arrays copied once and kept, the clicks and undo steps (:mod:`AttnSegLib.refine_history`), the click
-checks ``attnseg refine`` makes (outside the image; on a localised whole head, outside the class's box),
-and each click written back into the nodes (the maps inside the click's box only). The front ends
+arrays copied where clicks reach and kept, the clicks and undo steps (:mod:`AttnSegLib.refine_history`),
+the click checks ``attnseg refine`` makes (outside the image; on a localised whole head, outside the
+class's box), and each click written back into the nodes (the maps inside the click's box only). The front ends
 (markups placement in the Slicer panel, a refine mode in the web app) only turn a placed point into a
 :class:`~AttnSegLib.refine.Click` and show what it did.
 
@@ -173,36 +173,79 @@ def readRefinementInputs(logic, segmentationNode) -> RefinementInputs:
                             logic.mapNodes(segmentationNode).get("uncertainty"))
 
 
+BLOCK_VOXELS = 16  # SceneArrays copies the scene's volumes in cubes of this edge, as clicks first reach them
+
+
 @dataclass
 class SceneArrays:
-    """What clicks read and change, copied out of the scene once and then owned by a
-    :class:`SceneRefinement` (a whole head's five probability volumes take seconds to copy: more than
-    the click): ``images`` (M, D, H, W) float32, ``labels`` (an Image of (D, H, W) uint8 class values as
-    the segments are), ``probabilities`` (C, D, H, W) float32 (background = 1 - the classes' maps),
-    ``uncertainty`` (D, H, W) float32 (recomputed when its map node was deleted), with the nodes they
-    are written back to; ``segmentsStamp`` and ``mapsStamp``: the nodes' modification times when last
-    read or written, to notice changes made outside the session."""
+    """What clicks read and change, owned by a :class:`SceneRefinement`: ``images`` (M, D, H, W) float32,
+    ``labels`` (an Image of (D, H, W) uint8 class values as the segments are), ``probabilities``
+    (C, D, H, W) float32 (background = 1 - the classes' maps), ``uncertainty`` (D, H, W) float32
+    (recomputed when its map node was deleted), with the nodes they come from and are written back to;
+    ``segmentsStamp`` and ``mapsStamp``: the nodes' modification times when last read or written, to
+    notice changes made outside the session.
+
+    The labels are read whole (a click writes whole segments). The images and maps are copied out of
+    the scene only where clicks reach (:meth:`fill`, in cubes of :data:`BLOCK_VOXELS`, each once): a
+    click reads a few centimetres around it, while copying a whole head's five probability volumes
+    takes longer than the click. ``filled`` (ceil(D/B), ceil(H/B), ceil(W/B)) bool marks the cubes
+    copied; the arrays hold nothing meaningful elsewhere."""
 
     classes: list[dict]
     images: np.ndarray
     labels: Image
     probabilities: np.ndarray
     uncertainty: np.ndarray
+    inputNodes: list
     probabilityNodes: list
     uncertaintyNode: object
+    filled: np.ndarray
     segmentsStamp: int = 0
     mapsStamp: int = 0
 
     @classmethod
     def read(cls, logic, segmentationNode) -> "SceneArrays":
-        inputs = readRefinementInputs(logic, segmentationNode)
-        uncertainty = (normalized_entropy(inputs.probabilities) if inputs.uncertaintyNode is None
-                       else imageFromVolumeNode(inputs.uncertaintyNode).array.astype(np.float32))
-        labels = inputs.labels.with_array(inputs.labels.array.astype(np.uint8, copy=False))
-        arrays = cls(inputs.classes, inputs.images, labels, inputs.probabilities, uncertainty,
-                     inputs.probabilityNodes, inputs.uncertaintyNode)
+        """The labels read and the other arrays allocated (nothing of them copied yet); a deleted
+        probability map or inputs off the segmentation's grid raise :class:`~AttnSegLib.refine.ClickError`
+        (one line, with the fix)."""
+        classes = json.loads(segmentationNode.GetAttribute(ATTRIBUTE + "Classes"))
+        probabilityNodes = _probabilityNodes(logic, segmentationNode)
+        labels = logic.correctedLabels(segmentationNode)
+        shape = labels.array.shape
+        inputNodes = logic.inputNodes(segmentationNode)
+        if any(tuple(reversed(n.GetImageData().GetDimensions())) != shape for n in inputNodes):
+            raise ClickError("the input volumes are not on the segmentation's grid (a region was segmented); "
+                             "segment the whole volume to refine with clicks")
+        arrays = cls(classes, np.empty((len(inputNodes), *shape), dtype=np.float32),
+                     labels.with_array(labels.array.astype(np.uint8, copy=False)),
+                     np.empty((len(classes), *shape), dtype=np.float32), np.empty(shape, dtype=np.float32),
+                     inputNodes, probabilityNodes, logic.mapNodes(segmentationNode).get("uncertainty"),
+                     np.zeros([-(-n // BLOCK_VOXELS) for n in shape], dtype=bool))
         arrays._stamp(segmentationNode)
         return arrays
+
+    def fill(self, box: tuple[slice, slice, slice]) -> None:
+        """Copy the cubes that ``box`` (array slices, (D, H, W)) touches out of the scene, those not
+        copied before (the scene's thread: it reads the nodes' voxels)."""
+        blocks = tuple(slice(s.start // BLOCK_VOXELS, -(-s.stop // BLOCK_VOXELS)) for s in box)
+        missing = np.argwhere(~self.filled[blocks]) + [b.start for b in blocks]
+        if not len(missing):
+            return
+        images = [nodeVoxels(n) for n in self.inputNodes]
+        maps = [nodeVoxels(n) for n in self.probabilityNodes]
+        uncertainty = None if self.uncertaintyNode is None else nodeVoxels(self.uncertaintyNode)
+        for block in missing:
+            cube = tuple(slice(i * BLOCK_VOXELS, (i + 1) * BLOCK_VOXELS) for i in block)
+            for channel, source in zip(self.images, images):
+                channel[cube] = source[cube]
+            probabilities = self.probabilities[(slice(None), *cube)]
+            for channel, source in zip(probabilities[1:], maps):
+                channel[...] = source[cube]
+            background = probabilities[0]
+            np.sum(probabilities[1:], axis=0, out=background)
+            np.clip(np.subtract(1.0, background, out=background), 0.0, 1.0, out=background)
+            self.uncertainty[cube] = normalized_entropy(probabilities) if uncertainty is None else uncertainty[cube]
+            self.filled[tuple(block)] = True
 
     def _mapNodes(self) -> list:
         return [n for n in [*self.probabilityNodes, self.uncertaintyNode] if n is not None]
@@ -251,13 +294,13 @@ def segmentsStamp(segmentationNode) -> int:
 
 class SceneRefinement:
     """The click refinement of one AttnSeg segmentation in the scene, shared by the Slicer panel and the
-    web Refine step: its arrays (:class:`SceneArrays`, read on the first click), its clicks and undo
-    (:class:`~AttnSegLib.refine_history.ClickHistory`, starting from the clicks already recorded) and its
-    refiner (loaded once). ``cardClassNames``: the class names of the model card that made the result
-    (read from its package when not given).
+    web Refine step: its arrays (:class:`SceneArrays`, read on the first click or :meth:`load`, copied
+    out of the scene where clicks reach), its clicks and undo (:class:`~AttnSegLib.refine_history.ClickHistory`,
+    starting from the clicks already recorded) and its refiner (loaded once). ``cardClassNames``: the
+    class names of the model card that made the result (read from its package when not given).
 
-    :meth:`prepare` (scene thread) checks a click and brings the arrays up to date, :meth:`compute`
-    (any thread: no MRML) refines them, :meth:`write` (scene thread) puts the result into the nodes and
+    :meth:`prepare` (scene thread) checks a click and brings the arrays up to date around it,
+    :meth:`compute` (any thread: no MRML) refines them, :meth:`write` (scene thread) puts the result into the nodes and
     records the clicks; :meth:`click` does the three in a row. Maps changed outside the session (a
     refinement through :func:`refineSegmentation`, a map replaced) start it afresh: everything read
     again, its undo steps dropped.
@@ -275,6 +318,11 @@ class SceneRefinement:
         self.history = ClickHistory(recordedClicks(segmentationNode), undoSteps)
         self._cardClassNames = cardClassNames
 
+    @property
+    def arrays(self) -> SceneArrays | None:
+        """The arrays as read so far (None before :meth:`load` or the first click)."""
+        return self._arrays
+
     def refiner(self) -> Refiner:
         """The update the clicks use (see :func:`refinerFor`, :func:`refinerAndParts`), loaded once."""
         if not self._resolved:
@@ -290,9 +338,10 @@ class SceneRefinement:
         return self._cardClassNames
 
     def prepare(self, click: Click) -> SceneArrays:
-        """Check ``click`` (:func:`checkClick`) and bring the session's arrays up to date with the scene."""
+        """Check ``click`` (:func:`checkClick`) and bring the session's arrays up to date with the scene,
+        copied out of it where the click reads (:meth:`~AttnSegLib.refine.Refiner.reach`)."""
         checkClick(self.logic, self.segmentationNode, click, self.cardClassNames())
-        self.refiner()
+        refiner = self.refiner()
         if self._arrays is not None and self._arrays.mapsChanged(self.logic, self.segmentationNode):
             self._arrays = None
             self.history = ClickHistory(recordedClicks(self.segmentationNode), self.undoSteps)
@@ -300,14 +349,21 @@ class SceneRefinement:
             self._arrays = SceneArrays.read(self.logic, self.segmentationNode)
         else:
             self._arrays.rereadLabelsIfEdited(self.logic, self.segmentationNode)
+        labels = self._arrays.labels
+        self._arrays.fill(refiner.reach(click_voxel(click, labels.geometry), labels.geometry, labels.array.shape))
         return self._arrays
 
     def load(self) -> None:
-        """Load the refiner and read the arrays now (e.g. when the user opens the refine step), so the
-        first click costs what the others cost."""
+        """Load the refiner and read the labels now (scene thread; e.g. when a result is shown), so the
+        first click costs what the others cost; then :meth:`warmUp` may run on another thread."""
         self.refiner()
         if self._arrays is None:
             self._arrays = SceneArrays.read(self.logic, self.segmentationNode)
+
+    def warmUp(self) -> None:
+        """After :meth:`load`: the refiner's first runs (see :meth:`~AttnSegLib.refine.Refiner.warm_up`),
+        slower than the later ones, done now (no MRML: any thread)."""
+        self.refiner().warm_up()
 
     def compute(self, click: Click, tag: object = None) -> tuple[Refined, UndoStep]:
         """Refine the prepared arrays with ``click`` in place (no MRML: a worker thread may run it)."""
@@ -366,12 +422,18 @@ def _probabilityNodes(logic, segmentationNode) -> list:
     return nodes
 
 
+def nodeVoxels(node) -> np.ndarray:
+    """(D, H, W) the voxels of a scalar volume node, not copied: a view of its image data's scalars."""
+    imageData = node.GetImageData()
+    return numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars()).reshape(
+        tuple(reversed(imageData.GetDimensions())))
+
+
 def pasteVolume(node, box: tuple[slice, slice, slice], values: np.ndarray) -> None:
     """Write ``values`` into the ``box`` (array slices, (D, H, W) order) of a scalar volume node."""
     imageData = node.GetImageData()
-    scalars = imageData.GetPointData().GetScalars()
-    numpy_support.vtk_to_numpy(scalars).reshape(tuple(reversed(imageData.GetDimensions())))[box] = values
-    scalars.Modified()
+    nodeVoxels(node)[box] = values
+    imageData.GetPointData().GetScalars().Modified()
     imageData.Modified()
     node.Modified()
 

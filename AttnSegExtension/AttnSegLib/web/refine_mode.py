@@ -104,7 +104,7 @@ class ClickJob:
 
 class ClickRefinement:
     """The clicks of one web session: a :class:`~AttnSegLib.slicer_refine.SceneRefinement` per
-    segmentation (its refiner loaded once, its arrays read once, its undo steps)."""
+    segmentation (its refiner loaded once, its arrays kept, its undo steps)."""
 
     def __init__(self, logic, max_clicks: int = MAX_CLICKS):
         self.logic = logic

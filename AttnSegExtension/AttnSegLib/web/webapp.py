@@ -500,6 +500,24 @@ class AttnSegWebApp:
                 segment.error = f"Segmentation failed: {err}"
                 return
             self._show_result(result, task.job.package, self._task_model)
+        create_task(self._prepare_clicks(result))
+
+    async def _prepare_clicks(self, result) -> None:
+        """Once a result is on the page, its click session gets ready (see
+        :meth:`~AttnSegLib.slicer_refine.SceneRefinement.load` and ``warmUp``: the refiner loaded and the
+        labels read on the server loop, the refiner's first runs done on a worker thread), so that the
+        first click costs what the others cost, even one that comes as soon as the Refine step opens."""
+        await asyncio.sleep(POLL_INTERVAL_S)  # the page and the views get the result first
+        if self._result is not result:
+            return
+        try:
+            session = self._clicks.session(result.segmentationNode, self._package.card.class_names)
+            session.load()
+        except AttnSegError as err:
+            with self.server.state:
+                self.data.refine.error = str(err)
+            return
+        await asyncio.to_thread(session.warmUp)
 
     # -- replacing a result ---------------------------------------------------------------------
     def _may_replace_result(self, action: str, argument, doing: str) -> bool:
@@ -700,9 +718,8 @@ class AttnSegWebApp:
     # -- correcting -----------------------------------------------------------------------------
     def _on_tab_changed(self, **_) -> None:
         """The map overlay appears when the user first opens the Review step of a result; the regions are
-        described again there when clicks changed the map; opening the Refine step loads the refiner and
-        reads the arrays clicks change (seconds on a whole head), so that the first click is as quick as
-        the others."""
+        described again there when clicks changed the map; opening the Refine step loads the click
+        session when :meth:`_prepare_clicks` could not, or a failed click made it read the scene anew."""
         tab = self.server.state[TAB_STATE]
         if tab == "review" and not self._reviewing:
             self._reviewing = True
@@ -710,7 +727,7 @@ class AttnSegWebApp:
         if tab == "review" and self._regions_stale and self._result is not None:
             self._describe_regions()
         if tab == "refine" and self._result is not None:
-            try:  # the first click then costs what the others cost
+            try:
                 self._clicks.session(self._result.segmentationNode, self._package.card.class_names).load()
             except AttnSegError as err:
                 self.data.refine.error = str(err)
