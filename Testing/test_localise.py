@@ -199,10 +199,15 @@ def skull_on_head() -> Image:
     return read_image(SKULL_ON_HEAD)
 
 
-def test_a_real_skull_on_head_is_localised_onto_both_hippocampi(predictor, skull_on_head):
+@pytest.fixture(scope="module")
+def skull_on_result(predictor, skull_on_head):
+    return predictor.predict([skull_on_head])
+
+
+def test_a_real_skull_on_head_is_localised_onto_both_hippocampi(skull_on_result):
     """Measured (README "Skull on"): correlation 0.59, scales 0.90 / 0.88 / 0.80, 2.03 / 1.63 ml on this
     1.5 mm copy (2.14 / 2.00 ml on PyDeface's 1 mm original)."""
-    result = predictor.predict([skull_on_head])
+    result = skull_on_result
     assert result.provenance["localisation"]["correlation"] > 0.5
     volumes = volumetry(result.labels, result.classes)
     for side in ("Left", "Right"):
@@ -212,13 +217,19 @@ def test_a_real_skull_on_head_is_localised_onto_both_hippocampi(predictor, skull
     assert abs(left[2] - right[2]) < 5 and abs(left[1] - right[1]) < 10, (left, right)
 
 
-@pytest.mark.xfail(strict=True, reason="unmet: a moved copy of a skull-on head misregisters (seed 1: correlation "
-                                       "0.05, refused); the affine inside the skull-stripped template's brain mask "
-                                       "is pulled off by the skull and scalp (README \"Skull on\")")
-def test_a_moved_copy_of_a_real_skull_on_head_is_localised(predictor, skull_on_head):
-    copy, _ = moved_copy(skull_on_head, seed=1)
+@pytest.mark.parametrize("seed", [1, 3])
+def test_a_moved_copy_of_a_real_skull_on_head_gives_the_same_hippocampi(predictor, skull_on_head, skull_on_result, seed):
+    """Seeds 1 and 3 were refused (correlation 0.05 and 0.20) while the initial search kept the template at
+    its own size: its brain overhung this smaller head's into the skull and scalp. Started at a usual head's
+    size, seeds 0-7 register at 0.583-0.588 (README "Skull on"). Dice per side after mapping back."""
+    copy, transform = moved_copy(skull_on_head, seed=seed)
     result = predictor.predict([copy])
     assert result.provenance["localisation"]["correlation"] > 0.5
+    back = sitk.GetArrayFromImage(sitk.Resample(result.labels.to_sitk(), reference_image(skull_on_head.geometry),
+                                                transform.GetInverse(), sitk.sitkNearestNeighbor, 0))
+    reference = skull_on_result.labels.array
+    for values in ([1, 2], [3, 4]):
+        assert dice(np.isin(back, values), np.isin(reference, values)) >= 0.85, values
 
 
 # -- refusals ---------------------------------------------------------------------------------------
