@@ -20,7 +20,7 @@ from scipy import ndimage
 from AttnSegLib.cli import main
 from AttnSegLib.errors import InputError
 from AttnSegLib.image import Geometry, Image, read_image, write_image
-from AttnSegLib.inference import Predictor
+from AttnSegLib.inference import OWN_SIZE_NOTICE, Predictor
 from AttnSegLib.localise import (TARGETS, Box, LocalisationError, localise_targets, much_larger, reference_image,
                                  volumetry)
 from AttnSegLib.package import PackageError, default_package, load_package, validate_card
@@ -205,7 +205,7 @@ def skull_on_result(predictor, skull_on_head):
 
 
 def test_a_real_skull_on_head_is_localised_onto_both_hippocampi(skull_on_result):
-    """Measured (README "Skull on"): correlation 0.59, scales 0.90 / 0.88 / 0.80, 2.03 / 1.63 ml on this
+    """Measured (README "Skull on"): correlation 0.59, scales 0.90 / 0.88 / 0.80, 2.02 / 1.65 ml on this
     1.5 mm copy (2.14 / 2.00 ml on PyDeface's 1 mm original)."""
     result = skull_on_result
     assert result.provenance["localisation"]["correlation"] > 0.5
@@ -278,6 +278,7 @@ def test_roi_segments_inside_the_box_only_on_the_input_grid(predictor, mni, mni_
     result = predictor.predict([mni], roi=box)
     assert result.class_names == ["background", "Anterior", "Posterior"]
     assert result.labels.geometry == mni.geometry and result.provenance["roi"]["size_mm"] == [40.0, 56.0, 40.0]
+    assert OWN_SIZE_NOTICE in result.notices  # a whole head's box at its own size says so, naming the factor
     labels = result.labels.array
     assert 2.0 <= np.count_nonzero(labels) * mni.geometry.voxel_volume_ml <= 6.0
     k, j, i = np.nonzero(labels)
@@ -301,6 +302,7 @@ def test_an_roi_with_the_heads_size_factor_is_segmented_as_the_localised_crop(pr
     same = predictor.predict([mni], roi=box, size_factor=registration.size_factor)
     assert same.class_names == ["background", "Anterior", "Posterior"]
     assert same.provenance["roi"]["size_factor"] == round(registration.size_factor, 4) > 1.1
+    assert OWN_SIZE_NOTICE not in same.notices
     np.testing.assert_array_equal(same.labels.array, np.where(left, mni_result.labels.array, 0))
     np.testing.assert_allclose(same.probabilities.array.sum(axis=0), 1.0, atol=1e-4)
     assert set(same.maps) == set(mni_result.maps)
@@ -343,7 +345,7 @@ def test_cli_roi_with_the_reports_size_factor_is_size_normalised(data_dir, tmp_p
     assert main(["segment", "-i", str(data_dir / MNI), "-o", str(out), "--device", "cpu", "--no-maps",
                  "--roi", "27,22,-15,42,59,43", "--size-factor", "1.178"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["provenance"]["roi"]["size_factor"] == 1.178
+    assert report["provenance"]["roi"]["size_factor"] == 1.178 and OWN_SIZE_NOTICE not in report["notices"]
     assert 2.0 <= sum(report["class_volumes_ml"].values()) <= 6.0, report["class_volumes_ml"]
     capsys.readouterr()
     assert main(["segment", "-i", str(data_dir / MNI), "-o", str(tmp_path / "none"), "--size-factor", "1.2"]) == 2
