@@ -218,7 +218,8 @@ def test_a_real_skull_on_head_is_localised_onto_both_hippocampi(skull_on_result)
 
 
 @pytest.mark.parametrize("seed", [1, 3])
-def test_a_moved_copy_of_a_real_skull_on_head_gives_the_same_hippocampi(predictor, skull_on_head, skull_on_result, seed):
+def test_a_moved_copy_of_a_real_skull_on_head_gives_the_same_hippocampi(predictor, skull_on_head, skull_on_result,
+                                                                         seed):
     """Seeds 1 and 3 were refused (correlation 0.05 and 0.20) while the initial search kept the template at
     its own size: its brain overhung this smaller head's into the skull and scalp. Started at a usual head's
     size, seeds 0-7 register at 0.583-0.588 (README "Skull on"). Dice per side after mapping back."""

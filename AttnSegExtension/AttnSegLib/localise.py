@@ -8,7 +8,7 @@ input is localised:
    registered to the first input by an affine, multi-resolution Mattes mutual-information registration
    (SimpleITK), restricted to the template's brain. Initialisation: centres of mass and the template
    shrunk to a usual head's size (:data:`REFERENCE_SCALE`), then a coarse search over translations of up
-   to 24 mm, rotations of up to 30 degrees about each axis and scales of up to 16 % either way (at 8 mm).
+   to 24 mm, rotations of up to 30 degrees about each axis and scales 0.69-1.01 (at 8 mm).
    A registration that fails the check below is tried once more with the metric
    restricted to the brain eroded by 4 mm (a head with its skull: see :data:`FALLBACK_EROSION_VOXELS`);
    the better of the two is kept. The transform maps template (MNI, LPS) points to input (LPS) points.
@@ -337,8 +337,8 @@ def _correlation(template: sitk.Image, mask: np.ndarray, moving: sitk.Image, tra
 def _initial_similarity(template: sitk.Image, mask: sitk.Image, moving: sitk.Image) -> sitk.Similarity3DTransform:
     """Centres of mass aligned, the template shrunk to :data:`REFERENCE_SCALE` (a head's usual size, not
     the template's); then the best of translations of up to 24 mm (12 mm steps) along each axis, of
-    rotations of -30..30 degrees (15 degree steps) about each axis, and of scales of the reference scale
-    -16..+16 % (8 % steps); each by mutual information at 8 mm inside the template's brain. The
+    rotations of -30..30 degrees (15 degree steps) about each axis, and of scales 0.69-1.01 (the reference
+    scale +-0.16, steps of 0.08); each by mutual information at 8 mm inside the template's brain. The
     translations matter for a head with its skull, neck and shoulders, whose centre of mass lies 2-3 cm
     below its brain's; the scale for a head with its skull: a template brain at its own size overhangs
     a smaller head's brain into the skull and scalp, and the affine then grows into them (README "Skull
@@ -350,7 +350,7 @@ def _initial_similarity(template: sitk.Image, mask: sitk.Image, moving: sitk.Ima
     similarity.SetTranslation(centred.GetTranslation())
     similarity.SetScale(REFERENCE_SCALE)
     versor = float(np.sin(np.deg2rad(SEARCH_ROTATION_DEG) / 2))  # a rotation's versor component
-    # parameters: versor (3), translation (3, mm), scale
+    # parameters: versor (3), translation (3, mm), scale; the exhaustive grid's step of each is its scale
     for steps, step_lengths in (([0, 0, 0, 2, 2, 2, 0], [1, 1, 1] + [SEARCH_TRANSLATION_MM] * 3 + [1]),
                                 ([2, 2, 2, 0, 0, 0, 0], [versor] * 3 + [1, 1, 1, 1]),
                                 ([0, 0, 0, 0, 0, 0, 2], [1] * 6 + [SEARCH_SCALE_STEP])):
