@@ -1,6 +1,6 @@
 """Whole-head T1 to both hippocampi: CPU time of the localised prediction, registration as its own stage.
 
-    python benchmarks/whole_head.py                  # MNI152 + both MS patients, 3 repeats, baseline on MNI152
+    python benchmarks/whole_head.py                  # MNI152, both MS patients, a skull-on head; 3 repeats
     python benchmarks/whole_head.py --quick --json   # MNI152 only, one repeat of each side
 
 * **AttnSeg (localised)**: ``Predictor.predict`` of the default package on the whole head, as ``attnseg
@@ -30,6 +30,8 @@ import common  # noqa: E402
 
 TARGET_CPU_S = 10.0
 PATIENT_T1 = "ms_lesions/{}/T1_N4_noneck_reduced_winsor_regtoFLAIR_brain_N4_regtoMNI.nii.gz"
+# a head with its skull, scalp, face and neck (PyDeface's mean T1 at 1.5 mm; Testing/data/skull_on_head/README.md)
+SKULL_ON_HEAD = common.REPO / "Testing" / "data" / "skull_on_head" / "pydeface_mean_head_1p5mm.nii.gz"
 STAGES = ("localise", "preprocess", "predict", "postprocess")
 
 
@@ -38,6 +40,7 @@ def volumes(quick: bool) -> dict[str, Path]:
     if not quick:
         for patient in ("patient07", "patient19"):
             out[patient] = common.data_root() / PATIENT_T1.format(patient)
+        out["skull_on_head"] = SKULL_ON_HEAD
     return out
 
 

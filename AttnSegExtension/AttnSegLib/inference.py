@@ -359,6 +359,13 @@ def _fill_background(probabilities: np.ndarray) -> None:
     np.clip(1.0 - probabilities[1:].sum(axis=0), 0.0, 1.0, out=probabilities[0])
 
 
+# A box without a size factor on a whole head: the model sees this head's anatomy at its own size, not at the
+# reference size a localised crop has (localise.py, step 3), and its volumes can differ from a localised run's.
+OWN_SIZE_NOTICE = ("the box was used at the scan's own size (no registration gave this head's size); for the size "
+                   "the localisation uses, pass its size factor (--size-factor, from a localised run's report.json "
+                   "provenance.localisation.size_factor)")
+
+
 class Predictor:
     """``Predictor(package)`` or ``Predictor(network, card=card)``; then :meth:`predict`.
 
@@ -588,6 +595,10 @@ class Predictor:
         provenance_roi = roi.as_dict()
         if size_factor is None:
             result = self._predict_grid(cut(images, index), progress, cancel, run)
+            settings = self.card.inference
+            if settings.localisation and settings.training_field_of_view_mm and \
+                    much_larger(geometry, settings.training_field_of_view_mm):
+                notices.append(OWN_SIZE_NOTICE)
             t0 = time.perf_counter()
             labels = np.zeros(shape, dtype=result.labels.array.dtype)
             labels[index] = result.labels.array

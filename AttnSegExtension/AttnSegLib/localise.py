@@ -6,9 +6,10 @@ input is localised:
 
 1. **Registration.** The shipped MNI152 template (ICBM 2009a symmetric, 2 mm; ``Resources/Atlas``) is
    registered to the first input by an affine, multi-resolution Mattes mutual-information registration
-   (SimpleITK), restricted to the template's brain. Initialisation: centres of mass, then a coarse
-   search over translations of up to 24 mm and rotations of up to 30 degrees about each axis (at 8 mm,
-   under a second). A registration that fails the check below is tried once more with the metric
+   (SimpleITK), restricted to the template's brain. Initialisation: centres of mass and the template
+   shrunk to a usual head's size (:data:`REFERENCE_SCALE`), then a coarse search over translations of up
+   to 24 mm, rotations of up to 30 degrees about each axis and scales 0.69-1.01 (at 8 mm).
+   A registration that fails the check below is tried once more with the metric
    restricted to the brain eroded by 4 mm (a head with its skull: see :data:`FALLBACK_EROSION_VOXELS`);
    the better of the two is kept. The transform maps template (MNI, LPS) points to input (LPS) points.
 2. **Check.** The registration is refused (:class:`LocalisationError`) when the input, brought into the
@@ -69,6 +70,8 @@ FALLBACK_EROSION_VOXELS = 2
 # One thread makes the answer the same on every machine (it costs about a second).
 REGISTRATION_THREADS = 1
 SEARCH_TRANSLATION_MM = 12.0  # step of the initial translation search (two each way)
+SEARCH_ROTATION_DEG = 15.0  # step of the initial rotation search (two each way)
+SEARCH_SCALE_STEP = 0.08  # step of the initial scale search (two each way, around REFERENCE_SCALE)
 MAX_ITERATIONS = 100  # per resolution level; the optimiser usually stops earlier, on a small step
 SCALE_RANGE = (0.7, 1.4)  # per axis, template -> input: heads are not 30 % smaller or 40 % larger
 # "Much larger" than the training field of view: longer than this factor along any axis.
@@ -331,27 +334,39 @@ def _correlation(template: sitk.Image, mask: np.ndarray, moving: sitk.Image, tra
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def _initial_rigid(template: sitk.Image, mask: sitk.Image, moving: sitk.Image) -> sitk.Euler3DTransform:
-    """Centres of mass aligned; then the best of translations of up to 24 mm (12 mm steps) along each
-    axis; then the best of rotations of -30..30 degrees (15 degree steps) about each axis; each by mutual
-    information at 8 mm inside the template's brain. The translations matter for a head with its skull,
-    neck and shoulders, whose centre of mass lies 2-3 cm below its brain's."""
+def _initial_similarity(template: sitk.Image, mask: sitk.Image, moving: sitk.Image) -> sitk.Similarity3DTransform:
+    """Centres of mass aligned, the template shrunk to :data:`REFERENCE_SCALE` (a head's usual size, not
+    the template's); then the best of translations of up to 24 mm (12 mm steps) along each axis, of
+    rotations of -30..30 degrees (15 degree steps) about each axis, and of scales 0.69-1.01 (the reference
+    scale +-0.16, steps of 0.08); each by mutual information at 8 mm inside the template's brain. The
+    translations matter for a head with its skull, neck and shoulders, whose centre of mass lies 2-3 cm
+    below its brain's; the scale for a head with its skull: a template brain at its own size overhangs
+    a smaller head's brain into the skull and scalp, and the affine then grows into them (README "Skull
+    on")."""
     centred = sitk.CenteredTransformInitializer(template, moving, sitk.Euler3DTransform(),
                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
-    for steps, step_length in (([0, 0, 0, 2, 2, 2], SEARCH_TRANSLATION_MM), ([2, 2, 2, 0, 0, 0], np.deg2rad(15.0))):
+    similarity = sitk.Similarity3DTransform()
+    similarity.SetCenter(centred.GetCenter())
+    similarity.SetTranslation(centred.GetTranslation())
+    similarity.SetScale(REFERENCE_SCALE)
+    versor = float(np.sin(np.deg2rad(SEARCH_ROTATION_DEG) / 2))  # a rotation's versor component
+    # parameters: versor (3), translation (3, mm), scale; the exhaustive grid's step of each is its scale
+    for steps, step_lengths in (([0, 0, 0, 2, 2, 2, 0], [1, 1, 1] + [SEARCH_TRANSLATION_MM] * 3 + [1]),
+                                ([2, 2, 2, 0, 0, 0, 0], [versor] * 3 + [1, 1, 1, 1]),
+                                ([0, 0, 0, 0, 0, 0, 2], [1] * 6 + [SEARCH_SCALE_STEP])):
         search = sitk.ImageRegistrationMethod()
         search.SetNumberOfThreads(REGISTRATION_THREADS)
         search.SetMetricAsMattesMutualInformation(32)
         search.SetMetricFixedMask(mask)
         search.SetMetricSamplingStrategy(search.NONE)
         search.SetInterpolator(sitk.sitkLinear)
-        search.SetOptimizerAsExhaustive(steps, stepLength=float(step_length))
-        search.SetOptimizerScales([1, 1, 1, 1, 1, 1])
+        search.SetOptimizerAsExhaustive(steps, stepLength=1.0)
+        search.SetOptimizerScales(step_lengths)
         search.SetShrinkFactorsPerLevel([4])
         search.SetSmoothingSigmasPerLevel([2])
-        search.SetInitialTransform(centred, inPlace=True)
+        search.SetInitialTransform(similarity, inPlace=True)
         search.Execute(template, moving)
-    return centred
+    return similarity
 
 
 def register(image: Image) -> Registration:
@@ -361,7 +376,7 @@ def register(image: Image) -> Registration:
     moving = to_working_resolution(image)
     best = None
     for metric_mask in (template.mask, template.inner):
-        initial = _initial_rigid(template.image, metric_mask, moving)
+        initial = _initial_similarity(template.image, metric_mask, moving)
         affine, iterations = _affine(template.image, metric_mask, moving, initial)
         correlation = _correlation(template.image, template.core, moving, affine)
         if best is None or correlation > best[1]:
@@ -375,7 +390,7 @@ def register(image: Image) -> Registration:
 
 
 def _affine(template: sitk.Image, mask: sitk.Image, moving: sitk.Image,
-            initial: sitk.Euler3DTransform) -> tuple[sitk.AffineTransform, int]:
+            initial: sitk.Similarity3DTransform) -> tuple[sitk.AffineTransform, int]:
     """The multi-resolution affine registration from ``initial``, its metric inside ``mask``."""
     affine = sitk.AffineTransform(3)
     affine.SetCenter(initial.GetCenter())
