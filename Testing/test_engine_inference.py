@@ -235,6 +235,22 @@ def test_a_lone_window_gets_what_the_first_of_two_copies_gets(package):
         torch.testing.assert_close(one.maps[name], two.maps[name][:1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", [(2, 2, 2), (1, 2, 2), (2, 3, 1)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_lone_windows_up_sampling_and_1x1x1_convolutions_are_those_of_two_copies(kernel, bias):
+    """The matrix-product forms a lone window takes for a transposed convolution whose kernel is its
+    stride and for a 1x1x1 convolution (with or without bias) answer what the convolutions answer for
+    the first of two copies, up to float rounding, on a window whose sides differ."""
+    torch.manual_seed(5)
+    window = torch.randn(1, 6, 5, 7, 4)
+    up = torch.nn.ConvTranspose3d(6, 3, kernel, stride=kernel, bias=bias).eval()
+    pointwise = torch.nn.Conv3d(6, 4, 1, bias=bias).eval()
+    with torch.inference_mode():
+        for layer in (up, pointwise):
+            torch.testing.assert_close(lone_window(layer, window), layer(torch.cat([window, window]))[:1],
+                                       rtol=1e-5, atol=1e-6)
+
+
 def test_the_cards_temperature_changes_probabilities_not_labels(shipped_difficulty_aware, hippocampus_case):
     """Temperature scaling divides the logits before the softmax: a temperature above 1 softens every
     probability (the foreground ones that were near 1 fall) but never changes the argmax."""

@@ -18,8 +18,9 @@ For each model (shipped packages; untrained stand-ins for architectures not ship
   map-only head, so the maps' cost shows against it), read from the same package, run through
   ``monai.inferers.sliding_window_inference`` alone on the case already in the model frame, with the
   predictor's window, overlap, window batch, Gaussian blending and precision, returning logits only.
-  A lone window runs its convolutions through oneDNN on both sides (``inference.lone_window``:
-  PyTorch's CPU convolution is 2.5x slower on one small 3D window), so the ratio shows AttnSeg's own costs.
+  A lone window runs its convolutions through oneDNN (its up-sampling and 1x1x1 convolutions as matrix
+  products) on both sides (``inference.lone_window``: PyTorch's CPU convolution is 2.5x slower on one
+  small 3D window), so the ratio shows AttnSeg's own costs.
 
 Every run is a fresh process (its ``ru_maxrss`` is the peak resident memory of that configuration,
 Python and its libraries included; ``python_imports`` is that floor). Runs are interleaved (MONAI,

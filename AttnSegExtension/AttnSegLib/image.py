@@ -349,14 +349,12 @@ def _nifti_pair_files(path: Path) -> list[Path]:
     return sorted(path.parent / name for name in names if name != path.name and os.path.lexists(path.parent / name))
 
 
-def _detached_data(path: Path) -> tuple[str, str, list[Path] | None] | None:
+def _detached_data(path: Path, io: str) -> tuple[str, str, list[Path] | None] | None:
     """(field, value, files) when ``path``'s voxels live in another file, else None.
 
     ``field`` names where the header says so, ``value`` what it says, ``files`` the paths it names, or
-    None for a list or numbered pattern of files. The format is the one ITK will read the file with.
+    None for a list or numbered pattern of files. ``io``: the ImageIO ITK will read the file with.
     """
-    with itk_file_name(path) as name:  # a name that is not UTF-8 would abort SimpleITK
-        io = sitk.ImageFileReader.GetImageIOFromFileName(name)
     if io == "MetaImageIO":
         value = _metaimage_fields(path).get(b"elementdatafile")
         if value is None:  # MetaIO reads on past any limit; the field could hide there
@@ -380,8 +378,10 @@ def _detached_data(path: Path) -> tuple[str, str, list[Path] | None] | None:
     return None
 
 
-def check_data_file(path: str | os.PathLike, allow_detached: bool = True) -> None:
-    """Refuse a header whose voxels live in a file outside the header's own folder.
+def check_data_file(path: str | os.PathLike, allow_detached: bool = True) -> str:
+    """Refuse a header whose voxels live in a file outside the header's own folder; -> the name of
+    the ImageIO ITK reads ``path`` with (``NiftiImageIO``...), which a reader may be given so that it
+    does not look for it again.
 
     MetaImage ``ElementDataFile``, NRRD ``data file`` and the ``.img`` of an Analyze/NIfTI ``.hdr``
     can name any file on the machine (``/etc/passwd``, ``../x``, or a symlink leading out); its bytes
@@ -390,9 +390,11 @@ def check_data_file(path: str | os.PathLike, allow_detached: bool = True) -> Non
     ``allow_detached=False`` (uploads, the web app's ``--data`` folder) any detached header is refused.
     """
     path = Path(path)
-    found = _detached_data(path)
+    with itk_file_name(path) as name:  # a name that is not UTF-8 would abort SimpleITK
+        io = sitk.ImageFileReader.GetImageIOFromFileName(name)
+    found = _detached_data(path, io)
     if found is None:
-        return
+        return io
     field, value, files = found
     value = value[:120]
     if not allow_detached:
@@ -406,6 +408,7 @@ def check_data_file(path: str | os.PathLike, allow_detached: bool = True) -> Non
         raise ImageError(f"{path}: {field} = {value} points outside the header's folder (absolute path, "
                              "'..' or a symlink leading out); put the data file beside the header and name "
                              "it without a folder")
+    return io
 
 
 def _check_header(path: Path, dim: int, size, components: int, pixel_id: int, spacing, origin,
@@ -468,10 +471,11 @@ def read_image(path: str | os.PathLike) -> Image:
         else:
             if path.name.lower().endswith((".mha", ".mhd")):
                 _check_metaimage_header(path)
-            check_data_file(path)
+            io = check_data_file(path)
             with itk_file_name(path) as name:
                 reader = sitk.ImageFileReader()
                 reader.SetFileName(name)
+                reader.SetImageIO(io)  # found once: each reader step would otherwise ask every ImageIO again
                 reader.ReadImageInformation()
                 _check_header(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(),
                               reader.GetPixelID(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())

@@ -15,6 +15,7 @@ same device: no random ops, cuDNN autotuning off (:func:`deterministic`, for the
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import time
@@ -118,6 +119,14 @@ def flip_combinations(axes) -> list[tuple[int, ...]]:
 
 
 def versions() -> dict[str, str]:
+    """The versions of AttnSeg and the libraries a result depends on (a new dict each call)."""
+    return dict(_installed_versions())
+
+
+@functools.cache
+def _installed_versions() -> dict[str, str]:
+    """Read once per process: ``importlib.metadata`` parses each package's METADATA file, which every
+    result's provenance paid again (2 to 3 ms of CPU time a case)."""
     out = {"attnseg": __version__, "torch": torch.__version__, "SimpleITK": sitk.Version_VersionString()}
     for pkg in ("monai", "numpy", "safetensors"):
         try:
@@ -206,8 +215,11 @@ class _LoneWindowConvolutions(TorchFunctionMode):
     """While active, each 3D convolution of a batch of one on the CPU returns what it returns for the
     first of two copies of its input (up to float rounding). A convolution PyTorch runs through oneDNN
     for two windows (any kernel but 1x1 in its last two dimensions unstrided, :func:`_pointwise`) calls
-    oneDNN directly for the one (half the work of two); the others (1x1 kernels, which PyTorch computes
-    with its own kernel for two windows, and transposed convolutions) run on two copies, the first
+    oneDNN directly for the one (half the work of two). A 1x1x1 convolution and a transposed
+    convolution whose kernel is its stride (the U-Nets' up-sampling) are one matrix product each
+    (:func:`_matmul_conv3d`, :func:`_matmul_conv_transpose3d`): every output voxel is a sum over the
+    input channels alone, which the product computes as the convolution does. The others (kernels 1x1
+    in their last two dimensions only, other transposed convolutions) run on two copies, the first
     answer kept. Only those ops' inputs are ever doubled, so a run whose out-of-memory fallback brought
     the window batch down to one needs no more memory for it than a window alone, near enough."""
 
@@ -216,18 +228,53 @@ class _LoneWindowConvolutions(TorchFunctionMode):
         if func is torch.conv3d:
             return _lone_conv3d(*args, **kwargs)
         if func is torch.conv_transpose3d:
-            return _first_of_two(func, *args, **kwargs)
+            return _lone_conv_transpose3d(*args, **kwargs)
         return func(*args, **kwargs)
 
 
 def _lone_conv3d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     stride, dilation = _triple(stride), _triple(dilation)
-    if (x.shape[0] != 1 or x.device.type != "cpu" or x.dtype != torch.float32 or isinstance(padding, str)
-            or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled
-            or _pointwise(weight, stride, dilation)):
+    if not _lone_cpu_float(x) or isinstance(padding, str):
+        return _first_of_two(torch.conv3d, x, weight, bias, stride, padding, dilation, groups)
+    if _pointwise(weight, stride, dilation):
+        if weight.shape[-3] == 1 and groups == 1 and not any(_triple(padding)):
+            return _matmul_conv3d(x, weight, bias)
+        return _first_of_two(torch.conv3d, x, weight, bias, stride, padding, dilation, groups)
+    if not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
         return _first_of_two(torch.conv3d, x, weight, bias, stride, padding, dilation, groups)
     return torch.ops.aten.mkldnn_convolution(x.contiguous(), weight.contiguous(), bias, _triple(padding), stride,
                                              dilation, groups)
+
+
+def _lone_conv_transpose3d(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    if (_lone_cpu_float(x) and groups == 1 and _triple(stride) == list(weight.shape[2:])
+            and not any(_triple(padding)) and not any(_triple(output_padding)) and max(_triple(dilation)) == 1):
+        return _matmul_conv_transpose3d(x, weight, bias)
+    return _first_of_two(torch.conv_transpose3d, x, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+def _lone_cpu_float(x: torch.Tensor) -> bool:
+    return x.shape[0] == 1 and x.device.type == "cpu" and x.dtype == torch.float32
+
+
+def _matmul_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1x1 convolution of a batch of one as one matrix product: x (1, C_in, D, H, W), weight
+    (C_out, C_in, 1, 1, 1) -> (1, C_out, D, H, W)."""
+    matrix, voxels = weight.reshape(weight.shape[0], -1), x.reshape(x.shape[1], -1)
+    out = torch.mm(matrix, voxels) if bias is None else torch.addmm(bias[:, None], matrix, voxels)
+    return out.view(1, -1, *x.shape[2:])
+
+
+def _matmul_conv_transpose3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A transposed convolution whose kernel (kd, kh, kw) is its stride, unpadded, of a batch of one,
+    as one matrix product: x (1, C_in, d, h, w), weight (C_in, C_out, kd, kh, kw) -> (1, C_out, d kd,
+    h kh, w kw). Input voxel (i, j, k) alone makes the output block at (i kd, j kh, k kw): the product
+    gives every block's C_out kd kh kw values, which are then laid out on the output grid."""
+    c_in, c_out, kd, kh, kw = weight.shape
+    d, h, w = x.shape[2:]
+    blocks = torch.mm(weight.reshape(c_in, -1).t(), x.reshape(c_in, -1))  # (C_out kd kh kw, d h w)
+    out = blocks.view(c_out, kd, kh, kw, d, h, w).permute(0, 4, 1, 5, 2, 6, 3).reshape(1, c_out, d * kd, h * kh, w * kw)
+    return out if bias is None else out.add_(bias.view(1, -1, 1, 1, 1))
 
 
 def _pointwise(weight: torch.Tensor, stride, dilation) -> bool:
