@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -290,6 +291,22 @@ def test_roi_segments_inside_the_box_only_on_the_input_grid(predictor, mni, mni_
     assert dice(labels > 0, left) > 0.8  # the localised crop and a hand-placed box agree
     with pytest.raises(LocalisationError, match="outside the image"):
         predictor.predict([mni], roi=Box.from_centre_size((500.0, 0.0, 0.0), (40.0, 40.0, 40.0)))
+
+
+@pytest.mark.parametrize("factor", [1e9, 10.0, 0.5])
+def test_a_size_factor_no_registration_gives_is_refused(factor, predictor, mni, tmp_path, capsys):
+    """``--size-factor`` is a registration's (head scale / REFERENCE_SCALE, each scale within SCALE_RANGE:
+    0.82-1.65). A factor of 1e9 sampled the box as one voxel: a constant crop, 0 ml, exit 0 (notices
+    only); 10 (a typo of 1.0) a box ten times too large. Now both are refused in one line, before any work."""
+    box = Box.from_centre_size((27.0, 22.0, -15.0), (41.0, 59.0, 42.0))
+    with pytest.raises(InputError, match=re.escape(f"a size factor of {factor:g} is no head's: a registration gives 0.82-1.65")):
+        predictor.predict([mni], roi=box, size_factor=factor)
+    path = tmp_path / "head.nii.gz"
+    write_image(mni, path)
+    assert main(["segment", "-i", str(path), "-o", str(tmp_path / "out"), "--roi=27,22,-15,41,59,42",
+                 "--size-factor", str(factor)]) == 2
+    [line] = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert line.startswith("attnseg: error: a size factor of") and not list((tmp_path / "out").rglob("*"))
 
 
 def test_an_roi_with_the_heads_size_factor_is_segmented_as_the_localised_crop(predictor, mni, mni_result):

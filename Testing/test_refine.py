@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from AttnSegLib.cli import main
-from AttnSegLib.image import Image, read_image
+from AttnSegLib.image import Geometry, Image, read_image
 from AttnSegLib.inference import Predictor
 from AttnSegLib.package import default_package_name, load_package
 from AttnSegLib.refine import (METHODS, RADIUS_MM, Click, ClickError, Refiner, click_voxel,
@@ -71,6 +71,24 @@ def test_clicks_parse_and_bad_clicks_are_refused(sample):
         parse_click("1,2,Anterior", CLASS_NAMES)
     with pytest.raises(ClickError, match="outside the image"):
         click_voxel(Click((500.0, 0.0, 0.0), 1), image.geometry)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_click_on_the_far_face_of_an_even_sized_volume_is_refused_not_a_crash(method, sample, refiners):
+    """The image spans voxel indices [-0.5, n - 0.5): a click exactly on the far face (index n - 0.5)
+    lies on no voxel. It was accepted and rounded (half to even) to index n when n is even, past the
+    array: IndexError in the click's update. Now it is refused in one line like any click outside; a
+    click just inside sets the last voxel."""
+    image, _, result = sample
+    rows = image.array.shape[1] - 1  # 50: even
+    geometry = Geometry((image.geometry.size[0], rows, image.geometry.size[2]), image.geometry.spacing,
+                        image.geometry.origin, image.geometry.direction)
+    stack = image.array[None, :, :rows].astype(np.float32)
+    probabilities = np.ascontiguousarray(result.probabilities.array[:, :, :rows])
+    with pytest.raises(ClickError, match="outside the image"):
+        refiners[method].refine(stack, probabilities, geometry, [voxel_click((17, rows - 0.5, 17), 1, geometry)])
+    refined = refiners[method].refine(stack, probabilities, geometry, [voxel_click((17, rows - 0.51, 17), 1, geometry)])
+    assert refined.labels[17, rows - 1, 17] == 1
 
 
 def test_simulated_user_clicks_the_deepest_point_of_the_largest_error(sample):

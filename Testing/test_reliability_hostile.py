@@ -205,6 +205,22 @@ def test_normalisation_survives_a_voxel_at_1e20():
     assert profile.extreme == pytest.approx(1e20) and profile.outlier_extent > 1e15
 
 
+@pytest.mark.parametrize("kind", ["blank", "one_voxel"])
+def test_a_blank_or_nearly_blank_crop_is_segmented_without_a_traceback(kind, package, image, tmp_path, capsys):
+    """An image of zeros (or zeros and one bright voxel): its zeros and their rim leave no tissue to
+    measure the intensity profile on; the z-score normalisation crashed in np.percentile on an empty
+    sample (IndexError, a traceback). Now it runs; a constant image says so."""
+    array = np.zeros(image.array.shape, dtype=np.float32)
+    if kind == "one_voxel":
+        array[tuple(n // 2 for n in array.shape)] = 100.0
+    path = tmp_path / f"{kind}.nii.gz"
+    write_image(image.with_array(array), path)
+    status, _, lines = run_main(capsys, "segment", "-i", str(path), "-o", str(tmp_path / "out"), "--model", str(package))
+    assert status == 0, lines
+    assert "Traceback" not in "\n".join(lines)
+    assert (kind == "blank") == any("is constant (0.0); the prediction will be meaningless" in line for line in lines)
+
+
 @pytest.fixture(scope="module")
 def default_predictor():
     return Predictor(load_package("hippocampus_difficulty_aware"), device="cpu", with_maps=False)

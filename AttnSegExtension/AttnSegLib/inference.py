@@ -33,8 +33,8 @@ from . import __version__
 from .card import UNCERTAINTY, ModelCard
 from .errors import InputError, OutOfMemory
 from .image import Geometry, Image, label_dtype
-from .localise import (Box, LocalisationError, crop_grids, crop_images, cut, footprint, localise_targets,
-                       much_larger, plausible_volume, resample, sub_geometry, target_classes)
+from .localise import (REFERENCE_SCALE, SCALE_RANGE, Box, LocalisationError, crop_grids, crop_images, cut, footprint,
+                       localise_targets, much_larger, plausible_volume, resample, sub_geometry, target_classes)
 from .maps import normalized_entropy, resize_map, split_channels, volume_name
 from .package import ModelPackage
 from .preprocess import align_modalities, check_spacing_units, to_model_frame
@@ -533,6 +533,10 @@ class Predictor:
         if size_factor is not None and (roi is None or not np.isfinite(size_factor) or size_factor <= 0):
             raise InputError(f"a size factor ({size_factor}) needs an ROI and must be a positive number; it is the "
                              "registration's size_factor (report.json's localisation)")
+        low, high = (s / REFERENCE_SCALE for s in SCALE_RANGE)  # what a registration that passed its check gives
+        if size_factor is not None and not low <= size_factor <= high:
+            raise InputError(f"a size factor of {size_factor:g} is no head's: a registration gives {low:.2f}-{high:.2f} "
+                             "(report.json's provenance.localisation.size_factor)")
         settings, run = self.card.inference, self._new_run()
         field_of_view = settings.training_field_of_view_mm
         if len(images) != len(self.card.modalities):

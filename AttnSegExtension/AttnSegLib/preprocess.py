@@ -203,6 +203,8 @@ def _normalise_and_profile(array: np.ndarray, method: str) -> Profile | None:
         # 1st percentile -3.26 z, -2.85 without).
         tissue = array[~ndimage.binary_dilation(background)]
         profile = clip_and_standardise(array)
+        if not tissue.size:  # zeros and their rim everywhere (a blank image): no tissue to profile apart
+            return profile
         return dataclasses.replace(profile, quantiles=clip_and_standardise(tissue).quantiles)
     if method == "zscore_nonzero":
         mask = array != 0

@@ -106,10 +106,12 @@ def parse_click(text: str, class_names: list[str]) -> Click:
 
 
 def click_voxel(click: Click, geometry: Geometry) -> np.ndarray:
-    """The click's continuous array index (k, j, i); :class:`ClickError` when outside the image."""
+    """The click's continuous array index (k, j, i); :class:`ClickError` when outside the image, which
+    spans [-0.5, n - 0.5) along each axis (the far face is on no voxel: rounded half to even, it would
+    be index n when n is even)."""
     ijk = np.linalg.solve(geometry.ijk_to_lps(), np.append(click.position_lps, 1.0))[:3]
     size = np.asarray(geometry.size, dtype=float)
-    if np.any(ijk < -0.5) or np.any(ijk > size - 0.5):
+    if np.any(ijk < -0.5) or np.any(ijk >= size - 0.5):
         x, y, z = click.position_lps
         lo, hi = geometry.corners_lps().min(axis=0), geometry.corners_lps().max(axis=0)
         raise ClickError(f"click at ({x:g}, {y:g}, {z:g}) mm is outside the image, which spans "

@@ -241,9 +241,7 @@ class SceneArrays:
             probabilities = self.probabilities[(slice(None), *cube)]
             for channel, source in zip(probabilities[1:], maps):
                 channel[...] = source[cube]
-            background = probabilities[0]
-            np.sum(probabilities[1:], axis=0, out=background)
-            np.clip(np.subtract(1.0, background, out=background), 0.0, 1.0, out=background)
+            _fill_background(probabilities)
             self.uncertainty[cube] = normalized_entropy(probabilities) if uncertainty is None else uncertainty[cube]
             self.filled[tuple(block)] = True
 
@@ -280,7 +278,17 @@ class SceneArrays:
             pasteVolume(node, box, channel[box])
         if self.uncertaintyNode is not None:
             pasteVolume(self.uncertaintyNode, box, self.uncertainty[box])
+        # the background as the scene holds it (1 - the classes' maps), not as the update left it (off by
+        # float rounding): the next click then reads what refineSegmentation would read
+        _fill_background(self.probabilities[(slice(None), *box)])
         self._stamp(segmentationNode)
+
+
+def _fill_background(probabilities: np.ndarray) -> None:
+    """Channel 0 of (C, ...) float32 ``probabilities`` set to 1 - the others' sum, clipped to [0, 1]."""
+    background = probabilities[0]
+    np.sum(probabilities[1:], axis=0, out=background)
+    np.clip(np.subtract(1.0, background, out=background), 0.0, 1.0, out=background)
 
 
 def segmentsStamp(segmentationNode) -> int:
