@@ -565,6 +565,7 @@ class AttnSegWebApp:
     def _clear_result(self) -> None:
         """The result on screen goes with its maps; every panel that described it is emptied."""
         if self._result is not None:
+            self._clicks.forget(self._result.segmentationNode)
             self._remove_result(self._result)
         self._result, self._package, self._result_model = None, None, None
         self.editor.deactivate_effect()
