@@ -309,6 +309,25 @@ def test_a_size_factor_no_registration_gives_is_refused(factor, predictor, mni, 
     assert line.startswith("attnseg: error: a size factor of") and not list((tmp_path / "out").rglob("*"))
 
 
+@pytest.mark.parametrize("factor", [1.2, 1.3])
+def test_a_head_larger_than_the_template_is_registered_where_it_is(factor, predictor, mni):
+    """The MNI152 head with voxels 1.2 or 1.3 times larger in its header (a head that size, within
+    ``SCALE_RANGE``): its boxes lie where the template's boxes scale to. With the pose searched at the
+    reference scale before the scale, the 1.2 copy was accepted at correlation 0.376 with its boxes about
+    20 mm off (scales 1.16, 1.02, 0.98), and the 1.3 copy refused (0.29); the rigid start of a598292
+    placed both."""
+    _, placed = localise_targets(mni, predictor.card)
+    g = mni.geometry
+    big = Image(mni.array, Geometry(g.size, tuple(s * factor for s in g.spacing), g.origin, g.direction))
+    registration, placed_big = localise_targets(big, predictor.card)
+    assert registration.correlation > 0.9
+    np.testing.assert_allclose(registration.scales, factor, atol=0.02)
+    origin = np.asarray(g.origin)
+    for (target, box), (_, box_big) in zip(placed, placed_big):
+        expected = origin + factor * (np.asarray(box.centre) - origin)
+        assert np.linalg.norm(np.asarray(box_big.centre) - expected) < 2.0, target.name
+
+
 def test_an_roi_with_the_heads_size_factor_is_segmented_as_the_localised_crop(predictor, mni, mni_result):
     """The localisation's own left box with the registration's size factor is the localised crop (one code
     path: the same labels, voxel for voxel); moved 2 mm, as a user moves it, it keeps nearly the localised
