@@ -400,10 +400,13 @@ def _argmax_labels(probabilities: np.ndarray, slab: int = 8) -> np.ndarray:
     return labels
 
 
-def _fill_background(probabilities: np.ndarray) -> None:
-    """(C, D, H, W) whose channels 1.. hold the foreground classes put back from size-normalised crops:
-    channel 0 set, in place, to 1 minus their sum clipped to [0, 1]."""
-    np.clip(1.0 - probabilities[1:].sum(axis=0), 0.0, 1.0, out=probabilities[0])
+def fill_background(probabilities: np.ndarray) -> None:
+    """(C, ...) float32 whose channels 1.. hold the foreground classes (put back from size-normalised
+    crops, or read from a scene's maps): channel 0 set, in place and without a volume-sized temporary,
+    to 1 minus their sum clipped to [0, 1]."""
+    background = probabilities[0]
+    np.sum(probabilities[1:], axis=0, out=background)
+    np.clip(np.subtract(1.0, background, out=background), 0.0, 1.0, out=background)
 
 
 # A box without a size factor on a whole head: the model sees this head's anatomy at its own size, not at the
@@ -599,7 +602,7 @@ class Predictor:
         probabilities = np.empty((len(classes),) + shape, dtype=np.float32)
         probabilities[1:] = foreground
         del foreground
-        _fill_background(probabilities)
+        fill_background(probabilities)
         labels = _argmax_labels(probabilities)
         timings["postprocess"] += time.perf_counter() - t0
         provenance = {**self.provenance(run), "localisation": {**registration.as_dict(), "targets": boxes}}
@@ -664,7 +667,7 @@ class Predictor:
             t0 = time.perf_counter()
             region = probabilities[(slice(None),) + index]
             region[1:], crop_maps = self._crop_back(result, grid, sub_geometry(geometry, index))
-            _fill_background(region)
+            fill_background(region)
             labels = np.zeros(shape, dtype=label_dtype(len(self.class_names)))
             labels[index] = _argmax_labels(region)
             provenance_roi["size_factor"] = round(float(size_factor), 4)

@@ -34,6 +34,7 @@ from vtkmodules.vtkCommonCore import reference as vtkReference
 
 from .errors import AttnSegError
 from .image import Image
+from .inference import fill_background
 from .maps import normalized_entropy, volume_name
 from .mrml import classColor, imageFromVolumeNode, orientedMask, volumeGeometry
 from .package import PackageError, load_package
@@ -163,9 +164,7 @@ def readRefinementInputs(logic, segmentationNode) -> RefinementInputs:
     probabilities = np.empty((len(classes), *labels.array.shape), dtype=np.float32)  # filled without copies
     for channel, node in zip(probabilities[1:], probabilityNodes):
         channel[...] = imageFromVolumeNode(node).array
-    background = probabilities[0]
-    np.sum(probabilities[1:], axis=0, out=background)
-    np.clip(np.subtract(1.0, background, out=background), 0.0, 1.0, out=background)
+    fill_background(probabilities)
     stacked = np.empty((len(images), *labels.array.shape), dtype=np.float32)
     for channel, img in zip(stacked, images):
         channel[...] = img.array
@@ -241,7 +240,7 @@ class SceneArrays:
             probabilities = self.probabilities[(slice(None), *cube)]
             for channel, source in zip(probabilities[1:], maps):
                 channel[...] = source[cube]
-            _fill_background(probabilities)
+            fill_background(probabilities)
             self.uncertainty[cube] = normalized_entropy(probabilities) if uncertainty is None else uncertainty[cube]
             self.filled[tuple(block)] = True
 
@@ -280,15 +279,8 @@ class SceneArrays:
             pasteVolume(self.uncertaintyNode, box, self.uncertainty[box])
         # the background as the scene holds it (1 - the classes' maps), not as the update left it (off by
         # float rounding): the next click then reads what refineSegmentation would read
-        _fill_background(self.probabilities[(slice(None), *box)])
+        fill_background(self.probabilities[(slice(None), *box)])
         self._stamp(segmentationNode)
-
-
-def _fill_background(probabilities: np.ndarray) -> None:
-    """Channel 0 of (C, ...) float32 ``probabilities`` set to 1 - the others' sum, clipped to [0, 1]."""
-    background = probabilities[0]
-    np.sum(probabilities[1:], axis=0, out=background)
-    np.clip(np.subtract(1.0, background, out=background), 0.0, 1.0, out=background)
 
 
 def segmentsStamp(segmentationNode) -> int:
