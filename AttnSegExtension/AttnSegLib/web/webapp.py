@@ -486,7 +486,9 @@ class AttnSegWebApp:
                 segment.percent = round(100 * fraction, 1)
                 segment.stage = stage
                 segment.eta = f"about {eta:.0f} s left" if eta is not None and fraction < 1 else ""
-            await asyncio.sleep(POLL_INTERVAL_S)
+            # until the job reports progress, looked at as often as a click: its first stage is shown even
+            # when the whole job takes less than one POLL_INTERVAL_S (a crop on an idle machine)
+            await asyncio.sleep(CLICK_POLL_INTERVAL_S if fraction == 0 else POLL_INTERVAL_S)
         with self.server.state:
             self._task = None
             segment.running, segment.cancelling = False, False
