@@ -11,7 +11,7 @@ from real_patch import labelled_patch
 
 from AttnSegLib import models
 from AttnSegLib.models.blocks import SqueezeExcitation
-from AttnSegLib.models.difficulty_aware import difficulty_map
+from AttnSegLib.models.difficulty_aware import ConfidenceNetwork, difficulty_map
 from training.losses import build_difficulty_aware_loss
 from training.losses.difficulty_aware import (
     batch_class_dice,
@@ -162,6 +162,28 @@ def test_maps_from_probabilities_are_forwards_maps():
     assert net.maps_from_probabilities_only and set(maps) == set(out.maps)
     for name in maps:
         torch.testing.assert_close(maps[name], out.maps[name])
+
+
+def test_a_coarse_confidence_network_skips_the_full_resolution_level():
+    """``coarse_confidence``: D's convolutions start at half resolution, its maps keep the input's size, and
+    with its U-Net head at zero its confidence is the largest class probability (the per-voxel term at
+    a = 1, b = 0) wherever that is inside [eps, 1 - eps]."""
+    torch.manual_seed(4)
+    net = models.build("difficulty_aware", 1, 3, base_features=4, coarse_confidence=True).eval()
+    paper = models.build("difficulty_aware", 1, 3, base_features=4).eval()
+    assert [b[0].stride for b in net.confidence_net.encoder] == [(2, 2, 2)] * 3
+    assert [b[0].out_channels for b in net.confidence_net.encoder] == [4, 8, 16]
+    assert [b[0].out_channels for b in paper.confidence_net.encoder] == [2, 4, 8, 16]
+    x = torch.randn(2, 1, 16, 24, 16)
+    with torch.no_grad():
+        probabilities = torch.softmax(net.segment(x), dim=1)
+        assert net(x).maps["confidence"].shape == (2, 1, 16, 24, 16)
+        torch.nn.init.zeros_(net.confidence_net.head.weight)
+        torch.nn.init.zeros_(net.confidence_net.head.bias)
+        maps = net.maps_from_probabilities(probabilities, x)
+    torch.testing.assert_close(maps["confidence"], probabilities.amax(1, keepdim=True))
+    with pytest.raises(ValueError, match="num_classes"):
+        ConfidenceNetwork(4, [4, 8], coarse=True)
 
 
 def test_bad_settings_are_refused():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,7 +28,8 @@ def test_a_random_window_keeps_input_and_target_together():
 
 def test_only_the_confidence_network_learns(tmp_path):
     out = tmp_path / "retrained"
-    assert error_map.main(["--model", str(SHIPPED), "--output", str(out), "--cases", "2", "--epochs", "1"]) == 0
+    assert error_map.main(["--model", str(SHIPPED), "--output", str(out), "--cases", "2", "--epochs", "1",
+                           "--perturbed-copies", "0"]) == 0
     before, after = load_package(SHIPPED), load_package(out)
     segmenter = [k for k in before.weights if k.startswith("segmenter.")]
     confidence = [k for k in before.weights if k.startswith("confidence_net.")]
@@ -37,6 +39,39 @@ def test_only_the_confidence_network_learns(tmp_path):
     note = after.card["training"]["confidence_network"]
     assert note["cases"] == 2 and note["epochs"] == 1 and note["initialised_from"] == before.card["weights_sha256"]
     assert "segmentation is right" in after.card["maps"]["confidence"]["meaning"]
+
+
+def test_a_coarse_confidence_network_is_trained_anew_on_the_cases_and_their_perturbed_copies(tmp_path, capsys):
+    out = tmp_path / "coarse"
+    assert error_map.main(["--model", str(SHIPPED), "--output", str(out), "--cases", "2", "--epochs", "1",
+                           "--coarse", "--perturbed-copies", "1"]) == 0
+    assert "4 training cases through the frozen segmenter" in capsys.readouterr().out  # 2 cases, 2 copies
+    before, after = load_package(SHIPPED), load_package(out)
+    assert after.card.network_kwargs == {**before.card.network_kwargs, "coarse_confidence": True}
+    assert all(torch.equal(before.weights[k], after.weights[k]) for k in before.weights if k.startswith("segmenter."))
+    assert "confidence_net.sureness.weight" in after.weights
+    note = after.card["training"]["confidence_network"]
+    assert (note["cases"], note["perturbed_copies"], note["initialised_from"]) == (2, 1, "new (coarse_confidence)")
+    assert after.card["maps"]["difficulty"]["unit"] == "(1 - probability right)^2 (1 = surely wrong)"
+    assert after.build_network().confidence_net.coarse
+
+
+def test_perturbed_copies_move_image_and_label_together():
+    """The copies go through S's training augmentation with every transform on: the image changes, and
+    the label moves with it (the same affine), keeping its classes."""
+    case = error_map.Case("a", np.zeros((1, 16, 20, 16), np.float32), np.zeros((16, 20, 16), np.uint8))
+    case.image[0, 4:12, 6:14, 4:12] = 2.0
+    case.label[4:12, 6:14, 4:12] = 1
+    augmentation = {"flip_axes": [2], "flip_prob": 0.5, "affine_prob": 0.2, "rotate_deg": 15, "scale": [0.85, 1.15],
+                    "intensity_scale_prob": 0.2, "intensity_scale": 0.1}
+    copies = error_map.perturbed_copies([case], augmentation, copies=2, seed=0)
+    assert [c.name for c in copies] == ["a (perturbed 1)", "a (perturbed 2)"]
+    for copy in copies:
+        assert copy.image.shape == case.image.shape and copy.label.dtype == np.uint8
+        assert not np.array_equal(copy.label, case.label) and set(np.unique(copy.label)) == {0, 1}
+        inside, outside = copy.image[0][copy.label == 1], copy.image[0][copy.label == 0]
+        assert inside.mean() > 1.5 and outside.mean() < 0.5  # the object and its label moved together
+    assert not np.array_equal(copies[0].label, copies[1].label)
 
 
 def test_other_architectures_are_refused(tmp_path, capsys):
