@@ -12,8 +12,9 @@ from AttnSegLib.inference import Predictor
 from AttnSegLib.map_information import is_blind, is_flat, map_information
 from AttnSegLib.package import load_package
 from training.data import find_cases
-from training.evaluate import dataset_description, evaluate_cases, summarize_map_information
-from training.map_display import display_ranges
+from training.evaluate import (BOUNDARY_BASELINE, EFFORT_FRACTIONS, Evaluation, dataset_description, evaluate_cases,
+                               summarize_map_information)
+from training.map_display import apply_review, display_ranges
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -126,3 +127,32 @@ def test_display_range_spans_the_channels_of_a_map():
     information = {"a.0": {"value_p01": 0.02, "value_p99": 0.5}, "a.1": {"value_p01": 0.01, "value_p99": 0.9},
                    "b": {"value_p01": 0.123456, "value_p99": 0.98765}}
     assert display_ranges(["a", "b"], information) == {"a": [0.01, 0.9], "b": [0.123, 0.988]}
+
+
+def test_the_review_map_is_the_doubt_map_that_finds_the_errors_with_the_best_precision():
+    """``apply_review`` ranks the card's doubt maps by average precision, not AUROC (on which the mere
+    nearness to the boundary scores 0.98), never names the boundary baseline, which is no map of the
+    model's, and keeps the uncertainty unless a map beats it by more than REVIEW_MARGIN."""
+    def figures(auroc, precision):
+        return {"auroc": auroc, "average_precision": precision, "effort": np.linspace(0, 1, len(EFFORT_FRACTIONS))}
+
+    evaluation = Evaluation(calibration=np.ones((3, 10)))
+    for case, shift in (("a", 0.0), ("b", 0.02)):
+        evaluation.review[case] = {"wrong_fraction": 0.01, "maps": {
+            "uncertainty": figures(0.94, 0.37 + shift), "difficulty": figures(0.99, 0.33 + shift),
+            BOUNDARY_BASELINE: figures(0.98, 0.60)}}
+        evaluation.error_detection[case] = {"uncertainty": 0.94, "difficulty": 0.99}
+    card = {"maps": {"difficulty": {}, "confidence": {}}, "inference": {"review_map": "difficulty"}}
+    apply_review(card, evaluation)
+    assert card["inference"]["review_map"] == "uncertainty"
+    assert card["metrics"]["error_detection_average_precision"] == {"uncertainty": 0.38, "difficulty": 0.34,
+                                                                    BOUNDARY_BASELINE: 0.6}
+    assert card["metrics"]["error_detection_auroc"] == {"difficulty": 0.99, "uncertainty": 0.94}
+    assert card["metrics"]["wrong_fraction"] == 0.01 and set(card["metrics"]["found_within_5_percent"]) == {
+        "uncertainty", "difficulty", BOUNDARY_BASELINE}
+    evaluation.review["a"]["maps"]["difficulty"] = figures(0.99, 0.39)  # 0.37 on average: level with it
+    apply_review(card, evaluation)
+    assert card["inference"]["review_map"] == "uncertainty"
+    evaluation.review["a"]["maps"]["difficulty"] = figures(0.99, 0.45)  # 0.40, clear of the 0.01 margin
+    assert apply_review(card, evaluation)["maps"]["difficulty"]["average_precision"] == 0.4
+    assert card["inference"]["review_map"] == "difficulty"

@@ -15,6 +15,7 @@ from AttnSegLib.cli import main
 from AttnSegLib.image import read_image
 from AttnSegLib.metrics import evaluate_labels
 from AttnSegLib.package import default_package_name, load_package
+from training.map_display import choose_review_map
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "Resources" / "Models"
@@ -42,8 +43,9 @@ def test_card_holds_measured_metrics_and_a_measured_review_map(name):
     metrics = card["metrics"]
     assert metrics["split"] == "validation" and metrics["cases"] == len(card["training"]["validation_cases"])
     assert set(metrics["dice"]) == {c["name"] for c in card["classes"][1:]}
-    detection = metrics["error_detection_auroc"]
-    assert card["inference"]["review_map"] == max(detection, key=detection.get)
+    precision = metrics["error_detection_average_precision"]  # measured per doubt map, boundary baseline too
+    assert card["inference"]["review_map"] == choose_review_map(precision, card["maps"])
+    assert set(precision) == set(metrics["found_within_5_percent"]) >= {"uncertainty", "boundary distance"}
     assert card["training"]["licence"] and card["training"]["attribution"]
     assert sum(f.stat().st_size for f in (MODELS / name).iterdir()) < 8e6  # a few MB
 

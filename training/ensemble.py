@@ -30,9 +30,8 @@ from AttnSegLib.package import CARD_FILE, ModelPackage, PackageError, ensemble_s
 from .calibrate import fit_on_cases
 from .config import ConfigError, resolve_path
 from .data import DatasetError, find_cases
-from .evaluate import (dataset_description, evaluate_cases, summarize, summarize_error_detection,
-                       summarize_review)
-from .map_display import apply_to_card
+from .evaluate import dataset_description, evaluate_cases, summarize
+from .map_display import apply_review, apply_to_card
 
 SHARED_KEYS = ("modalities", "classes", "spacing_xyz_mm", "orientation", "crop_to_nonzero", "patch_size_dhw",
                "input_statistics")
@@ -71,20 +70,13 @@ def measure(card: dict, network, cases, data: dict, device: str) -> dict:
     temperature, calibration = fit_on_cases(network, card, cases, data, device)
     card["inference"]["temperature"] = round(temperature, 4)
     evaluation = evaluate_cases(Predictor(network, card=card, device=device), cases, data)
-    review = summarize_review(evaluation)
-    precision = {name: m["average_precision"] for name, m in review["maps"].items()}
     card["metrics"] = {
         **summarize(evaluation.scores, "validation"),
-        "error_detection_auroc": summarize_error_detection(evaluation.error_detection),
-        "error_detection_average_precision": precision,
-        "found_within_5_percent": {name: m["found_within_0.05"] for name, m in review["maps"].items()},
-        "wrong_fraction": review["wrong_fraction"], "ece_foreground": review["ece_foreground"],
         "calibration": {name: calibration[name]["ece_foreground"] for name in ("before", "after")},
         "seconds": round(time.perf_counter() - started, 1),
     }
     apply_to_card(card, network, evaluation)
-    doubt = {name: value for name, value in precision.items() if name in card["maps"] or name == "uncertainty"}
-    card["inference"]["review_map"] = max(doubt, key=doubt.get)
+    apply_review(card, evaluation)
     return card
 
 

@@ -7,9 +7,10 @@ network's maps with their meaning, the data attribution and the split sizes, and
 metrics measured on the exported network through the product path (``Predictor.predict`` on the
 original validation images, Dice / ASD / HD95 on the input grid; see :mod:`training.evaluate`), the
 training cases' intensity statistics inference checks inputs against (:mod:`training.statistics`), with
-how well each doubt map finds the wrongly labelled voxels (AUROC); the best of them becomes the card's
-``inference.review_map``, the map the review ranks doubtful regions by; each map's unit, display range
-and measured information (:mod:`training.map_display`).
+how well each doubt map finds the wrongly labelled voxels (AUROC, average precision, the share found in
+5 % of the volume); the one with the highest average precision becomes the card's ``inference.review_map``,
+the map the review ranks doubtful regions by; each map's unit, display range and measured information
+(:mod:`training.map_display`).
 A fine-tuned run (``model.init_from``) is also measured, with its parent, on the parent's reference
 cases (its validation cases not among the corrections): the card gets both (``metrics.reference``), its
 lineage (parent name and sha256, the corrections and the model each came from, the data mix) and a
@@ -44,8 +45,8 @@ from .card import model_card
 from .config import load_config, resolve_path
 from .data import find_cases
 from .engine import WARM_START_FILE
-from .evaluate import evaluate_cases, summarize, summarize_error_detection
-from .map_display import apply_to_card
+from .evaluate import evaluate_cases, summarize
+from .map_display import apply_review, apply_to_card
 from .statistics import measure
 
 WEIGHTS = {"best": "best.safetensors", "last": "last.safetensors"}
@@ -100,13 +101,11 @@ def export_run(run: str | Path, output: str | Path, weights: str = "best", name:
     temperature, calibration = fit_on_cases(network, card, cases, data, device, progress)
     card["inference"]["temperature"] = round(temperature, 4)
     evaluation = evaluate_cases(Predictor(network, card=card, device=device), cases, data, progress)
-    detection = summarize_error_detection(evaluation.error_detection)
-    card["metrics"] = {**summarize(evaluation.scores, "validation"), "error_detection_auroc": detection,
+    card["metrics"] = {**summarize(evaluation.scores, "validation"),
                        "calibration": {name: calibration[name]["ece_foreground"] for name in ("before", "after")},
                        "weights": weights}
     apply_to_card(card, network, evaluation)
-    if detection:  # review the regions of the map that found the validation errors best
-        card["inference"]["review_map"] = max(detection, key=detection.get)
+    apply_review(card, evaluation)  # the review ranks the regions of the map that found the errors best
     metrics_file = run / "metrics.json"
     if metrics_file.is_file():
         card["metrics"]["training_validation"] = json.loads(metrics_file.read_text())

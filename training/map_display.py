@@ -12,7 +12,15 @@ as in ``training.evaluate --maps``). It sets, in the card:
   the map's values (the lowest and highest over its channels), the window that shows its structure;
 * ``metrics.map_information``: per map volume (each channel of a multi-channel map), the mean of the
   figures of ``AttnSegLib.map_information`` over the cases (entropy relative to a flat map, ratio to
-  uniform, share of the mass in the target, right against wrong voxels).
+  uniform, share of the mass in the target, right against wrong voxels);
+* how each doubt map finds the wrong voxels (``metrics.error_detection_auroc``,
+  ``error_detection_average_precision``, ``found_within_5_percent``, with ``wrong_fraction`` and
+  ``ece_foreground``) and ``inference.review_map``, the doubt map with the highest average precision
+  (:func:`choose_review_map`; :func:`apply_review`, also used by ``training.export`` and
+  ``training.ensemble``).
+
+A meaning or unit the card already has is kept: a map head retrained for another purpose
+(``training.error_map``) writes its own, which the network's generic text must not overwrite.
 
 Only ``model.json`` is rewritten (as ``AttnSegLib.package.save_package`` writes it); the weights are
 untouched, and the package is reloaded to check the card.
@@ -29,7 +37,12 @@ from AttnSegLib.package import CARD_FILE, PackageError, load_package
 from .config import ConfigError
 from .data import DatasetError, find_cases
 from .evaluate import Evaluation, dataset_description, evaluate_cases, select_cases, select_split, \
-    summarize_map_information
+    summarize_error_detection, summarize_map_information, summarize_review
+
+UNCERTAINTY = "uncertainty"  # every package's doubt map (AttnSegLib.inference)
+# A model map replaces the uncertainty as the review map only when its average precision is higher by more
+# than this: two trainings of the same confidence network differed by 0.003 (training/error_map.py).
+REVIEW_MARGIN = 0.01
 
 
 def _significant(value: float, digits: int = 3) -> float:
@@ -57,13 +70,45 @@ def apply_to_card(card: dict, network, evaluation: Evaluation) -> dict:
     ranges = display_ranges(card.get("maps", {}), information)
     for name, entry in card.get("maps", {}).items():
         if name in meanings:
-            entry["meaning"] = meanings[name]
+            entry.setdefault("meaning", meanings[name])
         if name in units:
-            entry["unit"] = units[name]
+            entry.setdefault("unit", units[name])
         if name in ranges:
             entry["display_range"] = ranges[name]
     card.setdefault("metrics", {})["map_information"] = information
     return information
+
+
+def choose_review_map(precision: dict[str, float], map_names) -> str:
+    """The review map: of the uncertainty and the card's ``map_names``, the one with the highest average
+    precision (``precision``: map -> mean AUPRC for the wrong voxels), unless it beats the uncertainty by
+    no more than REVIEW_MARGIN. Within that margin two maps rank the errors alike, and the uncertainty
+    keeps the meaning the front ends' review threshold (0.5) was set for: the default package's
+    retrained difficulty map, level with it, flags 0.04-0.14 % of a crop at 0.5 where the uncertainty
+    flags 0.8-1.0 % and finds 41-47 % of the wrong voxels (README, issue 19)."""
+    doubt = {name: value for name, value in precision.items() if name in map_names or name == UNCERTAINTY}
+    best = max(doubt, key=doubt.get)
+    if UNCERTAINTY in doubt and doubt[best] - doubt[UNCERTAINTY] <= REVIEW_MARGIN:
+        return UNCERTAINTY
+    return best
+
+
+def apply_review(card: dict, evaluation: Evaluation) -> dict:
+    """``card`` with how its doubt maps found the wrong voxels of ``evaluation`` (cases evaluated with
+    maps) and its ``inference.review_map`` (:func:`choose_review_map`: by average precision, not AUROC,
+    on which a map of mere nearness to the predicted boundary scores 0.98). Returns the review summary
+    (``training.evaluate.summarize_review``)."""
+    review = summarize_review(evaluation)
+    precision = {name: m["average_precision"] for name, m in review["maps"].items()}
+    card.setdefault("metrics", {}).update({
+        "error_detection_auroc": summarize_error_detection(evaluation.error_detection),
+        "error_detection_average_precision": precision,
+        "found_within_5_percent": {name: m["found_within_0.05"] for name, m in review["maps"].items()},
+        "wrong_fraction": review["wrong_fraction"], "ece_foreground": review["ece_foreground"],
+    })
+    if precision:
+        card.setdefault("inference", {})["review_map"] = choose_review_map(precision, card.get("maps", {}))
+    return review
 
 
 def main(argv=None) -> int:
@@ -88,10 +133,13 @@ def main(argv=None) -> int:
         return 2
     card = package.card.to_dict()
     apply_to_card(card, predictor.network, evaluation)
+    apply_review(card, evaluation)
     (package.path / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     saved = load_package(package.path)
     for name, entry in saved.maps.items():
         print(f"{name}: {entry.get('display_range')} {entry.get('unit', '')}")
+    print(f"review map: {saved.card.inference.review_map}; average precision for the wrong voxels: "
+          f"{saved.card.get('metrics', {}).get('error_detection_average_precision')}")
     print(f"updated {saved.path} from {len(cases)} validation cases")
     return 0
 
