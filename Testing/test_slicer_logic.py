@@ -722,17 +722,18 @@ def test_shipped_model_segments_the_sample_and_its_doubtful_regions_hold_the_err
     assert doubtful[k, j, i]
 
 
-def test_each_map_legend_gives_the_cards_error_detection_score_and_names_research_maps(shipped):
-    """The panel shows beside each map how well it finds the model's errors (its card's AUROC); a map that
-    does not find them (the shipped model's difficulty, AUROC 0.59) is called a research map."""
+def test_each_map_legend_gives_the_cards_error_detection_score(shipped):
+    """The panel shows beside each map how well it finds the model's errors (its card's AUROC); the shipped
+    model's difficulty, from a confidence network retrained on the segmenter's errors, scores 0.99 (a map
+    under 0.75 would be called a research map: ``test_web.py``)."""
     logic = SceneLogic(newScene())
     result = logic.segment([logic.loadVolume(SAMPLE_IMAGE)], shipped, device="cpu")
     legends = {name: logic.mapLegend(node) for name, node in result.mapNodes.items()}
     scores = shipped.card.metrics["error_detection_auroc"]
-    assert legends["uncertainty"].detection == (f"Finds the model's wrong voxels with AUROC "
-                                                f"{scores['uncertainty']:.2f} on its validation cases (model card).")
-    assert legends["difficulty"].detection.startswith(f"Research map: it finds the model's wrong voxels with "
-                                                      f"AUROC {scores['difficulty']:.2f}")
+    for name in ("uncertainty", "difficulty"):
+        assert legends[name].detection == (f"Finds the model's wrong voxels with AUROC {scores[name]:.2f} on its "
+                                           "validation cases (model card).")
+    assert scores["difficulty"] >= 0.75
     unscored = [name for name in legends if shipped.card.error_detection_auroc(name) is None]
     assert unscored and all(legends[name].detection == "" for name in unscored)
 
