@@ -43,7 +43,8 @@ def test_quick_inference_reports_the_ratio_stages_memory_and_maps_cost(quick_rep
     assert report["headline_volume"] == "whole_brain"
     assert report["targets"] and all(isinstance(ok, bool) for ok in report["targets"].values())
     for result in report["results"]:  # the spread over the repeats, which the table prints
-        for key in ("monai", "attnseg", "attnseg_no_maps", "ratio_vs_monai", "maps_cost_fraction"):
+        for key in ("monai", "attnseg", "attnseg_no_maps", "ratio_vs_monai", "maps_cost_fraction",
+                    "maps_cost_fraction_between_runs"):
             spread = result["spread"][key]
             assert spread["min"] <= spread["median"] <= spread["max"], key
 
@@ -61,6 +62,10 @@ def test_quick_inference_measures_the_default_model_on_both_volumes_in_fresh_pro
         # Each side ran in its own process: every peak includes the libraries, none is the same number.
         assert memory["attnseg"] > memory["python_imports"] > 0 and memory["monai"] > memory["python_imports"]
         assert r["maps_ratio"] == pytest.approx(r["attnseg_s"] / r["attnseg_no_maps_s"], rel=1e-3)
+        # the default's map head runs on the blended result, so its cost is timed inside the runs with maps
+        assert r["maps_cost_measured"] == "in the run" and 0 < r["maps_cost_fraction"] < 0.5
+        assert r["maps_cost_fraction_between_runs"] == pytest.approx(1 - r["attnseg_no_maps_s"] / r["attnseg_s"],
+                                                                     abs=1e-3)
     stand_ins = set(quick_report["stand_ins"])
     assert all(m["trained"] == (m["name"] not in stand_ins) for m in quick_report["models"])
 
