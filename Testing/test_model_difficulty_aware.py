@@ -10,6 +10,7 @@ from monai.losses import GeneralizedDiceLoss
 from real_patch import labelled_patch
 
 from AttnSegLib import models
+from AttnSegLib.package import PackageError, build_from_card, load_package
 from AttnSegLib.models.blocks import SqueezeExcitation
 from AttnSegLib.models.difficulty_aware import ConfidenceNetwork, difficulty_map
 from training.losses import build_difficulty_aware_loss
@@ -184,6 +185,16 @@ def test_a_coarse_confidence_network_skips_the_full_resolution_level():
     torch.testing.assert_close(maps["confidence"], probabilities.amax(1, keepdim=True))
     with pytest.raises(ValueError, match="num_classes"):
         ConfidenceNetwork(4, [4, 8], coarse=True)
+
+
+@pytest.mark.parametrize("value", ["false", "true", 0, None])
+def test_a_card_whose_coarse_confidence_is_not_a_boolean_is_refused(value):
+    """A hand-edited card's "false" is a non-empty string: taken as truthy it built the coarse D, and a
+    package with the paper's D then failed on its weights' shapes instead of on the card's value."""
+    card = load_package("hippocampus_difficulty_aware").card.to_dict()
+    card["architecture"]["kwargs"]["coarse_confidence"] = value
+    with pytest.raises(PackageError, match="coarse_confidence must be true or false"):
+        build_from_card(card)
 
 
 def test_bad_settings_are_refused():

@@ -76,12 +76,15 @@ def test_kwargs_are_compared_by_the_network_they_build():
     package = load_package("hippocampus_difficulty_aware")
     shipped = package.card["architecture"]["kwargs"]
     assert models.resolved_kwargs("difficulty_aware", **shipped) == models.resolved_kwargs(
-        "difficulty_aware", base_features=8, depth=4, beta=2.0)
+        "difficulty_aware", base_features=8, depth=4, beta=2.0, coarse_confidence=True)
     assert models.resolved_kwargs("difficulty_aware", **shipped) != models.resolved_kwargs(
-        "difficulty_aware", base_features=8, depth=4, beta=1.0)
-    # the README recipe gives no kwargs: the base's are merged in and the run starts from the package
+        "difficulty_aware", base_features=8, depth=4, beta=1.0, coarse_confidence=True)
+    # the README recipe builds the package's network (its coarse confidence network came after the base
+    # config's training, so the base's kwargs alone do not), which the fine-tuning engine requires
     recipe = load_config("fine_tune_corrections")
-    assert recipe["model"] == {**load_config("hippocampus_difficulty_aware")["model"],
-                               "init_from": "hippocampus_difficulty_aware"}
+    assert recipe["model"]["architecture"] == package.card.architecture
+    assert recipe["model"]["init_from"] == "hippocampus_difficulty_aware"
+    assert models.resolved_kwargs("difficulty_aware", **recipe["model"]["kwargs"]) == models.resolved_kwargs(
+        "difficulty_aware", **shipped)
     with pytest.raises(TypeError, match="takes no argument"):
         models.resolved_kwargs("unet", featurs=[8])

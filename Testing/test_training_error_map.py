@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from AttnSegLib.package import load_package
+from AttnSegLib.package import load_package, save_package
 from training import error_map
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -72,6 +72,39 @@ def test_perturbed_copies_move_image_and_label_together():
         inside, outside = copy.image[0][copy.label == 1], copy.image[0][copy.label == 0]
         assert inside.mean() > 1.5 and outside.mean() < 0.5  # the object and its label moved together
     assert not np.array_equal(copies[0].label, copies[1].label)
+
+
+def test_a_transform_the_segmenter_was_trained_without_stays_off_in_the_copies():
+    """Probability 0 in the card's augmentation: S never saw that transform, so its copies do not either
+    (only the probabilities above 0 go to 1)."""
+    case = error_map.Case("a", np.zeros((1, 16, 20, 16), np.float32), np.zeros((16, 20, 16), np.uint8))
+    case.image[0, 4:12, 6:14, 4:12] = 2.0
+    case.label[4:12, 6:14, 4:12] = 1
+    augmentation = {"affine_prob": 0.0, "rotate_deg": 15, "scale": [0.85, 1.15], "noise_prob": 0.0, "noise_std": 0.05,
+                    "intensity_shift_prob": 0.2, "intensity_shift": 0.1}
+    copy, = error_map.perturbed_copies([case], augmentation, copies=1, seed=0)
+    np.testing.assert_array_equal(copy.label, case.label)  # no rotation or scaling
+    shift = copy.image - case.image
+    assert np.ptp(shift) < 1e-6 and abs(float(shift.mean())) > 0  # one intensity shift, no noise
+
+
+@pytest.mark.parametrize("option", [["--cases", "0"], ["--perturbed-copies", "-1"]])
+def test_counts_that_train_on_nothing_are_refused(tmp_path, option, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        error_map.main(["--model", str(SHIPPED), "--output", str(tmp_path / "x"), *option])
+    assert exit_.value.code == 2 and option[0] in capsys.readouterr().err
+
+
+def test_copies_from_a_card_without_its_training_config_are_refused(tmp_path, capsys):
+    """With --data the cases are found without the card's training config, but not the augmentation."""
+    shipped = load_package(SHIPPED)
+    card = shipped.card.to_dict()
+    del card["training"]["config"]
+    package = save_package(tmp_path / "no_config", card, shipped.weights)
+    config = SHIPPED.parents[2] / "training" / "configs" / "hippocampus_difficulty_aware.yaml"
+    args = ["--model", str(package.path), "--output", str(tmp_path / "x"), "--data", str(config), "--cases", "1"]
+    assert error_map.main(args) == 2
+    assert "--perturbed-copies 0" in capsys.readouterr().err
 
 
 def test_other_architectures_are_refused(tmp_path, capsys):

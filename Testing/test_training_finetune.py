@@ -15,7 +15,8 @@ import pytest
 
 from AttnSegLib import cli
 from AttnSegLib.package import load_package
-from training import train
+from training import finetune, train
+from training.card import model_card
 from training.config import ConfigError, load_config
 from training.data import Case, DatasetError, SkippedCaseWarning, find_cases
 from training.engine import Trainer
@@ -178,3 +179,25 @@ def test_corrected_cases_without_a_label_are_skipped_when_found(corrections, tmp
         assert [c.name for c in find_cases(data, root)] == [CORRECTED[0]]
     with pytest.raises(DatasetError, match="unlabelled: no label.nii.gz"):
         find_cases(data, root, strict=True)
+
+
+def test_a_frozen_retrained_confidence_network_keeps_the_parents_map_meanings():
+    """The README recipe on the default package freezes its confidence network, which training.error_map
+    retrained on where the segmenter is wrong: the fine-tuned card says what that network's maps mean
+    (the parent's text and units, and how it was trained), not the paper's generic text; once the
+    confidence network has changed, the generic text is the honest one."""
+    default = load_package("hippocampus_difficulty_aware")
+    network = default.build_network()
+    weights = {name: value.clone() for name, value in default.weights.items()}
+    weights[next(n for n in weights if n.startswith("segmenter."))] += 0.1  # fine-tuning moved S
+    card = model_card(load_config("fine_tune_corrections"), network)
+    assert "looks like a manual one" in card["maps"]["confidence"]["meaning"]  # the network's own text
+    assert finetune.keep_parent_maps(card, default, weights)
+    for name, spec in default.card["maps"].items():
+        assert (card["maps"][name]["meaning"], card["maps"][name]["unit"]) == (spec["meaning"], spec["unit"])
+    assert card["training"]["confidence_network"] == default.card["training"]["confidence_network"]
+    weights[next(n for n in weights if n.startswith("confidence_net."))] += 0.1
+    generic = model_card(load_config("fine_tune_corrections"), network)
+    assert not finetune.keep_parent_maps(generic, default, weights)
+    assert "looks like a manual one" in generic["maps"]["confidence"]["meaning"]
+    assert "confidence_network" not in generic["training"]

@@ -104,16 +104,18 @@ def export_run(run: str | Path, output: str | Path, weights: str = "best", name:
     card["metrics"] = {**summarize(evaluation.scores, "validation"),
                        "calibration": {name: calibration[name]["ece_foreground"] for name in ("before", "after")},
                        "weights": weights}
-    apply_to_card(card, network, evaluation)
-    apply_review(card, evaluation)  # the review ranks the regions of the map that found the errors best
-    metrics_file = run / "metrics.json"
-    if metrics_file.is_file():
-        card["metrics"]["training_validation"] = json.loads(metrics_file.read_text())
     lineage = finetune.read_lineage(run)
     parent = finetune.load_parent(config) if lineage is not None else None
     if parent is not None and parent.sha256 != lineage["parent"]["sha256"]:
         raise PackageError(f"model.init_from {parent.name} is now sha256 {parent.sha256[:12]}..., not the package "
                            f"the run started from ({lineage['parent']['sha256'][:12]}...); install that one")
+    if parent is not None:
+        finetune.keep_parent_maps(card, parent, state)  # before apply_to_card, which keeps a card's meanings
+    apply_to_card(card, network, evaluation)
+    apply_review(card, evaluation)  # the review ranks the regions of the map that found the errors best
+    metrics_file = run / "metrics.json"
+    if metrics_file.is_file():
+        card["metrics"]["training_validation"] = json.loads(metrics_file.read_text())
     if lineage is not None and lineage["reference_cases"]:
         reference = compare_with_parent(Predictor(network, card=card, device=device), parent, lineage, device,
                                         progress)

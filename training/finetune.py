@@ -103,6 +103,24 @@ def freeze(network: torch.nn.Module, prefixes: list[str]) -> int:
     return frozen
 
 
+def keep_parent_maps(card: dict, parent: ModelPackage, weights: dict[str, torch.Tensor]) -> bool:
+    """Into the fine-tuned network's ``card`` (JSON), when its confidence network is the parent's unchanged
+    (``fine_tuning.freeze: [confidence_net]``) and the parent's was retrained by :mod:`training.error_map`
+    (its card's ``training.confidence_network``): that note and the parent's map meanings and units. The
+    network's own text describes the paper's confidence network, not the one the weights hold. ``weights``:
+    the fine-tuned network's state. Returns whether they were kept."""
+    theirs = parent.card.to_dict()
+    note = theirs.get("training", {}).get("confidence_network")
+    head = [name for name in parent.weights if name.startswith("confidence_net.")]
+    if note is None or not head or not all(torch.equal(parent.weights[n], weights[n]) for n in head):
+        return False
+    for name, entry in card.get("maps", {}).items():
+        spec = theirs.get("maps", {}).get(name, {})
+        entry.update({key: spec[key] for key in ("meaning", "unit") if key in spec})
+    card["training"]["confidence_network"] = note
+    return True
+
+
 def correction_record(files: CaseFiles) -> dict:
     """One corrected case for the lineage: its name and, from ``case.json``, the model it came from."""
     record = json.loads(files.record.read_text()) if files.record is not None else {}

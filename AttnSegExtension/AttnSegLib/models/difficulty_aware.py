@@ -193,6 +193,8 @@ class DifficultyAwareNetwork(SegmentationNetwork):
             raise ValueError(f"base_features must be at least 2 (D uses half of it), got {base_features}")
         if beta < 0:
             raise ValueError(f"beta must be >= 0 (paper: 2), got {beta}")
+        if not isinstance(coarse_confidence, bool):  # a card's "false" (a string) would build the coarse D
+            raise TypeError(f"coarse_confidence must be true or false, got {coarse_confidence!r}")
         widths = [base_features * 2**level for level in range(depth)]
         self.beta = float(beta)
         self.divisor = 2 ** (depth - 1)
