@@ -31,6 +31,7 @@ import argparse
 import json
 import sys
 
+from AttnSegLib.card import UNCERTAINTY
 from AttnSegLib.inference import Predictor
 from AttnSegLib.package import CARD_FILE, PackageError, load_package
 
@@ -39,7 +40,6 @@ from .data import DatasetError, find_cases
 from .evaluate import Evaluation, dataset_description, evaluate_cases, select_cases, select_split, \
     summarize_error_detection, summarize_map_information, summarize_review
 
-UNCERTAINTY = "uncertainty"  # every package's doubt map (AttnSegLib.inference)
 # A model map replaces the uncertainty as the review map only when its average precision is higher by more
 # than this: two trainings of the same confidence network differed by 0.003 (training/error_map.py).
 REVIEW_MARGIN = 0.01
