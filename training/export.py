@@ -9,7 +9,8 @@ original validation images, Dice / ASD / HD95 on the input grid; see :mod:`train
 training cases' intensity statistics inference checks inputs against (:mod:`training.statistics`), with
 how well each doubt map finds the wrongly labelled voxels (AUROC, average precision, the share found in
 5 % of the volume); the one with the highest average precision becomes the card's ``inference.review_map``,
-the map the review ranks doubtful regions by; each map's unit, display range and measured information
+the map the review ranks doubtful regions by, unless it beats the uncertainty by 0.01 or less
+(:func:`training.map_display.choose_review_map`); each map's unit, display range and measured information
 (:mod:`training.map_display`).
 A fine-tuned run (``model.init_from``) is also measured, with its parent, on the parent's reference
 cases (its validation cases not among the corrections): the card gets both (``metrics.reference``), its
