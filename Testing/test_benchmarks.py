@@ -171,4 +171,8 @@ def test_review_ceiling_tables_the_error_rate_by_the_models_own_error_probabilit
     assert report["confident_share_of_errors"] == pytest.approx(bins[0]["share_of_errors"], abs=1e-3)
     top = report["precision_of_top"]
     assert 0 < top["0.012"] <= top["0.001"] <= 1 and 0 < report["review_map_auprc"] < 1
+    places = report["confident_errors"]
+    assert places["voxels"] > 0
+    assert 0 <= places["within_0_mm"] <= places["within_1_mm"] <= places["within_2_mm"] <= 1
+    assert 0 <= places["other_foreground_class"] <= 1
     assert (tmp_path / "review_ceiling.md").read_text().startswith("How high the review map's AUPRC can go")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from AttnSegLib.image import Geometry, Image
-from AttnSegLib.metrics import (boundary_distance_doubt, calibration_bins, error_detection_auroc,
+from AttnSegLib.metrics import (boundary_distance_doubt, boundary_distance_mm, calibration_bins, error_detection_auroc,
                                 error_detection_average_precision, evaluate_labels, expected_calibration_error,
                                 review_effort_curve, volume_to_find)
 from AttnSegLib.review import doubtful_regions
@@ -101,6 +101,8 @@ def test_boundary_distance_doubt_is_nearness_to_the_predicted_boundary_in_mm():
     # x (the last array axis) at 2 mm: one voxel away is 2 mm.
     assert boundary_distance_doubt(labels, spacing=(2.0, 1.0, 1.0)).ravel() == pytest.approx([1 / 3, 1, 1, 1 / 3, 1 / 5])
     assert not boundary_distance_doubt(np.zeros((2, 2, 2), np.uint8)).any()
+    assert boundary_distance_mm(labels, spacing=(2.0, 1.0, 1.0)).ravel() == pytest.approx([2, 0, 0, 2, 4])
+    assert boundary_distance_mm(np.zeros((2, 2, 2), np.uint8)) is None
 
 
 def test_review_effort_curve_by_hand():

@@ -17,6 +17,13 @@ confident errors needs information the probabilities lack, and a map holding it 
 segmenter fix them instead. AUPRCs here are pooled over the cases (one ranking of every voxel), so the
 review map and the error probability can be set side by side; the report also gives the precision of
 the most doubtful 0.1 %, 0.5 % and 1.2 % of the voxels (1.2 %: about the share of wrong voxels).
+
+Where the confident errors lie (``confident_errors``): the share of them within 0, 1 and 2 mm of the
+*expert's* boundary (:func:`~AttnSegLib.metrics.boundary_distance_mm` of the reference labels; 0 mm: a
+voxel on either side of it), and the share labelled with the other foreground class (Anterior for
+Posterior or the reverse). Errors hugging the expert's boundary are where model and expert place the
+same boundary a voxel or two apart: the variation between two expert tracings of the hippocampus is
+of that size, so no map can tell which side of it the expert chose.
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ import common  # noqa: E402
 BIN_WIDTH = 0.05
 CONFIDENT = 0.05
 TOP_SHARES = (0.001, 0.005, 0.012)
+EXPERT_BOUNDARY_MM = (0, 1, 2)
 
 
 def error_rate_by_bin(error_probability: np.ndarray, wrong: np.ndarray) -> list[dict]:
@@ -54,8 +62,26 @@ def precision_of_top(error_probability: np.ndarray, wrong: np.ndarray, share: fl
     return float(wrong[top].mean())
 
 
+def confident_error_places(reference: np.ndarray, labels: np.ndarray, confident_wrong: np.ndarray,
+                           spacing) -> dict:
+    """(D, H, W) expert labels, predicted labels and confidently wrong flags (bool) -> counts of the
+    confidently wrong voxels: ``voxels``, ``within_<d>_mm`` of the expert's boundary for each of
+    :data:`EXPERT_BOUNDARY_MM`, and ``other_foreground_class`` (both labels foreground, and different)."""
+    from AttnSegLib.metrics import boundary_distance_mm
+
+    distance = boundary_distance_mm(reference, spacing)
+    counts = {"voxels": int(confident_wrong.sum())}
+    for mm in EXPERT_BOUNDARY_MM:
+        counts[f"within_{mm}_mm"] = int((confident_wrong & (distance <= mm + 1e-6)).sum()) if distance is not None else 0
+    counts["other_foreground_class"] = int((confident_wrong & (reference > 0) & (labels > 0)).sum())
+    return counts
+
+
 def markdown(report: dict) -> str:
     top = ", ".join(f"{100 * s:g} %: {report['precision_of_top'][str(s)]:.3f}" for s in TOP_SHARES)
+    places = report["confident_errors"]
+    near = ", ".join(f"{100 * places[f'within_{mm}_mm']:.1f} % within {mm} mm" for mm in EXPERT_BOUNDARY_MM)
+    swapped = f"{100 * places['other_foreground_class']:.1f} %"
     lines = [f"How high the review map's AUPRC can go: `{report['model']}` on {report['cases']} validation cases "
              f"of MSD Task04 Hippocampus ({100 * report['wrong_fraction']:.2f} % of the voxels wrong), measured by "
              "`python benchmarks/review_ceiling.py`.", "",
@@ -63,7 +89,9 @@ def markdown(report: dict) -> str:
              f"the error probability 1 - max p {report['error_probability_auprc']:.3f}.",
              f"- Wrong voxels where the model is at least {100 * (1 - CONFIDENT):g} % sure: "
              f"**{100 * report['confident_share_of_errors']:.1f} %** of all the wrong voxels.",
-             f"- Precision of the most doubtful voxels: {top}.", "",
+             f"- Precision of the most doubtful voxels: {top}.",
+             f"- Of those confident errors, {near} of the expert's boundary (0 mm: on it); {swapped} are the other "
+             "foreground class (Anterior for Posterior or the reverse).", "",
              "| error probability | voxels | measured error rate | share of the wrong voxels |", "|---|---:|---:|---:|"]
     lines += [f"| {r['from']:.2f}-{r['to']:.2f} | {r['voxels']} | {r['error_rate']:.3f} | {100 * r['share_of_errors']:.1f} % |"
               for r in report["bins"]]
@@ -92,11 +120,16 @@ def main(argv=None) -> int:
     root = common.data_root() / "hippocampus"
     predictor = Predictor(package, device="cpu")
     probabilities, errors, review = [], [], []
+    places = {"voxels": 0, **{f"within_{mm}_mm": 0 for mm in EXPERT_BOUNDARY_MM}, "other_foreground_class": 0}
     for name in names:
         result = predictor.predict([read_image(root / "imagesTr" / f"{name}.nii.gz")])
         reference = np.rint(read_image(root / "labelsTr" / f"{name}.nii.gz").array)
         wrong = result.labels.array != reference
         probabilities.append(1.0 - result.probabilities.array.max(axis=0).ravel())
+        confident_wrong = wrong & (probabilities[-1].reshape(wrong.shape) < CONFIDENT)
+        for key, count in confident_error_places(reference, result.labels.array, confident_wrong,
+                                                 result.labels.geometry.spacing).items():
+            places[key] += count
         errors.append(wrong.ravel())
         review.append(result.maps[result.review_map_name].array.ravel())
     error_probability, wrong = np.concatenate(probabilities), np.concatenate(errors)
@@ -107,9 +140,13 @@ def main(argv=None) -> int:
               "error_probability_auprc": round(error_detection_average_precision(error_probability, wrong), 4),
               "confident_share_of_errors": round(float(wrong[error_probability < CONFIDENT].sum() / max(wrong.sum(), 1)), 4),
               "precision_of_top": {str(s): round(precision_of_top(error_probability, wrong, s), 4) for s in TOP_SHARES},
+              "confident_errors": {"voxels": places["voxels"],
+                                   **{key: round(count / max(places["voxels"], 1), 4) for key, count in places.items()
+                                      if key != "voxels"}},
               "bins": rows}
     common.write_report(args.output, report, markdown(report))
-    print(json.dumps({k: report[k] for k in ("model", "cases", "review_map_auprc", "confident_share_of_errors")}))
+    print(json.dumps({k: report[k] for k in ("model", "cases", "review_map_auprc", "confident_share_of_errors",
+                                             "confident_errors")}))
     return 0
 
 

@@ -133,11 +133,10 @@ def error_detection_average_precision(doubt: Image | np.ndarray, errors: np.ndar
     return float(np.sum(recall_gain * found / flagged))
 
 
-def boundary_distance_doubt(labels: Image | np.ndarray, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
-    """The boundary baseline: (D, H, W) labels -> (D, H, W) float32 doubt 1 / (1 + d), d the distance
-    in mm (``spacing`` x, y, z) from each voxel's centre to the nearest voxel on a predicted boundary
-    (a voxel whose label differs from one of its 6 face neighbours); 1 on the boundary. Constant 0
-    when the labels hold one class."""
+def boundary_distance_mm(labels: Image | np.ndarray, spacing=(1.0, 1.0, 1.0)) -> np.ndarray | None:
+    """(D, H, W) labels -> (D, H, W) float64 distance in mm (``spacing`` x, y, z) from each voxel's
+    centre to the nearest boundary voxel (one whose label differs from one of its 6 face neighbours;
+    0 on the boundary, which holds the voxels on both sides). None when the labels hold one class."""
     lab = _as_array(labels)
     boundary = np.zeros(lab.shape, dtype=bool)
     for axis in range(lab.ndim):
@@ -148,8 +147,17 @@ def boundary_distance_doubt(labels: Image | np.ndarray, spacing=(1.0, 1.0, 1.0))
         boundary[tuple(lower)] |= differs
         boundary[tuple(upper)] |= differs
     if not boundary.any():
-        return np.zeros(lab.shape, dtype=np.float32)
-    distance = ndimage.distance_transform_edt(~boundary, sampling=tuple(reversed(tuple(spacing))))
+        return None
+    return ndimage.distance_transform_edt(~boundary, sampling=tuple(reversed(tuple(spacing))))
+
+
+def boundary_distance_doubt(labels: Image | np.ndarray, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """The boundary baseline: (D, H, W) labels -> (D, H, W) float32 doubt 1 / (1 + d), d the
+    :func:`boundary_distance_mm` to the predicted boundary; 1 on the boundary. Constant 0 when the
+    labels hold one class."""
+    distance = boundary_distance_mm(labels, spacing)
+    if distance is None:
+        return np.zeros(_as_array(labels).shape, dtype=np.float32)
     return (1.0 / (1.0 + distance)).astype(np.float32)
 
 
