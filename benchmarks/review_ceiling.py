@@ -22,8 +22,8 @@ Where the confident errors lie (``confident_errors``): the share of them within 
 *expert's* boundary (:func:`~AttnSegLib.metrics.boundary_distance_mm` of the reference labels; 0 mm: a
 voxel on either side of it), and the share labelled with the other foreground class (Anterior for
 Posterior or the reverse). Errors hugging the expert's boundary are where model and expert place the
-same boundary a voxel or two apart: the variation between two expert tracings of the hippocampus is
-of that size, so no map can tell which side of it the expert chose.
+same boundary a voxel or two apart, a tracing decision the image barely shows (the cases have one
+tracing each: how far two experts would differ is not measured).
 """
 from __future__ import annotations
 
