@@ -79,6 +79,9 @@ def test_map_entries_may_carry_a_display_range_and_a_unit():
     card = ModelCard.parse(raw)
     assert card.map_spec("confidence").display_range == (0.2, 0.9) and card.map_spec("confidence").unit == "fraction"
     assert display_range("confidence", np.zeros(3), card) == (0.2, 0.9)
+    # the uncertainty is drawn from the doubt of a label given 99 %, whatever its values
+    assert display_range("uncertainty", np.zeros(3), card, class_count=3) == (0.0573, 1.0)
+    assert display_range("uncertainty", np.zeros(3), None, class_count=2) == (0.0808, 1.0)
     assert map_meaning("difficulty", card) == raw["maps"]["difficulty"]["meaning"]
     raw["maps"]["confidence"]["display_range"] = [1.0, 0.0]
     with pytest.raises(PackageError, match="'maps' must be an object") as error:

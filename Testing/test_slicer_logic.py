@@ -22,7 +22,7 @@ from AttnSegLib import models
 from AttnSegLib.image import Geometry, Image, ImageError, read_image
 from AttnSegLib.inference import Predictor
 from AttnSegLib.metrics import evaluate_labels
-from AttnSegLib.outputs import class_volumes_ml, information_note, map_meanings
+from AttnSegLib.outputs import class_volumes_ml, information_note, map_meanings, negligible_uncertainty
 from AttnSegLib.package import default_package, save_package
 from AttnSegLib.mrml import arrayToMatrix, colorScale, imageFromVolumeNode, matrixToArray, newScene, volumeNodeFromImage
 from AttnSegLib.review import editable_mask
@@ -722,6 +722,26 @@ def test_shipped_model_segments_the_sample_and_its_doubtful_regions_hold_the_err
     assert doubtful[k, j, i]
 
 
+def test_the_uncertainty_overlay_leaves_the_anatomy_where_the_model_is_sure(shipped):
+    """Calibrated, the shipped model's uncertainty far from the hippocampus is 0.01-0.04, not 0. Slicer's
+    display pipeline draws nothing where the label is given at least 99 % (uncertainty below
+    ``negligible_uncertainty``): most of the crop shows the anatomy, and the doubt at the boundary is drawn."""
+    logic = SceneLogic(newScene())
+    result = logic.segment([logic.loadVolume(SAMPLE_IMAGE)], shipped, device="cpu")
+    node = result.mapNodes["uncertainty"]
+    display = node.GetDisplayNode()
+    display.SetInputImageDataConnection(node.GetImageDataConnection())
+    display.UpdateImageDataPipeline()
+    producer = display.GetOutputImageDataConnection().GetProducer()
+    producer.Update()
+    alpha = numpy_support.vtk_to_numpy(producer.GetOutputDataObject(0).GetPointData().GetScalars())[:, 3]
+    values = imageFromVolumeNode(node).array.ravel()
+    floor = negligible_uncertainty(len(shipped.classes))
+    assert ((values > 0.01) & (values < floor)).mean() > 0.5  # the calibrated noise, which was drawn before
+    assert (alpha[values < floor] == 0).all() and (alpha[values > floor + 0.03] == 255).all()
+    assert (alpha == 0).mean() > 0.8 and (values >= 0.5).any()
+
+
 def test_each_map_legend_gives_the_cards_error_detection_score(shipped):
     """The panel shows beside each map how well it finds the model's errors (its card's AUROC); the shipped
     model's difficulty, from a confidence network retrained on the segmenter's errors, scores 0.99 (a map
@@ -846,7 +866,7 @@ def test_review_screenshot_shows_the_outlines_and_the_map(logic, segmented, tmp_
     from PIL import Image as Picture
 
     _, result = segmented
-    path = render_review(logic, result.segmentationNode, tmp_path / "review.png", "uncertainty")
+    path = render_review(logic, result.segmentationNode, tmp_path / "review.png")  # the review map
     picture = np.asarray(Picture.open(path).convert("RGB")).astype(int)
     assert picture.shape == (468, 1152, 3)
     anterior = np.abs(picture - [230, 159, 0]).sum(axis=2) < 30  # the Anterior outline colour

@@ -188,7 +188,7 @@ def _write_case(result, package, out: Path, overwrite: bool, timings: dict, inpu
             else:
                 render_preview(preview_image, result, staging / "preview.png", title=title,
                                class_colors=[tuple(c.get("color", (255, 255, 0))) for c in result.classes],
-                               class_names=[c["name"] for c in result.classes])
+                               class_names=[c["name"] for c in result.classes], card=package.card)
         if volumetry is not None:
             (staging / "volumes.csv").write_text(_volumes_csv(case_name(inputs[0]), volumetry))
         if dicom_series_folder is not None:

@@ -26,6 +26,15 @@ PROBABILITY_PREFIX = "probability."
 # means the same value in every case. Other maps are shown on their own robust range.
 UNIT_RANGE_MAPS = ("uncertainty", "difficulty", "confidence")
 ROBUST_PERCENTILES = (0.5, 99.5)
+# Map values in the lowest 2 % of their display range are not drawn (alpha 0 in Slicer's colour table,
+# masked in the pictures), so an overlay leaves the anatomy where the map is at its floor as it is.
+TRANSPARENT_BELOW = 0.02
+# The uncertainty is drawn from the doubt of a voxel whose label the model gives at least 99 %: such
+# voxels are wrong well under 1 % of the time (benchmarks/results/review_ceiling.md: 0.4 % below 95 %
+# sure). Calibration softens the probabilities (temperature above 1): far from any boundary the default
+# model's uncertainty is 0.01-0.04 (10th-90th percentile on a crop), in blocks of a few voxels, and
+# drawn from 0 that noise covered the anatomy with dark squares.
+NEGLIGIBLE_ERROR_PROBABILITY = 0.01
 RESEARCH_MAP_AUROC = 0.75  # a map that finds the wrong voxels less well than this is labelled a research map
 
 
@@ -119,12 +128,26 @@ def information_note(card: ModelCard | None, volume: str) -> str:
     return note
 
 
-def display_range(name: str, values: np.ndarray, card: ModelCard | None = None) -> tuple[float, float]:
-    """The card's ``display_range`` for the map; [0, 1] for probabilities and the unit-range maps; else
-    the 0.5-99.5 percentile range of ``values``."""
+def negligible_uncertainty(class_count: int) -> float:
+    """The normalised entropy of a voxel labelled with probability 1 - NEGLIGIBLE_ERROR_PROBABILITY, the
+    rest shared evenly by the other ``class_count`` - 1 classes: 0.057 for three classes, 0.081 for two."""
+    if class_count < 2:
+        return 0.0
+    doubt = NEGLIGIBLE_ERROR_PROBABILITY
+    probabilities = np.array([1.0 - doubt] + [doubt / (class_count - 1)] * (class_count - 1))
+    return float(-(probabilities * np.log(probabilities)).sum() / np.log(class_count))
+
+
+def display_range(name: str, values: np.ndarray, card: ModelCard | None = None,
+                  class_count: int = 2) -> tuple[float, float]:
+    """The card's ``display_range`` for the map; for the uncertainty of ``class_count`` classes, from
+    :func:`negligible_uncertainty` to 1; [0, 1] for probabilities and the other unit-range maps; else the
+    0.5-99.5 percentile range of ``values``."""
     spec = card.map_spec(name) if card is not None and not name.startswith(PROBABILITY_PREFIX) else None
     if spec is not None and spec.display_range is not None:
         return spec.display_range
+    if name == UNCERTAINTY:
+        return round(negligible_uncertainty(class_count), 4), 1.0
     if name.startswith(PROBABILITY_PREFIX) or name.split(".")[0] in UNIT_RANGE_MAPS:
         return 0.0, 1.0
     low, high = (float(v) for v in np.percentile(values, ROBUST_PERCENTILES))
@@ -155,7 +178,8 @@ def output_maps(result, card: ModelCard | None) -> list[OutputMap]:
     for name, image in result.maps.items():
         spec = card.map_spec(name) if card is not None and name != UNCERTAINTY else None
         out.append(OutputMap(name, "uncertainty" if name == UNCERTAINTY else "model", image, map_meaning(name, card),
-                             spec.read if spec is not None else "", display_range(name, image.array, card),
+                             spec.read if spec is not None else "",
+                             display_range(name, image.array, card, len(result.classes)),
                              spec.unit if spec is not None else None, detection_note(card, name),
                              information_note(card, name)))
     return out

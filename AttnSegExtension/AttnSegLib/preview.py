@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .card import ModelCard
 from .image import Image
+from .outputs import TRANSPARENT_BELOW, display_range
 
 
 def _slice_index(result, axis: int) -> int:
@@ -33,10 +35,12 @@ def _display(array: np.ndarray, geometry) -> tuple[np.ndarray, float]:
 
 def render_preview(image: Image, result, path: str | Path, map_names: list[str] | None = None,
                    class_colors: list[tuple[int, int, int]] | None = None, title: str = "",
-                   class_names: list[str] | None = None) -> Path:
+                   class_names: list[str] | None = None, card: ModelCard | None = None) -> Path:
     """Write a PNG: image + label outlines, then one panel per map (default: every map). The first
     panel names its plane and slice, and a legend names each class drawn by its colour
-    (``class_names`` per label value, background first; default ``class <value>``)."""
+    (``class_names`` per label value, background first; default ``class <value>``). Each map is drawn
+    on its display range (:func:`~AttnSegLib.outputs.display_range`, from ``card`` where it gives one)
+    and left out below its lowest ``TRANSPARENT_BELOW``, as Slicer and the web app draw it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,9 +67,10 @@ def render_preview(image: Image, result, path: str | Path, map_names: list[str] 
     _class_legend(axes[0][0], [(class_names[v] if class_names and v < len(class_names) else f"class {v}",
                                 np.asarray(colors[v % len(colors)]) / 255) for v in drawn])
     for ax, name in zip(axes[0][1:], map_names):
+        low, high = display_range(name, result.maps[name].array, card, len(result.classes))
         values, _ = _display(result.maps[name].array[k], image.geometry)
-        shown = ax.imshow(np.ma.masked_less(values, 0.02), cmap="inferno", vmin=0, vmax=max(1e-6, float(values.max())),
-                          alpha=0.75, aspect=aspect, interpolation="bilinear")
+        shown = ax.imshow(np.ma.masked_less(values, low + TRANSPARENT_BELOW * (high - low)), cmap="inferno",
+                          vmin=low, vmax=high, alpha=0.75, aspect=aspect, interpolation="bilinear")
         ax.set_title(name, fontsize=8)
         fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
     return _save(fig, path, title, 9)

@@ -49,7 +49,7 @@ def render_review(logic: SceneLogic, segmentation_node, path: str | Path, map_na
     from matplotlib.colors import ListedColormap
 
     maps = logic.mapNodes(segmentation_node)
-    map_name = map_name or segmentation_node.GetAttribute("AttnSeg.DifficultyMap")
+    map_name = map_name or logic.reviewMapName(segmentation_node)
     legend = logic.mapLegend(maps[map_name])
     grid = _for_display(imageFromVolumeNode(logic.inputNodes(segmentation_node)[0]))
     image, spacing = sitk.GetArrayFromImage(grid), grid.GetSpacing()

@@ -57,7 +57,7 @@ from .maps import volume_name
 from .mrml import (INFERNO_ANCHORS, arrayToMatrix, classColor, colorScale, defaultScene, imageFromVolumeNode,
                    loadVolume, matrixToArray, orientedMask, roiBoxFromNode, roiNodeFromBox, setSegmentTerminology,
                    terminologyEntry, volumeGeometry, volumeNodeFromImage)
-from .outputs import OutputMap, class_volumes_ml, output_maps
+from .outputs import TRANSPARENT_BELOW, OutputMap, class_volumes_ml, output_maps
 from .package import ModelPackage, available_packages, default_package_name, load_package
 from .review import MIN_VOLUME_ML, Region, doubtful_regions, editable_mask
 from .segmentation_task import SegmentationJob
@@ -73,9 +73,6 @@ REF_MODEL_LABEL = "AttnSegModelLabel"
 REF_SEGMENTATION = "AttnSegSegmentation"
 CLASS_VALUE_TAG = "AttnSeg.ClassValue"
 COLOR_TABLE_NAME = "AttnSeg inferno"
-# Map values in the lowest 2 % of their display range are not drawn (alpha 0 in the colour table), so an
-# overlay leaves the anatomy where the map is ~0 (most of the image) as it is.
-TRANSPARENT_BELOW = 0.02
 DOUBTFUL_SEGMENT_ID = "attnseg_doubtful_regions"
 DOUBTFUL_SEGMENT_NAME = "Doubtful regions"
 
