@@ -270,8 +270,11 @@ def test_map_nodes_have_references_colours_ranges_and_the_engine_values(segmente
                                        atol=1e-6)
         else:
             np.testing.assert_allclose(values, engine.maps[name].array, atol=1e-6)
-        if name in ("probability.anterior", "uncertainty", "difficulty"):
+        if name in ("probability.anterior", "difficulty"):
             assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (0.0, 1.0)
+        if name == "uncertainty":  # from the doubt of a label given 99 %
+            assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == \
+                pytest.approx((negligible_uncertainty(len(engine.classes)), 1.0), abs=1e-4)
         assert node.GetAttribute(ATTRIBUTE + "MapMeaning")
     # The names and meanings `attnseg segment` writes into report.json (the same description of a run).
     assert {name: node.GetAttribute(ATTRIBUTE + "MapMeaning") for name, node in result.mapNodes.items()} == \
@@ -527,7 +530,8 @@ def test_show_map_sets_the_foreground_layer_of_every_slice_view(logic, scene, se
     logic.showMap(None)
     assert all(c.GetForegroundVolumeID() is None for c in composites)
     legend = logic.mapLegend(uncertainty)
-    assert (legend.name, legend.minimum, legend.maximum) == ("uncertainty", 0.0, 1.0)
+    assert (legend.name, legend.maximum) == ("uncertainty", 1.0)
+    assert legend.minimum == pytest.approx(negligible_uncertainty(3), abs=1e-4)
     assert "entropy" in legend.meaning and legend.stops[0] == (0.0, (0, 0, 4))
     assert legend.stops[-1] == (1.0, (252, 255, 164))
 
