@@ -36,11 +36,12 @@ from AttnSegLib import models
 from AttnSegLib.card import UNCERTAINTY, ModelCard
 from AttnSegLib.image import label_map_levels, read_image
 from AttnSegLib.inference import Predictor
-from AttnSegLib.outputs import detection_note, information_note, map_meaning, map_title, probability_map_name
+from AttnSegLib.outputs import (detection_note, display_range, information_note, map_meaning, map_title,
+                                probability_map_name)
 from AttnSegLib.package import PackageError, default_package, load_package, save_package
 from AttnSegLib.review import doubtful_regions
 from AttnSegLib.localise import Box
-from AttnSegLib.web.webapp import roi_from_fields
+from AttnSegLib.web.webapp import format_value, roi_from_fields
 from AttnSegLib.web.wslink_guard import parse_chunk
 from AttnSegLib.web.uploads import UploadError, check_upload, safe_upload_name, save_upload
 
@@ -369,7 +370,11 @@ def test_segment_review_paint_and_download(browser, server, model_package, scree
     page.click("#attnseg-tab-review")
     difficulty_map = page.input_value("#attnseg-map-select")
     legend = page.inner_text("#attnseg-legend")
-    assert "0.00" in legend and "1.00" in legend  # uncertainty and difficulty are drawn on [0, 1]
+    # its ends are the map's display range (the uncertainty's starts at the doubt of a label given 99 %)
+    review_map = model_package.card.inference.review_map or UNCERTAINTY
+    low, high = display_range(review_map, np.zeros(1), model_package.card, len(model_package.classes))
+    assert [line.strip() for line in legend.splitlines() if line.strip()][:2] == \
+        [format_value(low), format_value(high)], legend
     other = next(t for t in _options(page, "attnseg-map-select") if t not in ("None", difficulty_map))
     _choose(page, "attnseg-map-select", other)
     page.wait_for_function("t => !document.querySelector('#attnseg-legend').innerText.includes(t)",
