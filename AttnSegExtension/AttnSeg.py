@@ -494,7 +494,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         mapNodes = self.logic.sceneLogic.mapNodes(node) if node is not None else {}
         mapNode = mapNodes.get(self.ui.mapComboBox.currentText)
         if mapNode is None:
-            for label in (self.ui.legendBar, self.ui.legendMinimumLabel, self.ui.legendMaximumLabel,
+            for label in (self.ui.legendBar, self.ui.legendFirstLabel, self.ui.legendLastLabel,
                           self.ui.mapUnitLabel, self.ui.mapMeaningLabel, self.ui.mapInformationLabel):
                 label.text = ""
             self.ui.legendBar.styleSheet = ""
@@ -505,8 +505,8 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         legend = self.logic.sceneLogic.mapLegend(mapNode)
         stops = ", ".join(f"stop:{position:.3f} rgb{color}" for position, color in legend.stops)
         self.ui.legendBar.styleSheet = f"background: qlineargradient(x1:0, y1:0, x2:1, y2:0, {stops});"
-        self.ui.legendMinimumLabel.text = f"{legend.minimum:.3g}"
-        self.ui.legendMaximumLabel.text = f"{legend.maximum:.3g}"
+        self.ui.legendFirstLabel.text = f"{legend.first:.3g}"
+        self.ui.legendLastLabel.text = f"{legend.last:.3g}"
         self.ui.mapUnitLabel.text = _("Unit: {unit}").format(unit=legend.unit) if legend.unit else ""
         self.ui.mapMeaningLabel.text = f"{legend.meaning} {legend.detection}".strip()
         self.ui.mapInformationLabel.text = legend.information

@@ -117,8 +117,9 @@ def test_class_channel_map_reads_high_inside_its_own_class(information, package,
 def test_shipped_card_gives_each_map_a_unit_and_a_display_range(package, name):
     entry = load_package(package).maps[name]
     assert isinstance(entry.get("unit"), str) and entry["unit"]
-    low, high = entry["display_range"]
-    assert low < high
+    first, last = entry["display_range"]
+    # high to low exactly for a map high where the segmentation is sure (the confidence)
+    assert (first > last) == (name in load_package(package).build_network().maps_high_when_sure)
     assert name in load_package(package).card["metrics"]["map_information"] or any(
         v.rpartition(".")[0] == name for v in load_package(package).card["metrics"]["map_information"])
 
@@ -127,6 +128,7 @@ def test_display_range_spans_the_channels_of_a_map():
     information = {"a.0": {"value_p01": 0.02, "value_p99": 0.5}, "a.1": {"value_p01": 0.01, "value_p99": 0.9},
                    "b": {"value_p01": 0.123456, "value_p99": 0.98765}}
     assert display_ranges(["a", "b"], information) == {"a": [0.01, 0.9], "b": [0.123, 0.988]}
+    assert display_ranges(["a", "b"], information, high_when_sure=("b",)) == {"a": [0.01, 0.9], "b": [0.988, 0.123]}
 
 
 def test_the_review_map_is_the_doubt_map_that_finds_the_errors_with_the_best_precision():

@@ -83,7 +83,9 @@ def test_map_entries_may_carry_a_display_range_and_a_unit():
     assert display_range("uncertainty", np.zeros(3), card, class_count=3) == (0.0573, 1.0)
     assert display_range("uncertainty", np.zeros(3), None, class_count=2) == (0.0808, 1.0)
     assert map_meaning("difficulty", card) == raw["maps"]["difficulty"]["meaning"]
-    raw["maps"]["confidence"]["display_range"] = [1.0, 0.0]
+    raw["maps"]["confidence"]["display_range"] = [1.0, 0.6]  # high to low: a confidence's doubt drawn bright
+    assert display_range("confidence", np.zeros(3), ModelCard.parse(raw)) == (1.0, 0.6)
+    raw["maps"]["confidence"]["display_range"] = [0.5, 0.5]
     with pytest.raises(PackageError, match="'maps' must be an object") as error:
         ModelCard.parse(raw)
     assert isinstance(error.value, AttnSegError)

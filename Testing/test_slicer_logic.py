@@ -530,8 +530,8 @@ def test_show_map_sets_the_foreground_layer_of_every_slice_view(logic, scene, se
     logic.showMap(None)
     assert all(c.GetForegroundVolumeID() is None for c in composites)
     legend = logic.mapLegend(uncertainty)
-    assert (legend.name, legend.maximum) == ("uncertainty", 1.0)
-    assert legend.minimum == pytest.approx(negligible_uncertainty(3), abs=1e-4)
+    assert (legend.name, legend.last) == ("uncertainty", 1.0)
+    assert legend.first == pytest.approx(negligible_uncertainty(3), abs=1e-4)
     assert "entropy" in legend.meaning and legend.stops[0] == (0.0, (0, 0, 4))
     assert legend.stops[-1] == (1.0, (252, 255, 164))
 
@@ -744,6 +744,28 @@ def test_the_uncertainty_overlay_leaves_the_anatomy_where_the_model_is_sure(ship
     assert ((values > 0.01) & (values < floor)).mean() > 0.5  # the calibrated noise, which was drawn before
     assert (alpha[values < floor] == 0).all() and (alpha[values > floor + 0.03] == 255).all()
     assert (alpha == 0).mean() > 0.8 and (values >= 0.5).any()
+
+
+def test_the_confidence_overlay_draws_the_doubtful_voxels_and_leaves_the_sure_ones(shipped):
+    """The confidence is high where the segmentation is sure; its card's display range runs high to low
+    (a negative window in Slicer), so the least confident voxels are drawn brightest and the surest
+    are not drawn at all."""
+    logic = SceneLogic(newScene())
+    result = logic.segment([logic.loadVolume(SAMPLE_IMAGE)], shipped, device="cpu")
+    node = result.mapNodes["confidence"]
+    first, last = shipped.card.map_spec("confidence").display_range
+    assert first > last and logic.mapLegend(node).first == pytest.approx(first)
+    display = node.GetDisplayNode()
+    display.SetInputImageDataConnection(node.GetImageDataConnection())
+    display.UpdateImageDataPipeline()
+    producer = display.GetOutputImageDataConnection().GetProducer()
+    producer.Update()
+    rgba = numpy_support.vtk_to_numpy(producer.GetOutputDataObject(0).GetPointData().GetScalars())
+    values = imageFromVolumeNode(node).array.ravel()
+    doubtful, sure = values < last, values > first - 0.01 * (first - last)
+    assert doubtful.any() and sure.mean() > 0.5
+    assert (rgba[doubtful, 3] == 255).all() and (rgba[doubtful, :3].mean(axis=1) > 200).all()  # inferno's pale end
+    assert (rgba[sure, 3] == 0).all()
 
 
 def test_each_map_legend_gives_the_cards_error_detection_score(shipped):

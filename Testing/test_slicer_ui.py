@@ -326,7 +326,7 @@ def test_beside_each_map_the_panel_shows_its_unit_meaning_and_what_its_card_meas
 
     combo = panel.findChild(QtWidgets.QComboBox, "mapComboBox")
     label = {name: panel.findChild(QtWidgets.QLabel, name) for name in
-             ("legendMinimumLabel", "legendMaximumLabel", "mapUnitLabel", "mapMeaningLabel", "mapInformationLabel")}
+             ("legendFirstLabel", "legendLastLabel", "mapUnitLabel", "mapMeaningLabel", "mapInformationLabel")}
     assert [combo.itemText(i) for i in range(combo.count())] == list(result.mapNodes)
     shown = {}
     for index in range(combo.count()):
@@ -339,11 +339,11 @@ def test_beside_each_map_the_panel_shows_its_unit_meaning_and_what_its_card_meas
         unit = spec.unit if spec is not None and name != "uncertainty" else None
         assert shown[name]["mapUnitLabel"] == (f"Unit: {unit}" if unit else "")
         assert shown[name]["mapInformationLabel"] == information_note(package.card, name)
-        low, high = logic.mapLegend(result.mapNodes[name]).minimum, logic.mapLegend(result.mapNodes[name]).maximum
-        assert (shown[name]["legendMinimumLabel"], shown[name]["legendMaximumLabel"]) == (f"{low:.3g}", f"{high:.3g}")
+        first, last = logic.mapLegend(result.mapNodes[name]).first, logic.mapLegend(result.mapNodes[name]).last
+        assert (shown[name]["legendFirstLabel"], shown[name]["legendLastLabel"]) == (f"{first:.3g}", f"{last:.3g}")
     for name in package.card.maps:  # every map the card describes: its display range, unit and figures
         figures = package.card.map_information(name)
-        assert (float(shown[name]["legendMinimumLabel"]), float(shown[name]["legendMaximumLabel"])) == pytest.approx(
+        assert (float(shown[name]["legendFirstLabel"]), float(shown[name]["legendLastLabel"])) == pytest.approx(
             package.card.map_spec(name).display_range, rel=1e-2)
         assert package.card.map_meaning(name) in shown[name]["mapMeaningLabel"]
         assert f"{figures['enrichment']:.2f}x its average" in shown[name]["mapInformationLabel"]

@@ -10,6 +10,8 @@ as in ``training.evaluate --maps``). It sets, in the card:
   values, as the network gives them (``map_descriptions()``, ``map_units()``);
 * ``maps.<name>.display_range`` [lo, hi]: the mean over the cases of the 1st and 99th percentiles of
   the map's values (the lowest and highest over its channels), the window that shows its structure;
+  [hi, lo] for a map the network says is high where the segmentation is sure (a confidence:
+  ``maps_high_when_sure``), so its doubtful low values get the bright colours;
 * ``metrics.map_information``: per map volume (each channel of a multi-channel map), the mean of the
   figures of ``AttnSegLib.map_information`` over the cases (entropy relative to a flat map, ratio to
   uniform, share of the mass in the target, right against wrong voxels);
@@ -49,9 +51,10 @@ def _significant(value: float, digits: int = 3) -> float:
     return float(f"{value:.{digits}g}")
 
 
-def display_ranges(map_names, information: dict[str, dict]) -> dict[str, list[float]]:
+def display_ranges(map_names, information: dict[str, dict], high_when_sure=()) -> dict[str, list[float]]:
     """Card map name -> [lo, hi]: over the map's volumes (``name`` itself or ``name.<channel>``), the
-    lowest mean 1st percentile and the highest mean 99th percentile, to 3 significant digits."""
+    lowest mean 1st percentile and the highest mean 99th percentile, to 3 significant digits; [hi, lo]
+    for the names in ``high_when_sure``."""
     ranges = {}
     for name in map_names:
         volumes = [f for volume, f in information.items() if volume == name or volume.rpartition(".")[0] == name]
@@ -59,6 +62,8 @@ def display_ranges(map_names, information: dict[str, dict]) -> dict[str, list[fl
             low = min(f["value_p01"] for f in volumes)
             high = max(f["value_p99"] for f in volumes)
             ranges[name] = [_significant(low), _significant(high) if high > low else _significant(low) + 1e-3]
+            if name in high_when_sure:
+                ranges[name].reverse()
     return ranges
 
 
@@ -67,7 +72,7 @@ def apply_to_card(card: dict, network, evaluation: Evaluation) -> dict:
     evaluated with maps); returns the information."""
     information = summarize_map_information(evaluation)
     meanings, units = network.map_descriptions(), network.map_units()
-    ranges = display_ranges(card.get("maps", {}), information)
+    ranges = display_ranges(card.get("maps", {}), information, network.maps_high_when_sure)
     for name, entry in card.get("maps", {}).items():
         if name in meanings:
             entry.setdefault("meaning", meanings[name])

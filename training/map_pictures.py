@@ -63,8 +63,8 @@ def draw_package(package, logic: SceneLogic, image, centre_ras, folder: Path) ->
     result = logic.segment([image], package, device="cpu")
     drawn = []
     for name in model_map_names(result.mapNodes, package.card):
-        low, high = logic.mapLegend(result.mapNodes[name]).minimum, logic.mapLegend(result.mapNodes[name]).maximum
-        title = f"{package.name}: {map_title(name)} on held-out {CASE}, colours {low:.3g} to {high:.3g}"
+        legend = logic.mapLegend(result.mapNodes[name])
+        title = f"{package.name}: {map_title(name)} on held-out {CASE}, colours {legend.first:.3g} to {legend.last:.3g}"
         path = render_review(logic, result.segmentationNode, folder / f"{package.name}.{name}.png", name,
                              title=title, centre_ras=centre_ras, dpi=PICTURE_DPI)
         with PILImage.open(path) as picture:  # 256 colours: a third of the bytes, no visible change
@@ -80,7 +80,8 @@ def readme_block(pictures: list, readme: Path) -> str:
     lines = [BEGIN, "", "#### Every map on a held-out crop", "",
              f"Each package's maps on the held-out sample `{CASE}`, segmented as the Slicer panel does it, over the "
              "T1 through the centre of the reference hippocampus, with the model's segment outlines; dark to bright "
-             "is the card's display range, low to high. The sentence is what the card measured of the map on its "
+             "is the card's display range, low to high (high to low for a confidence, so that its doubt is "
+             "bright). The sentence is what the card measured of the map on its "
              "validation cases, as the panel and the web page show it beside the map.", "",
              "| map | on the hippocampus | measured on the validation cases (model card) |", "|---|---|---|"]
     for package, drawn in pictures:

@@ -77,7 +77,8 @@ class InferenceSettings:
 @dataclass(frozen=True)
 class MapSpec:
     """One of the model's own maps as its card describes it: what the values mean, how to read them,
-    and optionally the range to display them on and their unit."""
+    and optionally the range to display them on (the values at the first and the last colour; high to
+    low for a map high where the segmentation is sure) and their unit."""
 
     name: str
     meaning: str = ""
@@ -317,12 +318,14 @@ def _is_color(value) -> bool:
 
 
 def _is_map_entry(entry) -> bool:
-    """``{"meaning", "read", "display_range": [low, high], "unit"}``, every key optional."""
+    """``{"meaning", "read", "display_range": [first, last], "unit"}``, every key optional; the display
+    range gives the values at the first and the last colour, high to low for a map high where the
+    segmentation is sure."""
     if not isinstance(entry, dict):
         return False
     display = entry.get("display_range")
     return (display is None or (isinstance(display, list) and len(display) == 2 and all(map(_is_number, display))
-                                and display[0] < display[1])) and (
+                                and display[0] != display[1])) and (
         entry.get("unit") is None or isinstance(entry["unit"], str))
 
 
@@ -405,7 +408,8 @@ def validate_card(card: dict, where: str) -> None:
             "'inference.localisation' needs 'inference.training_field_of_view_mm' (what to localise to)")
     maps = card.get("maps", {})
     require(isinstance(maps, dict) and all(_is_map_entry(v) for v in maps.values()),
-            "'maps' must be an object of map name -> {meaning, read, display_range: [low, high], unit}")
+            "'maps' must be an object of map name -> {meaning, read, display_range: [first, last] (two different "
+            "numbers), unit}")
     review = settings.get("review_map", "uncertainty")
     require(review == "uncertainty" or review in maps,
             f"'inference.review_map' must be 'uncertainty' or one of the card's maps, not {review!r}")

@@ -41,8 +41,8 @@ RESEARCH_MAP_AUROC = 0.75  # a map that finds the wrong voxels less well than th
 @dataclass(frozen=True)
 class OutputMap:
     """One map of a run on the input grid. ``kind``: ``probability`` (one class's), ``uncertainty`` or
-    ``model`` (the network's own); ``image``: (D, H, W) float32; ``display_range``: the values shown
-    from the first to the last colour; ``unit``: what its values are, from the card; ``detection``: how
+    ``model`` (the network's own); ``image``: (D, H, W) float32; ``display_range``: the values at the
+    first and the last colour (high to low for a map high where the segmentation is sure); ``unit``: what its values are, from the card; ``detection``: how
     well it finds errors (:func:`detection_note`); ``information``: what the card measured of it
     (:func:`information_note`)."""
 
@@ -152,6 +152,13 @@ def display_range(name: str, values: np.ndarray, card: ModelCard | None = None,
         return 0.0, 1.0
     low, high = (float(v) for v in np.percentile(values, ROBUST_PERCENTILES))
     return (low, high) if high > low else (low, low + 1e-6)
+
+
+def hidden(values: np.ndarray, display_range: tuple[float, float]) -> np.ndarray:
+    """Where a map is not drawn (bool, the shape of ``values``): within the first ``TRANSPARENT_BELOW`` of
+    its display range from the first colour, or beyond the first colour's end."""
+    first, last = display_range
+    return (np.asarray(values, dtype=np.float64) - first) / (last - first) < TRANSPARENT_BELOW
 
 
 def probability_map_name(class_name: str) -> str:

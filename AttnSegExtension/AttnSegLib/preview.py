@@ -12,7 +12,7 @@ import numpy as np
 
 from .card import ModelCard
 from .image import Image
-from .outputs import TRANSPARENT_BELOW, display_range
+from .outputs import display_range, hidden
 
 
 def _slice_index(result, axis: int) -> int:
@@ -33,6 +33,16 @@ def _display(array: np.ndarray, geometry) -> tuple[np.ndarray, float]:
     return np.flipud(array), geometry.spacing[1] / geometry.spacing[0]
 
 
+def draw_map(ax, values: np.ndarray, shown_range: tuple[float, float], colormap, **imshow_kwargs):
+    """Draw a (H, W) map slice on ``ax`` as Slicer's slice views draw it: ``colormap`` from the first to
+    the last value of ``shown_range`` (reversed for a range that runs high to low), nothing where
+    :func:`~AttnSegLib.outputs.hidden`. Returns the drawn image, for a colour bar."""
+    first, last = shown_range
+    return ax.imshow(np.ma.masked_where(hidden(values, shown_range), values),
+                     cmap=colormap.reversed() if first > last else colormap, vmin=min(first, last),
+                     vmax=max(first, last), **imshow_kwargs)
+
+
 def render_preview(image: Image, result, path: str | Path, map_names: list[str] | None = None,
                    class_colors: list[tuple[int, int, int]] | None = None, title: str = "",
                    class_names: list[str] | None = None, card: ModelCard | None = None) -> Path:
@@ -40,12 +50,13 @@ def render_preview(image: Image, result, path: str | Path, map_names: list[str] 
     panel names its plane and slice, and a legend names each class drawn by its colour
     (``class_names`` per label value, background first; default ``class <value>``). Each map is drawn
     on its display range (:func:`~AttnSegLib.outputs.display_range`, from ``card`` where it gives one)
-    and left out below its lowest ``TRANSPARENT_BELOW``, as Slicer and the web app draw it."""
+    as Slicer and the web app draw it (:func:`draw_map`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    inferno = matplotlib.colormaps["inferno"]
     map_names = map_names if map_names is not None else list(result.maps)
     k = _slice_index(result, 0)
     base, aspect = _display(image.array[k].astype(np.float32), image.geometry)
@@ -67,10 +78,9 @@ def render_preview(image: Image, result, path: str | Path, map_names: list[str] 
     _class_legend(axes[0][0], [(class_names[v] if class_names and v < len(class_names) else f"class {v}",
                                 np.asarray(colors[v % len(colors)]) / 255) for v in drawn])
     for ax, name in zip(axes[0][1:], map_names):
-        low, high = display_range(name, result.maps[name].array, card, len(result.classes))
         values, _ = _display(result.maps[name].array[k], image.geometry)
-        shown = ax.imshow(np.ma.masked_less(values, low + TRANSPARENT_BELOW * (high - low)), cmap="inferno",
-                          vmin=low, vmax=high, alpha=0.75, aspect=aspect, interpolation="bilinear")
+        shown = draw_map(ax, values, display_range(name, result.maps[name].array, card, len(result.classes)),
+                         inferno, alpha=0.75, aspect=aspect, interpolation="bilinear")
         ax.set_title(name, fontsize=8)
         fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
     return _save(fig, path, title, 9)

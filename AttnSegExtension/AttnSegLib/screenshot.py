@@ -18,6 +18,7 @@ import SimpleITK as sitk
 
 from .image import Image
 from .mrml import colorScale, imageFromVolumeNode, newScene
+from .preview import draw_map
 from .slicer_logic import SceneLogic
 
 # DICOMOrient to this code puts voxel axes i, j, k along patient left, posterior, superior.
@@ -73,15 +74,14 @@ def render_review(logic: SceneLogic, segmentation_node, path: str | Path, map_na
 
     low, high = np.percentile(image, [1, 99.5])
     colormap = ListedColormap(colorScale(256))
-    faint = legend.transparentBelow  # below this Slicer draws no overlay either: the anatomy stays visible
     aspects = [spacing[1] / spacing[0], spacing[2] / spacing[0], spacing[2] / spacing[1]]
     fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.9), dpi=dpi, facecolor="black")
     for ax, grey, label, heat, aspect, name in zip(axes, _views(image, centre), _views(labels, centre),
                                                     _views(overlay, centre), aspects,
                                                     ("axial", "coronal", "sagittal")):
         ax.imshow(grey, cmap="gray", vmin=low, vmax=high, aspect=aspect, interpolation="bilinear")
-        shown = ax.imshow(np.ma.masked_less(heat, faint), cmap=colormap, vmin=legend.minimum,
-                          vmax=legend.maximum, alpha=opacity, aspect=aspect, interpolation="bilinear")
+        shown = draw_map(ax, heat, (legend.first, legend.last), colormap, alpha=opacity, aspect=aspect,
+                         interpolation="bilinear")
         for cls in classes:
             mask = label == cls["value"]
             if mask.any() and not mask.all():
@@ -95,7 +95,7 @@ def render_review(logic: SceneLogic, segmentation_node, path: str | Path, map_na
     caption = title or f"{model}: outlines = segments, colour = {map_name}"
     if regions:
         caption += (f"; centred on the most doubtful of {len(regions)} regions ({regions[0].volume_ml:.2f} ml, "
-                    f"mean {map_name} {regions[0].mean_value:.2f})")
+                    f"mean {logic.reviewMapName(segmentation_node)} {regions[0].mean_value:.2f})")
     fig.suptitle(caption, color="white", fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -125,19 +125,19 @@ class DoubtfulRegion:
 
 @dataclass(frozen=True)
 class MapLegend:
-    """What a front end needs to draw a map's legend: the value range shown from the first to the last
-    colour, the colour scale as (position in [0, 1], (r, g, b) 0-255) stops, the value below which
-    the map is not drawn (transparent), and how well the map finds errors (its card's score; maps that
+    """What a front end needs to draw a map's legend: the values at the ``first`` and the ``last`` colour
+    (high to low for a map high where the segmentation is sure), the colour scale as (position in
+    [0, 1], (r, g, b) 0-255) stops (the map is not drawn in the first ``TRANSPARENT_BELOW`` of it:
+    :func:`AttnSegLib.outputs.hidden`), and how well the map finds errors (its card's score; maps that
     do not find them are called research maps; "" where the card has no score). ``unit``: what its
     values are; ``information``: what its card measured of it on the validation cases
     (:func:`AttnSegLib.outputs.information_note`); each "" where the card says nothing."""
 
     name: str
     meaning: str
-    minimum: float
-    maximum: float
+    first: float
+    last: float
     stops: tuple[tuple[float, tuple[int, int, int]], ...]
-    transparentBelow: float
     detection: str = ""
     unit: str = ""
     information: str = ""
@@ -464,12 +464,11 @@ class SceneLogic:
     @staticmethod
     def mapLegend(mapNode) -> MapLegend:
         display = mapNode.GetDisplayNode()
-        low, high = display.GetWindowLevelMin(), display.GetWindowLevelMax()
+        first, last = display.GetWindowLevelMin(), display.GetWindowLevelMax()  # a negative window runs high to low
         anchors = INFERNO_ANCHORS
         stops = tuple((i / (len(anchors) - 1), tuple(int(c) for c in rgb)) for i, rgb in enumerate(anchors))
         return MapLegend(mapNode.GetAttribute(ATTRIBUTE + "MapName") or mapNode.GetName(),
-                         mapNode.GetAttribute(ATTRIBUTE + "MapMeaning") or "", float(low), float(high), stops,
-                         float(low + TRANSPARENT_BELOW * (high - low)),
+                         mapNode.GetAttribute(ATTRIBUTE + "MapMeaning") or "", float(first), float(last), stops,
                          mapNode.GetAttribute(ATTRIBUTE + "MapDetection") or "",
                          mapNode.GetAttribute(ATTRIBUTE + "MapUnit") or "",
                          mapNode.GetAttribute(ATTRIBUTE + "MapInformation") or "")

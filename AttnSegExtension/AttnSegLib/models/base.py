@@ -44,6 +44,9 @@ class SegmentationNetwork(nn.Module):
 
     divisor: int = 1
     class_channel_maps: tuple[str, ...] = ()  # maps whose K channels are the C classes, in order
+    # maps high where the segmentation is sure (a confidence): drawn from high to low, so the doubtful
+    # low values get the bright colours and the sure ones leave the anatomy visible (training.map_display)
+    maps_high_when_sure: tuple[str, ...] = ()
     maps_from_probabilities_only: bool = False  # True: maps come from maps_from_probabilities alone
 
     def map_descriptions(self) -> dict[str, str]:

@@ -186,6 +186,7 @@ class DifficultyAwareNetwork(SegmentationNetwork):
     """
 
     maps_from_probabilities_only = True  # D reads S's probabilities and the image, nothing else
+    maps_high_when_sure = ("confidence",)
 
     def __init__(self, in_channels: int, num_classes: int, base_features: int = 8, depth: int = 4,
                  beta: float = 2.0, bottleneck_dilation: int = 2, se_reduction: int = 4,

@@ -651,7 +651,7 @@ class AttnSegWebApp:
         maps.detection = detection_note(self._package.card, legend.name)
         maps.unit, maps.information = legend.unit, legend.information
         maps.legend_gradient = legend_gradient(legend.stops)
-        maps.legend_low, maps.legend_high = format_value(legend.minimum), format_value(legend.maximum)
+        maps.legend_low, maps.legend_high = format_value(legend.first), format_value(legend.last)
 
     # -- review ---------------------------------------------------------------------------------
     def _threshold(self) -> float:
