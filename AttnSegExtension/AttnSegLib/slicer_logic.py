@@ -364,7 +364,9 @@ class SceneLogic:
 
     def _addMapNode(self, segmentation, output: OutputMap, colorTable):
         """A map volume node with its own display node: window fixed before the image is attached, so
-        Slicer computes no automatic window/level (a histogram of the whole volume)."""
+        Slicer computes no automatic window/level (a histogram of the whole volume). A display range
+        running high to low (a confidence) is a negative window, which Slicer's window/level filter
+        inverts (VTK's vtkImageMapToWindowLevelColors up to 5.10, vtkImageMapToWindowLevelAddon from 5.12)."""
         scene = self.scene
         display = scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
         display.SetAutoWindowLevel(False)
