@@ -290,17 +290,23 @@ def test_map_nodes_have_references_colours_ranges_and_the_engine_values(segmente
     assert alphas[:5] == [0.0] * 5 and set(alphas[6:]) == {1.0}  # below 2 % of the range: not drawn
 
 
-def test_a_map_overlay_is_transparent_where_the_map_is_near_zero(segmented):
-    """Slicer's own display pipeline (vtkMRMLScalarVolumeDisplayNode: window/level, colour table, alpha)
-    gives alpha 0 to voxels below 2 % of the displayed range, so the overlay leaves the anatomy there."""
-    _, result = segmented
-    node = result.mapNodes["probability.anterior"]
+def _overlay_rgba(node) -> np.ndarray:
+    """(V, 4) uint8 RGBA of a map volume node's voxels through Slicer's own display pipeline
+    (vtkMRMLScalarVolumeDisplayNode: window/level, colour table, alpha)."""
     display = node.GetDisplayNode()
     display.SetInputImageDataConnection(node.GetImageDataConnection())
     display.UpdateImageDataPipeline()
     producer = display.GetOutputImageDataConnection().GetProducer()
     producer.Update()
-    rgba = numpy_support.vtk_to_numpy(producer.GetOutputDataObject(0).GetPointData().GetScalars())
+    return numpy_support.vtk_to_numpy(producer.GetOutputDataObject(0).GetPointData().GetScalars())
+
+
+def test_a_map_overlay_is_transparent_where_the_map_is_near_zero(segmented):
+    """Slicer's own display pipeline (vtkMRMLScalarVolumeDisplayNode: window/level, colour table, alpha)
+    gives alpha 0 to voxels below 2 % of the displayed range, so the overlay leaves the anatomy there."""
+    _, result = segmented
+    node = result.mapNodes["probability.anterior"]
+    rgba = _overlay_rgba(node)
     values = imageFromVolumeNode(node).array.ravel()
     assert rgba.shape[1] == 4
     low, high = values < 0.015, values > 0.03
@@ -733,12 +739,7 @@ def test_the_uncertainty_overlay_leaves_the_anatomy_where_the_model_is_sure(ship
     logic = SceneLogic(newScene())
     result = logic.segment([logic.loadVolume(SAMPLE_IMAGE)], shipped, device="cpu")
     node = result.mapNodes["uncertainty"]
-    display = node.GetDisplayNode()
-    display.SetInputImageDataConnection(node.GetImageDataConnection())
-    display.UpdateImageDataPipeline()
-    producer = display.GetOutputImageDataConnection().GetProducer()
-    producer.Update()
-    alpha = numpy_support.vtk_to_numpy(producer.GetOutputDataObject(0).GetPointData().GetScalars())[:, 3]
+    alpha = _overlay_rgba(node)[:, 3]
     values = imageFromVolumeNode(node).array.ravel()
     floor = negligible_uncertainty(len(shipped.classes))
     assert ((values > 0.01) & (values < floor)).mean() > 0.5  # the calibrated noise, which was drawn before
@@ -755,12 +756,7 @@ def test_the_confidence_overlay_draws_the_doubtful_voxels_and_leaves_the_sure_on
     node = result.mapNodes["confidence"]
     first, last = shipped.card.map_spec("confidence").display_range
     assert first > last and logic.mapLegend(node).first == pytest.approx(first)
-    display = node.GetDisplayNode()
-    display.SetInputImageDataConnection(node.GetImageDataConnection())
-    display.UpdateImageDataPipeline()
-    producer = display.GetOutputImageDataConnection().GetProducer()
-    producer.Update()
-    rgba = numpy_support.vtk_to_numpy(producer.GetOutputDataObject(0).GetPointData().GetScalars())
+    rgba = _overlay_rgba(node)
     values = imageFromVolumeNode(node).array.ravel()
     doubtful, sure = values < last, values > first - 0.01 * (first - last)
     assert doubtful.any() and sure.mean() > 0.5
