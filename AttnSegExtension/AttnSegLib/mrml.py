@@ -4,7 +4,7 @@ terminology, and a plain slicer-core scene set up as 3D Slicer sets up its own.
 
 Geometry: a volume's IJK-to-RAS matrix (and its parent transform, when linear) is converted to the
 engine's LPS :class:`~AttnSegLib.image.Geometry`, so any orientation and spacing is handled.
-Every Slicer call here exists in Slicer 5.6 (``Testing/test_slicer_api.py``).
+Every Slicer call here exists in every supported release, 5.6.2 to 5.12.3 (``Testing/test_slicer_api.py``).
 """
 from __future__ import annotations
 

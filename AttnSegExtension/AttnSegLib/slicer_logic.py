@@ -15,8 +15,8 @@ The work is split by job: :mod:`AttnSegLib.mrml` converts nodes to and from engi
 run produces (the map nodes made here), :mod:`AttnSegLib.corrected_case` writes the training case.
 
 Supported Slicer versions: 5.6 to 5.12 (Python 3.9 in 5.6 and 5.8, so this package keeps to 3.9 syntax
-and library calls). Every Slicer call here exists in 5.6: ``Testing/test_slicer_api.py`` checks them
-against the method list extracted from Slicer 5.6.2's headers.
+and library calls). Every Slicer call here exists in 5.6.2, 5.8.1, 5.10.0 and 5.12.3:
+``Testing/test_slicer_api.py`` checks them against the method lists extracted from each release's headers.
 
 What is stored in the scene (and so saved with it):
 
