@@ -722,18 +722,24 @@ def _pythonSlicer() -> str:
 
 
 class AttnSegTest(ScriptedLoadableModuleTest):
-    """Segments the shipped sample with the default model in Slicer, reviews it and exports it."""
+    """Segments the shipped sample with the default model in Slicer, reviews it and exports it.
+
+    Two harnesses run it: Reload and Test calls :meth:`runTest`; the extension's ctest
+    (``slicer_add_python_unittest``, i.e. ``slicer.testing.runUnitTest``) loads the class with
+    ``unittest.TestLoader``, which runs ``setUp`` and each ``test_*`` method and never ``runTest``. So the
+    skip without torch or MONAI is in :meth:`setUp`, which both reach.
+    """
 
     def setUp(self):
-        slicer.mrmlScene.Clear()
-
-    def runTest(self):
         missing = missing_requirements()
         if missing:  # an Extensions Index build has no torch or MONAI: nothing here can run
             reason = "AttnSeg self-test skipped: {names} not installed (click Segment once to install them)".format(
                 names=", ".join(r.module for r in missing))
             self.delayDisplay(reason)
             raise unittest.SkipTest(reason)
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
         self.setUp()
         self.test_SegmentReviewExport()
 

@@ -400,23 +400,52 @@ def _method(class_name: str, name: str, **namespace):
     return scope[name]
 
 
-def test_self_test_skips_with_the_reason_when_torch_or_monai_is_missing():
+def _self_test_case(missing: list, ran: list, shown: list):
+    """AttnSegTest with its ``setUp``, ``runTest`` and ``test_SegmentReviewExport`` compiled from AttnSeg.py
+    on ``unittest.TestCase``; ``missing_requirements`` returns ``missing``, ``delayDisplay`` (Qt in
+    Slicer's ScriptedLoadableModuleTest) records into ``shown``, the scene clear and the test body into
+    ``ran``."""
+    import types
+    import unittest
+
+    scene = types.SimpleNamespace(Clear=lambda: ran.append("setUp"))
+    namespace = dict(unittest=unittest, missing_requirements=lambda: missing,
+                     slicer=types.SimpleNamespace(mrmlScene=scene))
+    methods = {name: _method("AttnSegTest", name, **namespace) for name in ("setUp", "runTest")}
+    return type("AttnSegTest", (unittest.TestCase,), {
+        **methods, "delayDisplay": lambda self, message: shown.append(message),
+        "test_SegmentReviewExport": lambda self: ran.append("test")})
+
+
+@pytest.mark.parametrize("harness", ["ctest", "Reload and Test"])
+def test_self_test_skips_with_the_reason_when_torch_or_monai_is_missing(harness):
+    """Both harnesses skip: the extension's ctest (``slicer_add_python_unittest`` runs
+    ``slicer.testing.runUnitTest``: ``unittest.TestLoader().loadTestsFromName("AttnSeg")`` and a
+    ``TextTestRunner``, Base/Python/slicer/testing.py at v5.6.2 and v5.12.3), which runs ``setUp`` and
+    ``test_SegmentReviewExport`` and never ``runTest``; and Reload and Test, which calls ``runTest``."""
+    import io
+    import types
     import unittest
 
     shown, ran = [], []
-    missing = [dependencies.TORCH, dependencies.PIP_REQUIREMENTS[0]]
-    run_test = _method("AttnSegTest", "runTest", unittest=unittest, missing_requirements=lambda: missing)
-
-    class Harness:  # what ScriptedLoadableModuleTest gives runTest
-        delayDisplay = staticmethod(shown.append)
-        setUp = staticmethod(lambda: ran.append("setUp"))
-        test_SegmentReviewExport = staticmethod(lambda: ran.append("test"))
-
-    with pytest.raises(unittest.SkipTest, match="torch, monai not installed"):
-        run_test(Harness())
-    assert shown and "skipped" in shown[0] and not ran
-    run_test = _method("AttnSegTest", "runTest", unittest=unittest, missing_requirements=lambda: [])
-    run_test(Harness())
+    case = _self_test_case([dependencies.TORCH, dependencies.PIP_REQUIREMENTS[0]], ran, shown)
+    if harness == "ctest":
+        module = types.ModuleType("AttnSeg")
+        module.AttnSegTest = case
+        result = unittest.TextTestRunner(stream=io.StringIO()).run(unittest.TestLoader().loadTestsFromModule(module))
+        assert result.wasSuccessful() and result.testsRun == 1
+        assert [reason for _, reason in result.skipped] == [shown[0]]
+    else:
+        with pytest.raises(unittest.SkipTest, match="torch, monai not installed"):
+            case().runTest()
+    assert "skipped" in shown[0] and "torch, monai not installed" in shown[0] and not ran
+    ran.clear()
+    case = _self_test_case([], ran, shown)
+    if harness == "ctest":
+        result = unittest.TextTestRunner(stream=io.StringIO()).run(unittest.TestLoader().loadTestsFromTestCase(case))
+        assert result.wasSuccessful() and not result.skipped
+    else:
+        case().runTest()
     assert ran == ["setUp", "test"]
 
 
