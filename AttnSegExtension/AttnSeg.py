@@ -31,6 +31,7 @@ from AttnSegLib.errors import AttnSegError
 MAX_MODALITIES = 4
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 POLL_INTERVAL_MS = 200
+LIGHTBOX_EDITING_SLICER = (5, 10)  # the first Slicer whose Segment Editor effects work in light box views
 
 
 @contextlib.contextmanager
@@ -221,8 +222,15 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self) -> None:
         self.initializeParameterNode()
         self._connectEditor()
-        self.ui.segmentEditorWidget.installKeyboardShortcuts()
-        self.ui.segmentEditorWidget.setupViewObservations()
+        editor = self.ui.segmentEditorWidget
+        # Before Slicer 5.10 effects do not work in light box slice views: the Segment Editor module resets
+        # them on enter (Modules/Scripted/SegmentEditor/SegmentEditor.py at v5.6.2 and v5.8.1); from v5.10.0
+        # turnOffLightboxes() only warns that it is no longer needed.
+        if (slicer.app.majorVersion, slicer.app.minorVersion) < LIGHTBOX_EDITING_SLICER and editor.turnOffLightboxes():
+            slicer.util.warningDisplay(_("The Segment Editor in this panel does not work in light box slice views "
+                                         "in this Slicer version; the views were reset."), windowTitle=_("AttnSeg"))
+        editor.installKeyboardShortcuts()
+        editor.setupViewObservations()
 
     def exit(self) -> None:
         if self._parameterNode:

@@ -15,8 +15,10 @@ from conftest import REPO
 RELEASES = ("5.6.2", "5.8.1", "5.10.0", "5.12.3")
 OLDEST, NEWEST = RELEASES[0], RELEASES[-1]
 # The CTK commit each release pins (SuperBuild/External_CTK.cmake at its tag) and its Python.
-CTK_COMMITS = {"5.6.2": "f53820a4e6ebfc9649897577a6157d94833e9699", "5.8.1": "82cae5781621845486bad2697aed095f04cfbe76",
-               "5.10.0": "dd4caeae7e979cf441e44ee85d3b0780120d113d", "5.12.3": "5056664a20a3d0a393bb6d91f040525581e0dcdf"}
+CTK_COMMITS = {"5.6.2": "f53820a4e6ebfc9649897577a6157d94833e9699",
+               "5.8.1": "82cae5781621845486bad2697aed095f04cfbe76",
+               "5.10.0": "dd4caeae7e979cf441e44ee85d3b0780120d113d",
+               "5.12.3": "5056664a20a3d0a393bb6d91f040525581e0dcdf"}
 PYTHON = {"5.6.2": "3.9", "5.8.1": "3.9", "5.10.0": "3.12", "5.12.3": "3.12"}
 
 

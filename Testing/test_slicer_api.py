@@ -179,6 +179,8 @@ def test_the_api_lists_are_the_supported_releases_with_their_ctk_and_python(rele
     assert ("SetTerminology" in segment) == (release not in ("5.6.2", "5.8.1"))  # vtkSegment.h from v5.10.0
     assert {"SetMaskMode", "SetMaskSegmentID", "SetOverwriteMode"} <= api.own_names("vtkMRMLSegmentEditorNode")
     assert "EditAllowedInsideSingleSegment" in api.own_names("vtkMRMLSegmentationNode")
+    # AttnSeg.py's enter calls it before 5.10 only; the slot stays (deprecated) in 5.10 and 5.12
+    assert "turnOffLightboxes()" in api.api["qt_classes"]["qMRMLSegmentEditorWidget"]["slots"]
 
 
 def _shipped_python_files() -> list[Path]:

@@ -449,6 +449,43 @@ def test_self_test_skips_with_the_reason_when_torch_or_monai_is_missing(harness)
     assert ran == ["setUp", "test"]
 
 
+@pytest.mark.parametrize("version, reset", [((5, 6), True), ((5, 8), True), ((5, 8), False), ((5, 10), False),
+                                            ((5, 12), False)])
+def test_entering_resets_light_box_views_where_the_segment_editor_cannot_edit_them(version, reset):
+    """As the Segment Editor module's ``enter`` (Modules/Scripted/SegmentEditor/SegmentEditor.py): at
+    v5.6.2 and v5.8.1 it calls ``turnOffLightboxes()`` and warns when views were reset; at v5.10.0 it
+    does not, and the widget's slot only logs that it is deprecated. ``reset``: a view was in light box."""
+    import types
+
+    calls, warnings = [], []
+
+    class Editor:
+        def turnOffLightboxes(self):
+            calls.append("turnOffLightboxes")
+            return reset
+
+        def installKeyboardShortcuts(self):
+            calls.append("installKeyboardShortcuts")
+
+        def setupViewObservations(self):
+            calls.append("setupViewObservations")
+
+    fake_slicer = types.SimpleNamespace(
+        app=types.SimpleNamespace(majorVersion=version[0], minorVersion=version[1]),
+        util=types.SimpleNamespace(warningDisplay=lambda text, windowTitle: warnings.append((text, windowTitle))))
+    enter = _method("AttnSegWidget", "enter", slicer=fake_slicer, _=lambda text: text,
+                    LIGHTBOX_EDITING_SLICER=_constant("LIGHTBOX_EDITING_SLICER"))
+    widget = types.SimpleNamespace(initializeParameterNode=lambda: calls.append("parameters"),
+                                   _connectEditor=lambda: calls.append("editor"),
+                                   ui=types.SimpleNamespace(segmentEditorWidget=Editor()))
+    enter(widget)
+    before_5_10 = version < (5, 10)
+    assert calls == ["parameters", "editor", *(["turnOffLightboxes"] if before_5_10 else []),
+                     "installKeyboardShortcuts", "setupViewObservations"]
+    assert len(warnings) == (1 if before_5_10 and reset else 0)
+    assert all("light box" in text and title == "AttnSeg" for text, title in warnings)
+
+
 def test_errors_shown_while_building_the_panel_do_not_abort_it():
     """``_showErrors`` shows and logs an error and carries on (slicer.util.tryWithErrorDisplay re-raises)."""
     import contextlib

@@ -3,13 +3,14 @@
 ``Resources/UI/AttnSeg.ui`` is loaded with Qt's own ``QUiLoader`` (PySide6, offscreen). CTK and MRML
 widgets are unknown to it and become their Qt base class; their signals, slots, invokable methods
 and properties come from the Slicer / CTK headers of every supported release (``slicer_releases``:
-5.6.2 to 5.12.3), those of Qt classes from Qt's meta-objects. Checked: object names are unique, the panel has one section each for the
-model, the inputs, the review and saving, every widget ``AttnSeg.py`` reaches exists with the class
-its use needs, every signal it connects to and every member it reads or sets exists on that class, the
-``.ui``'s own connections are between a real signal and a real slot, and every ``SlicerParameterName``
-is a parameter of ``AttnSegParameterNode`` with a parameterNodeWrapper connector in each release. The
-widget's map code itself runs on the loaded panel against the real scene logic on slicer-core MRML
-(Qt properties set as PythonQt sets them), so what the user reads beside each map is checked too.
+5.6.2 to 5.12.3), those of Qt classes from Qt's meta-objects. Checked: object names are unique, the
+panel has one section each for the model, the inputs, the review and saving, every widget
+``AttnSeg.py`` reaches exists with the class its use needs, every signal it connects to and every
+member it reads or sets exists on that class, the ``.ui``'s own connections are between a real signal
+and a real slot, and every ``SlicerParameterName`` is a parameter of ``AttnSegParameterNode`` with a
+parameterNodeWrapper connector in each release. The widget's map code itself runs on the loaded panel
+against the real scene logic on slicer-core MRML (Qt properties set as PythonQt sets them), so what
+the user reads beside each map is checked too.
 """
 from __future__ import annotations
 
@@ -274,7 +275,7 @@ def test_the_segment_editor_is_in_the_panel_under_the_review_and_the_module_neve
         if name == "segmentEditorWidget":
             used[member].append(line)
     for member in ("setMRMLSegmentEditorNode", "setMRMLScene", "setSegmentationNode", "setSourceVolumeNode",
-                   "installKeyboardShortcuts", "setupViewObservations", "setActiveEffect",
+                   "turnOffLightboxes", "installKeyboardShortcuts", "setupViewObservations", "setActiveEffect",
                    "uninstallKeyboardShortcuts", "removeViewObservations"):
         assert used[member], f"AttnSeg.py never calls segmentEditorWidget.{member}"
     assert min(used["setMRMLSegmentEditorNode"]) < min(used["setMRMLScene"])
