@@ -51,6 +51,13 @@ def _showErrors(message: str, waitCursor: bool = False):
         slicer.util.errorDisplay(f"{message}\n\n{error}")
 
 
+def _parameterWidgets(ui) -> dict:
+    """Parameter name -> widget of the panel's widgets that name one in their ``SlicerParameterName``
+    property (the widgets ``connectGui`` would connect)."""
+    return {widget.property("SlicerParameterName"): widget for widget in vars(ui).values()
+            if widget.property("SlicerParameterName")}
+
+
 def _resourcePath(relativePath: str) -> str:
     """A file under Resources/: beside AttnSeg.py once installed, one folder up in the source tree."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -258,7 +265,9 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            # Not connectGui: before Slicer 5.10 it returns no tag (Slicer commit b5a65a49a0, in v5.10.0), so
+            # disconnectGui could never undo it and every enter would add another set of connections.
+            self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(_parameterWidgets(self.ui))
             if self._parameterNode.modelName:
                 self.ui.modelComboBox.setCurrentText(self._parameterNode.modelName)
             self._populateMaps()

@@ -181,6 +181,9 @@ def test_the_api_lists_are_the_supported_releases_with_their_ctk_and_python(rele
     assert "EditAllowedInsideSingleSegment" in api.own_names("vtkMRMLSegmentationNode")
     # AttnSeg.py's enter calls it before 5.10 only; the slot stays (deprecated) in 5.10 and 5.12
     assert "turnOffLightboxes()" in api.api["qt_classes"]["qMRMLSegmentEditorWidget"]["slots"]
+    # the parameter node method AttnSeg.py connects its panel with (connectParametersToGui, wrapper.py)
+    wrapper = api.python["slicer.parameterNodeWrapper"]["functions"]
+    assert wrapper["_connectParametersToGui"] == ["self", "mapping"] and wrapper["_disconnectGui"] == ["self", "guiTag"]
 
 
 def _shipped_python_files() -> list[Path]:

@@ -163,7 +163,7 @@ def test_ui_bindings_match_the_parameter_node():
 def test_widget_uses_only_parameters_the_parameter_node_has():
     used = {node.attr for node in ast.walk(CLASSES["AttnSegWidget"])
             if isinstance(node, ast.Attribute) and ast.unparse(node.value) == "self._parameterNode"}
-    unknown = used - set(_parameter_fields()) - {"connectGui", "disconnectGui"}
+    unknown = used - set(_parameter_fields()) - {"connectParametersToGui", "disconnectGui"}
     assert not unknown, f"the widget uses parameters AttnSegParameterNode lacks: {sorted(unknown)}"
 
 
@@ -484,6 +484,71 @@ def test_entering_resets_light_box_views_where_the_segment_editor_cannot_edit_th
                      "installKeyboardShortcuts", "setupViewObservations"]
     assert len(warnings) == (1 if before_5_10 and reset else 0)
     assert all("light box" in text and title == "AttnSeg" for text, title in warnings)
+
+
+class _WrappedParameterNode:
+    """What AttnSeg.py uses of a parameterNodeWrapper node, as Base/Python/slicer/parameterNodeWrapper/
+    wrapper.py has it in ``release``: ``connectParametersToGui`` connects a mapping under a new tag and
+    returns it; ``disconnectGui`` disconnects a tag's widgets and ignores a tag it does not know (None);
+    ``connectGui`` connects the same way but returns its tag only from v5.10.0 (Slicer commit b5a65a49a0;
+    at v5.6.2 and v5.8.1 ``_connectGui`` drops ``_connectParametersToGui``'s return value)."""
+
+    modelName = ""
+
+    def __init__(self, release: str):
+        self.release, self.connected, self._next = release, {}, 0
+
+    def connectParametersToGui(self, mapping: dict) -> int:
+        self._next += 1
+        self.connected[self._next] = dict(mapping)
+        return self._next
+
+    def connectGui(self, gui):
+        widgets = {w.property("SlicerParameterName"): w for w in vars(gui).values() if w.property("SlicerParameterName")}
+        tag = self.connectParametersToGui(widgets)
+        return tag if tuple(int(v) for v in self.release.split(".")[:2]) >= (5, 10) else None
+
+    def disconnectGui(self, tag) -> None:
+        self.connected.pop(tag, None)
+
+
+@pytest.mark.parametrize("release", ["5.6.2", "5.8.1", "5.10.0", "5.12.3"])
+def test_leaving_the_module_or_closing_the_scene_disconnects_the_panel_from_the_parameter_node(release):
+    """Enter, exit, enter, close the scene: while the module is shown the panel's widgets with a
+    ``SlicerParameterName`` (those of the .ui) are connected once, and afterwards not at all, in every
+    release (``connectGui``'s tag is None before 5.10, so it could not be disconnected there)."""
+    import types
+
+    class Widget:
+        def __init__(self, parameter):
+            self._parameter = parameter
+
+        def property(self, name):
+            return self._parameter if name == "SlicerParameterName" else None
+
+    ui_widgets = _ui_widgets()
+    bound = {name: w.findtext("property[@name='SlicerParameterName']/string") for name, w in ui_widgets.items()}
+    editor = types.SimpleNamespace(setActiveEffect=lambda effect: None, uninstallKeyboardShortcuts=lambda: None,
+                                   removeViewObservations=lambda: None, property=lambda name: None)
+    ui = types.SimpleNamespace(**{name: Widget(parameter) for name, parameter in bound.items()})
+    ui.segmentEditorWidget = editor
+    widget = types.SimpleNamespace(ui=ui, _parameterNode=None, _parameterNodeGuiTag=None,
+                                   _populateMaps=lambda: None, _populateRefineClasses=lambda: None,
+                                   _updateButtons=lambda: None)
+    namespace = {"_parameterWidgets": _helper("_parameterWidgets")}
+    set_parameter_node = _method("AttnSegWidget", "setParameterNode", **namespace)
+    exit_module = _method("AttnSegWidget", "exit", **namespace)
+    node = _WrappedParameterNode(release)
+    expected = {parameter for parameter in bound.values() if parameter}
+    assert {"inputVolume0", "device", "roi", "segmentation", "mapOpacity", "correctionDirectory"} <= expected
+    for _ in range(2):
+        set_parameter_node(widget, node)  # enter
+        assert [set(mapping) for mapping in node.connected.values()] == [expected]
+        exit_module(widget)
+        assert node.connected == {}
+    set_parameter_node(widget, node)
+    set_parameter_node(widget, None)  # the scene closes while the module is shown
+    assert node.connected == {} and widget._parameterNode is None
 
 
 def test_errors_shown_while_building_the_panel_do_not_abort_it():
