@@ -268,6 +268,22 @@ def test_dependencies_cover_the_engines_runtime_requirements(monkeypatch):
     assert dependencies.missing_requirements() == [absent]
 
 
+def test_a_package_installed_while_slicer_runs_counts_as_installed(tmp_path, monkeypatch):
+    """After pip (a separate process) installs into site-packages, the check sees it even when the folder's
+    modification time did not change (a coarse-clock file system): Python's import system caches folder
+    listings until ``importlib.invalidate_caches()``, which Slicer 5.6's ``pip_install`` does not call
+    (Base/Python/slicer/util.py at v5.6.2; Slicer 5.12's slicer/packaging.py does, for the same reason)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    later = dependencies.Requirement("attnseg_installed_later", "attnseg-installed-later")
+    monkeypatch.setattr(dependencies, "PIP_REQUIREMENTS", (*dependencies.PIP_REQUIREMENTS, later))
+    assert dependencies.missing_requirements() == [later]
+    listed = os.stat(tmp_path)
+    (tmp_path / "attnseg_installed_later").mkdir()
+    (tmp_path / "attnseg_installed_later" / "__init__.py").write_text("", encoding="utf-8")
+    os.utime(tmp_path, ns=(listed.st_atime_ns, listed.st_mtime_ns))  # the folder looks unchanged
+    assert dependencies.missing_requirements() == []
+
+
 # -- the extension's CMake files ----------------------------------------------------------------------
 def _module_files() -> tuple[list[str], list[str]]:
     text = MODULE_CMAKE.read_text(encoding="utf-8").replace("${MODULE_NAME}", "AttnSeg")
