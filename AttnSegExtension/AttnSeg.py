@@ -185,7 +185,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = AttnSegLogic()
         # The Segment Editor inside the panel, on the Segment Editor module's own parameter node (so
         # "Edit only doubtful voxels" applies to it), set before the scene as the Segment Editor module does.
-        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.sceneLogic.segmentEditorNode())
+        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
         self.ui.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
@@ -481,7 +481,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The embedded Segment Editor edits the AttnSeg segmentation on screen over its first input, so
         Previous/Next region stay in view while correcting."""
         editor = self.ui.segmentEditorWidget
-        editorNode = self.logic.sceneLogic.segmentEditorNode()  # a new scene has a new one
+        editorNode = self.logic.segmentEditorNode()  # a new scene has a new one
         if editor.mrmlSegmentEditorNode() != editorNode:
             editor.setMRMLSegmentEditorNode(editorNode)
         node = self._attnsegSegmentation()
@@ -701,6 +701,13 @@ class AttnSegLogic(ScriptedLoadableModuleLogic):
 
     def getParameterNode(self):
         return AttnSegParameterNode(super().getParameterNode())
+
+    def segmentEditorNode(self):
+        """The Segment Editor module's parameter node in ``slicer.mrmlScene``, for the panel's editor. Not
+        :attr:`sceneLogic`'s: that imports the engine (torch), which the panel is built without."""
+        from AttnSegLib.mrml import segmentEditorNode
+
+        return segmentEditorNode(slicer.mrmlScene)
 
     @property
     def sceneLogic(self):

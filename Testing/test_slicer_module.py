@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -229,6 +230,45 @@ def test_widget_imports_nothing_heavy_and_the_engine_only_lazily():
             "AttnSegLib") else None
         for alias in node.names:
             assert module is None or hasattr(module, alias.name), f"{node.module} has no {alias.name}"
+
+
+_WITHOUT_THE_ENGINE = """
+import ast, sys, types
+for name in ("torch", "monai", "safetensors"):
+    sys.modules[name] = None  # a stock Slicer before Segment installed them: importing them fails
+from AttnSegLib.mrml import newScene
+try:
+    import AttnSegLib.slicer_logic
+except ImportError:
+    pass
+else:
+    raise SystemExit("slicer_logic imported without torch: the check below would prove nothing")
+module = sys.argv[1]
+logic = next(n for n in ast.parse(open(module, encoding="utf-8").read()).body
+             if isinstance(n, ast.ClassDef) and n.name == "AttnSegLogic")
+method = next(n for n in logic.body if isinstance(n, ast.FunctionDef) and n.name == "segmentEditorNode")
+scope = {"slicer": types.SimpleNamespace(mrmlScene=newScene())}
+exec(compile(ast.Module(body=[method], type_ignores=[]), module, "exec"), scope)
+node = scope["segmentEditorNode"](None)
+assert node.IsA("vtkMRMLSegmentEditorNode") and node.GetSingletonTag() == "SegmentEditor"
+assert scope["segmentEditorNode"](None) is node
+print("built without the engine")
+"""
+
+
+def test_the_panel_is_built_and_entered_without_torch():
+    """``setup`` and ``enter`` (through ``_connectEditor``) give the embedded Segment Editor its node before
+    torch and MONAI are installed: through ``AttnSegLogic.segmentEditorNode`` (AttnSegLib.mrml), never
+    ``sceneLogic``, whose module imports the engine. Run in a Python where importing torch, MONAI and
+    safetensors fails, on slicer-core MRML."""
+    methods = {f.name: f for f in CLASSES["AttnSegWidget"].body if isinstance(f, ast.FunctionDef)}
+    assert "sceneLogic" not in ast.unparse(methods["setup"])
+    assert "self.logic.segmentEditorNode()" in ast.unparse(methods["_connectEditor"])
+    assert "sceneLogic.segmentEditorNode" not in MODULE.read_text(encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "AttnSegExtension"), str(REPO)]))
+    run = subprocess.run([sys.executable, "-c", _WITHOUT_THE_ENGINE, str(MODULE)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode == 0 and "built without the engine" in run.stdout, run.stderr[-2000:]
 
 
 def test_model_card_html_shows_classes_maps_and_validation_scores():

@@ -50,6 +50,18 @@ def newScene():
     return scene
 
 
+def segmentEditorNode(scene):
+    """The Segment Editor module's parameter node of ``scene`` (singleton tag ``SegmentEditor``, as
+    Modules/Scripted/SegmentEditor/SegmentEditor.py finds it from 5.6 to 5.12), made if absent. Needs no
+    engine: the Slicer panel gives it to its editor before torch is installed."""
+    node = scene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
+    if node is None:
+        node = slicer.vtkMRMLSegmentEditorNode()
+        node.SetSingletonTag("SegmentEditor")
+        node = scene.AddNode(node)
+    return node
+
+
 def defaultScene():
     scene = getattr(slicer, "mrmlScene", None)
     if scene is None:

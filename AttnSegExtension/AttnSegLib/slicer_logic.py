@@ -55,8 +55,8 @@ from .inference import Cancelled, Predictor, Result, resolve_device
 from .localise import localise_targets, needs_localisation
 from .maps import volume_name
 from .mrml import (INFERNO_ANCHORS, arrayToMatrix, classColor, colorScale, defaultScene, imageFromVolumeNode,
-                   loadVolume, matrixToArray, orientedMask, roiBoxFromNode, roiNodeFromBox, setSegmentTerminology,
-                   terminologyEntry, volumeGeometry, volumeNodeFromImage)
+                   loadVolume, matrixToArray, orientedMask, roiBoxFromNode, roiNodeFromBox, segmentEditorNode,
+                   setSegmentTerminology, terminologyEntry, volumeGeometry, volumeNodeFromImage)
 from .outputs import OutputMap, class_volumes_ml, output_maps
 from .package import ModelPackage, available_packages, default_package_name, load_package
 from .review import MIN_VOLUME_ML, Region, doubtful_regions, editable_mask
@@ -580,14 +580,9 @@ class SceneLogic:
         return refinement
 
     def segmentEditorNode(self):
-        """The Segment Editor module's parameter node (singleton tag ``SegmentEditor``), made if absent."""
-        scene = self.scene
-        node = scene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
-        if node is None:
-            node = slicer.vtkMRMLSegmentEditorNode()
-            node.SetSingletonTag("SegmentEditor")
-            node = scene.AddNode(node)
-        return node
+        """The Segment Editor module's parameter node (singleton tag ``SegmentEditor``), made if absent
+        (:func:`AttnSegLib.mrml.segmentEditorNode`)."""
+        return segmentEditorNode(self.scene)
 
     def restrictEditingToDoubtfulVoxels(self, segmentationNode=None, threshold: float = 0.5,
                                         segmentEditorNode=None) -> None:
