@@ -31,6 +31,7 @@ from AttnSegLib.errors import AttnSegError
 MAX_MODALITIES = 4
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 POLL_INTERVAL_MS = 200
+LIGHTBOX_EDITING_SLICER = (5, 10)  # the first Slicer whose Segment Editor effects work in light box views
 
 
 @contextlib.contextmanager
@@ -48,6 +49,13 @@ def _showErrors(message: str, waitCursor: bool = False):
     except Exception as error:
         logging.exception(message)
         slicer.util.errorDisplay(f"{message}\n\n{error}")
+
+
+def _parameterWidgets(ui) -> dict:
+    """Parameter name -> widget of the panel's widgets that name one in their ``SlicerParameterName``
+    property (the widgets ``connectGui`` would connect)."""
+    return {widget.property("SlicerParameterName"): widget for widget in vars(ui).values()
+            if widget.property("SlicerParameterName")}
 
 
 def _resourcePath(relativePath: str) -> str:
@@ -177,7 +185,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = AttnSegLogic()
         # The Segment Editor inside the panel, on the Segment Editor module's own parameter node (so
         # "Edit only doubtful voxels" applies to it), set before the scene as the Segment Editor module does.
-        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.sceneLogic.segmentEditorNode())
+        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
         self.ui.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
@@ -221,8 +229,15 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self) -> None:
         self.initializeParameterNode()
         self._connectEditor()
-        self.ui.segmentEditorWidget.installKeyboardShortcuts()
-        self.ui.segmentEditorWidget.setupViewObservations()
+        editor = self.ui.segmentEditorWidget
+        # Before Slicer 5.10 effects do not work in light box slice views: the Segment Editor module resets
+        # them on enter (Modules/Scripted/SegmentEditor/SegmentEditor.py at v5.6.2 and v5.8.1); from v5.10.0
+        # turnOffLightboxes() only warns that it is no longer needed.
+        if (slicer.app.majorVersion, slicer.app.minorVersion) < LIGHTBOX_EDITING_SLICER and editor.turnOffLightboxes():
+            slicer.util.warningDisplay(_("The Segment Editor in this panel does not work in light box slice views "
+                                         "in this Slicer version; the views were reset."), windowTitle=_("AttnSeg"))
+        editor.installKeyboardShortcuts()
+        editor.setupViewObservations()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -250,7 +265,9 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            # Not connectGui: before Slicer 5.10 it returns no tag (Slicer commit b5a65a49a0, in v5.10.0), so
+            # disconnectGui could never undo it and every enter would add another set of connections.
+            self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(_parameterWidgets(self.ui))
             if self._parameterNode.modelName:
                 self.ui.modelComboBox.setCurrentText(self._parameterNode.modelName)
             self._populateMaps()
@@ -464,7 +481,7 @@ class AttnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The embedded Segment Editor edits the AttnSeg segmentation on screen over its first input, so
         Previous/Next region stay in view while correcting."""
         editor = self.ui.segmentEditorWidget
-        editorNode = self.logic.sceneLogic.segmentEditorNode()  # a new scene has a new one
+        editorNode = self.logic.segmentEditorNode()  # a new scene has a new one
         if editor.mrmlSegmentEditorNode() != editorNode:
             editor.setMRMLSegmentEditorNode(editorNode)
         node = self._attnsegSegmentation()
@@ -685,6 +702,13 @@ class AttnSegLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return AttnSegParameterNode(super().getParameterNode())
 
+    def segmentEditorNode(self):
+        """The Segment Editor module's parameter node in ``slicer.mrmlScene``, for the panel's editor. Not
+        :attr:`sceneLogic`'s: that imports the engine (torch), which the panel is built without."""
+        from AttnSegLib.mrml import segmentEditorNode
+
+        return segmentEditorNode(slicer.mrmlScene)
+
     @property
     def sceneLogic(self):
         if self._sceneLogic is None:
@@ -722,18 +746,24 @@ def _pythonSlicer() -> str:
 
 
 class AttnSegTest(ScriptedLoadableModuleTest):
-    """Segments the shipped sample with the default model in Slicer, reviews it and exports it."""
+    """Segments the shipped sample with the default model in Slicer, reviews it and exports it.
+
+    Two harnesses run it: Reload and Test calls :meth:`runTest`; the extension's ctest
+    (``slicer_add_python_unittest``, i.e. ``slicer.testing.runUnitTest``) loads the class with
+    ``unittest.TestLoader``, which runs ``setUp`` and each ``test_*`` method and never ``runTest``. So the
+    skip without torch or MONAI is in :meth:`setUp`, which both reach.
+    """
 
     def setUp(self):
-        slicer.mrmlScene.Clear()
-
-    def runTest(self):
         missing = missing_requirements()
         if missing:  # an Extensions Index build has no torch or MONAI: nothing here can run
             reason = "AttnSeg self-test skipped: {names} not installed (click Segment once to install them)".format(
                 names=", ".join(r.module for r in missing))
             self.delayDisplay(reason)
             raise unittest.SkipTest(reason)
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
         self.setUp()
         self.test_SegmentReviewExport()
 

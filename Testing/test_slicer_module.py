@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -163,7 +164,7 @@ def test_ui_bindings_match_the_parameter_node():
 def test_widget_uses_only_parameters_the_parameter_node_has():
     used = {node.attr for node in ast.walk(CLASSES["AttnSegWidget"])
             if isinstance(node, ast.Attribute) and ast.unparse(node.value) == "self._parameterNode"}
-    unknown = used - set(_parameter_fields()) - {"connectGui", "disconnectGui"}
+    unknown = used - set(_parameter_fields()) - {"connectParametersToGui", "disconnectGui"}
     assert not unknown, f"the widget uses parameters AttnSegParameterNode lacks: {sorted(unknown)}"
 
 
@@ -231,6 +232,45 @@ def test_widget_imports_nothing_heavy_and_the_engine_only_lazily():
             assert module is None or hasattr(module, alias.name), f"{node.module} has no {alias.name}"
 
 
+_WITHOUT_THE_ENGINE = """
+import ast, sys, types
+for name in ("torch", "monai", "safetensors"):
+    sys.modules[name] = None  # a stock Slicer before Segment installed them: importing them fails
+from AttnSegLib.mrml import newScene
+try:
+    import AttnSegLib.slicer_logic
+except ImportError:
+    pass
+else:
+    raise SystemExit("slicer_logic imported without torch: the check below would prove nothing")
+module = sys.argv[1]
+logic = next(n for n in ast.parse(open(module, encoding="utf-8").read()).body
+             if isinstance(n, ast.ClassDef) and n.name == "AttnSegLogic")
+method = next(n for n in logic.body if isinstance(n, ast.FunctionDef) and n.name == "segmentEditorNode")
+scope = {"slicer": types.SimpleNamespace(mrmlScene=newScene())}
+exec(compile(ast.Module(body=[method], type_ignores=[]), module, "exec"), scope)
+node = scope["segmentEditorNode"](None)
+assert node.IsA("vtkMRMLSegmentEditorNode") and node.GetSingletonTag() == "SegmentEditor"
+assert scope["segmentEditorNode"](None) is node
+print("built without the engine")
+"""
+
+
+def test_the_panel_is_built_and_entered_without_torch():
+    """``setup`` and ``enter`` (through ``_connectEditor``) give the embedded Segment Editor its node before
+    torch and MONAI are installed: through ``AttnSegLogic.segmentEditorNode`` (AttnSegLib.mrml), never
+    ``sceneLogic``, whose module imports the engine. Run in a Python where importing torch, MONAI and
+    safetensors fails, on slicer-core MRML."""
+    methods = {f.name: f for f in CLASSES["AttnSegWidget"].body if isinstance(f, ast.FunctionDef)}
+    assert "sceneLogic" not in ast.unparse(methods["setup"])
+    assert "self.logic.segmentEditorNode()" in ast.unparse(methods["_connectEditor"])
+    assert "sceneLogic.segmentEditorNode" not in MODULE.read_text(encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "AttnSegExtension"), str(REPO)]))
+    run = subprocess.run([sys.executable, "-c", _WITHOUT_THE_ENGINE, str(MODULE)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode == 0 and "built without the engine" in run.stdout, run.stderr[-2000:]
+
+
 def test_model_card_html_shows_classes_maps_and_validation_scores():
     card_html = _helper("_modelCardHtml")
     package = load_package(REPO / "Resources" / "Models" / "hippocampus_unet")
@@ -266,6 +306,22 @@ def test_dependencies_cover_the_engines_runtime_requirements(monkeypatch):
     absent = dependencies.Requirement("attnseg_no_such_module", "attnseg-no-such-module")
     monkeypatch.setattr(dependencies, "PIP_REQUIREMENTS", (*dependencies.PIP_REQUIREMENTS, absent))
     assert dependencies.missing_requirements() == [absent]
+
+
+def test_a_package_installed_while_slicer_runs_counts_as_installed(tmp_path, monkeypatch):
+    """After pip (a separate process) installs into site-packages, the check sees it even when the folder's
+    modification time did not change (a coarse-clock file system): Python's import system caches folder
+    listings until ``importlib.invalidate_caches()``, which Slicer 5.6's ``pip_install`` does not call
+    (Base/Python/slicer/util.py at v5.6.2; Slicer 5.12's slicer/packaging.py does, for the same reason)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    later = dependencies.Requirement("attnseg_installed_later", "attnseg-installed-later")
+    monkeypatch.setattr(dependencies, "PIP_REQUIREMENTS", (*dependencies.PIP_REQUIREMENTS, later))
+    assert dependencies.missing_requirements() == [later]
+    listed = os.stat(tmp_path)
+    (tmp_path / "attnseg_installed_later").mkdir()
+    (tmp_path / "attnseg_installed_later" / "__init__.py").write_text("", encoding="utf-8")
+    os.utime(tmp_path, ns=(listed.st_atime_ns, listed.st_mtime_ns))  # the folder looks unchanged
+    assert dependencies.missing_requirements() == []
 
 
 # -- the extension's CMake files ----------------------------------------------------------------------
@@ -400,24 +456,155 @@ def _method(class_name: str, name: str, **namespace):
     return scope[name]
 
 
-def test_self_test_skips_with_the_reason_when_torch_or_monai_is_missing():
+def _self_test_case(missing: list, ran: list, shown: list):
+    """AttnSegTest with its ``setUp``, ``runTest`` and ``test_SegmentReviewExport`` compiled from AttnSeg.py
+    on ``unittest.TestCase``; ``missing_requirements`` returns ``missing``, ``delayDisplay`` (Qt in
+    Slicer's ScriptedLoadableModuleTest) records into ``shown``, the scene clear and the test body into
+    ``ran``."""
+    import types
+    import unittest
+
+    scene = types.SimpleNamespace(Clear=lambda: ran.append("setUp"))
+    namespace = dict(unittest=unittest, missing_requirements=lambda: missing,
+                     slicer=types.SimpleNamespace(mrmlScene=scene))
+    methods = {name: _method("AttnSegTest", name, **namespace) for name in ("setUp", "runTest")}
+    return type("AttnSegTest", (unittest.TestCase,), {
+        **methods, "delayDisplay": lambda self, message: shown.append(message),
+        "test_SegmentReviewExport": lambda self: ran.append("test")})
+
+
+@pytest.mark.parametrize("harness", ["ctest", "Reload and Test"])
+def test_self_test_skips_with_the_reason_when_torch_or_monai_is_missing(harness):
+    """Both harnesses skip: the extension's ctest (``slicer_add_python_unittest`` runs
+    ``slicer.testing.runUnitTest``: ``unittest.TestLoader().loadTestsFromName("AttnSeg")`` and a
+    ``TextTestRunner``, Base/Python/slicer/testing.py at v5.6.2 and v5.12.3), which runs ``setUp`` and
+    ``test_SegmentReviewExport`` and never ``runTest``; and Reload and Test, which calls ``runTest``."""
+    import io
+    import types
     import unittest
 
     shown, ran = [], []
-    missing = [dependencies.TORCH, dependencies.PIP_REQUIREMENTS[0]]
-    run_test = _method("AttnSegTest", "runTest", unittest=unittest, missing_requirements=lambda: missing)
-
-    class Harness:  # what ScriptedLoadableModuleTest gives runTest
-        delayDisplay = staticmethod(shown.append)
-        setUp = staticmethod(lambda: ran.append("setUp"))
-        test_SegmentReviewExport = staticmethod(lambda: ran.append("test"))
-
-    with pytest.raises(unittest.SkipTest, match="torch, monai not installed"):
-        run_test(Harness())
-    assert shown and "skipped" in shown[0] and not ran
-    run_test = _method("AttnSegTest", "runTest", unittest=unittest, missing_requirements=lambda: [])
-    run_test(Harness())
+    case = _self_test_case([dependencies.TORCH, dependencies.PIP_REQUIREMENTS[0]], ran, shown)
+    if harness == "ctest":
+        module = types.ModuleType("AttnSeg")
+        module.AttnSegTest = case
+        result = unittest.TextTestRunner(stream=io.StringIO()).run(unittest.TestLoader().loadTestsFromModule(module))
+        assert result.wasSuccessful() and result.testsRun == 1
+        assert [reason for _, reason in result.skipped] == [shown[0]]
+    else:
+        with pytest.raises(unittest.SkipTest, match="torch, monai not installed"):
+            case().runTest()
+    assert "skipped" in shown[0] and "torch, monai not installed" in shown[0] and not ran
+    ran.clear()
+    case = _self_test_case([], ran, shown)
+    if harness == "ctest":
+        result = unittest.TextTestRunner(stream=io.StringIO()).run(unittest.TestLoader().loadTestsFromTestCase(case))
+        assert result.wasSuccessful() and not result.skipped
+    else:
+        case().runTest()
     assert ran == ["setUp", "test"]
+
+
+@pytest.mark.parametrize("version, reset", [((5, 6), True), ((5, 8), True), ((5, 8), False), ((5, 10), False),
+                                            ((5, 12), False)])
+def test_entering_resets_light_box_views_where_the_segment_editor_cannot_edit_them(version, reset):
+    """As the Segment Editor module's ``enter`` (Modules/Scripted/SegmentEditor/SegmentEditor.py): at
+    v5.6.2 and v5.8.1 it calls ``turnOffLightboxes()`` and warns when views were reset; at v5.10.0 it
+    does not, and the widget's slot only logs that it is deprecated. ``reset``: a view was in light box."""
+    import types
+
+    calls, warnings = [], []
+
+    class Editor:
+        def turnOffLightboxes(self):
+            calls.append("turnOffLightboxes")
+            return reset
+
+        def installKeyboardShortcuts(self):
+            calls.append("installKeyboardShortcuts")
+
+        def setupViewObservations(self):
+            calls.append("setupViewObservations")
+
+    fake_slicer = types.SimpleNamespace(
+        app=types.SimpleNamespace(majorVersion=version[0], minorVersion=version[1]),
+        util=types.SimpleNamespace(warningDisplay=lambda text, windowTitle: warnings.append((text, windowTitle))))
+    enter = _method("AttnSegWidget", "enter", slicer=fake_slicer, _=lambda text: text,
+                    LIGHTBOX_EDITING_SLICER=_constant("LIGHTBOX_EDITING_SLICER"))
+    widget = types.SimpleNamespace(initializeParameterNode=lambda: calls.append("parameters"),
+                                   _connectEditor=lambda: calls.append("editor"),
+                                   ui=types.SimpleNamespace(segmentEditorWidget=Editor()))
+    enter(widget)
+    before_5_10 = version < (5, 10)
+    assert calls == ["parameters", "editor", *(["turnOffLightboxes"] if before_5_10 else []),
+                     "installKeyboardShortcuts", "setupViewObservations"]
+    assert len(warnings) == (1 if before_5_10 and reset else 0)
+    assert all("light box" in text and title == "AttnSeg" for text, title in warnings)
+
+
+class _WrappedParameterNode:
+    """What AttnSeg.py uses of a parameterNodeWrapper node, as Base/Python/slicer/parameterNodeWrapper/
+    wrapper.py has it in ``release``: ``connectParametersToGui`` connects a mapping under a new tag and
+    returns it; ``disconnectGui`` disconnects a tag's widgets and ignores a tag it does not know (None);
+    ``connectGui`` connects the same way but returns its tag only from v5.10.0 (Slicer commit b5a65a49a0;
+    at v5.6.2 and v5.8.1 ``_connectGui`` drops ``_connectParametersToGui``'s return value)."""
+
+    modelName = ""
+
+    def __init__(self, release: str):
+        self.release, self.connected, self._next = release, {}, 0
+
+    def connectParametersToGui(self, mapping: dict) -> int:
+        self._next += 1
+        self.connected[self._next] = dict(mapping)
+        return self._next
+
+    def connectGui(self, gui):
+        widgets = {w.property("SlicerParameterName"): w for w in vars(gui).values() if w.property("SlicerParameterName")}
+        tag = self.connectParametersToGui(widgets)
+        return tag if tuple(int(v) for v in self.release.split(".")[:2]) >= (5, 10) else None
+
+    def disconnectGui(self, tag) -> None:
+        self.connected.pop(tag, None)
+
+
+@pytest.mark.parametrize("release", ["5.6.2", "5.8.1", "5.10.0", "5.12.3"])
+def test_leaving_the_module_or_closing_the_scene_disconnects_the_panel_from_the_parameter_node(release):
+    """Enter, exit, enter, close the scene: while the module is shown the panel's widgets with a
+    ``SlicerParameterName`` (those of the .ui) are connected once, and afterwards not at all, in every
+    release (``connectGui``'s tag is None before 5.10, so it could not be disconnected there)."""
+    import types
+
+    class Widget:
+        def __init__(self, parameter):
+            self._parameter = parameter
+
+        def property(self, name):
+            return self._parameter if name == "SlicerParameterName" else None
+
+    ui_widgets = _ui_widgets()
+    bound = {name: w.findtext("property[@name='SlicerParameterName']/string") for name, w in ui_widgets.items()}
+    editor = types.SimpleNamespace(setActiveEffect=lambda effect: None, uninstallKeyboardShortcuts=lambda: None,
+                                   removeViewObservations=lambda: None, property=lambda name: None)
+    ui = types.SimpleNamespace(**{name: Widget(parameter) for name, parameter in bound.items()})
+    ui.segmentEditorWidget = editor
+    widget = types.SimpleNamespace(ui=ui, _parameterNode=None, _parameterNodeGuiTag=None,
+                                   _populateMaps=lambda: None, _populateRefineClasses=lambda: None,
+                                   _updateButtons=lambda: None)
+    namespace = {"_parameterWidgets": _helper("_parameterWidgets")}
+    set_parameter_node = _method("AttnSegWidget", "setParameterNode", **namespace)
+    exit_module = _method("AttnSegWidget", "exit", **namespace)
+    node = _WrappedParameterNode(release)
+    expected = {parameter for parameter in bound.values() if parameter}
+    assert {"inputVolume0", "device", "roi", "segmentation", "mapOpacity", "correctionDirectory"} <= expected
+    for _ in range(2):
+        set_parameter_node(widget, node)  # enter
+        assert [set(mapping) for mapping in node.connected.values()] == [expected]
+        exit_module(widget)
+        assert node.connected == {}
+    set_parameter_node(widget, node)
+    set_parameter_node(widget, None)  # the scene closes while the module is shown
+    assert node.connected == {} and widget._parameterNode is None
 
 
 def test_errors_shown_while_building_the_panel_do_not_abort_it():

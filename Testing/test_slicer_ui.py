@@ -2,20 +2,20 @@
 
 ``Resources/UI/AttnSeg.ui`` is loaded with Qt's own ``QUiLoader`` (PySide6, offscreen). CTK and MRML
 widgets are unknown to it and become their Qt base class; their signals, slots, invokable methods
-and properties come from the Slicer 5.6.2 / CTK headers (``Testing/slicer_api``), those of Qt classes
-from Qt's meta-objects. Checked: object names are unique, the panel has one section each for the
-model, the inputs, the review and saving, every widget ``AttnSeg.py`` reaches exists with the class
-its use needs, every signal it connects to and every member it reads or sets exists on that class, the
-``.ui``'s own connections are between a real signal and a real slot, and every ``SlicerParameterName``
-is a parameter of ``AttnSegParameterNode`` with a parameterNodeWrapper connector in Slicer 5.6. The
-widget's map code itself runs on the loaded panel against the real scene logic on slicer-core MRML
-(Qt properties set as PythonQt sets them), so what the user reads beside each map is checked too.
+and properties come from the Slicer / CTK headers of every supported release (``slicer_releases``:
+5.6.2 to 5.12.3), those of Qt classes from Qt's meta-objects. Checked: object names are unique, the
+panel has one section each for the model, the inputs, the review and saving, every widget
+``AttnSeg.py`` reaches exists with the class its use needs, every signal it connects to and every
+member it reads or sets exists on that class, the ``.ui``'s own connections are between a real signal
+and a real slot, and every ``SlicerParameterName`` is a parameter of ``AttnSegParameterNode`` with a
+parameterNodeWrapper connector in each release. The widget's map code itself runs on the loaded panel
+against the real scene logic on slicer-core MRML (Qt properties set as PythonQt sets them), so what
+the user reads beside each map is checked too.
 """
 from __future__ import annotations
 
 import ast
 import collections
-import json
 import os
 import xml.etree.ElementTree as ElementTree
 
@@ -27,18 +27,19 @@ from PySide6.QtCore import QMetaObject, QObject  # noqa: E402
 from PySide6.QtUiTools import QUiLoader  # noqa: E402
 
 from conftest import REPO  # noqa: E402
+from slicer_releases import APIS, RELEASES  # noqa: E402
 
 UI = REPO / "Resources" / "UI" / "AttnSeg.ui"
 MODULE = REPO / "AttnSegExtension" / "AttnSeg.py"
-API = json.loads((REPO / "Testing" / "slicer_api" / "slicer-5.6.2.json").read_text(encoding="utf-8"))
-QT_API = API["qt_classes"]
 TREE = ast.parse(MODULE.read_text(encoding="utf-8"))
 WIDGET_CLASS = next(n for n in TREE.body if isinstance(n, ast.ClassDef) and n.name == "AttnSegWidget")
-# parameterNodeWrapper connectors of Slicer 5.6 (slicer/parameterNodeWrapper/guiConnectors.py), by widget
-CONNECTORS = {"qMRMLNodeComboBox": "qMRMLNodeComboBoxToNodeConnector",
-              "ctkSliderWidget": "QDoubleSpinBoxCtkSliderWidgetToFloatConnector",
-              "QCheckBox": "QCheckBoxToBoolConnector", "QComboBox": "QComboBoxToStringableConnector",
-              "ctkDirectoryButton": "ctkDirectoryButtonToPathConnector"}
+# parameterNodeWrapper connectors (slicer/parameterNodeWrapper/guiConnectors.py), by widget: the slider's
+# was renamed ...ToFloatIntConnector at v5.10.0, when it learnt int parameters (the float path is unchanged).
+CONNECTORS = {"qMRMLNodeComboBox": ("qMRMLNodeComboBoxToNodeConnector",),
+              "ctkSliderWidget": ("QDoubleSpinBoxCtkSliderWidgetToFloatConnector",
+                                  "QDoubleSpinBoxCtkSliderWidgetToFloatIntConnector"),
+              "QCheckBox": ("QCheckBoxToBoolConnector",), "QComboBox": ("QComboBoxToStringableConnector",),
+              "ctkDirectoryButton": ("ctkDirectoryButtonToPathConnector",)}
 SECTIONS = ["Model", "Inputs", "Review", "Refine with clicks", "Correct", "Save correction for training"]
 
 
@@ -62,43 +63,44 @@ def _qt_class(name: str):
     return getattr(QtWidgets, name, None)
 
 
-def _qt_base(name: str) -> str:
-    """The first Qt class up the CTK/MRML inheritance chain."""
+def _qt_base(name: str, release: str) -> str:
+    """The first Qt class up the CTK/MRML inheritance chain (in ``release``)."""
     while _qt_class(name) is None:
-        name = QT_API[name]["bases"][0]
+        name = APIS[release]["qt_classes"][name]["bases"][0]
     return name
 
 
-def _api_members(name: str, kind: str) -> set[str]:
-    members = set()
-    while name in QT_API:
-        members |= set(QT_API[name][kind])
-        name = QT_API[name]["bases"][0]
+def _api_members(name: str, kind: str, release: str) -> set[str]:
+    qt_api, members = APIS[release]["qt_classes"], set()
+    while name in qt_api:
+        members |= set(qt_api[name][kind])
+        name = qt_api[name]["bases"][0]
     return members
 
 
-def has_signal(class_name: str, signature: str) -> bool:
+def has_signal(class_name: str, signature: str, release: str) -> bool:
     normalized = QMetaObject.normalizedSignature(signature).data().decode()
-    if normalized in _api_members(class_name, "signals"):
+    if normalized in _api_members(class_name, "signals", release):
         return True
-    meta = _qt_class(_qt_base(class_name)).staticMetaObject
+    meta = _qt_class(_qt_base(class_name, release)).staticMetaObject
     return meta.indexOfSignal(normalized) >= 0
 
 
-def has_slot(class_name: str, signature: str) -> bool:
+def has_slot(class_name: str, signature: str, release: str) -> bool:
     normalized = QMetaObject.normalizedSignature(signature).data().decode()
-    if normalized in _api_members(class_name, "slots"):
+    if normalized in _api_members(class_name, "slots", release):
         return True
-    meta = _qt_class(_qt_base(class_name)).staticMetaObject
+    meta = _qt_class(_qt_base(class_name, release)).staticMetaObject
     return meta.indexOfSlot(normalized) >= 0
 
 
-def has_member(class_name: str, member: str) -> bool:
-    """What PythonQt lets Python use: properties, slots, invokable methods (and a Qt class's methods)."""
-    if member in _api_members(class_name, "properties") | _api_members(class_name, "invokables") or \
-            member in {s.split("(")[0] for s in _api_members(class_name, "slots")}:
+def has_member(class_name: str, member: str, release: str) -> bool:
+    """What PythonQt lets Python use in ``release``: properties, slots, invokable methods (and a Qt
+    class's methods)."""
+    if member in _api_members(class_name, "properties", release) | _api_members(class_name, "invokables", release) \
+            or member in {s.split("(")[0] for s in _api_members(class_name, "slots", release)}:
         return True
-    qt = _qt_class(_qt_base(class_name))
+    qt = _qt_class(_qt_base(class_name, release))
     return qt.staticMetaObject.indexOfProperty(member) >= 0 or hasattr(qt, member)
 
 
@@ -179,7 +181,8 @@ def test_the_panel_has_one_section_per_step(panel):
         assert panel.findChild(QtWidgets.QWidget, name).parent().objectName() == "inputsCollapsibleButton"
 
 
-def test_every_widget_the_code_reaches_exists_with_a_class_that_has_what_it_uses(panel):
+@pytest.mark.parametrize("release", RELEASES)
+def test_every_widget_the_code_reaches_exists_with_a_class_that_has_what_it_uses(panel, release):
     classes = _xml_classes()
     uses = widget_uses()
     reached = {name for _, name, _, _ in uses}
@@ -195,43 +198,49 @@ def test_every_widget_the_code_reaches_exists_with_a_class_that_has_what_it_uses
         if _qt_class(cls) is not None:  # a Qt class: the loader built exactly it
             assert loaded.metaObject().className() == cls
         if signal is not None:
-            if not has_signal(cls, signal):
-                problems.append(f"AttnSeg.py:{line}: {name} ({cls}) has no signal {signal}")
-        elif member != "connect" and not has_member(cls, member):
-            problems.append(f"AttnSeg.py:{line}: {name} ({cls}) has no {member}")
+            if not has_signal(cls, signal, release):
+                problems.append(f"AttnSeg.py:{line}: {name} ({cls}) has no signal {signal} in Slicer {release}")
+        elif member != "connect" and not has_member(cls, member, release):
+            problems.append(f"AttnSeg.py:{line}: {name} ({cls}) has no {member} in Slicer {release}")
     assert not problems, "\n".join(problems)
 
 
-def test_the_check_catches_a_signal_or_member_the_class_lacks():
-    assert has_signal("qMRMLNodeComboBox", "currentNodeChanged(vtkMRMLNode*)")
-    assert not has_signal("qMRMLNodeComboBox", "currentNodeChanged(vtkMRMLScalarVolumeNode*)")
-    assert has_signal("ctkSliderWidget", "valueChanged(double)") and not has_signal("ctkSliderWidget",
-                                                                                    "valueChanged(int)")
-    assert has_signal("QPushButton", "clicked(bool)") and has_signal("QComboBox", "currentIndexChanged(int)")
-    assert has_member("ctkSliderWidget", "value") and has_member("qMRMLNodeComboBox", "currentNode")
-    assert has_member("ctkCollapsibleButton", "collapsed") and has_member("ctkCollapsibleButton", "text")
-    assert not has_member("ctkSliderWidget", "checked") and not has_member("QLabel", "currentText")
+@pytest.mark.parametrize("release", RELEASES)
+def test_the_check_catches_a_signal_or_member_the_class_lacks(release):
+    assert has_signal("qMRMLNodeComboBox", "currentNodeChanged(vtkMRMLNode*)", release)
+    assert not has_signal("qMRMLNodeComboBox", "currentNodeChanged(vtkMRMLScalarVolumeNode*)", release)
+    assert has_signal("ctkSliderWidget", "valueChanged(double)", release)
+    assert not has_signal("ctkSliderWidget", "valueChanged(int)", release)
+    assert has_signal("QPushButton", "clicked(bool)", release) and has_signal("QComboBox", "currentIndexChanged(int)",
+                                                                               release)
+    assert has_member("ctkSliderWidget", "value", release) and has_member("qMRMLNodeComboBox", "currentNode", release)
+    assert has_member("ctkCollapsibleButton", "collapsed", release) and has_member("ctkCollapsibleButton", "text",
+                                                                                    release)
+    assert not has_member("ctkSliderWidget", "checked", release) and not has_member("QLabel", "currentText", release)
 
 
-def test_the_ui_connections_join_real_signals_and_slots():
+@pytest.mark.parametrize("release", RELEASES)
+def test_the_ui_connections_join_real_signals_and_slots(release):
     classes = _xml_classes()
     connections = list(ElementTree.parse(UI).getroot().iter("connection"))
     assert connections
     for connection in connections:
         sender, receiver = classes[connection.findtext("sender")], classes[connection.findtext("receiver")]
-        assert has_signal(sender, connection.findtext("signal")), (sender, connection.findtext("signal"))
-        assert has_slot(receiver, connection.findtext("slot")), (receiver, connection.findtext("slot"))
+        assert has_signal(sender, connection.findtext("signal"), release), (sender, connection.findtext("signal"))
+        assert has_slot(receiver, connection.findtext("slot"), release), (receiver, connection.findtext("slot"))
 
 
-def test_the_ui_sets_only_properties_its_classes_have():
+@pytest.mark.parametrize("release", RELEASES)
+def test_the_ui_sets_only_properties_its_classes_have(release):
     for widget in ElementTree.parse(UI).getroot().iter("widget"):
         for prop in widget.findall("property"):
             if prop.get("stdset") == "0":  # a dynamic property (SlicerParameterName)
                 continue
-            assert has_member(widget.get("class"), prop.get("name")), (widget.get("name"), prop.get("name"))
+            assert has_member(widget.get("class"), prop.get("name"), release), (widget.get("name"), prop.get("name"))
 
 
-def test_parameter_names_match_the_parameter_node(panel):
+@pytest.mark.parametrize("release", RELEASES)
+def test_parameter_names_match_the_parameter_node(panel, release):
     parameter_node = next(n for n in TREE.body if isinstance(n, ast.ClassDef) and n.name == "AttnSegParameterNode")
     fields = {n.target.id for n in parameter_node.body if isinstance(n, ast.AnnAssign)}
     classes = _xml_classes()
@@ -242,9 +251,9 @@ def test_parameter_names_match_the_parameter_node(panel):
             bound[parameter] = classes[widget.objectName()]
     assert bound and set(bound) <= fields, f"no such parameter: {sorted(set(bound) - fields)}"
     assert fields - set(bound) == {"modelName", "mapName"}  # filled by hand: their choices come at run time
-    connectors = API["python"]["slicer.parameterNodeWrapper"]["classes"]
+    connectors = APIS[release]["python"]["slicer.parameterNodeWrapper"]["classes"]
     for parameter, cls in bound.items():
-        assert CONNECTORS[cls] in connectors, f"{parameter}: Slicer 5.6 cannot connect a {cls}"
+        assert len(set(CONNECTORS[cls]) & set(connectors)) == 1, f"{parameter}: Slicer {release} cannot connect a {cls}"
 
 
 def test_the_segment_editor_is_in_the_panel_under_the_review_and_the_module_never_leaves(panel):
@@ -266,7 +275,7 @@ def test_the_segment_editor_is_in_the_panel_under_the_review_and_the_module_neve
         if name == "segmentEditorWidget":
             used[member].append(line)
     for member in ("setMRMLSegmentEditorNode", "setMRMLScene", "setSegmentationNode", "setSourceVolumeNode",
-                   "installKeyboardShortcuts", "setupViewObservations", "setActiveEffect",
+                   "turnOffLightboxes", "installKeyboardShortcuts", "setupViewObservations", "setActiveEffect",
                    "uninstallKeyboardShortcuts", "removeViewObservations"):
         assert used[member], f"AttnSeg.py never calls segmentEditorWidget.{member}"
     assert min(used["setMRMLSegmentEditorNode"]) < min(used["setMRMLScene"])
@@ -349,7 +358,8 @@ def test_beside_each_map_the_panel_shows_its_unit_meaning_and_what_its_card_meas
         assert f"{figures['enrichment']:.2f}x its average" in shown[name]["mapInformationLabel"]
 
 
-def test_the_refine_section_has_a_class_choice_checkable_place_buttons_and_undo_the_code_connects(panel):
+@pytest.mark.parametrize("release", RELEASES)
+def test_the_refine_section_has_a_class_choice_checkable_place_buttons_and_undo_the_code_connects(panel, release):
     """Refine with clicks: the class, Add points and Remove points (checkable: they show whether the views
     place points into that class's list), Undo click and a status line; AttnSeg.py connects each."""
     classes = _xml_classes()
@@ -367,4 +377,4 @@ def test_the_refine_section_has_a_class_choice_checkable_place_buttons_and_undo_
     assert {("refineClassComboBox", "currentIndexChanged(int)"), ("addPointButton", "toggled(bool)"),
             ("removePointButton", "toggled(bool)"), ("undoClickButton", "clicked(bool)")} <= connected
     for name in ("addPointButton", "removePointButton"):
-        assert has_signal(classes[name], "toggled(bool)") and has_member(classes[name], "checked")
+        assert has_signal(classes[name], "toggled(bool)", release) and has_member(classes[name], "checked", release)

@@ -6,6 +6,7 @@ picks the wheel that fits the GPU and driver); everything else with ``slicer.uti
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from dataclasses import dataclass
 
@@ -26,5 +27,10 @@ PIP_REQUIREMENTS = (
 
 
 def missing_requirements() -> list[Requirement]:
-    """The requirements whose module cannot be imported, torch first when it is among them."""
+    """The requirements whose module cannot be imported, torch first when it is among them.
+
+    Packages pip (a separate process) installed since the last look count: the import system's cached
+    folder listings are dropped first (Slicer 5.6's ``slicer.util.pip_install`` does not drop them).
+    """
+    importlib.invalidate_caches()
     return [r for r in (TORCH, *PIP_REQUIREMENTS) if importlib.util.find_spec(r.module) is None]

@@ -4,7 +4,7 @@ terminology, and a plain slicer-core scene set up as 3D Slicer sets up its own.
 
 Geometry: a volume's IJK-to-RAS matrix (and its parent transform, when linear) is converted to the
 engine's LPS :class:`~AttnSegLib.image.Geometry`, so any orientation and spacing is handled.
-Every Slicer call here exists in Slicer 5.6 (``Testing/test_slicer_api.py``).
+Every Slicer call here exists in every supported release, 5.6.2 to 5.12.3 (``Testing/test_slicer_api.py``).
 """
 from __future__ import annotations
 
@@ -48,6 +48,18 @@ def newScene():
     segmentations.SetMRMLApplicationLogic(application)
     scene.attnsegLogics = (application, segmentations)
     return scene
+
+
+def segmentEditorNode(scene):
+    """The Segment Editor module's parameter node of ``scene`` (singleton tag ``SegmentEditor``, as
+    Modules/Scripted/SegmentEditor/SegmentEditor.py finds it from 5.6 to 5.12), made if absent. Needs no
+    engine: the Slicer panel gives it to its editor before torch is installed."""
+    node = scene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
+    if node is None:
+        node = slicer.vtkMRMLSegmentEditorNode()
+        node.SetSingletonTag("SegmentEditor")
+        node = scene.AddNode(node)
+    return node
 
 
 def defaultScene():

@@ -15,8 +15,8 @@ The work is split by job: :mod:`AttnSegLib.mrml` converts nodes to and from engi
 run produces (the map nodes made here), :mod:`AttnSegLib.corrected_case` writes the training case.
 
 Supported Slicer versions: 5.6 to 5.12 (Python 3.9 in 5.6 and 5.8, so this package keeps to 3.9 syntax
-and library calls). Every Slicer call here exists in 5.6: ``Testing/test_slicer_api.py`` checks them
-against the method list extracted from Slicer 5.6.2's headers.
+and library calls). Every Slicer call here exists in 5.6.2, 5.8.1, 5.10.0 and 5.12.3:
+``Testing/test_slicer_api.py`` checks them against the method lists extracted from each release's headers.
 
 What is stored in the scene (and so saved with it):
 
@@ -55,8 +55,8 @@ from .inference import Cancelled, Predictor, Result, resolve_device
 from .localise import localise_targets, needs_localisation
 from .maps import volume_name
 from .mrml import (INFERNO_ANCHORS, arrayToMatrix, classColor, colorScale, defaultScene, imageFromVolumeNode,
-                   loadVolume, matrixToArray, orientedMask, roiBoxFromNode, roiNodeFromBox, setSegmentTerminology,
-                   terminologyEntry, volumeGeometry, volumeNodeFromImage)
+                   loadVolume, matrixToArray, orientedMask, roiBoxFromNode, roiNodeFromBox, segmentEditorNode,
+                   setSegmentTerminology, terminologyEntry, volumeGeometry, volumeNodeFromImage)
 from .outputs import TRANSPARENT_BELOW, OutputMap, class_volumes_ml, output_maps
 from .package import ModelPackage, available_packages, default_package_name, load_package
 from .review import MIN_VOLUME_ML, Region, doubtful_regions, editable_mask
@@ -578,14 +578,9 @@ class SceneLogic:
         return refinement
 
     def segmentEditorNode(self):
-        """The Segment Editor module's parameter node (singleton tag ``SegmentEditor``), made if absent."""
-        scene = self.scene
-        node = scene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
-        if node is None:
-            node = slicer.vtkMRMLSegmentEditorNode()
-            node.SetSingletonTag("SegmentEditor")
-            node = scene.AddNode(node)
-        return node
+        """The Segment Editor module's parameter node (singleton tag ``SegmentEditor``), made if absent
+        (:func:`AttnSegLib.mrml.segmentEditorNode`)."""
+        return segmentEditorNode(self.scene)
 
     def restrictEditingToDoubtfulVoxels(self, segmentationNode=None, threshold: float = 0.5,
                                         segmentEditorNode=None) -> None:

@@ -12,13 +12,17 @@ What is extracted:
 * the Python modules of ``Base/Python/slicer`` the module imports from, Slicer's SampleData module and
   the PyTorch extension's PyTorchUtils: top-level functions and class methods with their parameter names.
 
-Usage (the JSON committed beside this script came from the oldest Slicer AttnSeg supports)::
+Usage (one JSON per release listed in ``Testing/slicer_releases.py``: 5.6.2, 5.8.1, 5.10.0, 5.12.3, each
+with the CTK commit its tag pins and SlicerPyTorch e1c85cc0a62e92fa6c38223cd88c611906adb60e)::
 
     git -C <Slicer.git> archive v5.6.2 CMakeLists.txt Libs Modules Base | tar -x -C /tmp/slicer-5.6.2
     git -C <CTK.git> archive <CTK commit from SuperBuild/External_CTK.cmake> Libs | tar -x -C /tmp/ctk
     git -C <SlicerPyTorch.git> archive <commit> PyTorchUtils | tar -x -C /tmp/pytorch
     python extract_slicer_api.py /tmp/slicer-5.6.2 --ctk /tmp/ctk --version 5.6.2 --ctk-commit <commit> \\
         --pytorch /tmp/pytorch --pytorch-commit <commit> --output slicer-5.6.2.json
+
+Between releases Markups' MRML moved from ``Modules/Loadable/Markups/MRML`` (5.6) to ``Libs/MRML/Core``
+(5.10); both folders are read, so either layout gives the same classes.
 """
 from __future__ import annotations
 
