@@ -3,6 +3,8 @@ websocket client (aiohttp) against the real server on loopback, started as a use
 
 * A foreign ``Host`` (DNS rebinding) or ``Origin`` (another web site), a cross-site ``<img>``, a
   missing or wrong access token: refused with 403 and a message, on HTTP and on the websocket upgrade.
+* Framing (clickjacking): another site's ``<iframe>`` of the server starts no session and shows no page;
+  every response forbids framing and MIME sniffing.
 * The wslink secret: a client reaching a session's loopback port around the gateway cannot
   authenticate with wslink's well-known default secret; the gateway's own relay can.
 * Memory: messages announced and never finished are bounded per session in bytes (in total) and
@@ -69,6 +71,15 @@ def test_origins_must_be_the_servers_own_or_allowed():
     assert normalize_origin("HTTPS://Seg.Example.org:443/") == "https://seg.example.org"
     with pytest.raises(AccessError, match="scheme://host"):
         normalize_origin("seg.example.org")
+
+
+def test_only_top_level_navigations_may_come_from_another_site():
+    policy = AccessPolicy.build()
+    assert policy.origin_problem(None, "127.0.0.1:8080", "cross-site", "navigate", "document") is None
+    assert policy.origin_problem(None, "127.0.0.1:8080", "same-origin", "navigate", "iframe") is None
+    for dest in ("iframe", "frame", "object", "embed"):
+        assert "show it in a frame" in policy.origin_problem(None, "127.0.0.1:8080", "cross-site", "navigate", dest)
+        assert "show it in a frame" in policy.origin_problem(None, "127.0.0.1:8080", "same-site", "navigate", dest)
 
 
 def test_tokens_are_needed_off_loopback_and_compared_whole():
@@ -232,6 +243,27 @@ def test_foreign_hosts_origins_and_missing_tokens_are_refused(server, session):
     assert run(_get(session_url, cookies=cookies, headers={"Origin": PROXY_ORIGIN}))[0] == 200
 
 
+def test_every_response_forbids_framing_and_sniffing_and_frames_start_no_session(server, session):
+    process, url = server
+    session_url, cookies = session
+    sessions = _session_pids(process)
+    iframe = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "iframe"}
+    for target, headers, cookie, status in [
+            (url + "/", {}, {}, 403), (f"{url}/?token={TOKEN}", {}, {}, 200), (session_url, {}, cookies, 200),
+            (f"{url}/start?token={TOKEN}", iframe, cookies, 403), (session_url, iframe, cookies, 403)]:
+        got, text, response_headers = run(_get(target, headers=headers, cookies=cookie))
+        assert got == status, (target, headers, got, text[:300])
+        assert response_headers.get("Content-Security-Policy") == "frame-ancestors 'none'", target
+        assert response_headers.get("X-Frame-Options") == "DENY", target
+        assert response_headers.get("X-Content-Type-Options") == "nosniff", target
+    assert _session_pids(process) == sessions  # the framed /start started none
+
+
+def _session_pids(server_process) -> set[int]:
+    children = Path(f"/proc/{server_process.pid}/task/{server_process.pid}/children").read_text().split()
+    return {int(pid) for pid in children if b"AttnSegLib.web.session" in Path(f"/proc/{pid}/cmdline").read_bytes()}
+
+
 async def _ws_connect_and_close(ws_url: str, headers: dict, cookies: dict) -> None:
     async with aiohttp.ClientSession(cookies=cookies) as client, client.ws_connect(ws_url, headers=headers):
         pass
@@ -393,3 +425,45 @@ def test_a_browser_needs_the_token_once_and_then_works(server, browser):
     page.wait_for_selector("#attnseg-loaded-volume", timeout=60_000)
     assert "hippocampus_001_image" in page.inner_text("#attnseg-loaded-volume")
     page.close()
+
+
+ATTACKER_PAGE = """<!doctype html><html><body><h1>win a prize</h1>
+<iframe id="front" src="{url}/" width="600" height="400"></iframe>
+<iframe id="start" src="{url}/start" width="600" height="400"></iframe></body></html>"""
+
+
+@pytest.mark.browser
+def test_another_site_cannot_frame_the_app_nor_start_sessions_in_frames(browser, tmp_path):
+    """A server without a token (loopback, the default): a page of another site framing its front page and
+    ``/start`` gets neither shown, and no session is started for it."""
+    process, url = _start_server({"ATTNSEG_WEB_MAX_SESSIONS": "2"}, [])
+    attacker = None
+    try:
+        (tmp_path / "index.html").write_text(ATTACKER_PAGE.format(url=url))
+        attacker_port = _free_port()
+        attacker = subprocess.Popen([sys.executable, "-m", "http.server", str(attacker_port), "--bind", "127.0.0.1"],
+                                    cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        page = browser.new_page()
+        statuses = {}
+        page.on("response", lambda response: statuses.setdefault(response.url, response.status))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # http.server takes a moment to listen
+            try:
+                page.goto(f"http://localhost:{attacker_port}/index.html")  # localhost: another site than 127.0.0.1
+                break
+            except Exception:  # noqa: BLE001  (connection refused while it starts)
+                time.sleep(0.2)
+        page.wait_for_load_state("load")
+        time.sleep(3)  # a framed starting page would have asked /start by now
+        assert statuses.get(f"{url}/start") == 403, statuses
+        framed = [f for f in page.frames if f is not page.main_frame]
+        assert len(framed) == 2
+        for frame in framed:
+            assert "AttnSeg" not in frame.content(), frame.url
+        assert not _session_pids(process), "a framed page started a session"
+        page.close()
+    finally:
+        if attacker is not None:
+            attacker.terminate()
+            attacker.wait(10)
+        _stop_server(process)

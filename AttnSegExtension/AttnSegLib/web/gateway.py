@@ -37,7 +37,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import WSMsgType, web
 
-from .access import TOKEN_COOKIE, TOKEN_QUERY, AccessPolicy, is_wildcard
+from .access import SECURITY_HEADERS, TOKEN_COOKIE, TOKEN_QUERY, AccessPolicy, is_wildcard
 from .wslink_guard import PendingMessages, with_secret
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,7 @@ class Gateway:
         app.router.add_get("/session/{token}", self.add_slash)
         app.router.add_get("/session/{token}/ws", self.relay_websocket)
         app.router.add_route("*", "/session/{token}/{tail:.*}", self.relay_http)
+        app.on_response_prepare.append(self._add_security_headers)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
@@ -171,7 +172,8 @@ class Gateway:
         access = self.config.access
         headers = request.headers
         problem = access.host_problem(headers.get("Host")) or access.origin_problem(
-            headers.get("Origin"), headers.get("Host"), headers.get("Sec-Fetch-Site"), headers.get("Sec-Fetch-Mode"))
+            headers.get("Origin"), headers.get("Host"), headers.get("Sec-Fetch-Site"), headers.get("Sec-Fetch-Mode"),
+            headers.get("Sec-Fetch-Dest"))
         if problem is not None:
             log.warning("refused %s %s: %s", request.method, request.path, problem)
             return _page("Request refused", problem, 403, link=False)
@@ -186,6 +188,11 @@ class Gateway:
             response.set_cookie(TOKEN_COOKIE, access.token, httponly=True, samesite="Strict", path="/",
                                 secure=request.secure)
         return response
+
+    @staticmethod
+    async def _add_security_headers(_request: web.Request, response: web.StreamResponse) -> None:
+        """Every response, the relayed session's included (see :data:`.access.SECURITY_HEADERS`)."""
+        response.headers.update(SECURITY_HEADERS)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def _on_startup(self, _app) -> None:
