@@ -3,6 +3,8 @@ websocket client (aiohttp) against the real server on loopback, started as a use
 
 * A foreign ``Host`` (DNS rebinding) or ``Origin`` (another web site), a cross-site ``<img>``, a
   missing or wrong access token: refused with 403 and a message, on HTTP and on the websocket upgrade.
+* Errors: a call that raises in the session is answered without the traceback wslink would send
+  (server folders, versions, code); a long file name or a damaged zip is refused with a message.
 * Framing (clickjacking): another site's ``<iframe>`` of the server starts no session and shows no page;
   every response forbids framing and MIME sniffing.
 * The wslink secret: a client reaching a session's loopback port around the gateway cannot
@@ -19,12 +21,14 @@ The upload of a header naming a server file is refused in the real browser (``te
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import re
 import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import msgpack
@@ -33,10 +37,11 @@ import pytest
 aiohttp = pytest.importorskip("aiohttp")
 
 from AttnSegLib.web.access import AccessError, AccessPolicy, access_token, normalize_origin  # noqa: E402
-from AttnSegLib.web.wslink_guard import CHUNK_HEADER, PendingMessages, with_secret  # noqa: E402
+from AttnSegLib.web.wslink_guard import CHUNK_HEADER, PendingMessages, with_secret, without_trace  # noqa: E402
 from test_web import browser  # noqa: E402,F401  (the Chromium fixture)
 
 REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "Resources" / "SampleData" / "hippocampus_001_image.nii.gz"
 TOKEN = "test-token-0123456789abcdef"
 PROXY_ORIGIN = "https://seg.example.org"
 UPLOAD_LIMIT_MB = 256
@@ -125,6 +130,22 @@ def test_the_gateway_writes_the_sessions_secret_into_hello():
     assert msgpack.unpackb(rewritten[CHUNK_HEADER.size:])["args"] == [{"secret": "s3cret"}]
     other = msgpack.packb({**hello, "method": "trame.state.get"})
     assert with_secret(_chunk(6, 0, len(other), other), "s3cret") == _chunk(6, 0, len(other), other)
+
+
+def test_the_gateway_cuts_tracebacks_from_error_answers():
+    error = {"wslink": "1.0", "id": "rpc:c0:3", "error": {"code": -32001, "message": "Exception raised", "data": {
+        "method": "trame.trigger", "exception": "OSError(2, 'No such file', '/srv/secret/x')",
+        "trace": 'Traceback (most recent call last):\n  File "/srv/attnseg/webapp.py", line 1'}}}
+    body = msgpack.packb(error)
+    cut = without_trace(_chunk(7, 0, len(body), body))
+    assert CHUNK_HEADER.unpack_from(cut) == (7, 0, len(cut) - CHUNK_HEADER.size)
+    answer = msgpack.unpackb(cut[CHUNK_HEADER.size:])
+    assert answer["error"] == {"code": -32001, "message": "Exception raised",
+                               "data": {"method": "trame.trigger", "exception": "OSError"}}
+    result = msgpack.packb({"wslink": "1.0", "id": "rpc:c0:4", "result": {"trace": "a state key"}})
+    assert without_trace(_chunk(8, 0, len(result), result)) == _chunk(8, 0, len(result), result)
+    part = _chunk(9, 0, len(body) + 10, body)  # the first of two chunks: passed on as it is
+    assert without_trace(part) == part
 
 
 # -- a real server on loopback ---------------------------------------------------------------------------
@@ -408,6 +429,45 @@ def test_a_public_interface_without_a_token_is_refused():
     assert result.returncode == 2
     error = result.stderr.strip()
     assert "needs an access token" in error and "\n" not in error, error
+
+
+async def _calls_that_fail(session_url: str, cookies: dict) -> list[dict]:
+    """The session's answers to a trigger called with wrong arguments, an upload with a 300-character
+    name and an upload of a damaged zip; and the volume panel's error after each upload."""
+    async with aiohttp.ClientSession(cookies=cookies) as client, client.ws_connect(_ws_url(session_url)) as ws:
+        wslink = WslinkClient(ws)
+        await wslink.hello()
+        template = (await wslink.send("trame.state.get", []))["result"]["state"]["trame__template_main"]
+        send = re.search(r"trigger\('([^']+)', \[\[file\]\]\)", template).group(1)
+        answers = [await wslink.send("trame.trigger", [send, [1, 2, 3, 4, 5], {}])]
+        broken = bytearray(_zip_with_one_member())
+        broken[49:99] = bytes(b ^ 0x55 for b in broken[49:99])  # inside the member's deflate stream
+        for name, content in (("a" * 300 + ".nii.gz", SAMPLE.read_bytes()), ("series.zip", bytes(broken))):
+            upload = {"name": name, "size": len(content), "type": "", "lastModified": 0, "content": content}
+            answers.append(await wslink.send("trame.trigger", [send, [[upload]], {}]))
+            answers.append({"volume error": (await wslink.send("trame.state.get", []))["result"]["state"][
+                VOLUME_KEY + "error"]})
+        return answers
+
+
+def _zip_with_one_member() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("slice.dcm", b"A" * 100_000)
+    return buffer.getvalue()
+
+
+# Last of the shared session's tests: the long-named upload replaces the volume on screen.
+def test_failing_calls_are_answered_without_tracebacks_and_bad_uploads_with_a_message(server, session):
+    session_url, cookies = session
+    wrong_arguments, long_name, long_name_state, damaged_zip, damaged_zip_state = run(
+        _calls_that_fail(session_url, cookies))
+    assert wrong_arguments["error"]["data"] == {"method": "trame.trigger", "exception": "TypeError"}, wrong_arguments
+    assert "error" not in long_name and long_name_state == {"volume error": ""}, (long_name, long_name_state)
+    assert "error" not in damaged_zip, damaged_zip
+    assert damaged_zip_state["volume error"].startswith("series.zip: not a readable zip (Error -3 while decompressing")
+    for answer in (wrong_arguments, long_name, damaged_zip):
+        assert "Traceback" not in str(answer) and str(REPO) not in str(answer) and "/tmp" not in str(answer)
 
 
 @pytest.mark.browser

@@ -18,7 +18,8 @@ before that chunk reaches the session. The page itself refuses oversized files b
 with a message. Each session checks a random wslink secret that only the gateway knows: it writes it
 into the browser's ``wslink.hello`` (:func:`~.wslink_guard.with_secret`). A session no browser has
 connected to within ``connect_timeout_s`` of its start is stopped, so visits that never open the
-page cannot hold the slots.
+page cannot hold the slots. An error the session answers a call with reaches the browser without
+its traceback (:func:`~.wslink_guard.without_trace`).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 from .access import SECURITY_HEADERS, TOKEN_COOKIE, TOKEN_QUERY, AccessPolicy, is_wildcard
-from .wslink_guard import PendingMessages, with_secret
+from .wslink_guard import PendingMessages, with_secret, without_trace
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +377,7 @@ class Gateway:
     async def _session_to_browser(self, upstream, browser: web.WebSocketResponse) -> None:
         async for message in upstream:
             if message.type == WSMsgType.BINARY:
-                await browser.send_bytes(message.data)
+                await browser.send_bytes(without_trace(message.data))
             elif message.type == WSMsgType.TEXT:
                 await browser.send_str(message.data)
             else:

@@ -1,4 +1,4 @@
-"""What the gateway checks in the wslink messages a browser sends to its session.
+"""What the gateway checks in the wslink messages between a browser and its session.
 
 wslink splits each message into chunks behind a 12-byte header: message id, the chunk's offset and
 the whole message's size (three little-endian uint32). The session's un-chunker allocates the whole
@@ -11,15 +11,23 @@ bytes of partly received messages and their number.
 The session checks a wslink secret in the client's first message (``wslink.hello``). The gateway
 writes the session's random secret into that message (:func:`with_secret`), so the browser never
 holds it and a client reaching the session's loopback port around the gateway cannot authenticate.
+
+When a call raises, wslink answers the client with the exception and its whole traceback (the
+server's folders, its Python and library versions, the code around the failing line). The gateway
+cuts such an answer down to the method and the exception's type (:func:`without_trace`); the
+session's log keeps the traceback.
 """
 from __future__ import annotations
 
+import re
 import struct
 
 import msgpack
 
 CHUNK_HEADER = struct.Struct("<III")  # message id, chunk offset, total message size
 _HELLO_MAX_BYTES = 4096
+_ERROR_MAX_BYTES = 2**20  # an error answer is one chunk this small; larger frames (images) pass unread
+_EXCEPTION_TYPE = re.compile(r"[A-Za-z_][\w.]*")
 
 
 def parse_chunk(frame: bytes) -> tuple[int, int, int] | None:
@@ -93,5 +101,26 @@ def with_secret(frame: bytes, secret: str) -> bytes:
     if not isinstance(message, dict) or message.get("method") != "wslink.hello":
         return frame
     message["args"] = [{"secret": secret}]
+    body = msgpack.packb(message)
+    return CHUNK_HEADER.pack(chunk[0], 0, len(body)) + body
+
+
+def without_trace(frame: bytes) -> bytes:
+    """``frame`` (from a session) with a wslink error answer's ``data`` cut to the method and the
+    exception's type; any other frame unchanged."""
+    chunk = parse_chunk(frame)
+    if chunk is None or chunk[1] != 0 or chunk[2] != len(frame) - CHUNK_HEADER.size or chunk[2] > _ERROR_MAX_BYTES \
+            or b"trace" not in frame:
+        return frame
+    try:
+        message = msgpack.unpackb(frame[CHUNK_HEADER.size:])
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return frame
+    error = message.get("error") if isinstance(message, dict) else None
+    data = error.get("data") if isinstance(error, dict) else None
+    if not isinstance(data, dict) or "trace" not in data:
+        return frame
+    kind = _EXCEPTION_TYPE.match(str(data.get("exception", "")))
+    error["data"] = {"method": data.get("method"), "exception": kind.group() if kind else "Exception"}
     body = msgpack.packb(message)
     return CHUNK_HEADER.pack(chunk[0], 0, len(body)) + body
