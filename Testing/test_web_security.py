@@ -5,6 +5,8 @@ websocket client (aiohttp) against the real server on loopback, started as a use
   missing or wrong access token: refused with 403 and a message, on HTTP and on the websocket upgrade.
 * Errors: a call that raises in the session is answered without the traceback wslink would send
   (server folders, versions, code); a long file name or a damaged zip is refused with a message.
+* A file in ``--data`` whose name is not UTF-8 (a Latin-1 name from a Windows share): offered under a
+  readable name and opened; it aborted every session at its start.
 * Framing (clickjacking): another site's ``<iframe>`` of the server starts no session and shows no page;
   every response forbids framing and MIME sniffing.
 * The wslink secret: a client reaching a session's loopback port around the gateway cannot
@@ -485,6 +487,23 @@ def test_a_browser_needs_the_token_once_and_then_works(server, browser):
     page.wait_for_selector("#attnseg-loaded-volume", timeout=60_000)
     assert "hippocampus_001_image" in page.inner_text("#attnseg-loaded-volume")
     page.close()
+
+
+def test_a_data_file_whose_name_is_not_utf8_is_offered_and_opened(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "hippocampus_001_image.nii.gz").write_bytes(SAMPLE.read_bytes())
+    latin1 = os.fsencode(data) + b"/caf\xe9.nii.gz"  # sorted first: the volume every session opens at its start
+    Path(os.fsdecode(latin1)).write_bytes(SAMPLE.read_bytes())
+    process, url = _start_server({"ATTNSEG_WEB_MAX_SESSIONS": "1"}, ["--data", str(data)])
+    try:
+        status, text, headers = run(_get(url + "/start", timeout=aiohttp.ClientTimeout(total=SESSION_START_S)))
+        assert status == 303, (status, text[:300])  # was 500: the session died (std::logic_error, SIGABRT)
+        state = run(_state(url + headers["Location"], {}))
+        assert [c["value"] for c in state[VOLUME_KEY + "choices"]] == ["caf?.nii.gz", "hippocampus_001_image.nii.gz"]
+        assert state[VOLUME_KEY + "loaded"] == "caf?" and not state[VOLUME_KEY + "error"]
+    finally:
+        _stop_server(process)
 
 
 ATTACKER_PAGE = """<!doctype html><html><body><h1>win a prize</h1>
