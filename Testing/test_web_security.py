@@ -7,6 +7,8 @@ websocket client (aiohttp) against the real server on loopback, started as a use
   (server folders, versions, code); a long file name or a damaged zip is refused with a message.
 * A file in ``--data`` whose name is not UTF-8 (a Latin-1 name from a Windows share): offered under a
   readable name and opened; it aborted every session at its start.
+* View sizes: a browser asking for an 8000 x 8000 view gets one of at most MAX_VIEW_SIDE pixels a side
+  (the session grew by 2.9 GB before).
 * Framing (clickjacking): another site's ``<iframe>`` of the server starts no session and shows no page;
   every response forbids framing and MIME sniffing.
 * The wslink secret: a client reaching a session's loopback port around the gateway cannot
@@ -39,7 +41,8 @@ import pytest
 aiohttp = pytest.importorskip("aiohttp")
 
 from AttnSegLib.web.access import AccessError, AccessPolicy, access_token, normalize_origin  # noqa: E402
-from AttnSegLib.web.wslink_guard import CHUNK_HEADER, PendingMessages, with_secret, without_trace  # noqa: E402
+from AttnSegLib.web.wslink_guard import (CHUNK_HEADER, MAX_VIEW_SIDE, PendingMessages,  # noqa: E402
+                                         with_bounded_view_size, with_secret, without_trace)
 from test_web import browser  # noqa: E402,F401  (the Chromium fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,6 +151,26 @@ def test_the_gateway_cuts_tracebacks_from_error_answers():
     assert without_trace(_chunk(8, 0, len(result), result)) == _chunk(8, 0, len(result), result)
     part = _chunk(9, 0, len(body) + 10, body)  # the first of two chunks: passed on as it is
     assert without_trace(part) == part
+
+
+def _view_size(frame: bytes) -> dict:
+    return msgpack.unpackb(frame[CHUNK_HEADER.size:])["args"][2]
+
+
+def test_the_gateway_bounds_the_size_views_are_rendered_at():
+    def size_call(size) -> bytes:
+        body = msgpack.packb({"wslink": "1.0", "id": "rpc:c0:5", "method": "trame.rca.size", "args": ["Red", "o", size],
+                              "kwargs": {}})
+        return _chunk(5, 0, len(body), body)
+    assert _view_size(with_bounded_view_size(size_call({"w": 800, "h": 600, "p": 2}))) == {"w": 800, "h": 600, "p": 2}
+    assert _view_size(with_bounded_view_size(size_call({"w": 8000, "h": 600, "p": 1}))) == {
+        "w": MAX_VIEW_SIDE, "h": 600, "p": 1}
+    assert _view_size(with_bounded_view_size(size_call({"w": 3000, "h": 3000, "p": 1e6}))) == {
+        "w": MAX_VIEW_SIDE / 4, "h": MAX_VIEW_SIDE / 4, "p": 4}
+    for hostile in ({"w": float("inf"), "h": float("nan"), "p": -1}, {"w": "9" * 20, "h": True, "p": "x"}):
+        assert _view_size(with_bounded_view_size(size_call(hostile))) == {"w": 300, "h": 300, "p": 1}
+    other = size_call({"w": 8000, "h": 8000}).replace(b"trame.rca.size", b"trame.rca.push")
+    assert with_bounded_view_size(other) == other
 
 
 # -- a real server on loopback ---------------------------------------------------------------------------
@@ -280,6 +303,30 @@ def test_every_response_forbids_framing_and_sniffing_and_frames_start_no_session
         assert response_headers.get("X-Frame-Options") == "DENY", target
         assert response_headers.get("X-Content-Type-Options") == "nosniff", target
     assert _session_pids(process) == sessions  # the framed /start started none
+
+
+async def _ask_for_a_view_size(session_url: str, cookies: dict, side: int, pid: int) -> tuple[int, int]:
+    """(resident bytes before, peak within 5 s after) the session is asked to render its axial view
+    ``side`` x ``side`` pixels."""
+    async with aiohttp.ClientSession(cookies=cookies) as client, client.ws_connect(_ws_url(session_url)) as ws:
+        wslink = WslinkClient(ws)
+        await wslink.hello()
+        await wslink.send("trame.state.get", [])
+        before = peak = _resident_bytes(pid)
+        await wslink.send("trame.rca.size", ["Red", "test", {"w": side, "h": side, "p": 1}])
+        for _ in range(25):
+            await asyncio.sleep(0.2)
+            peak = max(peak, _resident_bytes(pid))
+        await wslink.send("trame.rca.size", ["Red", "test", {"w": 400, "h": 400, "p": 1}])
+        return before, peak
+
+
+def test_a_browser_cannot_make_a_view_render_huge(server, session):
+    session_url, cookies = session
+    pid, _ = _session_process(server[0])
+    before, peak = run(_ask_for_a_view_size(session_url, cookies, 8000, pid))
+    print(f"8000 x 8000 view asked for: session resident {before / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB")
+    assert peak - before < 2**31, f"the session grew by {(peak - before) / 2**20:.0f} MiB"
 
 
 def _session_pids(server_process) -> set[int]:

@@ -19,7 +19,8 @@ with a message. Each session checks a random wslink secret that only the gateway
 into the browser's ``wslink.hello`` (:func:`~.wslink_guard.with_secret`). A session no browser has
 connected to within ``connect_timeout_s`` of its start is stopped, so visits that never open the
 page cannot hold the slots. An error the session answers a call with reaches the browser without
-its traceback (:func:`~.wslink_guard.without_trace`).
+its traceback (:func:`~.wslink_guard.without_trace`), and the size a browser asks a view to be
+rendered at is bounded (:func:`~.wslink_guard.with_bounded_view_size`).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 from .access import SECURITY_HEADERS, TOKEN_COOKIE, TOKEN_QUERY, AccessPolicy, is_wildcard
-from .wslink_guard import PendingMessages, with_secret, without_trace
+from .wslink_guard import PendingMessages, with_bounded_view_size, with_secret, without_trace
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +373,7 @@ class Gateway:
                 await browser.close(code=aiohttp.WSCloseCode.MESSAGE_TOO_BIG,
                                     message=f"refused: {problem}"[:120].encode())
                 return
-            await upstream.send_bytes(with_secret(message.data, session.secret))
+            await upstream.send_bytes(with_bounded_view_size(with_secret(message.data, session.secret)))
 
     async def _session_to_browser(self, upstream, browser: web.WebSocketResponse) -> None:
         async for message in upstream:

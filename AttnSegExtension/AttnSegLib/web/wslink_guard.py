@@ -12,6 +12,11 @@ The session checks a wslink secret in the client's first message (``wslink.hello
 writes the session's random secret into that message (:func:`with_secret`), so the browser never
 holds it and a client reaching the session's loopback port around the gateway cannot authenticate.
 
+A view's size comes from the browser (``trame.rca.size``: width and height in CSS pixels, device
+pixel ratio) and the session renders that view at that size, with nothing to bound it: 8000 x 8000
+grew a session by 2.9 GB. The gateway bounds each rendered side to ``MAX_VIEW_SIDE`` pixels
+(:func:`with_bounded_view_size`).
+
 When a call raises, wslink answers the client with the exception and its whole traceback (the
 server's folders, its Python and library versions, the code around the failing line). The gateway
 cuts such an answer down to the method and the exception's type (:func:`without_trace`); the
@@ -19,6 +24,7 @@ session's log keeps the traceback.
 """
 from __future__ import annotations
 
+import math
 import re
 import struct
 
@@ -26,6 +32,9 @@ import msgpack
 
 CHUNK_HEADER = struct.Struct("<III")  # message id, chunk offset, total message size
 _HELLO_MAX_BYTES = 4096
+MAX_VIEW_SIDE = 4096  # rendered pixels per side of a view: a full 4K screen, or half a 5K one at pixel ratio 2
+MAX_PIXEL_RATIO = 4.0
+_VIEW_SIZE_MAX_BYTES = 1024
 _ERROR_MAX_BYTES = 2**20  # an error answer is one chunk this small; larger frames (images) pass unread
 _EXCEPTION_TYPE = re.compile(r"[A-Za-z_][\w.]*")
 
@@ -103,6 +112,37 @@ def with_secret(frame: bytes, secret: str) -> bytes:
     message["args"] = [{"secret": secret}]
     body = msgpack.packb(message)
     return CHUNK_HEADER.pack(chunk[0], 0, len(body)) + body
+
+
+def with_bounded_view_size(frame: bytes) -> bytes:
+    """``frame`` with a single-chunk ``trame.rca.size`` call's width and height cut so that neither
+    side, times the pixel ratio (at most ``MAX_PIXEL_RATIO``), exceeds ``MAX_VIEW_SIDE``; any other
+    frame unchanged."""
+    chunk = parse_chunk(frame)
+    if chunk is None or chunk[1] != 0 or chunk[2] != len(frame) - CHUNK_HEADER.size or chunk[2] > _VIEW_SIZE_MAX_BYTES \
+            or b"trame.rca.size" not in frame:
+        return frame
+    try:
+        message = msgpack.unpackb(frame[CHUNK_HEADER.size:])
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return frame
+    args = message.get("args") if isinstance(message, dict) and message.get("method") == "trame.rca.size" else None
+    size = args[2] if isinstance(args, list) and len(args) == 3 else None
+    if not isinstance(size, dict):
+        return frame
+    ratio = _finite(size.get("p", 1.0), 1.0)
+    ratio = min(ratio, MAX_PIXEL_RATIO) if ratio > 0 else 1.0
+    size.update(p=ratio, w=min(_finite(size.get("w", 300), 300), MAX_VIEW_SIDE / ratio),
+                h=min(_finite(size.get("h", 300), 300), MAX_VIEW_SIDE / ratio))
+    body = msgpack.packb(message)
+    return CHUNK_HEADER.pack(chunk[0], 0, len(body)) + body
+
+
+def _finite(value, default: float) -> float:
+    """``value`` as a finite float, or ``default``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return default
+    return float(value) if math.isfinite(value) else default
 
 
 def without_trace(frame: bytes) -> bytes:
