@@ -519,23 +519,6 @@ def test_failing_calls_are_answered_without_tracebacks_and_bad_uploads_with_a_me
         assert "Traceback" not in str(answer) and str(REPO) not in str(answer) and "/tmp" not in str(answer)
 
 
-@pytest.mark.browser
-def test_a_browser_needs_the_token_once_and_then_works(server, browser):
-    _, url = server
-    page = browser.new_page()
-    response = page.goto(url + "/")
-    assert response.status == 403 and "Access token needed" in page.inner_text("body")
-    page.goto(f"{url}/?token={TOKEN}", timeout=SESSION_START_S * 1000)
-    # While the session starts the page says so (it used to stay blank for 12-16 s), then moves on by itself.
-    assert "Starting your AttnSeg session" in page.inner_text("#attnseg-starting")
-    page.wait_for_selector("#attnseg-open", timeout=SESSION_START_S * 1000)
-    assert TOKEN not in page.url  # the cookie carries it from here on: page, assets and websocket
-    page.click("#attnseg-open")
-    page.wait_for_selector("#attnseg-loaded-volume", timeout=60_000)
-    assert "hippocampus_001_image" in page.inner_text("#attnseg-loaded-volume")
-    page.close()
-
-
 def test_a_data_file_whose_name_is_not_utf8_is_offered_and_opened(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -551,6 +534,23 @@ def test_a_data_file_whose_name_is_not_utf8_is_offered_and_opened(tmp_path):
         assert state[VOLUME_KEY + "loaded"] == "caf?" and not state[VOLUME_KEY + "error"]
     finally:
         _stop_server(process)
+
+
+@pytest.mark.browser
+def test_a_browser_needs_the_token_once_and_then_works(server, browser):
+    _, url = server
+    page = browser.new_page()
+    response = page.goto(url + "/")
+    assert response.status == 403 and "Access token needed" in page.inner_text("body")
+    page.goto(f"{url}/?token={TOKEN}", timeout=SESSION_START_S * 1000)
+    # While the session starts the page says so (it used to stay blank for 12-16 s), then moves on by itself.
+    assert "Starting your AttnSeg session" in page.inner_text("#attnseg-starting")
+    page.wait_for_selector("#attnseg-open", timeout=SESSION_START_S * 1000)
+    assert TOKEN not in page.url  # the cookie carries it from here on: page, assets and websocket
+    page.click("#attnseg-open")
+    page.wait_for_selector("#attnseg-loaded-volume", timeout=60_000)
+    assert "hippocampus_001_image" in page.inner_text("#attnseg-loaded-volume")
+    page.close()
 
 
 ATTACKER_PAGE = """<!doctype html><html><body><h1>win a prize</h1>
