@@ -43,7 +43,7 @@ from AttnSegLib.review import doubtful_regions
 from AttnSegLib.localise import Box
 from AttnSegLib.web.webapp import format_value, roi_from_fields
 from AttnSegLib.web.wslink_guard import parse_chunk
-from AttnSegLib.web.uploads import UploadError, check_upload, safe_upload_name, save_upload
+from AttnSegLib.web.uploads import MAX_NAME_CHARS, UploadError, check_upload, safe_upload_name, save_upload
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "Resources" / "SampleData" / "hippocampus_001_image.nii.gz"
@@ -66,6 +66,17 @@ def test_upload_names_lose_any_folder_part():
     assert safe_upload_name("C:\\scans\\case 1.nii.gz") == "case_1.nii.gz"
     with pytest.raises(UploadError, match="no name"):
         safe_upload_name("../")
+    # A client's name is cut, its suffix kept: 300 characters failed the write (ENAMETOOLONG), uncaught.
+    assert safe_upload_name("a" * 300 + ".nii.gz") == "a" * (MAX_NAME_CHARS - 7) + ".nii.gz"
+    assert safe_upload_name("é" * 300 + ".zip") == "_.zip"
+
+
+def test_uploads_with_names_at_the_file_systems_limit_are_saved(tmp_path):
+    long_name = "a" * (255 - len(".nii.gz")) + ".nii.gz"  # the longest name a Linux file may have
+    saved = save_upload(long_name, SAMPLE.read_bytes(), tmp_path, 2**20)
+    assert saved.name == safe_upload_name(long_name) and read_image(saved).array.shape == read_image(SAMPLE).array.shape
+    with pytest.raises(UploadError, match="not a readable medical image"):
+        save_upload("b" * 400 + ".nii.gz", b"not a NIfTI file", tmp_path, 2**20)
 
 
 def test_uploads_are_refused_by_type_and_size_before_reading():

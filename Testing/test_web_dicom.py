@@ -3,6 +3,7 @@ bounded, kept as NRRD) and DICOM series folders offered from ``--data``."""
 from __future__ import annotations
 
 import io
+import struct
 import zipfile
 from pathlib import Path
 
@@ -29,6 +30,13 @@ def _zip(folders: list[Path], prefix: str = "") -> bytes:
             for file in sorted(folder.iterdir()):
                 archive.write(file, prefix + f"{folder.name}/{file.name}")
     return buffer.getvalue()
+
+
+def _one_member_zip() -> bytearray:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("slice.dcm", b"A" * 100_000)
+    return bytearray(buffer.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +72,15 @@ def test_bad_zips_are_refused_in_one_line(series, tmp_path):
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("slice.dcm", b"\0" * (LIMIT + 1))  # a few KiB zipped, over the limit unpacked
     bad["bomb.zip"] = (bomb.getvalue(), "unpacks to more than this server's upload limit")
+    # Damaged archives escaped as other errors (zlib.error, ValueError): the page showed nothing.
+    stream = _one_member_zip()
+    start = 30 + len("slice.dcm")  # the member's deflate stream follows its local header
+    stream[start + 10:start + 60] = bytes(b ^ 0x55 for b in stream[start + 10:start + 60])
+    bad["stream.zip"] = (bytes(stream), r"not a readable zip \(Error -3 while decompressing")
+    offset = _one_member_zip()
+    end = offset.rfind(b"PK\x05\x06")
+    offset[end + 16:end + 20] = struct.pack("<I", 0xFFFFFF00)  # the central directory's offset, past the file
+    bad["offset.zip"] = (bytes(offset), "not a readable zip")
     for name, (content, message) in bad.items():
         with pytest.raises(UploadError, match=message) as refused:
             save_upload(name, content, tmp_path / "uploads", LIMIT)

@@ -3,6 +3,14 @@ websocket client (aiohttp) against the real server on loopback, started as a use
 
 * A foreign ``Host`` (DNS rebinding) or ``Origin`` (another web site), a cross-site ``<img>``, a
   missing or wrong access token: refused with 403 and a message, on HTTP and on the websocket upgrade.
+* Errors: a call that raises in the session is answered without the traceback wslink would send
+  (server folders, versions, code); a long file name or a damaged zip is refused with a message.
+* A file in ``--data`` whose name is not UTF-8 (a Latin-1 name from a Windows share): offered under a
+  readable name and opened; it aborted every session at its start.
+* View sizes: a browser asking for an 8000 x 8000 view gets one of at most MAX_VIEW_SIDE pixels a side
+  (the session grew by 2.9 GB before).
+* Framing (clickjacking): another site's ``<iframe>`` of the server starts no session and shows no page;
+  every response forbids framing and MIME sniffing.
 * The wslink secret: a client reaching a session's loopback port around the gateway cannot
   authenticate with wslink's well-known default secret; the gateway's own relay can.
 * Memory: messages announced and never finished are bounded per session in bytes (in total) and
@@ -17,12 +25,14 @@ The upload of a header naming a server file is refused in the real browser (``te
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import re
 import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import msgpack
@@ -31,10 +41,12 @@ import pytest
 aiohttp = pytest.importorskip("aiohttp")
 
 from AttnSegLib.web.access import AccessError, AccessPolicy, access_token, normalize_origin  # noqa: E402
-from AttnSegLib.web.wslink_guard import CHUNK_HEADER, PendingMessages, with_secret  # noqa: E402
+from AttnSegLib.web.wslink_guard import (CHUNK_HEADER, MAX_VIEW_SIDE, PendingMessages,  # noqa: E402
+                                         with_bounded_view_size, with_secret, without_trace)
 from test_web import browser  # noqa: E402,F401  (the Chromium fixture)
 
 REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "Resources" / "SampleData" / "hippocampus_001_image.nii.gz"
 TOKEN = "test-token-0123456789abcdef"
 PROXY_ORIGIN = "https://seg.example.org"
 UPLOAD_LIMIT_MB = 256
@@ -69,6 +81,15 @@ def test_origins_must_be_the_servers_own_or_allowed():
     assert normalize_origin("HTTPS://Seg.Example.org:443/") == "https://seg.example.org"
     with pytest.raises(AccessError, match="scheme://host"):
         normalize_origin("seg.example.org")
+
+
+def test_only_top_level_navigations_may_come_from_another_site():
+    policy = AccessPolicy.build()
+    assert policy.origin_problem(None, "127.0.0.1:8080", "cross-site", "navigate", "document") is None
+    assert policy.origin_problem(None, "127.0.0.1:8080", "same-origin", "navigate", "iframe") is None
+    for dest in ("iframe", "frame", "object", "embed"):
+        assert "show it in a frame" in policy.origin_problem(None, "127.0.0.1:8080", "cross-site", "navigate", dest)
+        assert "show it in a frame" in policy.origin_problem(None, "127.0.0.1:8080", "same-site", "navigate", dest)
 
 
 def test_tokens_are_needed_off_loopback_and_compared_whole():
@@ -114,6 +135,42 @@ def test_the_gateway_writes_the_sessions_secret_into_hello():
     assert msgpack.unpackb(rewritten[CHUNK_HEADER.size:])["args"] == [{"secret": "s3cret"}]
     other = msgpack.packb({**hello, "method": "trame.state.get"})
     assert with_secret(_chunk(6, 0, len(other), other), "s3cret") == _chunk(6, 0, len(other), other)
+
+
+def test_the_gateway_cuts_tracebacks_from_error_answers():
+    error = {"wslink": "1.0", "id": "rpc:c0:3", "error": {"code": -32001, "message": "Exception raised", "data": {
+        "method": "trame.trigger", "exception": "OSError(2, 'No such file', '/srv/secret/x')",
+        "trace": 'Traceback (most recent call last):\n  File "/srv/attnseg/webapp.py", line 1'}}}
+    body = msgpack.packb(error)
+    cut = without_trace(_chunk(7, 0, len(body), body))
+    assert CHUNK_HEADER.unpack_from(cut) == (7, 0, len(cut) - CHUNK_HEADER.size)
+    answer = msgpack.unpackb(cut[CHUNK_HEADER.size:])
+    assert answer["error"] == {"code": -32001, "message": "Exception raised",
+                               "data": {"method": "trame.trigger", "exception": "OSError"}}
+    result = msgpack.packb({"wslink": "1.0", "id": "rpc:c0:4", "result": {"trace": "a state key"}})
+    assert without_trace(_chunk(8, 0, len(result), result)) == _chunk(8, 0, len(result), result)
+    part = _chunk(9, 0, len(body) + 10, body)  # the first of two chunks: passed on as it is
+    assert without_trace(part) == part
+
+
+def _view_size(frame: bytes) -> dict:
+    return msgpack.unpackb(frame[CHUNK_HEADER.size:])["args"][2]
+
+
+def test_the_gateway_bounds_the_size_views_are_rendered_at():
+    def size_call(size) -> bytes:
+        body = msgpack.packb({"wslink": "1.0", "id": "rpc:c0:5", "method": "trame.rca.size", "args": ["Red", "o", size],
+                              "kwargs": {}})
+        return _chunk(5, 0, len(body), body)
+    assert _view_size(with_bounded_view_size(size_call({"w": 800, "h": 600, "p": 2}))) == {"w": 800, "h": 600, "p": 2}
+    assert _view_size(with_bounded_view_size(size_call({"w": 8000, "h": 600, "p": 1}))) == {
+        "w": MAX_VIEW_SIDE, "h": 600, "p": 1}
+    assert _view_size(with_bounded_view_size(size_call({"w": 3000, "h": 3000, "p": 1e6}))) == {
+        "w": MAX_VIEW_SIDE / 4, "h": MAX_VIEW_SIDE / 4, "p": 4}
+    for hostile in ({"w": float("inf"), "h": float("nan"), "p": -1}, {"w": "9" * 20, "h": True, "p": "x"}):
+        assert _view_size(with_bounded_view_size(size_call(hostile))) == {"w": 300, "h": 300, "p": 1}
+    other = size_call({"w": 8000, "h": 8000}).replace(b"trame.rca.size", b"trame.rca.push")
+    assert with_bounded_view_size(other) == other
 
 
 # -- a real server on loopback ---------------------------------------------------------------------------
@@ -230,6 +287,51 @@ def test_foreign_hosts_origins_and_missing_tokens_are_refused(server, session):
     # The server's own page, and an allowed proxy origin, get through.
     assert run(_get(session_url, cookies=cookies, headers={"Origin": url}))[0] == 200
     assert run(_get(session_url, cookies=cookies, headers={"Origin": PROXY_ORIGIN}))[0] == 200
+
+
+def test_every_response_forbids_framing_and_sniffing_and_frames_start_no_session(server, session):
+    process, url = server
+    session_url, cookies = session
+    sessions = _session_pids(process)
+    iframe = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "iframe"}
+    for target, headers, cookie, status in [
+            (url + "/", {}, {}, 403), (f"{url}/?token={TOKEN}", {}, {}, 200), (session_url, {}, cookies, 200),
+            (f"{url}/start?token={TOKEN}", iframe, cookies, 403), (session_url, iframe, cookies, 403)]:
+        got, text, response_headers = run(_get(target, headers=headers, cookies=cookie))
+        assert got == status, (target, headers, got, text[:300])
+        assert response_headers.get("Content-Security-Policy") == "frame-ancestors 'none'", target
+        assert response_headers.get("X-Frame-Options") == "DENY", target
+        assert response_headers.get("X-Content-Type-Options") == "nosniff", target
+    assert _session_pids(process) == sessions  # the framed /start started none
+
+
+async def _ask_for_a_view_size(session_url: str, cookies: dict, side: int, pid: int) -> tuple[int, int]:
+    """(resident bytes before, peak within 5 s after) the session is asked to render its axial view
+    ``side`` x ``side`` pixels."""
+    async with aiohttp.ClientSession(cookies=cookies) as client, client.ws_connect(_ws_url(session_url)) as ws:
+        wslink = WslinkClient(ws)
+        await wslink.hello()
+        await wslink.send("trame.state.get", [])
+        before = peak = _resident_bytes(pid)
+        await wslink.send("trame.rca.size", ["Red", "test", {"w": side, "h": side, "p": 1}])
+        for _ in range(25):
+            await asyncio.sleep(0.2)
+            peak = max(peak, _resident_bytes(pid))
+        await wslink.send("trame.rca.size", ["Red", "test", {"w": 400, "h": 400, "p": 1}])
+        return before, peak
+
+
+def test_a_browser_cannot_make_a_view_render_huge(server, session):
+    session_url, cookies = session
+    pid, _ = _session_process(server[0])
+    before, peak = run(_ask_for_a_view_size(session_url, cookies, 8000, pid))
+    print(f"8000 x 8000 view asked for: session resident {before / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB")
+    assert peak - before < 2**31, f"the session grew by {(peak - before) / 2**20:.0f} MiB"
+
+
+def _session_pids(server_process) -> set[int]:
+    children = Path(f"/proc/{server_process.pid}/task/{server_process.pid}/children").read_text().split()
+    return {int(pid) for pid in children if b"AttnSegLib.web.session" in Path(f"/proc/{pid}/cmdline").read_bytes()}
 
 
 async def _ws_connect_and_close(ws_url: str, headers: dict, cookies: dict) -> None:
@@ -378,6 +480,62 @@ def test_a_public_interface_without_a_token_is_refused():
     assert "needs an access token" in error and "\n" not in error, error
 
 
+async def _calls_that_fail(session_url: str, cookies: dict) -> list[dict]:
+    """The session's answers to a trigger called with wrong arguments, an upload with a 300-character
+    name and an upload of a damaged zip; and the volume panel's error after each upload."""
+    async with aiohttp.ClientSession(cookies=cookies) as client, client.ws_connect(_ws_url(session_url)) as ws:
+        wslink = WslinkClient(ws)
+        await wslink.hello()
+        template = (await wslink.send("trame.state.get", []))["result"]["state"]["trame__template_main"]
+        send = re.search(r"trigger\('([^']+)', \[\[file\]\]\)", template).group(1)
+        answers = [await wslink.send("trame.trigger", [send, [1, 2, 3, 4, 5], {}])]
+        broken = bytearray(_zip_with_one_member())
+        broken[49:99] = bytes(b ^ 0x55 for b in broken[49:99])  # inside the member's deflate stream
+        for name, content in (("a" * 300 + ".nii.gz", SAMPLE.read_bytes()), ("series.zip", bytes(broken))):
+            upload = {"name": name, "size": len(content), "type": "", "lastModified": 0, "content": content}
+            answers.append(await wslink.send("trame.trigger", [send, [[upload]], {}]))
+            answers.append({"volume error": (await wslink.send("trame.state.get", []))["result"]["state"][
+                VOLUME_KEY + "error"]})
+        return answers
+
+
+def _zip_with_one_member() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("slice.dcm", b"A" * 100_000)
+    return buffer.getvalue()
+
+
+# Last of the shared session's tests: the long-named upload replaces the volume on screen.
+def test_failing_calls_are_answered_without_tracebacks_and_bad_uploads_with_a_message(server, session):
+    session_url, cookies = session
+    wrong_arguments, long_name, long_name_state, damaged_zip, damaged_zip_state = run(
+        _calls_that_fail(session_url, cookies))
+    assert wrong_arguments["error"]["data"] == {"method": "trame.trigger", "exception": "TypeError"}, wrong_arguments
+    assert "error" not in long_name and long_name_state == {"volume error": ""}, (long_name, long_name_state)
+    assert "error" not in damaged_zip, damaged_zip
+    assert damaged_zip_state["volume error"].startswith("series.zip: not a readable zip (Error -3 while decompressing")
+    for answer in (wrong_arguments, long_name, damaged_zip):
+        assert "Traceback" not in str(answer) and str(REPO) not in str(answer) and "/tmp" not in str(answer)
+
+
+def test_a_data_file_whose_name_is_not_utf8_is_offered_and_opened(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "hippocampus_001_image.nii.gz").write_bytes(SAMPLE.read_bytes())
+    latin1 = os.fsencode(data) + b"/caf\xe9.nii.gz"  # sorted first: the volume every session opens at its start
+    Path(os.fsdecode(latin1)).write_bytes(SAMPLE.read_bytes())
+    process, url = _start_server({"ATTNSEG_WEB_MAX_SESSIONS": "1"}, ["--data", str(data)])
+    try:
+        status, text, headers = run(_get(url + "/start", timeout=aiohttp.ClientTimeout(total=SESSION_START_S)))
+        assert status == 303, (status, text[:300])  # was 500: the session died (std::logic_error, SIGABRT)
+        state = run(_state(url + headers["Location"], {}))
+        assert [c["value"] for c in state[VOLUME_KEY + "choices"]] == ["caf?.nii.gz", "hippocampus_001_image.nii.gz"]
+        assert state[VOLUME_KEY + "loaded"] == "caf?" and not state[VOLUME_KEY + "error"]
+    finally:
+        _stop_server(process)
+
+
 @pytest.mark.browser
 def test_a_browser_needs_the_token_once_and_then_works(server, browser):
     _, url = server
@@ -393,3 +551,45 @@ def test_a_browser_needs_the_token_once_and_then_works(server, browser):
     page.wait_for_selector("#attnseg-loaded-volume", timeout=60_000)
     assert "hippocampus_001_image" in page.inner_text("#attnseg-loaded-volume")
     page.close()
+
+
+ATTACKER_PAGE = """<!doctype html><html><body><h1>win a prize</h1>
+<iframe id="front" src="{url}/" width="600" height="400"></iframe>
+<iframe id="start" src="{url}/start" width="600" height="400"></iframe></body></html>"""
+
+
+@pytest.mark.browser
+def test_another_site_cannot_frame_the_app_nor_start_sessions_in_frames(browser, tmp_path):
+    """A server without a token (loopback, the default): a page of another site framing its front page and
+    ``/start`` gets neither shown, and no session is started for it."""
+    process, url = _start_server({"ATTNSEG_WEB_MAX_SESSIONS": "2"}, [])
+    attacker = None
+    try:
+        (tmp_path / "index.html").write_text(ATTACKER_PAGE.format(url=url))
+        attacker_port = _free_port()
+        attacker = subprocess.Popen([sys.executable, "-m", "http.server", str(attacker_port), "--bind", "127.0.0.1"],
+                                    cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        page = browser.new_page()
+        statuses = {}
+        page.on("response", lambda response: statuses.setdefault(response.url, response.status))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # http.server takes a moment to listen
+            try:
+                page.goto(f"http://localhost:{attacker_port}/index.html")  # localhost: another site than 127.0.0.1
+                break
+            except Exception:  # noqa: BLE001  (connection refused while it starts)
+                time.sleep(0.2)
+        page.wait_for_load_state("load")
+        time.sleep(3)  # a framed starting page would have asked /start by now
+        assert statuses.get(f"{url}/start") == 403, statuses
+        framed = [f for f in page.frames if f is not page.main_frame]
+        assert len(framed) == 2
+        for frame in framed:
+            assert "AttnSeg" not in frame.content(), frame.url
+        assert not _session_pids(process), "a framed page started a session"
+        page.close()
+    finally:
+        if attacker is not None:
+            attacker.terminate()
+            attacker.wait(10)
+        _stop_server(process)

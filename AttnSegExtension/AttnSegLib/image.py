@@ -602,6 +602,13 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
                   if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
 
 
+def text_name(name: str) -> str:
+    """``name`` as valid UTF-8 text, for a node name or a page: a file name's bytes that are not UTF-8
+    (kept by Python as lone surrogates) become ``?``. VTK cannot take such a name (a node named so
+    aborts the process), nor can msgpack send it to a browser."""
+    return name.encode("utf-8", "replace").decode("utf-8")
+
+
 def case_name(path: str | os.PathLike) -> str:
     name = Path(path).name
     for suffix in IMAGE_SUFFIXES:

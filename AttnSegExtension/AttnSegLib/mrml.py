@@ -16,7 +16,7 @@ from vtkmodules.util import numpy_support
 from vtkmodules.vtkCommonDataModel import vtkImageData
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
-from .image import Geometry, Image, ImageError, case_name, label_dtype, read_image
+from .image import Geometry, Image, ImageError, case_name, label_dtype, read_image, text_name
 from .localise import Box
 
 # Perceptually uniform "inferno" colour scale (matplotlib), sampled at 17 equally spaced points.
@@ -128,7 +128,7 @@ def volumeNodeFromImage(image: Image, scene, name: str, className: str = "vtkMRM
     if array.dtype == np.bool_:
         array = array.astype(np.uint8)
     imageData.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array.ravel(), deep=True))
-    node = scene.AddNewNodeByClass(className, scene.GenerateUniqueName(name))
+    node = scene.AddNewNodeByClass(className, scene.GenerateUniqueName(text_name(name)))
     node.SetIJKToRASMatrix(arrayToMatrix(image.geometry.ijk_to_ras()))
     if displayNode is not None:
         node.SetAndObserveDisplayNodeID(displayNode.GetID())

@@ -7,9 +7,11 @@ every HTTP request and websocket upgrade must:
 * name this server in ``Host``: an IP address (a rebinding site can only send its own name),
   ``localhost``, this machine's own name, or the host of an origin allowed with ``--allow-origin``;
 * come from this server's own page when it says where it comes from: an ``Origin`` equal to the
-  ``Host`` it was sent to, or one of the allowed origins; a subresource request from another origin
-  (``Sec-Fetch-Site`` other than ``same-origin``, not a navigation) is refused too, so an ``<img>`` on
-  another site (or another port of this machine) cannot start sessions;
+  ``Host`` it was sent to, or one of the allowed origins; a request from another origin
+  (``Sec-Fetch-Site`` other than ``same-origin``) is refused too unless it opens a page in a tab
+  (a top-level navigation), so an ``<img>`` or an ``<iframe>`` on another site (or another port of
+  this machine) cannot start sessions, nor show the app inside its own page to steer the user's
+  clicks (clickjacking; :data:`SECURITY_HEADERS` tell the browser the same);
 * carry the access token when the server has one: ``?token=`` in the URL once (the server then sets
   a cookie for the rest of the visit), compared in constant time. A server listening anywhere but
   loopback always has one (:func:`access_token`).
@@ -29,6 +31,14 @@ from ..errors import AttnSegError
 TOKEN_COOKIE = "attnseg_token"
 TOKEN_QUERY = "token"
 MIN_TOKEN_CHARS = 16
+# On every response: no page of another origin may show this server's pages in a frame, and the
+# browser runs or shows a file only as the type the server declared.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",  # session URLs carry the session's token
+}
 
 
 class AccessError(AttnSegError, ValueError):
@@ -131,8 +141,8 @@ class AccessPolicy:
                 "(e.g. http://127.0.0.1:PORT/), or start it with --allow-origin http://NAME:PORT")
 
     def origin_problem(self, origin: str | None, host_header: str | None, fetch_site: str | None,
-                       fetch_mode: str | None) -> str | None:
-        """Why a request from this ``Origin`` (and ``Sec-Fetch-*``) is refused, or None."""
+                       fetch_mode: str | None, fetch_dest: str | None = None) -> str | None:
+        """Why a request from this ``Origin`` (and ``Sec-Fetch-Site``, ``-Mode``, ``-Dest``) is refused, or None."""
         if origin is not None:
             try:
                 normalized = normalize_origin(origin)
@@ -142,8 +152,10 @@ class AccessPolicy:
             if not same and normalized not in self.allowed_origins:
                 return (f"requests from the web page {origin[:100]!r} are not allowed; open AttnSeg's own page, "
                         "or start the server with --allow-origin for that page's origin")
-        if fetch_site not in (None, "same-origin", "none") and fetch_mode != "navigate":
-            return "another web site may not send requests to this server; open AttnSeg's own page"
+        top_level = fetch_mode == "navigate" and fetch_dest in (None, "document")
+        if fetch_site not in (None, "same-origin", "none") and not top_level:
+            return ("another web site may not send requests to this server nor show it in a frame; "
+                    "open AttnSeg's own page")
         return None
 
     def token_ok(self, query_token: str | None, cookie_token: str | None) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..image import dicom_series, list_images
+from ..image import dicom_series, list_images, text_name
 
 MAX_FOLDERS = 256
 DICOM_TITLE = " (DICOM series)"
@@ -21,4 +21,5 @@ def offered_volumes(folder: Path) -> list[Path]:
 
 def volume_title(path: Path) -> str:
     """How the list names a volume: the file's name, or the folder's with ``/ (DICOM series)``."""
-    return f"{path.name}/{DICOM_TITLE}" if path.is_dir() else path.name
+    name = text_name(path.name)
+    return f"{name}/{DICOM_TITLE}" if path.is_dir() else name

@@ -18,7 +18,9 @@ before that chunk reaches the session. The page itself refuses oversized files b
 with a message. Each session checks a random wslink secret that only the gateway knows: it writes it
 into the browser's ``wslink.hello`` (:func:`~.wslink_guard.with_secret`). A session no browser has
 connected to within ``connect_timeout_s`` of its start is stopped, so visits that never open the
-page cannot hold the slots.
+page cannot hold the slots. An error the session answers a call with reaches the browser without
+its traceback (:func:`~.wslink_guard.without_trace`), and the size a browser asks a view to be
+rendered at is bounded (:func:`~.wslink_guard.with_bounded_view_size`).
 """
 from __future__ import annotations
 
@@ -37,8 +39,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import WSMsgType, web
 
-from .access import TOKEN_COOKIE, TOKEN_QUERY, AccessPolicy, is_wildcard
-from .wslink_guard import PendingMessages, with_secret
+from .access import SECURITY_HEADERS, TOKEN_COOKIE, TOKEN_QUERY, AccessPolicy, is_wildcard
+from .wslink_guard import PendingMessages, with_bounded_view_size, with_secret, without_trace
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +161,7 @@ class Gateway:
         app.router.add_get("/session/{token}", self.add_slash)
         app.router.add_get("/session/{token}/ws", self.relay_websocket)
         app.router.add_route("*", "/session/{token}/{tail:.*}", self.relay_http)
+        app.on_response_prepare.append(self._add_security_headers)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
@@ -171,7 +174,8 @@ class Gateway:
         access = self.config.access
         headers = request.headers
         problem = access.host_problem(headers.get("Host")) or access.origin_problem(
-            headers.get("Origin"), headers.get("Host"), headers.get("Sec-Fetch-Site"), headers.get("Sec-Fetch-Mode"))
+            headers.get("Origin"), headers.get("Host"), headers.get("Sec-Fetch-Site"), headers.get("Sec-Fetch-Mode"),
+            headers.get("Sec-Fetch-Dest"))
         if problem is not None:
             log.warning("refused %s %s: %s", request.method, request.path, problem)
             return _page("Request refused", problem, 403, link=False)
@@ -186,6 +190,11 @@ class Gateway:
             response.set_cookie(TOKEN_COOKIE, access.token, httponly=True, samesite="Strict", path="/",
                                 secure=request.secure)
         return response
+
+    @staticmethod
+    async def _add_security_headers(_request: web.Request, response: web.StreamResponse) -> None:
+        """Every response, the relayed session's included (see :data:`.access.SECURITY_HEADERS`)."""
+        response.headers.update(SECURITY_HEADERS)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def _on_startup(self, _app) -> None:
@@ -364,12 +373,12 @@ class Gateway:
                 await browser.close(code=aiohttp.WSCloseCode.MESSAGE_TOO_BIG,
                                     message=f"refused: {problem}"[:120].encode())
                 return
-            await upstream.send_bytes(with_secret(message.data, session.secret))
+            await upstream.send_bytes(with_bounded_view_size(with_secret(message.data, session.secret)))
 
     async def _session_to_browser(self, upstream, browser: web.WebSocketResponse) -> None:
         async for message in upstream:
             if message.type == WSMsgType.BINARY:
-                await browser.send_bytes(message.data)
+                await browser.send_bytes(without_trace(message.data))
             elif message.type == WSMsgType.TEXT:
                 await browser.send_str(message.data)
             else:

@@ -12,9 +12,10 @@ read as one series and kept as an NRRD volume.
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import zipfile
-import re
+import zlib
 from pathlib import Path
 
 from ..errors import AttnSegError
@@ -25,6 +26,10 @@ from ..image import ImageError, check_data_file, read_image, write_image
 # zipped DICOM series.
 UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".zip")
 MAX_ZIP_FILES = 4096
+# A client names its file as it likes; the name kept is at most this long, which leaves room within a
+# file system's 255 bytes for the names the server makes from it (``<name>.dicom-unpacked``, and
+# ``<case>_<time>_<hex>`` folders of corrected cases holding ``<case>_0000.nii.gz``).
+MAX_NAME_CHARS = 100
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -38,7 +43,8 @@ def upload_suffix(name: str) -> str | None:
 
 
 def safe_upload_name(name: str) -> str:
-    """The file's base name with anything but letters, digits, ``._-`` replaced by ``_``.
+    """The file's base name with anything but letters, digits, ``._-`` replaced by ``_``, cut to
+    ``MAX_NAME_CHARS`` (its volume suffix kept).
 
     Drops any folder part a client sends (``../../etc/passwd`` -> ``passwd``), so writes stay inside
     the session folder.
@@ -46,6 +52,9 @@ def safe_upload_name(name: str) -> str:
     base = _UNSAFE.sub("_", Path(str(name).replace("\\", "/")).name).lstrip(".")
     if not base:
         raise UploadError("the uploaded file has no name; rename it, e.g. case.nii.gz")
+    if len(base) > MAX_NAME_CHARS:
+        suffix = upload_suffix(base) or ""
+        base = base[: MAX_NAME_CHARS - len(suffix)] + suffix
     return base
 
 
@@ -104,7 +113,12 @@ def _save_dicom_zip(name: str, content: bytes, folder: Path, limit_bytes: int) -
                     raise UploadError(f"{name}: unpacks to more than this server's upload limit of "
                                       f"{limit_bytes / 2**20:.0f} MiB; put the series in the server's --data folder")
                 (unpacked / f"{number:05d}.dcm").write_bytes(data)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError) as err:
+        except UploadError:
+            raise
+        # a damaged archive: bad offsets (ValueError), member names that are not UTF-8 (UnicodeDecodeError, a
+        # ValueError), a broken deflate stream (zlib.error)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError, ValueError,
+                zlib.error) as err:
             raise UploadError(f"{name}: not a readable zip ({err}); zip the DICOM series folder again") from None
         try:
             image = read_image(unpacked)

@@ -42,7 +42,7 @@ from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
 from ..errors import AttnSegError, InputError
 from ..image import (IMAGE_SUFFIXES, Geometry, ImageError, case_name, check_data_file, label_map_levels,
-                     read_image, write_image)
+                     read_image, text_name, write_image)
 from ..localise import Box
 from ..outputs import detection_note, doubtful_rule, map_title, volumes_text
 from ..package import PackageError, available_packages
@@ -134,7 +134,7 @@ def label_map_note(path: Path) -> str:
             levels = None  # an unreadable file is reported when it is opened
         if len(_LABEL_MAP_NOTES) >= _LABEL_MAP_NOTES_MAX:
             _LABEL_MAP_NOTES.clear()
-        _LABEL_MAP_NOTES[key] = (f"{path.name} holds only {levels} integer values: a label map or segmentation, "
+        _LABEL_MAP_NOTES[key] = (f"{text_name(path.name)} holds only {levels} integer values: a label map or segmentation, "
                                  "not an image to segment; open the scan it labels") if levels is not None else ""
     return _LABEL_MAP_NOTES[key]
 
@@ -228,9 +228,9 @@ class AttnSegWebApp:
         notes = {f: label_map_note(f) for f in files}
         files = [f for f in files if not notes[f]]
         self.data.volume.notice = "Left out: " + "; ".join(n for n in notes.values() if n) if any(notes.values()) else ""
-        self._data_files = {f.name: f for f in files}
-        self.data.volume.choices = [{"title": volume_title(f), "value": f.name} for f in files]
-        self.data.volume.selected = files[0].name if files else None
+        self._data_files = {text_name(f.name): f for f in files}  # a name that is not UTF-8 as the page shows it
+        self.data.volume.choices = [{"title": volume_title(f), "value": name} for name, f in self._data_files.items()]
+        self.data.volume.selected = next(iter(self._data_files), None)
         if not files:
             self.data.volume.error = (f"no volumes ({', '.join(IMAGE_SUFFIXES)}) in {self.data_dir}; "
                                       "upload one, or start the server with --data FOLDER")
@@ -282,7 +282,7 @@ class AttnSegWebApp:
         """Open ``path``; a result made from other volumes is the previous volume's state: it goes
         (after asking, when it was corrected)."""
         if self._result is not None and self._opened_node_name(path) not in self._result_input_names():
-            if not self._may_replace_result("volume", path, f"Opening {path.name}"):
+            if not self._may_replace_result("volume", path, f"Opening {text_name(path.name)}"):
                 return
             if not self._open_volume(path):
                 return
@@ -319,7 +319,7 @@ class AttnSegWebApp:
                     raise ImageError(note)
                 node = self.logic.loadVolume(path, name=case_name(path))
         except (ImageError, OSError) as err:
-            self.data.volume.error = str(err).replace(str(path), path.name)
+            self.data.volume.error = text_name(str(err).replace(str(path), path.name))
             return False
         if name is None:
             name = node.GetName()

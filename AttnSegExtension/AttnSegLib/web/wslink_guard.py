@@ -1,4 +1,4 @@
-"""What the gateway checks in the wslink messages a browser sends to its session.
+"""What the gateway checks in the wslink messages between a browser and its session.
 
 wslink splits each message into chunks behind a 12-byte header: message id, the chunk's offset and
 the whole message's size (three little-endian uint32). The session's un-chunker allocates the whole
@@ -11,15 +11,32 @@ bytes of partly received messages and their number.
 The session checks a wslink secret in the client's first message (``wslink.hello``). The gateway
 writes the session's random secret into that message (:func:`with_secret`), so the browser never
 holds it and a client reaching the session's loopback port around the gateway cannot authenticate.
+
+A view's size comes from the browser (``trame.rca.size``: width and height in CSS pixels, device
+pixel ratio) and the session renders that view at that size, with nothing to bound it: 8000 x 8000
+grew a session by 2.9 GB. The gateway bounds each rendered side to ``MAX_VIEW_SIDE`` pixels
+(:func:`with_bounded_view_size`).
+
+When a call raises, wslink answers the client with the exception and its whole traceback (the
+server's folders, its Python and library versions, the code around the failing line). The gateway
+cuts such an answer down to the method and the exception's type (:func:`without_trace`); the
+session's log keeps the traceback.
 """
 from __future__ import annotations
 
+import math
+import re
 import struct
 
 import msgpack
 
 CHUNK_HEADER = struct.Struct("<III")  # message id, chunk offset, total message size
 _HELLO_MAX_BYTES = 4096
+MAX_VIEW_SIDE = 4096  # rendered pixels per side of a view: a full 4K screen, or half a 5K one at pixel ratio 2
+MAX_PIXEL_RATIO = 4.0
+_VIEW_SIZE_MAX_BYTES = 1024
+_ERROR_MAX_BYTES = 2**20  # an error answer is one chunk this small; larger frames (images) pass unread
+_EXCEPTION_TYPE = re.compile(r"[A-Za-z_][\w.]*")
 
 
 def parse_chunk(frame: bytes) -> tuple[int, int, int] | None:
@@ -93,5 +110,57 @@ def with_secret(frame: bytes, secret: str) -> bytes:
     if not isinstance(message, dict) or message.get("method") != "wslink.hello":
         return frame
     message["args"] = [{"secret": secret}]
+    body = msgpack.packb(message)
+    return CHUNK_HEADER.pack(chunk[0], 0, len(body)) + body
+
+
+def with_bounded_view_size(frame: bytes) -> bytes:
+    """``frame`` with a single-chunk ``trame.rca.size`` call's width and height cut so that neither
+    side, times the pixel ratio (at most ``MAX_PIXEL_RATIO``), exceeds ``MAX_VIEW_SIDE``; any other
+    frame unchanged."""
+    chunk = parse_chunk(frame)
+    if chunk is None or chunk[1] != 0 or chunk[2] != len(frame) - CHUNK_HEADER.size or chunk[2] > _VIEW_SIZE_MAX_BYTES \
+            or b"trame.rca.size" not in frame:
+        return frame
+    try:
+        message = msgpack.unpackb(frame[CHUNK_HEADER.size:])
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return frame
+    args = message.get("args") if isinstance(message, dict) and message.get("method") == "trame.rca.size" else None
+    size = args[2] if isinstance(args, list) and len(args) == 3 else None
+    if not isinstance(size, dict):
+        return frame
+    ratio = _finite(size.get("p", 1.0), 1.0)
+    ratio = min(ratio, MAX_PIXEL_RATIO) if ratio > 0 else 1.0
+    size.update(p=ratio, w=min(_finite(size.get("w", 300), 300), MAX_VIEW_SIDE / ratio),
+                h=min(_finite(size.get("h", 300), 300), MAX_VIEW_SIDE / ratio))
+    body = msgpack.packb(message)
+    return CHUNK_HEADER.pack(chunk[0], 0, len(body)) + body
+
+
+def _finite(value, default: float) -> float:
+    """``value`` as a finite float, or ``default``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return default
+    return float(value) if math.isfinite(value) else default
+
+
+def without_trace(frame: bytes) -> bytes:
+    """``frame`` (from a session) with a wslink error answer's ``data`` cut to the method and the
+    exception's type; any other frame unchanged."""
+    chunk = parse_chunk(frame)
+    if chunk is None or chunk[1] != 0 or chunk[2] != len(frame) - CHUNK_HEADER.size or chunk[2] > _ERROR_MAX_BYTES \
+            or b"trace" not in frame:
+        return frame
+    try:
+        message = msgpack.unpackb(frame[CHUNK_HEADER.size:])
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return frame
+    error = message.get("error") if isinstance(message, dict) else None
+    data = error.get("data") if isinstance(error, dict) else None
+    if not isinstance(data, dict) or "trace" not in data:
+        return frame
+    kind = _EXCEPTION_TYPE.match(str(data.get("exception", "")))
+    error["data"] = {"method": data.get("method"), "exception": kind.group() if kind else "Exception"}
     body = msgpack.packb(message)
     return CHUNK_HEADER.pack(chunk[0], 0, len(body)) + body
