@@ -97,6 +97,20 @@ def test_an_unreadable_volume_is_refused_and_removed(tmp_path):
     assert saved.parent == tmp_path and read_image(saved).array.shape == read_image(SAMPLE).array.shape
 
 
+def test_an_upload_that_unpacks_to_more_than_the_limit_is_refused_from_its_header(tmp_path):
+    """A gzip bomb: 16 MiB of zero voxels gzip to a few KiB, far under the upload limit; its header says
+    how much it unpacks to, and it is refused before a voxel is read (and the file removed)."""
+    bomb = tmp_path / "bomb.nii.gz"
+    sitk.WriteImage(sitk.Image(256, 256, 256, sitk.sitkUInt8), str(bomb), True)
+    assert bomb.stat().st_size < 2**20
+    uploads = tmp_path / "uploads"
+    with pytest.raises(UploadError, match=r"^bomb.nii.gz: its 256x256x256 voxels take 16.0 MiB unpacked, more than "
+                                          r"the 1.0 MiB allowed here"):
+        save_upload("bomb.nii.gz", bomb.read_bytes(), uploads, 2**20)
+    assert not list(uploads.iterdir())
+    assert save_upload("bomb.nii.gz", bomb.read_bytes(), uploads, 16 * 2**20).exists()  # exactly at the limit
+
+
 def test_label_maps_are_told_from_images():
     assert label_map_levels(read_image(SAMPLE_LABEL).array) == 3
     assert label_map_levels(read_image(SAMPLE).array) is None

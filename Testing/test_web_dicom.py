@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from AttnSegLib.image import check_data_file, read_image
+from AttnSegLib.image import ImageError, check_data_file, read_image
 from AttnSegLib.mrml import loadVolume, newScene
 from AttnSegLib.web.data_folder import offered_volumes, volume_title
 from AttnSegLib.web.uploads import UploadError, check_upload, save_upload
@@ -55,6 +55,16 @@ def test_a_zipped_dicom_series_is_uploaded_as_one_volume_and_no_member_path_is_u
     sample, uploaded = read_image(SAMPLE), read_image(saved)
     np.testing.assert_array_equal(uploaded.array, sample.array.astype(np.int16))
     np.testing.assert_allclose(uploaded.geometry.ijk_to_lps(), sample.geometry.ijk_to_lps(), atol=1e-3)
+
+
+def test_a_dicom_series_is_measured_before_it_is_read(series):
+    """Its first file's slice times its number of files, against the bound (compressed DICOM could
+    unpack to more than the zip held)."""
+    size = read_image(SAMPLE).geometry.size
+    stored = size[0] * size[1] * size[2] * 2  # int16
+    assert read_image(series, max_voxel_bytes=stored).array.shape == tuple(reversed(size))
+    with pytest.raises(ImageError, match=f"{'x'.join(map(str, size))} voxels take .* MiB unpacked"):
+        read_image(series, max_voxel_bytes=stored - 1)
 
 
 def test_bad_zips_are_refused_in_one_line(series, tmp_path):

@@ -443,12 +443,28 @@ def _check_header(path: Path, dim: int, size, components: int, pixel_id: int, sp
                          f"{tuple(origin)}) is degenerate; fix the header")
 
 
+_VOXEL_BYTES = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
+                sitk.sitkInt32: 4, sitk.sitkUInt64: 8, sitk.sitkInt64: 8, sitk.sitkFloat32: 4, sitk.sitkFloat64: 8}
+
+
+def _check_voxel_bytes(path: Path, size, pixel_id: int, max_voxel_bytes: int | None) -> None:
+    """Refuse, from the header, a volume whose voxels take more than ``max_voxel_bytes`` as stored."""
+    stored = math.prod(size) * _VOXEL_BYTES.get(pixel_id, 8)
+    if max_voxel_bytes is not None and stored > max_voxel_bytes:
+        raise ImageError(f"{path}: its {'x'.join(map(str, size))} voxels take {stored / 2**20:.1f} MiB unpacked, more "
+                         f"than the {max_voxel_bytes / 2**20:.1f} MiB allowed here; crop or downsample it")
+
+
 def physical_memory_bytes() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def read_image(path: str | os.PathLike) -> Image:
+def read_image(path: str | os.PathLike, max_voxel_bytes: int | None = None) -> Image:
     """Read a 3D image (NIfTI, NRRD, MHA/MHD, or a DICOM series folder) keeping its geometry.
+
+    ``max_voxel_bytes``: refuse, before any voxel is read, a volume whose voxels take more bytes than
+    this as stored (a server's bound on one upload: a gzipped file of a few MiB can unpack to GiB); a
+    DICOM series is measured by its first file's slice times its number of files.
 
     Raises :class:`ImageError` for missing, unreadable, truncated or damaged files, 2D or 4D, vector
     or complex images, volumes too large for this machine, degenerate geometry, and folders holding
@@ -467,7 +483,13 @@ def read_image(path: str | os.PathLike) -> Image:
                 raise ImageError(f"{path}: folder holds {len(series)} DICOM series; AttnSeg reads one series per "
                                  "folder — move each series into its own folder and give that folder")
             with itk_file_name(path) as name:
-                img = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(name, series[0]))
+                files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(name, series[0])
+                if max_voxel_bytes is not None:
+                    first = sitk.ImageFileReader()
+                    first.SetFileName(files[0])
+                    first.ReadImageInformation()
+                    _check_voxel_bytes(path, (*first.GetSize()[:2], len(files)), first.GetPixelID(), max_voxel_bytes)
+                img = sitk.ReadImage(files)
         else:
             if path.name.lower().endswith((".mha", ".mhd")):
                 _check_metaimage_header(path)
@@ -479,6 +501,7 @@ def read_image(path: str | os.PathLike) -> Image:
                 reader.ReadImageInformation()
                 _check_header(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(),
                               reader.GetPixelID(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
+                _check_voxel_bytes(path, reader.GetSize(), reader.GetPixelID(), max_voxel_bytes)
                 if path.name.lower().endswith((".nii", ".nii.gz")):
                     _check_nifti_complete(path)
                 img = reader.Execute()

@@ -7,7 +7,8 @@ folder and the engine's reader has opened it as a 3D scalar volume; anything els
 A ``.zip`` holds one DICOM series: its files are unpacked under names the server makes (the paths
 inside the archive are never used, so nothing lands outside the session folder), at most
 ``MAX_ZIP_FILES`` of them and no more bytes unpacked than the upload limit (a zip bomb stops there),
-read as one series and kept as an NRRD volume.
+read as one series and kept as an NRRD volume. A volume file's voxels, unpacked, may not exceed the
+upload limit either (read from its header before any voxel is: a gzip bomb stops there too).
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def save_upload(name: str, content: bytes, folder: Path, limit_bytes: int) -> Pa
     path.write_bytes(content)
     try:
         check_data_file(path, allow_detached=False)
-        read_image(path)
+        read_image(path, max_voxel_bytes=limit_bytes)
     except ImageError as err:
         path.unlink(missing_ok=True)
         raise UploadError(str(err).replace(str(path), name)) from None
@@ -121,7 +122,7 @@ def _save_dicom_zip(name: str, content: bytes, folder: Path, limit_bytes: int) -
                 zlib.error) as err:
             raise UploadError(f"{name}: not a readable zip ({err}); zip the DICOM series folder again") from None
         try:
-            image = read_image(unpacked)
+            image = read_image(unpacked, max_voxel_bytes=limit_bytes)
         except ImageError as err:
             message = str(err).replace(str(unpacked), name)
             raise UploadError(message.replace("folder holds", "the zip holds")) from None
