@@ -7,7 +7,9 @@ on any other interface it needs an access token (:mod:`.access`).
 
 Limits come from the environment: ``ATTNSEG_WEB_MAX_SESSIONS`` (default 4 sessions at once),
 ``ATTNSEG_WEB_MAX_UPLOAD_MB`` (default 512 MiB per uploaded volume) and
-``ATTNSEG_WEB_CONNECT_TIMEOUT_S`` (default 20: a session no browser connected to by then is stopped).
+``ATTNSEG_WEB_CONNECT_TIMEOUT_S`` (default 20: a session no browser connected to by then is stopped)
+and ``ATTNSEG_WEB_SESSION_MEMORY_MB`` (default: the machine's memory shared among the sessions, at
+least 4 GiB; past it a session's allocations fail and it ends, see :mod:`.gateway`).
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ def serve(host: str = "127.0.0.1", port: int = 8080, data_dir: str | os.PathLike
         upload_limit_bytes=_positive_int_from_env("ATTNSEG_WEB_MAX_UPLOAD_MB", 512) * 2**20,
         connect_timeout_s=_positive_int_from_env("ATTNSEG_WEB_CONNECT_TIMEOUT_S", int(GatewayConfig.connect_timeout_s)),
         access=access,
+        session_memory_limit_bytes=_positive_int_from_env("ATTNSEG_WEB_SESSION_MEMORY_MB", 0) * 2**20 or None,
     )
     check_offscreen_rendering()
     run_gateway(host, port, config)

@@ -21,6 +21,12 @@ connected to within ``connect_timeout_s`` of its start is stopped, so visits tha
 page cannot hold the slots. An error the session answers a call with reaches the browser without
 its traceback (:func:`~.wslink_guard.without_trace`), and the size a browser asks a view to be
 rendered at is bounded (:func:`~.wslink_guard.with_bounded_view_size`).
+
+What a complete message makes a session hold is not seen here: trame keeps any state key a client
+sends, and msgpack lets a message of a few MiB unpack to a GiB (an array of millions of empty
+arrays). Each session's data segment (heap and private mappings, ``RLIMIT_DATA``) is therefore capped
+(:attr:`GatewayConfig.session_memory_bytes`): a client that pushes its session past it ends that
+session, and the other sessions and the machine go on.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import WSMsgType, web
 
+from ..image import physical_memory_bytes
 from .access import SECURITY_HEADERS, TOKEN_COOKIE, TOKEN_QUERY, AccessPolicy, is_wildcard
 from .wslink_guard import PendingMessages, with_bounded_view_size, with_secret, without_trace
 
@@ -48,6 +55,7 @@ _RELAY_MAX_FRAME_BYTES = 64 * 2**20  # one websocket frame; wslink itself sends 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "upgrade", "content-length", "content-encoding"}
 _NOT_FOR_SESSIONS = {"host", "cookie", "authorization"}  # the gateway's business, not the session's
 _REAP_INTERVAL_S = 1.0
+MIN_SESSION_MEMORY_BYTES = 4 * 2**30
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,16 @@ class GatewayConfig:
     max_pending_messages: int = 4  # partly received wslink messages per session
     max_connections_per_session: int = 4  # websockets at once (a tab each)
     access: AccessPolicy = field(default_factory=AccessPolicy)
+    session_memory_limit_bytes: int | None = None  # default: session_memory_bytes's share of the machine
+
+    @property
+    def session_memory_bytes(self) -> int:
+        """Each session's data-segment cap: the one given, else the machine's memory shared among
+        ``max_sessions``, and at least ``MIN_SESSION_MEMORY_BYTES`` (segmenting the MNI152 whole head
+        into MRML nodes peaks at 1.3 GiB resident; an idle session's data segment is about 0.6 GiB)."""
+        if self.session_memory_limit_bytes is not None:
+            return self.session_memory_limit_bytes
+        return max(physical_memory_bytes() // self.max_sessions, MIN_SESSION_MEMORY_BYTES)
 
     @property
     def message_limit_bytes(self) -> int:
@@ -250,7 +268,8 @@ class Gateway:
         command = [sys.executable, "-m", "AttnSegLib.web.session", "--port", str(port),
                    "--data", str(self.config.data_dir),
                    "--upload-limit-bytes", str(self.config.upload_limit_bytes),
-                   "--idle-timeout", str(self.config.session_idle_timeout_s)]
+                   "--idle-timeout", str(self.config.session_idle_timeout_s),
+                   "--memory-limit-bytes", str(self.config.session_memory_bytes)]
         if self.config.corrections_dir is not None:
             command += ["--corrections", str(self.config.corrections_dir)]
         secret = secrets.token_urlsafe(32)

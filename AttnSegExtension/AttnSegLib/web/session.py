@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -25,11 +26,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--idle-timeout", type=int, default=60,
                         help="seconds without a connected browser before the session ends")
     parser.add_argument("--corrections", type=Path, default=None, help="the server's corrections folder")
+    parser.add_argument("--memory-limit-bytes", type=int, default=None,
+                        help="cap on the process's data segment (RLIMIT_DATA): heap and private mappings")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.memory_limit_bytes is not None:  # past it an allocation fails and this session ends, not the machine
+        resource.setrlimit(resource.RLIMIT_DATA, (args.memory_limit_bytes, args.memory_limit_bytes))
     secret = "" if sys.stdin.isatty() else sys.stdin.readline().strip()
     if not secret:
         raise SystemExit("session: no wslink secret on standard input; sessions are started by `attnseg serve`")
