@@ -1,0 +1,144 @@
+"""Hostile command-line use, second round: ``attnseg refine`` on a result folder edited by hand, and a
+whole-head scan whose field of view cuts through a structure.
+
+Each case is a real file a user may produce (a report.json opened in an editor, labels painted in
+another tool, a map from another run copied in, a scan cut short); each must give one
+``attnseg: error:`` line naming the file and the fix, or a right answer, never a traceback and never
+a silently wrong result.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from AttnSegLib.cli import main
+from AttnSegLib.image import read_image, write_image
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_IMAGE = REPO / "Resources" / "SampleData" / "hippocampus_001_image.nii.gz"
+CLICK = "-18,-25,18,Anterior"  # inside the sample's anterior hippocampus (LPS mm)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, list[str]]:
+    status = main(list(args))
+    captured = capsys.readouterr()
+    return status, captured.out, [line for line in captured.err.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def segmented(tmp_path_factory) -> Path:
+    """The default model's result folder for the sample crop."""
+    out = tmp_path_factory.mktemp("segmented") / "result"
+    assert main(["segment", "-i", str(SAMPLE_IMAGE), "-o", str(out), "--device", "cpu"]) == 0
+    return out
+
+
+def edited(segmented: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the result folder with ``edit(folder)`` applied."""
+    folder = tmp_path / "edited"
+    shutil.copytree(segmented, folder)
+    edit(folder)
+    return folder
+
+
+def _edit_report(change):
+    def edit(folder: Path) -> None:
+        path = folder / "report.json"
+        report = json.loads(path.read_text())
+        change(report)
+        path.write_text(json.dumps(report))
+    return edit
+
+
+def _write_text(name: str, text: str):
+    return lambda folder: (folder / name).write_text(text)
+
+
+def _relabel(folder: Path) -> None:  # posterior painted with a value the result has no class for
+    labels = read_image(folder / "labels.nii.gz")
+    write_image(labels.with_array(np.where(labels.array == 2, 7, labels.array).astype(np.uint8)),
+                folder / "labels.nii.gz")
+
+
+def _fractional_labels(folder: Path) -> None:  # saved as a float map by another tool, then scaled
+    labels = read_image(folder / "labels.nii.gz")
+    write_image(labels.with_array(labels.array.astype(np.float32) * 0.5), folder / "labels.nii.gz")
+
+
+def _cropped(name: str):
+    def edit(folder: Path) -> None:
+        image = sitk.ReadImage(str(folder / name))
+        sitk.WriteImage(image[:20, :, :], str(folder / name))
+    return edit
+
+
+HAND_EDITS = {
+    "report_not_json": (_write_text("report.json", "{broken"), "report.json: not valid JSON ("),
+    "report_without_package": (_edit_report(lambda r: r.pop("package")),
+                               "report.json: does not name the model package of the result"),
+    "report_a_list": (_write_text("report.json", "[1, 2]"), "report.json: does not name the model package"),
+    "classes_as_strings": (_edit_report(lambda r: r.__setitem__("classes", ["background", "Anterior", "Posterior"])),
+                           "report.json: its classes or earlier clicks are not as AttnSeg writes them"),
+    "click_of_two_numbers": (_edit_report(lambda r: r.__setitem__(
+        "refinement", {"clicks": [{"position_lps": [1, 2], "class": "Anterior"}]})),
+        "report.json: its classes or earlier clicks are not as AttnSeg writes them"),
+    "labels_of_another_class": (_relabel, "labels.nii.gz: holds label values 7 that are none of the result's "
+                                          "classes (0-2: background, Anterior, Posterior)"),
+    "labels_not_whole_numbers": (_fractional_labels, "labels.nii.gz: the result's label map holds values that are "
+                                                     "not whole class numbers (e.g. 0.5)"),
+    "labels_of_another_grid": (_cropped("labels.nii.gz"), "labels.nii.gz: its grid ((20, 51, 35) voxels at"),
+    "map_of_another_grid": (_cropped("maps/uncertainty.nii.gz"),
+                            "maps/uncertainty.nii.gz: its grid ((20, 51, 35) voxels) is not the result's"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HAND_EDITS))
+def test_a_result_folder_edited_by_hand_is_refused_in_one_line(name, segmented, tmp_path, capsys):
+    """Were: a JSONDecodeError, KeyError or TypeError traceback (report.json), a broadcasting ValueError
+    deep in the refiner (a map of another size), an unnamed 'array shape does not match' (labels of
+    another size); and labels with a value 7, or 0.5, refined with exit 0 into a label map that still
+    held 7 (its volume missing from the report) or had the 0.5s silently truncated to background."""
+    edit, phrase = HAND_EDITS[name]
+    folder = edited(segmented, tmp_path, edit)
+    status, _, lines = run_main(capsys, "refine", "-i", str(SAMPLE_IMAGE), "-r", str(folder), "--click", CLICK,
+                                "-o", str(tmp_path / "out"))
+    assert status == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("attnseg: error: ") and "Traceback" not in lines[0], lines
+    assert phrase in lines[0], lines[0]
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_refine_keeps_the_users_own_label_edits_beyond_what_the_click_moved(segmented, tmp_path, capsys):
+    """Labels painted by hand in the result, near the click but where it moves no probability, stay as
+    painted; the count printed and recorded is of voxels whose label changed. Were: every voxel of the
+    click's 31 mm box reset to the model's argmax (the user's edits there lost), and '11654 voxels
+    changed' printed for a click that changed 50 labels (the voxels whose probabilities moved at all)."""
+    def paint(folder: Path) -> None:  # a hand edit 12-14 voxels from the click along i, inside its box
+        labels = read_image(folder / "labels.nii.gz")
+        array = labels.array.copy()
+        array[15:19, 20:24, 2:5] = 2
+        write_image(labels.with_array(array), folder / "labels.nii.gz")
+
+    folder = edited(segmented, tmp_path, paint)
+    before = read_image(folder / "labels.nii.gz").array
+    status, out, lines = run_main(capsys, "refine", "-i", str(SAMPLE_IMAGE), "-r", str(folder), "--click", CLICK,
+                                  "-o", str(tmp_path / "out"))
+    assert status == 0, lines
+    after = read_image(tmp_path / "out" / "labels.nii.gz").array
+    probabilities = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "probabilities.nii.gz")))
+    original = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "probabilities.nii.gz")))
+    moved = np.any(probabilities != original, axis=-1)
+    assert moved.any() and not moved[15:19, 20:24, 2:5].any()
+    assert (after[15:19, 20:24, 2:5] == 2).all()
+    assert (after[~moved] == before[~moved]).all()
+    relabelled = int((after != before).sum())
+    assert 0 < relabelled < int(moved.sum())
+    assert out.rstrip().endswith(f"{relabelled} voxels changed label")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["refinement"]["changed_voxels"] == relabelled
