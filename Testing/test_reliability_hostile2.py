@@ -9,6 +9,7 @@ a silently wrong result.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -142,3 +143,41 @@ def test_refine_keeps_the_users_own_label_edits_beyond_what_the_click_moved(segm
     assert 0 < relabelled < int(moved.sum())
     assert out.rstrip().endswith(f"{relabelled} voxels changed label")
     assert json.loads((tmp_path / "out" / "report.json").read_text())["refinement"]["changed_voxels"] == relabelled
+
+
+# -- a whole head whose scan ends across the hippocampus ---------------------------------------------
+@pytest.fixture(scope="module")
+def ms_head(data_dir):
+    return read_image(next((data_dir / "ms_lesions" / "patient07").glob("T1_*.nii.gz")))
+
+
+def test_a_scan_ending_across_the_hippocampus_is_noticed(ms_head):
+    """The MS patient's T1 (whole head in MNI space) with its 60 lowest slices cut away ends at MNI z
+    -12 mm, across both hippocampi: 64 % of each box, as the whole head's registration places them, lies
+    inside (63 % on the right; 69 % as the cut scan's own places them). The localised run gave 0.67 and 0.99 ml (the whole
+    head: 2.74 and 2.89) with exit 0 and no word of the missing part; now a notice per side names it. The
+    whole head raises none."""
+    from AttnSegLib.localise import coverage_notice, localise_targets, sub_geometry
+    from AttnSegLib.package import load_package
+
+    card = load_package("hippocampus_difficulty_aware").card
+    registration, placed = localise_targets(ms_head, card)
+    cut = sub_geometry(ms_head.geometry, (slice(60, 182), slice(0, 218), slice(0, 182)))
+    for target, _ in placed:
+        assert coverage_notice(registration, target, card.orientation, ms_head.geometry) is None
+        notice = coverage_notice(registration, target, card.orientation, cut)
+        assert re.fullmatch(f"only 6[34]% of the {target.side.lower()} hippocampus's box lies inside the scan \\(its "
+                            "field of view ends across it\\): the segmentation misses the rest and its volume is too "
+                            "small — give a scan that covers the whole hippocampus", notice), notice
+
+
+def test_the_cut_scans_notice_reaches_the_result(ms_head):
+    from AttnSegLib.image import Image
+    from AttnSegLib.inference import Predictor
+    from AttnSegLib.localise import sub_geometry
+    from AttnSegLib.package import load_package
+
+    cut = Image(ms_head.array[60:].copy(), sub_geometry(ms_head.geometry, (slice(60, 182), slice(0, 218), slice(0, 182))))
+    result = Predictor(load_package("hippocampus_difficulty_aware"), device="cpu", with_maps=False).predict([cut])
+    assert [n.split(":")[0] for n in result.notices if "lies inside the scan" in n] == ["left_hippocampus",
+                                                                                         "right_hippocampus"]

@@ -33,8 +33,9 @@ from . import __version__
 from .card import UNCERTAINTY, ModelCard
 from .errors import InputError, OutOfMemory
 from .image import Geometry, Image, label_dtype
-from .localise import (REFERENCE_SCALE, SCALE_RANGE, Box, LocalisationError, crop_grids, crop_images, cut, footprint,
-                       localise_targets, much_larger, plausible_volume, resample, sub_geometry, target_classes)
+from .localise import (REFERENCE_SCALE, SCALE_RANGE, Box, LocalisationError, coverage_notice, crop_grids, crop_images,
+                       cut, footprint, localise_targets, much_larger, plausible_volume, resample, sub_geometry,
+                       target_classes)
 from .maps import normalized_entropy, resize_map, split_channels, volume_name
 from .package import ModelPackage
 from .preprocess import align_modalities, check_spacing_units, to_model_frame
@@ -582,6 +583,7 @@ class Predictor:
                 raise LocalisationError(f"the {target.side.lower()} {target.structure} lies outside this image; "
                                         "give a scan that covers it, or the region with --roi")
             crop, grid = self._sample_crop(images, box, registration.size_factor)
+            cut_short = coverage_notice(registration, target, self.card.orientation, geometry)
             timings["localise"] += time.perf_counter() - t0
             step = None if progress is None else (
                 lambda f, eta, stage, n=n: progress((n + f) / len(targets), None, f"{target.name}: {stage}"))
@@ -595,7 +597,8 @@ class Predictor:
             for name, values in crop_maps.items():
                 on_grid = maps.setdefault(name, np.zeros(shape, dtype=np.float32))
                 np.maximum(on_grid[index], values, out=on_grid[index])
-            notices += [f"{target.name}: {text}" for text in result.notices if text not in run.notices]
+            own = ([cut_short] if cut_short else []) + result.notices
+            notices += [f"{target.name}: {text}" for text in own if text not in run.notices]
             boxes[target.name] = {**box.as_dict(), "crop_volume_ml": round(volume, 3)}
             timings["postprocess"] += time.perf_counter() - t0
         t0 = time.perf_counter()
