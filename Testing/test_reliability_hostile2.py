@@ -181,3 +181,27 @@ def test_the_cut_scans_notice_reaches_the_result(ms_head):
     result = Predictor(load_package("hippocampus_difficulty_aware"), device="cpu", with_maps=False).predict([cut])
     assert [n.split(":")[0] for n in result.notices if "lies inside the scan" in n] == ["left_hippocampus",
                                                                                          "right_hippocampus"]
+
+
+# -- a sheared grid ------------------------------------------------------------------------------------
+def test_a_sheared_grid_is_refused_in_one_line(tmp_path, capsys):
+    """The sample as NRRD with its j axis sheared, (0.4, -1, 0) mm a voxel (as a hardened affine leaves
+    it in Slicer). Was exit 0 with labels.nii.gz on another grid: NIfTI keeps the orthogonalised axes, so
+    the labels came back rotated 11 degrees against the image and their voxels 7.7 % too large (1.53 and
+    1.89 ml against 1.39 and 1.71 for the sample itself). An image whose axes are perpendicular to
+    1e-4 still reads."""
+    plain = tmp_path / "plain.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(SAMPLE_IMAGE)), str(plain), False)
+    data = plain.read_bytes()
+    start = data.index(b"space directions:")
+    end = data.index(b"\n", start)
+    sheared, nearly = tmp_path / "sheared.nrrd", tmp_path / "nearly.nrrd"
+    sheared.write_bytes(data[:start] + b"space directions: (-1,0,0) (0.4,-1,0) (0,0,1)" + data[end:])
+    nearly.write_bytes(data[:start] + b"space directions: (-1,0,0) (0.0001,-1,0) (0,0,1)" + data[end:])
+    status, _, lines = run_main(capsys, "segment", "-i", str(sheared), "-o", str(tmp_path / "out"), "--device", "cpu")
+    assert status == 2
+    assert lines == [f"attnseg: error: {sheared}: the voxel axes are not perpendicular (a sheared grid: i-j 111.8, "
+                     "j-k 90.0, i-k 90.0 degrees), which the NIfTI results cannot hold; resample the image onto a "
+                     "grid with perpendicular axes first"]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert read_image(nearly).geometry.size == (35, 51, 35)
