@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +231,18 @@ def test_a_crop_cut_through_the_hippocampus_is_noticed(cut, tmp_path, capsys):
 def test_the_whole_crop_raises_no_edge_notice(segmented):
     assert json.loads((segmented / "report.json").read_text())["notices"] == []
 
+
+# -- intensities near float32's limit --------------------------------------------------------------------
+def test_intensities_near_the_float32_limit_segment_without_a_console_warning(segmented, tmp_path, capsys):
+    """The sample times 1e30 (float32, its squares overflow): the same volumes, and nothing on stderr; a
+    numpy 'RuntimeWarning: overflow encountered in dot' and its source line were printed (two lines that
+    are neither a notice nor an error), though the normalisation measured again in float64."""
+    image = sitk.ReadImage(str(SAMPLE_IMAGE), sitk.sitkFloat32) * 1e30
+    path = tmp_path / "huge.nrrd"
+    sitk.WriteImage(image, str(path))
+    with warnings.catch_warnings():  # as a console shows them (pytest would otherwise collect them silently)
+        warnings.simplefilter("error", RuntimeWarning)
+        status, _, lines = run_main(capsys, "segment", "-i", str(path), "-o", str(tmp_path / "out"), "--device", "cpu")
+    assert status == 0 and lines == [], lines
+    volumes = json.loads((tmp_path / "out" / "report.json").read_text())["class_volumes_ml"]
+    assert volumes == json.loads((segmented / "report.json").read_text())["class_volumes_ml"]
