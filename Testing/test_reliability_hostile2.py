@@ -20,6 +20,7 @@ import SimpleITK as sitk
 
 from AttnSegLib.cli import main
 from AttnSegLib.image import read_image, write_image
+from test_reliability_cli import write_dicom_series
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_IMAGE = REPO / "Resources" / "SampleData" / "hippocampus_001_image.nii.gz"
@@ -246,3 +247,32 @@ def test_intensities_near_the_float32_limit_segment_without_a_console_warning(se
     assert status == 0 and lines == [], lines
     volumes = json.loads((tmp_path / "out" / "report.json").read_text())["class_volumes_ml"]
     assert volumes == json.loads((segmented / "report.json").read_text())["class_volumes_ml"]
+
+
+# -- DICOM series that are not one evenly spaced volume ------------------------------------------------
+@pytest.mark.parametrize("kind, phrase", [
+    ("two_echoes", "the DICOM series has 35 slice(s) at the position of another (two echoes or phases in one "
+                   "series, or a file copied twice); put each volume's slices in a folder of its own"),
+    ("missing_slice", "the DICOM series' slices are 1.00 mm apart but 2.00 mm from 17.00 to 19.00 mm along the slice "
+                      "normal (a slice missing, or slices of unequal spacing); give the whole series"),
+])
+def test_a_dicom_series_that_is_not_one_evenly_spaced_volume_is_refused(kind, phrase, tmp_path, capsys):
+    """The sample as a DICOM series with each slice twice (a second echo at half the intensity under the
+    same series UID), or without its 18th slice. Were exit 0: the echoes interleaved into 70 slices 0.49 mm
+    apart (0.54 and 1.07 ml against 1.39 and 1.71), and the gap spread over the series as 1.03 mm slices
+    (every slice beyond it misplaced; ITK's warning about it is switched off on the console). The whole
+    series still reads (test_reliability_cli)."""
+    image = read_image(SAMPLE_IMAGE)
+    folder = tmp_path / kind
+    uid = "1.2.826.0.1.3680043.2.1125.3001"
+    write_dicom_series(image, folder, uid)
+    if kind == "two_echoes":
+        write_dicom_series(image.with_array((image.array // 2).astype(image.array.dtype)), tmp_path / "echo2", uid)
+        for file in (tmp_path / "echo2").iterdir():
+            file.rename(folder / f"echo2_{file.name}")
+    else:
+        sorted(folder.iterdir())[17].unlink()
+    status, _, lines = run_main(capsys, "segment", "-i", str(folder), "-o", str(tmp_path / "out"), "--device", "cpu")
+    assert status == 2
+    assert lines == [f"attnseg: error: {folder}: {phrase}"]
+    assert not (tmp_path / "out" / "report.json").exists()

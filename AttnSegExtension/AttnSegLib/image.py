@@ -38,6 +38,8 @@ _DIRECTION_EPSILON = 1e-12
 # (an affine transform hardened in Slicer, saved as NRRD) is not: its results, written as NIfTI, came back
 # on another, orthogonalised grid (rotated 11 degrees, voxels 7.7 % larger for a 22-degree shear).
 _SHEAR_TOLERANCE = 1e-3
+_DICOM_SAME_POSITION_MM = 0.01  # two slices closer than this lie at one position
+_DICOM_GAP_FACTOR = 1.5  # a step this many times the usual one between slices is a gap (a missing slice: 2)
 _METAIMAGE_HEADER_BYTES = 1 << 16
 _METAIMAGE_MAX_DIMS = 10  # MetaIO's limit
 _DETACHED_HEADER_SUFFIXES = (".mhd", ".nhdr")
@@ -454,6 +456,44 @@ def _check_header(path: Path, dim: int, size, components: int, pixel_id: int, sp
                          "the image onto a grid with perpendicular axes first")
 
 
+def _check_dicom_slices(path: Path, files) -> None:
+    """Refuse a DICOM series whose slices (``files``, in the reader's order) do not make one evenly spaced
+    volume: two at one position (two echoes or phases in one series, or a file copied twice), which ITK
+    interleaves into a volume of half the spacing, or a missing slice, which it stacks over as if the
+    spacing were even (every slice beyond the gap then lies where it is not). Slices without a position
+    and orientation (0020,0032 and 0020,0037) are left to the reader; ``files``' order is not relied on."""
+    positions, normal = [], None
+    reader = sitk.ImageFileReader()
+    for file in files:
+        reader.SetFileName(file)
+        reader.ReadImageInformation()
+        if not (reader.HasMetaDataKey("0020|0032") and reader.HasMetaDataKey("0020|0037")):
+            return
+        try:
+            cosines = np.array([float(v) for v in reader.GetMetaData("0020|0037").split("\\")])
+            position = np.array([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
+        except ValueError:
+            return
+        if cosines.shape != (6,) or position.shape != (3,):
+            return
+        normal = np.cross(cosines[:3], cosines[3:]) if normal is None else normal
+        positions.append(float(position @ normal))
+    if len(positions) < 3:
+        return
+    positions = np.sort(positions)
+    steps = np.diff(positions)
+    usual = float(np.median(steps))
+    if usual < _DICOM_SAME_POSITION_MM or steps.min() < _DICOM_SAME_POSITION_MM:
+        twice = int(np.sum(steps < _DICOM_SAME_POSITION_MM))
+        raise ImageError(f"{path}: the DICOM series has {twice} slice(s) at the position of another (two echoes or "
+                         "phases in one series, or a file copied twice); put each volume's slices in a folder of its own")
+    if steps.max() > _DICOM_GAP_FACTOR * usual:
+        at = int(np.argmax(steps))
+        raise ImageError(f"{path}: the DICOM series' slices are {usual:.2f} mm apart but {steps[at]:.2f} mm from "
+                         f"{positions[at]:.2f} to {positions[at + 1]:.2f} mm along the slice normal (a slice missing, or "
+                         "slices of unequal spacing); give the whole series")
+
+
 def physical_memory_bytes() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
@@ -478,7 +518,9 @@ def read_image(path: str | os.PathLike) -> Image:
                 raise ImageError(f"{path}: folder holds {len(series)} DICOM series; AttnSeg reads one series per "
                                  "folder — move each series into its own folder and give that folder")
             with itk_file_name(path) as name:
-                img = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(name, series[0]))
+                files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(name, series[0])
+                _check_dicom_slices(path, files)
+                img = sitk.ReadImage(files)
         else:
             if path.name.lower().endswith((".mha", ".mhd")):
                 _check_metaimage_header(path)
