@@ -276,3 +276,26 @@ def test_a_dicom_series_that_is_not_one_evenly_spaced_volume_is_refused(kind, ph
     assert status == 2
     assert lines == [f"attnseg: error: {folder}: {phrase}"]
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+# -- refine with another image on the same grid -------------------------------------------------------------
+def test_refine_refuses_another_image_on_the_same_grid(segmented, hippocampus_dir, tmp_path, capsys):
+    """hippocampus_023 has the sample's (hippocampus_001's) very grid, as 12 groups of MSD crops share one:
+    refining the sample's result with it ran the clicks on the wrong anatomy, exit 0 ('43 voxels changed').
+    The sample itself copied as an int16 NRRD is the same image and is refined; so is the refined result
+    again (it records the fingerprint too)."""
+    other = hippocampus_dir / "imagesTr" / "hippocampus_023.nii.gz"
+    assert read_image(other).geometry == read_image(SAMPLE_IMAGE).geometry
+    status, _, lines = run_main(capsys, "refine", "-i", str(other), "-r", str(segmented), "--click", CLICK,
+                                "-o", str(tmp_path / "wrong"))
+    assert status == 2
+    assert lines == [f"attnseg: error: {segmented} was segmented from another image: the --input's voxels differ "
+                     "from those the result recorded (report.json's input_voxels_sha256), though the grids match; "
+                     "give the --input the result was segmented from"]
+    copy = tmp_path / "sample.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(SAMPLE_IMAGE), sitk.sitkInt16), str(copy))
+    assert run_main(capsys, "refine", "-i", str(copy), "-r", str(segmented), "--click", CLICK,
+                    "-o", str(tmp_path / "right"))[0] == 0
+    status, _, lines = run_main(capsys, "refine", "-i", str(other), "-r", str(tmp_path / "right"), "--click", CLICK,
+                                "-o", str(tmp_path / "chained"))
+    assert status == 2 and "was segmented from another image" in lines[0]

@@ -311,6 +311,7 @@ def _parse_roi(text: str):
 
 def cmd_segment(args) -> int:
     from .inference import Cancelled, Predictor
+    from .outputs import voxels_sha256
 
     if args.size_factor is not None and not args.roi:
         raise UsageError("--size-factor needs --roi: it says how to sample that box; a whole head without --roi is "
@@ -349,7 +350,8 @@ def cmd_segment(args) -> int:
                 bar.close()
             timings.update(result.timings)
             _write_case(result, package, targets[case], args.overwrite, timings, paths,
-                        images[0] if args.preview else None, dicom_series_folder=paths[0] if args.dicom_seg else None)
+                        images[0] if args.preview else None, {"input_voxels_sha256": voxels_sha256(images)},
+                        paths[0] if args.dicom_seg else None)
         except ImageError as err:
             if not batch:
                 raise
@@ -638,6 +640,7 @@ def cmd_refine(args) -> int:
     import numpy as np
 
     from .inference import Result, resolve_device
+    from .outputs import voxels_sha256
     from .refine import (Click, Refiner, check_localised_clicks, class_index, click_voxel, find_refinement_package,
                          parse_click)
 
@@ -659,6 +662,11 @@ def cmd_refine(args) -> int:
                          f"{'y' if len(package.modalities) == 1 else 'ies'}, {len(images)} --input given")
     geometry = images[0].geometry
     labels, probabilities, maps = _read_result(folder, geometry, class_names)
+    fingerprint = voxels_sha256(images)
+    if report.get("input_voxels_sha256", fingerprint) != fingerprint:
+        raise UsageError(f"{folder} was segmented from another image: the --input's voxels differ from those the "
+                         "result recorded (report.json's input_voxels_sha256), though the grids match; give the "
+                         "--input the result was segmented from")
     history = [Click(tuple(c["position_lps"]), class_index(c["class"], class_names))
                for c in report.get("refinement", {}).get("clicks", [])]
     clicks = [parse_click(text, class_names) for text in args.click]
@@ -685,7 +693,7 @@ def cmd_refine(args) -> int:
     result, refined = refiner.refine_result(images, current, clicks, history, in_place=True)
     relabelled = int(np.count_nonzero(result.labels.array[refined.changed] != before[refined.changed]))
     all_clicks = history + clicks
-    extra = {"refinement": {
+    extra = {"input_voxels_sha256": fingerprint, "refinement": {
         "method": method,
         "package": refinement_package.name if refinement_package else None,
         "from_result": str(folder),
