@@ -299,3 +299,26 @@ def test_refine_refuses_another_image_on_the_same_grid(segmented, hippocampus_di
     status, _, lines = run_main(capsys, "refine", "-i", str(other), "-r", str(tmp_path / "right"), "--click", CLICK,
                                 "-o", str(tmp_path / "chained"))
     assert status == 2 and "was segmented from another image" in lines[0]
+
+
+# -- evaluate: predictions in another file format ---------------------------------------------------------
+def test_evaluate_finds_a_prediction_saved_in_another_format(hippocampus_dir, tmp_path, capsys):
+    """References as .nii.gz, one prediction as .nii.gz and one (perfect) as .nrrd: the .nrrd one was scored
+    as missing (Dice 0, distances the image diagonal) and the mean Dice halved, exit 0; now it is found by
+    its case name. Two predictions of one case in two formats are refused."""
+    references, predictions = tmp_path / "ref", tmp_path / "pred"
+    references.mkdir()
+    predictions.mkdir()
+    for case in ("hippocampus_001", "hippocampus_003"):
+        shutil.copy(hippocampus_dir / "labelsTr" / f"{case}.nii.gz", references)
+    shutil.copy(references / "hippocampus_001.nii.gz", predictions)
+    sitk.WriteImage(sitk.ReadImage(str(references / "hippocampus_003.nii.gz")), str(predictions / "hippocampus_003.nrrd"))
+    status, out, lines = run_main(capsys, "evaluate", "-p", str(predictions), "-r", str(references), "--json")
+    assert status == 0 and lines == [], lines
+    summary = json.loads(out)
+    assert summary["missing_predictions"] == [] and summary["mean_foreground_dice"] == 1.0
+    shutil.copy(references / "hippocampus_003.nii.gz", predictions / "hippocampus_003.nii")
+    status, _, lines = run_main(capsys, "evaluate", "-p", str(predictions), "-r", str(references))
+    assert status == 2
+    assert lines == [f"attnseg: error: hippocampus_003.nii, hippocampus_003.nrrd in {predictions} are all predictions "
+                     "for case hippocampus_003; keep one of them"]

@@ -380,12 +380,27 @@ def _pairs(prediction: Path, reference: Path) -> dict[str, tuple[Path | None, Pa
     refs = {case_name(p): p for p in list_images(reference)}
     if not refs:
         raise UsageError(f"{reference}: no reference label maps (.nii.gz, .nii, .nrrd, .mha) in this folder")
-    pairs = {case: (next((c for c in (prediction / ref.name, prediction / case / "labels.nii.gz") if c.exists()),
-                         None), ref) for case, ref in refs.items()}
+    named: dict[str, list[Path]] = {}
+    for path in list_images(prediction):
+        named.setdefault(case_name(path), []).append(path)
+    pairs = {case: (_prediction_of(case, ref, prediction, named.get(case, [])), ref) for case, ref in refs.items()}
     if all(pred is None for pred, _ in pairs.values()):
         raise UsageError(f"no prediction in {prediction} matches a reference in {reference} "
-                         "(same file name, or <case>/labels.nii.gz)")
+                         "(the same case name in any image format, or <case>/labels.nii.gz)")
     return pairs
+
+
+def _prediction_of(case: str, reference: Path, folder: Path, named: list[Path]) -> Path | None:
+    """The prediction in ``folder`` for ``case``: the reference's own file name, else the one image of the case's
+    name in another format (``case.nrrd`` for ``case.nii.gz``), else ``<case>/labels.nii.gz``; None when none."""
+    if (folder / reference.name).exists():
+        return folder / reference.name
+    if len(named) > 1:
+        raise UsageError(f"{', '.join(p.name for p in named)} in {folder} are all predictions for case {case}; "
+                         "keep one of them")
+    if named:
+        return named[0]
+    return folder / case / "labels.nii.gz" if (folder / case / "labels.nii.gz").exists() else None
 
 
 def _label_values(image, path: Path, what: str):
