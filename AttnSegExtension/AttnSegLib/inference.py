@@ -38,7 +38,7 @@ from .localise import (REFERENCE_SCALE, SCALE_RANGE, Box, LocalisationError, cov
                        target_classes)
 from .maps import normalized_entropy, resize_map, split_channels, volume_name
 from .package import ModelPackage
-from .preprocess import align_modalities, check_spacing_units, to_model_frame
+from .preprocess import align_modalities, check_spacing_units, coarse_voxel_notices, to_model_frame
 
 ProgressCallback = Callable[[float, "float | None", str], None]
 # A crop's segmentation this close to a face (voxels) is cut by it: the default model's segmentations of the
@@ -561,22 +561,26 @@ class Predictor:
         field_of_view = settings.training_field_of_view_mm
         if len(images) != len(self.card.modalities):
             return self._predict_grid(images, progress, cancel, run)  # which refuses with the usual message
+        coarse = []
         if self.card.spacing_xyz_mm:
             check_spacing_units(images[0].geometry, self.card.spacing_xyz_mm)
+            coarse = coarse_voxel_notices(images[0].geometry, self.card.spacing_xyz_mm)
         if roi is not None:
-            return self._predict_roi(images, roi, size_factor, progress, cancel, run)
-        if not (self.localise and field_of_view and much_larger(images[0].geometry, field_of_view)):
+            result = self._predict_roi(images, roi, size_factor, progress, cancel, run)
+        elif not (self.localise and field_of_view and much_larger(images[0].geometry, field_of_view)):
             result = self._predict_grid(images, progress, cancel, run)
             if settings.localisation:  # a model of crops around a structure: a crop holds it whole
                 result.notices += edge_notices(result.labels.array)
-            return result
-        if not settings.localisation:
+        elif not settings.localisation:
             extent = " x ".join(f"{e:.0f}" for e in np.asarray(images[0].geometry.size) * images[0].geometry.spacing)
             raise LocalisationError(
                 f"the image ({extent} mm) is much larger than the {' x '.join(f'{v:g}' for v in field_of_view)} mm "
                 f"field of view model {self.card.name!r} was trained on, and its card says no way to localise "
                 "the structure; give the region with --roi CX,CY,CZ,SX,SY,SZ (LPS mm) or crop the image")
-        return self._predict_localised(images, progress, cancel, run)
+        else:
+            result = self._predict_localised(images, progress, cancel, run)
+        result.notices[:0] = coarse
+        return result
 
     def _predict_localised(self, images: list[Image], progress, cancel, run: _Run) -> Result:
         """Register the template, segment one crop per target, bring every crop back (see localise.py)."""
