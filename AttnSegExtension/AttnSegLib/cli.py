@@ -605,7 +605,8 @@ def _read_result(folder: Path, geometry, class_names: list[str]):
 
 def _read_report(path: Path) -> dict:
     """A result's report.json, refused in one line when it is not one ``segment`` or ``refine`` wrote: not
-    JSON, or without the package that made the result (its name and path)."""
+    JSON, without the package that made the result (its name and path), or with classes or earlier clicks
+    not in the form they are written in."""
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
