@@ -13,6 +13,7 @@ import csv
 import importlib.util
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -310,6 +311,7 @@ def _parse_roi(text: str):
 
 def cmd_segment(args) -> int:
     from .inference import Cancelled, Predictor
+    from .outputs import voxels_sha256
 
     if args.size_factor is not None and not args.roi:
         raise UsageError("--size-factor needs --roi: it says how to sample that box; a whole head without --roi is "
@@ -348,7 +350,8 @@ def cmd_segment(args) -> int:
                 bar.close()
             timings.update(result.timings)
             _write_case(result, package, targets[case], args.overwrite, timings, paths,
-                        images[0] if args.preview else None, dicom_series_folder=paths[0] if args.dicom_seg else None)
+                        images[0] if args.preview else None, {"input_voxels_sha256": voxels_sha256(images)},
+                        paths[0] if args.dicom_seg else None)
         except ImageError as err:
             if not batch:
                 raise
@@ -377,12 +380,27 @@ def _pairs(prediction: Path, reference: Path) -> dict[str, tuple[Path | None, Pa
     refs = {case_name(p): p for p in list_images(reference)}
     if not refs:
         raise UsageError(f"{reference}: no reference label maps (.nii.gz, .nii, .nrrd, .mha) in this folder")
-    pairs = {case: (next((c for c in (prediction / ref.name, prediction / case / "labels.nii.gz") if c.exists()),
-                         None), ref) for case, ref in refs.items()}
+    named: dict[str, list[Path]] = {}
+    for path in list_images(prediction):
+        named.setdefault(case_name(path), []).append(path)
+    pairs = {case: (_prediction_of(case, ref, prediction, named.get(case, [])), ref) for case, ref in refs.items()}
     if all(pred is None for pred, _ in pairs.values()):
         raise UsageError(f"no prediction in {prediction} matches a reference in {reference} "
-                         "(same file name, or <case>/labels.nii.gz)")
+                         "(the same case name in any image format, or <case>/labels.nii.gz)")
     return pairs
+
+
+def _prediction_of(case: str, reference: Path, folder: Path, named: list[Path]) -> Path | None:
+    """The prediction in ``folder`` for ``case``: the reference's own file name, else the one image of the case's
+    name in another format (``case.nrrd`` for ``case.nii.gz``), else ``<case>/labels.nii.gz``; None when none."""
+    if (folder / reference.name).exists():
+        return folder / reference.name
+    if len(named) > 1:
+        raise UsageError(f"{', '.join(p.name for p in named)} in {folder} are all predictions for case {case}; "
+                         "keep one of them")
+    if named:
+        return named[0]
+    return folder / case / "labels.nii.gz" if (folder / case / "labels.nii.gz").exists() else None
 
 
 def _label_values(image, path: Path, what: str):
@@ -545,11 +563,12 @@ def cmd_info(args) -> int:
 
 # -- refine -------------------------------------------------------------------------------------
 def _read_result(folder: Path, geometry, class_names: list[str]):
-    """(probabilities Image, maps name -> Image) of a result folder written by ``segment`` or ``refine``,
-    checked against the image grid and the result's classes."""
+    """(labels Image, probabilities Image, maps name -> Image) of a result folder written by ``segment`` or
+    ``refine`` (and perhaps edited by hand since), checked against the image grid and the result's classes."""
+    import numpy as np
     import SimpleITK as sitk
 
-    from .image import Image
+    from .image import Image, label_dtype
 
     try:
         probabilities = Image.from_sitk(sitk.ReadImage(str(folder / "probabilities.nii.gz")))
@@ -563,8 +582,58 @@ def _read_result(folder: Path, geometry, class_names: list[str]):
         raise UsageError(f"{folder} does not match the image: the result's grid is {probabilities.geometry.size} "
                          f"voxels at {_fmt_xyz(probabilities.geometry.origin)}, the image's {geometry.size} at "
                          f"{_fmt_xyz(geometry.origin)}; give the --input the result was segmented from")
-    maps = {p.name[: -len(".nii.gz")]: read_image(p) for p in sorted((folder / "maps").glob("*.nii.gz"))}
-    return probabilities, maps
+    labels = read_image(folder / "labels.nii.gz")
+    if not labels.geometry.same_grid(probabilities.geometry, tolerance=1e-3):
+        raise UsageError(f"{folder / 'labels.nii.gz'}: its grid ({labels.geometry.size} voxels at "
+                         f"{_fmt_xyz(labels.geometry.origin)}) is not the result's ({probabilities.geometry.size} at "
+                         f"{_fmt_xyz(probabilities.geometry.origin)}); segment the image again")
+    values = _label_values(labels, folder / "labels.nii.gz", "result's label map")
+    unknown = sorted(int(v) for v in np.unique(values) if not 0 <= v < len(class_names))
+    if unknown:
+        raise UsageError(f"{folder / 'labels.nii.gz'}: holds label values {', '.join(map(str, unknown[:5]))} that are "
+                         f"none of the result's classes (0-{len(class_names) - 1}: {', '.join(class_names)}); give "
+                         "each voxel one of them, or segment the image again")
+    maps = {}
+    for path in sorted((folder / "maps").glob("*.nii.gz")):
+        image = read_image(path)
+        if not image.geometry.same_grid(probabilities.geometry, tolerance=1e-3):
+            raise UsageError(f"{path}: its grid ({image.geometry.size} voxels) is not the result's "
+                             f"({probabilities.geometry.size}); remove the map or segment the image again")
+        maps[path.name[: -len(".nii.gz")]] = image
+    return probabilities.with_array(values.astype(label_dtype(len(class_names)))), probabilities, maps
+
+
+def _read_report(path: Path) -> dict:
+    """A result's report.json, refused in one line when it is not one ``segment`` or ``refine`` wrote: not
+    JSON, without the package that made the result (its name and path), or with classes or earlier clicks
+    not in the form they are written in."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise UsageError(f"{path}: not valid JSON ({str(err)[:80]}); restore the report AttnSeg wrote, or segment "
+                         "the image again") from None
+    package = report.get("package") if isinstance(report, dict) else None
+    if not (isinstance(package, dict) and all(isinstance(package.get(key), str) for key in ("name", "path"))):
+        raise UsageError(f"{path}: does not name the model package of the result (\"package\": name and path); "
+                         "restore the report AttnSeg wrote, or segment the image again")
+    classes = report.get("classes") or []
+    refinement = report.get("refinement", {})
+    clicks = refinement.get("clicks", []) if isinstance(refinement, dict) else None
+    if not (isinstance(classes, list) and all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in classes)
+            and isinstance(clicks, list) and all(_is_click_record(c) for c in clicks)):
+        raise UsageError(f"{path}: its classes or earlier clicks are not as AttnSeg writes them (\"classes\": "
+                         "[{\"name\": ...}], \"refinement\": {\"clicks\": [{\"position_lps\": [x, y, z], \"class\": "
+                         "...}]}); restore the report AttnSeg wrote, or segment the image again")
+    return report
+
+
+def _is_click_record(click) -> bool:
+    """Whether a report.json click is {"position_lps": three finite numbers, "class": a name}."""
+    if not isinstance(click, dict):
+        return False
+    position = click.get("position_lps")
+    return (isinstance(click.get("class"), str) and isinstance(position, list) and len(position) == 3
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in position))
 
 
 def _attach_click_values(argv: list[str]) -> list[str]:
@@ -584,7 +653,10 @@ def _fmt_xyz(values) -> str:
 
 
 def cmd_refine(args) -> int:
+    import numpy as np
+
     from .inference import Result, resolve_device
+    from .outputs import voxels_sha256
     from .refine import (Click, Refiner, check_localised_clicks, class_index, click_voxel, find_refinement_package,
                          parse_click)
 
@@ -593,7 +665,7 @@ def cmd_refine(args) -> int:
         raise UsageError(f"{folder}: not a complete AttnSeg result (needs report.json, labels.nii.gz and "
                          "probabilities.nii.gz); "
                          "give the --output folder of `attnseg segment`")
-    report = json.loads((folder / "report.json").read_text())
+    report = _read_report(folder / "report.json")
     package = load_package(report["package"]["path"] if Path(report["package"]["path"]).exists()
                            else report["package"]["name"])
     # the result's classes: a localised whole head has each side's copy of the card's ("Left anterior hippocampus")
@@ -605,7 +677,12 @@ def cmd_refine(args) -> int:
         raise UsageError(f"the result's model {package.name} reads {len(package.modalities)} modalit"
                          f"{'y' if len(package.modalities) == 1 else 'ies'}, {len(images)} --input given")
     geometry = images[0].geometry
-    probabilities, maps = _read_result(folder, geometry, class_names)
+    labels, probabilities, maps = _read_result(folder, geometry, class_names)
+    fingerprint = voxels_sha256(images)
+    if report.get("input_voxels_sha256", fingerprint) != fingerprint:
+        raise UsageError(f"{folder} was segmented from another image: the --input's voxels differ from those the "
+                         "result recorded (report.json's input_voxels_sha256), though the grids match; give the "
+                         "--input the result was segmented from")
     history = [Click(tuple(c["position_lps"]), class_index(c["class"], class_names))
                for c in report.get("refinement", {}).get("clicks", [])]
     clicks = [parse_click(text, class_names) for text in args.click]
@@ -625,19 +702,20 @@ def cmd_refine(args) -> int:
         else:
             method = "learned"
     refiner = Refiner(method, refinement_package, device=str(resolve_device(args.device)))
-    labels = probabilities.with_array(read_image(folder / "labels.nii.gz").array)
     current = Result(labels=labels, probabilities=probabilities, maps=maps,
                      review_map_name=report.get("review_map", report.get("difficulty_map", "uncertainty")), timings={},
                      provenance=report.get("provenance", {}), notices=notices, classes=classes)
+    before = labels.array.copy()  # refined in place
     result, refined = refiner.refine_result(images, current, clicks, history, in_place=True)
+    relabelled = int(np.count_nonzero(result.labels.array[refined.changed] != before[refined.changed]))
     all_clicks = history + clicks
-    extra = {"refinement": {
+    extra = {"input_voxels_sha256": fingerprint, "refinement": {
         "method": method,
         "package": refinement_package.name if refinement_package else None,
         "from_result": str(folder),
         "clicks": [{"position_lps": list(c.position_lps), "class": class_names[c.label]} for c in all_clicks],
         "new_clicks": len(clicks),
-        "changed_voxels": int(refined.changed.sum()),
+        "changed_voxels": relabelled,
         "model_maps": "unchanged by the clicks; the uncertainty map is recomputed where the probabilities moved",
     }}
     _write_case(result, package, output, args.overwrite, {"refine": refined.seconds}, inputs,
@@ -645,7 +723,7 @@ def cmd_refine(args) -> int:
     for notice in notices:
         print(f"attnseg: notice: {notice}", file=sys.stderr)
     print(f"{output}: {len(clicks)} click(s) refined with {method} in {refined.seconds:.2f} s; "
-          f"{int(refined.changed.sum())} voxels changed")
+          f"{relabelled} voxels changed label")
     return 0
 
 

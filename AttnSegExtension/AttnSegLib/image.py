@@ -34,6 +34,12 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 _GZIP_CHUNK_BYTES = 1 << 23
 DEFLATE_MIN_RUN_FRACTION = 0.1  # see worth_deflating
 _DIRECTION_EPSILON = 1e-12
+# Direction cosines of a real scan are perpendicular to float32 and DICOM rounding (~1e-6); a sheared grid
+# (an affine transform hardened in Slicer, saved as NRRD) is not: its results, written as NIfTI, came back
+# on another, orthogonalised grid (rotated 11 degrees, voxels 7.7 % larger for a 22-degree shear).
+_SHEAR_TOLERANCE = 1e-3
+_DICOM_SAME_POSITION_MM = 0.01  # two slices closer than this lie at one position
+_DICOM_GAP_FACTOR = 1.5  # a step this many times the usual one between slices is a gap (a missing slice: 2)
 _METAIMAGE_HEADER_BYTES = 1 << 16
 _METAIMAGE_MAX_DIMS = 10  # MetaIO's limit
 _DETACHED_HEADER_SUFFIXES = (".mhd", ".nhdr")
@@ -441,6 +447,51 @@ def _check_header(path: Path, dim: int, size, components: int, pixel_id: int, sp
     if not (np.all(np.isfinite(matrix)) and np.all(np.isfinite(origin)) and abs(np.linalg.det(matrix)) > 1e-6):
         raise ImageError(f"{path}: the header's orientation (direction {tuple(direction)}, origin "
                          f"{tuple(origin)}) is degenerate; fix the header")
+    gram = matrix.T @ matrix
+    if np.abs(gram - np.diag(np.diag(gram))).max() > _SHEAR_TOLERANCE:
+        unit = matrix / np.linalg.norm(matrix, axis=0)
+        angles = [math.degrees(math.acos(np.clip(unit[:, a] @ unit[:, b], -1.0, 1.0))) for a, b in ((0, 1), (1, 2), (0, 2))]
+        raise ImageError(f"{path}: the voxel axes are not perpendicular (a sheared grid: i-j {angles[0]:.1f}, j-k "
+                         f"{angles[1]:.1f}, i-k {angles[2]:.1f} degrees), which the NIfTI results cannot hold; resample "
+                         "the image onto a grid with perpendicular axes first")
+
+
+def _check_dicom_slices(path: Path, files) -> None:
+    """Refuse a DICOM series whose slices (``files``, in the reader's order) do not make one evenly spaced
+    volume: two at one position (two echoes or phases in one series, or a file copied twice), which ITK
+    interleaves into a volume of half the spacing, or a missing slice, which it stacks over as if the
+    spacing were even (every slice beyond the gap then lies where it is not). Slices without a position
+    and orientation (0020,0032 and 0020,0037) are left to the reader; ``files``' order is not relied on."""
+    positions, normal = [], None
+    reader = sitk.ImageFileReader()
+    for file in files:
+        reader.SetFileName(file)
+        reader.ReadImageInformation()
+        if not (reader.HasMetaDataKey("0020|0032") and reader.HasMetaDataKey("0020|0037")):
+            return
+        try:
+            cosines = np.array([float(v) for v in reader.GetMetaData("0020|0037").split("\\")])
+            position = np.array([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
+        except ValueError:
+            return
+        if cosines.shape != (6,) or position.shape != (3,):
+            return
+        normal = np.cross(cosines[:3], cosines[3:]) if normal is None else normal
+        positions.append(float(position @ normal))
+    if len(positions) < 3:
+        return
+    positions = np.sort(positions)
+    steps = np.diff(positions)
+    usual = float(np.median(steps))
+    if usual < _DICOM_SAME_POSITION_MM or steps.min() < _DICOM_SAME_POSITION_MM:
+        twice = int(np.sum(steps < _DICOM_SAME_POSITION_MM))
+        raise ImageError(f"{path}: the DICOM series has {twice} slice(s) at the position of another (two echoes or "
+                         "phases in one series, or a file copied twice); put each volume's slices in a folder of its own")
+    if steps.max() > _DICOM_GAP_FACTOR * usual:
+        at = int(np.argmax(steps))
+        raise ImageError(f"{path}: the DICOM series' slices are {usual:.2f} mm apart but {steps[at]:.2f} mm from "
+                         f"{positions[at]:.2f} to {positions[at + 1]:.2f} mm along the slice normal (a slice missing, or "
+                         "slices of unequal spacing); give the whole series")
 
 
 _VOXEL_BYTES = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
@@ -484,6 +535,7 @@ def read_image(path: str | os.PathLike, max_voxel_bytes: int | None = None) -> I
                                  "folder — move each series into its own folder and give that folder")
             with itk_file_name(path) as name:
                 files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(name, series[0])
+                _check_dicom_slices(path, files)
                 if max_voxel_bytes is not None:
                     first = sitk.ImageFileReader()
                     first.SetFileName(files[0])

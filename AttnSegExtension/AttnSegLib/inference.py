@@ -33,13 +33,18 @@ from . import __version__
 from .card import UNCERTAINTY, ModelCard
 from .errors import InputError, OutOfMemory
 from .image import Geometry, Image, label_dtype
-from .localise import (REFERENCE_SCALE, SCALE_RANGE, Box, LocalisationError, crop_grids, crop_images, cut, footprint,
-                       localise_targets, much_larger, plausible_volume, resample, sub_geometry, target_classes)
+from .localise import (REFERENCE_SCALE, SCALE_RANGE, Box, LocalisationError, coverage_notice, crop_grids, crop_images,
+                       cut, footprint, localise_targets, much_larger, plausible_volume, resample, sub_geometry,
+                       target_classes)
 from .maps import normalized_entropy, resize_map, split_channels, volume_name
 from .package import ModelPackage
-from .preprocess import align_modalities, check_spacing_units, to_model_frame
+from .preprocess import align_modalities, check_spacing_units, coarse_voxel_notices, to_model_frame
 
 ProgressCallback = Callable[[float, "float | None", str], None]
+# A crop's segmentation this close to a face (voxels) is cut by it: the default model's segmentations of the
+# 201 MSD crops keep 4 voxels or more from every face (their expert labels 3); a crop cut through the sample's
+# hippocampus put foreground on the face itself and lost 24-100 % of a part's volume.
+EDGE_VOXELS = 2
 
 
 class Cancelled(Exception):
@@ -400,6 +405,18 @@ def _argmax_labels(probabilities: np.ndarray, slab: int = 8) -> np.ndarray:
     return labels
 
 
+def edge_notices(labels: np.ndarray) -> list[str]:
+    """A notice when the (D, H, W) ``labels`` of a crop reach within :data:`EDGE_VOXELS` of its faces: the
+    structure goes on beyond the crop."""
+    inner = labels[tuple(slice(EDGE_VOXELS, max(EDGE_VOXELS, n - EDGE_VOXELS)) for n in labels.shape)]
+    near = int(np.count_nonzero(labels)) - int(np.count_nonzero(inner))
+    if not near:
+        return []
+    return [f"the segmentation reaches the edge of the image ({near} voxels within {EDGE_VOXELS} of its faces): the "
+            "structure goes on beyond this crop and its volume is too small — give a crop with a margin around the "
+            "whole structure"]
+
+
 def fill_background(probabilities: np.ndarray) -> None:
     """(C, ...) float32 whose channels 1.. hold the foreground classes (put back from size-normalised
     crops, or read from a scene's maps): channel 0 set, in place and without a volume-sized temporary,
@@ -544,19 +561,26 @@ class Predictor:
         field_of_view = settings.training_field_of_view_mm
         if len(images) != len(self.card.modalities):
             return self._predict_grid(images, progress, cancel, run)  # which refuses with the usual message
+        coarse = []
         if self.card.spacing_xyz_mm:
             check_spacing_units(images[0].geometry, self.card.spacing_xyz_mm)
+            coarse = coarse_voxel_notices(images[0].geometry, self.card.spacing_xyz_mm)
         if roi is not None:
-            return self._predict_roi(images, roi, size_factor, progress, cancel, run)
-        if not (self.localise and field_of_view and much_larger(images[0].geometry, field_of_view)):
-            return self._predict_grid(images, progress, cancel, run)
-        if not settings.localisation:
+            result = self._predict_roi(images, roi, size_factor, progress, cancel, run)
+        elif not (self.localise and field_of_view and much_larger(images[0].geometry, field_of_view)):
+            result = self._predict_grid(images, progress, cancel, run)
+            if settings.localisation:  # a model of crops around a structure: a crop holds it whole
+                result.notices += edge_notices(result.labels.array)
+        elif not settings.localisation:
             extent = " x ".join(f"{e:.0f}" for e in np.asarray(images[0].geometry.size) * images[0].geometry.spacing)
             raise LocalisationError(
                 f"the image ({extent} mm) is much larger than the {' x '.join(f'{v:g}' for v in field_of_view)} mm "
                 f"field of view model {self.card.name!r} was trained on, and its card says no way to localise "
                 "the structure; give the region with --roi CX,CY,CZ,SX,SY,SZ (LPS mm) or crop the image")
-        return self._predict_localised(images, progress, cancel, run)
+        else:
+            result = self._predict_localised(images, progress, cancel, run)
+        result.notices[:0] = coarse
+        return result
 
     def _predict_localised(self, images: list[Image], progress, cancel, run: _Run) -> Result:
         """Register the template, segment one crop per target, bring every crop back (see localise.py)."""
@@ -582,6 +606,7 @@ class Predictor:
                 raise LocalisationError(f"the {target.side.lower()} {target.structure} lies outside this image; "
                                         "give a scan that covers it, or the region with --roi")
             crop, grid = self._sample_crop(images, box, registration.size_factor)
+            cut_short = coverage_notice(registration, target, self.card.orientation, geometry)
             timings["localise"] += time.perf_counter() - t0
             step = None if progress is None else (
                 lambda f, eta, stage, n=n: progress((n + f) / len(targets), None, f"{target.name}: {stage}"))
@@ -595,7 +620,8 @@ class Predictor:
             for name, values in crop_maps.items():
                 on_grid = maps.setdefault(name, np.zeros(shape, dtype=np.float32))
                 np.maximum(on_grid[index], values, out=on_grid[index])
-            notices += [f"{target.name}: {text}" for text in result.notices if text not in run.notices]
+            own = ([cut_short] if cut_short else []) + result.notices
+            notices += [f"{target.name}: {text}" for text in own if text not in run.notices]
             boxes[target.name] = {**box.as_dict(), "crop_volume_ml": round(volume, 3)}
             timings["postprocess"] += time.perf_counter() - t0
         t0 = time.perf_counter()

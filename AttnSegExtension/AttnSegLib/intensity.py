@@ -78,7 +78,8 @@ def clip_and_standardise(values: np.ndarray) -> Profile:
     mean = float(values.mean(dtype=np.float64))
     values -= mean
     flat = values.reshape(-1)
-    std = math.sqrt(float(flat.dot(flat)) / flat.size)
+    with np.errstate(over="ignore"):  # measured again below: no RuntimeWarning on the user's console
+        std = math.sqrt(float(flat.dot(flat)) / flat.size)
     if not math.isfinite(std):  # float32 squares overflow beyond ~1e19: measure on a float64 sample
         std = float(np.std(sample(values), dtype=np.float64))
     if std > 0:

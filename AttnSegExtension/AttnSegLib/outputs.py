@@ -10,6 +10,7 @@ the report are computed here and nowhere else.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -218,6 +219,13 @@ def doubtful_rule(review_map_name: str, threshold: float) -> str:
 
     return (f"{map_title(review_map_name).lower()} ≥ {threshold:.2f}; fragments within {MERGE_MM:g} mm joined and cut "
             f"into places at most {2 * RADIUS_MM:g} mm across; regions under {MIN_VOLUME_ML:g} ml left out")
+
+
+def voxels_sha256(images: list[Image]) -> list[str]:
+    """Each image's voxel values (as float32, so that a copy in another file format or data type matches)
+    hashed: report.json's ``input_voxels_sha256``, by which ``attnseg refine`` tells the image a result was
+    segmented from from another on the same grid."""
+    return [hashlib.sha256(np.ascontiguousarray(image.array, dtype=np.float32).data).hexdigest() for image in images]
 
 
 def report(result, package, inputs: list, timings: dict[str, float], volumetry: dict | None,

@@ -574,7 +574,7 @@ class Refiner:
             moved = np.any(updated != current, axis=0)
             probs[(slice(None),) + box] = np.where(moved, updated, current)
             changed[box] |= moved
-            labels[box] = probs[(slice(None),) + box].argmax(axis=0)
+            labels[box] = np.where(moved, probs[(slice(None),) + box].argmax(axis=0), labels[box])  # the user's edits stay
             doubt[box] = np.where(moved, normalized_entropy(probs[(slice(None),) + box]), doubt[box])
         return Refined(probs, labels, doubt, changed, time.perf_counter() - t0)
 
