@@ -474,68 +474,6 @@ def test_sessions_nobody_connects_to_are_reaped_within_seconds():
         _stop_server(process)
 
 
-def _expanding_state_update(message_id: int, key: str, count: int) -> list[bytes]:
-    """The wslink chunks (4 MiB, as wslink sends them) of a ``trame.state.update`` setting ``key`` to
-    ``count`` empty arrays: about ``count`` bytes on the wire, about 64 x ``count`` bytes unpacked."""
-    prefix = msgpack.packb({"wslink": "1.0", "id": "rpc:c0:9", "method": "trame.state.update", "kwargs": {}})
-    # written by hand so the client never holds the unpacked list: a fifth map entry "args", [[{"key":
-    # key, "value": array32 of ``count`` empty arrays}]]
-    value = b"\x82" + msgpack.packb("key") + msgpack.packb(key) + msgpack.packb("value") + b"\xdd" + \
-        count.to_bytes(4, "big") + b"\x90" * count
-    body = bytes([prefix[0] + 1]) + prefix[1:] + msgpack.packb("args") + b"\x91\x91" + value
-    step = 4 * 2**20
-    return [_chunk(message_id, offset, len(body), body[offset:offset + step]) for offset in range(0, len(body), step)]
-
-
-async def _push_state(session_url: str, cookies: dict, messages: list[list[bytes]], pid: int) -> tuple[int, bool]:
-    """Send ``messages`` (each a list of chunks) one by one; (the session's peak data segment meanwhile,
-    whether it ended)."""
-    peak = 0
-    async with aiohttp.ClientSession(cookies=cookies) as client, client.ws_connect(_ws_url(session_url)) as ws:
-        await WslinkClient(ws).hello()
-        for chunks in messages:
-            if not Path(f"/proc/{pid}").exists():
-                return peak, True
-            try:
-                for chunk in chunks:
-                    await ws.send_bytes(chunk)
-            except ConnectionError:  # the session ended and the gateway closed the connection
-                return peak, True
-            for _ in range(10):
-                await asyncio.sleep(0.2)
-                try:
-                    status = Path(f"/proc/{pid}/status").read_text()
-                except OSError:  # ended
-                    return peak, True
-                if "VmData" not in status:  # a zombie: its memory is gone
-                    return peak, True
-                peak = max(peak, int(re.search(r"VmData:\s+(\d+) kB", status).group(1)) * 1024)
-    return peak, not Path(f"/proc/{pid}/status").exists() or "VmData" not in Path(f"/proc/{pid}/status").read_text()
-
-
-def test_a_session_cannot_take_more_than_its_memory_cap(tmp_path):
-    """Eight messages of 16 MiB of empty msgpack arrays, each kept by trame under its own state key,
-    would make a session hold about 8 GiB; capped at 1.5 GiB, its allocations fail there (the session
-    goes on or ends: either way it holds no more), the server goes on and starts the next visitor's
-    session."""
-    cap_mb = 1536
-    process, url = _start_server({"ATTNSEG_WEB_MAX_UPLOAD_MB": "16", "ATTNSEG_WEB_SESSION_MEMORY_MB": str(cap_mb)}, [])
-    try:
-        timeout = aiohttp.ClientTimeout(total=SESSION_START_S)
-        status, _, headers = run(_get(url + "/start", timeout=timeout))
-        assert status == 303
-        pid, _ = _session_process(process)
-        messages = [_expanding_state_update(100 + n, f"junk{n}", 16 * 2**20 - 4096) for n in range(8)]
-        peak, ended = run(_push_state(url + headers["Location"], {}, messages, pid))
-        print(f"session data segment peaked at {peak / 2**20:.0f} MiB (cap {cap_mb} MiB); ended: {ended}")
-        assert peak <= cap_mb * 2**20  # never past the cap (sampled every 0.2 s)
-        assert ended or peak > 0.8 * cap_mb * 2**20  # the attack reached it: the session ended, or sits at it
-        assert process.poll() is None
-        assert run(_get(url + "/start", timeout=timeout))[0] == 303  # the next visitor gets a session
-    finally:
-        _stop_server(process)
-
-
 def test_a_public_interface_without_a_token_is_refused():
     result = subprocess.run([sys.executable, "-m", "AttnSegLib.cli", "serve", "--host", "0.0.0.0", "--token", ""],
                             capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -601,6 +539,68 @@ def test_a_data_file_whose_name_is_not_utf8_is_offered_and_opened(tmp_path):
 
 
 @pytest.mark.browser
+def _expanding_state_update(message_id: int, key: str, count: int) -> list[bytes]:
+    """The wslink chunks (4 MiB, as wslink sends them) of a ``trame.state.update`` setting ``key`` to
+    ``count`` empty arrays: about ``count`` bytes on the wire, about 64 x ``count`` bytes unpacked."""
+    prefix = msgpack.packb({"wslink": "1.0", "id": "rpc:c0:9", "method": "trame.state.update", "kwargs": {}})
+    # written by hand so the client never holds the unpacked list: a fifth map entry "args", [[{"key":
+    # key, "value": array32 of ``count`` empty arrays}]]
+    value = b"\x82" + msgpack.packb("key") + msgpack.packb(key) + msgpack.packb("value") + b"\xdd" + \
+        count.to_bytes(4, "big") + b"\x90" * count
+    body = bytes([prefix[0] + 1]) + prefix[1:] + msgpack.packb("args") + b"\x91\x91" + value
+    step = 4 * 2**20
+    return [_chunk(message_id, offset, len(body), body[offset:offset + step]) for offset in range(0, len(body), step)]
+
+
+async def _push_state(session_url: str, cookies: dict, messages: list[list[bytes]], pid: int) -> tuple[int, bool]:
+    """Send ``messages`` (each a list of chunks) one by one; (the session's peak data segment meanwhile,
+    whether it ended)."""
+    peak = 0
+    async with aiohttp.ClientSession(cookies=cookies) as client, client.ws_connect(_ws_url(session_url)) as ws:
+        await WslinkClient(ws).hello()
+        for chunks in messages:
+            if not Path(f"/proc/{pid}").exists():
+                return peak, True
+            try:
+                for chunk in chunks:
+                    await ws.send_bytes(chunk)
+            except ConnectionError:  # the session ended and the gateway closed the connection
+                return peak, True
+            for _ in range(10):
+                await asyncio.sleep(0.2)
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except OSError:  # ended
+                    return peak, True
+                if "VmData" not in status:  # a zombie: its memory is gone
+                    return peak, True
+                peak = max(peak, int(re.search(r"VmData:\s+(\d+) kB", status).group(1)) * 1024)
+    return peak, not Path(f"/proc/{pid}/status").exists() or "VmData" not in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_a_session_cannot_take_more_than_its_memory_cap(tmp_path):
+    """Eight messages of 16 MiB of empty msgpack arrays, each kept by trame under its own state key,
+    would make a session hold about 8 GiB; capped at 1.5 GiB, its allocations fail there (the session
+    goes on or ends: either way it holds no more), the server goes on and starts the next visitor's
+    session."""
+    cap_mb = 1536
+    process, url = _start_server({"ATTNSEG_WEB_MAX_UPLOAD_MB": "16", "ATTNSEG_WEB_SESSION_MEMORY_MB": str(cap_mb)}, [])
+    try:
+        timeout = aiohttp.ClientTimeout(total=SESSION_START_S)
+        status, _, headers = run(_get(url + "/start", timeout=timeout))
+        assert status == 303
+        pid, _ = _session_process(process)
+        messages = [_expanding_state_update(100 + n, f"junk{n}", 16 * 2**20 - 4096) for n in range(8)]
+        peak, ended = run(_push_state(url + headers["Location"], {}, messages, pid))
+        print(f"session data segment peaked at {peak / 2**20:.0f} MiB (cap {cap_mb} MiB); ended: {ended}")
+        assert peak <= cap_mb * 2**20  # never past the cap (sampled every 0.2 s)
+        assert ended or peak > 0.8 * cap_mb * 2**20  # the attack reached it: the session ended, or sits at it
+        assert process.poll() is None
+        assert run(_get(url + "/start", timeout=timeout))[0] == 303  # the next visitor gets a session
+    finally:
+        _stop_server(process)
+
+
 def test_a_browser_needs_the_token_once_and_then_works(server, browser):
     _, url = server
     page = browser.new_page()
