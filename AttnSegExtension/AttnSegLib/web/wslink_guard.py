@@ -97,36 +97,42 @@ class PendingMessages:
             del self._pending[key]
 
 
-def with_secret(frame: bytes, secret: str) -> bytes:
-    """``frame`` with the secret of a single-chunk ``wslink.hello`` replaced by ``secret``; any
-    other frame unchanged."""
+def _single_chunk_message(frame: bytes, max_bytes: int, marker: bytes = b"") -> dict | None:
+    """The msgpack map a frame holds whole (one chunk, at most ``max_bytes``, containing ``marker``), or
+    None for any other frame (part of a longer message, an image, not msgpack)."""
     chunk = parse_chunk(frame)
-    if chunk is None or chunk[1] != 0 or chunk[2] != len(frame) - CHUNK_HEADER.size or chunk[2] > _HELLO_MAX_BYTES:
-        return frame
+    if chunk is None or chunk[1] != 0 or chunk[2] != len(frame) - CHUNK_HEADER.size or chunk[2] > max_bytes \
+            or marker not in frame:
+        return None
     try:
         message = msgpack.unpackb(frame[CHUNK_HEADER.size:])
     except (ValueError, TypeError, msgpack.UnpackException):
-        return frame
-    if not isinstance(message, dict) or message.get("method") != "wslink.hello":
+        return None
+    return message if isinstance(message, dict) else None
+
+
+def _repacked(frame: bytes, message: dict) -> bytes:
+    """``message`` as one chunk under ``frame``'s message id."""
+    body = msgpack.packb(message)
+    return CHUNK_HEADER.pack(parse_chunk(frame)[0], 0, len(body)) + body
+
+
+def with_secret(frame: bytes, secret: str) -> bytes:
+    """``frame`` with the secret of a single-chunk ``wslink.hello`` replaced by ``secret``; any
+    other frame unchanged."""
+    message = _single_chunk_message(frame, _HELLO_MAX_BYTES)
+    if message is None or message.get("method") != "wslink.hello":
         return frame
     message["args"] = [{"secret": secret}]
-    body = msgpack.packb(message)
-    return CHUNK_HEADER.pack(chunk[0], 0, len(body)) + body
+    return _repacked(frame, message)
 
 
 def with_bounded_view_size(frame: bytes) -> bytes:
     """``frame`` with a single-chunk ``trame.rca.size`` call's width and height cut so that neither
     side, times the pixel ratio (at most ``MAX_PIXEL_RATIO``), exceeds ``MAX_VIEW_SIDE``; any other
     frame unchanged."""
-    chunk = parse_chunk(frame)
-    if chunk is None or chunk[1] != 0 or chunk[2] != len(frame) - CHUNK_HEADER.size or chunk[2] > _VIEW_SIZE_MAX_BYTES \
-            or b"trame.rca.size" not in frame:
-        return frame
-    try:
-        message = msgpack.unpackb(frame[CHUNK_HEADER.size:])
-    except (ValueError, TypeError, msgpack.UnpackException):
-        return frame
-    args = message.get("args") if isinstance(message, dict) and message.get("method") == "trame.rca.size" else None
+    message = _single_chunk_message(frame, _VIEW_SIZE_MAX_BYTES, b"trame.rca.size")
+    args = message.get("args") if message is not None and message.get("method") == "trame.rca.size" else None
     size = args[2] if isinstance(args, list) and len(args) == 3 else None
     if not isinstance(size, dict):
         return frame
@@ -134,8 +140,7 @@ def with_bounded_view_size(frame: bytes) -> bytes:
     ratio = min(ratio, MAX_PIXEL_RATIO) if ratio > 0 else 1.0
     size.update(p=ratio, w=min(_finite(size.get("w", 300), 300), MAX_VIEW_SIDE / ratio),
                 h=min(_finite(size.get("h", 300), 300), MAX_VIEW_SIDE / ratio))
-    body = msgpack.packb(message)
-    return CHUNK_HEADER.pack(chunk[0], 0, len(body)) + body
+    return _repacked(frame, message)
 
 
 def _finite(value, default: float) -> float:
@@ -148,19 +153,11 @@ def _finite(value, default: float) -> float:
 def without_trace(frame: bytes) -> bytes:
     """``frame`` (from a session) with a wslink error answer's ``data`` cut to the method and the
     exception's type; any other frame unchanged."""
-    chunk = parse_chunk(frame)
-    if chunk is None or chunk[1] != 0 or chunk[2] != len(frame) - CHUNK_HEADER.size or chunk[2] > _ERROR_MAX_BYTES \
-            or b"trace" not in frame:
-        return frame
-    try:
-        message = msgpack.unpackb(frame[CHUNK_HEADER.size:])
-    except (ValueError, TypeError, msgpack.UnpackException):
-        return frame
-    error = message.get("error") if isinstance(message, dict) else None
+    message = _single_chunk_message(frame, _ERROR_MAX_BYTES, b"trace")
+    error = message.get("error") if message is not None else None
     data = error.get("data") if isinstance(error, dict) else None
     if not isinstance(data, dict) or "trace" not in data:
         return frame
     kind = _EXCEPTION_TYPE.match(str(data.get("exception", "")))
     error["data"] = {"method": data.get("method"), "exception": kind.group() if kind else "Exception"}
-    body = msgpack.packb(message)
-    return CHUNK_HEADER.pack(chunk[0], 0, len(body)) + body
+    return _repacked(frame, message)
