@@ -43,9 +43,9 @@ RESEARCH_MAP_AUROC = 0.75  # a map that finds the wrong voxels less well than th
 class OutputMap:
     """One map of a run on the input grid. ``kind``: ``probability`` (one class's), ``uncertainty`` or
     ``model`` (the network's own); ``image``: (D, H, W) float32; ``display_range``: the values at the
-    first and the last colour (high to low for a map high where the segmentation is sure); ``unit``: what its values are, from the card; ``detection``: how
-    well it finds errors (:func:`detection_note`); ``information``: what the card measured of it
-    (:func:`information_note`)."""
+    first and the last colour (high to low for a map high where the segmentation is sure); ``unit``:
+    what its values are, from the card; ``detection``: how well it finds errors (:func:`detection_note`);
+    ``information``: what the card measured of it (:func:`information_note`)."""
 
     name: str
     kind: str

@@ -50,7 +50,8 @@ def render_review(logic: SceneLogic, segmentation_node, path: str | Path, map_na
     from matplotlib.colors import ListedColormap
 
     maps = logic.mapNodes(segmentation_node)
-    map_name = map_name or logic.reviewMapName(segmentation_node)
+    review_map = logic.reviewMapName(segmentation_node)  # the map the doubtful regions are measured on
+    map_name = map_name or review_map
     legend = logic.mapLegend(maps[map_name])
     grid = _for_display(imageFromVolumeNode(logic.inputNodes(segmentation_node)[0]))
     image, spacing = sitk.GetArrayFromImage(grid), grid.GetSpacing()
@@ -95,7 +96,7 @@ def render_review(logic: SceneLogic, segmentation_node, path: str | Path, map_na
     caption = title or f"{model}: outlines = segments, colour = {map_name}"
     if regions:
         caption += (f"; centred on the most doubtful of {len(regions)} regions ({regions[0].volume_ml:.2f} ml, "
-                    f"mean {logic.reviewMapName(segmentation_node)} {regions[0].mean_value:.2f})")
+                    f"mean {review_map} {regions[0].mean_value:.2f})")
     fig.suptitle(caption, color="white", fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ Limits come from the environment: ``ATTNSEG_WEB_MAX_SESSIONS`` (default 4 sessio
 ``ATTNSEG_WEB_MAX_UPLOAD_MB`` (default 512 MiB per uploaded volume) and
 ``ATTNSEG_WEB_CONNECT_TIMEOUT_S`` (default 20: a session no browser connected to by then is stopped)
 and ``ATTNSEG_WEB_SESSION_MEMORY_MB`` (default: the machine's memory shared among the sessions, at
-least 4 GiB; past it a session's allocations fail and it ends, see :mod:`.gateway`).
+least 4 GiB; past it a session's allocations fail, see :mod:`.gateway`).
 """
 from __future__ import annotations
 

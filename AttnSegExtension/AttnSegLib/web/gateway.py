@@ -25,8 +25,9 @@ rendered at is bounded (:func:`~.wslink_guard.with_bounded_view_size`).
 What a complete message makes a session hold is not seen here: trame keeps any state key a client
 sends, and msgpack lets a message of a few MiB unpack to a GiB (an array of millions of empty
 arrays). Each session's data segment (heap and private mappings, ``RLIMIT_DATA``) is therefore capped
-(:attr:`GatewayConfig.session_memory_bytes`): a client that pushes its session past it ends that
-session, and the other sessions and the machine go on.
+(:attr:`GatewayConfig.session_memory_bytes`): past it the session's allocations fail, so a client
+that pushes its session there leaves it stuck at the cap or ended, and the other sessions and the
+machine go on.
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.memory_limit_bytes is not None:  # past it an allocation fails and this session ends, not the machine
+    if args.memory_limit_bytes is not None:  # past it this session's allocations fail, not the machine's
         resource.setrlimit(resource.RLIMIT_DATA, (args.memory_limit_bytes, args.memory_limit_bytes))
     secret = "" if sys.stdin.isatty() else sys.stdin.readline().strip()
     if not secret:
